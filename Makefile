@@ -1,0 +1,63 @@
+# Tidal — set-up and entry points. Run as root on a fresh Debian 12 machine:
+#   make demo   build a block image, mount it lazily, run a command from it
+#   make test   lint, architecture contracts, type check, and the whole test suite
+# Both install what is missing (Debian packages via apt-get, Python packages into .venv),
+# idempotently: a second run installs nothing.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := runc crun e2fsprogs fuse3 libfuse3-3 docker-registry lxcfs skopeo \
+	busybox-static debootstrap iproute2 attr util-linux kmod psmisc procps curl quota xfsprogs
+STAMP_APT := .make/apt.stamp
+STAMP_VENV := .make/venv.stamp
+
+.PHONY: all deps demo test lint typecheck contracts unit bench clean
+
+all: test
+
+$(STAMP_APT): Makefile
+	@mkdir -p .make
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install:$$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root to install Debian packages:$$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+$(STAMP_VENV): pyproject.toml
+	@mkdir -p .make
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, mfusepy, httpx, hypothesis" 
+	@touch $@
+
+deps: $(STAMP_APT) $(STAMP_VENV)
+
+demo: deps
+	$(BIN)/tidal demo
+
+lint: deps
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+contracts: deps
+	$(BIN)/lint-imports
+
+typecheck: deps
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test: lint contracts typecheck unit
+
+bench: deps
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf .make $(VENV) build *.egg-info src/*.egg-info

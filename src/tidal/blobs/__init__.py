@@ -1,0 +1,1 @@
+"""Where bytes come from: local blob store, OCI registry client, chunk cache, P2P."""

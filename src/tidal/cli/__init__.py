@@ -1,0 +1,1 @@
+"""The ``tidal`` command: thin typer front-ends over the parts."""

@@ -1,0 +1,53 @@
+"""Entry point of the ``tidal`` command.
+
+Each part registers its commands from its own module (``tidal.cli.image``, ``.engine``,
+``.sched``, ``.qos``); this module only assembles them and turns :class:`TidalError` into a
+one-line message and exit status 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from tidal.cli import engine as engine_cli
+from tidal.cli import image as image_cli
+from tidal.cli import qos as qos_cli
+from tidal.cli import sched as sched_cli
+from tidal.cli.console import err
+from tidal.errors import TidalError
+
+app = typer.Typer(
+    name="tidal",
+    help="Tidal: lazy block images, containers on them, elastic scheduling and node QoS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(image_cli.app, name="image")
+app.add_typer(sched_cli.app, name="sched")
+app.add_typer(qos_cli.app, name="qos")
+engine_cli.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; errors Tidal knows about print one line, not a traceback."""
+    logging.basicConfig(
+        level=os.environ.get("TIDAL_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        app(args=argv, standalone_mode=True)
+    except TidalError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

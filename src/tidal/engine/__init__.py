@@ -1,0 +1,1 @@
+"""Container engine: OCI bundles, runc/crun driver, rich mode, lxcfs, quota, upgrade, state."""

@@ -1,0 +1,182 @@
+"""Tidal's one exception hierarchy.
+
+Every error Tidal raises on purpose derives from :class:`TidalError`. Each part has its own
+subtree so callers can catch at the level they care about. Not-found errors also subclass
+:class:`FileNotFoundError`; errors that a retry may cure subclass :class:`RetryableError`.
+Third-party exceptions are translated at the adapter that meets them (``raise ... from exc``).
+
+Messages name the object and, where there is one, the fix.
+
+Tree (parts add their specific classes below their base, in this file)::
+
+    TidalError
+    ├── ConfigError                  bad settings or bad user input
+    ├── RetryableError (mixin)       transient: a retry may succeed
+    ├── NotFoundError                also a FileNotFoundError
+    ├── ImageError                   tidal.image: formats, layers, manifests
+    │   ├── FormatError              bytes that do not parse (magic, version, truncation)
+    │   ├── ChecksumError            a chunk or blob failed its checksum/digest
+    │   └── LayerError               invalid extents, writes past the end, commit problems
+    ├── BlobError                    tidal.blobs: stores, registry, cache, P2P
+    │   ├── BlobNotFoundError
+    │   ├── RegistryError
+    │   │   ├── RegistryAuthError
+    │   │   └── RegistryUnavailableError (retryable)
+    │   └── CacheError
+    ├── BlockDeviceError             tidal.blockdev: FUSE, loop, mount, mkfs
+    │   └── MountError
+    ├── EngineError                  tidal.engine
+    │   ├── ContainerNotFoundError
+    │   ├── ContainerStateError
+    │   ├── OciRuntimeError          the OCI runtime (runc/crun) failed
+    │   └── QuotaError
+    ├── InstanceError                tidal.instance
+    ├── SchedError                   tidal.sched
+    │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
+    │   └── PlacementError
+    └── QosError                     tidal.qos
+        ├── RuleError                invalid or unloadable rules file
+        └── CgroupError
+"""
+
+from __future__ import annotations
+
+
+class TidalError(Exception):
+    """Root of every error Tidal raises on purpose."""
+
+
+class ConfigError(TidalError, ValueError):
+    """Settings or user input that cannot be used as given."""
+
+
+class RetryableError(TidalError):
+    """A transient failure: the same call may succeed later."""
+
+
+class NotFoundError(TidalError, FileNotFoundError):
+    """Something named by the caller does not exist."""
+
+    def __str__(self) -> str:  # FileNotFoundError's __str__ mangles single-arg messages
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+# --- tidal.image ---------------------------------------------------------------------------
+
+
+class ImageError(TidalError):
+    """Block image format, layers and manifests."""
+
+
+class FormatError(ImageError):
+    """Bytes that do not parse: wrong magic, unknown version, truncation, bad field."""
+
+
+class ChecksumError(ImageError):
+    """A chunk or blob does not match its checksum or digest."""
+
+
+class LayerError(ImageError):
+    """Invalid extents, writes past the device end, or a failed commit."""
+
+
+class ImageNotFoundError(ImageError, NotFoundError):
+    """No image at the given path or reference."""
+
+
+# --- tidal.blobs ---------------------------------------------------------------------------
+
+
+class BlobError(TidalError):
+    """Where bytes come from: local store, registry, chunk cache, peers."""
+
+
+class BlobNotFoundError(BlobError, NotFoundError):
+    """The blob store or registry has no blob with this digest."""
+
+
+class RegistryError(BlobError):
+    """An OCI distribution registry refused or failed a request."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry wants credentials that are missing or wrong."""
+
+
+class RegistryUnavailableError(RegistryError, RetryableError):
+    """The registry could not be reached or answered 5xx/429."""
+
+
+class CacheError(BlobError):
+    """The on-disk chunk cache is unusable."""
+
+
+# --- tidal.blockdev ------------------------------------------------------------------------
+
+
+class BlockDeviceError(TidalError):
+    """FUSE block device, loop devices, mkfs and mounts."""
+
+
+class MountError(BlockDeviceError):
+    """A mount, unmount, attach or detach failed."""
+
+
+# --- tidal.engine --------------------------------------------------------------------------
+
+
+class EngineError(TidalError):
+    """Container engine."""
+
+
+class ContainerNotFoundError(EngineError, NotFoundError):
+    """No container with this id or name."""
+
+
+class ContainerStateError(EngineError):
+    """The operation does not fit the container's state (e.g. exec in a stopped one)."""
+
+
+class OciRuntimeError(EngineError):
+    """The OCI runtime (runc/crun) failed; the message carries its stderr."""
+
+
+class QuotaError(EngineError):
+    """Disk quota could not be set up or parsed."""
+
+
+# --- tidal.instance ------------------------------------------------------------------------
+
+
+class InstanceError(TidalError):
+    """Elastic container instances, pools and specs."""
+
+
+# --- tidal.sched ---------------------------------------------------------------------------
+
+
+class SchedError(TidalError):
+    """Hybrid scheduler."""
+
+
+class StockError(SchedError):
+    """A virtual spec and every allowed upgrade of it is out of stock."""
+
+
+class PlacementError(SchedError):
+    """No unit of the resource policy can take the pod."""
+
+
+# --- tidal.qos -----------------------------------------------------------------------------
+
+
+class QosError(TidalError):
+    """Node QoS agent."""
+
+
+class RuleError(QosError, ConfigError):
+    """A rules file that does not load or validate."""
+
+
+class CgroupError(QosError):
+    """Reading or writing a cgroup file failed."""

@@ -1,0 +1,1 @@
+"""Elastic container instances: one-command pods, warm pools, pod-level specs."""

@@ -1,0 +1,1 @@
+"""Node QoS agent: collector -> aggregator -> policy engine -> executor on cgroups."""

@@ -1,0 +1,1 @@
+"""Hybrid scheduler: owned nodes plus pay-per-use virtual nodes."""
