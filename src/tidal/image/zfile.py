@@ -120,11 +120,22 @@ def _deflate(raw: bytes, level: int) -> bytes:
     return c.compress(raw) + c.flush()
 
 
+_tls = threading.local()
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """One decompressor per thread: creating one per chunk halves throughput, sharing is unsafe."""
+    d = getattr(_tls, "zstd", None)
+    if d is None:
+        d = _tls.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 def _decompress(codec: Codec, stored: bytes, raw_size: int) -> bytes:
     if codec is Codec.LZ4:
         return lz4.block.decompress(stored, uncompressed_size=raw_size)
     if codec is Codec.ZSTD:
-        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_size)
+        return _zstd_decompressor().decompress(stored, max_output_size=raw_size)
     if codec is Codec.GZIP:
         return zlib.decompress(stored, -15)
     return stored
