@@ -19,12 +19,20 @@ Tree (parts add their specific classes below their base, in this file)::
     │   └── LayerError               invalid extents, writes past the end, commit problems
     ├── BlobError                    tidal.blobs: stores, registry, cache, P2P
     │   ├── BlobNotFoundError
+    │   ├── BlobRangeError           a byte range outside the blob
+    │   ├── BlobIntegrityError       bytes that fail their digest or the caller's chunk check
     │   ├── RegistryError
     │   │   ├── RegistryAuthError
-    │   │   └── RegistryUnavailableError (retryable)
+    │   │   ├── RegistryUnavailableError (retryable)
+    │   │   └── RegistryServerError  the project's own registry process failed to start
     │   └── CacheError
     ├── BlockDeviceError             tidal.blockdev: FUSE, loop, mount, mkfs
-    │   └── MountError
+    │   ├── MountError
+    │   │   └── MountNotFoundError       no Tidal mount at that path (also a FileNotFoundError)
+    │   ├── FuseServerError          the FUSE block device server did not start or died
+    │   └── BuildError               building/converting an image (mkfs, copy, OCI archive)
+    │       ├── ArchiveFormatError   an OCI layout / docker-archive that does not parse
+    │       └── UnsafeArchiveError   a layer tar entry would escape the root (.., symlinked parent)
     ├── EngineError                  tidal.engine
     │   ├── ContainerNotFoundError
     │   ├── ContainerStateError
@@ -111,6 +119,18 @@ class CacheError(BlobError):
     """The on-disk chunk cache is unusable."""
 
 
+class BlobRangeError(BlobError, ValueError):
+    """A byte range that is empty-negative or reaches past the end of the blob."""
+
+
+class BlobIntegrityError(BlobError):
+    """Bytes that do not match their blob digest or fail the caller's chunk check."""
+
+
+class RegistryServerError(RegistryError):
+    """The registry process Tidal starts (tests, demo, benchmarks) failed to start or stop."""
+
+
 # --- tidal.blockdev ------------------------------------------------------------------------
 
 
@@ -120,6 +140,26 @@ class BlockDeviceError(TidalError):
 
 class MountError(BlockDeviceError):
     """A mount, unmount, attach or detach failed."""
+
+
+class MountNotFoundError(MountError, NotFoundError):
+    """No Tidal mount is recorded at the given target."""
+
+
+class FuseServerError(BlockDeviceError):
+    """The FUSE block device server did not become ready, or died."""
+
+
+class BuildError(BlockDeviceError):
+    """Building or converting an image failed (mkfs, copy, layer application)."""
+
+
+class ArchiveFormatError(BuildError):
+    """An OCI image layout or docker-archive that does not parse."""
+
+
+class UnsafeArchiveError(BuildError):
+    """A layer tar entry that would write outside the root (``..``, absolute link, symlinked parent)."""
 
 
 # --- tidal.engine --------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""Settings of the blob layer: ``[blobs]`` in the TOML file, ``TIDAL_BLOBS__<KEY>`` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.config import data_root, load_section
+
+DEFAULT_CACHE_CAPACITY_BYTES = 10 * 1024**3
+"""10 GiB: holds the working set of many images (a container reads ~6 % of its image)."""
+DEFAULT_FETCH_CONCURRENCY = 8
+"""Requests in flight per blob: enough to fill a 1 Gbit/s link at ~1 ms RTT with 64 KiB chunks
+coalesced into ~1 MiB requests, few enough not to overload a registry."""
+DEFAULT_PREFETCH_CONCURRENCY = 16
+"""Trace replay runs ahead of the container, so it may use more connections than demand reads."""
+DEFAULT_COALESCE_GAP_BYTES = 0
+"""Only adjacent ranges are merged by default: fetching gap bytes is pure waste on a slow link."""
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""Cap on one coalesced Range request, so one request never delays a demand read for long."""
+DEFAULT_RETRY_ATTEMPTS = 5
+DEFAULT_BACKOFF_INITIAL_S = 0.2
+DEFAULT_BACKOFF_MAX_S = 5.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024
+"""Blobs above this size are uploaded in PATCH chunks of this size (memory stays bounded)."""
+
+
+@dataclass(frozen=True)
+class BlobSettings:
+    cache_dir: Path | None = None
+    """Chunk cache directory; ``None`` means ``$TIDAL_DATA_ROOT/cache/chunks``."""
+    cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
+    prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
+    coalesce_gap_bytes: int = DEFAULT_COALESCE_GAP_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
+    backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES
+    insecure_registries: tuple[str, ...] = ()
+    """Registries (host[:port]) spoken to over plain HTTP; loopback addresses always are."""
+    auth_file: Path | None = None
+    """Docker-style auth.json; ``None`` means ``$TIDAL_REGISTRY_AUTH`` or ``~/.config/tidal/auth.json``."""
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else data_root() / "cache" / "chunks"
+
+
+def load_blob_settings(path: Path | None = None, env: dict[str, str] | None = None) -> BlobSettings:
+    return load_section("blobs", BlobSettings, path, env)
