@@ -9,7 +9,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := runc crun e2fsprogs fuse3 libfuse3-3 docker-registry lxcfs skopeo \
-	busybox-static debootstrap iproute2 attr util-linux kmod psmisc procps curl quota xfsprogs
+	busybox-static debootstrap iproute2 attr util-linux kmod psmisc procps curl quota xfsprogs \
+	apache2-utils
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp
 
