@@ -1,0 +1,128 @@
+"""Loop devices through ``losetup``: attach a file, detach, list, and sweep up orphans.
+
+A thin adapter: the only place that runs ``losetup``. Failures become :class:`MountError`
+naming the file or device and losetup's own message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.errors import MountError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    """One attached loop device."""
+
+    device: str
+    """``/dev/loopN``."""
+    backing_file: str
+    readonly: bool
+    direct_io: bool
+
+
+def _losetup(args: list[str], what: str) -> str:
+    try:
+        proc = subprocess.run(
+            ["losetup", *args], capture_output=True, text=True, check=False, timeout=60
+        )
+    except FileNotFoundError:
+        raise MountError("losetup is not installed (Debian package util-linux)") from None
+    except subprocess.TimeoutExpired:
+        raise MountError(f"{what}: losetup did not answer within 60 s") from None
+    if proc.returncode != 0:
+        raise MountError(
+            f"{what}: {proc.stderr.strip() or f'losetup exit status {proc.returncode}'}"
+        )
+    return proc.stdout
+
+
+def attach(backing_file: Path, *, readonly: bool, direct_io: bool = True) -> LoopDevice:
+    """Attach ``backing_file`` to a free loop device.
+
+    ``direct_io`` makes the loop driver read the file with O_DIRECT, so the FUSE file's page
+    cache does not hold a second copy of what ext4 already caches; it is dropped silently by
+    the kernel where unsupported, and the result says what was granted.
+    """
+    args = ["--find", "--show"]
+    if readonly:
+        args.append("--read-only")
+    if direct_io:
+        args.append("--direct-io=on")
+    name = _losetup(
+        [*args, str(backing_file)], f"attaching {backing_file} to a loop device"
+    ).strip()
+    if not name.startswith("/dev/"):
+        raise MountError(f"attaching {backing_file}: losetup printed {name!r}, not a device")
+    found = get(name)
+    if found is None:
+        raise MountError(f"attaching {backing_file}: {name} vanished right after attach")
+    return found
+
+
+def detach(device: str) -> None:
+    """Detach ``device``. If something still holds it, the kernel detaches it on last close."""
+    _losetup(["--detach", device], f"detaching {device}")
+
+
+def list_devices() -> list[LoopDevice]:
+    """Every attached loop device."""
+    out = _losetup(
+        ["--list", "--json", "--output", "NAME,BACK-FILE,RO,DIO"], "listing loop devices"
+    )
+    if not out.strip():
+        return []
+    try:
+        rows = json.loads(out).get("loopdevices", [])
+    except json.JSONDecodeError as exc:
+        raise MountError(f"listing loop devices: losetup printed unparsable JSON: {exc}") from exc
+    return [
+        LoopDevice(
+            device=r["name"],
+            backing_file=(r.get("back-file") or "").removesuffix(" (deleted)"),
+            readonly=_flag(r.get("ro")),
+            direct_io=_flag(r.get("dio")),
+        )
+        for r in rows
+    ]
+
+
+def _flag(value: object) -> bool:
+    return value in (True, 1, "1")
+
+
+def get(device: str) -> LoopDevice | None:
+    return next((d for d in list_devices() if d.device == device), None)
+
+
+def backed_by(path: Path) -> list[LoopDevice]:
+    """Loop devices whose backing file is ``path``."""
+    want = str(path)
+    return [d for d in list_devices() if d.backing_file == want]
+
+
+def detach_orphans(under: Path, keep: Collection[str] = ()) -> list[str]:
+    """Detach loop devices backed by files below ``under`` that no recorded mount owns.
+
+    Such devices are what a crash between "attach" and "record the mount" leaves behind.
+    Returns the devices detached.
+    """
+    prefix = str(under).rstrip("/") + "/"
+    done = []
+    for dev in list_devices():
+        if dev.backing_file.startswith(prefix) and dev.device not in keep:
+            try:
+                detach(dev.device)
+                done.append(dev.device)
+                log.warning("detached orphan loop device %s (%s)", dev.device, dev.backing_file)
+            except MountError as exc:
+                log.warning("could not detach orphan %s: %s", dev.device, exc)
+    return done

@@ -1,0 +1,371 @@
+"""Mount an image: FUSE server -> ``<run>/fuse/disk`` -> loop device -> ext4 at the target.
+
+Each mount is recorded as JSON under ``$TIDAL_DATA_ROOT/mounts/`` before anything is attached,
+so another process (the CLI after the engine, or a restart) can undo it, and so that a loop
+device backed by a file under that directory with no record is known to be an orphan.
+
+Unmount undoes the steps in reverse: umount ext4 -> detach loop -> ``fusermount3 -u`` (the
+server flushes its writable layer and exits) -> reap the server. It also works after the FUSE
+server died (``kill -9``): the ext4 and FUSE mounts are then dropped lazily where they are
+busy, the loop device is detached, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tidal.blockdev import ext4, loop
+from tidal.blockdev.ext4 import Ext4Format
+from tidal.blockdev.fuse_device import DISK_NAME
+from tidal.blockdev.settings import BlockdevSettings, load_settings
+from tidal.config import data_root
+from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalError
+from tidal.image.manifest import Image
+
+log = logging.getLogger(__name__)
+
+_SERVERS: dict[int, subprocess.Popen[bytes]] = {}
+"""Servers this process started, kept so they can be reaped (no zombies, no ResourceWarning)."""
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """A mounted image, as recorded in ``$TIDAL_DATA_ROOT/mounts/<key>.json``."""
+
+    target: str
+    image_dir: str
+    writable_dir: str | None
+    readonly: bool
+    fuse_dir: str
+    server_pid: int
+    loop_device: str | None
+    created_at: float
+    key: str
+
+    @property
+    def disk_file(self) -> str:
+        return f"{self.fuse_dir}/{DISK_NAME}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.fuse_dir).parent
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "server.log"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> MountInfo:
+        return cls(**json.loads(text))
+
+
+def state_dir() -> Path:
+    return data_root() / "mounts"
+
+
+def mount_key(target: Path) -> str:
+    return hashlib.sha256(str(target).encode()).hexdigest()[:16]
+
+
+def _record_path(key: str) -> Path:
+    return state_dir() / f"{key}.json"
+
+
+def _save(info: MountInfo) -> None:
+    path = _record_path(info.key)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(info.to_json())
+    os.replace(tmp, path)
+
+
+def _load(key: str) -> MountInfo | None:
+    try:
+        return MountInfo.from_json(_record_path(key).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise MountError(
+            f"mount record {_record_path(key)} is unreadable ({exc}); remove it by hand"
+        ) from exc
+
+
+def list_mounts() -> list[MountInfo]:
+    """Every mount recorded on this node (including ones whose server has died)."""
+    d = state_dir()
+    if not d.is_dir():
+        return []
+    found = []
+    for path in sorted(d.glob("*.json")):
+        info = _load(path.stem)
+        if info is not None:
+            found.append(info)
+    return found
+
+
+def server_alive(info: MountInfo) -> bool:
+    """Whether the FUSE server of ``info`` still runs (a zombie counts as dead)."""
+    proc = _SERVERS.get(info.server_pid)
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        stat_line = Path(f"/proc/{info.server_pid}/stat").read_text()
+        cmdline = Path(f"/proc/{info.server_pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat_line.rsplit(")", 1)[-1].split()[0] != "Z" and b"tidal.blockdev.serve" in cmdline
+
+
+# --- mount ---------------------------------------------------------------------------------
+
+
+def mount_image(
+    image_dir: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    writable_dir: str | os.PathLike[str] | None = None,
+    format_ext4: Ext4Format | None = None,
+    settings: BlockdevSettings | None = None,
+) -> MountInfo:
+    """Mount the image's ext4 at ``target``, read-only, or read-write over ``writable_dir``.
+
+    ``format_ext4`` makes a fresh filesystem on the device first: only the builder does that.
+    On any failure every step already taken is undone before the error propagates.
+    """
+    settings = settings or load_settings()
+    image_path = Path(image_dir).resolve()
+    target_path = Path(target).resolve()
+    image = Image.open(image_path)  # validates before anything is started
+    if image.manifest.fs_type != "ext4" and format_ext4 is None:
+        raise MountError(
+            f"image {image_path} holds a {image.manifest.fs_type!r} filesystem; only ext4 mounts"
+        )
+    readonly = writable_dir is None
+    if readonly and format_ext4 is not None:
+        raise MountError("formatting needs a writable layer (writable_dir)")
+    target_path.mkdir(parents=True, exist_ok=True)
+    key = mount_key(target_path)
+    old = _load(key)
+    if old is not None:
+        if ext4.is_mountpoint(target_path):
+            raise MountError(
+                f"{target_path} already has image {old.image_dir} mounted; "
+                f"run `tidal image umount {target_path}` first"
+            )
+        log.warning("cleaning up stale mount record for %s", target_path)
+        _teardown(old, force=True)
+    elif ext4.is_mountpoint(target_path):
+        raise MountError(f"{target_path} is already a mount point; choose an empty directory")
+    _sweep_orphans()
+
+    run_dir = state_dir() / key
+    fuse_dir = run_dir / "fuse"
+    fuse_dir.mkdir(parents=True, exist_ok=True)
+    wdir = Path(writable_dir).resolve() if writable_dir is not None else None
+    proc = _start_server(image_path, fuse_dir, wdir, run_dir / "server.log", settings)
+    info = MountInfo(
+        target=str(target_path),
+        image_dir=str(image_path),
+        writable_dir=str(wdir) if wdir else None,
+        readonly=readonly,
+        fuse_dir=str(fuse_dir),
+        server_pid=proc.pid,
+        loop_device=None,
+        created_at=time.time(),
+        key=key,
+    )
+    _save(info)
+    try:
+        dev = loop.attach(
+            fuse_dir / DISK_NAME, readonly=readonly, direct_io=settings.loop_direct_io
+        )
+        info = replace(info, loop_device=dev.device)
+        _save(info)
+        if format_ext4 is not None:
+            ext4.mkfs(dev.device, format_ext4)
+        ext4.mount(dev.device, target_path, readonly=readonly)
+    except BaseException:
+        with contextlib.suppress(TidalError):
+            _teardown(info, force=True)
+        raise
+    log.info("mounted %s at %s via %s", image_path, target_path, info.loop_device)
+    return info
+
+
+def _start_server(
+    image_dir: Path,
+    fuse_dir: Path,
+    writable_dir: Path | None,
+    log_file: Path,
+    settings: BlockdevSettings,
+) -> subprocess.Popen[bytes]:
+    """Start ``tidal.blockdev.serve`` in its own session and wait for its ready line."""
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "tidal.blockdev.serve", str(image_dir), str(fuse_dir)]
+    cmd += ["--ready-fd", str(w), "--max-io-bytes", str(settings.max_io_bytes)]
+    if writable_dir is not None:
+        cmd += ["--writable", str(writable_dir)]
+    try:
+        with log_file.open("ab") as log_fh:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=log_fh,
+                pass_fds=(w,),
+                start_new_session=True,  # survives the caller (a CLI that exits)
+            )
+    finally:
+        os.close(w)
+    _SERVERS[proc.pid] = proc
+    try:
+        line = _read_line(r, settings.ready_timeout_s)
+    finally:
+        os.close(r)
+    if line == "ready":
+        return proc
+    _stop_server(proc.pid, timeout_s=5)
+    if ext4.is_mountpoint(fuse_dir):
+        _fuse_unmount(fuse_dir, lazy=True)
+    why = line.removeprefix("error: ") if line else _log_tail(log_file)
+    raise FuseServerError(
+        f"FUSE server for image {image_dir} did not become ready within "
+        f"{settings.ready_timeout_s:.0f} s: {why or 'no message'} (log: {log_file})"
+    )
+
+
+def _read_line(fd: int, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def _sweep_orphans() -> None:
+    """Detach loop devices left by a process that died between attach and record."""
+    d = state_dir()
+    if not d.is_dir():
+        return
+    owned = {m.loop_device for m in list_mounts() if m.loop_device}
+    owned_files = {m.disk_file for m in list_mounts()}
+    for dev in loop.list_devices():
+        if dev.backing_file.startswith(str(d) + "/") and dev.device not in owned:
+            if dev.backing_file in owned_files:
+                continue  # a mount in progress: recorded, loop not yet written down
+            with contextlib.suppress(MountError):
+                loop.detach(dev.device)
+                log.warning("detached orphan loop device %s (%s)", dev.device, dev.backing_file)
+
+
+# --- unmount -------------------------------------------------------------------------------
+
+
+def unmount(target: str | os.PathLike[str], force: bool = False) -> None:
+    """Unmount what :func:`mount_image` mounted at ``target`` and stop its server.
+
+    Without ``force`` a busy filesystem is an error (nothing is changed); with ``force`` it is
+    detached lazily. A dead FUSE server is handled either way.
+    """
+    target_path = Path(target).resolve()
+    info = _load(mount_key(target_path))
+    if info is None:
+        hint = " (it is mounted, but not by Tidal)" if ext4.is_mountpoint(target_path) else ""
+        raise MountNotFoundError(f"no Tidal image is mounted at {target_path}{hint}")
+    _teardown(info, force=force)
+
+
+def _teardown(info: MountInfo, *, force: bool) -> None:
+    target = Path(info.target)
+    alive = server_alive(info)
+    if ext4.is_mountpoint(target) and ext4.mount_points()[str(target)][1] == info.loop_device:
+        try:
+            ext4.umount(target)
+        except MountError:
+            if not (force or not alive):
+                raise MountError(
+                    f"{target} is busy (a process uses it); stop it, or unmount with --force"
+                ) from None
+            ext4.umount(target, lazy=True)
+    if info.loop_device:
+        dev = loop.get(info.loop_device)
+        if dev is not None and dev.backing_file == info.disk_file:
+            loop.detach(info.loop_device)
+    fuse_dir = Path(info.fuse_dir)
+    if ext4.is_mountpoint(fuse_dir):
+        _fuse_unmount(fuse_dir, lazy=False)
+    _stop_server(info.server_pid, timeout_s=load_settings().stop_timeout_s)
+    _record_path(info.key).unlink(missing_ok=True)
+    shutil.rmtree(info.run_dir, ignore_errors=True)
+    log.info("unmounted %s", target)
+
+
+def _fuse_unmount(fuse_dir: Path, *, lazy: bool) -> None:
+    """``fusermount3 -u``; retried while the loop device lets go of the file, then lazy."""
+    if not lazy:
+        for _ in range(20):
+            try:
+                ext4.run_tool(["fusermount3", "-u", str(fuse_dir)], f"unmounting FUSE {fuse_dir}")
+                return
+            except MountError:
+                if not ext4.is_mountpoint(fuse_dir):
+                    return
+                time.sleep(0.1)
+    ext4.run_tool(["fusermount3", "-u", "-z", str(fuse_dir)], f"unmounting FUSE {fuse_dir} (lazy)")
+
+
+def _stop_server(pid: int, *, timeout_s: float) -> None:
+    """Wait for the server to exit after its unmount; TERM, then KILL, if it does not."""
+    proc = _SERVERS.pop(pid, None)
+    if proc is not None:
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout_s if sig is None else 5)
+                return
+            except subprocess.TimeoutExpired:
+                log.warning("FUSE server %d did not exit; sending %s", pid, sig or "SIGTERM")
+        return
+    fake = MountInfo("", "", None, True, "", pid, None, 0.0, "")
+    deadline = time.monotonic() + timeout_s
+    while server_alive(fake) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not server_alive(fake):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        time.sleep(0.5)

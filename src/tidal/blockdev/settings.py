@@ -1,0 +1,47 @@
+"""Settings of the block device, mounts and builder (TOML section ``[blockdev]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tidal.config import load_section
+from tidal.units import MiB
+
+DEFAULT_READY_TIMEOUT_S = 30.0
+"""A FUSE server opens only the blobs' tails before it mounts; 30 s covers a slow remote tail."""
+DEFAULT_STOP_TIMEOUT_S = 60.0
+"""Stopping flushes the writable layer (two fsyncs); a minute tolerates a slow disk."""
+DEFAULT_MAX_IO_BYTES = 1 * MiB
+"""FUSE request size: libfuse3's ceiling (256 pages); fewer round trips per sequential read."""
+DEFAULT_MIN_SIZE_BYTES = 64 * MiB
+"""Smallest virtual disk the builder makes: room for ext4 metadata on tiny images."""
+DEFAULT_SIZE_FACTOR = 2.0
+"""Virtual size = content x factor + slack; holes cost nothing, so generous is free."""
+DEFAULT_SLACK_BYTES = 64 * MiB
+DEFAULT_BYTES_PER_INODE = 8192
+"""Half mke2fs's default: root filesystems are full of small files."""
+
+
+@dataclass(frozen=True)
+class BlockdevSettings:
+    """How images are served, mounted and built."""
+
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    max_io_bytes: int = DEFAULT_MAX_IO_BYTES
+    loop_direct_io: bool = True
+    """Loop device reads the FUSE file with O_DIRECT: the data is cached once (above ext4),
+    not twice (FUSE file and filesystem page caches)."""
+    min_size_bytes: int = DEFAULT_MIN_SIZE_BYTES
+    size_factor: float = DEFAULT_SIZE_FACTOR
+    slack_bytes: int = DEFAULT_SLACK_BYTES
+    bytes_per_inode: int = DEFAULT_BYTES_PER_INODE
+    ext4_journal: bool = False
+    """Images are written by one builder and committed only after a clean unmount, so a journal
+    would only add its own blocks to every layer. Turn on for long-lived read-write mounts."""
+    codec: str = "lz4"
+    """ZFile codec of committed layers: lz4 decompresses fastest on the read path."""
+
+
+def load_settings() -> BlockdevSettings:
+    return load_section("blockdev", BlockdevSettings)
