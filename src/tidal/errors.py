@@ -19,6 +19,7 @@ Tree (parts add their specific classes below their base, in this file)::
     │   └── LayerError               invalid extents, writes past the end, commit problems
     ├── BlobError                    tidal.blobs: stores, registry, cache, P2P
     │   ├── BlobNotFoundError
+    │   │   └── ManifestNotFoundError  no manifest under this tag or digest
     │   ├── BlobRangeError           a byte range outside the blob
     │   ├── BlobIntegrityError       bytes that fail their digest or the caller's chunk check
     │   ├── RegistryError
@@ -101,6 +102,10 @@ class BlobError(TidalError):
 
 class BlobNotFoundError(BlobError, NotFoundError):
     """The blob store or registry has no blob with this digest."""
+
+
+class ManifestNotFoundError(BlobNotFoundError):
+    """The repository has no manifest under this tag or digest."""
 
 
 class RegistryError(BlobError):

@@ -1,0 +1,226 @@
+"""Start and stop the CNCF distribution registry (Debian ``docker-registry``) for tests, demo, bench.
+
+The registry runs as a child process on a free loopback port, with filesystem storage in a
+directory this helper owns (a temporary one unless given), optionally behind htpasswd basic
+auth. ``stop()`` terminates it and waits, so nothing outlives the ``with`` block. The process
+can run inside a network namespace (``wrap=["ip", "netns", "exec", NS]``, ``host=<ns address>``)
+so that benchmarks can throttle the link with tc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tidal.errors import RegistryServerError
+
+REGISTRY_BINARY = "docker-registry"
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the registry binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    """A bcrypt htpasswd entry (the only hash the registry accepts), made with ``htpasswd``.
+
+    The password goes through stdin, never the command line where ``ps`` would show it.
+    """
+    exe = shutil.which("htpasswd")
+    if exe is None:
+        raise RegistryServerError(
+            "htpasswd is not installed; install the Debian package apache2-utils (make deps does)"
+        )
+    proc = subprocess.run(
+        [exe, "-niB", user], input=password + "\n", capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RegistryServerError(f"htpasswd failed for user {user!r}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+class RegistryServer:
+    """A CNCF registry child process; use as a context manager.
+
+    ``url`` is ``http://HOST:PORT``; ``address`` is ``HOST:PORT`` (what references use).
+    """
+
+    def __init__(
+        self,
+        storage_dir: str | os.PathLike[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        users: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
+        binary: str = REGISTRY_BINARY,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._users = dict(users or {})
+        self._wrap = list(wrap)
+        self._binary = binary
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._given_storage = Path(storage_dir) if storage_dir is not None else None
+        self.workdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_fh: object | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def storage_dir(self) -> Path:
+        if self._given_storage is not None:
+            return self._given_storage
+        if self.workdir is None:
+            raise RegistryServerError("the registry has not been started")
+        return self.workdir / "storage"
+
+    @property
+    def log_path(self) -> Path:
+        if self.workdir is None:
+            raise RegistryServerError("the registry has not been started")
+        return self.workdir / "registry.log"
+
+    def _config(self) -> dict[str, object]:
+        assert self.workdir is not None
+        cfg: dict[str, object] = {
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage_dir)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": self.address, "secret": os.urandom(16).hex()},
+        }
+        if self._users:
+            htp = self.workdir / "htpasswd"
+            htp.write_text("".join(htpasswd_line(u, p) + "\n" for u, p in self._users.items()))
+            cfg["auth"] = {"htpasswd": {"realm": "tidal-registry", "path": str(htp)}}
+        return cfg
+
+    def start(self) -> RegistryServer:
+        exe = shutil.which(self._binary)
+        if exe is None:
+            raise RegistryServerError(
+                f"{self._binary} not found; install the Debian package docker-registry"
+            )
+        self._tmp = tempfile.TemporaryDirectory(prefix="tidal-registry-")
+        self.workdir = Path(self._tmp.name)
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        given_port = self.port
+        last_error = ""
+        for _attempt in range(3):  # a free port can be taken between probe and bind
+            self.port = given_port if given_port is not None else free_port(self.host)
+            cfg_path = self.workdir / "config.yml"
+            cfg_path.write_text(yaml.safe_dump(self._config()))
+            env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+            log = self.log_path.open("ab")
+            self._log_fh = log
+            self._proc = subprocess.Popen(
+                [*self._wrap, exe, "serve", str(cfg_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+            try:
+                self._wait_ready()
+                return self
+            except RegistryServerError as exc:
+                last_error = str(exc)
+                self._terminate()
+                if given_port is not None:
+                    break
+        self._cleanup_dir()
+        raise RegistryServerError(last_error)
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with httpx.Client(timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RegistryServerError(
+                        f"registry on {self.address} exited with status {self._proc.returncode}: "
+                        f"{self._log_tail()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    r = client.get(f"{self.url}/v2/")
+                    if r.status_code in (200, 401):
+                        return
+                time.sleep(0.05)
+        raise RegistryServerError(
+            f"registry on {self.address} did not answer within {START_TIMEOUT_S:.0f} s: "
+            f"{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:]) or "(empty log)"
+
+    def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        elif proc is not None:
+            proc.wait()
+        fh, self._log_fh = self._log_fh, None
+        if fh is not None:
+            fh.close()  # type: ignore[attr-defined]
+
+    def _cleanup_dir(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def stop(self) -> None:
+        """Terminate the registry and remove its temporary files (idempotent)."""
+        try:
+            self._terminate()
+        finally:
+            self._cleanup_dir()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> RegistryServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

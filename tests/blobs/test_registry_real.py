@@ -1,0 +1,137 @@
+"""The registry client against the real CNCF registry, with skopeo as an independent client."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
+from blobs.oci_fixtures import layer_files, make_oci_image, skopeo, write_oci_layout
+from tidal.blobs.auth import Credentials, encode_auth_file
+from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
+from tidal.blobs.registry_server import RegistryServer
+from tidal.blobs.settings import BlobSettings
+from tidal.errors import BlobNotFoundError, ManifestNotFoundError, RegistryAuthError
+from tidal.ids import Digest, sha256_digest
+
+pytestmark = pytest.mark.registry
+
+FAST = BlobSettings(retry_attempts=2, backoff_initial_s=0.01, upload_chunk_bytes=64 * 1024)
+
+
+@pytest.fixture
+def client(registry: RegistryServer) -> Iterator[RegistryClient]:
+    with RegistryClient(registry.address, settings=FAST, load_auth_file=False) as c:
+        yield c
+
+
+def test_ping_blobs_ranges_and_chunked_upload(client: RegistryClient) -> None:
+    client.ping()
+    data = os.urandom(300_000)
+    digest = client.push_blob_stream("t/blobs", io.BytesIO(data))  # 5 PATCH chunks of 64 KiB
+    assert digest == sha256_digest(data)
+    assert client.blob_size("t/blobs", digest) == len(data)
+    assert client.get_blob("t/blobs", digest) == data
+    assert client.get_blob_range("t/blobs", digest, 65_530, 131_080) == data[65_530:131_080]
+    small = client.push_blob("t/blobs", b"monolithic")
+    assert client.get_blob("t/blobs", small) == b"monolithic"
+    with pytest.raises(BlobNotFoundError):
+        client.blob_size("t/blobs", Digest("sha256:" + "9" * 64))
+    with pytest.raises(ManifestNotFoundError):
+        client.get_manifest("t/blobs", "nope")
+
+
+def test_registry_store_reads_ranges(client: RegistryClient) -> None:
+    store = RegistryBlobStore(client, "t/store")
+    digest = store.put_bytes(b"abcdefghij" * 1000)
+    assert store.read(digest, 5, 15) == b"fghijabcde"
+    assert store.size(digest) == 10_000
+
+
+def test_image_pushed_by_tidal_is_read_by_skopeo(
+    client: RegistryClient, registry: RegistryServer, tmp_path: Path
+) -> None:
+    image = make_oci_image({"etc/hello": b"hello from tidal\n", "bin/tool": os.urandom(4096)})
+    for layer in image.layers.values():
+        client.push_blob("t/pushed", layer)
+    client.push_blob("t/pushed", image.config)
+    client.put_manifest("t/pushed", "v1", image.manifest)
+    ref = f"docker://{registry.address}/t/pushed:v1"
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", ref)
+    assert raw.encode() == image.manifest
+    skopeo("copy", "--src-tls-verify=false", ref, f"oci:{tmp_path / 'out'}:v1")
+    layout = tmp_path / "out" / "blobs" / "sha256"
+    ((digest, layer),) = image.layers.items()
+    assert layer_files((layout / digest.split(":")[1]).read_bytes()) == image.files
+    assert client.list_tags("t/pushed") == ["v1"]
+
+
+def test_image_pushed_by_skopeo_is_pulled_by_tidal(
+    client: RegistryClient, registry: RegistryServer, tmp_path: Path
+) -> None:
+    image = make_oci_image({"app/main.py": b"print('ready')\n"})
+    write_oci_layout(tmp_path / "layout", image, "v2")
+    dest = f"docker://{registry.address}/t/from-skopeo:v2"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:v2", dest)
+    m = client.resolve_manifest("t/from-skopeo", "v2")
+    doc = m.json()
+    config = client.get_blob("t/from-skopeo", Digest(doc["config"]["digest"]))
+    assert json.loads(config)["rootfs"]["type"] == "layers"
+    (layer_desc,) = doc["layers"]
+    layer = client.get_blob("t/from-skopeo", Digest(layer_desc["digest"]))
+    assert layer_files(layer) == image.files
+
+
+def test_basic_auth_against_the_real_registry(auth_registry: RegistryServer) -> None:
+    good = Credentials(REGISTRY_USER, REGISTRY_PASSWORD)
+    with RegistryClient(auth_registry.address, credentials=good, settings=FAST) as c:
+        c.ping()
+        digest = c.push_blob("t/private", b"secret layer")
+        assert c.get_blob("t/private", digest) == b"secret layer"
+    with (
+        RegistryClient(auth_registry.address, settings=FAST, load_auth_file=False) as c,
+        pytest.raises(RegistryAuthError, match="user name and password"),
+    ):
+        c.get_blob("t/private", digest)
+    bad = Credentials(REGISTRY_USER, "not-the-password")
+    with (
+        RegistryClient(auth_registry.address, credentials=bad, settings=FAST) as c,
+        pytest.raises(RegistryAuthError, match="rejected") as ei,
+    ):
+        c.ping()
+    assert "not-the-password" not in str(ei.value)
+
+
+def test_auth_file_is_shared_with_skopeo(
+    auth_registry: RegistryServer,
+    registry: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One auth.json serves Tidal and skopeo; skopeo copies a Tidal-pushed image across registries."""
+    authfile = tmp_path / "auth.json"
+    authfile.write_text(
+        encode_auth_file({auth_registry.address: Credentials(REGISTRY_USER, REGISTRY_PASSWORD)})
+    )
+    monkeypatch.setenv("TIDAL_REGISTRY_AUTH", str(authfile))
+    image = make_oci_image({"x": b"y"})
+    with RegistryClient(registry.address, settings=FAST) as c:
+        for blob in (*image.layers.values(), image.config):
+            c.push_blob("t/cross", blob)
+        c.put_manifest("t/cross", "v1", image.manifest)
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--dest-authfile",
+        str(authfile),
+        f"docker://{registry.address}/t/cross:v1",
+        f"docker://{auth_registry.address}/t/cross:v1",
+    )
+    with RegistryClient(auth_registry.address, settings=FAST) as c:  # credentials from the file
+        assert c.get_manifest("t/cross", "v1").body == image.manifest
