@@ -1,0 +1,356 @@
+"""Apply an OCI layer tar to a directory tree: whiteouts, opaque dirs, and nothing outside.
+
+OCI layer semantics (image-spec ``layer.md``): ``D/.wh.NAME`` deletes ``D/NAME`` of the lower
+layers; ``D/.wh..wh..opq`` hides every lower entry of ``D``. Both refer to the lower layers
+only, so a layer is applied in two passes: :func:`scan_layer` collects the whiteouts, which
+are applied first, then :class:`TreeWriter` extracts the entries.
+
+Safety: every path is resolved one component at a time with ``O_NOFOLLOW`` directory file
+descriptors from the root, so no entry can be written through a symlink or outside the root;
+members with ``..`` components, hard links to outside the root, or a symlink as a parent
+directory are rejected with :class:`UnsafeArchiveError`. Owners, modes, timestamps, xattrs
+(PAX ``SCHILY.xattr.*``), hard links, symlinks, FIFOs and device nodes are reproduced.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from tidal.errors import ArchiveFormatError, UnsafeArchiveError
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_COPY_BUFFER = 1 << 20
+_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
+
+
+def normalize(name: str, *, layer: str = "layer") -> str:
+    """A member name relative to the root (``""`` is the root); ``..`` is refused."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchiveError(
+            f"{layer}: entry {name!r} has a '..' component and would escape the root; "
+            "the archive is unsafe and was not applied"
+        )
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """What a first pass over a layer tar found."""
+
+    whiteouts: tuple[str, ...]
+    """Paths (relative to the root) deleted by ``.wh.NAME`` entries."""
+    opaque_dirs: tuple[str, ...]
+    """Directories whose lower contents ``.wh..wh..opq`` hides."""
+    entries: int
+    content_bytes: int
+    """Sum of regular file sizes rounded up to 4 KiB blocks (for sizing the disk)."""
+
+
+def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> LayerScan:
+    """First pass: validate every name and collect whiteouts."""
+    whiteouts: list[str] = []
+    opaque: list[str] = []
+    entries = 0
+    content = 0
+    for m in members:
+        path = normalize(m.name, layer=layer)
+        if m.islnk():
+            normalize(m.linkname, layer=layer)
+        parent, _, base = path.rpartition("/")
+        if base == OPAQUE_MARKER:
+            opaque.append(parent)
+        elif base.startswith(WHITEOUT_PREFIX):
+            whiteouts.append(f"{parent}/{base[len(WHITEOUT_PREFIX) :]}".lstrip("/"))
+        else:
+            entries += 1
+            if m.isfile():
+                content += -(-m.size // 4096) * 4096
+    return LayerScan(tuple(whiteouts), tuple(opaque), entries, content)
+
+
+@dataclass
+class ApplyStats:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    symlinks: int = 0
+    specials: int = 0
+    removed: int = 0
+    bytes_written: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+class TreeWriter:
+    """Writes tar members below ``root`` without ever following a symlink."""
+
+    def __init__(self, root: Path, *, layer: str = "layer") -> None:
+        self.root = root
+        self.layer = layer
+        self.stats = ApplyStats()
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_times: dict[str, int] = {}
+
+    def close(self) -> None:
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def __enter__(self) -> TreeWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- path walking -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _parent(self, path: str, *, create: bool) -> Iterator[tuple[int, str]]:
+        """Yield (fd of the parent directory, last component) for ``path``."""
+        parts = path.split("/")
+        fd = os.dup(self._root_fd)
+        try:
+            for i, comp in enumerate(parts[:-1]):
+                try:
+                    nfd = os.open(
+                        comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                    )
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    nfd = os.open(
+                        comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                    )
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = "/".join(parts[: i + 1])
+                        raise UnsafeArchiveError(
+                            f"{self.layer}: entry {path!r} lies below {where!r}, which is not a "
+                            "directory (a symlink would be followed out of the tree); "
+                            "the archive is unsafe and was not applied"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _lstat(self, fd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _remove_entry(self, fd: int, name: str, st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+        self.stats.removed += 1
+
+    # --- whiteouts --------------------------------------------------------------------------
+
+    def apply_whiteouts(self, scan: LayerScan) -> None:
+        for d in scan.opaque_dirs:
+            self._clear_dir(d)
+        for path in scan.whiteouts:
+            try:
+                with self._parent(path, create=False) as (fd, name):
+                    st = self._lstat(fd, name)
+                    if st is not None:
+                        self._remove_entry(fd, name, st)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # whiting out something absent is allowed
+
+    def _clear_dir(self, path: str) -> None:
+        if not path:
+            fd = os.dup(self._root_fd)
+        else:
+            try:
+                with self._parent(path, create=False) as (pfd, name):
+                    fd = os.open(
+                        name,
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=pfd,
+                    )
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    return  # opaque marker below a symlink: nothing of ours to clear
+                raise
+        try:
+            for entry in os.listdir(fd):
+                if path == "" and entry == "lost+found":
+                    continue  # belongs to the filesystem, not to any layer
+                st = self._lstat(fd, entry)
+                if st is not None:
+                    self._remove_entry(fd, entry, st)
+        finally:
+            os.close(fd)
+
+    # --- extraction -------------------------------------------------------------------------
+
+    def add(self, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:
+        """Create ``member`` (whiteouts must have been filtered out by the caller)."""
+        path = normalize(member.name, layer=self.layer)
+        if path == "":
+            self._set_meta_fd(self._root_fd, member)
+            self._dir_times[""] = int(member.mtime * 1e9)
+            return
+        with self._parent(path, create=True) as (fd, name):
+            existing = self._lstat(fd, name)
+            if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
+                self._remove_entry(fd, name, existing)
+                self.stats.removed -= 1  # a replacement, not a deletion
+            if member.isdir():
+                if existing is None or not stat.S_ISDIR(existing.st_mode):
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                dfd = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+                try:
+                    self._set_meta_fd(dfd, member)
+                finally:
+                    os.close(dfd)
+                self._dir_times[path] = int(member.mtime * 1e9)
+                self.stats.dirs += 1
+            elif member.isfile():
+                self._write_file(fd, name, member, data)
+            elif member.issym():
+                os.symlink(member.linkname, name, dir_fd=fd)
+                os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
+                self._set_xattrs(f"/proc/self/fd/{fd}/{name}", member)
+                ns = int(member.mtime * 1e9)
+                os.utime(name, ns=(ns, ns), dir_fd=fd, follow_symlinks=False)
+                self.stats.symlinks += 1
+            elif member.islnk():
+                self._link(fd, name, member)
+            elif member.ischr() or member.isblk() or member.isfifo():
+                kind = (
+                    stat.S_IFCHR
+                    if member.ischr()
+                    else stat.S_IFBLK
+                    if member.isblk()
+                    else stat.S_IFIFO
+                )
+                dev = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
+                os.mknod(name, kind | 0o600, dev, dir_fd=fd)
+                os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
+                os.chmod(name, member.mode & 0o7777, dir_fd=fd)
+                self._set_xattrs(f"/proc/self/fd/{fd}/{name}", member)
+                ns = int(member.mtime * 1e9)
+                os.utime(name, ns=(ns, ns), dir_fd=fd, follow_symlinks=False)
+                self.stats.specials += 1
+            else:
+                self.stats.skipped.append(path)
+
+    def _write_file(
+        self, fd: int, name: str, member: tarfile.TarInfo, data: IO[bytes] | None
+    ) -> None:
+        ffd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=fd,
+        )
+        with os.fdopen(ffd, "wb", buffering=0, closefd=True) as out:
+            if data is not None:
+                copied = 0
+                while block := data.read(_COPY_BUFFER):
+                    out.write(block)
+                    copied += len(block)
+                self.stats.bytes_written += copied
+            self._set_meta_fd(out.fileno(), member)
+        self.stats.files += 1
+
+    def _link(self, fd: int, name: str, member: tarfile.TarInfo) -> None:
+        src = normalize(member.linkname, layer=self.layer)
+        if not src:
+            raise UnsafeArchiveError(f"{self.layer}: hard link {member.name!r} points at the root")
+        try:
+            with self._parent(src, create=False) as (sfd, sname):
+                st = self._lstat(sfd, sname)
+                if st is None or stat.S_ISDIR(st.st_mode):
+                    raise ArchiveFormatError(
+                        f"{self.layer}: hard link {member.name!r} -> {member.linkname!r}: "
+                        "the target is missing or a directory"
+                    )
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise ArchiveFormatError(
+                f"{self.layer}: hard link {member.name!r} -> {member.linkname!r}: target missing"
+            ) from None
+        self.stats.links += 1
+
+    def _set_meta_fd(self, fd: int, member: tarfile.TarInfo) -> None:
+        # order matters: chown clears setuid bits and file capabilities
+        os.fchown(fd, member.uid, member.gid)
+        os.fchmod(fd, member.mode & 0o7777)
+        self._set_xattrs(fd, member)
+        ns = int(member.mtime * 1e9)
+        os.utime(fd, ns=(ns, ns))
+
+    def _set_xattrs(self, target: int | str, member: tarfile.TarInfo) -> None:
+        for key, value in member.pax_headers.items():
+            for prefix in _XATTR_PREFIXES:
+                if key.startswith(prefix):
+                    attr = key[len(prefix) :]
+                    raw = value.encode("utf-8", "surrogateescape")
+                    if prefix.startswith("LIBARCHIVE"):
+                        raw = base64.b64decode(raw)
+                    try:
+                        if isinstance(target, int):
+                            os.setxattr(target, attr, raw)
+                        else:
+                            os.setxattr(target, attr, raw, follow_symlinks=False)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EPERM):
+                            raise
+                        self.stats.skipped.append(f"{member.name} xattr {attr}: {exc.strerror}")
+
+    def finish(self) -> None:
+        """Directory mtimes last: creating their children changed them."""
+        for path, ns in sorted(self._dir_times.items(), key=lambda kv: -kv[0].count("/")):
+            if not path:
+                os.utime(self._root_fd, ns=(ns, ns))
+                continue
+            with (
+                contextlib.suppress(FileNotFoundError),
+                self._parent(path, create=False) as (
+                    fd,
+                    name,
+                ),
+            ):
+                os.utime(name, ns=(ns, ns), dir_fd=fd, follow_symlinks=False)
+
+
+def is_whiteout(member: tarfile.TarInfo) -> bool:
+    return member.name.rstrip("/").rpartition("/")[2].startswith(WHITEOUT_PREFIX)
+
+
+def extract(tf: tarfile.TarFile, writer: TreeWriter) -> None:
+    """Second pass: every non-whiteout member of a streaming tar, in order."""
+    for member in tf:
+        if is_whiteout(member):
+            continue
+        data = tf.extractfile(member) if member.isfile() else None
+        try:
+            writer.add(member, data)
+        finally:
+            if data is not None:
+                data.close()
+    writer.finish()
