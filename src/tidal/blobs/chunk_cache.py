@@ -1,0 +1,338 @@
+"""The node's persistent chunk cache: stored byte ranges of blobs, shared by all images.
+
+Content-addressed: an entry's key is (blob digest, stored offset, length), so two images that
+share a layer share its cached chunks, and an entry can never be stale. Layout::
+
+    ROOT/entries/<hex[:2]>/<hex>.<offset>.<length>   16-byte header + the bytes
+    ROOT/tmp/                                        entries being written
+    ROOT/lock                                        flock held while evicting
+
+Safety without a daemon:
+
+- Writers write a temporary file and ``rename`` it into place, so readers see a whole entry or
+  none. The header carries the length and a crc32 of the bytes, so an entry torn by a power
+  loss (rename persisted, data not) is detected, dropped and counted — never served.
+- Readers take no lock: an entry unlinked by an evictor while open stays readable.
+- The size bound is kept by whichever process pushes its estimate over capacity: under an
+  exclusive ``flock`` it rescans the directory and deletes least-recently-used entries (by
+  mtime, which every hit refreshes) down to a low-water mark, so eviction work is amortised.
+
+Counters (hits, misses, bytes, evictions, corrupt entries) let tests and ``tidal image stats``
+assert read amplification and cache effectiveness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.errors import CacheError
+from tidal.ids import Digest, parse_digest
+
+ENTRY_MAGIC = b"TCC1"
+_HEADER = struct.Struct("<4sQI")
+HEADER_BYTES = _HEADER.size  # 16
+DEFAULT_LOW_WATER_RATIO = 0.9
+"""Evict down to 90 % of capacity: one rescan buys room for many more puts."""
+STALE_TMP_S = 600.0
+"""Temporary files older than this belong to a crashed writer and are removed on open."""
+
+
+@dataclass(frozen=True, order=True)
+class ChunkKey:
+    """A stored byte range of a blob: what the format layer asks for, and what is cached."""
+
+    digest: Digest
+    offset: int
+    length: int
+
+    def filename(self) -> str:
+        return f"{self.digest.split(':', 1)[1]}.{self.offset}.{self.length}"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of one ChunkCache object's counters (this process's view)."""
+
+    hits: int
+    misses: int
+    bytes_hit: int
+    puts: int
+    bytes_stored: int
+    evictions: int
+    bytes_evicted: int
+    corrupt_dropped: int
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    size_bytes: int
+    mtime_ns: int
+
+
+class ChunkCache:
+    """A bounded, LRU, crash-safe, multi-process chunk cache in a directory."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity_bytes: int,
+        *,
+        low_water_ratio: float = DEFAULT_LOW_WATER_RATIO,
+        fsync: bool = False,
+    ) -> None:
+        if capacity_bytes <= 0:
+            raise CacheError(f"chunk cache capacity must be positive, got {capacity_bytes}")
+        if not 0.0 < low_water_ratio <= 1.0:
+            raise CacheError(f"low-water ratio must be in (0, 1], got {low_water_ratio}")
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.low_water_bytes = int(capacity_bytes * low_water_ratio)
+        self._fsync = fsync
+        self._entries = self.root / "entries"
+        self._tmp = self.root / "tmp"
+        try:
+            self._entries.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            (self.root / "lock").touch(exist_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"cannot create the chunk cache in {self.root}: {exc.strerror}; "
+                "set [blobs] cache_dir to a writable directory"
+            ) from exc
+        self._lock = threading.Lock()
+        self._clock_ns = 0
+        self._hits = self._misses = self._bytes_hit = 0
+        self._puts = self._bytes_stored = 0
+        self._evictions = self._bytes_evicted = self._corrupt = 0
+        self._remove_stale_tmp()
+        self._size_estimate = sum(e.size_bytes for e in self._scan())
+
+    # --- paths and time -------------------------------------------------------------------
+
+    def _path(self, key: ChunkKey) -> Path:
+        hexpart = parse_digest(key.digest).split(":", 1)[1]
+        return self._entries / hexpart[:2] / key.filename()
+
+    def _now_ns(self) -> int:
+        """Strictly increasing in this process, so LRU order is exact within it."""
+        with self._lock:
+            self._clock_ns = max(time.time_ns(), self._clock_ns + 1)
+            return self._clock_ns
+
+    def _touch(self, path: Path) -> None:
+        t = self._now_ns()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, ns=(t, t))
+
+    # --- get / put / drop -----------------------------------------------------------------
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        """The cached bytes of ``key``, or ``None``; a damaged entry is dropped and missed."""
+        path = self._path(key)
+        try:
+            with path.open("rb") as fh:
+                blob = fh.read()
+        except FileNotFoundError:
+            self._count_miss()
+            return None
+        data = self._decode(blob, key)
+        if data is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            with self._lock:
+                self._corrupt += 1
+                self._misses += 1
+                self._size_estimate -= len(blob)
+            return None
+        self._touch(path)
+        with self._lock:
+            self._hits += 1
+            self._bytes_hit += len(data)
+        return data
+
+    def _count_miss(self) -> None:
+        with self._lock:
+            self._misses += 1
+
+    @staticmethod
+    def _decode(blob: bytes, key: ChunkKey) -> bytes | None:
+        if len(blob) < HEADER_BYTES:
+            return None
+        magic, length, crc = _HEADER.unpack_from(blob)
+        data = blob[HEADER_BYTES:]
+        if magic != ENTRY_MAGIC or length != key.length or len(data) != length:
+            return None
+        if zlib.crc32(data) != crc:
+            return None
+        return data
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether an entry exists (not checked, not counted, LRU position unchanged)."""
+        return self._path(key).exists()
+
+    def put(self, key: ChunkKey, data: bytes) -> bool:
+        """Store ``data`` under ``key``; returns False if it can never fit."""
+        if len(data) != key.length:
+            raise CacheError(
+                f"chunk cache entry {key.filename()} is {key.length} bytes by its key "
+                f"but {len(data)} were given"
+            )
+        size = HEADER_BYTES + len(data)
+        if size > self.capacity_bytes:
+            return False
+        path = self._path(key)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=key.filename()[:16] + ".")
+        except OSError as exc:
+            raise CacheError(
+                f"cannot write to the chunk cache {self.root}: {exc.strerror}"
+            ) from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_HEADER.pack(ENTRY_MAGIC, len(data), zlib.crc32(data)))
+                fh.write(data)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            t = self._now_ns()
+            os.utime(tmp, ns=(t, t))
+            existed = path.exists()  # a replaced entry adds nothing to the total
+            os.replace(tmp, path)
+            tmp = ""
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self.evict_to(self.low_water_bytes // 2)
+            raise CacheError(
+                f"cannot write to the chunk cache {self.root}: {exc.strerror}"
+            ) from exc
+        finally:
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        with self._lock:
+            self._puts += 1
+            self._bytes_stored += len(data)
+            if not existed:
+                self._size_estimate += size
+            over = self._size_estimate > self.capacity_bytes
+        if over:
+            self.evict_to(self.low_water_bytes)
+        return True
+
+    def drop(self, key: ChunkKey) -> bool:
+        """Remove one entry (e.g. it failed the caller's checksum); returns whether it existed."""
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        with self._lock:
+            self._size_estimate -= size
+        return True
+
+    # --- eviction -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with (self.root / "lock").open("rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _scan(self) -> list[_Entry]:
+        out: list[_Entry] = []
+        try:
+            subdirs = list(os.scandir(self._entries))
+        except FileNotFoundError:
+            return out
+        for sub in subdirs:
+            if not sub.is_dir():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                for ent in os.scandir(sub.path):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = ent.stat()
+                        out.append(_Entry(Path(ent.path), st.st_size, st.st_mtime_ns))
+        return out
+
+    def evict_to(self, target_bytes: int) -> int:
+        """Delete least-recently-used entries until at most ``target_bytes`` remain.
+
+        Runs under an exclusive flock and rescans the directory, so the bound holds for all
+        processes sharing the cache, whatever their in-memory estimates say. Returns the
+        number of entries removed.
+        """
+        removed = 0
+        freed = 0
+        with self._exclusive():
+            entries = self._scan()
+            total = sum(e.size_bytes for e in entries)
+            entries.sort(key=lambda e: (e.mtime_ns, e.path.name))
+            for e in entries:
+                if total <= target_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    e.path.unlink()
+                    removed += 1
+                    freed += e.size_bytes
+                total -= e.size_bytes
+        with self._lock:
+            self._evictions += removed
+            self._bytes_evicted += freed
+            self._size_estimate = total
+        return removed
+
+    def clear(self) -> None:
+        self.evict_to(0)
+
+    def _remove_stale_tmp(self) -> None:
+        cutoff = time.time() - STALE_TMP_S
+        with contextlib.suppress(FileNotFoundError):
+            for ent in os.scandir(self._tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    if ent.stat().st_mtime < cutoff:
+                        os.unlink(ent.path)
+
+    # --- introspection --------------------------------------------------------------------
+
+    def size_bytes(self) -> int:
+        """Bytes on disk now (a scan: exact across processes)."""
+        return sum(e.size_bytes for e in self._scan())
+
+    def entry_count(self) -> int:
+        return len(self._scan())
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                bytes_hit=self._bytes_hit,
+                puts=self._puts,
+                bytes_stored=self._bytes_stored,
+                evictions=self._evictions,
+                bytes_evicted=self._bytes_evicted,
+                corrupt_dropped=self._corrupt,
+            )

@@ -1,0 +1,240 @@
+"""Chunk cache: LRU bound against a model, corruption and crash safety, concurrent processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from tidal.blobs.chunk_cache import HEADER_BYTES, STALE_TMP_S, ChunkCache, ChunkKey
+from tidal.errors import CacheError
+from tidal.ids import Digest, sha256_digest
+
+BLOB = sha256_digest(b"some layer")
+
+
+def key(offset: int, length: int, digest: Digest = BLOB) -> ChunkKey:
+    return ChunkKey(digest, offset, length)
+
+
+def content(k: ChunkKey) -> bytes:
+    """Deterministic bytes for a key, so any reader can tell a wrong entry from a right one."""
+    seed = hashlib.sha256(f"{k.digest}{k.offset}".encode()).digest()
+    return (seed * (k.length // 32 + 1))[: k.length]
+
+
+def test_put_get_and_counters(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    k = key(4096, 100)
+    assert cache.get(k) is None
+    assert cache.put(k, content(k))
+    assert cache.get(k) == content(k)
+    assert cache.get(key(0, 100)) is None
+    s = cache.stats
+    assert (s.hits, s.misses, s.puts, s.bytes_hit, s.bytes_stored) == (1, 2, 1, 100, 100)
+    assert cache.size_bytes() == 100 + HEADER_BYTES
+    assert cache.drop(k) and not cache.drop(k)
+    assert cache.get(k) is None
+
+
+def test_same_range_of_another_blob_is_another_entry(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    a, b = key(0, 10), key(0, 10, sha256_digest(b"other"))
+    cache.put(a, b"a" * 10)
+    cache.put(b, b"b" * 10)
+    assert (cache.get(a), cache.get(b)) == (b"a" * 10, b"b" * 10)
+
+
+def test_wrong_length_and_oversized_entries(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1000)
+    with pytest.raises(CacheError, match="100 bytes by its key"):
+        cache.put(key(0, 100), b"short")
+    assert not cache.put(key(0, 2000), b"x" * 2000)
+    assert cache.entry_count() == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_damaged_entry_is_dropped_not_served(tmp_path: Path, damage: str) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    k = key(0, 1000)
+    cache.put(k, content(k))
+    (path,) = (tmp_path / "entries").rglob("*.0.1000")
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[500] ^= 1
+    elif damage == "truncate":
+        del raw[700:]  # a power loss after the rename persisted but before all data did
+    else:
+        raw.clear()
+    path.write_bytes(bytes(raw))
+    assert cache.get(k) is None
+    assert cache.stats.corrupt_dropped == 1
+    assert not path.exists()
+    cache.put(k, content(k))
+    assert cache.get(k) == content(k)
+
+
+def test_lru_eviction_keeps_recently_used(tmp_path: Path) -> None:
+    entry = 100 + HEADER_BYTES
+    cache = ChunkCache(tmp_path, 4 * entry, low_water_ratio=0.75)  # evict down to 3 entries
+    keys = [key(i * 100, 100) for i in range(4)]
+    for k in keys:
+        cache.put(k, content(k))
+    assert cache.get(keys[0]) is not None  # 0 becomes the most recent; 1 is now the oldest
+    cache.put(key(400, 100), content(key(400, 100)))
+    assert cache.entry_count() == 3
+    assert cache.stats.evictions == 2
+    assert cache.contains(keys[0]) and not cache.contains(keys[1]) and not cache.contains(keys[2])
+
+
+def test_crash_before_publication_leaves_no_entry(tmp_path: Path) -> None:
+    """A writer killed between writing and renaming leaves only a temp file, never an entry."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        from tidal.blobs.chunk_cache import ChunkCache, ChunkKey
+        cache = ChunkCache({str(tmp_path)!r}, 1 << 20)
+        os.replace = lambda *a, **k: os._exit(9)   # the process dies right before the rename
+        cache.put(ChunkKey({BLOB!r}, 0, 5), b"hello")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert proc.returncode == 9
+    tmp_files = list((tmp_path / "tmp").iterdir())
+    assert len(tmp_files) == 1
+    cache = ChunkCache(tmp_path, 1 << 20)
+    assert cache.get(key(0, 5)) is None
+    assert list((tmp_path / "tmp").iterdir()) == tmp_files  # young: maybe a live writer's
+    old = time.time() - STALE_TMP_S - 10
+    os.utime(tmp_files[0], (old, old))
+    ChunkCache(tmp_path, 1 << 20)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_threads_never_see_wrong_bytes(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 40 * (512 + HEADER_BYTES))
+    keys = [key(i * 512, 512) for i in range(100)]
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        for i in range(300):
+            k = keys[(seed * 7 + i * 13) % len(keys)]
+            got = cache.get(k)
+            if got is None:
+                cache.put(k, content(k))
+            elif got != content(k):
+                errors.append(f"wrong bytes for {k}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert cache.size_bytes() <= cache.capacity_bytes
+
+
+def test_processes_share_the_cache_and_its_bound(tmp_path: Path) -> None:
+    capacity = 30 * (1024 + HEADER_BYTES)
+    script = textwrap.dedent(
+        f"""
+        import hashlib, sys
+        from tidal.blobs.chunk_cache import ChunkCache, ChunkKey
+        cache = ChunkCache({str(tmp_path)!r}, {capacity})
+        seed = int(sys.argv[1])
+        bad = 0
+        for i in range(400):
+            k = ChunkKey({BLOB!r}, ((seed * 31 + i * 17) % 80) * 1024, 1024)
+            want = (hashlib.sha256(f"{{k.digest}}{{k.offset}}".encode()).digest() * 33)[:1024]
+            got = cache.get(k)
+            if got is None:
+                cache.put(k, want)
+            elif got != want:
+                bad += 1
+        s = cache.stats
+        print(bad, s.hits, s.evictions)
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(n)], stdout=subprocess.PIPE, text=True)
+        for n in range(4)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results.append([int(x) for x in out.split()])
+    assert [bad for bad, _, _ in results] == [0, 0, 0, 0]
+    assert sum(hits for _, hits, _ in results) > 0
+    assert sum(ev for _, _, ev in results) > 0
+    assert ChunkCache(tmp_path, capacity).size_bytes() <= capacity
+
+
+class CacheModel(RuleBasedStateMachine):
+    """The cache behaves like an LRU dict evicting to the low-water mark when over capacity."""
+
+    ENTRY_SIZES = (10, 50, 200)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: OrderedDict[ChunkKey, int] = OrderedDict()
+
+    @initialize()
+    def setup(self) -> None:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory()
+        self.capacity = 1000
+        self.cache = ChunkCache(self._tmp.name, self.capacity, low_water_ratio=0.6)
+
+    def teardown(self) -> None:
+        self._tmp.cleanup()
+
+    def _total(self) -> int:
+        return sum(size + HEADER_BYTES for size in self.model.values())
+
+    @rule(slot=st.integers(0, 9), size=st.sampled_from(ENTRY_SIZES))
+    def put(self, slot: int, size: int) -> None:
+        k = key(slot * 1000, size)
+        self.cache.put(k, content(k))
+        self.model[k] = size
+        self.model.move_to_end(k)
+        if self._total() > self.capacity:
+            while self._total() > self.cache.low_water_bytes:
+                self.model.popitem(last=False)
+
+    @rule(slot=st.integers(0, 9), size=st.sampled_from(ENTRY_SIZES))
+    def get(self, slot: int, size: int) -> None:
+        k = key(slot * 1000, size)
+        got = self.cache.get(k)
+        if k in self.model:
+            assert got == content(k)
+            self.model.move_to_end(k)
+        else:
+            assert got is None
+
+    @rule(slot=st.integers(0, 9), size=st.sampled_from(ENTRY_SIZES))
+    def drop(self, slot: int, size: int) -> None:
+        k = key(slot * 1000, size)
+        assert self.cache.drop(k) == (k in self.model)
+        self.model.pop(k, None)
+
+    @invariant()
+    def bounded_and_equal(self) -> None:
+        if hasattr(self, "cache"):
+            assert self.cache.size_bytes() == self._total() <= self.capacity
+
+
+TestCacheModel = CacheModel.TestCase
+TestCacheModel.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
