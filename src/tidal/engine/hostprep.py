@@ -1,0 +1,49 @@
+"""One-time node preparation the runtimes need, done idempotently by the daemon.
+
+crun 1.8 refuses to run on a cgroup v1/v2 hybrid whose v2 hierarchy still offers controllers
+("cgroups in hybrid mode not supported, drop all controllers from cgroupv2"). A controller that
+no v2 cgroup uses can be bound to a v1 hierarchy instead, which empties the v2 side; that is
+what :func:`prepare_hybrid_cgroups` does (e.g. ``hugetlb`` on Debian kernels booted hybrid).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+from tidal.errors import OciRuntimeError
+
+log = logging.getLogger(__name__)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def v2_controllers_in_hybrid(root: Path = CGROUP_ROOT) -> list[str]:
+    """Controllers offered by the v2 part of a hybrid hierarchy (empty on pure v1 or v2)."""
+    unified = root / "unified" / "cgroup.controllers"
+    if not unified.exists():
+        return []
+    return unified.read_text().split()
+
+
+def prepare_hybrid_cgroups(root: Path = CGROUP_ROOT) -> list[str]:
+    """Move each v2 controller of a hybrid to its own v1 hierarchy; returns the ones moved."""
+    moved = []
+    for ctrl in v2_controllers_in_hybrid(root):
+        target = root / ctrl
+        target.mkdir(exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "cgroup", "-o", ctrl, "cgroup", str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise OciRuntimeError(
+                f"crun needs the cgroup v2 side of this hybrid host empty, but controller "
+                f"{ctrl!r} could not be mounted as v1 at {target}: {proc.stderr.strip()}; "
+                "use --runtime runc on this host"
+            )
+        log.info("mounted cgroup v1 controller %s at %s so crun accepts the hybrid", ctrl, target)
+        moved.append(ctrl)
+    return moved

@@ -1,0 +1,152 @@
+"""Container networking: none, host, or a bridge with one veth per container and IPAM.
+
+Bridge mode: the daemon keeps a Linux bridge (``tidal0``) holding the subnet's first address
+as gateway. Each container gets a named network namespace (``ip netns add tidal-<id12>``) that
+lives from ``run`` to ``rm``, so the address and namespace survive stops and in-place upgrades
+(the container joins it by path in config.json). Addresses come from the state database
+(:meth:`Store.allocate_ip`), so two containers never share one even across daemon restarts.
+Published ports are forwarded in user space by the container's monitor, which binds the host
+port itself: a port already in use fails the start with a clear error.
+
+The address arithmetic is pure (:func:`ip_candidates`, :func:`link_names`); only
+:func:`ensure_bridge`, :func:`create_netns` and :func:`destroy_netns` run ``ip``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from tidal.errors import ConfigError, EngineError
+
+NETNS_DIR = Path("/var/run/netns")
+
+
+def parse_subnet(subnet: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(subnet, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"[engine] subnet {subnet!r} is not a network: {exc}") from None
+    if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 30:
+        raise ConfigError(
+            f"[engine] subnet {subnet!r} must be IPv4 with room for hosts (/30 or wider)"
+        )
+    return net
+
+
+def gateway(subnet: str) -> str:
+    return str(next(parse_subnet(subnet).hosts()))
+
+
+def ip_candidates(subnet: str) -> Iterator[str]:
+    """Host addresses in order, skipping the gateway (first host)."""
+    hosts = parse_subnet(subnet).hosts()
+    next(hosts)
+    for h in hosts:
+        yield str(h)
+
+
+def netns_name(cid: str) -> str:
+    return f"tidal-{cid[:12]}"
+
+
+def netns_path(cid: str) -> str:
+    return str(NETNS_DIR / netns_name(cid))
+
+
+def link_names(cid: str) -> tuple[str, str]:
+    """Host-side and container-side veth names (the kernel allows 15 characters)."""
+    return f"tv{cid[:11]}", f"tp{cid[:11]}"
+
+
+def _ip(args: list[str], what: str, *, batch: str | None = None) -> None:
+    proc = subprocess.run(
+        ["ip", *args], input=batch, capture_output=True, text=True, check=False, timeout=30
+    )
+    if proc.returncode != 0:
+        raise EngineError(f"{what}: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def _link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def ensure_bridge(bridge: str, subnet: str) -> None:
+    """Create and address the bridge once (idempotent)."""
+    net = parse_subnet(subnet)
+    if not _link_exists(bridge):
+        _ip(["link", "add", "name", bridge, "type", "bridge"], f"creating bridge {bridge}")
+    proc = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show", "dev", bridge], capture_output=True, text=True
+    )
+    cidr = f"{gateway(subnet)}/{net.prefixlen}"
+    if cidr not in proc.stdout:
+        _ip(["addr", "add", cidr, "dev", bridge], f"addressing bridge {bridge}")
+    _ip(["link", "set", bridge, "up"], f"bringing bridge {bridge} up")
+
+
+def create_netns(cid: str, ip: str, subnet: str, bridge: str) -> str:
+    """Namespace + veth pair + address + default route; returns the namespace path."""
+    ns = netns_name(cid)
+    host, peer = link_names(cid)
+    prefix = parse_subnet(subnet).prefixlen
+    if not (NETNS_DIR / ns).exists():
+        _ip(["netns", "add", ns], f"creating network namespace {ns}")
+    try:
+        if not _link_exists(host):
+            _ip(
+                ["-batch", "-"],
+                f"creating veth {host} for container {cid[:12]}",
+                batch=(
+                    f"link add {host} type veth peer name {peer}\n"
+                    f"link set {peer} netns {ns}\n"
+                    f"link set {host} master {bridge}\n"
+                    f"link set {host} up\n"
+                ),
+            )
+        _ip(
+            ["-n", ns, "-batch", "-"],
+            f"configuring eth0 ({ip}) in {ns}",
+            batch=(
+                f"link set {peer} name eth0\n"
+                f"addr add {ip}/{prefix} dev eth0\n"
+                "link set eth0 up\n"
+                "link set lo up\n"
+                f"route add default via {gateway(subnet)}\n"
+            ),
+        )
+    except BaseException:
+        destroy_netns(cid)
+        raise
+    return str(NETNS_DIR / ns)
+
+
+def destroy_netns(cid: str) -> None:
+    """Delete the namespace (its veth end goes with it, taking the host end along)."""
+    ns = netns_name(cid)
+    host, _ = link_names(cid)
+    if (NETNS_DIR / ns).exists():
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+    if _link_exists(host):
+        subprocess.run(["ip", "link", "del", host], capture_output=True, check=False)
+
+
+def host_port_free(host_ip: str, port: int) -> bool:
+    """Whether a TCP listener could bind ``host_ip:port`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host_ip, port))
+        except OSError:
+            return False
+    return True
+
+
+def remove_bridge(bridge: str) -> None:
+    with contextlib.suppress(OSError):
+        if _link_exists(bridge):
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)

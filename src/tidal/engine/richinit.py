@@ -1,0 +1,63 @@
+"""Build (once) and place the rich-mode init, Tidal's own PID 1 for rich containers.
+
+The init is a small static C program (``tidal_init.c`` next to this module) because it runs
+inside images that have no Python. It is compiled on first use with the host's gcc and cached
+under the engine's state directory by source hash, so an edited source rebuilds and a node
+without a compiler can be given a prebuilt binary at the same path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tidal.engine.bundle import init_conf
+from tidal.engine.spec import ContainerSpec
+from tidal.errors import EngineError
+
+SOURCE = Path(__file__).with_name("tidal_init.c")
+
+
+def init_binary(cache_dir: Path) -> Path:
+    """Path of the compiled init for the current source, building it if needed."""
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src).hexdigest()[:16]
+    target = cache_dir / f"tidal-init-{digest}"
+    if target.exists():
+        return target
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise EngineError(
+            "rich mode needs its init built once with a C compiler: apt-get install gcc "
+            f"libc6-dev, or place a static build of {SOURCE.name} at {target}"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    proc = subprocess.run(
+        [cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise EngineError(f"building the rich-mode init failed: {proc.stderr.strip()[-1500:]}")
+    os.replace(tmp, target)
+    return target
+
+
+def prepare_init_dir(
+    init_dir: Path, cache_dir: Path, spec: ContainerSpec, main_argv: tuple[str, ...]
+) -> Path:
+    """Fill ``init_dir`` (bound read-only at /.tidal) with the init and its conf."""
+    init_dir.mkdir(parents=True, exist_ok=True)
+    binary = init_binary(cache_dir)
+    dest = init_dir / "init"
+    tmp = init_dir / "init.tmp"
+    shutil.copyfile(binary, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, dest)
+    (init_dir / "init.conf").write_text(init_conf(spec, main_argv))
+    return init_dir

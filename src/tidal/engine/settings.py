@@ -1,0 +1,57 @@
+"""Engine settings (``[engine]`` in the TOML file, ``TIDAL_ENGINE__*`` in the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.config import data_root, load_section
+
+DEFAULT_RUNTIME = "runc"
+"""runc is the single-tenant default named by the seeds; crun is the faster C alternative."""
+DEFAULT_DISK_QUOTA_BYTES = 10 * 1024**3
+"""Each container's writable layer is an ext4 volume of this size unless ``--disk-quota`` says otherwise."""
+DEFAULT_BYTES_PER_INODE = 16 * 1024
+"""Inode budget of a quota volume when none is given: mke2fs's own default ratio."""
+DEFAULT_STOP_TIMEOUT_S = 10.0
+"""Grace period between SIGTERM and SIGKILL in ``stop``, as in docker."""
+DEFAULT_SUBNET = "10.88.0.0/24"
+"""Bridge network addresses; .1 is the gateway on the bridge."""
+DEFAULT_BRIDGE = "tidal0"
+DEFAULT_CGROUP_PARENT = "tidal"
+"""Containers' cgroups live under ``/<parent>/<id>`` in every v1 hierarchy."""
+DEFAULT_UPGRADE_PROBE_S = 1.0
+"""After an upgrade the container must stay up (or exit 0) this long, else it is rolled back."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where the engine keeps its state and what it does by default."""
+
+    runtime: str = DEFAULT_RUNTIME
+    state_dir: Path | None = None
+    """Default ``$TIDAL_DATA_ROOT/engine``."""
+    socket_path: Path | None = None
+    """Default ``<state_dir>/engine.sock``."""
+    default_disk_quota_bytes: int = DEFAULT_DISK_QUOTA_BYTES
+    bytes_per_inode: int = DEFAULT_BYTES_PER_INODE
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    subnet: str = DEFAULT_SUBNET
+    bridge: str = DEFAULT_BRIDGE
+    cgroup_parent: str = DEFAULT_CGROUP_PARENT
+    lxcfs: str = "auto"
+    """``auto`` (use lxcfs when the binary exists), ``on`` or ``off``."""
+    upgrade_probe_s: float = DEFAULT_UPGRADE_PROBE_S
+
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else data_root() / "engine"
+
+    def resolved_socket_path(self) -> Path:
+        if self.socket_path is not None:
+            return self.socket_path
+        return self.resolved_state_dir() / "engine.sock"
+
+
+def load_settings() -> EngineSettings:
+    """Engine settings from defaults, the config file and the environment."""
+    return load_section("engine", EngineSettings)
