@@ -38,6 +38,7 @@ Tree (parts add their specific classes below their base, in this file)::
     │   ├── ContainerNotFoundError
     │   ├── ContainerStateError
     │   ├── OciRuntimeError          the OCI runtime (runc/crun) failed
+    │   ├── DaemonUnavailableError (retryable)  the engine daemon's socket does not answer
     │   └── QuotaError
     ├── InstanceError                tidal.instance
     ├── SchedError                   tidal.sched
@@ -184,6 +185,10 @@ class ContainerStateError(EngineError):
 
 class OciRuntimeError(EngineError):
     """The OCI runtime (runc/crun) failed; the message carries its stderr."""
+
+
+class DaemonUnavailableError(EngineError, RetryableError):
+    """The engine daemon does not answer on its socket (not started, or restarting)."""
 
 
 class QuotaError(EngineError):
