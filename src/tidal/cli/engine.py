@@ -1,9 +1,277 @@
-"""Container engine commands (``tidal run``, ``ps``, ``daemon`` ...), registered at top level."""
+"""Container engine commands (``tidal run``, ``ps``, ``daemon`` ...), registered at top level.
+
+Every command except ``daemon`` is a thin client of the daemon's unix-socket API
+(:class:`tidal.engine.client.EngineClient`); errors arrive as Tidal errors and are printed as
+one line by ``tidal.cli.main``.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
+import signal
+import sys
+import time
+
 import typer
+
+from tidal.cli.console import err, out
+from tidal.engine.client import EngineClient
+from tidal.engine.settings import load_settings
+from tidal.engine.spec import (
+    ContainerSpec,
+    parse_cpus_opt,
+    parse_disk_quota,
+    parse_env,
+    parse_hook,
+    parse_memory,
+    parse_port,
+    parse_service,
+    parse_volume,
+)
+from tidal.engine.store import ContainerRecord
+
+
+def _argv(command: list[str] | None) -> tuple[str, ...]:
+    """The command after ``--`` (click keeps the separator when interspersed args are off)."""
+    items = list(command or ())
+    if items and items[0] == "--":
+        items = items[1:]
+    return tuple(items)
+
+
+def _client() -> EngineClient:
+    return EngineClient(load_settings().resolved_socket_path())
+
+
+def _status_text(rec: ContainerRecord) -> str:
+    if rec.status == "running":
+        return "running"
+    if rec.status == "exited":
+        if rec.exit_code is None:
+            return "exited (unknown status)"
+        extra = []
+        if rec.signal:
+            try:
+                extra.append(signal.Signals(rec.signal).name)
+            except ValueError:
+                extra.append(f"signal {rec.signal}")
+        if rec.oom_killed:
+            extra.append("OOM-killed")
+        return f"exited ({rec.exit_code}{', ' + ', '.join(extra) if extra else ''})"
+    return rec.status
 
 
 def register(app: typer.Typer) -> None:
     """Add the engine's top-level commands to the main app."""
+
+    @app.command(context_settings={"allow_interspersed_args": False})
+    def run(
+        image: str = typer.Argument(..., help="Tidal image directory or rootfs directory"),
+        command: list[str] = typer.Argument(None, help="command (after --)"),
+        name: str | None = typer.Option(None, "--name"),
+        cpus: str | None = typer.Option(None, "--cpus", help="CPU limit, e.g. 0.5 or 500m"),
+        memory: str | None = typer.Option(None, "--memory", "-m", help="e.g. 512M"),
+        pids_limit: int | None = typer.Option(None, "--pids-limit"),
+        env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE"),
+        volume: list[str] = typer.Option([], "--volume", "-v", help="/dst or /src:/dst[:ro]"),
+        disk_quota: list[str] = typer.Option(
+            [], "--disk-quota", help="SIZE[,inodes=N] | /vol=SIZE | .*=SIZE"
+        ),
+        network: str = typer.Option("none", "--network", help="none | host | bridge"),
+        publish: list[str] = typer.Option([], "--publish", "-p", help="HOST:CONTAINER"),
+        runtime: str | None = typer.Option(None, "--runtime", help="runc | crun"),
+        lxcfs: bool | None = typer.Option(None, "--lxcfs/--no-lxcfs"),
+        rich: bool = typer.Option(False, "--rich", help="Tidal's init as PID 1"),
+        rich_mode: str = typer.Option("init", "--rich-mode", help="init | systemd"),
+        service: list[str] = typer.Option([], "--service", help="NAME[:POLICY]=COMMAND"),
+        initscript: str | None = typer.Option(None, "--initscript"),
+        restart: str = typer.Option("no", "--restart", help="rich mode: no|on-failure|always"),
+        hook_prestart: list[str] = typer.Option([], "--hook-prestart"),
+        hook_poststop: list[str] = typer.Option([], "--hook-poststop"),
+        hostname: str | None = typer.Option(None, "--hostname"),
+        workdir: str = typer.Option("/", "--workdir", "-w"),
+        detach: bool = typer.Option(False, "--detach", "-d"),
+        rm: bool = typer.Option(False, "--rm", help="remove after it exits (foreground only)"),
+    ) -> None:
+        """Run a container; in the foreground, stream its output and exit with its status."""
+        settings = load_settings()
+        volumes = tuple(parse_volume(v) for v in volume)
+        targets = [v.target for v in volumes]
+        quotas = tuple(
+            q
+            for text in disk_quota
+            for q in parse_disk_quota(text, targets, settings.bytes_per_inode)
+        )
+        spec = ContainerSpec(
+            image=image,
+            command=_argv(command),
+            name=name,
+            env=parse_env(env),
+            workdir=workdir,
+            hostname=hostname,
+            cpus=parse_cpus_opt(cpus),
+            memory_bytes=parse_memory(memory),
+            pids_limit=pids_limit,
+            volumes=volumes,
+            disk_quotas=quotas,
+            network=network,
+            ports=tuple(parse_port(p) for p in publish),
+            runtime=runtime,
+            lxcfs=lxcfs,
+            rich=rich,
+            rich_mode=rich_mode,
+            services=tuple(parse_service(s) for s in service),
+            initscript=initscript,
+            restart=restart,
+            prestart_hooks=tuple(parse_hook(h) for h in hook_prestart),
+            poststop_hooks=tuple(parse_hook(h) for h in hook_poststop),
+        )
+        with _client() as client:
+            rec = client.run(spec)
+            if detach:
+                out.print(rec.id)
+                return
+            for data in client.follow_logs(rec.id):
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            rec = client.wait(rec.id)
+            if rm:
+                client.remove(rec.id, force=True)
+        if rec.exit_code is None:
+            err.print(f"container {rec.name}: {rec.error or 'exit status unknown'}")
+            raise typer.Exit(125)
+        raise typer.Exit(rec.exit_code)
+
+    @app.command()
+    def ps(
+        all_: bool = typer.Option(False, "--all", "-a", help="also exited containers"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """List containers."""
+        with _client() as client:
+            recs = [r for r in client.list_all() if all_ or r.status == "running"]
+        if as_json:
+            out.print_json(json.dumps([r.to_json() for r in recs]))
+            return
+        lines = [f"{'ID':<12}  {'NAME':<20}  {'IMAGE':<30}  {'RUNTIME':<7}  {'IP':<12}  STATUS"]
+        for r in recs:
+            lines.append(
+                f"{r.id[:12]:<12}  {r.name[:20]:<20}  {r.spec.image[-30:]:<30}  "
+                f"{r.runtime:<7}  {(r.ip or '-'):<12}  {_status_text(r)}"
+            )
+        sys.stdout.write("\n".join(lines) + "\n")
+
+    @app.command()
+    def logs(
+        container: str,
+        follow: bool = typer.Option(False, "--follow", "-f"),
+    ) -> None:
+        """Print a container's output (stdout and stderr, as written)."""
+        with _client() as client:
+            if follow:
+                for data in client.follow_logs(container):
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+                return
+            offset = 0
+            while True:
+                data, offset, _ = client.logs(container, offset)
+                if not data:
+                    break
+                sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+    @app.command("exec", context_settings={"allow_interspersed_args": False})
+    def exec_(
+        container: str,
+        command: list[str] = typer.Argument(..., help="command (after --)"),
+        env: list[str] = typer.Option([], "--env", "-e"),
+    ) -> None:
+        """Run a command in a running container; exits with its status."""
+        stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
+        with _client() as client:
+            res = client.exec(container, list(_argv(command)), env=env, stdin=stdin)
+        sys.stdout.buffer.write(res.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(res.stderr)
+        sys.stderr.buffer.flush()
+        raise typer.Exit(res.exit_code)
+
+    @app.command()
+    def stop(
+        containers: list[str],
+        timeout: float | None = typer.Option(None, "--timeout", "-t", help="seconds to SIGKILL"),
+    ) -> None:
+        """Stop containers: SIGTERM, then SIGKILL after the timeout."""
+        with _client() as client:
+            for c in containers:
+                rec = client.stop(c, timeout)
+                out.print(f"{rec.name}: {_status_text(rec)}", markup=False)
+
+    @app.command()
+    def rm(
+        containers: list[str],
+        force: bool = typer.Option(False, "--force", "-f", help="stop running ones first"),
+    ) -> None:
+        """Remove containers and everything they hold on the host."""
+        with _client() as client:
+            for c in containers:
+                client.remove(c, force=force)
+                out.print(c)
+
+    @app.command()
+    def inspect(container: str) -> None:
+        """Everything the engine knows about a container, as JSON."""
+        with _client() as client:
+            out.print_json(json.dumps(client.inspect(container)))
+
+    @app.command(context_settings={"allow_interspersed_args": False})
+    def upgrade(
+        container: str,
+        image: str,
+        command: list[str] = typer.Argument(None, help="new command (after --)"),
+    ) -> None:
+        """Swap a container's image in place (same id, name, volumes, IP, quota, limits)."""
+        with _client() as client:
+            rec = client.upgrade(container, image, _argv(command) or None)
+        out.print(f"{rec.name}: now on {rec.spec.image}, {_status_text(rec)}", markup=False)
+
+    @app.command()
+    def update(
+        container: str,
+        cpus: str | None = typer.Option(None, "--cpus"),
+        memory: str | None = typer.Option(None, "--memory", "-m"),
+        pids_limit: int | None = typer.Option(None, "--pids-limit"),
+    ) -> None:
+        """Change CPU, memory or pids limits of a container in place."""
+        with _client() as client:
+            rec = client.update(
+                container,
+                cpus=parse_cpus_opt(cpus),
+                memory_bytes=parse_memory(memory),
+                pids_limit=pids_limit,
+            )
+        out.print(
+            f"{rec.name}: cpus={rec.spec.cpus} memory={rec.spec.memory_bytes} "
+            f"pids={rec.spec.pids_limit}",
+            markup=False,
+        )
+
+    @app.command()
+    def daemon() -> None:
+        """Serve the engine API on its unix socket (foreground; SIGTERM/SIGINT stop it)."""
+        from tidal.engine.daemon import Daemon
+
+        logging.getLogger("tidal").setLevel(logging.INFO)
+        d = Daemon()
+        signal.signal(signal.SIGTERM, lambda *_: d.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: d.request_stop())
+        err.print(
+            f"tidal engine daemon: pid {__import__('os').getpid()}, socket {d.socket_path}, "
+            f"started {datetime.datetime.now().isoformat(timespec='seconds')}"
+        )
+        t0 = time.monotonic()
+        d.serve_forever()
+        err.print(f"tidal engine daemon stopped after {time.monotonic() - t0:.0f}s")

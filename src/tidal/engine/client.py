@@ -1,0 +1,159 @@
+"""Client of the engine daemon's unix-socket API (used by the CLI, tests and benchmarks).
+
+Errors come back as ``{"error": {"type", "message"}}`` and are re-raised as the same
+:mod:`tidal.errors` class, so ``tidal rm web`` prints the daemon's message as if local.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tidal import errors
+from tidal.engine.runtime import ExecResult
+from tidal.engine.spec import ContainerSpec
+from tidal.engine.store import ContainerRecord
+from tidal.errors import DaemonUnavailableError, EngineError, TidalError
+
+LONG_TIMEOUT_S = 600.0
+"""Starts, stops and upgrades may take long (image mounts, stop timeouts)."""
+
+
+def _error_class(name: str) -> type[TidalError]:
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, TidalError):
+        return cls
+    return EngineError
+
+
+class EngineClient:
+    """Talks HTTP to ``tidal daemon`` over its unix socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket_path)),
+            base_url="http://tidal/v1",
+            timeout=LONG_TIMEOUT_S,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
+            raise DaemonUnavailableError(
+                f"the engine daemon is not reachable at {self.socket_path} ({exc}); "
+                "start it with 'tidal daemon'"
+            ) from exc
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+                raise _error_class(err["type"])(err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise EngineError(
+                    f"daemon answered {resp.status_code}: {resp.text[:300]}"
+                ) from None
+        return resp
+
+    def ping(self) -> dict[str, Any]:
+        data: dict[str, Any] = self._request("GET", "/ping").json()
+        return data
+
+    def run(self, spec: ContainerSpec, *, start: bool = True) -> ContainerRecord:
+        resp = self._request("POST", "/containers", json={"spec": spec.to_json(), "start": start})
+        return ContainerRecord.from_json(resp.json())
+
+    def list_all(self) -> list[ContainerRecord]:
+        return [ContainerRecord.from_json(d) for d in self._request("GET", "/containers").json()]
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        data: dict[str, Any] = self._request("GET", f"/containers/{ref}").json()
+        return data
+
+    def get(self, ref: str) -> ContainerRecord:
+        d = self.inspect(ref)
+        keys = ContainerRecord.__dataclass_fields__.keys()
+        return ContainerRecord.from_json({k: v for k, v in d.items() if k in keys})
+
+    def _post(self, ref: str, action: str, body: dict[str, Any] | None = None) -> ContainerRecord:
+        resp = self._request("POST", f"/containers/{ref}/{action}", json=body or {})
+        return ContainerRecord.from_json(resp.json())
+
+    def start(self, ref: str) -> ContainerRecord:
+        return self._post(ref, "start")
+
+    def stop(self, ref: str, timeout_s: float | None = None) -> ContainerRecord:
+        return self._post(ref, "stop", {"timeout_s": timeout_s})
+
+    def kill(self, ref: str, signal: str = "KILL") -> ContainerRecord:
+        return self._post(ref, "kill", {"signal": signal})
+
+    def wait(self, ref: str, timeout_s: float | None = None) -> ContainerRecord:
+        return self._post(ref, "wait", {"timeout_s": timeout_s})
+
+    def remove(self, ref: str, *, force: bool = False) -> None:
+        self._request("DELETE", f"/containers/{ref}", params={"force": "1" if force else "0"})
+
+    def update(
+        self,
+        ref: str,
+        *,
+        cpus: float | None = None,
+        memory_bytes: int | None = None,
+        pids_limit: int | None = None,
+    ) -> ContainerRecord:
+        body = {"cpus": cpus, "memory_bytes": memory_bytes, "pids_limit": pids_limit}
+        return self._post(ref, "update", body)
+
+    def upgrade(
+        self, ref: str, image: str, command: tuple[str, ...] | None = None
+    ) -> ContainerRecord:
+        return self._post(ref, "upgrade", {"image": image, "command": list(command or ())})
+
+    def exec(
+        self, ref: str, argv: list[str], *, env: list[str] | None = None, stdin: bytes = b""
+    ) -> ExecResult:
+        body = {"argv": argv, "env": env or [], "stdin_b64": base64.b64encode(stdin).decode()}
+        d = self._request("POST", f"/containers/{ref}/exec", json=body).json()
+        return ExecResult(
+            int(d["exit_code"]),
+            base64.b64decode(d["stdout_b64"]),
+            base64.b64decode(d["stderr_b64"]),
+        )
+
+    def logs(self, ref: str, offset: int = 0) -> tuple[bytes, int, bool]:
+        resp = self._request("GET", f"/containers/{ref}/logs", params={"offset": offset})
+        return (
+            resp.content,
+            int(resp.headers["X-Tidal-Next-Offset"]),
+            resp.headers.get("X-Tidal-Running") == "1",
+        )
+
+    def follow_logs(self, ref: str, *, poll_s: float = 0.05) -> Iterator[bytes]:
+        """Yield log data until the container has exited and everything was read."""
+        offset = 0
+        while True:
+            data, offset, running = self.logs(ref, offset)
+            if data:
+                yield data
+                continue
+            if not running:
+                data, offset, _ = self.logs(ref, offset)
+                if data:
+                    yield data
+                return
+            time.sleep(poll_s)
