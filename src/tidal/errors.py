@@ -22,6 +22,7 @@ Tree (parts add their specific classes below their base, in this file)::
     │   │   └── ManifestNotFoundError  no manifest under this tag or digest
     │   ├── BlobRangeError           a byte range outside the blob
     │   ├── BlobIntegrityError       bytes that fail their digest or the caller's chunk check
+    │   ├── BlobUnavailableError (retryable)  no source (peer, registry) can serve it now
     │   ├── RegistryError
     │   │   ├── RegistryAuthError
     │   │   ├── RegistryUnavailableError (retryable)
@@ -46,7 +47,10 @@ Tree (parts add their specific classes below their base, in this file)::
     │   └── PlacementError
     └── QosError                     tidal.qos
         ├── RuleError                invalid or unloadable rules file
-        └── CgroupError
+        ├── CgroupError
+        │   └── CgroupNotFoundError  no such cgroup or knob (also a FileNotFoundError)
+        ├── AdjustmentError          a change failed to apply or verify (it was rolled back)
+        └── ExperimentError          the co-location experiment could not run
 """
 
 from __future__ import annotations
@@ -131,6 +135,10 @@ class BlobRangeError(BlobError, ValueError):
 
 class BlobIntegrityError(BlobError):
     """Bytes that do not match their blob digest or fail the caller's chunk check."""
+
+
+class BlobUnavailableError(BlobError, RetryableError):
+    """No source in a chain (peers, registry) could serve the blob right now."""
 
 
 class RegistryServerError(RegistryError):
@@ -230,3 +238,15 @@ class RuleError(QosError, ConfigError):
 
 class CgroupError(QosError):
     """Reading or writing a cgroup file failed."""
+
+
+class CgroupNotFoundError(CgroupError, NotFoundError):
+    """The cgroup directory or one of its knob files does not exist."""
+
+
+class AdjustmentError(QosError):
+    """A cgroup change did not apply or read back as written; it was rolled back."""
+
+
+class ExperimentError(QosError):
+    """The co-location experiment could not set up or run its workloads."""

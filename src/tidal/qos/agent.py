@@ -1,0 +1,274 @@
+"""The node QoS agent: collector -> aggregator -> command center -> executor, every interval.
+
+:meth:`Agent.step` is one round and is what tests call; :meth:`Agent.start` runs rounds in a
+thread, serves the HTTP API and spawns the watchdog; :meth:`Agent.stop` restores every cgroup
+(or, with ``handover=True``, leaves them for the next agent to re-adopt).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tidal.errors import QosError, RuleError
+from tidal.qos.aggregator import Aggregator, SlidingWindow
+from tidal.qos.cgroupfs import CgroupFs, detect_cgroupfs
+from tidal.qos.collector import Collector, Frame, Health, NodeProbe, NodeSource, judge_health
+from tidal.qos.command_center import CommandCenter, Decision
+from tidal.qos.executor import Executor
+from tidal.qos.metrics import QosMetrics
+from tidal.qos.rules import RuleSet, RulesFile
+from tidal.qos.settings import QosSettings
+from tidal.qos.snapshot import ContainerView, Event, Snapshot
+from tidal.qos.watchdog import spawn_watchdog, stop_watchdog
+
+log = logging.getLogger(__name__)
+SLO_ATTAINMENT_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    app: str
+    p95_ms: float
+    t: float
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: QosSettings,
+        *,
+        fs: CgroupFs | None = None,
+        node_probe: NodeSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rules: RulesFile | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fs = fs or detect_cgroupfs(settings.cgroup_root)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        state_dir = settings.resolved_state_dir()
+        self.metrics = QosMetrics()
+        self.rules = rules or RulesFile(settings.resolved_rules_file(), on_error=self._rules_error)
+        if self.rules.on_error is None:
+            self.rules.on_error = self._rules_error
+        self.collector = Collector(
+            self.fs, node_probe or NodeProbe(disk_probe_dir=state_dir), clock=clock
+        )
+        self.aggregator = Aggregator()
+        self.executor = Executor(self.fs, state_dir)
+        self.center = CommandCenter(self.executor, on_event=self._on_event)
+        self._latency: dict[str, LatencyReport] = {}
+        self._slo_ok: dict[str, SlidingWindow] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watchdog: Any = None
+        self._api: Any = None
+        self.rounds = 0
+        self.last_error: str | None = None
+
+    # --- events and signals ---------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        self.metrics.events.labels(event.kind).inc()
+
+    def _rules_error(self, exc: RuleError) -> None:
+        self.center.emit(
+            Event(
+                "rules",
+                f"rules reload rejected, keeping the previous rules: {exc}",
+                str(self.rules.path),
+            )
+        )
+
+    def report_latency(self, app: str, p95_ms: float) -> None:
+        """Ingest an application latency signal (pushed by the service, a probe or a scraper)."""
+        if not p95_ms >= 0:
+            raise QosError(
+                f"latency report for {app!r}: p95_ms must be a non-negative number, got {p95_ms!r}"
+            )
+        now = self.clock()
+        with self._lock:
+            self._latency[app] = LatencyReport(app, float(p95_ms), now)
+            self.aggregator.add(f"latency:{app}", now, float(p95_ms))
+        self.metrics.latency.labels(app).set(p95_ms)
+
+    def _fresh_latency(self, now: float, max_age_s: float) -> dict[str, float]:
+        return {a: r.p95_ms for a, r in self._latency.items() if now - r.t <= max_age_s}
+
+    # --- one round ------------------------------------------------------------------------------
+
+    def _snapshot(self, frame: Frame, rules: RuleSet) -> Snapshot:
+        views = []
+        for c in rules.containers:
+            m = frame.containers.get(c.cgroup)
+            if m is None:
+                continue
+            baseline = self.executor.baseline(c.cgroup).cpu
+            if c.spec_cpus is not None:
+                baseline = baseline.from_cores(
+                    c.spec_cpus,
+                    period_us=baseline.period_us,
+                    shares=baseline.shares,
+                    burst_us=baseline.burst_us,
+                    idle=baseline.idle,
+                )
+            prof = self.aggregator.profile(c.cgroup, frame.t)
+            w1 = prof.windows.get("1m") if prof else None
+            views.append(
+                ContainerView(
+                    cgroup=c.cgroup,
+                    labels=c.labels,
+                    priority=rules.priority_of(c.labels),
+                    app=c.labels.get("app"),
+                    metrics=m,
+                    baseline=baseline,
+                    cpu_ewma=prof.ewma if prof else None,
+                    cpu_p95_1m=w1.p95 if w1 else None,
+                )
+            )
+        return Snapshot(
+            t=frame.t,
+            node=frame.node,
+            containers=tuple(views),
+            slo=rules.slo,
+            latency_p95_ms=self._fresh_latency(frame.t, rules.guards.latency_max_age_s),
+        )
+
+    def observe(self) -> tuple[Snapshot, RuleSet, Health]:
+        """Collect and aggregate, without acting."""
+        if self.rules.poll():
+            self.center.emit(Event("rules", "rules reloaded", str(self.rules.path)))
+        rules = self.rules.current
+        cgroups = [c.cgroup for c in rules.containers]
+        frame = self.collector.collect(cgroups)
+        self.metrics.observe_frame(frame)
+        cpu = {cg: m.cpu_cores for cg, m in frame.containers.items() if m.cpu_cores is not None}
+        apps = {c.cgroup: c.labels.get("app", "") for c in rules.containers}
+        self.aggregator.ingest(frame.t, cpu, apps)
+        with self._lock:
+            snapshot = self._snapshot(frame, rules)
+        health = judge_health(frame.node, self.clock(), self.settings.stale_after_s)
+        if frame.errors:
+            missing = "; ".join(f"{cg}: {e}" for cg, e in frame.errors.items())
+            log.info("qos: skipped cgroups: %s", missing)
+        return snapshot, rules, health
+
+    def step(self) -> Decision:
+        snapshot, rules, health = self.observe()
+        self.metrics.healthy.set(1 if health.ok else 0)
+        before = len(self.executor.history)
+        decision = self.center.round(snapshot, rules, health)
+        for adj in list(self.executor.history)[before:]:
+            self.metrics.adjustments.labels(adj.cgroup, "ok" if adj.ok else "rolled_back").inc()
+        self._track_slo(snapshot)
+        self.rounds += 1
+        return decision
+
+    def dry_run(self) -> Decision:
+        """What the next round would do, without doing it."""
+        snapshot, rules, health = self.observe()
+        return self.center.decide(snapshot, rules, health)
+
+    def _track_slo(self, snapshot: Snapshot) -> None:
+        slo = snapshot.slo.p95_latency_ms
+        if slo is None:
+            return
+        for app, p95 in snapshot.latency_p95_ms.items():
+            w = self._slo_ok.setdefault(app, SlidingWindow(SLO_ATTAINMENT_WINDOW_S))
+            w.add(snapshot.t, 1.0 if p95 <= slo else 0.0)
+            stats = w.stats(snapshot.t)
+            if stats:
+                self.metrics.attainment.labels(app).set(stats.mean)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def recover(self, mode: str = "restore") -> None:
+        """Deal with a journal left by a previous agent: ``restore`` it or ``adopt`` it."""
+        if not self.executor.journal.entries:
+            return
+        if mode == "adopt":
+            adopted, dropped = self.executor.adopt()
+            self.center.emit(
+                Event("adopt", f"re-adopted {adopted}, dropped overwritten {dropped}", "journal")
+            )
+        else:
+            problems = self.executor.restore_all()
+            self.center.emit(
+                Event(
+                    "restore",
+                    f"restored values left by a previous agent; problems: {problems or 'none'}",
+                    "journal",
+                )
+            )
+
+    def start(self, *, serve_api: bool = True, recover: str = "restore") -> None:
+        self.recover(recover)
+        self.executor.journal.save("running")
+        if self.settings.watchdog:
+            self._watchdog = spawn_watchdog(self.settings.resolved_state_dir(), self.fs)
+        if serve_api:
+            from tidal.qos.api import ApiServer
+
+            self._api = ApiServer(self, self.settings.api_host, self.settings.api_port)
+            self._api.start()
+        self._thread = threading.Thread(target=self._loop, name="qos-agent", daemon=True)
+        self._thread.start()
+
+    @property
+    def api_address(self) -> tuple[str, int] | None:
+        return self._api.address if self._api else None
+
+    def _loop(self) -> None:
+        next_t = self.clock()
+        while not self._stop.is_set():
+            try:
+                self.step()
+                self.last_error = None
+            except Exception as exc:  # one bad round must not kill the agent
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("qos: round failed")
+            next_t += self.settings.interval_s
+            self._stop.wait(max(0.0, next_t - self.clock()))
+
+    def stop(self, *, handover: bool = False) -> list[str]:
+        """Stop the loop and API; restore every cgroup unless handing over to a successor."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        if self._api:
+            self._api.stop()
+        problems: list[str] = []
+        if handover:
+            self.executor.journal.save("handover")
+        else:
+            problems = self.executor.restore_all()
+            if not self.executor.journal.entries:
+                self.executor.journal.delete()
+        if self._watchdog is not None:
+            stop_watchdog(self._watchdog)
+        return problems
+
+    def status(self) -> dict[str, Any]:
+        d = self.center.last_decision
+        return {
+            "rounds": self.rounds,
+            "cgroup_version": self.fs.version,
+            "healthy": d.health.ok if d else None,
+            "health_reasons": list(d.health.reasons) if d else [],
+            "rules_file": str(self.rules.path),
+            "rules_error": self.rules.last_error,
+            "policy": getattr(self.rules.current.policy, "name", None),
+            "latency_p95_ms": {a: r.p95_ms for a, r in self._latency.items()},
+            "journal": sorted(self.executor.journal.entries),
+            "adjustments": dict(self.executor.counts),
+            "last_error": self.last_error,
+            "state_dir": str(Path(self.executor.journal.path).parent),
+        }

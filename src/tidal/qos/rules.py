@@ -1,0 +1,278 @@
+"""The rules file: which cgroups are online/offline, the SLO, the policy and extra rules.
+
+YAML, validated into frozen values with errors that name the file, the field and the fix;
+hot-reloaded when its mtime changes (a bad edit keeps the last good rules and raises an event
+instead of stopping the agent). Rule and policy types are plug-ins: any entry point in the group
+``tidal.qos.rules`` whose object has ``from_params(params, where) -> Rule``.
+
+Example::
+
+    version: 1
+    containers:
+      - cgroup: shop/web
+        labels: {app: web, priority: online}
+        spec: {cpus: 1.0}              # optional declared quota (the value drift is measured from)
+      - cgroup: batch/etl
+        labels: {app: etl, priority: offline}
+    classes:                            # label selectors
+      online: {priority: online}
+      offline: {priority: offline}
+    slo: {app: web, p95_latency_ms: 250}
+    policy: {type: slo_feedback, step_cores: 0.25, floor_cores: 0.2}
+    rules:
+      - {type: cpu_spike, threshold: 0.9}
+      - {type: memory_guard}
+    guards: {drift_limit_s: 600, scale_out_after_s: 60}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from tidal.errors import RuleError
+from tidal.qos.snapshot import Advice, Priority, Slo, Snapshot
+from tidal.units import parse_cpus
+
+ENTRY_POINT_GROUP = "tidal.qos.rules"
+DEFAULT_DRIFT_LIMIT_S = 600.0
+"""Ten minutes away from the declared spec is a sizing problem, not a blip: tell the VPA."""
+DEFAULT_SCALE_OUT_AFTER_S = 30.0
+"""How long the SLO may stay broken with nothing left to squeeze before asking for more nodes."""
+DEFAULT_LATENCY_MAX_AGE_S = 5.0
+
+
+class Rule(Protocol):
+    name: str
+
+    def evaluate(self, snapshot: Snapshot) -> list[Advice]: ...
+
+
+class RuleFactory(Protocol):
+    def from_params(self, params: dict[str, Any], where: str) -> Rule: ...
+
+
+@dataclass(frozen=True)
+class ContainerRule:
+    cgroup: str
+    labels: dict[str, str]
+    spec_cpus: float | None = None
+
+
+@dataclass(frozen=True)
+class Guards:
+    drift_limit_s: float = DEFAULT_DRIFT_LIMIT_S
+    scale_out_after_s: float = DEFAULT_SCALE_OUT_AFTER_S
+    latency_max_age_s: float = DEFAULT_LATENCY_MAX_AGE_S
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    containers: tuple[ContainerRule, ...]
+    classes: dict[str, dict[str, str]]
+    slo: Slo
+    policy: Rule | None
+    rules: tuple[Rule, ...]
+    guards: Guards
+    source: str = "<memory>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def priority_of(self, labels: Mapping[str, str]) -> Priority | None:
+        for name in ("online", "offline"):
+            selector = self.classes.get(name)
+            if selector and all(labels.get(k) == v for k, v in selector.items()):
+                return name  # type: ignore[return-value]
+        return None
+
+    def all_rules(self) -> list[Rule]:
+        """Policy first, then the filters: later advice refines earlier advice."""
+        return ([self.policy] if self.policy else []) + list(self.rules)
+
+
+def available_rule_types() -> dict[str, RuleFactory]:
+    """Every registered rule/policy type, by name (built-ins come from this package's entry points)."""
+    found: dict[str, RuleFactory] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.load()
+    return found
+
+
+def _expect(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise RuleError(f"{where}: {message}")
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    _expect(isinstance(value, dict), where, f"expected a mapping of label: value, got {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _build_rule(item: Any, where: str, types: Mapping[str, RuleFactory]) -> Rule:
+    _expect(
+        isinstance(item, dict) and "type" in item, where, "expected a mapping with a 'type' key"
+    )
+    params = dict(item)
+    name = str(params.pop("type"))
+    if name not in types:
+        raise RuleError(
+            f"{where}: unknown rule type {name!r}; known: {sorted(types)} "
+            f"(plug-ins register in the entry point group {ENTRY_POINT_GROUP!r})"
+        )
+    try:
+        return types[name].from_params(params, f"{where} ({name})")
+    except RuleError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise RuleError(f"{where} ({name}): {exc}") from exc
+
+
+def parse_rules(
+    doc: Any, source: str = "<memory>", types: Mapping[str, RuleFactory] | None = None
+) -> RuleSet:
+    """Validate a decoded YAML document into a :class:`RuleSet`."""
+    types = available_rule_types() if types is None else types
+    _expect(isinstance(doc, dict), source, "the rules file must be a YAML mapping")
+    known = {"version", "containers", "classes", "slo", "policy", "rules", "guards"}
+    unknown = set(doc) - known
+    _expect(not unknown, source, f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    _expect(
+        doc.get("version", 1) == 1, source, f"unsupported version {doc.get('version')!r}; use 1"
+    )
+
+    containers: list[ContainerRule] = []
+    raw_containers = doc.get("containers") or []
+    _expect(isinstance(raw_containers, list), f"{source}: containers", "expected a list")
+    seen: set[str] = set()
+    for i, c in enumerate(raw_containers):
+        where = f"{source}: containers[{i}]"
+        _expect(isinstance(c, dict) and bool(c.get("cgroup")), where, "needs a 'cgroup' path")
+        cg = str(c["cgroup"]).strip("/")
+        _expect(".." not in cg.split("/"), where, f"cgroup path {cg!r} must not contain '..'")
+        _expect(cg not in seen, where, f"cgroup {cg!r} listed twice")
+        seen.add(cg)
+        spec = c.get("spec") or {}
+        _expect(isinstance(spec, dict), f"{where}.spec", "expected a mapping such as {cpus: 1.5}")
+        cpus = None
+        if spec.get("cpus") is not None:
+            try:
+                cpus = parse_cpus(spec["cpus"])
+            except ValueError as exc:
+                raise RuleError(f"{where}.spec.cpus: {exc}") from exc
+        containers.append(
+            ContainerRule(cg, _str_map(c.get("labels") or {}, f"{where}.labels"), cpus)
+        )
+
+    classes_raw = doc.get("classes") or {
+        "online": {"priority": "online"},
+        "offline": {"priority": "offline"},
+    }
+    _expect(
+        isinstance(classes_raw, dict), f"{source}: classes", "expected online/offline selectors"
+    )
+    bad = set(classes_raw) - {"online", "offline"}
+    _expect(not bad, f"{source}: classes", f"only 'online' and 'offline' exist, not {sorted(bad)}")
+    classes = {k: _str_map(v, f"{source}: classes.{k}") for k, v in classes_raw.items()}
+
+    slo_raw = doc.get("slo") or {}
+    _expect(isinstance(slo_raw, dict), f"{source}: slo", "expected a mapping")
+    bad = set(slo_raw) - {"app", "p95_latency_ms", "cpu_usage_ceiling"}
+    _expect(not bad, f"{source}: slo", f"unknown key(s) {sorted(bad)}")
+    p95 = slo_raw.get("p95_latency_ms")
+    ceiling = slo_raw.get("cpu_usage_ceiling")
+    _expect(
+        p95 is None or (isinstance(p95, (int, float)) and p95 > 0),
+        f"{source}: slo.p95_latency_ms",
+        "must be a positive number of milliseconds",
+    )
+    _expect(
+        ceiling is None or (isinstance(ceiling, (int, float)) and 0 < ceiling <= 1),
+        f"{source}: slo.cpu_usage_ceiling",
+        "must be a fraction in (0, 1]",
+    )
+    slo = Slo(
+        app=str(slo_raw["app"]) if slo_raw.get("app") is not None else None,
+        p95_latency_ms=float(p95) if p95 is not None else None,
+        cpu_usage_ceiling=float(ceiling) if ceiling is not None else None,
+    )
+
+    policy = None
+    if doc.get("policy") is not None:
+        policy = _build_rule(doc["policy"], f"{source}: policy", types)
+    rules_raw = doc.get("rules") or []
+    _expect(
+        isinstance(rules_raw, list), f"{source}: rules", "expected a list of {type: ...} mappings"
+    )
+    rules = tuple(_build_rule(r, f"{source}: rules[{i}]", types) for i, r in enumerate(rules_raw))
+
+    guards_raw = doc.get("guards") or {}
+    _expect(isinstance(guards_raw, dict), f"{source}: guards", "expected a mapping")
+    try:
+        guards = Guards(**{k: float(v) for k, v in guards_raw.items()})
+    except TypeError as exc:
+        raise RuleError(
+            f"{source}: guards: {exc}; known: drift_limit_s, scale_out_after_s, latency_max_age_s"
+        ) from None
+    return RuleSet(tuple(containers), classes, slo, policy, rules, guards, source, dict(doc))
+
+
+def load_rules(path: Path, types: Mapping[str, RuleFactory] | None = None) -> RuleSet:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RuleError(
+            f"rules file {path} does not exist; write one (see `tidal qos rules --example`)"
+        ) from None
+    except OSError as exc:
+        raise RuleError(f"cannot read rules file {path}: {exc.strerror or exc}") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RuleError(f"rules file {path} is not valid YAML: {exc}") from exc
+    return parse_rules(doc, str(path), types)
+
+
+class RulesFile:
+    """The current rules, reloaded when the file changes; a bad edit keeps the last good ones."""
+
+    def __init__(
+        self,
+        path: Path,
+        types: Mapping[str, RuleFactory] | None = None,
+        on_error: Callable[[RuleError], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.types = types
+        self.on_error = on_error
+        self._stamp: tuple[int, int] | None = None
+        self.current: RuleSet = load_rules(path, types)
+        self._stamp = self._stat()
+        self.last_error: str | None = None
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def poll(self) -> bool:
+        """Reload if the file changed; True when new rules took effect."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.current = load_rules(self.path, self.types)
+        except RuleError as exc:
+            self.last_error = str(exc)
+            if self.on_error:
+                self.on_error(exc)
+            return False
+        self.last_error = None
+        return True
