@@ -357,3 +357,27 @@ def test_layers_are_gzip_sized_sanity(source: Source) -> None:
         gzip.decompress(blob.read_bytes())[:512]
         and sha(blob.read_bytes()) == source.info["layers"][0]["digest"]
     )
+
+
+def test_cleanup_stale_tears_down_dead_mounts_and_orphan_loops(
+    converted: Path, tmp_path: Path
+) -> None:
+    alive = mounts.mount_image(converted, tmp_path / "alive")
+    dead = mounts.mount_image(converted, tmp_path / "dead")
+    os.kill(dead.server_pid, signal.SIGKILL)
+    # an orphan: a loop device on a file under the mounts directory that no record owns
+    orphan_file = mounts.state_dir() / "orphan" / "disk"
+    orphan_file.parent.mkdir(parents=True)
+    orphan_file.write_bytes(bytes(1 << 20))
+    orphan = subprocess.run(
+        ["losetup", "--find", "--show", str(orphan_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    time.sleep(0.2)
+    cleaned = mounts.cleanup_stale()
+    assert sorted(cleaned) == sorted([dead.target, orphan])
+    assert mounts.list_mounts() == [alive]
+    assert (tmp_path / "alive" / "etc" / "hosts").exists()
+    mounts.unmount(tmp_path / "alive")

@@ -273,20 +273,30 @@ def _log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
-def _sweep_orphans() -> None:
+def _sweep_orphans() -> list[str]:
     """Detach loop devices left by a process that died between attach and record."""
     d = state_dir()
     if not d.is_dir():
-        return
-    owned = {m.loop_device for m in list_mounts() if m.loop_device}
-    owned_files = {m.disk_file for m in list_mounts()}
-    for dev in loop.list_devices():
-        if dev.backing_file.startswith(str(d) + "/") and dev.device not in owned:
-            if dev.backing_file in owned_files:
-                continue  # a mount in progress: recorded, loop not yet written down
-            with contextlib.suppress(MountError):
-                loop.detach(dev.device)
-                log.warning("detached orphan loop device %s (%s)", dev.device, dev.backing_file)
+        return []
+    recorded = list_mounts()
+    owned_files = {m.disk_file for m in recorded}
+    keep = {m.loop_device for m in recorded if m.loop_device}
+    # a mount in progress is recorded before its loop device is written down
+    keep |= {dev.device for dev in loop.list_devices() if dev.backing_file in owned_files}
+    return loop.detach_orphans(d, keep)
+
+
+def cleanup_stale() -> list[str]:
+    """Tear down every recorded mount whose server died; detach orphan loop devices.
+
+    Returns what was cleaned (targets and devices). Safe to run at any time, e.g. at boot.
+    """
+    cleaned = []
+    for info in list_mounts():
+        if not server_alive(info):
+            _teardown(info, force=True)
+            cleaned.append(info.target)
+    return cleaned + _sweep_orphans()
 
 
 # --- unmount -------------------------------------------------------------------------------

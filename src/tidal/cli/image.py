@@ -181,6 +181,13 @@ def list_mounts(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command()
+def gc() -> None:
+    """Clean up mounts whose FUSE server died and loop devices no mount owns."""
+    cleaned = mounts.cleanup_stale()
+    out.print(f"cleaned {len(cleaned)}: {', '.join(cleaned)}" if cleaned else "nothing to clean")
+
+
+@app.command()
 def commit(
     image: Path = typer.Argument(..., help="Image the writable layer was mounted over."),
     writable_dir: Path = typer.Argument(..., help="Writable layer directory (unmounted)."),
