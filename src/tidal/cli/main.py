@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from tidal.cli import demo as demo_cli
 from tidal.cli import engine as engine_cli
 from tidal.cli import image as image_cli
 from tidal.cli import qos as qos_cli
@@ -31,6 +32,7 @@ app.add_typer(image_cli.app, name="image")
 app.add_typer(sched_cli.app, name="sched")
 app.add_typer(qos_cli.app, name="qos")
 engine_cli.register(app)
+app.command(name="demo")(demo_cli.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,35 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.loop
+def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    before = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli.main", "demo", "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "hello from tidal-demo, a Tidal block image" in proc.stdout
+    assert "chunks ok" in proc.stdout
+    assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == before
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+def test_cli_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli.main", "image", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "nope" in proc.stderr
