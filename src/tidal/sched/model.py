@@ -1,0 +1,191 @@
+"""The cluster as the scheduler sees it: frozen values only, no I/O.
+
+Owned nodes are paid for whether used or not and may be filled only up to a utilisation
+ceiling; virtual node pools (serverless capacity behind a virtual kubelet) are paid per pod and
+per use, sell fixed specs whose stock can run out, take a while to create a pod and live in a
+cloud/site that can fail as a whole. Policies are functions of a :class:`ClusterSnapshot`.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tidal.errors import ConfigError
+from tidal.ids import NodeName
+
+
+class NodeKind(enum.StrEnum):
+    """Who pays for the node and how."""
+
+    OWNED = "owned"
+    VIRTUAL = "virtual"
+
+
+@dataclass(frozen=True, order=True)
+class Resources:
+    """A request or a capacity: CPU in millicores, memory in MiB (integers keep sums exact)."""
+
+    cpu_milli: int = 0
+    memory_mib: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cpu_milli < 0 or self.memory_mib < 0:
+            raise ConfigError(f"resources must not be negative: {self}")
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.cpu_milli + other.cpu_milli, self.memory_mib + other.memory_mib)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.cpu_milli - other.cpu_milli, self.memory_mib - other.memory_mib)
+
+    def fits_in(self, other: Resources) -> bool:
+        """True if this request fits into ``other`` on every resource."""
+        return self.cpu_milli <= other.cpu_milli and self.memory_mib <= other.memory_mib
+
+    def scaled(self, factor: float) -> Resources:
+        """Rounded down, so a ceiling never lets through more than it says."""
+        return Resources(math.floor(self.cpu_milli * factor), math.floor(self.memory_mib * factor))
+
+    @classmethod
+    def parse(cls, text: str) -> Resources:
+        """``"2c4g"`` / ``"500m512M"`` style shorthand used by spec names and the CLI."""
+        t = text.strip().lower()
+        try:
+            cpu_part, _, mem_part = t.partition("c")
+            cpu = int(float(cpu_part) * 1000)
+            if mem_part.endswith("g"):
+                mem = int(float(mem_part[:-1]) * 1024)
+            elif mem_part.endswith("m"):
+                mem = int(float(mem_part[:-1]))
+            else:
+                raise ValueError(mem_part)
+        except ValueError:
+            raise ConfigError(
+                f"cannot parse resources {text!r}; use <cpus>c<memory>g, e.g. 2c4g or 0.5c512m"
+            ) from None
+        return cls(cpu, mem)
+
+    def __str__(self) -> str:
+        return f"{self.cpu_milli / 1000:g}c{self.memory_mib / 1024:g}g"
+
+
+@dataclass(frozen=True)
+class OwnedNode:
+    """A machine the operator owns; only ``ceiling`` of its capacity may be requested."""
+
+    name: NodeName
+    capacity: Resources
+    ceiling: float = 0.6
+    labels: Mapping[str, str] = field(default_factory=dict)
+    cordoned: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ceiling <= 1:
+            raise ConfigError(f"node {self.name}: ceiling must be in (0, 1], got {self.ceiling}")
+
+    @property
+    def allocatable(self) -> Resources:
+        """What may be requested on this node: capacity times the utilisation ceiling."""
+        return self.capacity.scaled(self.ceiling)
+
+
+@dataclass(frozen=True, order=True)
+class VirtualSpec:
+    """One instance size a virtual pool sells, with its price relative to owned capacity.
+
+    ``price_per_hour`` is in owned-capacity-hours: 1.0 is what the owned capacity that one pod
+    of this size occupies costs per hour; the write-up's serverless price is 1.5 of that.
+    """
+
+    name: str
+    resources: Resources
+    price_per_hour: float
+
+    @classmethod
+    def of(cls, name: str, price_per_hour: float) -> VirtualSpec:
+        return cls(name, Resources.parse(name), price_per_hour)
+
+
+@dataclass(frozen=True)
+class VirtualPool:
+    """Serverless capacity in one cloud/site, exposed to Kubernetes as one virtual node.
+
+    ``specs`` is the upgrade path, smallest first (2c2g -> 2c4g -> 4c8g ...); ``stock`` says
+    how many pods of each spec can still be bought (missing = unlimited).
+    """
+
+    name: str
+    node_name: NodeName
+    site: str
+    specs: tuple[VirtualSpec, ...]
+    stock: Mapping[str, int] = field(default_factory=dict)
+    creation_latency_s: float = 60.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    cordoned: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            raise ConfigError(f"virtual pool {self.name} declares no specs")
+        sizes = [s.resources for s in self.specs]
+        for small, big in itertools.pairwise(sizes):
+            if not small.fits_in(big):
+                raise ConfigError(
+                    f"virtual pool {self.name}: spec list must grow monotonically "
+                    f"(upgrades never go to a smaller spec); {small} is not within {big}"
+                )
+        unknown = set(self.stock) - {s.name for s in self.specs}
+        if unknown:
+            raise ConfigError(
+                f"virtual pool {self.name}: stock for unknown specs {sorted(unknown)}"
+            )
+
+    def stock_of(self, spec: str) -> int | None:
+        """Remaining pods of ``spec``; None means unlimited."""
+        return self.stock.get(spec)
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A replica of a service, pending (``node`` None) or placed."""
+
+    name: str
+    service: str
+    requests: Resources
+    node: NodeName | None = None
+    spec: str | None = None
+    """The virtual spec bought for it (None on owned nodes)."""
+    created_s: float = 0.0
+    """When the pod was created; scale-in removes the newest first."""
+    pending_since_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Everything a placement decision looks at, frozen at one instant ``now_s``."""
+
+    owned: tuple[OwnedNode, ...]
+    pools: tuple[VirtualPool, ...]
+    pods: tuple[Pod, ...] = ()
+    now_s: float = 0.0
+    failed_sites: frozenset[str] = frozenset()
+
+    def node_kind(self, node: NodeName) -> NodeKind | None:
+        if any(p.node_name == node for p in self.pools):
+            return NodeKind.VIRTUAL
+        if any(n.name == node for n in self.owned):
+            return NodeKind.OWNED
+        return None
+
+    def pool_of(self, node: NodeName) -> VirtualPool | None:
+        for pool in self.pools:
+            if pool.node_name == node:
+                return pool
+        return None
+
+    def usable(self, pool: VirtualPool) -> bool:
+        """A pool takes new pods unless cordoned or its whole site is down."""
+        return not pool.cordoned and pool.site not in self.failed_sites

@@ -1,0 +1,399 @@
+"""Trace-driven simulator: four placement policies over the same demand, compared in one run.
+
+Minutes are the clock. Each service's replica demand is served by owned slots (sized per
+policy, paid every minute) plus virtual pods (paid per minute while they live, ready only
+``creation_latency_s`` after they were requested). Policies:
+
+- ``all-owned``: owned capacity sized for the evaluated peak; nothing virtual.
+- ``naive-overflow``: owned sized at 70 % of that peak; a virtual pod is requested only once a
+  replica is pending on full owned nodes (one minute to notice, then the creation latency), and
+  the HPA has no headroom.
+- ``tidal``: owned sized at the threshold the predictor fitted on the training days (never on
+  the days evaluated); every evaluated day re-fits on the days before it; the replica target is
+  the higher of cron rules (the forecast floor) and an HPA that scales the load it sees by the
+  growth the forecast expects within the creation latency plus the residual headroom learned
+  from history; replicas above the threshold go straight to virtual pools, no pending wait.
+- ``oracle``: knows the evaluated days: hindsight-optimal owned size, virtual pods exactly when
+  needed. The lower bound of the cost under this model.
+
+Virtual pods of all services draw on the pools in declared order; when the requested spec is
+sold out they are upgraded to the next spec (at its price), and when a site is out they go to
+the next site's pool, after a creation latency during which the lost pods count as missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from tidal.errors import ConfigError
+from tidal.ids import NodeName
+from tidal.sched.autoscale import MINUTES_PER_DAY, HpaRule, cron_rules_from_profile
+from tidal.sched.cost import owned_cost, slo_violation_minutes, virtual_cost
+from tidal.sched.model import Resources, VirtualPool, VirtualSpec
+from tidal.sched.predictor import BacktestReport, ThresholdPredictor, optimal_threshold
+from tidal.sched.traces import DemandTrace
+
+IntArray = NDArray[np.int64]
+FloatArray = NDArray[np.float64]
+
+POLICIES = ("all-owned", "naive-overflow", "tidal", "oracle")
+WRITEUP_PRICE_RATIO = 1.5
+
+
+def default_pools(
+    price_ratio: float = WRITEUP_PRICE_RATIO, base_stock: int | None = None
+) -> tuple[VirtualPool, ...]:
+    """Two sites selling 2c4g -> 4c8g -> 8c16g at ``price_ratio`` per 2c4g-equivalent."""
+    specs = (
+        VirtualSpec.of("2c4g", price_ratio),
+        VirtualSpec.of("4c8g", 2 * price_ratio),
+        VirtualSpec.of("8c16g", 4 * price_ratio),
+    )
+    stock = {} if base_stock is None else {"2c4g": base_stock}
+    return (
+        VirtualPool("vk-cloud-a", NodeName("virtual-kubelet-cloud-a"), "cloud-a", specs, stock),
+        VirtualPool("vk-cloud-b", NodeName("virtual-kubelet-cloud-b"), "cloud-b", specs, stock),
+    )
+
+
+@dataclass(frozen=True)
+class SiteOutage:
+    site: str
+    start_minute: int
+    """Minute from the start of the trace."""
+    end_minute: int
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    price_ratio: float = WRITEUP_PRICE_RATIO
+    creation_latency_s: float = 60.0
+    ceiling: float = 0.6
+    train_days: int = 7
+    naive_owned_fraction: float = 0.7
+    naive_stabilisation_min: int = 5
+    """The stock HPA's scale-down stabilisation window (300 s), which the naive policy keeps."""
+    tidal_stabilisation_min: int = 1
+    """Tidal sets the HPA's ``behavior.scaleDown`` window short: virtual pods bill per use."""
+    replica_requests: Resources = field(default_factory=lambda: Resources(2000, 4096))
+    pools: tuple[VirtualPool, ...] = field(default_factory=default_pools)
+    site_outages: tuple[SiteOutage, ...] = ()
+    predictor_window_days: int = 7
+
+    @property
+    def lead_minutes(self) -> int:
+        return max(1, math.ceil(self.creation_latency_s / 60.0))
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    policy: str
+    cost: float
+    owned_cost: float
+    virtual_cost: float
+    saving_vs_all_owned: float
+    slo_violation_minutes: int
+    owned_utilisation_peak: float
+    owned_utilisation_mean: float
+    virtual_pod_hours: float
+    spec_upgrades: int
+    owned_slots: int
+
+    def to_json(self) -> dict[str, float | int | str]:
+        return {
+            "cost": round(self.cost, 3),
+            "saving_vs_all_owned": round(self.saving_vs_all_owned, 5),
+            "slo_violation_minutes": self.slo_violation_minutes,
+            "owned_utilisation_peak": round(self.owned_utilisation_peak, 4),
+            "owned_utilisation_mean": round(self.owned_utilisation_mean, 4),
+            "virtual_pod_hours": round(self.virtual_pod_hours, 2),
+            "spec_upgrades": self.spec_upgrades,
+            "owned_cost": round(self.owned_cost, 3),
+            "virtual_cost": round(self.virtual_cost, 3),
+            "owned_slots": self.owned_slots,
+        }
+
+
+@dataclass(frozen=True)
+class PolicySeries:
+    """Per-minute totals over services, for plots."""
+
+    owned_slots: int
+    ready_capacity: IntArray = field(repr=False)
+    virtual_live: IntArray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    trace: str
+    train_days: int
+    evaluated_days: int
+    policies: dict[str, PolicyResult]
+    backtests: dict[str, BacktestReport]
+    thresholds: dict[str, int]
+    demand: FloatArray = field(repr=False)
+    series: dict[str, PolicySeries] = field(repr=False, default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "trace": self.trace,
+            "train_days": self.train_days,
+            "evaluated_days": self.evaluated_days,
+            "policies": {name: r.to_json() for name, r in self.policies.items()},
+            "thresholds": self.thresholds,
+            "backtest": {
+                svc: {
+                    "days": b.days,
+                    "peak_mape": round(b.peak_mape, 4),
+                    "peak_bias": round(b.peak_bias, 4),
+                    "underforecast_minutes": round(b.underforecast_minutes, 4),
+                    "threshold_regret": round(b.threshold_regret, 4),
+                }
+                for svc, b in self.backtests.items()
+            },
+        }
+
+
+def run_virtual(desired: IntArray, lead: int, stabilisation: int) -> tuple[IntArray, IntArray]:
+    """Live (billed) and ready virtual pods per minute for a desired-count series.
+
+    ``desired[t]`` is decided at the end of minute ``t``; pods requested then are ready from
+    minute ``t + lead``. Scale-down keeps the highest desire of the last ``stabilisation``
+    minutes (HPA semantics) and removes not-yet-ready pods first (newest first).
+    """
+    n = desired.size
+    live_out = np.zeros(n, dtype=np.int64)
+    ready_out = np.zeros(n, dtype=np.int64)
+    pipeline: deque[list[int]] = deque()  # [ready_minute, count], oldest first
+    # warm start: the minute before the run already had what it wanted
+    live = ready = int(desired[0]) if n else 0
+    window: deque[tuple[int, int]] = deque()  # monotonic max of recent desires
+    for t in range(n):
+        while pipeline and pipeline[0][0] <= t:
+            ready += pipeline.popleft()[1]
+        ready_out[t] = ready
+        live_out[t] = live
+        want = int(desired[t])
+        while window and window[-1][1] <= want:
+            window.pop()
+        window.append((t, want))
+        while window[0][0] <= t - max(stabilisation, 1):
+            window.popleft()
+        keep = window[0][1] if stabilisation > 0 else want
+        if want > live:
+            pipeline.append([t + lead, want - live])
+            live = want
+        elif keep < live:
+            drop = live - keep
+            live = keep
+            while drop and pipeline:
+                take = min(drop, pipeline[-1][1])
+                pipeline[-1][1] -= take
+                drop -= take
+                if pipeline[-1][1] == 0:
+                    pipeline.pop()
+            ready -= drop
+    return live_out, ready_out
+
+
+@dataclass
+class _Run:
+    owned: list[int] = field(default_factory=list)
+    live: list[IntArray] = field(default_factory=list)
+    ready: list[IntArray] = field(default_factory=list)
+
+
+def _allocate(
+    live_total: IntArray, config: SimConfig, offset: int
+) -> tuple[dict[str, IntArray], IntArray, int]:
+    """Spread live virtual pods over pools/specs per minute.
+
+    Returns pods per spec, pods that could not be placed or were lost to a site outage per
+    minute, and the number of pods created on an upgraded spec.
+    """
+    n = live_total.size
+    by_spec: dict[str, IntArray] = {}
+    upgraded = np.zeros(n, dtype=np.int64)
+    short = np.zeros(n, dtype=np.int64)
+    per_site = {p.site: np.zeros(n, dtype=np.int64) for p in config.pools}
+    outages = [
+        (o.site, o.start_minute - offset, o.end_minute - offset) for o in config.site_outages
+    ]
+    down = {p.site: np.zeros(n, dtype=bool) for p in config.pools}
+    for site, a, b in outages:
+        if site in down:
+            down[site][max(a, 0) : max(min(b, n), 0)] = True
+    request = config.replica_requests
+    for t in range(n):
+        left = int(live_total[t])
+        for pool in config.pools:
+            if left == 0:
+                break
+            if down[pool.site][t] or pool.cordoned:
+                continue
+            fitting = [s for s in pool.specs if request.fits_in(s.resources)]
+            for i, spec in enumerate(fitting):
+                stock = pool.stock_of(spec.name)
+                take = left if stock is None else min(left, stock)
+                if take:
+                    arr = by_spec.setdefault(spec.name, np.zeros(n, dtype=np.int64))
+                    arr[t] += take
+                    per_site[pool.site][t] += take
+                    if i > 0:
+                        upgraded[t] += take
+                    left -= take
+                if left == 0:
+                    break
+        short[t] = left
+    lead = config.lead_minutes
+    for site, a, _b in outages:
+        if site in per_site and 0 < a < n:
+            lost = int(per_site[site][a - 1])
+            short[a : min(a + lead, n)] += lost
+    created_upgraded = int(np.maximum(np.diff(upgraded, prepend=0), 0).sum())
+    return by_spec, short, created_upgraded
+
+
+def simulate(
+    trace: DemandTrace, config: SimConfig | None = None, policies: Sequence[str] = POLICIES
+) -> SimulationReport:
+    """Replay ``trace`` under each policy; days before ``train_days`` are only history."""
+    config = config or SimConfig()
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)} or all")
+    if trace.days <= config.train_days:
+        raise ConfigError(
+            f"trace {trace.name} has {trace.days} days; the simulator needs more than "
+            f"train_days={config.train_days} so that evaluated days were never fitted on"
+        )
+    if "all-owned" not in policies:
+        policies = ("all-owned", *policies)
+    off = config.train_days * MINUTES_PER_DAY
+    lead = config.lead_minutes
+    predictor = ThresholdPredictor(
+        price_ratio=config.price_ratio,
+        window_days=config.predictor_window_days,
+        lead_minutes=lead,
+    )
+    runs = {p: _Run() for p in policies}
+    backtests: dict[str, BacktestReport] = {}
+    thresholds: dict[str, int] = {}
+    demands = []
+    for svc in trace.services:
+        d_all = svc.demand
+        d = d_all[off:]
+        need = np.ceil(d - 1e-9).astype(np.int64)
+        demands.append(d)
+        n = need.size
+        peak = int(need.max()) if n else 0
+        prev = np.concatenate([[need[0]], need[:-1]])
+        for name in policies:
+            run = runs[name]
+            if name == "all-owned":
+                o = peak
+                live = ready = np.zeros(n, dtype=np.int64)
+            elif name == "naive-overflow":
+                o = math.ceil(config.naive_owned_fraction * peak)
+                live, ready = run_virtual(
+                    np.maximum(prev - o, 0), lead, config.naive_stabilisation_min
+                )
+            elif name == "oracle":
+                o = optimal_threshold(d, config.price_ratio)
+                live = ready = np.maximum(need - o, 0)
+            else:
+                fc = predictor.fit(d_all[:off])
+                o = fc.threshold_replicas
+                thresholds[svc.name] = o
+                if trace.days - config.train_days >= 1 and config.train_days >= 2:
+                    backtests[svc.name] = predictor.backtest(
+                        d_all, min_train_days=config.train_days
+                    )
+                desired = np.zeros(n, dtype=np.int64)
+                for day in range(n // MINUTES_PER_DAY):
+                    start = off + day * MINUTES_PER_DAY
+                    fc_day = predictor.fit(d_all[:start])
+                    crons = cron_rules_from_profile(fc_day.floor, lead_minutes=lead)
+                    cron_by_minute = np.repeat(
+                        np.array([c.replicas for c in crons]),
+                        [c.end_minute - c.start_minute for c in crons],
+                    )
+                    hpa = HpaRule(
+                        target_utilisation=1.0 / (1.0 + fc_day.ramp_headroom), min_replicas=0
+                    )
+                    sl = slice(day * MINUTES_PER_DAY, (day + 1) * MINUTES_PER_DAY)
+                    growth = np.asarray(fc_day.growth)
+                    hpa_target = np.ceil(d[sl] * growth / hpa.target_utilisation - 1e-9).astype(
+                        np.int64
+                    )
+                    target = np.maximum(hpa_target, cron_by_minute)
+                    desired[sl] = np.maximum(target - o, 0)
+                live, ready = run_virtual(desired, lead, config.tidal_stabilisation_min)
+            run.owned.append(o)
+            run.live.append(live)
+            run.ready.append(ready)
+    demand = np.vstack(demands)
+    need_all = np.ceil(demand - 1e-9)
+    n = demand.shape[1]
+    results: dict[str, PolicyResult] = {}
+    series: dict[str, PolicySeries] = {}
+    for name in policies:
+        run = runs[name]
+        owned = np.array(run.owned, dtype=np.int64)[:, None]
+        live = np.vstack(run.live)
+        ready = np.vstack(run.ready)
+        by_spec, short, upgrades = _allocate(live.sum(axis=0), config, off)
+        prices = {s.name: s.price_per_hour for p in config.pools for s in p.specs}
+        oc = owned_cost(int(owned.sum()), n)
+        vc = virtual_cost(by_spec, prices)
+        owned_load = np.minimum(demand, owned)
+        raw = owned.sum() / config.ceiling
+        util = owned_load.sum(axis=0) / raw if raw > 0 else np.zeros(n)
+        violations = slo_violation_minutes(
+            need_all, (owned + ready).astype(np.float64), owned_load, owned + 0.0 * demand
+        )
+        if short.any():
+            short_or_missing = np.vstack([need_all > owned + ready, (short > 0)[None, :]])
+            violations = int(short_or_missing.any(axis=0).sum())
+        results[name] = PolicyResult(
+            policy=name,
+            cost=oc + vc,
+            owned_cost=oc,
+            virtual_cost=vc,
+            saving_vs_all_owned=0.0,
+            slo_violation_minutes=violations,
+            owned_utilisation_peak=float(util.max()) if n else 0.0,
+            owned_utilisation_mean=float(util.mean()) if n else 0.0,
+            virtual_pod_hours=float(live.sum() / 60.0),
+            spec_upgrades=upgrades,
+            owned_slots=int(owned.sum()),
+        )
+        series[name] = PolicySeries(
+            int(owned.sum()), (owned + ready).sum(axis=0) - short, live.sum(axis=0)
+        )
+    base = results["all-owned"].cost
+    results = {
+        k: _with_saving(r, 1.0 - r.cost / base if base > 0 else 0.0) for k, r in results.items()
+    }
+    return SimulationReport(
+        trace=trace.name,
+        train_days=config.train_days,
+        evaluated_days=trace.days - config.train_days,
+        policies=results,
+        backtests=backtests,
+        thresholds=thresholds,
+        demand=demand.sum(axis=0),
+        series=series,
+    )
+
+
+def _with_saving(r: PolicyResult, saving: float) -> PolicyResult:
+    from dataclasses import replace
+
+    return replace(r, saving_vs_all_owned=saving)

@@ -1,0 +1,111 @@
+"""Threshold predictor, autoscaler rules and cost model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tidal.errors import ConfigError
+from tidal.sched.autoscale import (
+    MINUTES_PER_DAY,
+    CronRule,
+    HpaRule,
+    cron_rules_from_profile,
+    replica_target,
+)
+from tidal.sched.cost import CostBreakdown, owned_cost, slo_violation_minutes
+from tidal.sched.predictor import ThresholdPredictor, optimal_threshold, threshold_cost
+
+
+def square_days(days: int, base: float, peak: float, peak_hours: int = 4) -> np.ndarray:
+    day = np.full(MINUTES_PER_DAY, base)
+    day[18 * 60 : (18 + peak_hours) * 60] = peak
+    return np.tile(day, days)
+
+
+def test_writeup_example_70_percent_owned_saves_22_5_percent() -> None:
+    # 4 peak hours at 100, otherwise ~10 % (owned servers at 60 % peak, 10 % off-peak)
+    d = square_days(1, 100 / 6, 100)
+    all_owned = threshold_cost(d, 100, 1.5)
+    seventy = threshold_cost(d, 70, 1.5)
+    assert all_owned == pytest.approx(2400)
+    assert 1 - seventy / all_owned == pytest.approx(0.225)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 200), min_size=1, max_size=300), st.sampled_from([1.2, 1.5, 3.0]))
+def test_optimal_threshold_is_the_brute_force_minimum(values: list[float], ratio: float) -> None:
+    d = np.array(values)
+    best = min(threshold_cost(d, t, ratio) for t in range(int(np.ceil(d.max())) + 2))
+    assert threshold_cost(d, optimal_threshold(d, ratio), ratio) == pytest.approx(best)
+
+
+def test_fit_manual_override_and_capacity_cap() -> None:
+    h = square_days(3, 20, 100)
+    fc = ThresholdPredictor().fit(h)
+    assert fc.fitted_threshold == 20  # peak is 1/6 of the time < 1/1.5: base is optimal
+    assert fc.peak_replicas == pytest.approx(100)
+    assert ThresholdPredictor(capacity_replicas=12).fit(h).threshold_replicas == 12
+    manual = ThresholdPredictor(manual_threshold=70).fit(h)
+    assert manual.threshold_replicas == 70 and manual.manual and manual.fitted_threshold == 20
+    # growth anticipates the (smoothed) ramp at 18:00 one minute ahead, flat elsewhere
+    assert fc.growth[18 * 60 - 2] > 1.05 and fc.growth[12 * 60] == pytest.approx(1.0)
+    assert min(fc.floor) == 20
+
+
+def test_fit_sees_only_the_history_it_is_given() -> None:
+    h = square_days(4, 20, 100)
+    spiky = h.copy()
+    spiky[-MINUTES_PER_DAY:] *= 3  # the last day is wild
+    quiet = ThresholdPredictor().fit(h[: 3 * MINUTES_PER_DAY])
+    assert ThresholdPredictor().fit(spiky[: 3 * MINUTES_PER_DAY]) == quiet
+    report = ThresholdPredictor().backtest(spiky, min_train_days=3)
+    assert report.days == 1
+    # the day was never fitted on, so the forecast misses its peak by 2/3
+    assert report.peak_bias == pytest.approx(-2 / 3)
+    assert report.underforecast_minutes == pytest.approx(1.0)
+    steady = ThresholdPredictor().backtest(h, min_train_days=2)
+    assert steady.peak_mape == pytest.approx(0) and steady.threshold_regret == pytest.approx(0)
+
+
+def test_predictor_rejects_short_history() -> None:
+    with pytest.raises(ConfigError, match="at least one whole day"):
+        ThresholdPredictor().fit(np.ones(100))
+    with pytest.raises(ConfigError, match="backtest needs more than 2 days"):
+        ThresholdPredictor().backtest(np.ones(2 * MINUTES_PER_DAY))
+
+
+def test_hpa_and_cron_take_the_higher_target() -> None:
+    hpa = HpaRule(target_utilisation=0.5, min_replicas=2, max_replicas=50)
+    assert hpa.desired(10) == 20 and hpa.desired(0) == 2 and hpa.desired(100) == 50
+    assert hpa.desired(10, growth=1.5) == 30
+    evening = CronRule(18 * 60, 22 * 60, 40, weekdays=frozenset(range(5)))
+    assert replica_target(10, 19 * 60, 2, hpa, [evening]) == 40
+    assert replica_target(10, 19 * 60, 6, hpa, [evening]) == 20  # Sunday: rule inactive
+    overnight = CronRule(23 * 60, 60, 7)
+    assert overnight.active(10, 0) and not overnight.active(120, 0)
+    with pytest.raises(ConfigError, match="target utilisation"):
+        HpaRule(target_utilisation=0)
+
+
+def test_cron_rules_cover_the_profile_with_lead() -> None:
+    profile = square_days(1, 5, 50)
+    rules = cron_rules_from_profile(list(profile), step_minutes=60, lead_minutes=1)
+    by_hour = {r.start_minute // 60: r.replicas for r in rules}
+    assert by_hour[17] == 50  # the last minute of 17:xx looks one minute ahead
+    assert by_hour[16] == 5 and by_hour[21] == 50 and by_hour[22] == 5
+
+
+def test_cost_model() -> None:
+    assert owned_cost(10, 120) == pytest.approx(20)
+    a, b = CostBreakdown(10, 0), CostBreakdown(5, 2.75)
+    assert b.saving_vs(a) == pytest.approx(0.225)
+    demand = np.array([[1.0, 2.5, 3.0], [0.0, 1.0, 1.0]])
+    cap = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 1.0]])
+    zero = np.zeros_like(demand)
+    # minute 1 (service 2 short) and minute 2 (service 1 short)
+    assert slo_violation_minutes(demand, cap, zero, zero + 1) == 2
+    # owned above its limit counts too
+    assert slo_violation_minutes(demand, demand + 5, zero + 2, zero + 1) == 3

@@ -1,0 +1,146 @@
+"""Simulator, traces and the ``tidal sched simulate`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tidal.cli.main import app
+from tidal.errors import ConfigError, NotFoundError
+from tidal.sched.autoscale import MINUTES_PER_DAY
+from tidal.sched.simulator import (
+    POLICIES,
+    SimConfig,
+    SiteOutage,
+    default_pools,
+    run_virtual,
+    simulate,
+)
+from tidal.sched.traces import default_trace_path, load_request_trace, synthetic
+
+
+def test_synthetic_is_seeded_and_shaped_like_a_tide() -> None:
+    a, b = synthetic(seed=3, days=2, services=2), synthetic(seed=3, days=2, services=2)
+    assert all(
+        np.array_equal(x.demand, y.demand) for x, y in zip(a.services, b.services, strict=True)
+    )
+    assert not np.array_equal(a.services[0].demand, synthetic(seed=4, days=2).services[0].demand)
+    d = a.services[0].demand.reshape(2, MINUTES_PER_DAY)
+    busy = (d > 0.6 * d.max()).sum(axis=1) / 60
+    assert all(3 <= h <= 5.5 for h in busy), busy  # about four peak hours a day
+    assert d.min() < 0.3 * d.max()
+
+
+def test_run_virtual_models_creation_latency_and_stabilisation() -> None:
+    desired = np.array([0, 3, 3, 3, 0, 0, 0, 0])
+    live, ready = run_virtual(desired, lead=2, stabilisation=0)
+    assert live.tolist() == [0, 0, 3, 3, 3, 0, 0, 0]  # billed from the request
+    assert ready.tolist() == [0, 0, 0, 3, 3, 0, 0, 0]  # ready two minutes after it
+    live, _ = run_virtual(desired, lead=1, stabilisation=3)
+    assert live.tolist() == [0, 0, 3, 3, 3, 3, 3, 0]  # scale-down waits out the window
+
+
+def test_simulate_compares_four_policies_on_unseen_days() -> None:
+    trace = synthetic(seed=11, days=9, services=3)
+    report = simulate(trace, SimConfig(train_days=7))
+    r = report.policies
+    assert set(r) == set(POLICIES) and report.evaluated_days == 2
+    assert r["oracle"].cost <= r["tidal"].cost < r["all-owned"].cost
+    assert r["all-owned"].slo_violation_minutes == 0 and r["oracle"].slo_violation_minutes == 0
+    assert r["naive-overflow"].slo_violation_minutes > 0  # it waits for pending pods
+    assert r["tidal"].saving_vs_all_owned >= 0.225
+    assert r["all-owned"].virtual_pod_hours == 0
+    for res in r.values():
+        assert res.owned_utilisation_peak <= 0.6 + 1e-9
+    assert set(report.backtests) == {s.name for s in trace.services}
+
+
+def test_stock_shortage_upgrades_and_site_outage_fails_over() -> None:
+    trace = synthetic(seed=11, days=8, services=2)
+    outage = SiteOutage("cloud-a", 7 * MINUTES_PER_DAY + 1200, 7 * MINUTES_PER_DAY + 1260)
+    plain = simulate(trace, SimConfig(), ("oracle",)).policies["oracle"]
+    tight = simulate(
+        trace,
+        SimConfig(pools=default_pools(base_stock=20), site_outages=(outage,)),
+        ("oracle",),
+    ).policies["oracle"]
+    assert plain.spec_upgrades == 0 and tight.spec_upgrades > 0
+    assert tight.cost > plain.cost  # upgraded specs cost more
+    assert tight.slo_violation_minutes >= 1  # pods lost with the site come back after latency
+
+
+def test_simulate_rejects_traces_without_unseen_days() -> None:
+    with pytest.raises(ConfigError, match="needs more than train_days=7"):
+        simulate(synthetic(days=7, services=1))
+    with pytest.raises(ConfigError, match="unknown policies"):
+        simulate(synthetic(days=9, services=1), policies=("magic",))
+
+
+def test_request_trace_busy_workers_per_minute(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text(
+        "gmt_create,exec_time_seconds,predict_type\n"
+        "2024-11-15 00:00:30,90,A\n"  # 30 s in minute 0, 60 s in minute 1
+        "2024-11-15 00:01:00,30,B\n"
+        "2024-11-15 00:02:00,,A\n"  # no service time: skipped
+    )
+    t = load_request_trace(csv, load_scale=2.0, smoothing_minutes=1)
+    assert [s.name for s in t.services] == ["a", "b"] and t.days == 1
+    a, b = t.services[0].demand, t.services[1].demand
+    assert a[:3].tolist() == pytest.approx([1.0, 2.0, 0.0])
+    assert b[:3].tolist() == pytest.approx([0.0, 1.0, 0.0])
+    with pytest.raises(NotFoundError, match="pass --trace synthetic"):
+        load_request_trace(tmp_path / "missing.csv")
+
+
+GENAI = default_trace_path()
+
+
+@pytest.mark.skipif(not GENAI.exists(), reason=f"shared trace {GENAI} is not present")
+def test_genai_trace_loads_sixteen_days() -> None:
+    t = load_request_trace(GENAI)
+    assert t.days == 16
+    total = sum(s.demand for s in t.services)
+    hourly = total.reshape(-1, 60).mean(axis=1).reshape(16, 24).mean(axis=0)
+    assert hourly[21:24].mean() > 5 * hourly[8:12].mean()  # busy evenings, quiet mornings
+
+
+def test_cli_simulate_json_shape() -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "sched",
+            "simulate",
+            "--trace",
+            "synthetic",
+            "--days",
+            "9",
+            "--services",
+            "2",
+            "--policy",
+            "all",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert set(doc["policies"]) == {"all-owned", "naive-overflow", "tidal", "oracle"}
+    for r in doc["policies"].values():
+        for key in (
+            "cost",
+            "saving_vs_all_owned",
+            "slo_violation_minutes",
+            "owned_utilisation_peak",
+            "virtual_pod_hours",
+            "spec_upgrades",
+        ):
+            assert isinstance(r[key], int | float)
+    assert doc["trace"].startswith("synthetic")
+    one = CliRunner().invoke(
+        app, ["sched", "simulate", "--days", "9", "--services", "1", "--policy", "tidal", "--json"]
+    )
+    assert set(json.loads(one.output)["policies"]) == {"tidal"}
