@@ -237,9 +237,12 @@ def test_rw_mount_then_commit_makes_a_new_layer(converted: Path, tmp_path: Path)
         assert not info.readonly
         (mnt / "etc" / "added").write_text("written through FUSE")
         (mnt / "etc" / "shadow").unlink()
+        with pytest.raises(mounts.MountError, match="already in use"):
+            mounts.mount_image(converted, tmp_path / "other", writable_dir=wdir)
     finally:
         mounts.unmount(mnt)
     before = Image.open(converted).manifest
+    assert wdir.is_dir() and (wdir / "index").stat().st_size > 0, "the server flushed its layer"
     rec = commit_writable(converted, wdir, tmp_path / "next")
     after = Image.open(tmp_path / "next").manifest
     assert after.layers == (*before.layers, rec)

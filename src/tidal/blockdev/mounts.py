@@ -171,11 +171,18 @@ def mount_image(
     elif ext4.is_mountpoint(target_path):
         raise MountError(f"{target_path} is already a mount point; choose an empty directory")
     _sweep_orphans()
+    wdir = Path(writable_dir).resolve() if writable_dir is not None else None
+    if wdir is not None:
+        for other in list_mounts():
+            if other.writable_dir == str(wdir):
+                raise MountError(
+                    f"writable layer {wdir} is already in use by the mount at {other.target}; "
+                    "two servers appending to one layer would corrupt it"
+                )
 
     run_dir = state_dir() / key
     fuse_dir = run_dir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
-    wdir = Path(writable_dir).resolve() if writable_dir is not None else None
     proc = _start_server(image_path, fuse_dir, wdir, run_dir / "server.log", settings)
     info = MountInfo(
         target=str(target_path),
