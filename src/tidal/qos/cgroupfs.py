@@ -283,12 +283,15 @@ class CgroupV1Fs(CgroupFs):
             self._write(d / "cpu.cfs_period_us", str(limits.period_us))
         if limits.burst_us < current.burst_us:
             self._write(d / "cpu.cfs_burst_us", str(limits.burst_us))
-        self._write(d / "cpu.cfs_quota_us", str(-1 if limits.quota_us is None else limits.quota_us))
+        if limits.quota_us != current.quota_us or limits.period_us != current.period_us:
+            quota = -1 if limits.quota_us is None else limits.quota_us
+            self._write(d / "cpu.cfs_quota_us", str(quota))
         if limits.burst_us > current.burst_us or (
             limits.burst_us and limits.period_us != current.period_us
         ):
             self._write(d / "cpu.cfs_burst_us", str(limits.burst_us))
-        self._write(d / "cpu.shares", str(limits.shares))
+        if limits.shares != current.shares:
+            self._write(d / "cpu.shares", str(limits.shares))
         if limits.idle != current.idle:
             if not (d / "cpu.idle").exists():
                 raise CgroupError(
@@ -386,10 +389,12 @@ class CgroupV2Fs(CgroupFs):
         quota = "max" if limits.quota_us is None else str(limits.quota_us)
         if limits.burst_us < current.burst_us:
             self._write(d / "cpu.max.burst", str(limits.burst_us))
-        self._write(d / "cpu.max", f"{quota} {limits.period_us}")
+        if (limits.quota_us, limits.period_us) != (current.quota_us, current.period_us):
+            self._write(d / "cpu.max", f"{quota} {limits.period_us}")
         if limits.burst_us > current.burst_us:
             self._write(d / "cpu.max.burst", str(limits.burst_us))
-        self._write(d / "cpu.weight", str(shares_to_weight(limits.shares)))
+        if shares_to_weight(limits.shares) != shares_to_weight(current.shares):
+            self._write(d / "cpu.weight", str(shares_to_weight(limits.shares)))
         if limits.idle != current.idle:
             if not (d / "cpu.idle").exists():
                 raise CgroupError(f"cgroup {cgroup}: this kernel has no cpu.idle; use weight")

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from tidal.errors import AdjustmentError
+from tidal.errors import QosError
 from tidal.qos.cgroupfs import CpuLimits
 from tidal.qos.collector import Health
 from tidal.qos.executor import Adjustment, Executor, Values
@@ -142,7 +142,7 @@ class CommandCenter:
                 done.append(
                     self.executor.apply(t.cgroup, t.after, "+".join(t.rules), "; ".join(t.reasons))
                 )
-            except AdjustmentError as exc:
+            except QosError as exc:  # rolled back (AdjustmentError) or unreadable group
                 self.emit(Event("rollback", str(exc), t.cgroup))
         return done
 

@@ -11,18 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from tidal.qos.cgroupfs import CgroupV1Fs, CgroupV2Fs
+from tidal.errors import CgroupError
+from tidal.qos.cgroupfs import V1_UNLIMITED_MEMORY, CgroupV1Fs, CgroupV2Fs
 from tidal.qos.collector import NodeMetrics
 
 
 class _BreakMixin:
+    _broken: set[Path]
+
     def break_knob(self, cgroup: str, knob: str) -> None:
-        """Replace ``knob`` with a directory, so that writes to it fail with an OSError."""
+        """Make every later write to ``knob`` of ``cgroup`` fail (reads still work)."""
+        if not hasattr(self, "_broken"):
+            self._broken = set()
         for d in self.dirs(cgroup):  # type: ignore[attr-defined]
-            f = d / knob
-            if f.exists():
-                f.unlink()
-                f.mkdir()
+            self._broken.add(d / knob)
+
+    def _write(self, path: Path, value: str) -> None:
+        if path in getattr(self, "_broken", ()):
+            raise CgroupError(f"cannot write {value!r} to cgroup file {path}: Invalid argument")
+        super()._write(path, value)  # type: ignore[misc]
 
 
 class FakeCgroupV1Fs(_BreakMixin, CgroupV1Fs):
@@ -74,6 +81,14 @@ class FakeCgroupV1Fs(_BreakMixin, CgroupV1Fs):
         for d in self.dirs(cgroup):
             f = d / "cgroup.procs"
             f.write_text(f.read_text() + f"{pid}\n")
+
+    def write_memory_limit(self, cgroup: str, limit_bytes: int | None) -> None:
+        # The kernel turns -1 into PAGE_COUNTER_MAX; so does the fake.
+        super().write_memory_limit(cgroup, limit_bytes)
+        if limit_bytes is None:
+            (self._dir("memory", cgroup) / "memory.limit_in_bytes").write_text(
+                str(V1_UNLIMITED_MEMORY)
+            )
 
     def set_usage(
         self,

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tidal.errors import ConfigError, RuleError
+from tidal.qos.policies import SloFeedback
+from tidal.qos.rules import RulesFile, available_rule_types, load_rules, parse_rules
+from tidal.qos.snapshot import Advice, Snapshot
+
+
+def test_builtin_types_are_entry_points() -> None:
+    types = available_rule_types()
+    assert {"utilisation_budget", "slo_feedback", "cpu_spike", "memory_guard"} <= set(types)
+
+
+def test_parse_example(rules_path: Path) -> None:
+    rs = load_rules(rules_path)
+    assert [c.cgroup for c in rs.containers] == ["shop/web", "batch/etl"]
+    assert rs.priority_of({"priority": "online", "app": "web"}) == "online"
+    assert rs.priority_of({"priority": "offline"}) == "offline"
+    assert rs.priority_of({"app": "x"}) is None
+    assert rs.slo.p95_latency_ms == 250 and rs.slo.app == "web"
+    assert isinstance(rs.policy, SloFeedback) and rs.policy.step_cores == 0.25
+    assert rs.guards.drift_limit_s == 30
+    assert [r.name for r in rs.all_rules()] == ["slo_feedback", "memory_guard"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"policy": {"type": "nope"}}, "unknown rule type 'nope'"),
+        ({"policy": {"type": "slo_feedback", "step": 1}}, r"unknown parameter\(s\) \['step'\]"),
+        ({"policy": {"type": "slo_feedback", "step_cores": "big"}}, "step_cores must be float"),
+        ({"policy": {"type": "slo_feedback", "tighten_at": 0.1}}, "loosen_below < tighten_at"),
+        ({"containers": [{"labels": {}}]}, r"containers\[0\]: needs a 'cgroup'"),
+        ({"containers": [{"cgroup": "a"}, {"cgroup": "a/"}]}, "listed twice"),
+        ({"containers": [{"cgroup": "../etc"}]}, "must not contain '..'"),
+        ({"containers": [{"cgroup": "a", "spec": {"cpus": "lots"}}]}, "spec.cpus"),
+        ({"slo": {"p95_latency_ms": -1}}, "positive number"),
+        ({"classes": {"gold": {}}}, "only 'online' and 'offline'"),
+        ({"colour": 1}, r"unknown key\(s\) \['colour'\]"),
+        ({"guards": {"drift": 1}}, "guards"),
+        ([], "must be a YAML mapping"),
+    ],
+)
+def test_validation_errors_name_the_field(doc: Any, message: str) -> None:
+    with pytest.raises(RuleError, match=message) as info:
+        parse_rules(doc, "rules.yaml")
+    assert str(info.value).startswith("rules.yaml")
+    assert isinstance(info.value, ConfigError)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    with pytest.raises(RuleError, match="does not exist"):
+        load_rules(p)
+    p.write_text("a: [unclosed")
+    with pytest.raises(RuleError, match="not valid YAML"):
+        load_rules(p)
+
+
+def test_hot_reload_and_bad_edit_keeps_last_good(rules_path: Path) -> None:
+    errors: list[str] = []
+    rf = RulesFile(rules_path, on_error=lambda e: errors.append(str(e)))
+    assert rf.poll() is False
+    doc = yaml.safe_load(rules_path.read_text())
+    doc["policy"] = {"type": "utilisation_budget", "threshold": 0.5}
+    rules_path.write_text(yaml.safe_dump(doc))
+    os.utime(rules_path, ns=(1, 1))  # a distinct mtime even on coarse clocks
+    assert rf.poll() is True
+    assert rf.current.policy is not None and rf.current.policy.name == "utilisation_budget"
+    rules_path.write_text("policy: {type: bogus}\n")
+    os.utime(rules_path, ns=(2, 2))
+    assert rf.poll() is False
+    assert rf.current.policy.name == "utilisation_budget"
+    assert errors and "bogus" in errors[0] and rf.last_error
+
+
+class _AlwaysNothing:
+    name = "noop"
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], where: str) -> _AlwaysNothing:
+        return cls()
+
+    def evaluate(self, snapshot: Snapshot) -> list[Advice]:
+        return []
+
+
+def test_plugin_rule_types_plug_in() -> None:
+    types = {**available_rule_types(), "noop": _AlwaysNothing}
+    rs = parse_rules({"rules": [{"type": "noop"}]}, "r", types)
+    assert isinstance(rs.rules[0], _AlwaysNothing)
