@@ -57,6 +57,8 @@ from tidal.errors import (
 
 log = logging.getLogger(__name__)
 MONITOR_READY_TIMEOUT_S = 60.0
+MONITOR_EXIT_WAIT_S = 10.0
+"""How long ``rm`` waits for an exited container's monitor to finish its cleanup."""
 
 
 @dataclass(frozen=True)
@@ -504,6 +506,11 @@ class Engine:
             except (TidalError, OSError) as exc:
                 errors.append(f"{what}: {exc}")
 
+        # An exited container's monitor may still be running the runtime's delete (and the
+        # poststop hooks); let it finish rather than race it for the same cgroups and mounts.
+        deadline = time.monotonic() + MONITOR_EXIT_WAIT_S
+        while rec.monitor_pid and pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with contextlib.suppress(TidalError):
             self.runtime(rec.runtime).delete(rec.id, force=True)
         for vol in rec.rootfs.get("volumes", []):

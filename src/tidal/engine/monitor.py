@@ -179,7 +179,8 @@ def run(conf: dict[str, Any], ready_fd: int) -> int:
     os.close(log_fd)
     if created.returncode != 0:
         why = _runtime_log(conf["runtime_log"]) or f"exit status {created.returncode}"
-        _report(ready_fd, {"ok": False, "error": f"{conf['runtime']} create failed: {why}"})
+        prefix = f"{conf['runtime']} create failed: "
+        _report(ready_fd, {"ok": False, "error": prefix + why.removeprefix(prefix)})
         subprocess.run(conf["delete_argv"] + ["--force", conf["id"]], capture_output=True)
         return 1
     with open(conf["pid_file"]) as fh:
