@@ -166,7 +166,7 @@ def test_bad_input_fails_before_anything_is_made(engine: Engine, busybox_rootfs:
         engine.run(ContainerSpec(image=str(busybox_rootfs)))
     from tidal.errors import OciRuntimeError
 
-    with pytest.raises(OciRuntimeError, match="/no/such/binary.*no such file"):
+    with pytest.raises(OciRuntimeError, match=r"/no/such/binary.*no such file"):
         engine.run(ContainerSpec(image=str(busybox_rootfs), command=("/no/such/binary",)))
     # the failed run removed its row, directory, mounts and volume again
     assert engine.store.list() == []
