@@ -1,0 +1,296 @@
+"""kube-scheduler extender: filter and prioritize nodes by Tidal's owned/virtual policy.
+
+kube-scheduler POSTs ``ExtenderArgs`` (``k8s.io/kube-scheduler/extender/v1``) to
+``<urlPrefix>/filter`` and ``<urlPrefix>/prioritize``. Those Go types carry no JSON tags, so
+the keys are the Go field names: ``Pod`` (a full v1 Pod), and either ``Nodes`` (a v1 NodeList
+of full objects) or, with ``nodeCacheCapable: true``, ``NodeNames``. Filter answers an
+``ExtenderFilterResult`` (``Nodes``/``NodeNames``, ``FailedNodes``,
+``FailedAndUnresolvableNodes``, ``Error``); prioritize answers a ``HostPriorityList``
+(``[{"Host", "Score"}]``, scores 0..10, multiplied by the extender's weight).
+
+The decision is pure (:func:`filter_nodes`, :func:`prioritize`) over an :class:`ExtenderView`
+that the controller keeps current (thresholds, replicas of each service on owned nodes, the
+node cache for name-only requests, cordoned pools and failed sites). The HTTP server is a thin
+stdlib adapter around it. The policy is the resource policy's: owned nodes while the service
+is below its threshold, virtual nodes (in site order, never cordoned or failed) above it; if
+the preferred kind has no candidate, the other one is allowed (``prefer`` strategy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypedDict
+
+from tidal.errors import SchedError
+from tidal.sched.settings import NODE_KIND_LABEL, SERVICE_LABEL, SITE_LABEL
+
+log = logging.getLogger(__name__)
+
+MAX_EXTENDER_PRIORITY = 10
+"""``extenderv1.MaxExtenderPriority``."""
+
+
+class ExtenderArgs(TypedDict, total=False):
+    Pod: dict[str, Any]
+    Nodes: dict[str, Any] | None
+    NodeNames: list[str] | None
+
+
+class ExtenderFilterResult(TypedDict):
+    Nodes: dict[str, Any] | None
+    NodeNames: list[str] | None
+    FailedNodes: dict[str, str]
+    FailedAndUnresolvableNodes: dict[str, str]
+    Error: str
+
+
+class HostPriority(TypedDict):
+    Host: str
+    Score: int
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the extender needs of a v1 Node."""
+
+    name: str
+    virtual: bool
+    site: str | None = None
+    unschedulable: bool = False
+
+    @classmethod
+    def from_k8s(cls, node: Mapping[str, Any]) -> NodeInfo:
+        meta = node.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        spec = node.get("spec") or {}
+        virtual = (
+            labels.get(NODE_KIND_LABEL) == "virtual" or labels.get("type") == "virtual-kubelet"
+        )
+        return cls(
+            name=str(meta.get("name", "")),
+            virtual=virtual,
+            site=labels.get(SITE_LABEL),
+            unschedulable=bool(spec.get("unschedulable", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ExtenderView:
+    """A frozen picture of the cluster; swapped whole when the controller learns more."""
+
+    thresholds: Mapping[str, int] = field(default_factory=dict)
+    owned_replicas: Mapping[str, int] = field(default_factory=dict)
+    nodes: Mapping[str, NodeInfo] = field(default_factory=dict)
+    site_order: tuple[str, ...] = ()
+    cordoned_sites: frozenset[str] = frozenset()
+    failed_sites: frozenset[str] = frozenset()
+
+
+class ViewStore:
+    """Holds the current :class:`ExtenderView`; readers take it without copying."""
+
+    def __init__(self, view: ExtenderView | None = None) -> None:
+        self._view = view or ExtenderView()
+        self._lock = threading.Lock()
+
+    def get(self) -> ExtenderView:
+        return self._view
+
+    def set(self, view: ExtenderView) -> None:
+        with self._lock:
+            self._view = view
+
+
+def _service(pod: Mapping[str, Any]) -> str | None:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    svc = labels.get(SERVICE_LABEL)
+    return str(svc) if svc else None
+
+
+def _candidates(args: ExtenderArgs, view: ExtenderView) -> tuple[list[NodeInfo], dict[str, Any]]:
+    nodes = args.get("Nodes")
+    if nodes is not None:
+        items = nodes.get("items") or []
+        return [NodeInfo.from_k8s(n) for n in items], {n["metadata"]["name"]: n for n in items}
+    names = args.get("NodeNames")
+    if names is None:
+        raise SchedError("extender request has neither Nodes nor NodeNames")
+    # name-only requests (nodeCacheCapable): classify from the controller's node cache
+    return [view.nodes.get(n) or NodeInfo(n, virtual=False) for n in names], {}
+
+
+def _unusable(node: NodeInfo, view: ExtenderView) -> str | None:
+    if not node.virtual:
+        return None
+    if node.site in view.failed_sites:
+        return f"tidal: site {node.site} has failed; virtual node {node.name} takes no pods"
+    if node.unschedulable or node.site in view.cordoned_sites:
+        return f"tidal: virtual node {node.name} is cordoned; uncordon it to place pods there"
+    return None
+
+
+def _prefers_owned(service: str, view: ExtenderView) -> tuple[bool, str]:
+    threshold = view.thresholds.get(service)
+    on_owned = view.owned_replicas.get(service, 0)
+    if threshold is None:
+        return True, f"{service} has no threshold: owned nodes first"
+    if on_owned < threshold:
+        return True, f"{service} has {on_owned} of {threshold} replicas on owned nodes"
+    return False, (
+        f"{service} has reached its owned-node threshold ({on_owned}/{threshold}); "
+        "further replicas go to virtual nodes"
+    )
+
+
+def filter_nodes(args: ExtenderArgs, view: ExtenderView) -> ExtenderFilterResult:
+    """The nodes the pod may go to under Tidal's policy, and why the others may not."""
+    pod = args.get("Pod") or {}
+    nodes, raw = _candidates(args, view)
+    failed: dict[str, str] = {}
+    unresolvable: dict[str, str] = {}
+    usable = []
+    for n in nodes:
+        why = _unusable(n, view)
+        if why:
+            unresolvable[n.name] = why
+        else:
+            usable.append(n)
+    service = _service(pod)
+    if service is None:
+        keep = usable  # not a Tidal-managed pod: no opinion beyond cordons
+    else:
+        owned_first, reason = _prefers_owned(service, view)
+        preferred = [n for n in usable if n.virtual != owned_first]
+        other = [n for n in usable if n.virtual == owned_first]
+        if preferred:
+            keep = preferred
+            for n in other:
+                failed[n.name] = f"tidal: {reason}"
+        else:
+            keep = other  # prefer strategy: the next unit when the preferred one has no room
+    names = [n.name for n in keep]
+    if args.get("Nodes") is not None:
+        items = [raw[n] for n in names]
+        return ExtenderFilterResult(
+            Nodes={"metadata": {}, "items": items},
+            NodeNames=None,
+            FailedNodes=failed,
+            FailedAndUnresolvableNodes=unresolvable,
+            Error="",
+        )
+    return ExtenderFilterResult(
+        Nodes=None,
+        NodeNames=names,
+        FailedNodes=failed,
+        FailedAndUnresolvableNodes=unresolvable,
+        Error="",
+    )
+
+
+def prioritize(args: ExtenderArgs, view: ExtenderView) -> list[HostPriority]:
+    """Scores 0..10: the preferred kind high, virtual sites in declared order, cordoned 0."""
+    pod = args.get("Pod") or {}
+    nodes, _ = _candidates(args, view)
+    service = _service(pod)
+    owned_first = True if service is None else _prefers_owned(service, view)[0]
+    order = {site: i for i, site in enumerate(view.site_order)}
+    out: list[HostPriority] = []
+    for n in nodes:
+        if _unusable(n, view):
+            score = 0
+        elif n.virtual:
+            rank = order.get(n.site or "", len(order))
+            top = MAX_EXTENDER_PRIORITY if not owned_first else MAX_EXTENDER_PRIORITY // 2
+            score = max(1, top - rank)
+        else:
+            score = MAX_EXTENDER_PRIORITY if owned_first else 1
+        out.append(HostPriority(Host=n.name, Score=score))
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ExtenderServer
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("extender %s " + fmt, self.address_string(), *args)
+
+    def _reply(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("healthz"):
+            self._reply(200, {"status": "ok"})
+        else:
+            self._reply(404, {"Error": f"unknown path {self.path}; POST filter or prioritize"})
+
+    def do_POST(self) -> None:
+        verb = self.path.rstrip("/").rsplit("/", 1)[-1]
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            args = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(args, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as exc:
+            self._reply(400, {"Error": f"request body is not ExtenderArgs JSON: {exc}"})
+            return
+        view = self.server.store.get()
+        try:
+            if verb == "filter":
+                self._reply(200, filter_nodes(args, view))  # type: ignore[arg-type]
+            elif verb == "prioritize":
+                self._reply(200, prioritize(args, view))  # type: ignore[arg-type]
+            else:
+                self._reply(404, {"Error": f"unknown verb {verb!r}; use filter or prioritize"})
+        except SchedError as exc:
+            if verb == "filter":
+                self._reply(
+                    200,
+                    ExtenderFilterResult(
+                        Nodes=None,
+                        NodeNames=None,
+                        FailedNodes={},
+                        FailedAndUnresolvableNodes={},
+                        Error=str(exc),
+                    ),
+                )
+            else:
+                self._reply(400, {"Error": str(exc)})
+
+
+class ExtenderServer(ThreadingHTTPServer):
+    """The HTTP adapter; ``start()`` serves in a thread (tests), ``serve_forever()`` blocks."""
+
+    daemon_threads = True
+
+    def __init__(self, store: ViewStore, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), _Handler)
+        self.store = store
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="tidal-extender", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

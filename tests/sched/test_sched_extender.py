@@ -1,0 +1,137 @@
+"""Golden tests of the scheduler extender on a real loopback HTTP server.
+
+Request bodies in ``golden/`` are shaped as kube-scheduler sends them: Go field names
+(``Pod``, ``Nodes``, ``NodeNames``), a full v1 Pod, and either a v1 NodeList of full node
+objects or, for ``nodeCacheCapable: true``, node names only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tidal.sched.extender import (
+    ExtenderServer,
+    ExtenderView,
+    NodeInfo,
+    ViewStore,
+    filter_nodes,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+OWNED = ["owned-1", "owned-2"]
+VK_A, VK_B, VK_C = (f"virtual-kubelet-cloud-{s}" for s in "abc")
+
+
+def golden(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((GOLDEN / name).read_text())
+    return doc
+
+
+def view(on_owned: int, **kw: Any) -> ExtenderView:
+    nodes = {
+        n["metadata"]["name"]: NodeInfo.from_k8s(n) for n in golden("node_cache.json")["nodes"]
+    }
+    return ExtenderView(
+        thresholds={"web": 3},
+        owned_replicas={"web": on_owned},
+        nodes=nodes,
+        site_order=("cloud-a", "cloud-b", "cloud-c"),
+        **kw,
+    )
+
+
+@pytest.fixture
+def server() -> Iterator[ExtenderServer]:
+    srv = ExtenderServer(ViewStore(view(0)), "127.0.0.1", 0)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def post(srv: ExtenderServer, verb: str, body: object) -> httpx.Response:
+    return httpx.post(f"{srv.url}/{verb}", content=json.dumps(body), timeout=5)
+
+
+CORDONED = {VK_C: f"tidal: virtual node {VK_C} is cordoned; uncordon it to place pods there"}
+
+
+def test_filter_full_nodes_below_threshold_keeps_owned(server: ExtenderServer) -> None:
+    server.store.set(view(2))
+    req = golden("filter_nodes_request.json")
+    res = post(server, "filter", req)
+    assert res.status_code == 200 and res.headers["content-type"] == "application/json"
+    body = res.json()
+    assert set(body) == {"Nodes", "NodeNames", "FailedNodes", "FailedAndUnresolvableNodes", "Error"}
+    # full node objects come back untouched, only the kept ones
+    assert body["Nodes"]["items"] == req["Nodes"]["items"][:2]
+    assert body["NodeNames"] is None and body["Error"] == ""
+    reason = "tidal: web has 2 of 3 replicas on owned nodes"
+    assert body["FailedNodes"] == {VK_A: reason, VK_B: reason}
+    assert body["FailedAndUnresolvableNodes"] == CORDONED
+
+
+def test_filter_at_threshold_sends_to_virtual_nodes(server: ExtenderServer) -> None:
+    server.store.set(view(3))
+    body = post(server, "filter", golden("filter_nodes_request.json")).json()
+    assert [n["metadata"]["name"] for n in body["Nodes"]["items"]] == [VK_A, VK_B]
+    assert set(body["FailedNodes"]) == set(OWNED)
+    assert "reached its owned-node threshold (3/3)" in body["FailedNodes"]["owned-1"]
+    assert body["FailedAndUnresolvableNodes"] == CORDONED
+
+
+def test_filter_node_names_with_node_cache(server: ExtenderServer) -> None:
+    server.store.set(view(5, failed_sites=frozenset({"cloud-a"})))
+    body = post(server, "filter", golden("filter_nodenames_request.json")).json()
+    assert body["Nodes"] is None
+    assert body["NodeNames"] == [VK_B]
+    assert set(body["FailedAndUnresolvableNodes"]) == {VK_A, VK_C}
+    assert "site cloud-a has failed" in body["FailedAndUnresolvableNodes"][VK_A]
+
+
+def test_filter_falls_back_when_preferred_kind_has_no_candidate() -> None:
+    req = golden("filter_nodes_request.json")
+    req["Nodes"]["items"] = req["Nodes"]["items"][2:]  # kube-scheduler found owned nodes full
+    res = filter_nodes(req, view(0))  # type: ignore[arg-type]
+    assert [n["metadata"]["name"] for n in res["Nodes"]["items"]] == [VK_A, VK_B]  # type: ignore[index]
+
+
+def test_unmanaged_pod_is_only_kept_off_cordoned_nodes() -> None:
+    req = golden("filter_nodes_request.json")
+    del req["Pod"]["metadata"]["labels"]["tidal.io/service"]
+    res = filter_nodes(req, view(0))  # type: ignore[arg-type]
+    assert len(res["Nodes"]["items"]) == 4 and res["FailedNodes"] == {}  # type: ignore[index]
+
+
+def test_prioritize_host_priority_list(server: ExtenderServer) -> None:
+    server.store.set(view(0))
+    res = post(server, "prioritize", golden("filter_nodes_request.json"))
+    assert res.json() == [
+        {"Host": "owned-1", "Score": 10},
+        {"Host": "owned-2", "Score": 10},
+        {"Host": VK_A, "Score": 5},
+        {"Host": VK_B, "Score": 4},
+        {"Host": VK_C, "Score": 0},
+    ]
+    server.store.set(view(9))
+    scores = {
+        h["Host"]: h["Score"]
+        for h in post(server, "prioritize", golden("filter_nodenames_request.json")).json()
+    }
+    assert scores == {"owned-1": 1, "owned-2": 1, VK_A: 10, VK_B: 9, VK_C: 0}
+
+
+def test_bad_requests_get_clear_errors(server: ExtenderServer) -> None:
+    res = httpx.post(f"{server.url}/filter", content=b"{not json", timeout=5)
+    assert res.status_code == 400 and "not ExtenderArgs JSON" in res.json()["Error"]
+    res = post(server, "filter", {"Pod": {}})
+    assert res.status_code == 200 and "neither Nodes nor NodeNames" in res.json()["Error"]
+    assert post(server, "bind", {}).status_code == 404
+    assert httpx.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
