@@ -99,7 +99,7 @@ def run_offline(workers: int, out_file: str) -> None:
     finished = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: finished.set())
     # Report progress so the runner can plot work over time even if we are killed later.
-    while not finished.wait(1.0):
+    while not finished.wait(0.25):
         Path(out_file).write_text(json.dumps({"units": sum(counter), "t": time.time()}))
     stop.set()
     for p in procs:
@@ -132,7 +132,13 @@ def _p95(values: list[float]) -> float:
 
 
 async def _loadgen(
-    port: int, rate: float, duration_s: float, report_url: str | None, app: str, timeout_s: float
+    port: int,
+    rate: float,
+    duration_s: float,
+    report_url: str | None,
+    app: str,
+    timeout_s: float,
+    window_s: float,
 ) -> list[tuple[float, float]]:
     start = time.monotonic()
     results: list[tuple[float, float]] = []
@@ -147,7 +153,7 @@ async def _loadgen(
 
     def report() -> None:
         now = time.monotonic()
-        window = [lat for (t, lat) in recent if now - t <= 5.0]
+        window = [lat for (t, lat) in recent if now - t <= window_s]
         del recent[: max(0, len(recent) - 2000)]
         if not window or not report_url:
             return
@@ -185,8 +191,9 @@ def run_loadgen(
     report_url: str | None,
     app: str,
     timeout_s: float,
+    window_s: float,
 ) -> None:
-    results = asyncio.run(_loadgen(port, rate, duration_s, report_url, app, timeout_s))
+    results = asyncio.run(_loadgen(port, rate, duration_s, report_url, app, timeout_s, window_s))
     Path(out_file).write_text(json.dumps({"requests": sorted(results)}))
 
 
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     lg.add_argument("--report-url")
     lg.add_argument("--app", default="online")
     lg.add_argument("--timeout", type=float, default=5.0)
+    lg.add_argument("--window", type=float, default=3.0)
     args = parser.parse_args(argv)
     join_cgroups(args.cgroup_procs)
     if args.cmd == "online":
@@ -217,7 +225,14 @@ def main(argv: list[str] | None = None) -> None:
         run_offline(args.workers, args.out)
     else:
         run_loadgen(
-            args.port, args.rate, args.duration, args.out, args.report_url, args.app, args.timeout
+            args.port,
+            args.rate,
+            args.duration,
+            args.out,
+            args.report_url,
+            args.app,
+            args.timeout,
+            args.window,
         )
 
 
