@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -128,6 +128,12 @@ def engine(engine_settings: EngineSettings) -> Iterator[Engine]:
         yield eng
     finally:
         cleanup_engine(eng)
+
+
+@pytest.fixture
+def engine_cleanup() -> Callable[[Engine], None]:
+    """The leak-checking cleanup, for tests that run their own daemon or engine."""
+    return cleanup_engine
 
 
 def cleanup_engine(eng: Engine) -> None:

@@ -42,6 +42,34 @@ DEFAULT_CAPS = (
     "CAP_AUDIT_WRITE",
 )
 """docker's default capability set: what ordinary images expect, nothing that escapes."""
+CAP_NUMBERS = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_RESOURCE": 24,
+    "CAP_MKNOD": 27,
+    "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
+}
+"""Kernel numbers of the capabilities the engine grants, to intersect with the host's set."""
+
+
+def caps_in_mask(mask: int) -> frozenset[str]:
+    """Names (of those the engine knows) whose bit is set in a ``CapBnd`` mask."""
+    return frozenset(name for name, bit in CAP_NUMBERS.items() if mask >> bit & 1)
+
+
 RICH_EXTRA_CAPS = ("CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_SYS_PTRACE", "CAP_NET_ADMIN")
 """A rich container runs an init and operations tooling (mount, ps, ip), as in the seeds."""
 
@@ -101,6 +129,8 @@ class BundleInputs:
     image_env: tuple[tuple[str, str], ...] = ()
     image_workdir: str | None = None
     nofile_limit: int = 1024
+    host_caps: frozenset[str] | None = None
+    """The engine's own bounding set: a container cannot be granted more (None: no filter)."""
     """RLIMIT_NOFILE inside; the engine passes its own hard limit (a container may not exceed it)."""
 
 
@@ -198,6 +228,8 @@ def lxcfs_mounts(proc_dir: str, files: tuple[str, ...]) -> list[Mount]:
 def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
     """The OCI ``config.json`` for one start of the container."""
     caps = list(DEFAULT_CAPS) + (list(RICH_EXTRA_CAPS) if spec.rich else [])
+    if inputs.host_caps is not None:
+        caps = [c for c in caps if c in inputs.host_caps]
     namespaces: list[dict[str, Any]] = [
         {"type": "pid"},
         {"type": "ipc"},

@@ -7,6 +7,7 @@ Errors come back as ``{"error": {"type", "message"}}`` and are re-raised as the 
 from __future__ import annotations
 
 import base64
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ class EngineClient:
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
+        self._probed = False
         self._http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)),
             base_url="http://tidal/v1",
@@ -51,14 +53,29 @@ class EngineClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _unavailable(self, why: object) -> DaemonUnavailableError:
+        return DaemonUnavailableError(
+            f"the engine daemon is not reachable at {self.socket_path} ({why}); "
+            "start it with 'tidal daemon'"
+        )
+
+    def _probe(self) -> None:
+        """Connect once with a plain socket first: httpx leaks the socket of a refused
+        unix-domain connect, and a stale socket file after a killed daemon is common."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.socket_path))
+            except OSError as exc:
+                raise self._unavailable(exc.strerror or exc) from exc
+        self._probed = True
+
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        if not self._probed:
+            self._probe()
         try:
             resp = self._http.request(method, path, **kw)
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise DaemonUnavailableError(
-                f"the engine daemon is not reachable at {self.socket_path} ({exc}); "
-                "start it with 'tidal daemon'"
-            ) from exc
+            raise self._unavailable(exc) from exc
         if resp.status_code >= 400:
             try:
                 err = resp.json()["error"]

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from tidal.engine import network
-from tidal.engine.bundle import BundleInputs, Mount, bind, build_config, resources_from, rich_args
+from tidal.engine.bundle import (
+    BundleInputs,
+    Mount,
+    bind,
+    build_config,
+    caps_in_mask,
+    resources_from,
+    rich_args,
+)
 from tidal.engine.bundle import write_bundle as write_bundle_file
 from tidal.engine.hostprep import prepare_hybrid_cgroups
 from tidal.engine.lxcfs import LxcfsSupervisor
@@ -257,7 +265,8 @@ class Engine:
             init_dir=init_dir,
             image_env=image_cfg.env,
             image_workdir=image_cfg.workdir,
-            nofile_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+            nofile_limit=_nofile_hard_limit(),
+            host_caps=_host_bounding_caps(),
         )
         bundle_dir = cdir / "bundle"
         write_bundle_file(bundle_dir, build_config(spec, inputs))
@@ -620,6 +629,22 @@ def drop_layer_dirs(old_state: dict[str, Any]) -> None:
     """After a successful upgrade: drop the old generation's layer directories."""
     for key in ("upper", "work"):
         shutil.rmtree(old_state[key], ignore_errors=True)
+
+
+def _nofile_hard_limit() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else int(hard)
+
+
+def _host_bounding_caps() -> frozenset[str] | None:
+    """The daemon's capability bounding set (a container cannot get what the host lacks)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapBnd:"):
+                return caps_in_mask(int(line.split()[1], 16))
+    except OSError:
+        pass
+    return None
 
 
 def _read_line(fd: int, timeout_s: float) -> str:
