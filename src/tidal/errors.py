@@ -44,7 +44,9 @@ Tree (parts add their specific classes below their base, in this file)::
     ├── InstanceError                tidal.instance
     ├── SchedError                   tidal.sched
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
-    │   └── PlacementError
+    │   ├── PlacementError
+    │   └── KubeApiError             the Kubernetes API refused a request (controller)
+    │       └── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
     └── QosError                     tidal.qos
         ├── RuleError                invalid or unloadable rules file
         ├── CgroupError
@@ -223,6 +225,14 @@ class StockError(SchedError):
 
 class PlacementError(SchedError):
     """No unit of the resource policy can take the pod."""
+
+
+class KubeApiError(SchedError):
+    """The Kubernetes API server refused a request of the controller (4xx, bad kubeconfig)."""
+
+
+class KubeApiUnavailableError(KubeApiError, RetryableError):
+    """The Kubernetes API server could not be reached or answered 5xx/429."""
 
 
 # --- tidal.qos -----------------------------------------------------------------------------

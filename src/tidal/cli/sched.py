@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from tidal.cli.console import out
+from tidal.cli.console import err, out
 from tidal.errors import ConfigError
+from tidal.sched.controller import Controller, KubernetesApi, cordon_site
+from tidal.sched.extender import ExtenderServer, ExtenderView, ViewStore
 from tidal.sched.settings import load_settings
 from tidal.sched.simulator import POLICIES, SimConfig, default_pools, simulate
 from tidal.sched.traces import (
@@ -92,3 +95,100 @@ def simulate_cmd(
         )
     out.print(table)
     out.print("cost in owned-capacity-hours; saving against all-owned sized for the peak")
+
+
+def _static_view(thresholds: Path | None) -> ExtenderView:
+    if thresholds is None:
+        return ExtenderView()
+    import yaml
+
+    try:
+        doc = yaml.safe_load(thresholds.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read thresholds file {thresholds}: {exc}") from exc
+    if not isinstance(doc, dict) or not all(isinstance(v, int) for v in doc.values()):
+        raise ConfigError(f"thresholds file {thresholds} must map service names to integers")
+    return ExtenderView(thresholds={str(k): int(v) for k, v in doc.items()})
+
+
+KubeconfigOpt = Annotated[
+    Path | None,
+    typer.Option(help="kubeconfig file (default: in-cluster service account, else ~/.kube/config)"),
+]
+
+
+@app.command("extender")
+def extender_cmd(
+    host: Annotated[str | None, typer.Option(help="listen address (default from [sched])")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default from [sched])")] = None,
+    kubeconfig: KubeconfigOpt = None,
+    watch: Annotated[
+        bool, typer.Option(help="run the controller in-process to keep the view current")
+    ] = False,
+    thresholds: Annotated[
+        Path | None, typer.Option(help="YAML {service: threshold} used without --watch")
+    ] = None,
+) -> None:
+    """Serve kube-scheduler's extender API (POST /filter, /prioritize) until interrupted."""
+    settings = load_settings()
+    store = ViewStore(_static_view(thresholds))
+    server = ExtenderServer(
+        store, host or settings.extender_host, port if port is not None else settings.extender_port
+    )
+    stop = threading.Event()
+    worker = None
+    if watch:
+        ctl = Controller(KubernetesApi.from_kubeconfig(kubeconfig), settings=settings, store=store)
+        worker = threading.Thread(
+            target=ctl.run, args=(stop,), name="tidal-controller", daemon=True
+        )
+        worker.start()
+    err.print(f"tidal extender listening on {server.url} (filter, prioritize)")
+    try:
+        server.serve_forever()
+    finally:
+        stop.set()
+        server.server_close()
+        if worker is not None:
+            worker.join(timeout=5)
+
+
+@app.command("controller")
+def controller_cmd(
+    kubeconfig: KubeconfigOpt = None,
+    namespace: Annotated[str | None, typer.Option(help="only this namespace")] = None,
+    once: Annotated[bool, typer.Option(help="reconcile once, print what changed, exit")] = False,
+) -> None:
+    """Keep pod-deletion-cost annotations and owned-node thresholds of Tidal Deployments current."""
+    settings = load_settings()
+    ctl = Controller(
+        KubernetesApi.from_kubeconfig(kubeconfig), namespace=namespace, settings=settings
+    )
+    if once:
+        report, _ = ctl.reconcile_all()
+        plural = "" if report.deployments == 1 else "s"
+        out.print(
+            f"{report.deployments} deployment{plural}, {report.pods_patched} pod(s) and "
+            f"{report.deployments_patched} deployment(s) patched"
+        )
+        for svc, t in sorted(report.thresholds.items()):
+            out.print(
+                f"  {svc}: threshold {t if t is not None else 'none yet (needs a day of history)'}"
+            )
+        return
+    stop = threading.Event()
+    try:
+        ctl.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@app.command("cordon")
+def cordon_cmd(
+    site: Annotated[str, typer.Option(help="site (region label) or virtual node name")],
+    kubeconfig: KubeconfigOpt = None,
+    undo: Annotated[bool, typer.Option("--undo", help="uncordon instead")] = False,
+) -> None:
+    """Cordon every virtual node of a site in one call (a cloud fault); --undo reverses it."""
+    names = cordon_site(KubernetesApi.from_kubeconfig(kubeconfig), site, on=not undo)
+    out.print(f"{'uncordoned' if undo else 'cordoned'}: {', '.join(names)}")

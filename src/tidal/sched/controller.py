@@ -1,0 +1,554 @@
+"""Controller mode: keep deletion costs and owned-node thresholds current in a real cluster.
+
+It watches Deployments labelled ``tidal.io/hybrid=enabled`` and, for each, (1) annotates its
+pods with ``controller.kubernetes.io/pod-deletion-cost`` so that a stock ReplicaSet controller
+scales in virtual pods first (cordoned ones first, newest first) and owned pods last;
+(2) resolves the service's threshold: the operator's ``tidal.io/owned-threshold`` annotation if
+set, else the predictor fitted on the replica history the controller has recorded, and writes
+it as ``tidal.io/predicted-threshold``; (3) publishes thresholds, replicas on owned nodes and
+the node cache to the extender's :class:`~tidal.sched.extender.ViewStore`.
+
+The Kubernetes API is reached through :class:`KubeApi`, one small interface; the adapter over
+the official ``kubernetes`` client translates its errors into :class:`KubeApiError`. Everything
+else (quantities, snapshots, plans) is pure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tidal.errors import ConfigError, KubeApiError, KubeApiUnavailableError
+from tidal.ids import NodeName
+from tidal.sched.autoscale import MINUTES_PER_DAY
+from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore
+from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
+from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
+from tidal.sched.predictor import ThresholdPredictor
+from tidal.sched.settings import (
+    ENABLED_LABEL,
+    PREDICTED_ANNOTATION,
+    SERVICE_LABEL,
+    THRESHOLD_ANNOTATION,
+    SchedSettings,
+)
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+ENABLED_SELECTOR = f"{ENABLED_LABEL}=enabled"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeApi(Protocol):
+    """The few API calls the controller makes, on raw JSON objects."""
+
+    def list_deployments(self, namespace: str | None, selector: str) -> tuple[list[Obj], str]:
+        """Items and the list's resourceVersion."""
+        ...
+
+    def watch_deployments(
+        self, namespace: str | None, selector: str, resource_version: str, timeout_s: int
+    ) -> Iterator[Obj]:
+        """Watch events ``{"type", "object"}`` until the server ends the watch."""
+        ...
+
+    def list_pods(self, namespace: str, selector: str) -> list[Obj]: ...
+
+    def list_nodes(self) -> list[Obj]: ...
+
+    def patch_pod(self, namespace: str, name: str, patch: Obj) -> None: ...
+
+    def patch_deployment(self, namespace: str, name: str, patch: Obj) -> None: ...
+
+    def patch_node(self, name: str, patch: Obj) -> None: ...
+
+
+class KubernetesApi:
+    """:class:`KubeApi` over the official ``kubernetes`` client (raw JSON, merge patches)."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self._client = api_client
+        self._core = client.CoreV1Api(api_client)
+        self._apps = client.AppsV1Api(api_client)
+
+    @classmethod
+    def from_kubeconfig(cls, path: Path | None, context: str | None = None) -> KubernetesApi:
+        from kubernetes import config
+
+        try:
+            if path is None:
+                try:
+                    config.load_incluster_config()
+                    from kubernetes import client
+
+                    return cls(client.ApiClient())
+                except config.ConfigException:
+                    pass
+            return cls(
+                config.new_client_from_config(
+                    config_file=str(path) if path else None, context=context
+                )
+            )
+        except (config.ConfigException, OSError, TypeError) as exc:
+            raise KubeApiError(
+                f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}; pass --kubeconfig "
+                "or run inside the cluster with a service account"
+            ) from exc
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            status = exc.status or 0
+            detail = (exc.reason or "").strip()
+            with contextlib.suppress(ValueError, AttributeError):
+                detail = json.loads(exc.body or "{}").get("message", detail)
+            cls = KubeApiUnavailableError if status >= 500 or status == 429 else KubeApiError
+            raise cls(f"Kubernetes API: {what} failed ({status}): {detail}") from exc
+        except HTTPError as exc:
+            raise KubeApiUnavailableError(
+                f"Kubernetes API unreachable during {what}: {exc}"
+            ) from exc
+
+    def _raw(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
+        resp = self._call(what, fn, *args, _preload_content=False, **kwargs)
+        doc: Obj = json.loads(resp.data)
+        return doc
+
+    def list_deployments(self, namespace: str | None, selector: str) -> tuple[list[Obj], str]:
+        if namespace:
+            doc = self._raw(
+                "list deployments",
+                self._apps.list_namespaced_deployment,
+                namespace,
+                label_selector=selector,
+            )
+        else:
+            doc = self._raw(
+                "list deployments",
+                self._apps.list_deployment_for_all_namespaces,
+                label_selector=selector,
+            )
+        return list(doc.get("items") or []), str(
+            (doc.get("metadata") or {}).get("resourceVersion", "")
+        )
+
+    def watch_deployments(
+        self, namespace: str | None, selector: str, resource_version: str, timeout_s: int
+    ) -> Iterator[Obj]:
+        from kubernetes import watch
+
+        w = watch.Watch()
+        fn = (
+            self._apps.list_namespaced_deployment
+            if namespace
+            else self._apps.list_deployment_for_all_namespaces
+        )
+        args = (namespace,) if namespace else ()
+        stream = w.stream(
+            fn,
+            *args,
+            label_selector=selector,
+            resource_version=resource_version,
+            timeout_seconds=timeout_s,
+            deserialize=False,
+        )
+        while True:
+            try:
+                event = self._call("watch deployments", next, stream)
+            except StopIteration:
+                return
+            yield event
+
+    def list_pods(self, namespace: str, selector: str) -> list[Obj]:
+        doc = self._raw(
+            "list pods", self._core.list_namespaced_pod, namespace, label_selector=selector
+        )
+        return list(doc.get("items") or [])
+
+    def list_nodes(self) -> list[Obj]:
+        return list(self._raw("list nodes", self._core.list_node).get("items") or [])
+
+    def patch_pod(self, namespace: str, name: str, patch: Obj) -> None:
+        self._call(
+            f"patch pod {namespace}/{name}",
+            self._core.patch_namespaced_pod,
+            name,
+            namespace,
+            patch,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+
+    def patch_deployment(self, namespace: str, name: str, patch: Obj) -> None:
+        self._call(
+            f"patch deployment {namespace}/{name}",
+            self._apps.patch_namespaced_deployment,
+            name,
+            namespace,
+            patch,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+
+    def patch_node(self, name: str, patch: Obj) -> None:
+        self._call(
+            f"patch node {name}",
+            self._core.patch_node,
+            name,
+            patch,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+
+
+# --- pure part -------------------------------------------------------------------------------
+
+_QTY = re.compile(r"^([0-9.]+(?:e[0-9]+)?)([a-zA-Z]*)$")
+_BIN = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DEC = {
+    "": 1,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+}
+
+
+def parse_quantity(text: str | int | float) -> float:
+    """A Kubernetes resource quantity (``500m``, ``2``, ``4Gi``, ``1e3``) as a plain number."""
+    if isinstance(text, int | float):
+        return float(text)
+    m = _QTY.match(text.strip())
+    if not m or (m.group(2) not in _BIN and m.group(2) not in _DEC):
+        raise ConfigError(f"not a Kubernetes quantity: {text!r}")
+    number, suffix = float(m.group(1)), m.group(2)
+    return number * (_BIN.get(suffix) or _DEC[suffix])
+
+
+def pod_requests(pod: Mapping[str, Any]) -> Resources:
+    cpu = mem = 0.0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        req = (c.get("resources") or {}).get("requests") or {}
+        cpu += parse_quantity(req.get("cpu", 0))
+        mem += parse_quantity(req.get("memory", 0))
+    return Resources(round(cpu * 1000), round(mem / 2**20))
+
+
+def _epoch(ts: str | None) -> float:
+    if not ts:
+        return 0.0
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+_ANY_SPEC = (VirtualSpec("any", Resources(1 << 40, 1 << 40), 0.0),)
+"""A virtual kubelet takes whatever fits its provider; specs matter for placement, not here."""
+
+
+def snapshot_from_k8s(
+    nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], ceiling: float
+) -> ClusterSnapshot:
+    """Owned nodes, virtual pools (one per virtual node) and placed pods from API objects."""
+    owned, pools = [], []
+    for n in nodes:
+        info = NodeInfo.from_k8s(n)
+        labels = (n.get("metadata") or {}).get("labels") or {}
+        if info.virtual:
+            pools.append(
+                VirtualPool(
+                    info.name,
+                    NodeName(info.name),
+                    info.site or info.name,
+                    _ANY_SPEC,
+                    labels=labels,
+                    cordoned=info.unschedulable,
+                )
+            )
+        else:
+            alloc = (n.get("status") or {}).get("allocatable") or {}
+            cap = Resources(
+                round(parse_quantity(alloc.get("cpu", 0)) * 1000),
+                round(parse_quantity(alloc.get("memory", 0)) / 2**20),
+            )
+            owned.append(OwnedNode(NodeName(info.name), cap, ceiling, labels, info.unschedulable))
+    placed = []
+    for p in pods:
+        meta = p.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        labels = meta.get("labels") or {}
+        node = (p.get("spec") or {}).get("nodeName")
+        placed.append(
+            Pod(
+                str(meta.get("name")),
+                str(labels.get(SERVICE_LABEL, "")),
+                pod_requests(p),
+                NodeName(node) if node else None,
+                created_s=_epoch(meta.get("creationTimestamp")),
+            )
+        )
+    return ClusterSnapshot(tuple(owned), tuple(pools), tuple(placed))
+
+
+def service_of(deployment: Mapping[str, Any]) -> str:
+    meta = deployment.get("metadata") or {}
+    return str((meta.get("labels") or {}).get(SERVICE_LABEL) or meta.get("name"))
+
+
+def selector_of(deployment: Mapping[str, Any]) -> str:
+    match = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    if not match:
+        name = (deployment.get("metadata") or {}).get("name")
+        raise ConfigError(f"deployment {name} has no spec.selector.matchLabels; Tidal needs one")
+    return ",".join(f"{k}={v}" for k, v in sorted(match.items()))
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    namespace: str
+    name: str
+    service: str
+    threshold: int | None
+    owned_replicas: int
+    pod_patches: dict[str, Obj]
+    deployment_patch: Obj | None
+
+
+def plan_deployment(
+    deployment: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    nodes: Sequence[Mapping[str, Any]],
+    predicted: int | None,
+    ceiling: float,
+) -> DeploymentPlan:
+    """The patches that bring one Deployment and its pods to Tidal's desired annotations."""
+    meta = deployment.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    service = service_of(deployment)
+    manual_text = annotations.get(THRESHOLD_ANNOTATION)
+    threshold = predicted
+    if manual_text is not None:
+        try:
+            threshold = int(manual_text)
+        except ValueError:
+            raise ConfigError(
+                f"deployment {meta.get('namespace')}/{meta.get('name')}: annotation "
+                f"{THRESHOLD_ANNOTATION}={manual_text!r} is not an integer"
+            ) from None
+    # the service label on pods may be missing: the deployment's pods are its service
+    relabelled = [
+        {
+            **p,
+            "metadata": {
+                **(p.get("metadata") or {}),
+                "labels": {
+                    **((p.get("metadata") or {}).get("labels") or {}),
+                    SERVICE_LABEL: service,
+                },
+            },
+        }
+        for p in pods
+    ]
+    snap = snapshot_from_k8s(nodes, relabelled, ceiling)
+    costs = deletion_costs(snap, service)
+    patches: dict[str, Obj] = {}
+    for p in pods:
+        pmeta = p.get("metadata") or {}
+        name = str(pmeta.get("name"))
+        if name not in costs:
+            continue
+        want = str(costs[name])
+        if (pmeta.get("annotations") or {}).get(DELETION_COST_ANNOTATION) != want:
+            patches[name] = {"metadata": {"annotations": {DELETION_COST_ANNOTATION: want}}}
+    owned_names = {n.name for n in snap.owned}
+    on_owned = sum(1 for p in snap.pods if p.node in owned_names)
+    want_ann = None if threshold is None else str(threshold)
+    dep_patch = None
+    if annotations.get(PREDICTED_ANNOTATION) != want_ann:
+        dep_patch = {"metadata": {"annotations": {PREDICTED_ANNOTATION: want_ann}}}
+    return DeploymentPlan(
+        str(meta.get("namespace", "default")),
+        str(meta.get("name")),
+        service,
+        threshold,
+        on_owned,
+        patches,
+        dep_patch,
+    )
+
+
+@dataclass
+class ReplicaHistory:
+    """Replica counts per minute, as the controller observed them (fill-forward)."""
+
+    start_minute: int | None = None
+    counts: list[float] = field(default_factory=list)
+
+    def record(self, minute: int, replicas: float) -> None:
+        if self.start_minute is None:
+            self.start_minute = minute
+        idx = minute - self.start_minute
+        if idx < len(self.counts):
+            self.counts[idx] = max(self.counts[idx], replicas)
+            return
+        last = self.counts[-1] if self.counts else replicas
+        self.counts.extend([last] * (idx - len(self.counts)))
+        self.counts.append(replicas)
+
+    def whole_days(self) -> np.ndarray:
+        days = len(self.counts) // MINUTES_PER_DAY
+        return np.asarray(self.counts[-days * MINUTES_PER_DAY :] if days else [], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    deployments: int
+    pods_patched: int
+    deployments_patched: int
+    thresholds: dict[str, int | None]
+
+
+class Controller:
+    """Reconciles Tidal-managed Deployments; ``run`` loops on a watch with periodic resync."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        *,
+        namespace: str | None = None,
+        settings: SchedSettings | None = None,
+        store: ViewStore | None = None,
+        predictor: ThresholdPredictor | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.settings = settings or SchedSettings()
+        self.store = store
+        self.predictor = predictor or ThresholdPredictor(price_ratio=self.settings.price_ratio)
+        self.clock = clock
+        self.history: dict[str, ReplicaHistory] = {}
+        self._thresholds: dict[str, int] = {}
+        self._owned: dict[str, int] = {}
+
+    def _predicted(self, service: str, replicas: float) -> int | None:
+        hist = self.history.setdefault(service, ReplicaHistory())
+        hist.record(int(self.clock() // 60), replicas)
+        days = hist.whole_days()
+        if days.size < MINUTES_PER_DAY:
+            return None
+        return self.predictor.fit(days).threshold_replicas
+
+    def reconcile(self, deployment: Obj, nodes: list[Obj]) -> tuple[DeploymentPlan, int]:
+        meta = deployment.get("metadata") or {}
+        namespace = str(meta.get("namespace", "default"))
+        pods = self.api.list_pods(namespace, selector_of(deployment))
+        replicas = float((deployment.get("spec") or {}).get("replicas") or 0)
+        plan = plan_deployment(
+            deployment,
+            pods,
+            nodes,
+            self._predicted(service_of(deployment), replicas),
+            self.settings.ceiling,
+        )
+        for pod_name, patch in plan.pod_patches.items():
+            self.api.patch_pod(namespace, pod_name, patch)
+        if plan.deployment_patch is not None:
+            self.api.patch_deployment(namespace, plan.name, plan.deployment_patch)
+        if plan.threshold is None:
+            self._thresholds.pop(plan.service, None)
+        else:
+            self._thresholds[plan.service] = plan.threshold
+        self._owned[plan.service] = plan.owned_replicas
+        return plan, len(plan.pod_patches)
+
+    def _publish(self, nodes: list[Obj]) -> None:
+        if self.store is None:
+            return
+        infos = {i.name: i for i in (NodeInfo.from_k8s(n) for n in nodes)}
+        sites = tuple(dict.fromkeys(i.site for i in infos.values() if i.virtual and i.site))
+        old = self.store.get()
+        self.store.set(
+            ExtenderView(
+                dict(self._thresholds),
+                dict(self._owned),
+                infos,
+                old.site_order or sites,
+                old.cordoned_sites,
+                old.failed_sites,
+            )
+        )
+
+    def reconcile_all(self) -> tuple[ReconcileReport, str]:
+        deployments, rv = self.api.list_deployments(self.namespace, ENABLED_SELECTOR)
+        nodes = self.api.list_nodes()
+        pods_patched = deps_patched = 0
+        thresholds: dict[str, int | None] = {}
+        for d in deployments:
+            plan, n = self.reconcile(d, nodes)
+            pods_patched += n
+            deps_patched += plan.deployment_patch is not None
+            thresholds[plan.service] = plan.threshold
+        self._publish(nodes)
+        return ReconcileReport(len(deployments), pods_patched, deps_patched, thresholds), rv
+
+    def run(self, stop: threading.Event, max_cycles: int | None = None) -> None:
+        """Watch Deployments; reconcile each event; full resync whenever a watch ends."""
+        cycles = 0
+        backoff = 1.0
+        while not stop.is_set() and (max_cycles is None or cycles < max_cycles):
+            cycles += 1
+            try:
+                _, rv = self.reconcile_all()
+                timeout = max(1, int(self.settings.resync_interval_s))
+                for event in self.api.watch_deployments(
+                    self.namespace, ENABLED_SELECTOR, rv, timeout
+                ):
+                    if stop.is_set():
+                        return
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        nodes = self.api.list_nodes()
+                        self.reconcile(event.get("object") or {}, nodes)
+                        self._publish(nodes)
+                backoff = 1.0
+            except KubeApiUnavailableError as exc:
+                log.warning("%s; retrying in %.0fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+
+def cordon_site(api: KubeApi, site: str, *, on: bool = True) -> list[str]:
+    """Cordon (or uncordon) every virtual node of ``site`` in one call; returns their names."""
+    names = []
+    for n in api.list_nodes():
+        info = NodeInfo.from_k8s(n)
+        if info.virtual and (info.site == site or info.name == site):
+            api.patch_node(info.name, {"spec": {"unschedulable": True if on else None}})
+            names.append(info.name)
+    if not names:
+        raise ConfigError(
+            f"no virtual node in site {site!r}; check the region label of the virtual nodes"
+        )
+    return names

@@ -1,0 +1,274 @@
+"""Controller mode against a fake API server on loopback that speaks the real JSON."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sched_fake_kube import FakeKube
+from typer.testing import CliRunner
+
+from tidal.cli.main import app
+from tidal.errors import ConfigError, KubeApiError, KubeApiUnavailableError
+from tidal.sched.autoscale import MINUTES_PER_DAY
+from tidal.sched.controller import (
+    Controller,
+    KubernetesApi,
+    ReplicaHistory,
+    cordon_site,
+    parse_quantity,
+    pod_requests,
+)
+from tidal.sched.extender import ViewStore
+
+COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+def deployment(
+    name: str = "web", replicas: int = 4, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": f"uid-{name}",
+            "resourceVersion": "900",
+            "generation": 3,
+            "creationTimestamp": "2024-11-01T10:00:00Z",
+            "labels": {"app": name, "tidal.io/hybrid": "enabled", "tidal.io/service": name},
+            "annotations": {"deployment.kubernetes.io/revision": "3", **(annotations or {})},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "tidal.io/service": name}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": name,
+                            "image": "web:1",
+                            "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
+                        }
+                    ]
+                },
+            },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
+            },
+        },
+        "status": {"observedGeneration": 3, "replicas": replicas, "readyReplicas": replicas},
+    }
+
+
+def pod(name: str, node: str, created: str, app_: str = "web") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": f"uid-{name}",
+            "resourceVersion": "950",
+            "creationTimestamp": created,
+            "labels": {"app": app_, "pod-template-hash": "7d9f"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{app_}-7d9f",
+                    "uid": "rs",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": app_,
+                    "image": "web:1",
+                    "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
+                }
+            ],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
+def node(
+    name: str, *, virtual: bool = False, site: str = "dc-1", unschedulable: bool = False
+) -> dict[str, Any]:
+    labels = {"kubernetes.io/hostname": name, "topology.kubernetes.io/region": site}
+    if virtual:
+        labels |= {"type": "virtual-kubelet", "tidal.io/node-kind": "virtual"}
+    n: dict[str, Any] = {
+        "metadata": {"name": name, "uid": f"uid-{name}", "labels": labels},
+        "spec": {"unschedulable": True} if unschedulable else {},
+        "status": {"allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}},
+    }
+    return n
+
+
+@pytest.fixture
+def cluster(fake_kube: FakeKube) -> FakeKube:
+    fake_kube.nodes = [
+        node("owned-1"),
+        node("owned-2"),
+        node("vk-a", virtual=True, site="cloud-a"),
+        node("vk-b", virtual=True, site="cloud-b", unschedulable=True),
+    ]
+    fake_kube.deployments = [
+        deployment(annotations={"tidal.io/owned-threshold": "2"}),
+        {
+            **deployment("batch"),
+            "metadata": {**deployment("batch")["metadata"], "labels": {"app": "batch"}},
+        },
+    ]
+    fake_kube.pods = [
+        pod("web-o1", "owned-1", "2024-11-20T10:00:00Z"),
+        pod("web-o2", "owned-2", "2024-11-20T11:00:00Z"),
+        pod("web-va-old", "vk-a", "2024-11-20T19:00:00Z"),
+        pod("web-va-new", "vk-a", "2024-11-20T19:30:00Z"),
+        pod("web-vb", "vk-b", "2024-11-20T18:00:00Z"),
+        pod("batch-1", "owned-1", "2024-11-20T10:00:00Z", app_="batch"),
+    ]
+    return fake_kube
+
+
+def api_for(kube: FakeKube) -> KubernetesApi:
+    from kubernetes import client
+
+    cfg = client.Configuration(host=kube.url)
+    return KubernetesApi(client.ApiClient(cfg))
+
+
+def test_reconcile_annotates_pods_and_threshold(cluster: FakeKube) -> None:
+    store = ViewStore()
+    ctl = Controller(api_for(cluster), store=store)
+    report, rv = ctl.reconcile_all()
+    assert rv == "1000" and report.deployments == 1  # batch is not labelled hybrid
+    assert report.thresholds == {"web": 2}
+    # list calls used the real paths and selectors
+    lists = [(r.path, r.query.get("labelSelector")) for r in cluster.requests if r.method == "GET"]
+    assert ("/apis/apps/v1/deployments", ["tidal.io/hybrid=enabled"]) in lists
+    assert ("/api/v1/namespaces/shop/pods", ["app=web"]) in lists
+    patches = {r.path: r for r in cluster.patches()}
+    assert all(r.content_type == "application/merge-patch+json" for r in patches.values())
+    costs = {
+        p["metadata"]["name"]: int(p["metadata"]["annotations"][COST])
+        for p in cluster.pods
+        if COST in (p["metadata"].get("annotations") or {})
+    }
+    # cordoned pool drains first, then virtual newest first, then owned (newest first)
+    order = sorted(costs, key=costs.__getitem__)
+    assert order == ["web-vb", "web-va-new", "web-va-old", "web-o2", "web-o1"]
+    assert all(costs[p] < 0 for p in order[:3]) and all(costs[p] > 0 for p in order[3:])
+    assert "batch-1" not in costs
+    dep = next(d for d in cluster.deployments if d["metadata"]["name"] == "web")
+    assert dep["metadata"]["annotations"]["tidal.io/predicted-threshold"] == "2"
+    view = store.get()
+    assert view.thresholds == {"web": 2} and view.owned_replicas == {"web": 2}
+    assert view.nodes["vk-b"].virtual and view.nodes["vk-b"].unschedulable
+    assert view.site_order == ("cloud-a", "cloud-b")
+    # a second pass finds nothing to change
+    before = len(cluster.patches())
+    report2, _ = ctl.reconcile_all()
+    assert report2.pods_patched == 0 and report2.deployments_patched == 0
+    assert len(cluster.patches()) == before
+
+
+def test_watch_event_reconciles_the_changed_deployment(cluster: FakeKube) -> None:
+    ctl = Controller(api_for(cluster))
+    changed = deployment(annotations={"tidal.io/owned-threshold": "5"})
+    cluster.watch_events = [{"type": "MODIFIED", "object": changed}]
+    ctl.run(threading.Event(), max_cycles=1)
+    watches = [r for r in cluster.requests if r.query.get("watch") == ["true"]]
+    assert watches and watches[0].query["resourceVersion"] == ["1000"]
+    dep_patches = [r.body for r in cluster.patches() if "deployments" in r.path]
+    assert dep_patches[-1] == {"metadata": {"annotations": {"tidal.io/predicted-threshold": "5"}}}
+
+
+def test_predicted_threshold_from_recorded_history(cluster: FakeKube) -> None:
+    now = [0.0]
+    dep = deployment()  # no manual threshold
+    cluster.deployments = [dep]
+    ctl = Controller(api_for(cluster), clock=lambda: now[0])
+    report, _ = ctl.reconcile_all()
+    assert report.thresholds == {"web": None}  # less than a day of history
+    hist = ctl.history["web"]
+    for minute in range(1, MINUTES_PER_DAY + 1):  # a day: 4 replicas except an evening peak of 20
+        hist.record(minute, 20.0 if 18 * 60 <= minute < 22 * 60 else 4.0)
+    now[0] = (MINUTES_PER_DAY + 1) * 60.0
+    report, _ = ctl.reconcile_all()
+    assert report.thresholds == {"web": 4}
+    assert cluster.deployments[0]["metadata"]["annotations"]["tidal.io/predicted-threshold"] == "4"
+
+
+def test_replica_history_fills_forward() -> None:
+    h = ReplicaHistory()
+    h.record(10, 3)
+    h.record(13, 5)
+    h.record(13, 4)
+    assert h.counts == [3, 3, 3, 5]
+    assert h.whole_days().size == 0
+
+
+def test_api_errors_are_translated(cluster: FakeKube) -> None:
+    ctl = Controller(api_for(cluster))
+    cluster.fail["/api/v1/nodes"] = (403, "Forbidden")
+    with pytest.raises(KubeApiError, match=r"list nodes failed \(403\): Forbidden") as info:
+        ctl.reconcile_all()
+    assert not isinstance(info.value, KubeApiUnavailableError)
+    cluster.fail["/api/v1/nodes"] = (503, "ServiceUnavailable")
+    with pytest.raises(KubeApiUnavailableError, match="503"):
+        ctl.reconcile_all()
+
+
+def test_bad_manual_threshold_names_the_deployment(cluster: FakeKube) -> None:
+    cluster.deployments = [deployment(annotations={"tidal.io/owned-threshold": "many"})]
+    with pytest.raises(ConfigError, match=r"shop/web: annotation tidal\.io/owned-threshold='many'"):
+        Controller(api_for(cluster)).reconcile_all()
+
+
+def test_cordon_site_patches_every_virtual_node_of_the_site(cluster: FakeKube) -> None:
+    assert cordon_site(api_for(cluster), "cloud-a") == ["vk-a"]
+    assert cluster.patches()[-1].body == {"spec": {"unschedulable": True}}
+    assert cordon_site(api_for(cluster), "cloud-b", on=False) == ["vk-b"]
+    assert (
+        "unschedulable"
+        not in next(n for n in cluster.nodes if n["metadata"]["name"] == "vk-b")["spec"]
+    )
+    with pytest.raises(ConfigError, match="no virtual node in site 'mars'"):
+        cordon_site(api_for(cluster), "mars")
+
+
+def test_quantities() -> None:
+    assert parse_quantity("500m") == 0.5 and parse_quantity("4Gi") == 4 * 2**30
+    assert parse_quantity("1e3") == 1000 and parse_quantity(2) == 2
+    assert pod_requests(pod("p", "n", "2024-11-20T10:00:00Z")).cpu_milli == 2000
+    with pytest.raises(ConfigError, match="not a Kubernetes quantity"):
+        parse_quantity("2 cores")
+
+
+def test_cli_controller_once_with_kubeconfig(cluster: FakeKube, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{cluster.url}'}}}}]\n"
+        "users: [{name: me, user: {token: not-a-secret}}]\n"
+        "contexts: [{name: fake, context: {cluster: fake, user: me}}]\n"
+        "current-context: fake\n"
+    )
+    res = CliRunner().invoke(
+        app, ["sched", "controller", "--kubeconfig", str(kubeconfig), "--once"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "1 deployment" in res.output and "web" in res.output
+    assert any(r.path == "/api/v1/namespaces/shop/pods/web-o1" for r in cluster.patches())
+    res = CliRunner().invoke(
+        app, ["sched", "cordon", "--site", "cloud-a", "--kubeconfig", str(kubeconfig)]
+    )
+    assert res.exit_code == 0 and "vk-a" in res.output
