@@ -226,7 +226,7 @@ def load_rules(path: Path, types: Mapping[str, RuleFactory] | None = None) -> Ru
         text = path.read_text()
     except FileNotFoundError:
         raise RuleError(
-            f"rules file {path} does not exist; write one (see `tidal qos rules --example`)"
+            f"rules file {path} does not exist; write one (start from `tidal qos rules example`)"
         ) from None
     except OSError as exc:
         raise RuleError(f"cannot read rules file {path}: {exc.strerror or exc}") from exc
