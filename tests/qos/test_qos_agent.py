@@ -161,3 +161,60 @@ def test_http_api_and_metrics(tmp_path: Path, fs: FakeCgroupV1Fs, rules_path: Pa
     finally:
         agent.stop()
     assert fs.read_cpu("batch/etl") == CpuLimits()
+
+
+METRICS = """# HELP http_p95_seconds p95 latency
+# TYPE http_p95_seconds gauge
+http_p95_seconds{route="/"} 0.4
+http_p95_seconds{route="/health"} 0.001
+"""
+
+
+def test_latency_scraped_from_prometheus_endpoint(
+    tmp_path: Path, fs: FakeCgroupV1Fs, rules_path: Path
+) -> None:
+    rules_path.write_text(
+        rules_path.read_text()
+        + 'signals:\n  - {app: web, prometheus_url: "http://svc/metrics", metric: http_p95_seconds,'
+        + " labels: {route: /}, scale_to_ms: 1000}\n"
+    )
+    fetched: list[str] = []
+
+    def fetch(url: str) -> str:
+        fetched.append(url)
+        return METRICS
+
+    settings = QosSettings(rules_file=rules_path, state_dir=tmp_path / "state", watchdog=False)
+    a = Agent(settings, fs=fs, node_probe=FakeNodeProbe(), clock=FakeClock(), fetch=fetch)
+    try:
+        run(a, fs, 3, 0.8, 1.2, None)
+        assert fetched == ["http://svc/metrics"] * 3
+        assert a.status()["latency_p95_ms"] == {"web": 400.0}
+        q = fs.read_cpu("batch/etl").quota_cores
+        assert q is not None and q < 2.0  # 400 ms > SLO: tightened from the scraped value
+    finally:
+        a.stop()
+
+
+def test_scrape_failure_is_reported_not_fatal(
+    tmp_path: Path, fs: FakeCgroupV1Fs, rules_path: Path
+) -> None:
+    from tidal.errors import QosError
+
+    rules_path.write_text(
+        rules_path.read_text()
+        + 'signals:\n  - {app: web, prometheus_url: "http://svc/metrics", metric: missing_metric}\n'
+    )
+
+    def fetch(url: str) -> str:
+        if "fail" in url:
+            raise QosError("down")
+        return METRICS
+
+    settings = QosSettings(rules_file=rules_path, state_dir=tmp_path / "state", watchdog=False)
+    a = Agent(settings, fs=fs, node_probe=FakeNodeProbe(), clock=FakeClock(), fetch=fetch)
+    try:
+        run(a, fs, 1, 0.8, 1.2, None)
+        assert "no sample missing_metric" in a.status()["scrape_errors"]["web"]
+    finally:
+        a.stop()

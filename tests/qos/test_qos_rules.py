@@ -96,3 +96,28 @@ def test_plugin_rule_types_plug_in() -> None:
     types = {**available_rule_types(), "noop": _AlwaysNothing}
     rs = parse_rules({"rules": [{"type": "noop"}]}, "r", types)
     assert isinstance(rs.rules[0], _AlwaysNothing)
+
+
+def test_signals_validated() -> None:
+    with pytest.raises(RuleError, match=r"signals\[0\]: missing \['metric'\]"):
+        parse_rules({"signals": [{"app": "w", "prometheus_url": "http://x"}]}, "r")
+    with pytest.raises(RuleError, match="not http"):
+        parse_rules({"signals": [{"app": "w", "prometheus_url": "file:///x", "metric": "m"}]}, "r")
+    rs = parse_rules(
+        {
+            "signals": [
+                {"app": "w", "prometheus_url": "http://x", "metric": "m", "scale_to_ms": 1000}
+            ]
+        },
+        "r",
+    )
+    assert rs.signals[0].scale_to_ms == 1000.0
+
+
+def test_parse_metric_picks_labels() -> None:
+    from tidal.qos.scrape import parse_metric
+
+    text = 'lat{route="/a"} 1.5\nlat{route="/b"} 2.5\n'
+    assert parse_metric(text, "lat", {"route": "/b"}) == 2.5
+    assert parse_metric(text, "lat", {}) == 1.5
+    assert parse_metric(text, "other", {}) is None

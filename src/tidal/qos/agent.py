@@ -23,6 +23,7 @@ from tidal.qos.command_center import CommandCenter, Decision
 from tidal.qos.executor import Executor
 from tidal.qos.metrics import QosMetrics
 from tidal.qos.rules import RuleSet, RulesFile
+from tidal.qos.scrape import Fetch, http_fetch, parse_metric
 from tidal.qos.settings import QosSettings
 from tidal.qos.snapshot import ContainerView, Event, Snapshot
 from tidal.qos.watchdog import spawn_watchdog, stop_watchdog
@@ -48,6 +49,7 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rules: RulesFile | None = None,
+        fetch: Fetch = http_fetch,
     ) -> None:
         self.settings = settings
         self.fs = fs or detect_cgroupfs(settings.cgroup_root)
@@ -73,6 +75,8 @@ class Agent:
         self._api: Any = None
         self.rounds = 0
         self.last_error: str | None = None
+        self.fetch = fetch
+        self.scrape_errors: dict[str, str] = {}
 
     # --- events and signals ---------------------------------------------------------------------
 
@@ -99,6 +103,22 @@ class Agent:
             self._latency[app] = LatencyReport(app, float(p95_ms), now)
             self.aggregator.add(f"latency:{app}", now, float(p95_ms))
         self.metrics.latency.labels(app).set(p95_ms)
+
+    def scrape(self, rules: RuleSet) -> None:
+        """Pull the latency signals the rules name; a failed scrape only leaves the value stale."""
+        for sig in rules.signals:
+            try:
+                value = parse_metric(self.fetch(sig.prometheus_url), sig.metric, sig.labels)
+            except QosError as exc:
+                self.scrape_errors[sig.app] = str(exc)
+                continue
+            if value is None:
+                self.scrape_errors[sig.app] = (
+                    f"no sample {sig.metric}{sig.labels} at {sig.prometheus_url}"
+                )
+                continue
+            self.scrape_errors.pop(sig.app, None)
+            self.report_latency(sig.app, value * sig.scale_to_ms)
 
     def _fresh_latency(self, now: float, max_age_s: float) -> dict[str, float]:
         return {a: r.p95_ms for a, r in self._latency.items() if now - r.t <= max_age_s}
@@ -147,6 +167,7 @@ class Agent:
         if self.rules.poll():
             self.center.emit(Event("rules", "rules reloaded", str(self.rules.path)))
         rules = self.rules.current
+        self.scrape(rules)
         cgroups = [c.cgroup for c in rules.containers]
         frame = self.collector.collect(cgroups)
         self.metrics.observe_frame(frame)
@@ -270,5 +291,6 @@ class Agent:
             "journal": sorted(self.executor.journal.entries),
             "adjustments": dict(self.executor.counts),
             "last_error": self.last_error,
+            "scrape_errors": dict(self.scrape_errors),
             "state_dir": str(Path(self.executor.journal.path).parent),
         }

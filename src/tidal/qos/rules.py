@@ -23,6 +23,9 @@ Example::
       - {type: cpu_spike, threshold: 0.9}
       - {type: memory_guard}
     guards: {drift_limit_s: 600, scale_out_after_s: 60}
+    signals:                            # optional: pull the p95 instead of having it pushed
+      - {app: web, prometheus_url: "http://127.0.0.1:9102/metrics", metric: http_p95_seconds,
+         scale_to_ms: 1000}
 """
 
 from __future__ import annotations
@@ -66,6 +69,18 @@ class ContainerRule:
 
 
 @dataclass(frozen=True)
+class LatencySignal:
+    """Scrape an application's p95 from a Prometheus endpoint (instead of it being pushed)."""
+
+    app: str
+    prometheus_url: str
+    metric: str
+    labels: dict[str, str] = field(default_factory=dict)
+    scale_to_ms: float = 1.0
+    """1000 when the metric is in seconds."""
+
+
+@dataclass(frozen=True)
 class Guards:
     drift_limit_s: float = DEFAULT_DRIFT_LIMIT_S
     scale_out_after_s: float = DEFAULT_SCALE_OUT_AFTER_S
@@ -81,6 +96,7 @@ class RuleSet:
     rules: tuple[Rule, ...]
     guards: Guards
     source: str = "<memory>"
+    signals: tuple[LatencySignal, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
 
     def priority_of(self, labels: Mapping[str, str]) -> Priority | None:
@@ -138,7 +154,7 @@ def parse_rules(
     """Validate a decoded YAML document into a :class:`RuleSet`."""
     types = available_rule_types() if types is None else types
     _expect(isinstance(doc, dict), source, "the rules file must be a YAML mapping")
-    known = {"version", "containers", "classes", "slo", "policy", "rules", "guards"}
+    known = {"version", "containers", "classes", "slo", "policy", "rules", "guards", "signals"}
     unknown = set(doc) - known
     _expect(not unknown, source, f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     _expect(
@@ -218,7 +234,44 @@ def parse_rules(
         raise RuleError(
             f"{source}: guards: {exc}; known: drift_limit_s, scale_out_after_s, latency_max_age_s"
         ) from None
-    return RuleSet(tuple(containers), classes, slo, policy, rules, guards, source, dict(doc))
+    signals = []
+    raw_signals = doc.get("signals") or []
+    _expect(isinstance(raw_signals, list), f"{source}: signals", "expected a list")
+    for i, sig in enumerate(raw_signals):
+        where = f"{source}: signals[{i}]"
+        _expect(isinstance(sig, dict), where, "expected a mapping")
+        missing = {"app", "prometheus_url", "metric"} - set(sig)
+        _expect(not missing, where, f"missing {sorted(missing)}")
+        extra = set(sig) - {"app", "prometheus_url", "metric", "labels", "scale_to_ms"}
+        _expect(not extra, where, f"unknown key(s) {sorted(extra)}")
+        url = str(sig["prometheus_url"])
+        _expect(
+            url.startswith(("http://", "https://")), where, f"prometheus_url {url!r} is not http(s)"
+        )
+        scale = sig.get("scale_to_ms", 1.0)
+        _expect(
+            isinstance(scale, (int, float)) and scale > 0, where, "scale_to_ms must be positive"
+        )
+        signals.append(
+            LatencySignal(
+                str(sig["app"]),
+                url,
+                str(sig["metric"]),
+                _str_map(sig.get("labels") or {}, f"{where}.labels"),
+                float(scale),
+            )
+        )
+    return RuleSet(
+        tuple(containers),
+        classes,
+        slo,
+        policy,
+        rules,
+        guards,
+        source=source,
+        signals=tuple(signals),
+        raw=dict(doc),
+    )
 
 
 def load_rules(path: Path, types: Mapping[str, RuleFactory] | None = None) -> RuleSet:
