@@ -1,0 +1,103 @@
+"""Pure tests of the thin adapters' logic: runtime argv and messages, monitor helpers,
+hybrid-cgroup detection, image configs, quota mkfs arguments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tidal.engine.hostprep import v2_controllers_in_hybrid
+from tidal.engine.monitor import read_oom_kills, write_json_atomic
+from tidal.engine.rootfs import (
+    DirectoryRootfsProvider,
+    ImageConfig,
+    TidalImageRootfsProvider,
+    overlay_options,
+    provider_for,
+)
+from tidal.engine.runtime import _clean, read_runtime_log
+from tidal.engine.volume import mkfs_argv
+from tidal.errors import ImageNotFoundError
+
+
+def test_runtime_messages_are_one_readable_line(tmp_path: Path) -> None:
+    raw = b'{"level":"error","msg":"container_linux.go: starting container process caused: exec: \\"x\\": not found"}\n'
+    assert (
+        _clean(raw) == 'container_linux.go: starting container process caused: exec: "x": not found'
+    )
+    assert _clean(b"crun: plain text error\n") == "crun: plain text error"
+    log = tmp_path / "runtime.log"
+    log.write_text(
+        json.dumps({"level": "debug", "msg": "noise"})
+        + "\n"
+        + json.dumps({"level": "error", "msg": "boom"})
+        + "\n"
+    )
+    assert read_runtime_log(log) == "boom"
+    assert read_runtime_log(tmp_path / "missing.log") == ""
+
+
+def test_oom_counter_v1_and_v2(tmp_path: Path) -> None:
+    v1 = tmp_path / "memory.oom_control"
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    v2 = tmp_path / "memory.events"
+    v2.write_text("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n")
+    assert read_oom_kills([str(tmp_path / "none"), str(v1)]) == 2
+    assert read_oom_kills([str(v2)]) == 1
+    assert read_oom_kills([str(tmp_path / "none")]) == 0
+
+
+def test_exit_record_written_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "exit.json"
+    write_json_atomic(str(path), {"exit_code": 3})
+    assert json.loads(path.read_text()) == {"exit_code": 3}
+    assert not (tmp_path / "exit.json.tmp").exists()
+
+
+def test_hybrid_detection(tmp_path: Path) -> None:
+    assert v2_controllers_in_hybrid(tmp_path) == []  # no unified mount: pure v1 or v2
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("hugetlb\n")
+    assert v2_controllers_in_hybrid(tmp_path) == ["hugetlb"]
+
+
+def test_image_config_and_provider_choice(tmp_path: Path) -> None:
+    cfg = ImageConfig.from_oci(
+        {
+            "Entrypoint": ["/app"],
+            "Cmd": ["--port", "80"],
+            "Env": ["A=1", "B=x=y"],
+            "WorkingDir": "/srv",
+        }
+    )
+    assert cfg.default_command == ("/app", "--port", "80")
+    assert cfg.env == (("A", "1"), ("B", "x=y"))
+    assert cfg.workdir == "/srv"
+    assert ImageConfig.from_oci({}).default_command == ()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    assert isinstance(provider_for(str(rootfs)), DirectoryRootfsProvider)
+    (tmp_path / "rootfs.config.json").write_text(json.dumps({"config": {"Cmd": ["sh"]}}))
+    assert DirectoryRootfsProvider().image_config(str(rootfs)).cmd == ("sh",)
+    image = tmp_path / "img"
+    image.mkdir()
+    (image / "manifest.json").write_text("{}")
+    assert isinstance(provider_for(str(image)), TidalImageRootfsProvider)
+    with pytest.raises(ImageNotFoundError, match="tidal image build"):
+        provider_for(str(tmp_path / "missing"))
+
+
+def test_quota_volume_mkfs_limits_inodes_and_reserves_nothing() -> None:
+    argv = mkfs_argv("/v.img", 64 << 20, 1000)
+    assert argv[0] == "mkfs.ext4"
+    assert argv[argv.index("-N") + 1] == "1000"
+    assert argv[argv.index("-m") + 1] == "0"
+    assert argv[-1] == f"{(64 << 20) // 1024}k"
+    assert (
+        mkfs_argv("/v.img", 64 << 20, 3)[mkfs_argv("/v.img", 64 << 20, 3).index("-N") + 1] == "64"
+    )
+    assert (
+        overlay_options(Path("/l"), Path("/u"), Path("/w")) == "lowerdir=/l,upperdir=/u,workdir=/w"
+    )
