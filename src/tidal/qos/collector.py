@@ -42,6 +42,8 @@ class ContainerMetrics:
     memory_limit_bytes: int | None
     limits: CpuLimits
     pressure: Pressure | None
+    throttled_s_per_s: float | None = None
+    """Seconds of throttled run time per second (summed over CPUs)."""
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,13 @@ class Collector:
         self._prev[cgroup] = (now, cpu)
         cores: float | None = None
         throttled: float | None = None
+        throttled_time: float | None = None
         if prev is not None and now > prev[0]:
             dt = now - prev[0]
             cores = max(0.0, (cpu.usage_ns - prev[1].usage_ns) / 1e9 / dt)
             periods = cpu.nr_periods - prev[1].nr_periods
             throttled = (cpu.nr_throttled - prev[1].nr_throttled) / periods if periods > 0 else 0.0
+            throttled_time = max(0.0, (cpu.throttled_ns - prev[1].throttled_ns) / 1e9 / dt)
         return ContainerMetrics(
             cgroup=cgroup,
             t=now,
@@ -211,6 +215,7 @@ class Collector:
             memory_limit_bytes=mem.limit_bytes,
             limits=self.fs.read_cpu(cgroup),
             pressure=self.fs.pressure(cgroup),
+            throttled_s_per_s=throttled_time,
         )
 
     def collect(self, cgroups: Iterable[str]) -> Frame:

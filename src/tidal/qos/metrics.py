@@ -21,6 +21,12 @@ class QosMetrics:
         self.throttled = Gauge(
             "tidal_qos_throttled_ratio", "Fraction of CFS periods throttled", ["cgroup"], registry=r
         )
+        self.throttled_time = Gauge(
+            "tidal_qos_throttled_seconds_per_second",
+            "Throttled run time per second",
+            ["cgroup"],
+            registry=r,
+        )
         self.working_set = Gauge(
             "tidal_qos_memory_working_set_bytes", "Memory working set", ["cgroup"], registry=r
         )
@@ -62,6 +68,8 @@ class QosMetrics:
                 self.cpu.labels(cg).set(m.cpu_cores)
             if m.throttled_ratio is not None:
                 self.throttled.labels(cg).set(m.throttled_ratio)
+            if m.throttled_s_per_s is not None:
+                self.throttled_time.labels(cg).set(m.throttled_s_per_s)
             self.working_set.labels(cg).set(m.working_set_bytes)
             q = m.limits.quota_cores
             self.quota.labels(cg).set(-1 if q is None else q)
