@@ -35,7 +35,10 @@ from tidal.units import MiB
 class BuildProgress(Protocol):
     """Where the builder reports long work (the CLI shows it with rich on stderr)."""
 
-    def step(self, description: str) -> None: ...
+    def step(self, description: str, total_bytes: int | None = None) -> None:
+        """A new phase; ``total_bytes`` if its size is known (then :meth:`advance` follows)."""
+
+    def advance(self, n_bytes: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class _LayerBuilder:
         name: str,
         fill: Callable[[Path], None],
         *,
+        total_bytes: int | None = None,
         source_digest: str | None = None,
         source_diff_id: str | None = None,
     ) -> None:
@@ -131,7 +135,7 @@ class _LayerBuilder:
         )
         try:
             if self.progress:
-                self.progress.step(f"{name}: writing files")
+                self.progress.step(f"{name}: writing files", total_bytes)
             fill(self.mnt)
         except BaseException:
             mounts.unmount(self.mnt, force=True)
@@ -182,7 +186,8 @@ def convert_oci(
         for i, (layer, scan) in enumerate(zip(source.layers, scans, strict=True)):
             builder.layer(
                 f"layer {i + 1}/{len(source.layers)}",
-                lambda root, layer=layer, scan=scan, i=i: _apply(layer, scan, root, i),  # type: ignore[misc]
+                lambda root, layer=layer, scan=scan, i=i: _apply(layer, scan, root, i, progress),  # type: ignore[misc]
+                total_bytes=scan.file_bytes,
                 source_digest=layer.digest,
                 source_diff_id=layer.diff_id,
             )
@@ -204,8 +209,11 @@ def _scan(layer: SourceLayer, i: int) -> LayerScan:
         return scan_layer(tf, layer=_layer_name(layer, i))
 
 
-def _apply(layer: SourceLayer, scan: LayerScan, root: Path, i: int) -> None:
-    with TreeWriter(root, layer=_layer_name(layer, i)) as writer:
+def _apply(
+    layer: SourceLayer, scan: LayerScan, root: Path, i: int, progress: BuildProgress | None
+) -> None:
+    on_bytes = progress.advance if progress else None
+    with TreeWriter(root, layer=_layer_name(layer, i), on_bytes=on_bytes) as writer:
         writer.apply_whiteouts(scan)
         with layer.open_tar() as tf:
             extract(tf, writer)

@@ -21,7 +21,7 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -56,6 +56,8 @@ class LayerScan:
     entries: int
     content_bytes: int
     """Sum of regular file sizes rounded up to 4 KiB blocks (for sizing the disk)."""
+    file_bytes: int = 0
+    """Exact sum of regular file sizes (for progress)."""
 
 
 def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> LayerScan:
@@ -64,6 +66,7 @@ def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> L
     opaque: list[str] = []
     entries = 0
     content = 0
+    exact = 0
     for m in members:
         path = normalize(m.name, layer=layer)
         if m.islnk():
@@ -77,7 +80,8 @@ def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> L
             entries += 1
             if m.isfile():
                 content += -(-m.size // 4096) * 4096
-    return LayerScan(tuple(whiteouts), tuple(opaque), entries, content)
+                exact += m.size
+    return LayerScan(tuple(whiteouts), tuple(opaque), entries, content, exact)
 
 
 @dataclass
@@ -95,9 +99,16 @@ class ApplyStats:
 class TreeWriter:
     """Writes tar members below ``root`` without ever following a symlink."""
 
-    def __init__(self, root: Path, *, layer: str = "layer") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        layer: str = "layer",
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
         self.root = root
         self.layer = layer
+        self._on_bytes = on_bytes
         self.stats = ApplyStats()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dir_times: dict[str, int] = {}
@@ -273,6 +284,8 @@ class TreeWriter:
                 while block := data.read(_COPY_BUFFER):
                     out.write(block)
                     copied += len(block)
+                    if self._on_bytes is not None:
+                        self._on_bytes(len(block))
                 self.stats.bytes_written += copied
             self._set_meta_fd(out.fileno(), member)
         self.stats.files += 1

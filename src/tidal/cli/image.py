@@ -11,7 +11,14 @@ from pathlib import Path
 from types import TracebackType
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from tidal.blockdev import builder, mounts, rawdisk
@@ -35,15 +42,21 @@ class _Steps:
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
             TimeElapsedColumn(),
             console=err,
             transient=True,
         )
         self._task = self._progress.add_task(title, total=None)
 
-    def step(self, description: str) -> None:
-        self._progress.update(self._task, description=description)
+    def step(self, description: str, total_bytes: int | None = None) -> None:
+        self._progress.remove_task(self._task)  # a fresh task: rich cannot unset a total
+        self._task = self._progress.add_task(description, total=total_bytes)
         err.print(f"[dim]{description}[/]", highlight=False)
+
+    def advance(self, n_bytes: int) -> None:
+        self._progress.update(self._task, advance=n_bytes)
 
     def __enter__(self) -> _Steps:
         self._progress.start()
