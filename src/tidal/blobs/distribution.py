@@ -1,0 +1,236 @@
+"""Tidal images in a registry: push, pull (metadata only) and open lazily.
+
+- :func:`push_image` uploads a local image's layer blobs (streamed, skipped if present), its OCI
+  config and its OCI manifest (``tidal.image.oci.to_oci``), so any distribution registry stores
+  it and skopeo can inspect and copy it.
+- :func:`pull_image` fetches only the manifest and config and writes ``manifest.json`` plus
+  ``origin.json`` (where the blobs live) into a directory; with a cache it also warms each
+  layer's ZFile tail (its extent index and chunk table).
+- :class:`LazyImage` opens such a directory with every layer read through a
+  :class:`~tidal.blobs.cached_source.CachedRangeSource`; it adds up their statistics and turns an
+  access trace (device offsets) into the stored chunk ranges each layer blob must prefetch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.blobs.cached_source import CachedRangeSource, Prefetch, SourceStats, lazy_source_factory
+from tidal.blobs.chunk_cache import ChunkCache
+from tidal.blobs.local_store import LocalBlobStore
+from tidal.blobs.reference import ImageReference
+from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
+from tidal.blobs.settings import BlobSettings
+from tidal.blobs.source import BlobSource, ByteRange, copy_blob
+from tidal.errors import FormatError, ImageNotFoundError
+from tidal.ids import Digest, parse_digest
+from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageManifest
+from tidal.image.merged import resolve
+from tidal.image.oci import OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
+from tidal.image.trace import Trace
+from tidal.units import SECTOR_BYTES
+
+ORIGIN_FILE = "origin.json"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: ImageReference
+    manifest_digest: Digest
+    blobs_uploaded: int
+    bytes_uploaded: int
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a pulled image's blobs live."""
+
+    registry: str
+    repository: str
+    manifest_digest: Digest
+
+
+def push_image(
+    image_dir: str | os.PathLike[str], reference: ImageReference, client: RegistryClient
+) -> PushResult:
+    """Upload a local Tidal image; blobs the registry has already are not sent again."""
+    image = Image.open(image_dir)
+    artifact = to_oci(image.manifest)
+    local = LocalBlobStore(image_dir)
+    remote = RegistryBlobStore(client, reference.repository)
+    uploaded = 0
+    nbytes = 0
+    for rec in image.manifest.layers:
+        if copy_blob(local, remote, rec.digest):
+            uploaded += 1
+            nbytes += rec.size_bytes
+    if not remote.has(artifact.config_digest):
+        remote.put_bytes(artifact.config, artifact.config_digest)
+        uploaded += 1
+        nbytes += len(artifact.config)
+    tag = reference.tag or reference.reference
+    digest = client.put_manifest(reference.repository, tag, artifact.manifest)
+    return PushResult(reference.with_digest(digest), digest, uploaded, nbytes)
+
+
+def pull_image(
+    reference: ImageReference,
+    dest: str | os.PathLike[str],
+    client: RegistryClient,
+    *,
+    cache: ChunkCache | None = None,
+    settings: BlobSettings | None = None,
+) -> ImageManifest:
+    """Fetch an image's metadata into ``dest`` (no layer data); warm layer tails if cached."""
+    repo = reference.repository
+    m = client.resolve_manifest(repo, reference.reference)
+    doc = m.json()
+    if m.media_type != OCI_MANIFEST_MEDIA_TYPE and doc.get("mediaType") != OCI_MANIFEST_MEDIA_TYPE:
+        raise FormatError(
+            f"{reference} is a {m.media_type}, not a Tidal image; convert it first with "
+            "`tidal image convert`"
+        )
+    config = client.get_blob(repo, parse_digest(doc["config"]["digest"]))
+    manifest = from_oci(m.body, config, name=str(reference))
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    origin = {"registry": client.registry, "repository": repo, "manifest_digest": m.digest}
+    _write_atomic(out / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
+    _write_atomic(out / "manifest.json", manifest.to_json())
+    if cache is not None:
+        with LazyImage.open(out, RegistryBlobStore(client, repo), cache, settings) as lazy:
+            lazy.image.layers()  # reads each layer's footer and tail into the cache
+    return manifest
+
+
+def read_origin(image_dir: str | os.PathLike[str]) -> Origin:
+    path = Path(image_dir) / ORIGIN_FILE
+    try:
+        doc = json.loads(path.read_text())
+        return Origin(doc["registry"], doc["repository"], parse_digest(doc["manifest_digest"]))
+    except FileNotFoundError:
+        raise ImageNotFoundError(
+            f"{image_dir} was not pulled from a registry (no {ORIGIN_FILE}); "
+            "pull it with `tidal image pull REF DIR`"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path} is malformed: {exc!r}; pull the image again") from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class LazyImage:
+    """An image whose layer blobs come from a BlobSource through the chunk cache."""
+
+    def __init__(
+        self,
+        path: Path,
+        source: BlobSource,
+        cache: ChunkCache | None,
+        settings: BlobSettings | None = None,
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self.settings = settings or BlobSettings()
+        self.sources: dict[Digest, CachedRangeSource] = {}
+        make = lazy_source_factory(source, cache, self.settings)
+
+        def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
+            src = make(digest, size_bytes)
+            self.sources[digest] = src
+            return src
+
+        self.image = Image.open(path, source_factory=factory)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        source: BlobSource,
+        cache: ChunkCache | None,
+        settings: BlobSettings | None = None,
+    ) -> LazyImage:
+        return cls(Path(path), source, cache, settings)
+
+    @classmethod
+    def from_registry(
+        cls,
+        path: str | os.PathLike[str],
+        client: RegistryClient,
+        cache: ChunkCache | None,
+        settings: BlobSettings | None = None,
+    ) -> LazyImage:
+        """Open a pulled image; its blobs come from the repository named in ``origin.json``."""
+        origin = read_origin(path)
+        return cls(Path(path), RegistryBlobStore(client, origin.repository), cache, settings)
+
+    def stats(self) -> SourceStats:
+        """The sum over all layer sources: bytes fetched, hits, misses, prefetched chunks."""
+        parts = [s.stats for s in self.sources.values()]
+        return SourceStats(
+            *(sum(getattr(p, f) for p in parts) for f in SourceStats.__dataclass_fields__)
+        )
+
+    def trace(self) -> Trace | None:
+        """The image's access trace, if a trace layer was pushed with it."""
+        for rec in self.image.manifest.layers:
+            if rec.kind == LAYER_KIND_TRACE:
+                data = self.source.read(rec.digest, 0, rec.size_bytes)  # digest-checked
+                return Trace.deserialize(data, name=f"trace layer of {self.image.path}")
+        return None
+
+    def plan_prefetch(self, trace: Trace) -> dict[Digest, list[ByteRange]]:
+        """The stored chunk ranges, per layer blob, that the trace's device ranges read.
+
+        In trace order (the order the container needed them), each chunk once.
+        """
+        layers = self.image.layers()
+        digest_of = {
+            id(layer): rec.digest
+            for layer, rec in zip(layers, self.image.manifest.data_layers, strict=True)
+        }
+        plan: dict[Digest, list[ByteRange]] = {}
+        seen: set[tuple[Digest, ByteRange]] = set()
+        for tr in trace.ranges:
+            for seg, layer in resolve(layers, tr.lba, tr.length):
+                ext = seg.extent
+                if layer is None or ext is None or ext.zeroed:
+                    continue
+                digest = digest_of[id(layer)]
+                zfile = layer.zfile  # type: ignore[attr-defined]
+                for span in zfile.chunk_spans(
+                    ext.data_offset * SECTOR_BYTES, ext.length * SECTOR_BYTES
+                ):
+                    r = ByteRange.of(span.stored_offset, span.stored_size)
+                    if (digest, r) not in seen:
+                        seen.add((digest, r))
+                        plan.setdefault(digest, []).append(r)
+        return plan
+
+    def prefetch_trace(
+        self, trace: Trace | None = None, concurrency: int | None = None
+    ) -> Sequence[Prefetch]:
+        """Start replaying ``trace`` (default: the image's own) in the background."""
+        trace = trace if trace is not None else self.trace()
+        if trace is None:
+            return []
+        plan = self.plan_prefetch(trace)
+        return [self.sources[d].prefetch(ranges, concurrency) for d, ranges in plan.items()]
+
+    def close(self) -> None:
+        for src in self.sources.values():
+            src.close()
+
+    def __enter__(self) -> LazyImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
