@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sched_fake_kube import FakeKube
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ from tidal.sched.controller import (
     pod_requests,
 )
 from tidal.sched.extender import ViewStore
+from tidal.sched.predictor import ThresholdPredictor
 
 COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -199,12 +201,17 @@ def test_predicted_threshold_from_recorded_history(cluster: FakeKube) -> None:
     report, _ = ctl.reconcile_all()
     assert report.thresholds == {"web": None}  # less than a day of history
     hist = ctl.history["web"]
-    for minute in range(1, MINUTES_PER_DAY + 1):  # a day: 4 replicas except an evening peak of 20
-        hist.record(minute, 20.0 if 18 * 60 <= minute < 22 * 60 else 4.0)
+    # a day: 4 replicas, ramping over an hour to an evening peak of 20
+    for minute in range(1, MINUTES_PER_DAY + 1):
+        ramp = min(1.0, max(0.0, (minute - 17 * 60) / 60), max(0.0, (23 * 60 - minute) / 60))
+        hist.record(minute, 4.0 + 16.0 * ramp)
     now[0] = (MINUTES_PER_DAY + 1) * 60.0
     report, _ = ctl.reconcile_all()
-    assert report.thresholds == {"web": 4}
-    assert cluster.deployments[0]["metadata"]["annotations"]["tidal.io/predicted-threshold"] == "4"
+    # the controller feeds what it recorded (the last whole day) to the predictor
+    want = ThresholdPredictor().fit(np.asarray(hist.counts[-MINUTES_PER_DAY:])).threshold_replicas
+    assert report.thresholds == {"web": want} and 4 <= want < 20
+    annotations = cluster.deployments[0]["metadata"]["annotations"]
+    assert annotations["tidal.io/predicted-threshold"] == str(want)
 
 
 def test_replica_history_fills_forward() -> None:

@@ -42,21 +42,56 @@ def test_optimal_threshold_is_the_brute_force_minimum(values: list[float], ratio
     assert threshold_cost(d, optimal_threshold(d, ratio), ratio) == pytest.approx(best)
 
 
-def test_fit_manual_override_and_capacity_cap() -> None:
-    h = square_days(3, 20, 100)
+def ramp_days(days: int, base: float, peak: float, ramp_min: int = 60) -> np.ndarray:
+    """Like square_days but with linear one-hour ramps: rises a relative headroom can cover."""
+    day = np.full(MINUTES_PER_DAY, base)
+    up = np.linspace(base, peak, ramp_min)
+    day[17 * 60 : 17 * 60 + ramp_min] = up
+    day[18 * 60 : 22 * 60] = peak
+    day[22 * 60 : 22 * 60 + ramp_min] = up[::-1]
+    return np.tile(day, days)
+
+
+def test_fit_threshold_manual_override_and_capacity_cap() -> None:
+    h = ramp_days(3, 20, 100)
     fc = ThresholdPredictor().fit(h)
-    assert fc.fitted_threshold == 20  # peak is 1/6 of the time < 1/1.5: base is optimal
+    assert fc.spare_replicas == 0  # smooth ramps: relative headroom covers every rise
+    assert 0 < fc.ramp_headroom < 0.2
+    # peak hours are < 1/1.5 of the day: owned sized near the (planned) base, far below peak
+    assert fc.fitted_threshold == optimal_threshold(fc.plan(h).astype(float), 1.5)
+    assert 20 <= fc.fitted_threshold <= 20 * (1 + fc.ramp_headroom) + 1
     assert fc.peak_replicas == pytest.approx(100)
     assert ThresholdPredictor(capacity_replicas=12).fit(h).threshold_replicas == 12
     manual = ThresholdPredictor(manual_threshold=70).fit(h)
-    assert manual.threshold_replicas == 70 and manual.manual and manual.fitted_threshold == 20
-    # growth anticipates the (smoothed) ramp at 18:00 one minute ahead, flat elsewhere
-    assert fc.growth[18 * 60 - 2] > 1.05 and fc.growth[12 * 60] == pytest.approx(1.0)
+    assert manual.threshold_replicas == 70 and manual.manual
+    assert manual.fitted_threshold == fc.fitted_threshold
+    # growth anticipates the ramp one minute ahead, flat elsewhere
+    assert fc.growth[17 * 60 + 5] > 1.01 and fc.growth[12 * 60] == pytest.approx(1.0)
     assert min(fc.floor) == 20
 
 
+def test_jumps_out_of_quiet_get_spare_replicas_and_plan_covers_history() -> None:
+    h = square_days(3, 20, 100)  # 20 -> 100 within a minute: no relative headroom covers it
+    fc = ThresholdPredictor().fit(h)
+    assert fc.spare_replicas > 0
+    planned = fc.plan(h[:-1])
+    assert np.all(planned >= np.ceil(h[1:]))  # one minute ahead, never short on its history
+    smooth = ThresholdPredictor().fit(ramp_days(3, 20, 100))
+    assert smooth.spare_replicas == 0
+
+
+def test_plan_is_the_hpa_rule_with_growth() -> None:
+    fc = ThresholdPredictor().fit(ramp_days(2, 20, 100))
+    hpa = HpaRule(target_utilisation=1 / (1 + fc.ramp_headroom), min_replicas=0)
+    loads = [0.0, 20.0, 55.5, 100.0]
+    minutes = [3 * 60, 12 * 60, 17 * 60 + 20, 19 * 60]
+    for load, minute in zip(loads, minutes, strict=True):
+        want = hpa.desired(load, fc.growth[minute]) + fc.spare_replicas
+        assert fc.plan(np.array([load]), start_minute=minute)[0] == want
+
+
 def test_fit_sees_only_the_history_it_is_given() -> None:
-    h = square_days(4, 20, 100)
+    h = ramp_days(4, 20, 100)
     spiky = h.copy()
     spiky[-MINUTES_PER_DAY:] *= 3  # the last day is wild
     quiet = ThresholdPredictor().fit(h[: 3 * MINUTES_PER_DAY])

@@ -69,8 +69,22 @@ class Forecast:
     peak_replicas: float
     ramp_headroom: float
     """Highest relative rise within the lead time that ``growth`` did not explain."""
+    spare_replicas: int
+    """Whole replicas to keep ready beyond the relative headroom (bursty services only)."""
     fitted_days: int
     manual: bool = False
+
+    def plan(self, demand: FloatArray, start_minute: int = 0) -> NDArray[np.int64]:
+        """Replicas to run for observed per-minute ``demand`` (decided one lead time ahead).
+
+        The HPA side of the target: load scaled by the expected growth, the relative
+        headroom, plus spare replicas. ``start_minute`` is the minute of day of ``demand[0]``.
+        """
+        d = np.asarray(demand, dtype=np.float64)
+        idx = (np.arange(d.size) + start_minute) % MINUTES_PER_DAY
+        growth = np.asarray(self.growth)[idx]
+        planned = np.ceil(d * growth * (1.0 + self.ramp_headroom) - 1e-9).astype(np.int64)
+        return planned + self.spare_replicas
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,22 @@ class ThresholdPredictor:
         future = flat[lead:]
         residual = (future - expected) / np.maximum(expected, 1.0)
         headroom = float(np.quantile(residual, self.ramp_quantile)) if residual.size else 0.0
-        fitted = optimal_threshold(recent, self.price_ratio)
+        headroom = (
+            min(max(0.0, headroom * self.headroom_safety), MAX_HEADROOM)
+            if math.isfinite(headroom)
+            else 0.0
+        )
+        # what relative headroom could not cover (bursts out of near-silence): whole spare
+        # replicas, sized by the largest such miss on the history; zero for smooth services
+        covered = np.ceil(expected * (1.0 + headroom) - 1e-9)
+        missed = np.ceil(future - 1e-9) - covered
+        spare = math.ceil(
+            max(0.0, float(missed.max()) if missed.size else 0.0) * self.headroom_safety
+        )
+        # size owned capacity for what will actually run (demand plus headroom and spare
+        # replicas), not for bare demand: always-on spare replicas are cheaper owned
+        planned = np.ceil(flat * np.tile(growth, by_day.shape[0]) * (1.0 + headroom) - 1e-9) + spare
+        fitted = optimal_threshold(planned.astype(np.float64), self.price_ratio)
         threshold = fitted
         if self.capacity_replicas is not None:
             threshold = min(threshold, self.capacity_replicas)
@@ -141,11 +170,8 @@ class ThresholdPredictor:
             floor=tuple(float(x) for x in by_day.min(axis=0)),
             growth=tuple(float(x) for x in growth),
             peak_replicas=float(by_day.max(axis=1).mean()),
-            ramp_headroom=(
-                min(max(0.0, headroom * self.headroom_safety), MAX_HEADROOM)
-                if math.isfinite(headroom)
-                else 0.0
-            ),
+            ramp_headroom=headroom,
+            spare_replicas=spare,
             fitted_days=by_day.shape[0],
             manual=manual,
         )
@@ -166,10 +192,10 @@ class ThresholdPredictor:
             ape.append(abs(fc.peak_replicas - peak) / max(peak, 1.0))
             bias.append((fc.peak_replicas - peak) / max(peak, 1.0))
             under.append(float(np.mean(actual > np.asarray(fc.profile) + 1e-9)))
-            best = threshold_cost(
-                actual, optimal_threshold(actual, self.price_ratio), self.price_ratio
-            )
-            got = threshold_cost(actual, fc.fitted_threshold, self.price_ratio)
+            # regret on what would have run that day: the threshold is for planned replicas
+            ran = fc.plan(actual).astype(np.float64)
+            best = threshold_cost(ran, optimal_threshold(ran, self.price_ratio), self.price_ratio)
+            got = threshold_cost(ran, fc.fitted_threshold, self.price_ratio)
             regret.append(got / best - 1.0 if best > 0 else 0.0)
         return BacktestReport(
             days=len(ape),

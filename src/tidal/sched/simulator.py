@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from tidal.errors import ConfigError
 from tidal.ids import NodeName
-from tidal.sched.autoscale import MINUTES_PER_DAY, HpaRule, cron_rules_from_profile
+from tidal.sched.autoscale import MINUTES_PER_DAY, cron_rules_from_profile
 from tidal.sched.cost import owned_cost, slo_violation_minutes, virtual_cost
 from tidal.sched.model import Resources, VirtualPool, VirtualSpec
 from tidal.sched.predictor import BacktestReport, ThresholdPredictor, optimal_threshold
@@ -324,14 +324,8 @@ def simulate(
                         np.array([c.replicas for c in crons]),
                         [c.end_minute - c.start_minute for c in crons],
                     )
-                    hpa = HpaRule(
-                        target_utilisation=1.0 / (1.0 + fc_day.ramp_headroom), min_replicas=0
-                    )
                     sl = slice(day * MINUTES_PER_DAY, (day + 1) * MINUTES_PER_DAY)
-                    growth = np.asarray(fc_day.growth)
-                    hpa_target = np.ceil(d[sl] * growth / hpa.target_utilisation - 1e-9).astype(
-                        np.int64
-                    )
+                    hpa_target = fc_day.plan(d[sl])
                     target = np.maximum(hpa_target, cron_by_minute)
                     desired[sl] = np.maximum(target - o, 0)
                 live, ready = run_virtual(desired, lead, config.tidal_stabilisation_min)
