@@ -183,8 +183,8 @@ class TreeWriter:
                     st = self._lstat(fd, name)
                     if st is not None:
                         self._remove_entry(fd, name, st)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # whiting out something absent is allowed
+            except (FileNotFoundError, NotADirectoryError, UnsafeArchiveError):
+                continue  # absent, or below a non-directory: there is no lower entry to hide
 
     def _clear_dir(self, path: str) -> None:
         if not path:
@@ -197,11 +197,11 @@ class TreeWriter:
                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                         dir_fd=pfd,
                     )
-            except (FileNotFoundError, NotADirectoryError):
-                return
+            except (FileNotFoundError, NotADirectoryError, UnsafeArchiveError):
+                return  # absent, or below a non-directory: no lower entries to hide
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    return  # opaque marker below a symlink: nothing of ours to clear
+                    return  # the directory itself is a symlink: nothing of ours to clear
                 raise
         try:
             for entry in os.listdir(fd):
@@ -227,6 +227,8 @@ class TreeWriter:
             if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
                 self._remove_entry(fd, name, existing)
                 self.stats.removed -= 1  # a replacement, not a deletion
+                for stale in [p for p in self._dir_times if p == path or p.startswith(path + "/")]:
+                    del self._dir_times[stale]  # gone with the directory it timed
             if member.isdir():
                 if existing is None or not stat.S_ISDIR(existing.st_mode):
                     os.mkdir(name, 0o700, dir_fd=fd)
@@ -342,11 +344,8 @@ class TreeWriter:
                 os.utime(self._root_fd, ns=(ns, ns))
                 continue
             with (
-                contextlib.suppress(FileNotFoundError),
-                self._parent(path, create=False) as (
-                    fd,
-                    name,
-                ),
+                contextlib.suppress(FileNotFoundError, UnsafeArchiveError),
+                self._parent(path, create=False) as (fd, name),
             ):
                 os.utime(name, ns=(ns, ns), dir_fd=fd, follow_symlinks=False)
 
