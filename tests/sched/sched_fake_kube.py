@@ -203,3 +203,101 @@ def serve(kube: FakeKube) -> ThreadingHTTPServer:
     srv.daemon_threads = True
     kube.url = f"http://127.0.0.1:{srv.server_address[1]}"
     return srv
+
+
+# --- API objects as a real cluster returns them ---------------------------------------------
+
+
+def deployment(
+    name: str = "web", replicas: int = 4, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": f"uid-{name}",
+            "resourceVersion": "900",
+            "generation": 3,
+            "creationTimestamp": "2024-11-01T10:00:00Z",
+            "labels": {"app": name, "tidal.io/hybrid": "enabled", "tidal.io/service": name},
+            "annotations": {"deployment.kubernetes.io/revision": "3", **(annotations or {})},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "tidal.io/service": name}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": name,
+                            "image": "web:1",
+                            "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
+                        }
+                    ]
+                },
+            },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
+            },
+        },
+        "status": {"observedGeneration": 3, "replicas": replicas, "readyReplicas": replicas},
+    }
+
+
+def pod(name: str, node: str, created: str, app_: str = "web") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": f"uid-{name}",
+            "resourceVersion": "950",
+            "creationTimestamp": created,
+            "labels": {"app": app_, "pod-template-hash": "7d9f"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{app_}-7d9f",
+                    "uid": "rs",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": app_,
+                    "image": "web:1",
+                    "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
+                }
+            ],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
+def node(
+    name: str, *, virtual: bool = False, site: str = "dc-1", unschedulable: bool = False
+) -> dict[str, Any]:
+    labels = {"kubernetes.io/hostname": name, "topology.kubernetes.io/region": site}
+    if virtual:
+        labels |= {"type": "virtual-kubelet", "tidal.io/node-kind": "virtual"}
+    n: dict[str, Any] = {
+        "metadata": {"name": name, "uid": f"uid-{name}", "labels": labels},
+        "spec": {"unschedulable": True} if unschedulable else {},
+        "status": {"allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}},
+    }
+    return n
+
+
+def api_for(kube: FakeKube) -> Any:
+    from kubernetes import client
+
+    from tidal.sched.controller import KubernetesApi
+
+    cfg = client.Configuration(host=kube.url)
+    return KubernetesApi(client.ApiClient(cfg))

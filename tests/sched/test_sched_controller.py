@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from sched_fake_kube import FakeKube
+from sched_fake_kube import FakeKube, api_for, deployment, node, pod
 from typer.testing import CliRunner
 
 from tidal.cli.main import app
@@ -16,7 +15,6 @@ from tidal.errors import ConfigError, KubeApiError, KubeApiUnavailableError
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.controller import (
     Controller,
-    KubernetesApi,
     ReplicaHistory,
     cordon_site,
     parse_quantity,
@@ -26,92 +24,6 @@ from tidal.sched.extender import ViewStore
 from tidal.sched.predictor import ThresholdPredictor
 
 COST = "controller.kubernetes.io/pod-deletion-cost"
-
-
-def deployment(
-    name: str = "web", replicas: int = 4, annotations: dict[str, str] | None = None
-) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": "shop",
-            "uid": f"uid-{name}",
-            "resourceVersion": "900",
-            "generation": 3,
-            "creationTimestamp": "2024-11-01T10:00:00Z",
-            "labels": {"app": name, "tidal.io/hybrid": "enabled", "tidal.io/service": name},
-            "annotations": {"deployment.kubernetes.io/revision": "3", **(annotations or {})},
-        },
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name, "tidal.io/service": name}},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": name,
-                            "image": "web:1",
-                            "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
-                        }
-                    ]
-                },
-            },
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
-            },
-        },
-        "status": {"observedGeneration": 3, "replicas": replicas, "readyReplicas": replicas},
-    }
-
-
-def pod(name: str, node: str, created: str, app_: str = "web") -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": "shop",
-            "uid": f"uid-{name}",
-            "resourceVersion": "950",
-            "creationTimestamp": created,
-            "labels": {"app": app_, "pod-template-hash": "7d9f"},
-            "ownerReferences": [
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "ReplicaSet",
-                    "name": f"{app_}-7d9f",
-                    "uid": "rs",
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": {
-            "nodeName": node,
-            "containers": [
-                {
-                    "name": app_,
-                    "image": "web:1",
-                    "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
-                }
-            ],
-        },
-        "status": {"phase": "Running"},
-    }
-
-
-def node(
-    name: str, *, virtual: bool = False, site: str = "dc-1", unschedulable: bool = False
-) -> dict[str, Any]:
-    labels = {"kubernetes.io/hostname": name, "topology.kubernetes.io/region": site}
-    if virtual:
-        labels |= {"type": "virtual-kubelet", "tidal.io/node-kind": "virtual"}
-    n: dict[str, Any] = {
-        "metadata": {"name": name, "uid": f"uid-{name}", "labels": labels},
-        "spec": {"unschedulable": True} if unschedulable else {},
-        "status": {"allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}},
-    }
-    return n
 
 
 @pytest.fixture
@@ -138,13 +50,6 @@ def cluster(fake_kube: FakeKube) -> FakeKube:
         pod("batch-1", "owned-1", "2024-11-20T10:00:00Z", app_="batch"),
     ]
     return fake_kube
-
-
-def api_for(kube: FakeKube) -> KubernetesApi:
-    from kubernetes import client
-
-    cfg = client.Configuration(host=kube.url)
-    return KubernetesApi(client.ApiClient(cfg))
 
 
 def test_reconcile_annotates_pods_and_threshold(cluster: FakeKube) -> None:
