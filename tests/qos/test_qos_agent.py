@@ -218,3 +218,30 @@ def test_scrape_failure_is_reported_not_fatal(
         assert "no sample missing_metric" in a.status()["scrape_errors"]["web"]
     finally:
         a.stop()
+
+
+def test_wildcard_rules_cover_every_engine_container(tmp_path: Path, fs: FakeCgroupV1Fs) -> None:
+    for cg in ("tidal/c1", "tidal/c2"):
+        fs.create(cg)
+    rules = tmp_path / "wild.yaml"
+    rules.write_text(
+        "containers:\n"
+        "  - {cgroup: shop/web, labels: {app: web, priority: online}}\n"
+        "  - {cgroup: 'tidal/*', labels: {app: batch, priority: offline}}\n"
+        "slo: {app: web, p95_latency_ms: 250}\n"
+        "policy: {type: slo_feedback}\n"
+    )
+    settings = QosSettings(rules_file=rules, state_dir=tmp_path / "state", watchdog=False)
+    a = Agent(settings, fs=fs, node_probe=FakeNodeProbe(), clock=FakeClock())
+    try:
+        assert [cg for cg, _ in a.targets(a.rules.current)] == ["shop/web", "tidal/c1", "tidal/c2"]
+        fs.set_usage("shop/web", cpu_usage_ns=0)
+        a.step()
+        assert isinstance(a.clock, FakeClock)
+        a.clock.advance(1)
+        fs.set_usage("shop/web", cpu_usage_ns=800_000_000)
+        a.step()
+        assert fs.read_cpu("tidal/c1").shares == 2 and fs.read_cpu("tidal/c2").shares == 2
+    finally:
+        a.stop()
+    assert fs.read_cpu("tidal/c1").shares == 1024

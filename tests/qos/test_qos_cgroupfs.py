@@ -107,3 +107,18 @@ def test_remove_refuses_nothing_on_fake_and_clears_tree(
 ) -> None:
     anyfs.remove("a")
     assert not anyfs.exists("a/b") and not anyfs.exists("a")
+
+
+def test_children_and_glob_expansion(tmp_path: Path) -> None:
+    from tidal.qos.cgroupfs import expand_cgroups
+
+    fs = FakeCgroupV1Fs(tmp_path)
+    for cg in ("tidal/c1", "tidal/c2", "tidal/c2/inner", "other/x"):
+        fs.create(cg)
+    assert fs.children("tidal") == ["tidal/c1", "tidal/c2"]
+    assert "tidal" in fs.children("")
+    assert expand_cgroups(fs, "tidal/*") == ["tidal/c1", "tidal/c2"]
+    assert expand_cgroups(fs, "*/x") == ["other/x"]
+    assert expand_cgroups(fs, "tidal/c?/inner") == ["tidal/c2/inner"]
+    assert expand_cgroups(fs, "/named/literal/") == ["named/literal"]
+    assert expand_cgroups(fs, "missing/*") == []

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tidal.errors import QosError, RuleError
+from tidal.errors import CgroupError, QosError, RuleError
 from tidal.qos.aggregator import Aggregator, SlidingWindow
-from tidal.qos.cgroupfs import CgroupFs, detect_cgroupfs
+from tidal.qos.cgroupfs import CgroupFs, detect_cgroupfs, expand_cgroups
 from tidal.qos.collector import Collector, Frame, Health, NodeProbe, NodeSource, judge_health
 from tidal.qos.command_center import CommandCenter, Decision
 from tidal.qos.executor import Executor
 from tidal.qos.metrics import QosMetrics
-from tidal.qos.rules import RuleSet, RulesFile
+from tidal.qos.rules import ContainerRule, RuleSet, RulesFile
 from tidal.qos.scrape import Fetch, http_fetch, parse_metric
 from tidal.qos.settings import QosSettings
 from tidal.qos.snapshot import ContainerView, Event, Snapshot
@@ -125,13 +125,28 @@ class Agent:
 
     # --- one round ------------------------------------------------------------------------------
 
-    def _snapshot(self, frame: Frame, rules: RuleSet) -> Snapshot:
-        views = []
+    def targets(self, rules: RuleSet) -> list[tuple[str, ContainerRule]]:
+        """The watched cgroups: rules' paths with wildcards expanded; the first rule wins."""
+        out: dict[str, ContainerRule] = {}
         for c in rules.containers:
-            m = frame.containers.get(c.cgroup)
+            try:
+                matches = expand_cgroups(self.fs, c.cgroup)
+            except CgroupError as exc:
+                log.info("qos: cannot expand %s: %s", c.cgroup, exc)
+                continue
+            for cg in matches:
+                out.setdefault(cg, c)
+        return list(out.items())
+
+    def _snapshot(
+        self, frame: Frame, rules: RuleSet, targets: list[tuple[str, ContainerRule]]
+    ) -> Snapshot:
+        views = []
+        for cgroup, c in targets:
+            m = frame.containers.get(cgroup)
             if m is None:
                 continue
-            baseline = self.executor.baseline(c.cgroup).cpu
+            baseline = self.executor.baseline(cgroup).cpu
             if c.spec_cpus is not None:
                 baseline = baseline.from_cores(
                     c.spec_cpus,
@@ -140,11 +155,11 @@ class Agent:
                     burst_us=baseline.burst_us,
                     idle=baseline.idle,
                 )
-            prof = self.aggregator.profile(c.cgroup, frame.t)
+            prof = self.aggregator.profile(cgroup, frame.t)
             w1 = prof.windows.get("1m") if prof else None
             views.append(
                 ContainerView(
-                    cgroup=c.cgroup,
+                    cgroup=cgroup,
                     labels=c.labels,
                     priority=rules.priority_of(c.labels),
                     app=c.labels.get("app"),
@@ -168,14 +183,14 @@ class Agent:
             self.center.emit(Event("rules", "rules reloaded", str(self.rules.path)))
         rules = self.rules.current
         self.scrape(rules)
-        cgroups = [c.cgroup for c in rules.containers]
-        frame = self.collector.collect(cgroups)
+        targets = self.targets(rules)
+        frame = self.collector.collect([cg for cg, _ in targets])
         self.metrics.observe_frame(frame)
         cpu = {cg: m.cpu_cores for cg, m in frame.containers.items() if m.cpu_cores is not None}
-        apps = {c.cgroup: c.labels.get("app", "") for c in rules.containers}
+        apps = {cg: c.labels.get("app", "") for cg, c in targets}
         self.aggregator.ingest(frame.t, cpu, apps)
         with self._lock:
-            snapshot = self._snapshot(frame, rules)
+            snapshot = self._snapshot(frame, rules, targets)
         health = judge_health(frame.node, self.clock(), self.settings.stale_after_s)
         if frame.errors:
             missing = "; ".join(f"{cg}: {e}" for cg, e in frame.errors.items())
@@ -254,8 +269,10 @@ class Agent:
                 self.step()
                 self.last_error = None
             except Exception as exc:  # one bad round must not kill the agent
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("qos: round failed")
+                message = f"{type(exc).__name__}: {exc}"
+                if message != self.last_error:  # log a persistent fault once, not every second
+                    log.exception("qos: round failed")
+                self.last_error = message
             next_t += self.settings.interval_s
             self._stop.wait(max(0.0, next_t - self.clock()))
 

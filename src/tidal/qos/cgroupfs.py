@@ -199,6 +199,18 @@ class CgroupFs(ABC):
                 ) from exc
             raise CgroupError(f"cannot remove cgroup {d}: {exc.strerror or exc}") from exc
 
+    def children(self, cgroup: str) -> list[str]:
+        """Direct child cgroups of ``cgroup`` ("" is the root), as cgroup paths."""
+        d = self.dirs(cgroup)[0]
+        prefix = cgroup.strip("/")
+        try:
+            names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise CgroupError(f"cannot list cgroup {d}: {exc.strerror or exc}") from exc
+        return [f"{prefix}/{n}" if prefix else n for n in names]
+
     def add_process(self, cgroup: str, pid: int) -> None:
         for d in self.dirs(cgroup):
             self._write(d / "cgroup.procs", str(pid))
@@ -472,3 +484,29 @@ def host_pressure(proc_root: Path = Path("/proc")) -> Pressure | None:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def expand_cgroups(fs: CgroupFs, pattern: str) -> list[str]:
+    """Cgroups matching a path pattern with shell wildcards per segment (``tidal/*``).
+
+    Lets a rules file cover every container of the engine (``tidal/<id>``) or of kubelet
+    (``kubepods/besteffort/*``) without naming each one; a pattern without wildcards is
+    returned as is, whether or not it exists yet.
+    """
+    import fnmatch
+
+    parts = [p for p in pattern.strip("/").split("/") if p]
+    if not any(ch in pattern for ch in "*?["):
+        return ["/".join(parts)]
+    level = [""]
+    for part in parts:
+        nxt: list[str] = []
+        for base in level:
+            if any(ch in part for ch in "*?["):
+                nxt += [
+                    c for c in fs.children(base) if fnmatch.fnmatchcase(c.rsplit("/", 1)[-1], part)
+                ]
+            else:
+                nxt.append(f"{base}/{part}" if base else part)
+        level = nxt
+    return [c for c in level if fs.exists(c)]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tidal.errors import CgroupError, ExperimentError
+from tidal.qos.agent import Agent
 from tidal.qos.aggregator import percentile
 from tidal.qos.cgroupfs import CgroupFs, CgroupV1Fs, CpuLimits, detect_cgroupfs
 from tidal.qos.collector import NodeProbe
@@ -253,8 +254,6 @@ def run_one(
             )
         report_url = None
         if name.startswith("agent"):
-            from tidal.qos.agent import Agent
-
             (run_dir / "rules.yaml").write_text(_rules_yaml(parent, cfg))
             settings = QosSettings(
                 interval_s=cfg.agent_interval_s,
@@ -392,8 +391,18 @@ def run_experiment(
     """All runs; the result has the issue's shape: ``{"slo_ms": ..., "runs": {name: R}}``."""
     if os.geteuid() != 0:
         raise ExperimentError("the experiment writes cgroups and needs root; run it with sudo")
-    with tempfile.TemporaryDirectory(prefix="tidal-qos-exp-") as tmp:
-        runs = {name: run_one(name, cfg, Path(tmp), progress) for name in cfg.runs}
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise ExperimentError(f"experiment interrupted by signal {signum}; cgroups cleaned up")
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, interrupted) if main else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="tidal-qos-exp-") as tmp:
+            runs = {name: run_one(name, cfg, Path(tmp), progress) for name in cfg.runs}
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
     for r in runs.values():
         r["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     return {"slo_ms": cfg.slo_ms, "runs": runs}

@@ -32,6 +32,15 @@ UNIT_ITERATIONS = 20_000
 """Loop iterations per unit of offline work (about 1 ms of CPU on a 2020s core)."""
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (no orphaned load)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def join_cgroups(procs_files: list[str]) -> None:
     """Move this process into each listed ``cgroup.procs`` (one per v1 controller)."""
     for path in procs_files:
@@ -80,6 +89,7 @@ def run_online(port: int, work_ms: float, ready_file: str | None) -> None:
 
 def _offline_worker(counter: Any, index: int, stop: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
     done = 0
     while not stop.is_set():
         x = 0
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     lg.add_argument("--timeout", type=float, default=5.0)
     lg.add_argument("--window", type=float, default=3.0)
     args = parser.parse_args(argv)
+    die_with_parent()
     join_cgroups(args.cgroup_procs)
     if args.cmd == "online":
         run_online(args.port, args.work_ms, args.ready_file)
