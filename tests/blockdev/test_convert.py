@@ -267,6 +267,10 @@ def test_unmount_after_kill_9_of_the_server_leaves_nothing_behind(
     assert not mounts.server_alive(info)
     with pytest.raises(OSError):
         (mnt / "bin" / "tool").read_bytes()  # blocks not yet cached: the device is gone
+    if rw:  # recovery: mounting again over the dead mount tears it down first
+        again = mounts.mount_image(converted, mnt, writable_dir=tmp_path / "w")
+        assert (mnt / "bin" / "tool").stat().st_size == 200_000
+        assert mounts.list_mounts() == [again]
     mounts.unmount(mnt)
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert info.disk_file not in losetup

@@ -161,12 +161,12 @@ def mount_image(
     key = mount_key(target_path)
     old = _load(key)
     if old is not None:
-        if ext4.is_mountpoint(target_path):
+        if ext4.is_mountpoint(target_path) and server_alive(old):
             raise MountError(
                 f"{target_path} already has image {old.image_dir} mounted; "
                 f"run `tidal image umount {target_path}` first"
             )
-        log.warning("cleaning up stale mount record for %s", target_path)
+        log.warning("recovering %s: its FUSE server died; tearing the old mount down", target_path)
         _teardown(old, force=True)
     elif ext4.is_mountpoint(target_path):
         raise MountError(f"{target_path} is already a mount point; choose an empty directory")
