@@ -28,6 +28,7 @@ from tidal.errors import RegistryServerError
 REGISTRY_BINARY = "docker-registry"
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
+NAMESPACE_PORT = 5000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -132,6 +133,8 @@ class RegistryServer:
         self.workdir = Path(self._tmp.name)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         given_port = self.port
+        if given_port is None and self._wrap:
+            given_port = NAMESPACE_PORT  # a namespace of its own: nothing else listens there
         last_error = ""
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self.port = given_port if given_port is not None else free_port(self.host)
