@@ -388,3 +388,24 @@ def test_cleanup_stale_tears_down_dead_mounts_and_orphan_loops(
     assert mounts.list_mounts() == [alive]
     assert (tmp_path / "alive" / "etc" / "hosts").exists()
     mounts.unmount(tmp_path / "alive")
+
+
+def test_cli_build_and_export_raw(source: Source, tmp_path: Path) -> None:
+    env = {"TIDAL_DATA_ROOT": os.environ["TIDAL_DATA_ROOT"], "COLUMNS": "40"}
+    res = _cli(
+        "build", str(source.expected / "etc"), "-o", str(tmp_path / "img"), "--size", "80M", env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "img").manifest.size_bytes == 80 << 20
+    res = _cli("inspect", str(tmp_path / "img"), "--json", env=env)
+    assert json.loads(res.stdout)["size_bytes"] == 80 << 20, "JSON must survive a narrow terminal"
+    res = _cli("export-raw", str(tmp_path / "img"), str(tmp_path / "disk.raw"), env=env)
+    assert res.returncode == 0, res.stderr
+    cat = subprocess.run(
+        ["debugfs", "-R", "cat /hosts", str(tmp_path / "disk.raw")], capture_output=True, check=True
+    )
+    assert cat.stdout == (source.expected / "etc" / "hosts").read_bytes()
+    res = _cli("build", str(tmp_path / "missing"), "-o", str(tmp_path / "x"), env=env)
+    assert (
+        res.returncode == 1 and "is not a directory" in res.stderr and "Traceback" not in res.stderr
+    )

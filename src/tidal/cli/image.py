@@ -125,7 +125,7 @@ def inspect(
     """Show an image's layers: digests, sizes, extents, codec and the OCI layer each came from."""
     m = Image.open(image).manifest
     if as_json:
-        out.print_json(m.to_json())
+        typer.echo(m.to_json(), nl=False)  # raw JSON for pipes: no wrapping, no colour
         return
     table = Table(title=f"{image} — {m.fs_type} on a {format_size(m.size_bytes)} virtual disk")
     for col in ("#", "digest", "kind", "stored", "raw data", "extents", "codec", "from"):
@@ -181,7 +181,7 @@ def list_mounts(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the images mounted on this node (and whether their servers live)."""
     found = mounts.list_mounts()
     if as_json:
-        out.print_json(json.dumps([json.loads(m.to_json()) for m in found]))
+        typer.echo(json.dumps([json.loads(m.to_json()) for m in found], indent=2))
         return
     table = Table()
     for col in ("target", "image", "mode", "loop", "server"):
