@@ -13,11 +13,17 @@ import pytest
 from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
 from blobs.oci_fixtures import layer_files, make_oci_image, skopeo, write_oci_layout
 from tidal.blobs.auth import Credentials, encode_auth_file
+from tidal.blobs.distribution import fetch_oci_image
+from tidal.blobs.local_store import LocalBlobStore
+from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
+from tidal.blockdev.builder import convert_oci
+from tidal.blockdev.oci_archive import open_source_image
 from tidal.errors import BlobNotFoundError, ManifestNotFoundError, RegistryAuthError
 from tidal.ids import Digest, sha256_digest
+from tidal.image.manifest import Image
 
 pytestmark = pytest.mark.registry
 
@@ -135,3 +141,41 @@ def test_auth_file_is_shared_with_skopeo(
     )
     with RegistryClient(auth_registry.address, settings=FAST) as c:  # credentials from the file
         assert c.get_manifest("t/cross", "v1").body == image.manifest
+
+
+def test_ordinary_image_fetched_into_an_oci_layout_for_convert(
+    client: RegistryClient, registry: RegistryServer, tmp_path: Path
+) -> None:
+    """skopeo pushes a plain OCI image; Tidal fetches it into a layout that skopeo and the
+    converter's parser both read (the input of `tidal image convert` from a registry)."""
+    image = make_oci_image({"etc/os-release": b"ID=tidal\n", "srv/data": os.urandom(20_000)})
+    write_oci_layout(tmp_path / "src", image, "v3")
+    ref = f"{registry.address}/t/plain-src:v3"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'src'}:v3", f"docker://{ref}")
+    layout = fetch_oci_image(ImageReference.parse(ref), tmp_path / "fetched", client)
+    inspected = json.loads(skopeo("inspect", f"oci:{layout}:v3"))
+    assert inspected["Layers"] == list(image.layers)
+    parsed = open_source_image(layout)
+    assert [la.digest for la in parsed.layers] == list(image.layers)
+    assert parsed.config["rootfs"]["type"] == "layers"
+    before = LocalBlobStore(layout).digests()
+    fetch_oci_image(ImageReference.parse(ref), layout, client)  # again: nothing re-downloaded
+    assert LocalBlobStore(layout).digests() == before
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.loop
+def test_convert_reads_an_image_fetched_from_the_registry(
+    client: RegistryClient, registry: RegistryServer, tmp_path: Path
+) -> None:
+    image = make_oci_image({"hello.txt": b"converted from a registry\n"})
+    for blob in (*image.layers.values(), image.config):
+        client.push_blob("t/to-convert", blob)
+    client.put_manifest("t/to-convert", "v1", image.manifest)
+    ref = ImageReference.parse(f"{registry.address}/t/to-convert:v1")
+    layout = fetch_oci_image(ref, tmp_path / "layout", client)
+    result = convert_oci(layout, tmp_path / "tidal-image")
+    (layer,) = result.manifest.data_layers
+    assert layer.source_digest == next(iter(image.layers))
+    assert Image.open(tmp_path / "tidal-image").verify() > 0

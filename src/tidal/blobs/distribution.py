@@ -3,6 +3,8 @@
 - :func:`push_image` uploads a local image's layer blobs (streamed, skipped if present), its OCI
   config and its OCI manifest (``tidal.image.oci.to_oci``), so any distribution registry stores
   it and skopeo can inspect and copy it.
+- :func:`fetch_oci_image` downloads an ordinary OCI/docker image into an OCI layout, the input
+  ``tidal image convert`` reads.
 - :func:`pull_image` fetches only the manifest and config and writes ``manifest.json`` plus
   ``origin.json`` (where the blobs live) into a directory; with a cache it also warms each
   layer's ZFile tail (its extent index and chunk table).
@@ -30,7 +32,7 @@ from tidal.errors import FormatError, ImageNotFoundError
 from tidal.ids import Digest, parse_digest
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageManifest
 from tidal.image.merged import resolve
-from tidal.image.oci import OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
+from tidal.image.oci import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
 from tidal.image.trace import Trace
 from tidal.units import SECTOR_BYTES
 
@@ -105,6 +107,49 @@ def pull_image(
         with LazyImage.open(out, RegistryBlobStore(client, repo), cache, settings) as lazy:
             lazy.image.layers()  # reads each layer's footer and tail into the cache
     return manifest
+
+
+def fetch_oci_image(
+    reference: ImageReference,
+    dest: str | os.PathLike[str],
+    client: RegistryClient,
+    *,
+    os_name: str = "linux",
+    architecture: str = "amd64",
+) -> Path:
+    """Download an ordinary OCI/docker image into an OCI image layout directory at ``dest``.
+
+    This is how ``tidal image convert`` reads its input straight from a registry: the layout
+    is what ``skopeo copy docker://REF oci:DIR:TAG`` would write (one platform, manifest bytes
+    unchanged so digests hold), and the converter already reads layouts. Blobs are streamed in
+    ranges into ``dest/blobs/sha256`` and checked against their digests; present ones are kept.
+    """
+    repo = reference.repository
+    m = client.resolve_manifest(
+        repo, reference.reference, os_name=os_name, architecture=architecture
+    )
+    doc = m.json()
+    try:
+        digests = [parse_digest(doc["config"]["digest"])]
+        digests += [parse_digest(layer["digest"]) for layer in doc.get("layers", [])]
+    except (KeyError, TypeError) as exc:
+        raise FormatError(f"{reference}: manifest without config/layers ({exc!r})") from exc
+    out = Path(dest)
+    store = LocalBlobStore(out)
+    remote = RegistryBlobStore(client, repo)
+    for digest in digests:
+        copy_blob(remote, store, digest)
+    store.put_bytes(m.body, m.digest)
+    _write_atomic(out / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}) + "\n")
+    entry = {
+        "mediaType": m.media_type,
+        "digest": m.digest,
+        "size": len(m.body),
+        "annotations": {"org.opencontainers.image.ref.name": reference.tag or "latest"},
+    }
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": [entry]}
+    _write_atomic(out / "index.json", json.dumps(index, indent=2) + "\n")
+    return out
 
 
 def read_origin(image_dir: str | os.PathLike[str]) -> Origin:
