@@ -156,6 +156,47 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send(404, status(404, "NotFound", f"the server could not find {path}"))
 
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+            path, _ = self._record(body)
+            if self._failing(path):
+                return
+            parts = path.strip("/").split("/")
+            if len(parts) == 7 and parts[4] == "pods" and parts[6] == "binding":
+                ns, name = parts[3], parts[5]
+                if body.get("kind") != "Binding" or body["metadata"].get("name") != name:
+                    self._send(400, status(400, "BadRequest", "body is not this pod's Binding"))
+                    return
+                for p in kube.pods:
+                    if p["metadata"]["namespace"] == ns and p["metadata"]["name"] == name:
+                        if p["spec"].get("nodeName"):
+                            self._send(
+                                409,
+                                status(
+                                    409,
+                                    "Conflict",
+                                    f"pod {name} is already assigned to node "
+                                    f'"{p["spec"]["nodeName"]}"',
+                                ),
+                            )
+                            return
+                        p["spec"]["nodeName"] = body["target"]["name"]
+                        self._send(
+                            201,
+                            {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "metadata": {},
+                                "status": "Success",
+                                "code": 201,
+                            },
+                        )
+                        return
+                self._send(404, status(404, "NotFound", f'pods "{name}" not found'))
+                return
+            self._send(404, status(404, "NotFound", f"the server could not find {path}"))
+
         def do_PATCH(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"null")

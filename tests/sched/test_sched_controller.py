@@ -184,3 +184,21 @@ def test_cli_controller_once_with_kubeconfig(cluster: FakeKube, tmp_path: Path) 
         app, ["sched", "cordon", "--site", "cloud-a", "--kubeconfig", str(kubeconfig)]
     )
     assert res.exit_code == 0 and "vk-a" in res.output
+
+
+def test_bind_pod_posts_a_binding(cluster: FakeKube) -> None:
+    api = api_for(cluster)
+    cluster.pods.append(pod("web-new", "", "2024-11-20T20:00:00Z"))
+    cluster.pods[-1]["spec"].pop("nodeName")
+    api.bind_pod("shop", "web-new", "uid-web-new", "vk-a")
+    req = cluster.requests[-1]
+    assert (req.method, req.path) == ("POST", "/api/v1/namespaces/shop/pods/web-new/binding")
+    assert req.body == {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": "web-new", "namespace": "shop", "uid": "uid-web-new"},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "vk-a"},
+    }
+    assert cluster.pods[-1]["spec"]["nodeName"] == "vk-a"
+    with pytest.raises(KubeApiError, match=r"409.*already assigned"):
+        api.bind_pod("shop", "web-new", "uid-web-new", "owned-1")

@@ -55,20 +55,24 @@ def test_rbac_grants_every_call_the_controller_makes(fake_kube: FakeKube) -> Non
     fake_kube.watch_events = [{"type": "MODIFIED", "object": deployment()}]
     Controller(api_for(fake_kube)).run(threading.Event(), max_cycles=1)
     cordon_site(api_for(fake_kube), "cloud-a")
+    fake_kube.pods.append(pod("web-2", "", "2024-11-20T11:00:00Z"))
+    api_for(fake_kube).bind_pod("shop", "web-2", "uid-web-2", "owned-1")
     role = next(d for d in docs("rbac.yaml") if d["kind"] == "ClusterRole")
     seen = set()
     for r in fake_kube.requests:
         parts = r.path.strip("/").split("/")
         group = "apps" if parts[0] == "apis" else ""
         resource = next(p for p in ("deployments", "pods", "nodes") if p in parts)
+        if parts[-1] == "binding":
+            resource = "pods/binding"
         named = parts[-1] != resource
-        verb = {"PATCH": "patch"}.get(r.method) or (
+        verb = {"PATCH": "patch", "POST": "create"}.get(r.method) or (
             "watch" if r.query.get("watch") == ["true"] else ("get" if named else "list")
         )
         seen.add((group, resource, verb))
         assert _rbac_allows(role["rules"], group, resource, verb), (group, resource, verb)
     assert ("apps", "deployments", "watch") in seen and ("", "pods", "patch") in seen
-    assert ("", "nodes", "patch") in seen
+    assert ("", "nodes", "patch") in seen and ("", "pods/binding", "create") in seen
 
 
 def test_example_app_is_managed_and_virtual_node_is_recognised() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tidal.errors import KubeApiError
 from tidal.sched.extender import (
     ExtenderServer,
     ExtenderView,
@@ -135,3 +136,46 @@ def test_bad_requests_get_clear_errors(server: ExtenderServer) -> None:
     assert res.status_code == 200 and "neither Nodes nor NodeNames" in res.json()["Error"]
     assert post(server, "bind", {}).status_code == 404
     assert httpx.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
+
+
+class RecordingBinder:
+    def __init__(self, fail: str | None = None) -> None:
+        self.calls: list[tuple[str, str, str, str]] = []
+        self.fail = fail
+
+    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None:
+        if self.fail:
+            raise KubeApiError(self.fail)
+        self.calls.append((namespace, name, uid, node))
+
+
+def test_bind_counts_owned_placements_at_once() -> None:
+    binder = RecordingBinder()
+    srv = ExtenderServer(ViewStore(view(2)), "127.0.0.1", 0, binder=binder)
+    srv.start()
+    try:
+        req = golden("filter_nodes_request.json")
+        meta = req["Pod"]["metadata"]
+        body = post(srv, "filter", req).json()
+        assert [n["metadata"]["name"] for n in body["Nodes"]["items"]] == OWNED  # 2 of 3
+        args = {
+            "PodName": meta["name"],
+            "PodNamespace": meta["namespace"],
+            "PodUID": meta["uid"],
+            "Node": "owned-1",
+        }
+        assert post(srv, "bind", args).json() == {"Error": ""}
+        assert binder.calls == [("shop", meta["name"], meta["uid"], "owned-1")]
+        assert srv.store.get().owned_replicas == {"web": 3}
+        # the very next pod already sees the threshold reached, no resync needed
+        body = post(srv, "filter", req).json()
+        assert [n["metadata"]["name"] for n in body["Nodes"]["items"]] == [VK_A, VK_B]
+        # a pod bound to a virtual node does not count against the owned threshold
+        post(srv, "bind", {**args, "Node": VK_A})
+        assert srv.store.get().owned_replicas == {"web": 3}
+        missing = post(srv, "bind", {"PodName": "x"}).json()
+        assert "lacks PodNamespace" in missing["Error"]
+        srv.binder = RecordingBinder(fail="Kubernetes API: bind failed (409): already assigned")
+        assert "409" in post(srv, "bind", args).json()["Error"]
+    finally:
+        srv.stop()

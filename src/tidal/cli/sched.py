@@ -138,12 +138,15 @@ def extender_cmd(
     stop = threading.Event()
     worker = None
     if watch:
-        ctl = Controller(KubernetesApi.from_kubeconfig(kubeconfig), settings=settings, store=store)
+        api = KubernetesApi.from_kubeconfig(kubeconfig)
+        server.binder = api  # with --watch the extender can also bind (bindVerb: bind)
+        ctl = Controller(api, settings=settings, store=store)
         worker = threading.Thread(
             target=ctl.run, args=(stop,), name="tidal-controller", daemon=True
         )
         worker.start()
-    err.print(f"tidal extender listening on {server.url} (filter, prioritize)")
+    verbs = "filter, prioritize" + (", bind" if server.binder is not None else "")
+    err.print(f"tidal extender listening on {server.url} ({verbs})")
     try:
         server.serve_forever()
     finally:

@@ -74,6 +74,8 @@ class KubeApi(Protocol):
 
     def patch_node(self, name: str, patch: Obj) -> None: ...
 
+    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None: ...
+
 
 class KubernetesApi:
     """:class:`KubeApi` over the official ``kubernetes`` client (raw JSON, merge patches)."""
@@ -205,6 +207,24 @@ class KubernetesApi:
             namespace,
             patch,
             _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+
+    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None:
+        """POST a v1 Binding (the extender's bind verb); the raw response avoids the client's
+        Binding deserialisation, which rejects the Status object the server answers with."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
+        self._call(
+            f"bind pod {namespace}/{name} to {node}",
+            self._core.create_namespaced_pod_binding,
+            name,
+            namespace,
+            body,
             _preload_content=False,
         )
 

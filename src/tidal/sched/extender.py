@@ -6,7 +6,11 @@ the keys are the Go field names: ``Pod`` (a full v1 Pod), and either ``Nodes`` (
 of full objects) or, with ``nodeCacheCapable: true``, ``NodeNames``. Filter answers an
 ``ExtenderFilterResult`` (``Nodes``/``NodeNames``, ``FailedNodes``,
 ``FailedAndUnresolvableNodes``, ``Error``); prioritize answers a ``HostPriorityList``
-(``[{"Host", "Score"}]``, scores 0..10, multiplied by the extender's weight).
+(``[{"Host", "Score"}]``, scores 0..10, multiplied by the extender's weight). With a binder,
+``<urlPrefix>/bind`` takes ``ExtenderBindingArgs`` (``PodName``, ``PodNamespace``, ``PodUID``,
+``Node``), creates the Binding and answers ``ExtenderBindingResult`` (``Error``): the extender
+then counts every placement the moment it happens, instead of at the controller's next resync,
+so a burst of pods cannot overshoot a threshold.
 
 The decision is pure (:func:`filter_nodes`, :func:`prioritize`) over an :class:`ExtenderView`
 that the controller keeps current (thresholds, replicas of each service on owned nodes, the
@@ -18,13 +22,15 @@ the preferred kind has no candidate, the other one is allowed (``prefer`` strate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
 from tidal.errors import SchedError
 from tidal.sched.settings import NODE_KIND_LABEL, SERVICE_LABEL, SITE_LABEL
@@ -52,6 +58,23 @@ class ExtenderFilterResult(TypedDict):
 class HostPriority(TypedDict):
     Host: str
     Score: int
+
+
+class ExtenderBindingArgs(TypedDict):
+    PodName: str
+    PodNamespace: str
+    PodUID: str
+    Node: str
+
+
+class ExtenderBindingResult(TypedDict):
+    Error: str
+
+
+class Binder(Protocol):
+    """Creates the pod's Binding in the API server (the controller's Kubernetes adapter)."""
+
+    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -91,12 +114,21 @@ class ExtenderView:
     failed_sites: frozenset[str] = frozenset()
 
 
+SEEN_PODS_LIMIT = 10_000
+"""Pods remembered between filter and bind (uid -> service); the oldest are forgotten."""
+
+
 class ViewStore:
-    """Holds the current :class:`ExtenderView`; readers take it without copying."""
+    """Holds the current :class:`ExtenderView`; readers take it without copying.
+
+    Between the controller's refreshes it counts bindings itself: filter remembers which
+    service a pod uid belongs to, bind then adds the pod to that service's owned count.
+    """
 
     def __init__(self, view: ExtenderView | None = None) -> None:
         self._view = view or ExtenderView()
         self._lock = threading.Lock()
+        self._seen: OrderedDict[str, str] = OrderedDict()
 
     def get(self) -> ExtenderView:
         return self._view
@@ -104,6 +136,24 @@ class ViewStore:
     def set(self, view: ExtenderView) -> None:
         with self._lock:
             self._view = view
+
+    def remember(self, pod_uid: str, service: str) -> None:
+        with self._lock:
+            self._seen[pod_uid] = service
+            self._seen.move_to_end(pod_uid)
+            while len(self._seen) > SEEN_PODS_LIMIT:
+                self._seen.popitem(last=False)
+
+    def record_binding(self, pod_uid: str, node: str) -> None:
+        """Count a pod just bound to an owned node against its service's threshold."""
+        with self._lock:
+            service = self._seen.pop(pod_uid, None)
+            info = self._view.nodes.get(node)
+            if service is None or (info is not None and info.virtual):
+                return
+            counts = dict(self._view.owned_replicas)
+            counts[service] = counts.get(service, 0) + 1
+            self._view = dataclasses.replace(self._view, owned_replicas=counts)
 
 
 def _service(pod: Mapping[str, Any]) -> str | None:
@@ -213,6 +263,21 @@ def prioritize(args: ExtenderArgs, view: ExtenderView) -> list[HostPriority]:
     return out
 
 
+def bind(args: ExtenderBindingArgs, binder: Binder, store: ViewStore) -> ExtenderBindingResult:
+    """Bind the pod and count it at once; errors go back in ``Error`` as kube-scheduler expects."""
+    try:
+        name, namespace = args["PodName"], args["PodNamespace"]
+        uid, node = args["PodUID"], args["Node"]
+    except KeyError as exc:
+        return ExtenderBindingResult(Error=f"ExtenderBindingArgs lacks {exc.args[0]}")
+    try:
+        binder.bind_pod(namespace, name, uid, node)
+    except SchedError as exc:
+        return ExtenderBindingResult(Error=str(exc))
+    store.record_binding(uid, node)
+    return ExtenderBindingResult(Error="")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: ExtenderServer
 
@@ -243,14 +308,22 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self._reply(400, {"Error": f"request body is not ExtenderArgs JSON: {exc}"})
             return
-        view = self.server.store.get()
+        store = self.server.store
+        view = store.get()
         try:
             if verb == "filter":
+                pod_meta = (args.get("Pod") or {}).get("metadata") or {}
+                service = _service(args.get("Pod") or {})
+                if service and pod_meta.get("uid"):
+                    store.remember(str(pod_meta["uid"]), service)
                 self._reply(200, filter_nodes(args, view))  # type: ignore[arg-type]
+            elif verb == "bind" and self.server.binder is not None:
+                self._reply(200, bind(args, self.server.binder, store))  # type: ignore[arg-type]
             elif verb == "prioritize":
                 self._reply(200, prioritize(args, view))  # type: ignore[arg-type]
             else:
-                self._reply(404, {"Error": f"unknown verb {verb!r}; use filter or prioritize"})
+                hint = "filter or prioritize" + (", bind" if self.server.binder else "")
+                self._reply(404, {"Error": f"unknown verb {verb!r}; use {hint}"})
         except SchedError as exc:
             if verb == "filter":
                 self._reply(
@@ -272,9 +345,16 @@ class ExtenderServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, store: ViewStore, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        store: ViewStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        binder: Binder | None = None,
+    ) -> None:
         super().__init__((host, port), _Handler)
         self.store = store
+        self.binder = binder
         self._thread: threading.Thread | None = None
 
     @property
