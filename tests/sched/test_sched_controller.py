@@ -15,6 +15,7 @@ from tidal.errors import ConfigError, KubeApiError, KubeApiUnavailableError
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.controller import (
     Controller,
+    KubernetesApi,
     ReplicaHistory,
     cordon_site,
     parse_quantity,
@@ -202,3 +203,12 @@ def test_bind_pod_posts_a_binding(cluster: FakeKube) -> None:
     assert cluster.pods[-1]["spec"]["nodeName"] == "vk-a"
     with pytest.raises(KubeApiError, match=r"409.*already assigned"):
         api.bind_pod("shop", "web-new", "uid-web-new", "owned-1")
+
+
+def test_unusable_kubeconfig_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "config"
+    bad.write_text("garbage: [\n")
+    with pytest.raises(KubeApiError, match=f"cannot load kubeconfig {bad}"):
+        KubernetesApi.from_kubeconfig(bad)
+    with pytest.raises(KubeApiError, match="pass --kubeconfig"):
+        KubernetesApi.from_kubeconfig(tmp_path / "missing")

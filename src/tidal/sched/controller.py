@@ -89,6 +89,7 @@ class KubernetesApi:
 
     @classmethod
     def from_kubeconfig(cls, path: Path | None, context: str | None = None) -> KubernetesApi:
+        import yaml
         from kubernetes import config
 
         try:
@@ -105,7 +106,7 @@ class KubernetesApi:
                     config_file=str(path) if path else None, context=context
                 )
             )
-        except (config.ConfigException, OSError, TypeError) as exc:
+        except (config.ConfigException, OSError, TypeError, ValueError, yaml.YAMLError) as exc:
             raise KubeApiError(
                 f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}; pass --kubeconfig "
                 "or run inside the cluster with a service account"
