@@ -131,6 +131,10 @@ def test_cron_rules_cover_the_profile_with_lead() -> None:
     by_hour = {r.start_minute // 60: r.replicas for r in rules}
     assert by_hour[17] == 50  # the last minute of 17:xx looks one minute ahead
     assert by_hour[16] == 5 and by_hour[21] == 50 and by_hour[22] == 5
+    floor = cron_rules_from_profile(list(profile), step_minutes=60, lead_minutes=1, cover=False)
+    by_hour = {r.start_minute // 60: r.replicas for r in floor}
+    # a floor never asks more than the profile at any minute of its window
+    assert by_hour[17] == 5 and by_hour[18] == 50 and by_hour[21] == 5
 
 
 def test_cost_model() -> None:

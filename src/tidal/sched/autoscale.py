@@ -85,12 +85,18 @@ def replica_target(
 
 
 def cron_rules_from_profile(
-    profile: Sequence[float], *, step_minutes: int = 15, lead_minutes: int = 0
+    profile: Sequence[float],
+    *,
+    step_minutes: int = 15,
+    lead_minutes: int = 0,
+    cover: bool = True,
 ) -> tuple[CronRule, ...]:
-    """Turn a per-minute next-day profile into step cron rules that cover it.
+    """Turn a per-minute next-day profile into step cron rules.
 
-    Each window's count is the profile's maximum over the window shifted ``lead_minutes``
-    ahead, so replicas are requested early enough to be ready (creation latency).
+    The profile is shifted ``lead_minutes`` ahead so replicas are requested early enough to be
+    ready (creation latency). ``cover=True`` takes each window's maximum: the rules alone
+    cover the profile. ``cover=False`` takes the minimum: a floor that never runs more than
+    the profile asks at any minute, for use beside an HPA that follows the ramps.
     """
     if len(profile) != MINUTES_PER_DAY:
         raise ConfigError(f"profile must have {MINUTES_PER_DAY} minutes, got {len(profile)}")
@@ -98,5 +104,6 @@ def cron_rules_from_profile(
     for start in range(0, MINUTES_PER_DAY, step_minutes):
         end = min(start + step_minutes, MINUTES_PER_DAY)
         window = [profile[(m + lead_minutes) % MINUTES_PER_DAY] for m in range(start, end)]
-        rules.append(CronRule(start, end, math.ceil(max(window) - 1e-9)))
+        level = max(window) if cover else min(window)
+        rules.append(CronRule(start, end, math.ceil(level - 1e-9)))
     return tuple(rules)

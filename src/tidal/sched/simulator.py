@@ -319,7 +319,7 @@ def simulate(
                 for day in range(n // MINUTES_PER_DAY):
                     start = off + day * MINUTES_PER_DAY
                     fc_day = predictor.fit(d_all[:start])
-                    crons = cron_rules_from_profile(fc_day.floor, lead_minutes=lead)
+                    crons = cron_rules_from_profile(fc_day.floor, lead_minutes=lead, cover=False)
                     cron_by_minute = np.repeat(
                         np.array([c.replicas for c in crons]),
                         [c.end_minute - c.start_minute for c in crons],
