@@ -172,3 +172,30 @@ def test_server_that_cannot_open_the_image_reports_why(tmp_path: Path) -> None:
             tmp_path / "img", tmp_path / "fuse", None, tmp_path / "log", BlockdevSettings()
         )
     assert not ext4.is_mountpoint(tmp_path / "fuse")
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_sigterm_flushes_the_writable_layer_and_unmounts(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    ImageWriter(img, 1 << 20).write_manifest()
+    fuse_dir = tmp_path / "fuse"
+    fuse_dir.mkdir()
+    wdir = tmp_path / "w"
+    proc = _start_server(img, fuse_dir, wdir, tmp_path / "log", BlockdevSettings())
+    try:
+        fd = os.open(fuse_dir / "disk", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"acknowledged", 4096 + 3)
+        finally:
+            os.close(fd)
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if ext4.is_mountpoint(fuse_dir):
+            _fuse_unmount(fuse_dir, lazy=True)
+        _stop_server(proc.pid, timeout_s=5)
+    assert not ext4.is_mountpoint(fuse_dir), "libfuse unmounts on SIGTERM"
+    with Image.open(img).writable(wdir, create=False) as wl:
+        assert wl.read(4096, 20) == b"\0\0\0acknowledged\0\0\0\0\0"
+    assert "stopped" in (tmp_path / "log").read_text()

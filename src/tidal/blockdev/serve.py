@@ -29,8 +29,10 @@ class _ReadyPipe:
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.sent_ready = False
 
     def send(self, line: str) -> None:
+        self.sent_ready = self.sent_ready or line == "ready"
         if self.fd is None:
             return
         try:
@@ -85,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         serve(fs, str(args.mountpoint), readonly=device.readonly, debug=args.debug)
+    except RuntimeError as exc:
+        if ready.sent_ready:
+            # libfuse ends its loop with an error status when SIGTERM/SIGINT/SIGHUP stops it;
+            # the session was served and is unmounted: a normal stop
+            log.info("FUSE server for %s stopped by a signal (libfuse status %s)", args.image, exc)
+        else:
+            log.error("FUSE server for %s could not mount: libfuse status %s", args.image, exc)
+            ready.send(f"error: FUSE mount at {args.mountpoint} failed (libfuse status {exc})")
+            status = 1
     except Exception as exc:
         log.error("FUSE server for %s stopped: %s", args.image, exc)
         ready.send(f"error: FUSE mount at {args.mountpoint} failed: {exc}")
