@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +76,41 @@ def debian_rootfs() -> Path:
         pytest.skip(f"debootstrap failed (no mirror reachable?): {proc.stderr.strip()[-300:]}")
     os.rename(tmp, DEBIAN_DIR)
     return DEBIAN_DIR
+
+
+def _cached_image(src: Path, name: str) -> Path:
+    """``tidal image build SRC`` once per source tree, cached next to the trees."""
+    out = CACHE / "images" / name
+    if (out / "manifest.json").exists():
+        return out
+    tmp = CACHE / "images" / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tidal = shutil.which("tidal") or str(Path(sys.executable).with_name("tidal"))
+    proc = subprocess.run(
+        [tidal, "image", "build", str(src), "-o", str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AssertionError(f"tidal image build {src} failed: {proc.stderr.strip()[-500:]}")
+    os.rename(tmp, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def busybox_image(busybox_rootfs: Path) -> Path:
+    """A Tidal block image of the busybox tree."""
+    return _cached_image(busybox_rootfs, "busybox")
+
+
+@pytest.fixture(scope="session")
+def debian_image(debian_rootfs: Path) -> Path:
+    """A Tidal block image of the Debian minbase tree."""
+    return _cached_image(debian_rootfs, "debian-bookworm")
 
 
 def _mounts_under(path: Path) -> list[str]:

@@ -44,11 +44,13 @@ from tidal.engine.richinit import prepare_init_dir
 from tidal.engine.rootfs import (
     ImageConfig,
     create_quota_base,
-    destroy_rootfs,
+    destroy_volume_of,
     ensure_rootfs_mounted,
+    lower_mountpoint,
     mount_rootfs,
     provider_for,
-    unmount_rootfs,
+    release_lower,
+    unmount_overlay,
 )
 from tidal.engine.runtime import ExecResult, Runtime, get_runtime, pid_alive
 from tidal.engine.settings import EngineSettings, load_settings
@@ -90,6 +92,8 @@ class Engine:
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._runtimes: dict[str, Runtime] = {}
+        self.images_dir = self.state_dir / "images"
+        self._image_locks: dict[str, threading.Lock] = {}
         self._hostprep_done = False
 
     def close(self) -> None:
@@ -100,6 +104,38 @@ class Engine:
     def _lock(self, cid: str) -> threading.RLock:
         with self._locks_guard:
             return self._locks.setdefault(cid, threading.RLock())
+
+    def _image_lock(self, mountpoint: Path) -> threading.Lock:
+        """Serialises mounting and releasing one shared image mount."""
+        with self._locks_guard:
+            return self._image_locks.setdefault(str(mountpoint), threading.Lock())
+
+    def _lower_mp(self, image: str) -> Path:
+        return lower_mountpoint(self.images_dir, image)
+
+    def _release_lower_if_unused(self, state: dict[str, Any], except_id: str | None) -> None:
+        """Unmount a shared image mount when no container in the database still uses it."""
+        if not state or "lower_mountpoint" not in state:
+            return
+        mp = state["lower_mountpoint"]
+        with self._image_lock(Path(mp)):
+            for other in self.store.list():
+                if other.id != except_id and other.rootfs.get("lower_mountpoint") == mp:
+                    return
+            release_lower(state)
+
+    def _mount_rootfs(
+        self, cid: str, image: str, volume: dict[str, Any] | None, generation: int
+    ) -> dict[str, Any]:
+        mp = self._lower_mp(image)
+        try:
+            with self._image_lock(mp):
+                return mount_rootfs(self.cdir(cid), image, volume, mp, generation)
+        except BaseException:
+            probe = {"kind": provider_for(image).kind, "lower_mountpoint": str(mp)}
+            with contextlib.suppress(TidalError):
+                self._release_lower_if_unused(probe, except_id=cid)
+            raise
 
     def runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
@@ -157,8 +193,7 @@ class Engine:
         cdir = self.cdir(cid)
         cdir.mkdir(parents=True)
         try:
-            rootfs = self._prepare_storage(cid, spec)
-            rec = self.store.update(cid, rootfs=rootfs)
+            self._prepare_storage(cid, spec)
             if spec.network == "bridge":
                 network.ensure_bridge(self.settings.bridge, self.settings.subnet)
                 ip = self.store.allocate_ip(cid, network.ip_candidates(self.settings.subnet))
@@ -180,10 +215,16 @@ class Engine:
             return None
         return QuotaSpec("/", size, max(size // self.settings.bytes_per_inode, 64))
 
-    def _prepare_storage(self, cid: str, spec: ContainerSpec) -> dict[str, Any]:
+    def _prepare_storage(self, cid: str, spec: ContainerSpec) -> None:
+        """Quota volume, overlay, volumes; each step recorded at once so that a failure in a
+        later one (or a crash) leaves a state that ``rm`` can undo."""
         cdir = self.cdir(cid)
-        state = mount_rootfs(cdir, spec.image, create_quota_base(cdir, self._root_quota(spec)))
+        volume = create_quota_base(cdir, self._root_quota(spec))
+        if volume is not None:
+            self.store.update(cid, rootfs={"volume": volume})
+        state = self._mount_rootfs(cid, spec.image, volume, 0)
         state["volumes"] = []
+        self.store.update(cid, rootfs=state)
         quotas = {q.target: q for q in spec.disk_quotas}
         for i, vol in enumerate(spec.volumes):
             entry: dict[str, Any] = {"target": vol.target, "source": vol.source, "volume": None}
@@ -206,7 +247,7 @@ class Engine:
                     raise ConfigError(f"volume source {vol.source} does not exist on this host")
                 entry["path"] = vol.source
             state["volumes"].append(entry)
-        return state
+            self.store.update(cid, rootfs=state)
 
     def _check_ports(self, spec: ContainerSpec, cid: str) -> None:
         if not spec.ports:
@@ -273,7 +314,8 @@ class Engine:
         return bundle_dir
 
     def _ensure_storage(self, rec: ContainerRecord) -> None:
-        ensure_rootfs_mounted(rec.rootfs)
+        with self._image_lock(Path(rec.rootfs["lower_mountpoint"])):
+            ensure_rootfs_mounted(rec.rootfs)
         for vol in rec.rootfs.get("volumes", []):
             if vol.get("volume"):
                 mount_volume(QuotaVolume(**vol["volume"]))
@@ -353,7 +395,7 @@ class Engine:
         try:
             with open(cdir / "monitor.log", "ab") as mlog:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "tidal.engine.monitor", str(conf_path), str(w)],
+                    [sys.executable, "-S", "-m", "tidal.engine.monitor", str(conf_path), str(w)],
                     stdin=subprocess.DEVNULL,
                     stdout=mlog,
                     stderr=mlog,
@@ -525,7 +567,10 @@ class Engine:
         for vol in rec.rootfs.get("volumes", []):
             if vol.get("volume"):
                 attempt("volume", destroy_volume, QuotaVolume(**vol["volume"]))
-        attempt("rootfs", destroy_rootfs, rec.rootfs)
+        if rec.rootfs.get("merged"):
+            attempt("rootfs", unmount_overlay, rec.rootfs)
+            attempt("image", self._release_lower_if_unused, rec.rootfs, rec.id)
+        attempt("rootfs volume", destroy_volume_of, rec.rootfs)
         if rec.spec.network == "bridge":
             attempt("network", network.destroy_netns, rec.id)
         if errors:
@@ -583,10 +628,10 @@ class Engine:
             old_spec = rec.spec
             new_spec = old_spec.replace(image=image, command=command or old_spec.command)
             gen = int(old_state.get("generation", 0)) + 1
-            unmount_rootfs(old_state)
-            cdir = self.cdir(rec.id)
+            unmount_overlay(old_state)
+            new_state: dict[str, Any] | None = None
             try:
-                new_state = mount_rootfs(cdir, image, old_state.get("volume"), generation=gen)
+                new_state = self._mount_rootfs(rec.id, image, old_state.get("volume"), gen)
                 new_state["volumes"] = old_state.get("volumes", [])
                 rec = self.store.update(rec.id, rootfs=new_state, spec=new_spec)
                 self.start(rec.id)
@@ -597,23 +642,33 @@ class Engine:
                         f"{self.settings.upgrade_probe_s}s: {self._log_tail(rec.id)}"
                     )
             except TidalError as exc:
-                self._rollback(rec.id, old_state, old_spec, was_running)
+                self._rollback(rec.id, old_state, old_spec, was_running, new_state)
                 raise EngineError(
                     f"upgrade of container {rec.name} to {image} failed ({exc}); rolled back to "
                     f"{old_spec.image}" + (" and restarted it" if was_running else "")
                 ) from exc
             drop_layer_dirs(old_state)
+            self._release_lower_if_unused(old_state, except_id=None)
             return rec
 
     def _rollback(
-        self, cid: str, old_state: dict[str, Any], old_spec: ContainerSpec, was_running: bool
+        self,
+        cid: str,
+        old_state: dict[str, Any],
+        old_spec: ContainerSpec,
+        was_running: bool,
+        new_state: dict[str, Any] | None,
     ) -> None:
+        """Put the old image and writable layer back; drop only what the upgrade made."""
         rec = self.get(cid)
         if rec.status == "running":
             self.stop(cid, timeout_s=2)
-        with contextlib.suppress(TidalError):
-            unmount_rootfs(self.store.get(cid).rootfs, drop_layer=True)
         self.store.update(cid, rootfs=old_state, spec=old_spec)
+        if new_state is not None:
+            with contextlib.suppress(TidalError):
+                unmount_overlay(new_state, drop_layer=True)
+            with contextlib.suppress(TidalError):
+                self._release_lower_if_unused(new_state, except_id=None)
         if was_running:
             self.start(cid)
 

@@ -9,9 +9,14 @@ the container's quota volume (see :mod:`tidal.engine.volume`).
 
 Why overlayfs rather than Tidal's own writable block layer: the block layer would give every
 container its own FUSE-served read-write device, so every write would cross user space and
-the image's page cache could not be shared between containers of one image. With a shared
-read-only mount per container and overlayfs, writes stay in the kernel, and the quota volume
-gives a hard byte *and* inode limit that a writable block layer (bytes only) would not.
+the image's page cache could not be shared between containers of one image. With one shared
+read-only image mount and overlayfs per container, writes stay in the kernel, and the quota
+volume gives a hard byte *and* inode limit that a writable block layer (bytes only) would not.
+
+One read-only mount per image serves every container of that image (under
+``<state>/images/<key>``): a second container of an image starts without another FUSE server
+and shares the page cache of the first. The engine counts users from its database, so the
+count survives daemon restarts, and unmounts the image with its last container.
 
 Each (re)mount has a generation number so that ``upgrade`` can prepare the new image next to
 the old one and roll back without losing the old writable layer.
@@ -20,6 +25,7 @@ the old one and roll back without losing the old writable layer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import subprocess
@@ -31,8 +37,14 @@ from typing import Any, ClassVar
 from tidal.blockdev import mounts as blockdev_mounts
 from tidal.blockdev.ext4 import is_mountpoint
 from tidal.engine.spec import QuotaSpec
-from tidal.engine.volume import QuotaVolume, create_volume, destroy_volume, unmount_path
-from tidal.errors import ConfigError, EngineError, ImageNotFoundError, TidalError
+from tidal.engine.volume import (
+    QuotaVolume,
+    create_volume,
+    destroy_volume,
+    mount_volume,
+    unmount_path,
+)
+from tidal.errors import ConfigError, EngineError, ImageNotFoundError
 
 
 @dataclass(frozen=True)
@@ -184,14 +196,46 @@ def create_quota_base(cdir: Path, quota: QuotaSpec | None) -> dict[str, Any] | N
     return vol.__dict__.copy()
 
 
+def lower_mountpoint(images_dir: Path, image: str) -> Path:
+    """Where an image's read-only tree is mounted, shared by all containers using it."""
+    key = hashlib.sha256(str(Path(image).resolve()).encode()).hexdigest()[:16]
+    return images_dir / key
+
+
+def mount_lower(image: str, mountpoint: Path) -> Path:
+    """The image's lower directory, mounting it at ``mountpoint`` unless already there."""
+    provider = provider_for(image)
+    if provider.kind == DirectoryRootfsProvider.kind:
+        return provider.mount_lower(image, mountpoint)
+    if is_mountpoint(mountpoint):
+        return mountpoint
+    provider.unmount_lower(mountpoint)  # a stale record of a dead mount
+    return provider.mount_lower(image, mountpoint)
+
+
+def release_lower(state: dict[str, Any]) -> None:
+    """Unmount a (no longer used) image mount; the caller checks nobody else uses it."""
+    provider_by_kind(state["kind"]).unmount_lower(Path(state["lower_mountpoint"]))
+    if state["kind"] != DirectoryRootfsProvider.kind:
+        with contextlib.suppress(OSError):
+            Path(state["lower_mountpoint"]).rmdir()
+
+
 def mount_rootfs(
-    cdir: Path, image: str, volume: dict[str, Any] | None, generation: int = 0
+    cdir: Path,
+    image: str,
+    volume: dict[str, Any] | None,
+    lower_mp: Path,
+    generation: int = 0,
 ) -> dict[str, Any]:
-    """Mount image + overlay at ``cdir/rootfs``; returns the state to record (JSON-able)."""
+    """Overlay at ``cdir/rootfs`` over the image's (shared) lower; returns the state to record.
+
+    The lower is mounted at ``lower_mp`` if no other container has mounted it already; the
+    caller serialises calls per ``lower_mp`` and decides when to release it.
+    """
     provider = provider_for(image)
     base = Path(volume["mountpoint"]) if volume else cdir / "layer"
-    lower_mp = cdir / f"lower.{generation}"
-    lower = provider.mount_lower(image, lower_mp)
+    lower = mount_lower(image, lower_mp)
     state: dict[str, Any] = {
         "kind": provider.kind,
         "image": str(Path(image).resolve()),
@@ -203,23 +247,15 @@ def mount_rootfs(
         "merged": str(cdir / "rootfs"),
         "volume": volume,
     }
-    try:
-        mount_overlay(lower, Path(state["upper"]), Path(state["work"]), Path(state["merged"]))
-    except BaseException:
-        with contextlib.suppress(TidalError):
-            provider.unmount_lower(lower_mp)
-        raise
+    mount_overlay(lower, Path(state["upper"]), Path(state["work"]), Path(state["merged"]))
     return state
 
 
-def unmount_rootfs(state: dict[str, Any], *, drop_layer: bool = False) -> None:
-    """Unmount overlay then the lower; ``drop_layer`` also deletes this generation's upper."""
+def unmount_overlay(state: dict[str, Any], *, drop_layer: bool = False) -> None:
+    """Unmount the container's overlay; ``drop_layer`` also deletes this generation's upper."""
     if not state:
         return
     unmount_path(Path(state["merged"]))
-    provider_by_kind(state["kind"]).unmount_lower(Path(state["lower_mountpoint"]))
-    with contextlib.suppress(OSError):
-        Path(state["lower_mountpoint"]).rmdir()
     if drop_layer:
         for key in ("upper", "work"):
             shutil.rmtree(state[key], ignore_errors=True)
@@ -228,26 +264,17 @@ def unmount_rootfs(state: dict[str, Any], *, drop_layer: bool = False) -> None:
 def ensure_rootfs_mounted(state: dict[str, Any]) -> dict[str, Any]:
     """Remount after a host reboot or a lost mount; a no-op when everything is in place."""
     if state.get("volume"):
-        from tidal.engine.volume import mount_volume
-
         mount_volume(QuotaVolume(**state["volume"]))
     if is_mountpoint(Path(state["merged"])):
         return state
-    provider = provider_by_kind(state["kind"])
-    lower_mp = Path(state["lower_mountpoint"])
-    if state["kind"] != DirectoryRootfsProvider.kind and not is_mountpoint(lower_mp):
-        provider.unmount_lower(lower_mp)
-        provider.mount_lower(state["image"], lower_mp)
+    mount_lower(state["image"], Path(state["lower_mountpoint"]))
     mount_overlay(
         Path(state["lower"]), Path(state["upper"]), Path(state["work"]), Path(state["merged"])
     )
     return state
 
 
-def destroy_rootfs(state: dict[str, Any]) -> None:
-    """Everything ``rm`` must undo: overlay, image mount, quota volume (and its loop device)."""
-    if not state:
-        return
-    unmount_rootfs(state)
+def destroy_volume_of(state: dict[str, Any]) -> None:
+    """Unmount and delete the writable-layer volume (and so free its loop device)."""
     if state.get("volume"):
         destroy_volume(QuotaVolume(**state["volume"]))

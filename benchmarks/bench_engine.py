@@ -1,0 +1,192 @@
+"""Container start latency: run -> first output of ``echo``, p50/p99 over N starts.
+
+Rows, all measured in the same run on the same busybox tree:
+  * bare ``runc run`` / ``crun run`` of a prepared bundle (the baseline: no engine at all);
+  * Tidal engine with runc and crun, directory rootfs (overlay on a fresh quota volume);
+  * Tidal engine with runc and crun, Tidal block image (lazy FUSE mount, warm page cache);
+  * Tidal engine, runc, directory rootfs without a quota volume (what mkfs+loop costs).
+The engine is driven in-process (``Engine.run``), so the figure is the engine's own overhead
+(storage set-up, bundle, monitor) on top of the runtime, without HTTP. Removal is not timed.
+
+Usage: .venv/bin/python benchmarks/bench_engine.py [--starts 200] [--quick]
+Writes benchmarks/results/engine.json. Needs root, runc/crun, loop devices, FUSE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from tidal.engine.bundle import BundleInputs, build_config, write_bundle  # noqa: E402
+from tidal.engine.containers import Engine  # noqa: E402
+from tidal.engine.runtime import get_runtime  # noqa: E402
+from tidal.engine.settings import EngineSettings  # noqa: E402
+from tidal.engine.spec import ContainerSpec  # noqa: E402
+
+BUSYBOX_CACHE = Path("/var/cache/tidal-test/busybox")
+RESULTS = REPO / "benchmarks" / "results" / "engine.json"
+
+
+def busybox_tree() -> Path:
+    if (BUSYBOX_CACHE / "bin" / "sh").exists():
+        return BUSYBOX_CACHE
+    tmp = BUSYBOX_CACHE.with_name("busybox.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "bin").mkdir(parents=True)
+    shutil.copy2(shutil.which("busybox") or "/bin/busybox", tmp / "bin" / "busybox")
+    subprocess.run(["chroot", str(tmp), "/bin/busybox", "--install", "-s", "/bin"], check=True)
+    for d in ("etc", "proc", "sys", "dev", "tmp", "root"):
+        (tmp / d).mkdir(exist_ok=True)
+    os.rename(tmp, BUSYBOX_CACHE)
+    return BUSYBOX_CACHE
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def bare_runtime(name: str, rootfs: Path, work: Path, n: int) -> list[float]:
+    """``<runtime> run`` of a ready bundle; time until the first byte of stdout."""
+    rt = get_runtime(name, work / "bare-state")
+    bundle = work / f"bare-{name}"
+    spec = ContainerSpec(image=str(rootfs), command=("echo", "hi"))
+    cfg = build_config(
+        spec,
+        BundleInputs(
+            container_id="bare",
+            rootfs=str(rootfs),
+            args=("echo", "hi"),
+            cgroups_path=f"/tidal-bench/bare-{name}",
+            nofile_limit=1024,
+        ),
+    )
+    cfg["root"]["readonly"] = True
+    write_bundle(bundle, cfg)
+    out = []
+    for _ in range(n):
+        cid = f"bench-{uuid.uuid4().hex[:12]}"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            rt.run_argv(cid, bundle), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.read(1)
+        t1 = time.perf_counter()
+        proc.communicate()
+        if first != b"h":
+            raise SystemExit(f"bare {name} run failed: {proc.returncode}")
+        out.append(t1 - t0)
+    return out
+
+
+def engine_starts(eng: Engine, image: str, runtime: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        rec = eng.run(
+            ContainerSpec(image=image, command=("echo", "hi"), runtime=runtime, lxcfs=False)
+        )
+        log = eng.cdir(rec.id) / "container.log"
+        while True:
+            try:
+                if log.stat().st_size > 0:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.0005)
+        t1 = time.perf_counter()
+        out.append(t1 - t0)
+        eng.wait(rec.id, 30)
+        eng.remove(rec.id)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--starts", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="20 starts per row")
+    args = ap.parse_args()
+    n = 20 if args.quick else args.starts
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (runc, loop devices, FUSE)")
+    rootfs = busybox_tree()
+    work = Path(tempfile.mkdtemp(prefix="tidal-bench-engine-"))
+    os.environ.setdefault("TIDAL_DATA_ROOT", str(work / "data"))
+    image = work / "bbimg"
+    subprocess.run(
+        [sys.executable, "-m", "tidal.cli.main", "image", "build", str(rootfs), "-o", str(image)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    base = dict(
+        state_dir=work / "engine",
+        default_disk_quota_bytes=256 * 1024 * 1024,
+        cgroup_parent="tidal-bench",
+        lxcfs="off",
+    )
+    eng = Engine(EngineSettings(**base))  # type: ignore[arg-type]
+    eng_noquota = Engine(EngineSettings(**{**base, "default_disk_quota_bytes": 0}))  # type: ignore[arg-type]
+    rows: list[tuple[str, list[float]]] = []
+    try:
+        for name in ("runc", "crun"):
+            if shutil.which(name):
+                eng.runtime(name)  # host preparation (crun on hybrid cgroups) outside timing
+                rows.append((f"bare {name} run (baseline)", bare_runtime(name, rootfs, work, n)))
+        for name in ("runc", "crun"):
+            if shutil.which(name):
+                rows.append((f"tidal {name}, dir rootfs", engine_starts(eng, str(rootfs), name, n)))
+        for name in ("runc", "crun"):
+            if shutil.which(name):
+                engine_starts(eng, str(image), name, 2)  # warm the image's page cache
+                rows.append((f"tidal {name}, Tidal image", engine_starts(eng, str(image), name, n)))
+        rows.append(
+            ("tidal runc, dir, no quota volume", engine_starts(eng_noquota, str(rootfs), "runc", n))
+        )
+    finally:
+        eng.close()
+        eng_noquota.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    base_p50 = {name: statistics.median(v) for name, v in rows if name.startswith("bare")}
+    print(f"container start latency (run -> first output of echo), {n} starts per row")
+    print(f"{'configuration':<36} {'p50 ms':>8} {'p99 ms':>8} {'vs bare p50':>12}")
+    results = []
+    for name, values in rows:
+        p50, p99 = statistics.median(values) * 1000, pct(values, 99) * 1000
+        rt = "crun" if "crun" in name else "runc"
+        bare = base_p50.get(f"bare {rt} run (baseline)")
+        ratio = f"{p50 / (bare * 1000):.1f}x" if bare else "-"
+        print(f"{name:<36} {p50:>8.1f} {p99:>8.1f} {ratio:>12}")
+        results.append(
+            {
+                "config": name,
+                "starts": len(values),
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "vs_bare_p50": ratio,
+            }
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps({"benchmark": "engine_start_latency", "rows": results}, indent=1) + "\n"
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
