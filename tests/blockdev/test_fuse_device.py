@@ -199,3 +199,28 @@ def test_sigterm_flushes_the_writable_layer_and_unmounts(tmp_path: Path) -> None
     with Image.open(img).writable(wdir, create=False) as wl:
         assert wl.read(4096, 20) == b"\0\0\0acknowledged\0\0\0\0\0"
     assert "stopped" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_cleanup_stale_unmounts_an_unrecorded_fuse_server(tmp_path: Path) -> None:
+    from tidal.blockdev.mounts import cleanup_stale, state_dir
+
+    img = tmp_path / "img"
+    ImageWriter(img, 1 << 20).write_manifest()
+    run = state_dir() / "crashed-before-record"
+    (run / "fuse").mkdir(parents=True)
+    young = state_dir() / "mount-in-progress"
+    (young / "fuse").mkdir(parents=True)
+    proc = _start_server(img, run / "fuse", None, tmp_path / "log", BlockdevSettings())
+    proc2 = _start_server(img, young / "fuse", None, tmp_path / "log2", BlockdevSettings())
+    try:
+        os.utime(run, (1, 1))  # as if the crash happened long ago
+        assert cleanup_stale() == [str(run / "fuse")]
+        assert proc.wait(timeout=10) == 0
+        assert ext4.is_mountpoint(young / "fuse"), "a fresh unrecorded mount may be in progress"
+    finally:
+        for d, p in ((run, proc), (young, proc2)):
+            if ext4.is_mountpoint(d / "fuse"):
+                _fuse_unmount(d / "fuse", lazy=False)
+            _stop_server(p.pid, timeout_s=5)

@@ -293,17 +293,46 @@ def _sweep_orphans() -> list[str]:
     return loop.detach_orphans(d, keep)
 
 
-def cleanup_stale() -> list[str]:
-    """Tear down every recorded mount whose server died; detach orphan loop devices.
+ORPHAN_FUSE_MIN_AGE_S = 60.0
+"""A mount records itself within a second of starting its server; older unrecorded FUSE
+mounts are leftovers of a process that crashed in between."""
 
-    Returns what was cleaned (targets and devices). Safe to run at any time, e.g. at boot.
+
+def _sweep_fuse_orphans() -> list[str]:
+    """Unmount FUSE block devices under the state directory that no record owns.
+
+    The server then sees its connection end and exits by itself.
+    """
+    prefix = str(state_dir()) + "/"
+    recorded = {m.fuse_dir for m in list_mounts()}
+    done = []
+    for path, (fs_type, _source) in ext4.mount_points().items():
+        if not path.startswith(prefix) or not fs_type.startswith("fuse") or path in recorded:
+            continue
+        try:
+            age_s = time.time() - Path(path).parent.stat().st_mtime
+        except OSError:
+            continue
+        if age_s >= ORPHAN_FUSE_MIN_AGE_S:
+            with contextlib.suppress(MountError):
+                _fuse_unmount(Path(path), lazy=True)
+                done.append(path)
+                log.warning("unmounted orphan FUSE block device %s", path)
+    return done
+
+
+def cleanup_stale() -> list[str]:
+    """Tear down every recorded mount whose server died; detach orphan loop devices and
+    unmount orphan FUSE servers.
+
+    Returns what was cleaned (targets, devices, FUSE dirs). Safe at any time, e.g. at boot.
     """
     cleaned = []
     for info in list_mounts():
         if not server_alive(info):
             _teardown(info, force=True)
             cleaned.append(info.target)
-    return cleaned + _sweep_orphans()
+    return cleaned + _sweep_orphans() + _sweep_fuse_orphans()
 
 
 # --- unmount -------------------------------------------------------------------------------
