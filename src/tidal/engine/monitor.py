@@ -163,10 +163,6 @@ def wait_for(pid: int) -> int:
 
 
 def run(conf: dict[str, Any], ready_fd: int) -> int:
-    # Detach from the daemon: it reaps the short-lived parent at once, and the monitor is
-    # adopted by init (or the nearest subreaper), so a dead daemon leaves no zombie behind.
-    if os.fork() > 0:
-        os._exit(0)
     _set_subreaper()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
@@ -240,10 +236,30 @@ def run(conf: dict[str, Any], ready_fd: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m tidal.engine.monitor CONF.json READY_FD", file=sys.stderr)
+        print("usage: python -m tidal.engine.monitor CONF.json|- READY_FD", file=sys.stderr)
         return 2
-    with open(args[0]) as fh:
-        conf = json.load(fh)
+    # Detach from the daemon: it reaps the short-lived parent at once, and the monitor is
+    # adopted by init (or the nearest subreaper), so a dead daemon leaves no zombie behind.
+    if os.fork() > 0:
+        os._exit(0)
+    if args[0] == "-":
+        # Pre-launched: the engine started this interpreter while it prepared storage and
+        # sends the configuration when the bundle is ready (EOF: the start was abandoned).
+        raw = sys.stdin.buffer.read()
+        if not raw:
+            return 0
+        conf = json.loads(raw)
+    else:
+        with open(args[0]) as fh:
+            conf = json.load(fh)
+    if conf.get("monitor_log"):
+        fd = os.open(conf["monitor_log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     return run(conf, int(args[1]))
 
 
