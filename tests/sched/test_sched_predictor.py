@@ -148,3 +148,18 @@ def test_cost_model() -> None:
     assert slo_violation_minutes(demand, cap, zero, zero + 1) == 2
     # owned above its limit counts too
     assert slo_violation_minutes(demand, demand + 5, zero + 2, zero + 1) == 3
+
+
+def test_plan_adds_part_of_the_last_rise() -> None:
+    fc = ThresholdPredictor(trend_gain=0.5).fit(ramp_days(2, 20, 100))
+    quiet = 3 * 60  # growth is 1 here
+    flat = fc.plan(np.array([50.0]), start_minute=quiet, previous=50.0)[0]
+    rising = fc.plan(np.array([50.0]), start_minute=quiet, previous=40.0)[0]
+    falling = fc.plan(np.array([50.0]), start_minute=quiet, previous=60.0)[0]
+    factor = 1 + fc.ramp_headroom
+    assert flat == falling == np.ceil(50 * factor - 1e-9) + fc.spare_replicas
+    assert rising == np.ceil(55 * factor - 1e-9) + fc.spare_replicas
+    off = ThresholdPredictor(trend_gain=0.0).fit(ramp_days(2, 20, 100))
+    assert (
+        off.plan(np.array([50.0]), quiet, previous=40.0)[0] == off.plan(np.array([50.0]), quiet)[0]
+    )

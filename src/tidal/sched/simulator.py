@@ -10,9 +10,9 @@ policy, paid every minute) plus virtual pods (paid per minute while they live, r
   the HPA has no headroom.
 - ``tidal``: owned sized at the threshold the predictor fitted on the training days (never on
   the days evaluated); every evaluated day re-fits on the days before it; the replica target is
-  the higher of cron rules (the forecast floor) and an HPA that scales the load it sees by the
-  growth the forecast expects within the creation latency plus the residual headroom learned
-  from history; replicas above the threshold go straight to virtual pools, no pending wait.
+  the higher of cron rules (the forecast floor) and an HPA that scales the load it sees (plus
+  half its last rise) by the growth the forecast expects within the creation latency, plus the
+  residual headroom and spare replicas learned from history; replicas above the threshold go straight to virtual pools, no pending wait.
 - ``oracle``: knows the evaluated days: hindsight-optimal owned size, virtual pods exactly when
   needed. The lower bound of the cost under this model.
 
@@ -325,7 +325,7 @@ def simulate(
                         [c.end_minute - c.start_minute for c in crons],
                     )
                     sl = slice(day * MINUTES_PER_DAY, (day + 1) * MINUTES_PER_DAY)
-                    hpa_target = fc_day.plan(d[sl])
+                    hpa_target = fc_day.plan(d[sl], previous=float(d_all[start - 1]))
                     target = np.maximum(hpa_target, cron_by_minute)
                     desired[sl] = np.maximum(target - o, 0)
                 live, ready = run_virtual(desired, lead, config.tidal_stabilisation_min)
