@@ -88,7 +88,7 @@ def print_report(title: str, report: SimulationReport) -> None:
         f"saving >= 22.5%: {'met' if tg['saving_ge_22_5pct'] else 'NOT met'}; "
         f"zero SLO minutes: {'met' if tg['zero_slo_violation_minutes'] else 'NOT met'}; "
         f"within 5% of oracle: {'met' if tg['within_5pct_of_oracle'] else 'NOT met'} "
-        f"(gap {tg["gap_to_oracle"]:+.2%})"
+        f"(gap {tg['gap_to_oracle']:+.2%})"
     )
 
 
