@@ -5,7 +5,8 @@ share a layer share its cached chunks, and an entry can never be stale. Layout::
 
     ROOT/entries/<hex[:2]>/<hex>.<offset>.<length>   16-byte header + the bytes
     ROOT/tmp/                                        entries being written
-    ROOT/lock                                        flock held while evicting
+    ROOT/lock                                        flock: publish, unlink, evict
+    ROOT/size                                        bytes of all entries (under the flock)
 
 Safety without a daemon:
 
@@ -13,9 +14,11 @@ Safety without a daemon:
   none. The header carries the length and a crc32 of the bytes, so an entry torn by a power
   loss (rename persisted, data not) is detected, dropped and counted — never served.
 - Readers take no lock: an entry unlinked by an evictor while open stays readable.
-- The size bound is kept by whichever process pushes its estimate over capacity: under an
-  exclusive ``flock`` it rescans the directory and deletes least-recently-used entries (by
+- Publishing (rename), removing and evicting happen under an exclusive ``flock`` that also
+  guards a shared byte counter, so every process and thread sees the same total. The put that
+  pushes it over capacity rescans the directory and deletes least-recently-used entries (by
   mtime, which every hit refreshes) down to a low-water mark, so eviction work is amortised.
+  The data itself is written outside the lock; the critical section is a rename and a counter.
 
 Counters (hits, misses, bytes, evictions, corrupt entries) let tests and ``tidal image stats``
 assert read amplification and cache effectiveness.
@@ -122,7 +125,9 @@ class ChunkCache:
         self._puts = self._bytes_stored = 0
         self._evictions = self._bytes_evicted = self._corrupt = 0
         self._remove_stale_tmp()
-        self._size_estimate = sum(e.size_bytes for e in self._scan())
+        with self._exclusive():
+            if self._read_size() is None:
+                self._write_size(sum(e.size_bytes for e in self._scan()))
 
     # --- paths and time -------------------------------------------------------------------
 
@@ -154,12 +159,10 @@ class ChunkCache:
             return None
         data = self._decode(blob, key)
         if data is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            self._unlink(path)
             with self._lock:
                 self._corrupt += 1
                 self._misses += 1
-                self._size_estimate -= len(blob)
             return None
         self._touch(path)
         with self._lock:
@@ -214,9 +217,15 @@ class ChunkCache:
                     os.fsync(fh.fileno())
             t = self._now_ns()
             os.utime(tmp, ns=(t, t))
-            existed = path.exists()  # a replaced entry adds nothing to the total
-            os.replace(tmp, path)
-            tmp = ""
+            with self._exclusive():
+                existed = path.exists()  # a replaced entry adds nothing to the total
+                os.replace(tmp, path)
+                tmp = ""
+                total = (self._read_size() or 0) + (0 if existed else size)
+                if total > self.capacity_bytes:
+                    self._evict_locked(self.low_water_bytes)
+                else:
+                    self._write_size(total)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.evict_to(self.low_water_bytes // 2)
@@ -230,35 +239,45 @@ class ChunkCache:
         with self._lock:
             self._puts += 1
             self._bytes_stored += len(data)
-            if not existed:
-                self._size_estimate += size
-            over = self._size_estimate > self.capacity_bytes
-        if over:
-            self.evict_to(self.low_water_bytes)
         return True
 
     def drop(self, key: ChunkKey) -> bool:
         """Remove one entry (e.g. it failed the caller's checksum); returns whether it existed."""
-        path = self._path(key)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        with self._lock:
-            self._size_estimate -= size
+        return self._unlink(self._path(key))
+
+    def _unlink(self, path: Path) -> bool:
+        with self._exclusive():
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            self._write_size(max(0, (self._read_size() or 0) - size))
         return True
 
     # --- eviction -------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
+        """The cache-wide lock: a fresh open file per use, so it excludes threads too."""
         with (self.root / "lock").open("rb") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _read_size(self) -> int | None:
+        try:
+            raw = (self.root / "size").read_bytes()
+        except FileNotFoundError:
+            return None
+        return int.from_bytes(raw, "little") if len(raw) == 8 else None
+
+    def _write_size(self, total: int) -> None:
+        tmp = self.root / "size.tmp"
+        tmp.write_bytes(total.to_bytes(8, "little"))
+        os.replace(tmp, self.root / "size")
 
     def _scan(self) -> list[_Entry]:
         out: list[_Entry] = []
@@ -279,28 +298,30 @@ class ChunkCache:
     def evict_to(self, target_bytes: int) -> int:
         """Delete least-recently-used entries until at most ``target_bytes`` remain.
 
-        Runs under an exclusive flock and rescans the directory, so the bound holds for all
-        processes sharing the cache, whatever their in-memory estimates say. Returns the
-        number of entries removed.
+        Rescans the directory under the lock, so the bound holds for every process sharing
+        the cache. Returns the number of entries removed.
         """
+        with self._exclusive():
+            return self._evict_locked(target_bytes)
+
+    def _evict_locked(self, target_bytes: int) -> int:
         removed = 0
         freed = 0
-        with self._exclusive():
-            entries = self._scan()
-            total = sum(e.size_bytes for e in entries)
-            entries.sort(key=lambda e: (e.mtime_ns, e.path.name))
-            for e in entries:
-                if total <= target_bytes:
-                    break
-                with contextlib.suppress(FileNotFoundError):
-                    e.path.unlink()
-                    removed += 1
-                    freed += e.size_bytes
-                total -= e.size_bytes
+        entries = self._scan()
+        total = sum(e.size_bytes for e in entries)
+        entries.sort(key=lambda e: (e.mtime_ns, e.path.name))
+        for e in entries:
+            if total <= target_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                e.path.unlink()
+                removed += 1
+                freed += e.size_bytes
+            total -= e.size_bytes
+        self._write_size(total)
         with self._lock:
             self._evictions += removed
             self._bytes_evicted += freed
-            self._size_estimate = total
         return removed
 
     def clear(self) -> None:
