@@ -331,3 +331,21 @@ def test_coalesce_covers_every_range_within_bounds(
         assert g.length - covered <= gap * 100 * (len(g.ranges) - 1)
     if not keep_order:
         assert [g.start for g in groups] == sorted(g.start for g in groups)
+
+
+def test_a_failed_read_logs_blob_range_and_cause(
+    cache: ChunkCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryBlobStore("registry r:5000/app")
+    digest, data = blob(store)
+    store.fail_reads, store.fail_with = 1, RegistryUnavailableError
+    src = CachedRangeSource(store, digest, cache=cache)
+    with (
+        caplog.at_level("ERROR", logger="tidal.blobs.cache"),
+        pytest.raises(RegistryUnavailableError),
+    ):
+        src.read_at(CHUNK, CHUNK)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"[{CHUNK}, {2 * CHUNK})" in line
+    assert digest[:19] in line and "injected failure" in line
+    assert src.read_at(CHUNK, CHUNK) == data[CHUNK : 2 * CHUNK]  # the next read recovers

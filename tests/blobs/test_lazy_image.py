@@ -14,13 +14,14 @@ from blobs.oci_fixtures import make_oci_image, skopeo
 from tidal.blobs.auth import Credentials
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import LazyImage, pull_image, push_image, read_origin
+from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
 from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
 from tidal.errors import FormatError, ImageNotFoundError
-from tidal.image.manifest import Image, ImageWriter
-from tidal.image.oci import TIDAL_LAYER_MEDIA_TYPE
+from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageWriter, LayerRecord
+from tidal.image.oci import TIDAL_LAYER_MEDIA_TYPE, TIDAL_TRACE_MEDIA_TYPE
 from tidal.image.trace import Trace, TraceRange
 from tidal.image.writable import WritableLayer
 
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.registry
 SIZE = 16 << 20
 CHUNK = 64 * 1024
 FAST = BlobSettings(retry_attempts=2, backoff_initial_s=0.01)
+TRACE = Trace((TraceRange(8, 256), TraceRange(20_000, 64), TraceRange(9_000, 2048)))
+"""The start-up trace pushed with the image as its hidden trace layer."""
 
 
 def build_image(path: Path, work: Path) -> Image:
@@ -50,6 +53,19 @@ def build_image(path: Path, work: Path) -> Image:
         wl2.write(rng.randrange(0, SIZE - 4096) // 512 * 512, rng.randbytes(4096))
     writer.commit_layer(wl2, codec="zstd")
     wl2.close()
+    trace_blob = TRACE.serialize()
+    writer.add_record(
+        LayerRecord(
+            digest=LocalBlobStore(path).put_bytes(trace_blob),
+            size_bytes=len(trace_blob),
+            raw_data_bytes=0,
+            extent_count=0,
+            codec="none",
+            chunk_size_bytes=0,
+            tail_crc32=0,
+            kind=LAYER_KIND_TRACE,
+        )
+    )
     writer.write_manifest(config={"Cmd": ["/bin/sh"]})
     return Image.open(path)
 
@@ -63,7 +79,7 @@ def pushed(
     ref = ImageReference.parse(f"{registry.address}/t/lazy:v1")
     with RegistryClient(registry.address, settings=FAST, load_auth_file=False) as c:
         result = push_image(tmp / "image", ref, c)
-    assert result.blobs_uploaded == 3  # two layers and the config
+    assert result.blobs_uploaded == 4  # two data layers, the trace layer and the config
     yield image, ref
 
 
@@ -107,14 +123,13 @@ def test_trace_prefetch_fills_the_cache_before_the_reads(
     local, ref = pushed
     cache = ChunkCache(tmp_path / "cache", 256 << 20)
     pull_image(ref, tmp_path / "pulled", client, cache=cache)  # warms the layer tails
-    trace = Trace((TraceRange(8, 256), TraceRange(20_000, 64), TraceRange(9_000, 2048)))
     with LazyImage.from_registry(tmp_path / "pulled", client, cache) as lazy:
-        assert lazy.trace() is None
-        tail_fetch = lazy.stats().bytes_fetched
-        assert tail_fetch == 0  # tails came from the cache warmed by the pull
+        assert lazy.stats().bytes_fetched == 0  # tails came from the cache warmed by the pull
+        trace = lazy.trace()
+        assert trace == TRACE
         plan = lazy.plan_prefetch(trace)
         assert plan and all(rs == list(dict.fromkeys(rs)) for rs in plan.values())
-        for pf in lazy.prefetch_trace(trace, concurrency=4):
+        for pf in lazy.prefetch_trace(concurrency=4):  # the image's own trace layer
             assert pf.wait(30) and pf.errors == []
         after_prefetch = lazy.stats()
         assert after_prefetch.prefetched_chunks == sum(len(v) for v in plan.values())
@@ -133,7 +148,9 @@ def test_skopeo_inspects_and_copies_the_tidal_image(
 ) -> None:
     local, ref = pushed
     raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{ref}"))
-    assert [layer["mediaType"] for layer in raw["layers"]] == [TIDAL_LAYER_MEDIA_TYPE] * 2
+    assert [layer["mediaType"] for layer in raw["layers"]] == [TIDAL_LAYER_MEDIA_TYPE] * 2 + [
+        TIDAL_TRACE_MEDIA_TYPE
+    ]
     assert [layer["digest"] for layer in raw["layers"]] == [r.digest for r in local.manifest.layers]
     skopeo(
         "copy",

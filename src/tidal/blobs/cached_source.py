@@ -154,7 +154,14 @@ class CachedRangeSource:
         check_range(self.name, self._size, offset, length)
         if length == 0:
             return b""
-        r = ByteRange.of(offset, length)
+        try:
+            return self._read_range(ByteRange.of(offset, length))
+        except TidalError as exc:
+            # The block device turns this into EIO; this line is what the operator sees.
+            log.error("read of [%d, %d) of %s failed: %s", offset, offset + length, self.name, exc)
+            raise
+
+    def _read_range(self, r: ByteRange) -> bytes:
         data = self._cached(r)
         if data is not None:
             return data
