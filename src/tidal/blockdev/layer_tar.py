@@ -21,6 +21,7 @@ import os
 import shutil
 import stat
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from tidal.errors import ArchiveFormatError, UnsafeArchiveError
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _COPY_BUFFER = 1 << 20
+_DIR_CACHE_SIZE = 256
+"""Open directory fds kept between entries: tars list siblings together, so a small cache
+saves nearly every path walk."""
 _XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 
 
@@ -111,9 +115,11 @@ class TreeWriter:
         self._on_bytes = on_bytes
         self.stats = ApplyStats()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirs: OrderedDict[str, int] = OrderedDict()
         self._dir_times: dict[str, int] = {}
 
     def close(self) -> None:
+        self._forget_all()
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
@@ -128,36 +134,57 @@ class TreeWriter:
 
     @contextlib.contextmanager
     def _parent(self, path: str, *, create: bool) -> Iterator[tuple[int, str]]:
-        """Yield (fd of the parent directory, last component) for ``path``."""
+        """Yield (fd of the parent directory, last component) for ``path``.
+
+        The fd belongs to the writer's cache: callers must not close it.
+        """
         parts = path.split("/")
-        fd = os.dup(self._root_fd)
+        yield self._dir_fd(parts[:-1], path, create=create), parts[-1]
+
+    def _dir_fd(self, parts: list[str], path: str, *, create: bool) -> int:
+        """An ``O_NOFOLLOW`` fd of directory ``parts``, walked from the root, cached."""
+        if not parts:
+            return self._root_fd
+        key = "/".join(parts)
+        fd = self._dirs.get(key)
+        if fd is not None:
+            self._dirs.move_to_end(key)
+            return fd
+        parent = self._dir_fd(parts[:-1], path, create=create)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            for i, comp in enumerate(parts[:-1]):
-                try:
-                    nfd = os.open(
-                        comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                    )
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(comp, 0o755, dir_fd=fd)
-                    nfd = os.open(
-                        comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                    )
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        where = "/".join(parts[: i + 1])
-                        raise UnsafeArchiveError(
-                            f"{self.layer}: entry {path!r} lies below {where!r}, which is not a "
-                            "directory (a symlink would be followed out of the tree); "
-                            "the archive is unsafe and was not applied"
-                        ) from None
+            try:
+                fd = os.open(parts[-1], flags, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
                     raise
-                os.close(fd)
-                fd = nfd
-            yield fd, parts[-1]
-        finally:
+                os.mkdir(parts[-1], 0o755, dir_fd=parent)
+                fd = os.open(parts[-1], flags, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeArchiveError(
+                    f"{self.layer}: entry {path!r} lies below {key!r}, which is not a "
+                    "directory (a symlink would be followed out of the tree); "
+                    "the archive is unsafe and was not applied"
+                ) from None
+            raise
+        self._dirs[key] = fd
+        return fd
+
+    def _forget(self, path: str) -> None:
+        """Drop cached fds of ``path`` and everything below it (it was removed)."""
+        for key in [k for k in self._dirs if k == path or k.startswith(path + "/")]:
+            os.close(self._dirs.pop(key))
+
+    def _trim(self) -> None:
+        """Bound the fd cache; only between entries, never while a caller holds an fd."""
+        while len(self._dirs) > _DIR_CACHE_SIZE:
+            _, fd = self._dirs.popitem(last=False)
             os.close(fd)
+
+    def _forget_all(self) -> None:
+        while self._dirs:
+            os.close(self._dirs.popitem()[1])
 
     def _lstat(self, fd: int, name: str) -> os.stat_result | None:
         try:
@@ -165,8 +192,9 @@ class TreeWriter:
         except FileNotFoundError:
             return None
 
-    def _remove_entry(self, fd: int, name: str, st: os.stat_result) -> None:
+    def _remove_entry(self, fd: int, name: str, st: os.stat_result, path: str) -> None:
         if stat.S_ISDIR(st.st_mode):
+            self._forget(path)
             shutil.rmtree(name, dir_fd=fd)
         else:
             os.unlink(name, dir_fd=fd)
@@ -182,7 +210,7 @@ class TreeWriter:
                 with self._parent(path, create=False) as (fd, name):
                     st = self._lstat(fd, name)
                     if st is not None:
-                        self._remove_entry(fd, name, st)
+                        self._remove_entry(fd, name, st, path)
             except (FileNotFoundError, NotADirectoryError, UnsafeArchiveError):
                 continue  # absent, or below a non-directory: there is no lower entry to hide
 
@@ -209,7 +237,7 @@ class TreeWriter:
                     continue  # belongs to the filesystem, not to any layer
                 st = self._lstat(fd, entry)
                 if st is not None:
-                    self._remove_entry(fd, entry, st)
+                    self._remove_entry(fd, entry, st, f"{path}/{entry}".lstrip("/"))
         finally:
             os.close(fd)
 
@@ -218,6 +246,7 @@ class TreeWriter:
     def add(self, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:
         """Create ``member`` (whiteouts must have been filtered out by the caller)."""
         path = normalize(member.name, layer=self.layer)
+        self._trim()
         if path == "":
             self._set_meta_fd(self._root_fd, member)
             self._dir_times[""] = int(member.mtime * 1e9)
@@ -225,7 +254,7 @@ class TreeWriter:
         with self._parent(path, create=True) as (fd, name):
             existing = self._lstat(fd, name)
             if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
-                self._remove_entry(fd, name, existing)
+                self._remove_entry(fd, name, existing, path)
                 self.stats.removed -= 1  # a replacement, not a deletion
                 for stale in [p for p in self._dir_times if p == path or p.startswith(path + "/")]:
                     del self._dir_times[stale]  # gone with the directory it timed
