@@ -409,3 +409,31 @@ def test_cli_build_and_export_raw(source: Source, tmp_path: Path) -> None:
     assert (
         res.returncode == 1 and "is not a directory" in res.stderr and "Traceback" not in res.stderr
     )
+
+
+def test_failed_mount_leaves_no_state(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "tidal.image.v1",
+                "size_bytes": 1 << 20,
+                "layers": [
+                    {
+                        "digest": "sha256:" + "0" * 64,
+                        "size_bytes": 10,
+                        "raw_data_bytes": 0,
+                        "extent_count": 0,
+                        "codec": "lz4",
+                        "chunk_size_bytes": 65536,
+                        "tail_crc32": 0,
+                    }
+                ],
+            }
+        )
+    )
+    with pytest.raises(mounts.FuseServerError, match="does not exist"):
+        mounts.mount_image(img, tmp_path / "mnt")
+    assert mounts.list_mounts() == []
+    assert not mounts.state_dir().exists() or list(mounts.state_dir().iterdir()) == []

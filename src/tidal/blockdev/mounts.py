@@ -166,7 +166,10 @@ def mount_image(
                 f"{target_path} already has image {old.image_dir} mounted; "
                 f"run `tidal image umount {target_path}` first"
             )
-        log.warning("recovering %s: its FUSE server died; tearing the old mount down", target_path)
+        log.warning(
+            "recovering %s: the previous mount is gone or its server died; tearing it down",
+            target_path,
+        )
         _teardown(old, force=True)
     elif ext4.is_mountpoint(target_path):
         raise MountError(f"{target_path} is already a mount point; choose an empty directory")
@@ -183,7 +186,12 @@ def mount_image(
     run_dir = state_dir() / key
     fuse_dir = run_dir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
-    proc = _start_server(image_path, fuse_dir, wdir, run_dir / "server.log", settings)
+    try:
+        proc = _start_server(image_path, fuse_dir, wdir, run_dir / "server.log", settings)
+    except BaseException:
+        if not ext4.is_mountpoint(fuse_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     info = MountInfo(
         target=str(target_path),
         image_dir=str(image_path),
