@@ -31,6 +31,8 @@ class FakeRegistry:
     uploads: dict[str, bytearray] = field(default_factory=dict)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
     token_requests: list[dict[str, str]] = field(default_factory=list)
+    partial_patches: int = 0
+    """Upcoming PATCHes that keep only half their bytes, then fail with 503 (a dropped link)."""
     allowed_repos: set[str] | None = None
     """With bearer auth: repositories the tokens may grant (None = all)."""
 
@@ -122,11 +124,20 @@ class FakeRegistry:
             buf = self.uploads.get(uid)
             if buf is None:
                 return _error(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown")
+            loc = {"Location": f"/v2/{repo}/blobs/uploads/{uid}?_state=x"}
+            if request.method == "GET":
+                end = max(len(buf) - 1, 0)
+                return httpx.Response(204, headers={**loc, "Range": f"0-{end}"})
             if request.method == "PATCH":
+                start = int(request.headers["content-range"].split("-")[0])
+                if start != len(buf):
+                    return _error(416, "BLOB_UPLOAD_INVALID", "range does not follow")
+                if self.partial_patches:
+                    self.partial_patches -= 1
+                    buf += request.content[: len(request.content) // 2]
+                    return _error(503, "UNAVAILABLE", "connection dropped")
                 buf += request.content
-                return httpx.Response(
-                    202, headers={"Location": f"/v2/{repo}/blobs/uploads/{uid}?_state=x"}
-                )
+                return httpx.Response(202, headers=loc)
             if request.method == "PUT":
                 buf += request.content
                 digest = request.url.params["digest"]

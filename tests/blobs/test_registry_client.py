@@ -79,6 +79,17 @@ def test_chunked_upload_sends_patches_and_checks_the_digest() -> None:
         assert not fake.uploads  # the failed upload was cancelled
 
 
+def test_chunked_upload_resumes_after_a_partly_received_patch() -> None:
+    fake = FakeRegistry(partial_patches=1)
+    data = os.urandom(10_000)
+    with make_client(fake) as c:
+        digest = c.push_blob_stream("app", io.BytesIO(data), chunk_bytes=4096)
+    assert fake.blobs[digest] == data
+    methods = [m for m, _, _ in fake.log]
+    assert methods.count("GET") == 1  # one status query after the 416
+    assert c.retries == 1
+
+
 def test_server_ignoring_range_still_yields_the_exact_slice() -> None:
     fake = FakeRegistry(ignore_range=True)
     data = os.urandom(5000)

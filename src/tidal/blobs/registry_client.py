@@ -257,14 +257,16 @@ class RegistryClient:
             if auth:
                 hdrs["Authorization"] = auth
             try:
-                self.requests += 1
+                with self._lock:
+                    self.requests += 1
                 r = self._http.request(method, url, headers=hdrs, content=content, params=params)
             except httpx.TransportError as exc:
                 last_cause = f"{type(exc).__name__}: {exc}"
                 retry_after = None
             else:
                 if r.status_code in ok_codes:
-                    self.bytes_received += len(r.content)
+                    with self._lock:
+                        self.bytes_received += len(r.content)
                     return r
                 if r.status_code == 401 and auth_rounds < 2:
                     auth_rounds += 1
@@ -285,7 +287,8 @@ class RegistryClient:
             )
             if retry_after is not None:
                 delay = min(max(delay, retry_after), RETRY_AFTER_MAX_S)
-            self.retries += 1
+            with self._lock:
+                self.retries += 1
             log.warning("%s at %s: %s; retry %d in %.2f s", what, url, last_cause, attempt, delay)
             self._sleep(delay)
 
@@ -398,20 +401,13 @@ class RegistryClient:
         while block:
             h.update(block)
             nxt = stream.read(chunk_bytes)
-            r = self._request(
-                "PATCH",
-                location,
-                what=f"upload chunk at {offset} to {repo}",
-                repo=repo,
-                push=True,
-                headers={
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{offset}-{offset + len(block) - 1}",
-                },
-                content=block,
-                ok=(202,),
-            )
-            location = self._location(r, repo)
+            try:
+                location = self._patch_chunk(repo, location, offset, block)
+            except BlobNotFoundError as exc:  # 404 on an upload: the registry dropped it
+                raise RegistryError(
+                    f"{self.registry} dropped the upload to {repo} at offset {offset} ({exc}); "
+                    "push again"
+                ) from exc
             offset += len(block)
             block = nxt
         digest = Digest("sha256:" + h.hexdigest())
@@ -423,6 +419,48 @@ class RegistryClient:
             )
         self._finish_upload(repo, location, digest, b"")
         return digest
+
+    def _patch_chunk(self, repo: str, location: str, offset: int, block: bytes) -> str:
+        """Send ``block`` at ``offset``; after a partial failure, resume where the registry is.
+
+        A retried PATCH whose first attempt got partly through is answered 416 by registries
+        that check ``Content-Range`` (the spec); the upload's status (``Range: 0-N``) then says
+        which part of the block still has to go. The CNCF registry instead invalidates the
+        upload (404); that surfaces as a RegistryError asking to push again, and its digest
+        check at the end means a broken upload can never be stored as a blob.
+        """
+        sent = 0
+        for _ in range(3):
+            part = block[sent:]
+            start = offset + sent
+            r = self._request(
+                "PATCH",
+                location,
+                what=f"upload chunk at {start} to {repo}",
+                repo=repo,
+                push=True,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{start}-{start + len(part) - 1}",
+                },
+                content=part,
+                ok=(202, 416),
+            )
+            if r.status_code == 202:
+                return self._location(r, repo)
+            status = self._request(
+                "GET", location, what=f"upload status of {repo}", repo=repo, push=True, ok=(204,)
+            )
+            have = _upload_end(status.headers.get("range"))
+            if not offset <= have <= offset + len(block):
+                break
+            location = self._location(status, repo)
+            if have == offset + len(block):
+                return location
+            sent = have - offset
+        raise RegistryError(
+            f"{self.registry} lost track of the upload to {repo} at offset {offset}; push again"
+        )
 
     def _start_upload(self, repo: str) -> str:
         r = self._request(
@@ -565,6 +603,16 @@ def _registry_message(r: httpx.Response) -> str:
         return f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
     except (ValueError, AttributeError, IndexError, TypeError):
         return ""
+
+
+def _upload_end(range_header: str | None) -> int:
+    """Bytes an upload holds, from its status ``Range: 0-N`` header (N inclusive)."""
+    if not range_header:
+        return 0
+    try:
+        return int(range_header.split("-", 1)[1]) + 1
+    except (IndexError, ValueError):
+        return -1
 
 
 def _retry_after_s(r: httpx.Response) -> float | None:
