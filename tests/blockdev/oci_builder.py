@@ -70,6 +70,7 @@ class LayerTar:
         ti.linkname = linkname
         ti.size = len(data) if kind == tarfile.REGTYPE else 0
         ti.mtime = 1_700_000_000
+        ti.uid, ti.gid = os.getuid(), os.getgid()  # so that tests without root can chown
         self.tf.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
     def whiteout(self, path: str) -> None:
