@@ -13,7 +13,14 @@ from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
 from blobs.oci_fixtures import make_oci_image, skopeo
 from tidal.blobs.auth import Credentials
 from tidal.blobs.chunk_cache import ChunkCache
-from tidal.blobs.distribution import LazyImage, pull_image, push_image, read_origin
+from tidal.blobs.distribution import (
+    LazyImage,
+    is_pulled_image,
+    open_pulled_image,
+    pull_image,
+    push_image,
+    read_origin,
+)
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
@@ -138,6 +145,23 @@ def test_trace_prefetch_fills_the_cache_before_the_reads(
             off, n = tr.lba * 512, tr.length * 512
             assert lazy_view.read(off, n) == view.read(off, n)
         assert lazy.stats().requests == after_prefetch.requests  # every read was a hit
+
+
+def test_open_pulled_image_builds_the_whole_read_path_from_settings(
+    pushed: tuple[Image, ImageReference], client: RegistryClient, tmp_path: Path
+) -> None:
+    local, ref = pushed
+    pull_image(ref, tmp_path / "pulled", client)
+    assert is_pulled_image(tmp_path / "pulled") and not is_pulled_image(tmp_path)
+    cfg = BlobSettings(cache_dir=tmp_path / "node-cache", cache_capacity_bytes=64 << 20)
+    with open_pulled_image(tmp_path / "pulled", settings=cfg) as lazy:
+        assert lazy.prefetches
+        for pf in lazy.prefetches:
+            assert pf.wait(30)
+        assert lazy.stats().prefetched_chunks > 0  # the image's trace was replayed
+        view = lazy.image.merged_view()
+        assert view.read(8 * 512, 4096) == local.merged_view().read(8 * 512, 4096)
+    assert any((tmp_path / "node-cache" / "entries").iterdir())
 
 
 def test_skopeo_inspects_and_copies_the_tidal_image(

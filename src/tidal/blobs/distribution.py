@@ -26,7 +26,7 @@ from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
-from tidal.blobs.settings import BlobSettings
+from tidal.blobs.settings import BlobSettings, load_blob_settings
 from tidal.blobs.source import BlobSource, ByteRange, copy_blob
 from tidal.errors import FormatError, ImageNotFoundError
 from tidal.ids import Digest, parse_digest
@@ -172,6 +172,41 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def is_pulled_image(image_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``image_dir`` is a pulled (lazy) image rather than one with local blobs."""
+    return (Path(image_dir) / ORIGIN_FILE).is_file()
+
+
+def open_pulled_image(
+    image_dir: str | os.PathLike[str],
+    *,
+    settings: BlobSettings | None = None,
+    prefetch: bool = True,
+) -> LazyImage:
+    """Everything a mount needs for a pulled image, from the ``[blobs]`` settings.
+
+    The registry client (credentials from the auth file), the node's chunk cache, the lazy
+    layer sources, and — if the image carries a trace and ``prefetch`` — the background replay
+    of the trace. ``close()`` the result to stop prefetching and release connections.
+    """
+    settings = settings or load_blob_settings()
+    origin = read_origin(image_dir)
+    client = RegistryClient(origin.registry, settings=settings)
+    try:
+        cache = ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
+        lazy = LazyImage(
+            Path(image_dir), RegistryBlobStore(client, origin.repository), cache, settings
+        )
+        lazy.owned_client = client
+        lazy.image.layers()
+        if prefetch:
+            lazy.prefetch_trace()
+    except BaseException:
+        client.close()
+        raise
+    return lazy
+
+
 class LazyImage:
     """An image whose layer blobs come from a BlobSource through the chunk cache."""
 
@@ -186,6 +221,10 @@ class LazyImage:
         self.cache = cache
         self.settings = settings or BlobSettings()
         self.sources: dict[Digest, CachedRangeSource] = {}
+        self.owned_client: RegistryClient | None = None
+        self.prefetches: list[Prefetch] = []
+        """Background replays started by :meth:`prefetch_trace`."""
+        """Closed with this image (set when the image made its own client)."""
         make = lazy_source_factory(source, cache, self.settings)
 
         def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
@@ -268,11 +307,16 @@ class LazyImage:
         if trace is None:
             return []
         plan = self.plan_prefetch(trace)
-        return [self.sources[d].prefetch(ranges, concurrency) for d, ranges in plan.items()]
+        started = [self.sources[d].prefetch(ranges, concurrency) for d, ranges in plan.items()]
+        self.prefetches.extend(started)
+        return started
 
     def close(self) -> None:
         for src in self.sources.values():
             src.close()
+        if self.owned_client is not None:
+            self.owned_client.close()
+            self.owned_client = None
 
     def __enter__(self) -> LazyImage:
         return self
