@@ -437,3 +437,34 @@ def test_failed_mount_leaves_no_state(tmp_path: Path) -> None:
         mounts.mount_image(img, tmp_path / "mnt")
     assert mounts.list_mounts() == []
     assert not mounts.state_dir().exists() or list(mounts.state_dir().iterdir()) == []
+
+
+def test_corrupt_chunk_reads_as_eio_and_the_server_log_names_range_and_cause(
+    converted: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "image"
+    shutil.copytree(converted, copy)
+    rec = Image.open(copy).manifest.layers[0]
+    blob = copy / "blobs" / "sha256" / rec.digest[7:]
+    data = bytearray(blob.read_bytes())
+    for pos in range(64, len(data) // 2, 4096):  # damage many chunks of the bottom layer
+        data[pos] ^= 0x55
+    blob.write_bytes(bytes(data))
+    info = mounts.mount_image(copy, tmp_path / "mnt")
+    failures: list[OSError] = []
+    try:
+        for dirpath, _dirs, files in os.walk(tmp_path / "mnt", onerror=failures.append):
+            for name in files:
+                p = Path(dirpath) / name
+                try:
+                    if p.is_file() and not p.is_symlink():
+                        p.read_bytes()
+                except OSError as exc:
+                    failures.append(exc)
+        log_text = info.log_file.read_text()
+    finally:
+        mounts.unmount(tmp_path / "mnt", force=True)
+    assert failures, "damaged chunks must fail reads"
+    assert {exc.errno for exc in failures} == {5}, "EIO, never wrong bytes"
+    assert "answering EIO" in log_text and "checksum" in log_text
+    assert "of bytes [" in log_text
