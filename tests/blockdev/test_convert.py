@@ -9,6 +9,7 @@ The exported raw disk is checked with ``e2fsck -fn`` and ``debugfs`` (e2fsprogs)
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -468,3 +470,38 @@ def test_corrupt_chunk_reads_as_eio_and_the_server_log_names_range_and_cause(
     assert {exc.errno for exc in failures} == {5}, "EIO, never wrong bytes"
     assert "answering EIO" in log_text and "checksum" in log_text
     assert "of bytes [" in log_text
+
+
+def test_any_source_image_converts_e_g_one_streamed_from_elsewhere(tmp_path: Path) -> None:
+    """A SourceImage whose layer opens a non-seekable stream (as a registry download would)."""
+    from tidal.blockdev.builder import convert_source_image
+    from tidal.blockdev.oci_archive import SourceImage, SourceLayer
+
+    t = LayerTar()
+    t.add_raw("hello", data=b"streamed")
+    raw = gzip.compress(t.bytes())
+
+    class Stream(io.RawIOBase):
+        def __init__(self) -> None:
+            self._buf = io.BytesIO(raw)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            data = self._buf.read(min(len(b), 1000))
+            b[: len(data)] = data
+            return len(data)
+
+    layer = SourceLayer(
+        sha(raw), None, len(raw), "application/vnd.oci.image.layer.v1.tar+gzip", Stream
+    )
+    res = convert_source_image(
+        SourceImage("stream", {"config": {"Cmd": ["x"]}}, (layer,)), tmp_path / "img"
+    )
+    assert res.manifest.config == {"Cmd": ["x"]}
+    mounts.mount_image(res.image_dir, tmp_path / "mnt")
+    try:
+        assert (tmp_path / "mnt" / "hello").read_bytes() == b"streamed"
+    finally:
+        mounts.unmount(tmp_path / "mnt")

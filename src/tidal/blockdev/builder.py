@@ -164,11 +164,30 @@ def convert_oci(
     progress: BuildProgress | None = None,
 ) -> BuildResult:
     """Convert an OCI layout (dir or tar) or docker-archive into a Tidal image, layer by layer."""
+    return convert_source_image(
+        open_source_image(archive),
+        out_image,
+        codec=codec,
+        size_bytes=size_bytes,
+        settings=settings,
+        progress=progress,
+    )
+
+
+def convert_source_image(
+    source: SourceImage,
+    out_image: str | os.PathLike[str],
+    *,
+    codec: Codec | str | None = None,
+    size_bytes: int | None = None,
+    settings: BlockdevSettings | None = None,
+    progress: BuildProgress | None = None,
+) -> BuildResult:
+    """Convert any :class:`SourceImage` (its layers' ``open_blob`` may stream from a registry)."""
     settings = settings or load_settings()
     t0 = time.monotonic()
-    source = open_source_image(archive)
     if not source.layers:
-        raise BuildError(f"{archive}: the image has no layers; nothing to convert")
+        raise BuildError(f"{source.name}: the image has no layers; nothing to convert")
     scans: list[LayerScan] = []
     for i, layer in enumerate(source.layers):
         if progress:
