@@ -169,9 +169,9 @@ def rules_example() -> None:
 def experiment(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     duration: float = typer.Option(120.0, help="Measured seconds per run (three runs)."),
-    rate: float = typer.Option(50.0, help="Online requests per second (open loop)."),
+    rate: float = typer.Option(55.0, help="Online requests per second (open loop)."),
     work_ms: float = typer.Option(15.0, help="CPU milliseconds per online request."),
-    workers: int = typer.Option(4, help="Offline batch processes."),
+    workers: int = typer.Option(6, help="Offline batch processes."),
     policy: str = typer.Option("slo_feedback", help="Policy of the agent run."),
     output: Path | None = typer.Option(
         None, help="Result JSON (default benchmarks/results/qos-experiment.json)."
