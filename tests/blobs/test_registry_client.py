@@ -17,6 +17,7 @@ from tidal.blobs.auth import (
     parse_auth_file,
     parse_www_authenticate,
 )
+from tidal.blobs.conformance import check_blob_store
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient, is_insecure_host
 from tidal.blobs.settings import BlobSettings
@@ -207,6 +208,11 @@ def test_manifests_tags_and_index_resolution() -> None:
         with pytest.raises(ManifestNotFoundError, match="s390x"):
             c.resolve_manifest("app", "multi", architecture="s390x")
         assert c.list_tags("app") == ["multi", "v1"]
+
+
+def test_registry_blob_store_passes_the_conformance_check() -> None:
+    with make_client(FakeRegistry()) as c:
+        check_blob_store(RegistryBlobStore(c, "conformance"))
 
 
 def test_registry_blob_store_is_a_blob_store() -> None:

@@ -13,6 +13,7 @@ import pytest
 from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
 from blobs.oci_fixtures import layer_files, make_oci_image, skopeo, write_oci_layout
 from tidal.blobs.auth import Credentials, encode_auth_file
+from tidal.blobs.conformance import check_blob_store
 from tidal.blobs.distribution import fetch_oci_image
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
@@ -50,6 +51,10 @@ def test_ping_blobs_ranges_and_chunked_upload(client: RegistryClient) -> None:
         client.blob_size("t/blobs", Digest("sha256:" + "9" * 64))
     with pytest.raises(ManifestNotFoundError):
         client.get_manifest("t/blobs", "nope")
+
+
+def test_registry_store_passes_the_conformance_check(client: RegistryClient) -> None:
+    check_blob_store(RegistryBlobStore(client, "t/conformance"))
 
 
 def test_registry_store_reads_ranges(client: RegistryClient) -> None:

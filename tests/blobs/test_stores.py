@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tidal.blobs.conformance import ConformanceError, check_blob_store
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.source import BlobRangeSource, BlobSource, BlobStore, ByteRange, copy_blob
@@ -31,6 +32,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]
 def test_store_satisfies_protocols(store: BlobStore) -> None:
     assert isinstance(store, BlobSource)
     assert isinstance(store, BlobStore)
+
+
+def test_store_passes_the_conformance_check(store: BlobStore) -> None:
+    check_blob_store(store)
+
+
+def test_conformance_check_catches_a_store_that_breaks_the_contract() -> None:
+    class Sloppy(MemoryBlobStore):
+        def read(self, digest: Digest, start: int, end: int) -> bytes:
+            return super().read(digest, start, min(end, self.size(digest)))  # no range check
+
+    with pytest.raises(ConformanceError, match="BlobRangeError"):
+        check_blob_store(Sloppy("sloppy"))
 
 
 def test_put_then_read_whole_and_ranges(store: BlobStore) -> None:

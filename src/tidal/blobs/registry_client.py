@@ -38,6 +38,7 @@ from tidal.blobs.source import ReadableStream, check_blob_range, verify_digest
 from tidal.errors import (
     BlobIntegrityError,
     BlobNotFoundError,
+    BlobRangeError,
     ManifestNotFoundError,
     RegistryAuthError,
     RegistryError,
@@ -643,6 +644,8 @@ def _raise_for(
             f"{registry} denied {what} ({r.status_code}){suffix}; check the credentials in "
             "the registry auth file and the account's access to the repository"
         )
+    if r.status_code == 416:
+        raise BlobRangeError(f"{registry} refused {what}: the range is outside the blob{suffix}")
     if "DIGEST_INVALID" in detail:
         raise BlobIntegrityError(f"{registry} rejected {what}: the digest does not match{suffix}")
     raise RegistryError(f"{registry} refused {what} with HTTP {r.status_code}{suffix}")
@@ -690,12 +693,10 @@ class RegistryBlobStore:
         return size
 
     def read(self, digest: Digest, start: int, end: int) -> bytes:
-        with self._lock:
-            known = self._sizes.get(digest)
-        if known is not None:
-            check_blob_range(self.name, digest, known, start, end)
-            if start == 0 and end == known:
-                return self.client.get_blob(self.repository, digest)
+        size = self.size(digest)  # one HEAD per blob, then remembered
+        check_blob_range(self.name, digest, size, start, end)
+        if start == 0 and end == size:
+            return self.client.get_blob(self.repository, digest)
         return self.client.get_blob_range(self.repository, digest, start, end)
 
     def put(self, stream: ReadableStream, expected_digest: Digest | None = None) -> Digest:
