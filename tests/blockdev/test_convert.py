@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from tidal.blockdev import mounts
-from tidal.blockdev.builder import build_from_dir, convert_oci
-from tidal.blockdev.rawdisk import commit_writable, export_raw
+from tidal.blockdev.builder import build_from_dir, commit_writable, convert_oci
+from tidal.blockdev.rawdisk import export_raw
 from tidal.errors import UnsafeArchiveError
 from tidal.image.manifest import Image
 

@@ -12,6 +12,7 @@ and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -26,8 +27,8 @@ from tidal.blockdev.ext4 import Ext4Format, run_tool
 from tidal.blockdev.layer_tar import LayerScan, TreeWriter, extract, scan_layer
 from tidal.blockdev.oci_archive import SourceImage, SourceLayer, open_source_image
 from tidal.blockdev.settings import BlockdevSettings, load_settings
-from tidal.errors import BuildError, NotFoundError, TidalError
-from tidal.image.manifest import Image, ImageManifest, ImageWriter
+from tidal.errors import BuildError, ImageNotFoundError, NotFoundError, TidalError
+from tidal.image.manifest import Image, ImageManifest, ImageWriter, LayerRecord, blob_path
 from tidal.image.zfile import Codec
 from tidal.units import MiB
 
@@ -205,7 +206,7 @@ def convert_source_image(
         for i, (layer, scan) in enumerate(zip(source.layers, scans, strict=True)):
             builder.layer(
                 f"layer {i + 1}/{len(source.layers)}",
-                lambda root, layer=layer, scan=scan, i=i: _apply(layer, scan, root, i, progress),  # type: ignore[misc]
+                functools.partial(_apply, layer, scan, index=i, progress=progress),
                 total_bytes=scan.file_bytes,
                 source_digest=layer.digest,
                 source_diff_id=layer.diff_id,
@@ -229,10 +230,15 @@ def _scan(layer: SourceLayer, i: int) -> LayerScan:
 
 
 def _apply(
-    layer: SourceLayer, scan: LayerScan, root: Path, i: int, progress: BuildProgress | None
+    layer: SourceLayer,
+    scan: LayerScan,
+    root: Path,
+    *,
+    index: int,
+    progress: BuildProgress | None,
 ) -> None:
     on_bytes = progress.advance if progress else None
-    with TreeWriter(root, layer=_layer_name(layer, i), on_bytes=on_bytes) as writer:
+    with TreeWriter(root, layer=_layer_name(layer, index), on_bytes=on_bytes) as writer:
         writer.apply_whiteouts(scan)
         with layer.open_tar() as tf:
             extract(tf, writer)
@@ -301,3 +307,42 @@ def build_from_dir(
             config=dict(config or {}), annotations={"io.tidal.source": str(src.resolve())}
         )
     return BuildResult(Path(out_image), manifest, time.monotonic() - t0, content)
+
+
+def commit_writable(
+    image_dir: str | os.PathLike[str],
+    writable_dir: str | os.PathLike[str],
+    out_image: str | os.PathLike[str] | None = None,
+    *,
+    codec: Codec | str = Codec.LZ4,
+) -> LayerRecord:
+    """Turn a writable layer into a new top layer: of ``out_image`` (a copy) or in place.
+
+    The writable layer must not be mounted (its server flushes it at unmount).
+    """
+    src = Path(image_dir)
+    image = Image.open(src)
+    if not (Path(writable_dir) / "meta.json").exists():
+        raise ImageNotFoundError(f"no writable layer in {writable_dir}")
+    dest = Path(out_image) if out_image is not None else src
+    if dest != src:
+        if dest.exists():
+            raise BuildError(f"{dest} already exists; choose another output path")
+        (dest / "blobs" / "sha256").mkdir(parents=True)
+        for rec in image.manifest.layers:
+            target = blob_path(dest, rec.digest)
+            try:
+                os.link(blob_path(src, rec.digest), target)  # blobs are immutable: share them
+            except OSError:
+                shutil.copy2(blob_path(src, rec.digest), target)
+    writer = ImageWriter(dest, image.manifest.size_bytes)
+    for rec in image.manifest.layers:
+        writer.add_record(rec)
+    with image.writable(writable_dir, create=False) as wl:
+        rec, _ = writer.commit_layer(wl, codec=codec)
+    writer.write_manifest(
+        config=image.manifest.config,
+        annotations=image.manifest.annotations,
+        fs_type=image.manifest.fs_type,
+    )
+    return rec

@@ -208,7 +208,7 @@ def commit(
     codec: str = typer.Option("lz4", help="Layer compression: lz4, zstd, gzip, none."),
 ) -> None:
     """Commit a writable layer into a new read-only top layer."""
-    rec = rawdisk.commit_writable(image, writable_dir, output, codec=codec)
+    rec = builder.commit_writable(image, writable_dir, output, codec=codec)
     out.print(
         f"committed {short_digest(rec.digest)} ({format_size(rec.size_bytes)}) to {output or image}"
     )
