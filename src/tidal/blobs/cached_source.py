@@ -211,7 +211,8 @@ class CachedRangeSource:
                 self._hits += 1
         return data
 
-    def _is_cached(self, r: ByteRange) -> bool:
+    def is_cached(self, r: ByteRange) -> bool:
+        """Whether ``r`` has a cache entry (a stat: not checked, not counted)."""
         return self.cache is not None and self.cache.contains(self._key(r))
 
     def _read_source(self, start: int, end: int) -> bytes:
@@ -390,7 +391,7 @@ class Prefetch:
                 if not self._queue:
                     break
                 group = self._queue.popleft()
-            todo = [r for r in group.ranges if not owner._is_cached(r)]
+            todo = [r for r in group.ranges if not owner.is_cached(r)]
             with self._lock:
                 self.skipped_chunks += len(group.ranges) - len(todo)
             for sub in coalesce(todo, max_bytes=group.length, keep_order=True):

@@ -1,0 +1,72 @@
+"""The batching device view: one coalesced request for all the chunks a block read needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tidal.blobs.chunk_cache import ChunkCache
+from tidal.blobs.distribution import LazyImage
+from tidal.blobs.local_store import LocalBlobStore
+from tidal.blobs.memory_store import MemoryBlobStore
+from tidal.blobs.source import copy_blob
+from tidal.errors import LayerError
+from tidal.image.manifest import Image, ImageWriter
+from tidal.image.writable import WritableLayer
+
+SIZE = 4 << 20
+CHUNK = 16 * 1024
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("img")
+    writer = ImageWriter(tmp / "image", SIZE)
+    wl = WritableLayer.create(tmp / "w", SIZE)
+    text = b"".join(b"line %08d of a text file\n" % i for i in range(120_000))
+    wl.write(0, text[: 3 << 20])
+    writer.commit_layer(wl, chunk_size_bytes=CHUNK)
+    wl.close()
+    writer.write_manifest()
+    return tmp / "image"
+
+
+def remote_copy(image: Path) -> MemoryBlobStore:
+    remote = MemoryBlobStore("registry")
+    for rec in Image.open(image).manifest.layers:
+        copy_blob(LocalBlobStore(image), remote, rec.digest)
+    return remote
+
+
+def test_a_cold_multi_chunk_read_is_one_request(image: Path, tmp_path: Path) -> None:
+    local = Image.open(image).merged_view()
+    offset, length = 5 * CHUNK + 100, 8 * CHUNK  # needs 9 chunks
+    remote = remote_copy(image)
+    with LazyImage.open(image, remote, ChunkCache(tmp_path / "a", 64 << 20)) as lazy:
+        dev = lazy.device()  # opens the layers: footer and tail of the blob
+        tail_reads = remote.reads
+        assert tail_reads == 2
+        assert dev.read(offset, length) == local.read(offset, length)
+        assert remote.reads - tail_reads == 1
+        assert dev.batched_reads == 1
+        assert dev.read(offset, length) == local.read(offset, length)  # now all hits
+        assert remote.reads - tail_reads == 1
+        with pytest.raises(LayerError, match="read-only"):
+            dev.write(0, b"x")
+    plain_remote = remote_copy(image)
+    with LazyImage.open(image, plain_remote, ChunkCache(tmp_path / "b", 64 << 20)) as lazy:
+        lazy.image.layers()
+        tail_reads = plain_remote.reads
+        assert lazy.image.merged_view().read(offset, length) == local.read(offset, length)
+        assert plain_remote.reads - tail_reads == 9  # the plain view: a request per chunk
+
+
+def test_plan_read_maps_device_bytes_to_stored_chunks(image: Path, tmp_path: Path) -> None:
+    with LazyImage.open(image, remote_copy(image), ChunkCache(tmp_path, 64 << 20)) as lazy:
+        ((digest, ranges),) = lazy.plan_read(CHUNK - 1, 2).items()
+        assert len(ranges) == 2  # the read straddles a chunk boundary
+        assert ranges[0].end == ranges[1].start  # stored back to back
+        assert lazy.plan_read(SIZE - 4096, 4096) == {}  # a hole: nothing to fetch
+        assert lazy.plan_read(0, 0) == {}
+        assert digest == lazy.image.manifest.layers[0].digest
