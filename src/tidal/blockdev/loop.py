@@ -103,12 +103,6 @@ def get(device: str) -> LoopDevice | None:
     return next((d for d in list_devices() if d.device == device), None)
 
 
-def backed_by(path: Path) -> list[LoopDevice]:
-    """Loop devices whose backing file is ``path``."""
-    want = str(path)
-    return [d for d in list_devices() if d.backing_file == want]
-
-
 def detach_orphans(under: Path, keep: Collection[str] = ()) -> list[str]:
     """Detach loop devices backed by files below ``under`` that no recorded mount owns.
 

@@ -119,14 +119,19 @@ def list_mounts() -> list[MountInfo]:
 
 def server_alive(info: MountInfo) -> bool:
     """Whether the FUSE server of ``info`` still runs (a zombie counts as dead)."""
-    proc = _SERVERS.get(info.server_pid)
+    return _server_pid_alive(info.server_pid)
+
+
+def _server_pid_alive(pid: int) -> bool:
+    proc = _SERVERS.get(pid)
     if proc is not None:
         return proc.poll() is None
     try:
-        stat_line = Path(f"/proc/{info.server_pid}/stat").read_text()
-        cmdline = Path(f"/proc/{info.server_pid}/cmdline").read_bytes()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    # a recycled pid is not our server: check what runs there
     return stat_line.rsplit(")", 1)[-1].split()[0] != "Z" and b"tidal.blockdev.serve" in cmdline
 
 
@@ -413,12 +418,11 @@ def _stop_server(pid: int, *, timeout_s: float) -> None:
             except subprocess.TimeoutExpired:
                 log.warning("FUSE server %d did not exit; sending %s", pid, sig or "SIGTERM")
         return
-    fake = MountInfo("", "", None, True, "", pid, None, 0.0, "")
     deadline = time.monotonic() + timeout_s
-    while server_alive(fake) and time.monotonic() < deadline:
+    while _server_pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not server_alive(fake):
+        if not _server_pid_alive(pid):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
