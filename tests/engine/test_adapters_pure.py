@@ -101,3 +101,22 @@ def test_quota_volume_mkfs_limits_inodes_and_reserves_nothing() -> None:
     assert (
         overlay_options(Path("/l"), Path("/u"), Path("/w")) == "lowerdir=/l,upperdir=/u,workdir=/w"
     )
+
+
+def test_volume_pool_refill_and_take(tmp_path: Path) -> None:
+    import shutil
+
+    from tidal.engine.volume import VolumePool
+
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs mkfs.ext4 (e2fsprogs)")
+    pool = VolumePool(tmp_path / "pool", 16 << 20, 256, target=2)
+    assert pool.matches(16 << 20, 256) and not pool.matches(32 << 20, 256)
+    assert not pool.take(tmp_path / "none.img")
+    assert pool.refill() == 2
+    assert pool.refill() == 0
+    assert pool.take(tmp_path / "a.img")
+    assert (tmp_path / "a.img").stat().st_size == 16 << 20
+    assert len(pool.ready()) == 1
+    assert pool.refill() == 1
+    assert not VolumePool(tmp_path / "p2", 16 << 20, 256, target=0).matches(16 << 20, 256)

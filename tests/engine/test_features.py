@@ -337,3 +337,48 @@ def test_upgrade_keeps_identity_and_rolls_back(
     )
     wait_for(lambda: engine.exec(rec.id, ["cat", "/data/count"]).stdout == b"x\nx\nx\n")
     assert engine.exec(rec.id, ["cat", "/version"]).stdout == b"v2\n"
+
+
+def test_rich_mode_image_init(engine: Engine, busybox_rootfs: Path, tmp_path: Path) -> None:
+    """``--rich-mode systemd`` runs the image's own /sbin/init (busybox init here)."""
+    tree = tmp_path / "with-init"
+    shutil.copytree(busybox_rootfs, tree, symlinks=True)
+    (tree / "sbin").mkdir(exist_ok=True)
+    (tree / "sbin" / "init").symlink_to("/bin/busybox")
+    (tree / "etc" / "inittab").write_text(
+        "::sysinit:/bin/echo booted-by-image-init\n"
+        "::once:/bin/sh -c 'echo service-up; exec sleep 300'\n"
+        "::shutdown:/bin/echo shutting-down\n"
+    )
+    rec = engine.run(ContainerSpec(image=str(tree), rich=True, rich_mode="systemd"))
+    wait_for(lambda: "service-up" in logs_of(engine, rec.id))
+    rec = engine.stop(rec.id, timeout_s=10)
+    out = logs_of(engine, rec.id)
+    assert "booted-by-image-init" in out and "shutting-down" in out
+    # busybox init "reboots" on SIGTERM; in a pid namespace that ends init with SIGHUP
+    assert rec.status == "exited" and rec.exit_code is not None and rec.exit_code != 137, rec
+
+
+@pytest.mark.fuse
+def test_lxcfs_watchdog_restarts_a_dead_lxcfs(engine: Engine, busybox_rootfs: Path) -> None:
+    import os
+    import signal as sig
+
+    if shutil.which("lxcfs") is None:
+        pytest.skip("needs lxcfs")
+    engine.lxcfs.ensure()
+    first = engine.lxcfs.pid()
+    os.kill(first, sig.SIGKILL)
+    wait_for(lambda: not engine.lxcfs.healthy())
+    engine.lxcfs.ensure()  # what the daemon's watchdog thread calls every few seconds
+    assert engine.lxcfs.healthy() and engine.lxcfs.pid() != first
+    rec = engine.run(
+        ContainerSpec(
+            image=str(busybox_rootfs),
+            command=("sh", "-c", "grep MemTotal /proc/meminfo"),
+            memory_bytes=300 * 1024 * 1024,
+            lxcfs=True,
+        )
+    )
+    engine.wait(rec.id, 20)
+    assert logs_of(engine, rec.id).split()[1] == str(300 * 1024)

@@ -56,7 +56,13 @@ from tidal.engine.runtime import ExecResult, Runtime, get_runtime, pid_alive
 from tidal.engine.settings import EngineSettings, load_settings
 from tidal.engine.spec import ContainerSpec, QuotaSpec
 from tidal.engine.store import ContainerRecord, Store
-from tidal.engine.volume import QuotaVolume, create_volume, destroy_volume, mount_volume
+from tidal.engine.volume import (
+    QuotaVolume,
+    VolumePool,
+    create_volume,
+    destroy_volume,
+    mount_volume,
+)
 from tidal.errors import (
     ConfigError,
     ContainerStateError,
@@ -120,10 +126,47 @@ class Engine:
         self._runtimes: dict[str, Runtime] = {}
         self.images_dir = self.state_dir / "images"
         self._image_locks: dict[str, threading.Lock] = {}
+        default = self._root_quota_default()
+        self.volume_pool = VolumePool(
+            self.state_dir / "pool",
+            default.size_bytes if default else 0,
+            (default.inodes or 0) if default else 0,
+            self.settings.volume_pool_size if default else 0,
+        )
+        self._refill_wanted = threading.Event()
+        self._closing = threading.Event()
+        self._refiller: threading.Thread | None = None
         self._hostprep_done = False
 
     def close(self) -> None:
+        """Stop the pool refiller and close the database (containers keep running)."""
+        self._closing.set()
+        self._refill_wanted.set()
+        if self._refiller is not None:
+            self._refiller.join()
+            self._refiller = None
         self.store.close()
+
+    def _want_refill(self) -> None:
+        if self.volume_pool.target <= 0 or self._closing.is_set():
+            return
+        if self._refiller is None:
+            self._refiller = threading.Thread(
+                target=self._refill_loop, name="tidal-volume-pool", daemon=True
+            )
+            self._refiller.start()
+        self._refill_wanted.set()
+
+    def _refill_loop(self) -> None:
+        while True:
+            self._refill_wanted.wait()
+            self._refill_wanted.clear()
+            if self._closing.is_set():
+                return
+            try:
+                self.volume_pool.refill()
+            except TidalError as exc:
+                log.warning("volume pool refill failed: %s", exc)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -242,6 +285,9 @@ class Engine:
         for q in spec.disk_quotas:
             if q.target == "/":
                 return q
+        return self._root_quota_default()
+
+    def _root_quota_default(self) -> QuotaSpec | None:
         size = self.settings.default_disk_quota_bytes
         if size <= 0:
             return None
@@ -251,7 +297,8 @@ class Engine:
         """Quota volume, overlay, volumes; each step recorded at once so that a failure in a
         later one (or a crash) leaves a state that ``rm`` can undo."""
         cdir = self.cdir(cid)
-        volume = create_quota_base(cdir, self._root_quota(spec))
+        volume = create_quota_base(cdir, self._root_quota(spec), self.volume_pool)
+        self._want_refill()
         if volume is not None:
             self.store.update(cid, rootfs={"volume": volume})
         state = self._mount_rootfs(cid, spec.image, volume, 0)
@@ -312,7 +359,8 @@ class Engine:
     def _bundle(self, rec: ContainerRecord) -> Path:
         spec, cdir = rec.spec, self.cdir(rec.id)
         image_cfg = provider_for(spec.image).image_config(spec.image)
-        argv = self._command(rec, image_cfg)
+        image_init = spec.rich and spec.rich_mode == "systemd"
+        argv = () if image_init else self._command(rec, image_cfg)
         init_dir = None
         if spec.rich:
             if spec.rich_mode == "init":

@@ -73,6 +73,11 @@ class LxcfsSupervisor:
         self._reap()
         if self.healthy():
             return
+        if self._proc is not None:
+            # ours, but no longer serving: make sure it is gone and reaped before replacing it
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
         if self.mounted():
             log.warning("lxcfs at %s is dead; remounting", self.mountpoint)
             subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)

@@ -39,10 +39,11 @@ from tidal.blockdev.ext4 import is_mountpoint
 from tidal.engine.spec import QuotaSpec
 from tidal.engine.volume import (
     QuotaVolume,
-    create_volume,
+    VolumePool,
     destroy_volume,
     mount_volume,
     unmount_path,
+    volume_from_pool_or_new,
 )
 from tidal.errors import ConfigError, EngineError, ImageNotFoundError
 
@@ -183,16 +184,14 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
         )
 
 
-def create_quota_base(cdir: Path, quota: QuotaSpec | None) -> dict[str, Any] | None:
+def create_quota_base(
+    cdir: Path, quota: QuotaSpec | None, pool: VolumePool | None = None
+) -> dict[str, Any] | None:
     """The container's writable-layer volume (None: no quota, upper lives on the data disk)."""
     if quota is None:
         return None
-    vol = create_volume(
-        cdir / "disk.img",
-        cdir / "disk",
-        quota.size_bytes,
-        quota.inodes or quota.size_bytes // 16384,
-    )
+    inodes = quota.inodes or quota.size_bytes // 16384
+    vol = volume_from_pool_or_new(pool, cdir / "disk.img", cdir / "disk", quota.size_bytes, inodes)
     return vol.__dict__.copy()
 
 

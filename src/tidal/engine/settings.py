@@ -20,6 +20,8 @@ DEFAULT_SUBNET = "10.88.0.0/24"
 DEFAULT_BRIDGE = "tidal0"
 DEFAULT_CGROUP_PARENT = "tidal"
 """Containers' cgroups live under ``/<parent>/<id>`` in every v1 hierarchy."""
+DEFAULT_VOLUME_POOL_SIZE = 2
+"""Quota volumes of the default shape kept formatted ahead of time (0: format at each start)."""
 DEFAULT_UPGRADE_PROBE_S = 1.0
 """After an upgrade the container must stay up (or exit 0) this long, else it is rolled back."""
 
@@ -42,6 +44,7 @@ class EngineSettings:
     lxcfs: str = "auto"
     """``auto`` (use lxcfs when the binary exists), ``on`` or ``off``."""
     upgrade_probe_s: float = DEFAULT_UPGRADE_PROBE_S
+    volume_pool_size: int = DEFAULT_VOLUME_POOL_SIZE
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "engine"

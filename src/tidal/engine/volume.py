@@ -124,3 +124,74 @@ def volume_usage(vol: QuotaVolume) -> dict[str, int]:
         "inodes_total": st.f_files,
         "inodes_free": st.f_favail,
     }
+
+
+class VolumePool:
+    """Pre-formatted quota volumes of the default shape ("storage pre-warming").
+
+    ``mkfs.ext4`` is a large share of a container's start; the pool keeps a few volumes of
+    the engine's default size and inode count formatted ahead of time, so a start only
+    renames one into place and mounts it. Files are published atomically (write ``.tmp``,
+    rename) and taken by rename, so concurrent takers never share one.
+    """
+
+    def __init__(self, directory: Path, size_bytes: int, inodes: int, target: int) -> None:
+        self.directory = directory / f"{size_bytes}-{inodes}"
+        self.size_bytes = size_bytes
+        self.inodes = inodes
+        self.target = target
+
+    def matches(self, size_bytes: int, inodes: int) -> bool:
+        return self.target > 0 and (size_bytes, inodes) == (self.size_bytes, self.inodes)
+
+    def ready(self) -> list[Path]:
+        try:
+            return sorted(self.directory.glob("*.img"))
+        except OSError:
+            return []
+
+    def take(self, dest: Path) -> bool:
+        """Move a ready volume to ``dest``; False when the pool is empty."""
+        for path in self.ready():
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                continue  # another taker won it
+            return True
+        return False
+
+    def refill(self) -> int:
+        """Format volumes until ``target`` are ready; returns how many were made."""
+        made = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while len(self.ready()) < self.target:
+            tmp = self.directory / f"{os.urandom(8).hex()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.truncate(self.size_bytes)
+            try:
+                _run(mkfs_argv(str(tmp), self.size_bytes, self.inodes), f"pre-formatting {tmp}")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            os.rename(tmp, tmp.with_suffix(".img"))
+            made += 1
+        return made
+
+
+def volume_from_pool_or_new(
+    pool: VolumePool | None, image_path: Path, mountpoint: Path, size_bytes: int, inodes: int
+) -> QuotaVolume:
+    """A mounted quota volume, taken from ``pool`` when it has one of this shape."""
+    if pool is not None and pool.matches(size_bytes, inodes):
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        if pool.take(image_path):
+            vol = QuotaVolume(str(image_path), str(mountpoint), size_bytes, inodes)
+            try:
+                mount_volume(vol)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    image_path.unlink()
+                raise
+            return vol
+    return create_volume(image_path, mountpoint, size_bytes, inodes)
