@@ -70,3 +70,14 @@ def test_plan_read_maps_device_bytes_to_stored_chunks(image: Path, tmp_path: Pat
         assert lazy.plan_read(SIZE - 4096, 4096) == {}  # a hole: nothing to fetch
         assert lazy.plan_read(0, 0) == {}
         assert digest == lazy.image.manifest.layers[0].digest
+
+
+def test_without_a_cache_the_view_does_not_batch(image: Path) -> None:
+    local = Image.open(image).merged_view()
+    remote = remote_copy(image)
+    with LazyImage.open(image, remote, None) as lazy:
+        dev = lazy.device()
+        before = remote.reads
+        assert dev.read(3 * CHUNK, 3 * CHUNK) == local.read(3 * CHUNK, 3 * CHUNK)
+        assert dev.batched_reads == 0
+        assert remote.reads - before == 3  # fetched once each, not twice

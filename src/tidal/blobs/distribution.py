@@ -360,7 +360,8 @@ class BatchingView:
         return self._view.size_bytes
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset >= 0 and length > 0 and offset + length <= self._view.size_bytes:
+        batch = self._lazy.cache is not None  # without a cache the fetched bytes would be lost
+        if batch and offset >= 0 and length > 0 and offset + length <= self._view.size_bytes:
             plan = self._lazy.plan_read(offset, length)
             missing = {
                 d: [r for r in ranges if not self._lazy.sources[d].is_cached(r)]
