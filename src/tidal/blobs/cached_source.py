@@ -239,10 +239,21 @@ class CachedRangeSource:
             return {}
         out: dict[ByteRange, bytes] = {}
         try:
-            lo = min(r.start for r, _ in mine)
-            hi = max(r.end for r, _ in mine)
+            todo = []
+            for r, fut in mine:  # a fetch that just finished may have cached it meanwhile
+                cached = self.cache is not None and self.is_cached(r)
+                hit = self.cache.get(self._key(r)) if cached and self.cache else None
+                if hit is not None and self._passes(r, hit):
+                    out[r] = hit
+                    fut.set_result(hit)
+                else:
+                    todo.append((r, fut))
+            if not todo:
+                return out
+            lo = min(r.start for r, _ in todo)
+            hi = max(r.end for r, _ in todo)
             data = self._read_source(lo, hi)
-            for r, fut in mine:
+            for r, fut in todo:
                 piece = data[r.start - lo : r.end - lo]
                 if not self._passes(r, piece):
                     with self._lock:
