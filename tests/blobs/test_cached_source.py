@@ -349,3 +349,21 @@ def test_a_failed_read_logs_blob_range_and_cause(
     assert f"[{CHUNK}, {2 * CHUNK})" in line
     assert digest[:19] in line and "injected failure" in line
     assert src.read_at(CHUNK, CHUNK) == data[CHUNK : 2 * CHUNK]  # the next read recovers
+
+
+def test_a_peer_serving_corrupt_chunks_is_skipped_for_the_registry(cache: ChunkCache) -> None:
+    peer, registry = MemoryBlobStore("peer"), MemoryBlobStore("registry")
+    digest, data = blob(registry)
+    peer.put_bytes(data)
+    peer.corrupt.add(digest)
+    chain = FallbackBlobSource([peer, registry])
+    src = CachedRangeSource(
+        chain, digest, cache=cache, check=lambda off, b: b == data[off : off + len(b)]
+    )
+    assert src.read_at(2 * CHUNK, CHUNK) == data[2 * CHUNK : 3 * CHUNK]
+    assert src.stats.check_failures == 1
+    assert chain.served_by["registry"] == 1
+    assert cache.get(ChunkKey(digest, 2 * CHUNK, CHUNK)) == data[2 * CHUNK : 3 * CHUNK]
+    registry.corrupt.add(digest)
+    with pytest.raises(BlobIntegrityError, match="no source served good bytes"):
+        src.read_at(5 * CHUNK, CHUNK)

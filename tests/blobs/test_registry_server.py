@@ -40,12 +40,16 @@ def test_missing_binary_is_a_clear_error() -> None:
 
 
 @pytest.mark.registry
-def test_a_registry_that_cannot_bind_reports_its_log(tmp_path: Path) -> None:
+def test_a_registry_on_a_taken_port_is_refused(tmp_path: Path) -> None:
     with RegistryServer() as first:
         second = RegistryServer(port=first.port)
-        with pytest.raises(RegistryServerError, match=r"exited|did not answer"):
-            second.start()
-        assert not second.running
+        try:
+            with pytest.raises(RegistryServerError, match=f"port {first.port} .* in use"):
+                second.start()
+            assert not second.running
+            assert second.workdir is not None and not second.workdir.exists()
+        finally:
+            second.stop()
 
 
 @pytest.mark.netns
@@ -68,3 +72,10 @@ def test_blob_settings_from_toml_and_environment(tmp_path: Path) -> None:
     assert s.insecure_registries == ("r:5000",)
     with pytest.raises(ConfigError, match="unknown setting"):
         load_blob_settings(cfg, env={"TIDAL_BLOBS__NO_SUCH": "1"})
+
+
+def test_a_registry_process_that_exits_is_reported_with_its_status() -> None:
+    server = RegistryServer(binary="false")  # starts, then exits at once
+    with pytest.raises(RegistryServerError, match="exited with status 1"):
+        server.start()
+    assert not server.running

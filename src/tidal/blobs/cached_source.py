@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from tidal.blobs.chunk_cache import ChunkCache, ChunkKey
 from tidal.blobs.settings import BlobSettings
@@ -41,6 +42,15 @@ ChunkCheck = Callable[[int, bytes], bool]
 """``(stored_offset, stored_bytes) -> ok``. True for ranges the check knows nothing about."""
 
 MAX_INFLIGHT_WAITS = 3
+
+
+@runtime_checkable
+class VerifyingSource(Protocol):
+    """A source that can skip whichever of its members serves bytes failing a check."""
+
+    def read_verified(
+        self, digest: Digest, start: int, end: int, check: Callable[[bytes], bool]
+    ) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,18 @@ class CachedRangeSource:
             self._bytes += len(data)
         return data
 
+    def _refetch(self, r: ByteRange) -> bytes:
+        """Fetch ``r`` again after a failed check; a chain then skips the source that lied."""
+        if isinstance(self.source, VerifyingSource):
+            data = self.source.read_verified(
+                self.digest, r.start, r.end, lambda b: self._passes(r, b)
+            )
+            with self._lock:
+                self._requests += 1
+                self._bytes += len(data)
+            return data
+        return self._read_source(r.start, r.end)
+
     def _fetch_group(
         self, group: RequestGroup, *, force: bool = False, prefetch: bool = False
     ) -> dict[ByteRange, bytes]:
@@ -258,7 +280,7 @@ class CachedRangeSource:
                 if not self._passes(r, piece):
                     with self._lock:
                         self._check_failures += 1
-                    piece = self._read_source(r.start, r.end)
+                    piece = self._refetch(r)
                     if not self._passes(r, piece):
                         exc = BlobIntegrityError(
                             f"range [{r.start}, {r.end}) of {self.name} failed its checksum "

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tidal.blobs.source import BlobSource
 from tidal.errors import (
     BlobError,
+    BlobIntegrityError,
     BlobNotFoundError,
     BlobUnavailableError,
     ConfigError,
@@ -88,6 +89,42 @@ class FallbackBlobSource:
                 self.served_by[s.name] += 1
                 self.fallbacks += i
             return data
+        raise self._failure(digest, errors)
+
+    def read_verified(
+        self, digest: Digest, start: int, end: int, check: Callable[[bytes], bool]
+    ) -> bytes:
+        """Like ``read``, but a source whose bytes fail ``check`` is skipped like a missing one.
+
+        A peer that serves corrupt chunks then costs one extra request, and the registry
+        behind it answers; without this, a bad peer would fail every read it is asked for.
+        """
+        errors: list[BlobError] = []
+        for i, s in enumerate(self.sources):
+            try:
+                data = s.read(digest, start, end)
+            except (BlobNotFoundError, BlobUnavailableError, RegistryUnavailableError) as exc:
+                errors.append(exc)
+                continue
+            if not check(data):
+                log.warning(
+                    "%s served bytes [%d, %d) of %s that fail their checksum; trying the next source",
+                    s.name,
+                    start,
+                    end,
+                    short_digest(digest),
+                )
+                errors.append(BlobIntegrityError(f"{s.name}: [{start}, {end}) failed its checksum"))
+                continue
+            with self._lock:
+                self.served_by[s.name] += 1
+                self.fallbacks += i
+            return data
+        if any(isinstance(e, BlobIntegrityError) for e in errors):
+            raise BlobIntegrityError(
+                f"no source served good bytes [{start}, {end}) of blob {short_digest(digest)}: "
+                + "; ".join(str(e) for e in errors)
+            )
         raise self._failure(digest, errors)
 
     def _failure(self, digest: Digest, errors: list[BlobError]) -> BlobError:

@@ -38,6 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def htpasswd_line(user: str, password: str) -> str:
     """A bcrypt htpasswd entry (the only hash the registry accepts), made with ``htpasswd``.
 
@@ -138,6 +148,12 @@ class RegistryServer:
         last_error = ""
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self.port = given_port if given_port is not None else free_port(self.host)
+            if not self._wrap and not _port_is_free(self.host, self.port):
+                # Otherwise the readiness probe would be answered by whoever holds the port.
+                last_error = f"port {self.port} on {self.host} is already in use"
+                if given_port is not None:
+                    break
+                continue
             cfg_path = self.workdir / "config.yml"
             cfg_path.write_text(yaml.safe_dump(self._config()))
             env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
@@ -174,7 +190,7 @@ class RegistryServer:
                     )
                 with contextlib.suppress(httpx.TransportError):
                     r = client.get(f"{self.url}/v2/")
-                    if r.status_code in (200, 401):
+                    if r.status_code in (200, 401) and self._proc.poll() is None:
                         return
                 time.sleep(0.05)
         raise RegistryServerError(
