@@ -159,7 +159,7 @@ def test_fetch_ranges_keeps_several_requests_in_flight(cache: ChunkCache) -> Non
     elapsed = time.monotonic() - t0
     assert len(got) == 32
     assert store.max_active == 4
-    assert elapsed < 32 * 0.05 / 2  # clearly parallel
+    assert elapsed < 32 * 0.05 * 0.75  # clearly parallel (serial would be 1.6 s)
 
 
 def test_max_request_bytes_splits_long_runs(cache: ChunkCache) -> None:
@@ -189,15 +189,15 @@ def test_prefetch_fills_the_cache_in_the_background(cache: ChunkCache) -> None:
 
 
 def test_demand_reads_jump_the_prefetch_queue(cache: ChunkCache) -> None:
-    store = SlowStore(0.03)
+    store = SlowStore(0.1)
     digest, data = blob(store)
     with CachedRangeSource(store, digest, cache=cache) as src:
-        pf = src.prefetch(chunks(*range(0, 60, 2)), concurrency=2)  # 30 requests: ~0.45 s
+        pf = src.prefetch(chunks(*range(0, 60, 2)), concurrency=2)  # 30 requests: ~1.5 s
         t0 = time.monotonic()
         assert src.read_at(58 * CHUNK, CHUNK) == data[58 * CHUNK : 59 * CHUNK]  # last in queue
         latency = time.monotonic() - t0
         assert not pf.done
-        assert latency < 0.2
+        assert latency < 0.6  # one request, not the queue ahead of it
         pf.cancel()
         assert pf.done
 
@@ -207,7 +207,9 @@ def test_demand_read_waits_for_the_request_already_in_flight(cache: ChunkCache) 
     digest, data = blob(store)
     with CachedRangeSource(store, digest, cache=cache) as src:
         pf = src.prefetch(chunks(5))
-        time.sleep(0.05)  # the prefetch request is in flight now
+        deadline = time.monotonic() + 5
+        while store.active == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the prefetch request is in flight
         assert src.read_at(5 * CHUNK, CHUNK) == data[5 * CHUNK : 6 * CHUNK]
         assert pf.wait(5)
         assert store.reads == 1
