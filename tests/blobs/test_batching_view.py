@@ -81,3 +81,30 @@ def test_without_a_cache_the_view_does_not_batch(image: Path) -> None:
         assert dev.read(3 * CHUNK, 3 * CHUNK) == local.read(3 * CHUNK, 3 * CHUNK)
         assert dev.batched_reads == 0
         assert remote.reads - before == 3  # fetched once each, not twice
+
+
+def test_an_image_sharing_a_layer_reads_it_from_the_cache(image: Path, tmp_path: Path) -> None:
+    """Image B = A's layer + its own top layer: B's reads of A's data need no network."""
+    base = Image.open(image)
+    (rec,) = base.manifest.layers
+    writer = ImageWriter(tmp_path / "b", SIZE)
+    copy_blob(LocalBlobStore(image), LocalBlobStore(tmp_path / "b"), rec.digest)
+    writer.add_record(rec)
+    top = Image(tmp_path / "b", writer.write_manifest()).writable(tmp_path / "wb")
+    top.write(SIZE - 8192, b"only in image b")
+    writer.commit_layer(top, chunk_size_bytes=CHUNK)
+    top.close()
+    writer.write_manifest()
+    remote = remote_copy(image)
+    for r in Image.open(tmp_path / "b").manifest.layers:
+        copy_blob(LocalBlobStore(tmp_path / "b"), remote, r.digest)
+    cache = ChunkCache(tmp_path / "node-cache", 64 << 20)
+    with LazyImage.open(image, remote, cache) as a:
+        assert a.device().read(0, 64 * 1024) == base.merged_view().read(0, 64 * 1024)
+    with LazyImage.open(tmp_path / "b", remote, cache) as b:
+        dev = b.device()
+        before = remote.reads
+        assert dev.read(0, 64 * 1024) == base.merged_view().read(0, 64 * 1024)
+        assert remote.reads == before  # the shared layer's chunks were cached by image A
+        assert dev.read(SIZE - 8192, 15) == b"only in image b"
+        assert remote.reads > before
