@@ -30,7 +30,12 @@ from tidal.errors import (
     RegistryUnavailableError,
 )
 from tidal.ids import Digest, sha256_digest
-from tidal.image.oci import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE
+from tidal.image.oci import (
+    DOCKER_LIST_MEDIA_TYPE,
+    DOCKER_MANIFEST_MEDIA_TYPE,
+    OCI_INDEX_MEDIA_TYPE,
+    OCI_MANIFEST_MEDIA_TYPE,
+)
 
 SETTINGS = BlobSettings(retry_attempts=3, backoff_initial_s=0.5, backoff_max_s=1.5)
 
@@ -208,6 +213,28 @@ def test_manifests_tags_and_index_resolution() -> None:
         with pytest.raises(ManifestNotFoundError, match="s390x"):
             c.resolve_manifest("app", "multi", architecture="s390x")
         assert c.list_tags("app") == ["multi", "v1"]
+
+
+def test_docker_schema2_list_and_manifest_are_read() -> None:
+    fake = FakeRegistry()
+    with make_client(fake) as c:
+        image = json.dumps(
+            {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_MEDIA_TYPE, "layers": []}
+        ).encode()
+        d_image = c.put_manifest("lib/app", "amd64", image, DOCKER_MANIFEST_MEDIA_TYPE)
+        listing = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": DOCKER_LIST_MEDIA_TYPE,
+                "manifests": [
+                    {"digest": d_image, "platform": {"os": "linux", "architecture": "amd64"}}
+                ],
+            }
+        ).encode()
+        c.put_manifest("lib/app", "latest", listing, DOCKER_LIST_MEDIA_TYPE)
+        got = c.resolve_manifest("lib/app", "latest")
+        assert (got.media_type, got.digest) == (DOCKER_MANIFEST_MEDIA_TYPE, d_image)
+        assert c.get_manifest("lib/app", "latest").is_index
 
 
 def test_registry_blob_store_passes_the_conformance_check() -> None:

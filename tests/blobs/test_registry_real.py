@@ -25,6 +25,7 @@ from tidal.blockdev.oci_archive import open_source_image
 from tidal.errors import BlobNotFoundError, ManifestNotFoundError, RegistryAuthError
 from tidal.ids import Digest, sha256_digest
 from tidal.image.manifest import Image
+from tidal.image.oci import DOCKER_MANIFEST_MEDIA_TYPE
 
 pytestmark = pytest.mark.registry
 
@@ -184,3 +185,23 @@ def test_convert_reads_an_image_fetched_from_the_registry(
     (layer,) = result.manifest.data_layers
     assert layer.source_digest == next(iter(image.layers))
     assert Image.open(tmp_path / "tidal-image").verify() > 0
+
+
+def test_docker_schema2_image_pushed_by_skopeo_is_fetched(
+    client: RegistryClient, registry: RegistryServer, tmp_path: Path
+) -> None:
+    image = make_oci_image({"usr/bin/app": b"#!/bin/sh\necho ready\n"})
+    write_oci_layout(tmp_path / "src", image, "v1")
+    ref = f"{registry.address}/t/docker-format:v1"
+    skopeo(
+        "copy", "--format", "v2s2", "--dest-tls-verify=false",
+        f"oci:{tmp_path / 'src'}:v1", f"docker://{ref}",
+    )  # fmt: skip
+    m = client.resolve_manifest("t/docker-format", "v1")
+    assert m.media_type == DOCKER_MANIFEST_MEDIA_TYPE
+    layout = fetch_oci_image(ImageReference.parse(ref), tmp_path / "fetched", client)
+    parsed = open_source_image(layout)
+    (layer,) = parsed.layers
+    assert layer_files(LocalBlobStore(layout).read(Digest(layer.digest), 0, layer.size_bytes)) == (
+        image.files
+    )
