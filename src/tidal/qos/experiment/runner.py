@@ -360,7 +360,8 @@ def _offline_and_timeline(
     total: float,
 ) -> dict[str, Any]:
     rel = [dict(s, t=s["t"] - t0) for s in samples]
-    measured = [s for s in rel if cfg.warmup_s <= s["t"] <= total]
+    # Progress readings can be missing (file not written yet): use only samples that have one.
+    measured = [s for s in rel if cfg.warmup_s <= s["t"] <= total and s["units"] == s["units"]]
     out: dict[str, Any] = {}
     if len(measured) >= 2:
         a, b = measured[0], measured[-1]

@@ -99,6 +99,13 @@ def _offline_worker(counter: Any, index: int, stop: Any) -> None:
         counter[index] = done
 
 
+def _write_atomic(path: str, doc: dict[str, Any]) -> None:
+    """Readers polling the file never see it half-written."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
 def run_offline(workers: int, out_file: str) -> None:
     ctx = multiprocessing.get_context("fork")
     counter = ctx.Array("q", workers, lock=False)
@@ -110,14 +117,14 @@ def run_offline(workers: int, out_file: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: finished.set())
     # Report progress so the runner can plot work over time even if we are killed later.
     while not finished.wait(0.25):
-        Path(out_file).write_text(json.dumps({"units": sum(counter), "t": time.time()}))
+        _write_atomic(out_file, {"units": sum(counter), "t": time.time()})
     stop.set()
     for p in procs:
         p.join(timeout=5)
         if p.is_alive():
             p.kill()
             p.join()
-    Path(out_file).write_text(json.dumps({"units": sum(counter), "t": time.time(), "final": True}))
+    _write_atomic(out_file, {"units": sum(counter), "t": time.time(), "final": True})
 
 
 async def _one_request(port: int, intended: float, timeout_s: float) -> float:
