@@ -1,9 +1,11 @@
 """Container start latency: run -> first output of ``echo``, p50/p99 over N starts.
 
-Rows, all measured in the same run on the same busybox tree:
+Rows, all measured in the same run on the same busybox tree, interleaved round-robin:
   * bare ``runc run`` / ``crun run`` of a prepared bundle (the baseline: no engine at all);
   * Tidal engine with runc and crun, directory rootfs (overlay on a fresh quota volume);
-  * Tidal engine with runc and crun, Tidal block image (lazy FUSE mount, warm page cache);
+  * Tidal engine with runc and crun, Tidal block image whose shared read-only mount is held by
+    another container (warm page cache), and with runc where each start mounts the image
+    (FUSE server + loop + ext4: "cold mount", data still in the page cache);
   * Tidal engine, runc, directory rootfs without a quota volume (what mkfs+loop costs).
 The engine is driven in-process (``Engine.run``), so the figure is the engine's own overhead
 (storage set-up, bundle, monitor) on top of the runtime, without HTTP. Removal is not timed.
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,8 +62,8 @@ def pct(values: list[float], q: float) -> float:
     return s[k]
 
 
-def bare_runtime(name: str, rootfs: Path, work: Path, n: int) -> list[float]:
-    """``<runtime> run`` of a ready bundle; time until the first byte of stdout."""
+def bare_runtime(name: str, rootfs: Path, work: Path) -> Callable[[], float]:
+    """One ``<runtime> run`` of a ready bundle; time until the first byte of stdout."""
     rt = get_runtime(name, work / "bare-state")
     bundle = work / f"bare-{name}"
     spec = ContainerSpec(image=str(rootfs), command=("echo", "hi"))
@@ -76,8 +79,8 @@ def bare_runtime(name: str, rootfs: Path, work: Path, n: int) -> list[float]:
     )
     cfg["root"]["readonly"] = True
     write_bundle(bundle, cfg)
-    out = []
-    for _ in range(n):
+
+    def once() -> float:
         cid = f"bench-{uuid.uuid4().hex[:12]}"
         t0 = time.perf_counter()
         proc = subprocess.Popen(
@@ -89,13 +92,15 @@ def bare_runtime(name: str, rootfs: Path, work: Path, n: int) -> list[float]:
         proc.communicate()
         if first != b"h":
             raise SystemExit(f"bare {name} run failed: {proc.returncode}")
-        out.append(t1 - t0)
-    return out
+        return t1 - t0
+
+    return once
 
 
-def engine_starts(eng: Engine, image: str, runtime: str, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
+def engine_start(eng: Engine, image: str, runtime: str) -> Callable[[], float]:
+    """One ``Engine.run``; time until the container's first output reaches its log."""
+
+    def once() -> float:
         t0 = time.perf_counter()
         rec = eng.run(
             ContainerSpec(image=image, command=("echo", "hi"), runtime=runtime, lxcfs=False)
@@ -109,10 +114,11 @@ def engine_starts(eng: Engine, image: str, runtime: str, n: int) -> list[float]:
                 pass
             time.sleep(0.0005)
         t1 = time.perf_counter()
-        out.append(t1 - t0)
         eng.wait(rec.id, 30)
         eng.remove(rec.id)
-    return out
+        return t1 - t0
+
+    return once
 
 
 def main() -> None:
@@ -141,26 +147,39 @@ def main() -> None:
     )
     eng = Engine(EngineSettings(**base))  # type: ignore[arg-type]
     eng_noquota = Engine(EngineSettings(**{**base, "default_disk_quota_bytes": 0}))  # type: ignore[arg-type]
-    rows: list[tuple[str, list[float]]] = []
+    eng_cold = Engine(EngineSettings(**{**base, "state_dir": work / "engine-cold"}))  # type: ignore[arg-type]
+    configs: list[tuple[str, Callable[[], float]]] = []
+    runtimes = [r for r in ("runc", "crun") if shutil.which(r)]
+    for name in runtimes:
+        eng.runtime(name)  # host preparation (crun on hybrid cgroups) outside timing
+        configs.append((f"bare {name} run (baseline)", bare_runtime(name, rootfs, work)))
+    for name in runtimes:
+        configs.append((f"tidal {name}, dir rootfs", engine_start(eng, str(rootfs), name)))
+    # A node where the image is in use (another container holds its shared mount) ...
+    holder = eng.run(ContainerSpec(image=str(image), command=("sleep", "100000"), lxcfs=False))
+    for name in runtimes:
+        configs.append((f"tidal {name}, Tidal image", engine_start(eng, str(image), name)))
+    # ... and one where every start mounts it (FUSE server, loop device, ext4): cold mount.
+    configs.append(
+        ("tidal runc, Tidal image, cold mount", engine_start(eng_cold, str(image), "runc"))
+    )
+    configs.append(
+        ("tidal runc, dir, no quota volume", engine_start(eng_noquota, str(rootfs), "runc"))
+    )
+    samples: dict[str, list[float]] = {name: [] for name, _ in configs}
     try:
-        for name in ("runc", "crun"):
-            if shutil.which(name):
-                eng.runtime(name)  # host preparation (crun on hybrid cgroups) outside timing
-                rows.append((f"bare {name} run (baseline)", bare_runtime(name, rootfs, work, n)))
-        for name in ("runc", "crun"):
-            if shutil.which(name):
-                rows.append((f"tidal {name}, dir rootfs", engine_starts(eng, str(rootfs), name, n)))
-        for name in ("runc", "crun"):
-            if shutil.which(name):
-                engine_starts(eng, str(image), name, 2)  # warm the image's page cache
-                rows.append((f"tidal {name}, Tidal image", engine_starts(eng, str(image), name, n)))
-        rows.append(
-            ("tidal runc, dir, no quota volume", engine_starts(eng_noquota, str(rootfs), "runc", n))
-        )
+        for _, once in configs:
+            once()  # warm-up: page cache, pool, image mount path
+        # Round-robin, so that load from elsewhere on the machine hits every row alike.
+        for _ in range(n):
+            for name, once in configs:
+                samples[name].append(once())
     finally:
-        eng.close()
-        eng_noquota.close()
+        eng.remove(holder.id, force=True)
+        for e in (eng, eng_cold, eng_noquota):
+            e.close()
         shutil.rmtree(work, ignore_errors=True)
+    rows = list(samples.items())
 
     base_p50 = {name: statistics.median(v) for name, v in rows if name.startswith("bare")}
     print(f"container start latency (run -> first output of echo), {n} starts per row")

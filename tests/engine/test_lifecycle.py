@@ -237,3 +237,18 @@ def test_image_mount_is_shared_and_released_with_last_user(
     engine.remove(b.id, force=True)
     assert not lower.is_mount()
     assert str(lower) not in [m.target for m in list_mounts()]
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_runtime_driver_reports_unknown_containers(engine: Engine, runtime: str) -> None:
+    from tidal.errors import OciRuntimeError
+
+    if shutil.which(runtime) is None:
+        pytest.skip(f"{runtime} is not installed")
+    rt = engine.runtime(runtime)
+    assert rt.state("no-such-container") is None
+    with pytest.raises((ContainerNotFoundError, OciRuntimeError), match="no-such-container"):
+        rt.kill("no-such-container", "TERM")
+    rt.delete("no-such-container")  # idempotent
+    with pytest.raises((ContainerNotFoundError, OciRuntimeError), match="no-such-container"):
+        rt.update("no-such-container", {"memory": {"limit": 1 << 30}})

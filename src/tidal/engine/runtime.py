@@ -112,7 +112,8 @@ class Runtime(ABC):
             ) from exc
         if proc.returncode != 0:
             msg = _clean(proc.stderr) or _clean(proc.stdout) or f"exit status {proc.returncode}"
-            if "does not exist" in msg or "not found" in msg.lower():
+            low = msg.lower()
+            if any(t in low for t in ("does not exist", "not found", "no such file or directory")):
                 raise ContainerNotFoundError(f"{self.name}: container {cid} does not exist: {msg}")
             raise OciRuntimeError(f"{self.name} {verb} {cid} failed: {msg}")
         return proc
