@@ -133,9 +133,14 @@ def register(app: typer.Typer) -> None:
             if detach:
                 out.print(rec.id)
                 return
-            for data in client.follow_logs(rec.id):
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
+            try:
+                for data in client.follow_logs(rec.id):
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+            except KeyboardInterrupt:
+                # Ctrl-C stops the foreground container, as a terminal user expects.
+                err.print(f"stopping {rec.name} ...")
+                client.stop(rec.id)
             rec = client.wait(rec.id)
             if rm:
                 client.remove(rec.id, force=True)

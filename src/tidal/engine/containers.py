@@ -62,6 +62,7 @@ from tidal.engine.volume import (
     create_volume,
     destroy_volume,
     mount_volume,
+    volume_usage,
 )
 from tidal.errors import (
     ConfigError,
@@ -563,10 +564,8 @@ class Engine:
         out = rec.to_json()
         out["log_path"] = str(self.cdir(rec.id) / "container.log")
         out["bundle"] = str(self.cdir(rec.id) / "bundle")
-        if rec.rootfs.get("volume"):
+        if rec.rootfs.get("volume") and rec.rootfs.get("merged"):
             with contextlib.suppress(OSError):
-                from tidal.engine.volume import volume_usage
-
                 out["disk"] = volume_usage(QuotaVolume(**rec.rootfs["volume"]))
         return out
 
