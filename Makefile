@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := runc crun e2fsprogs fuse3 libfuse3-3 docker-registry lxcfs skopeo \
 	busybox-static debootstrap iproute2 attr util-linux kmod psmisc procps curl quota xfsprogs \
-	apache2-utils gcc libc6-dev
+	apache2-utils gcc libc6-dev openssl
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp
 

@@ -22,7 +22,13 @@ from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
 from tidal.blockdev.builder import convert_oci
 from tidal.blockdev.oci_archive import open_source_image
-from tidal.errors import BlobNotFoundError, ManifestNotFoundError, RegistryAuthError
+from tidal.errors import (
+    BlobNotFoundError,
+    ConfigError,
+    ManifestNotFoundError,
+    RegistryAuthError,
+    RegistryError,
+)
 from tidal.ids import Digest, sha256_digest
 from tidal.image.manifest import Image
 from tidal.image.oci import DOCKER_MANIFEST_MEDIA_TYPE
@@ -205,3 +211,25 @@ def test_docker_schema2_image_pushed_by_skopeo_is_fetched(
     assert layer_files(LocalBlobStore(layout).read(Digest(layer.digest), 0, layer.size_bytes)) == (
         image.files
     )
+
+
+def test_tls_registry_with_a_private_ca(tmp_path: Path) -> None:
+    with RegistryServer(tls=True, users={REGISTRY_USER: REGISTRY_PASSWORD}) as server:
+        creds = Credentials(REGISTRY_USER, REGISTRY_PASSWORD)
+        trusted = BlobSettings(ca_file=server.ca_file, retry_attempts=2)
+        with RegistryClient(server.address, credentials=creds, settings=trusted) as c:
+            assert c.base_url.startswith("http://")  # loopback defaults to plain HTTP...
+        with RegistryClient(
+            server.address, credentials=creds, settings=trusted, scheme="https"
+        ) as c:  # ...so a TLS registry on loopback is asked for explicitly
+            digest = c.push_blob("t/tls", b"over tls")
+            assert c.get_blob("t/tls", digest) == b"over tls"
+        with (
+            RegistryClient(server.address, credentials=creds, settings=FAST, scheme="https") as c,
+            pytest.raises(RegistryError, match=r"not trusted.*ca_file"),
+        ):
+            c.ping()
+        bad = tmp_path / "bad.pem"
+        bad.write_text("not a certificate")
+        with pytest.raises(ConfigError, match="ca_file"):
+            RegistryClient(server.address, settings=BlobSettings(ca_file=bad))

@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +40,7 @@ from tidal.errors import (
     BlobIntegrityError,
     BlobNotFoundError,
     BlobRangeError,
+    ConfigError,
     ManifestNotFoundError,
     RegistryAuthError,
     RegistryError,
@@ -131,8 +133,17 @@ class RegistryClient:
         self._basic = False  # the registry asked for Basic once: send it up front from now on
         self._lock = threading.Lock()
         pool = max(self.settings.fetch_concurrency, self.settings.prefetch_concurrency) + 4
+        verify: ssl.SSLContext | bool = True
+        if self.settings.ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(self.settings.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"[blobs] ca_file {self.settings.ca_file} is not a readable PEM bundle: {exc}"
+                ) from exc
         self._http = httpx.Client(
             transport=transport,
+            verify=verify,
             timeout=self.settings.request_timeout_s,
             follow_redirects=True,
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
@@ -262,6 +273,12 @@ class RegistryClient:
                     self.requests += 1
                 r = self._http.request(method, url, headers=hdrs, content=content, params=params)
             except httpx.TransportError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # permanent: retrying cannot help
+                    raise RegistryError(
+                        f"TLS certificate of {self.registry} not trusted ({exc}); add its CA to "
+                        "[blobs] ca_file, or list the registry in insecure_registries if it "
+                        "speaks plain HTTP"
+                    ) from exc
                 last_cause = f"{type(exc).__name__}: {exc}"
                 retry_after = None
             else:

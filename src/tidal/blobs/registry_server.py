@@ -10,10 +10,12 @@ so that benchmarks can throttle the link with tc.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -79,12 +81,14 @@ class RegistryServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         users: dict[str, str] | None = None,
+        tls: bool = False,
         wrap: Sequence[str] = (),
         binary: str = REGISTRY_BINARY,
     ) -> None:
         self.host = host
         self.port = port
         self._users = dict(users or {})
+        self.tls = tls
         self._wrap = list(wrap)
         self._binary = binary
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -99,7 +103,38 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls else 'http'}://{self.address}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The self-signed certificate a TLS registry serves (trust it as a CA)."""
+        if self.workdir is None or not self.tls:
+            raise RegistryServerError("only a started TLS registry has a certificate")
+        return self.workdir / "cert.pem"
+
+    def _make_certificate(self) -> None:
+        """A one-day self-signed certificate for ``host`` (IP or name), made with openssl."""
+        assert self.workdir is not None
+        exe = shutil.which("openssl")
+        if exe is None:
+            raise RegistryServerError(
+                "openssl is not installed; install the Debian package openssl"
+            )
+        try:
+            ipaddress.ip_address(self.host)
+            san = f"IP:{self.host}"
+        except ValueError:
+            san = f"DNS:{self.host}"
+        proc = subprocess.run(
+            [exe, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=tidal-test-registry", "-addext", f"subjectAltName={san}",
+             "-keyout", str(self.workdir / "key.pem"), "-out", str(self.workdir / "cert.pem")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RegistryServerError(
+                f"openssl could not make a certificate: {proc.stderr.strip()}"
+            )
 
     @property
     def storage_dir(self) -> Path:
@@ -127,6 +162,11 @@ class RegistryServer:
             },
             "http": {"addr": self.address, "secret": os.urandom(16).hex()},
         }
+        if self.tls:
+            cfg["http"]["tls"] = {  # type: ignore[index]
+                "certificate": str(self.workdir / "cert.pem"),
+                "key": str(self.workdir / "key.pem"),
+            }
         if self._users:
             htp = self.workdir / "htpasswd"
             htp.write_text("".join(htpasswd_line(u, p) + "\n" for u, p in self._users.items()))
@@ -142,6 +182,12 @@ class RegistryServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="tidal-registry-")
         self.workdir = Path(self._tmp.name)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            try:
+                self._make_certificate()
+            except BaseException:
+                self._cleanup_dir()
+                raise
         given_port = self.port
         if given_port is None and self._wrap:
             given_port = NAMESPACE_PORT  # a namespace of its own: nothing else listens there
@@ -181,7 +227,10 @@ class RegistryServer:
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
-        with httpx.Client(timeout=1.0) as client:
+        verify: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=str(self.ca_file)) if self.tls else True
+        )
+        with httpx.Client(timeout=1.0, verify=verify) as client:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     raise RegistryServerError(

@@ -42,6 +42,8 @@ class BlobSettings:
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES
     insecure_registries: tuple[str, ...] = ()
     """Registries (host[:port]) spoken to over plain HTTP; loopback addresses always are."""
+    ca_file: Path | None = None
+    """Extra CA certificates (PEM) for registries with a private certificate authority."""
     auth_file: Path | None = None
     """Docker-style auth.json; ``None`` means ``$TIDAL_REGISTRY_AUTH`` or ``~/.config/tidal/auth.json``."""
 
