@@ -12,13 +12,16 @@ import pytest
 
 from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
 from blobs.oci_fixtures import layer_files, make_oci_image, skopeo, write_oci_layout
+from blobs.token_server import ISSUER as TOKEN_ISSUER
+from blobs.token_server import SERVICE as TOKEN_SERVICE
+from blobs.token_server import TokenServer
 from tidal.blobs.auth import Credentials, encode_auth_file
 from tidal.blobs.conformance import check_blob_store
 from tidal.blobs.distribution import fetch_oci_image
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
-from tidal.blobs.registry_server import RegistryServer
+from tidal.blobs.registry_server import RegistryServer, TokenAuth
 from tidal.blobs.settings import BlobSettings
 from tidal.blockdev.builder import convert_oci
 from tidal.blockdev.oci_archive import open_source_image
@@ -233,3 +236,28 @@ def test_tls_registry_with_a_private_ca(tmp_path: Path) -> None:
         bad.write_text("not a certificate")
         with pytest.raises(ConfigError, match="ca_file"):
             RegistryClient(server.address, settings=BlobSettings(ca_file=bad))
+
+
+def test_bearer_token_auth_against_the_real_registry(tmp_path: Path) -> None:
+    tokens = TokenServer(tmp_path, {"alice": "pw-a"}, {"alice": {"t/team"}})
+    try:
+        auth = TokenAuth(tokens.realm, TOKEN_SERVICE, TOKEN_ISSUER, tokens.cert)
+        with RegistryServer(token_auth=auth) as server:
+            alice = Credentials("alice", "pw-a")
+            with RegistryClient(server.address, credentials=alice, settings=FAST) as c:
+                digest = c.push_blob("t/team", b"bearer")
+                for _ in range(3):
+                    assert c.get_blob_range("t/team", digest, 1, 4) == b"ear"
+                with pytest.raises(RegistryAuthError):
+                    c.push_blob("t/other-team", b"not granted")
+            scopes = [r.get("scope") for r in tokens.requests]
+            assert scopes.count("repository:t/team:pull") == 1  # fetched once, then cached
+            assert "repository:t/team:pull,push" in scopes
+            stranger = Credentials("mallory", "guess")
+            with (
+                RegistryClient(server.address, credentials=stranger, settings=FAST) as c,
+                pytest.raises(RegistryAuthError, match="refused user 'mallory'"),
+            ):
+                c.get_blob("t/team", digest)
+    finally:
+        tokens.close()

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -68,6 +69,16 @@ def htpasswd_line(user: str, password: str) -> str:
     return proc.stdout.strip()
 
 
+@dataclass(frozen=True)
+class TokenAuth:
+    """Bearer-token auth: the registry trusts JWTs from ``issuer`` signed under ``root_cert``."""
+
+    realm: str
+    service: str
+    issuer: str
+    root_cert: Path
+
+
 class RegistryServer:
     """A CNCF registry child process; use as a context manager.
 
@@ -82,6 +93,7 @@ class RegistryServer:
         port: int | None = None,
         users: dict[str, str] | None = None,
         tls: bool = False,
+        token_auth: TokenAuth | None = None,
         wrap: Sequence[str] = (),
         binary: str = REGISTRY_BINARY,
     ) -> None:
@@ -89,6 +101,7 @@ class RegistryServer:
         self.port = port
         self._users = dict(users or {})
         self.tls = tls
+        self.token_auth = token_auth
         self._wrap = list(wrap)
         self._binary = binary
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -167,7 +180,17 @@ class RegistryServer:
                 "certificate": str(self.workdir / "cert.pem"),
                 "key": str(self.workdir / "key.pem"),
             }
-        if self._users:
+        if self.token_auth is not None:
+            t = self.token_auth
+            cfg["auth"] = {
+                "token": {
+                    "realm": t.realm,
+                    "service": t.service,
+                    "issuer": t.issuer,
+                    "rootcertbundle": str(t.root_cert),
+                }
+            }
+        elif self._users:
             htp = self.workdir / "htpasswd"
             htp.write_text("".join(htpasswd_line(u, p) + "\n" for u, p in self._users.items()))
             cfg["auth"] = {"htpasswd": {"realm": "tidal-registry", "path": str(htp)}}
