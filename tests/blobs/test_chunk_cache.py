@@ -128,7 +128,7 @@ def test_threads_never_see_wrong_bytes(tmp_path: Path) -> None:
     errors: list[str] = []
 
     def worker(seed: int) -> None:
-        for i in range(300):
+        for i in range(150):
             k = keys[(seed * 7 + i * 13) % len(keys)]
             got = cache.get(k)
             if got is None:
@@ -136,7 +136,7 @@ def test_threads_never_see_wrong_bytes(tmp_path: Path) -> None:
             elif got != content(k):
                 errors.append(f"wrong bytes for {k}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -154,7 +154,7 @@ def test_processes_share_the_cache_and_its_bound(tmp_path: Path) -> None:
         cache = ChunkCache({str(tmp_path)!r}, {capacity})
         seed = int(sys.argv[1])
         bad = 0
-        for i in range(400):
+        for i in range(200):
             k = ChunkKey({BLOB!r}, ((seed * 31 + i * 17) % 80) * 1024, 1024)
             want = (hashlib.sha256(f"{{k.digest}}{{k.offset}}".encode()).digest() * 33)[:1024]
             got = cache.get(k)
@@ -237,4 +237,4 @@ class CacheModel(RuleBasedStateMachine):
 
 
 TestCacheModel = CacheModel.TestCase
-TestCacheModel.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestCacheModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

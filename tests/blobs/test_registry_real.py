@@ -242,9 +242,10 @@ def test_bearer_token_auth_against_the_real_registry(tmp_path: Path) -> None:
     tokens = TokenServer(tmp_path, {"alice": "pw-a"}, {"alice": {"t/team"}})
     try:
         auth = TokenAuth(tokens.realm, TOKEN_SERVICE, TOKEN_ISSUER, tokens.cert)
+        patient = BlobSettings(retry_attempts=4, backoff_initial_s=0.1)  # openssl per token
         with RegistryServer(token_auth=auth) as server:
             alice = Credentials("alice", "pw-a")
-            with RegistryClient(server.address, credentials=alice, settings=FAST) as c:
+            with RegistryClient(server.address, credentials=alice, settings=patient) as c:
                 digest = c.push_blob("t/team", b"bearer")
                 for _ in range(3):
                     assert c.get_blob_range("t/team", digest, 1, 4) == b"ear"

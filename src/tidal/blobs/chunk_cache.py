@@ -5,8 +5,8 @@ share a layer share its cached chunks, and an entry can never be stale. Layout::
 
     ROOT/entries/<hex[:2]>/<hex>.<offset>.<length>   16-byte header + the bytes
     ROOT/tmp/                                        entries being written
-    ROOT/lock                                        flock: publish, unlink, evict
-    ROOT/size                                        bytes of all entries (under the flock)
+    ROOT/lock                                        flock (publish, unlink, evict) and
+                                                     the byte total of all entries
 
 Safety without a daemon:
 
@@ -113,13 +113,13 @@ class ChunkCache:
         try:
             self._entries.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(parents=True, exist_ok=True)
-            (self.root / "lock").touch(exist_ok=True)
         except OSError as exc:
             raise CacheError(
                 f"cannot create the chunk cache in {self.root}: {exc.strerror}; "
                 "set [blobs] cache_dir to a writable directory"
             ) from exc
         self._lock = threading.Lock()
+        self._tls = threading.local()  # the lock fd, while this thread holds the cache lock
         self._clock_ns = 0
         self._hits = self._misses = self._bytes_hit = 0
         self._puts = self._bytes_stored = 0
@@ -259,25 +259,29 @@ class ChunkCache:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """The cache-wide lock: a fresh open file per use, so it excludes threads too."""
-        with (self.root / "lock").open("rb") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        """The cache-wide lock: a fresh open file per use, so it excludes threads too.
+
+        The lock file also holds the shared byte counter (8 bytes), read and written only
+        while the lock is held.
+        """
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._tls.fd = fd
             try:
                 yield
             finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                self._tls.fd = None
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def _read_size(self) -> int | None:
-        try:
-            raw = (self.root / "size").read_bytes()
-        except FileNotFoundError:
-            return None
+        raw = os.pread(self._tls.fd, 8, 0)
         return int.from_bytes(raw, "little") if len(raw) == 8 else None
 
     def _write_size(self, total: int) -> None:
-        tmp = self.root / "size.tmp"
-        tmp.write_bytes(total.to_bytes(8, "little"))
-        os.replace(tmp, self.root / "size")
+        os.pwrite(self._tls.fd, total.to_bytes(8, "little"), 0)
 
     def _scan(self) -> list[_Entry]:
         out: list[_Entry] = []
