@@ -1,1 +1,18 @@
-"""Where bytes come from: local blob store, OCI registry client, chunk cache, P2P."""
+"""Where bytes come from: local blob store, OCI registry client, chunk cache, P2P.
+
+Module map (one interface, :class:`~tidal.blobs.source.BlobSource`, many implementations):
+
+- ``source``          BlobSource / BlobStore protocols, ByteRange, BlobRangeSource, copy_blob
+- ``local_store``     the embedded default: ``ROOT/blobs/sha256/<hex>``, atomic, digest-checked
+- ``memory_store``    the in-memory fake for tests (counts reads, injects faults)
+- ``registry_client`` OCI distribution client and RegistryBlobStore (one repository)
+- ``auth``            auth.json credentials, WWW-Authenticate challenges, token cache
+- ``reference``       ``registry/repository:tag@digest`` parsing
+- ``chunk_cache``     the node's persistent, bounded, crash-safe chunk cache
+- ``cached_source``   CachedRangeSource (the lazy RandomAccessSource), coalescing, prefetch
+- ``chain``           FallbackBlobSource: peers, then the registry
+- ``distribution``    push/pull of Tidal images, LazyImage, OCI image fetch for convert
+- ``conformance``     the BlobStore contract as a reusable check
+- ``registry_server`` / ``throttle``: the CNCF registry process and a shaped link, for
+  tests, demo and benchmarks
+"""
