@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,15 @@ def test_an_image_sharing_a_layer_reads_it_from_the_cache(image: Path, tmp_path:
         assert remote.reads == before  # the shared layer's chunks were cached by image A
         assert dev.read(SIZE - 8192, 15) == b"only in image b"
         assert remote.reads > before
+
+
+def test_stats_are_written_for_another_process(image: Path, tmp_path: Path) -> None:
+    remote = remote_copy(image)
+    with LazyImage.open(image, remote, ChunkCache(tmp_path / "c", 64 << 20)) as lazy:
+        lazy.device().read(0, 4 * CHUNK)
+        lazy.write_stats(tmp_path / "stats.json")
+    doc = json.loads((tmp_path / "stats.json").read_text())
+    assert doc["total"]["bytes_fetched"] == lazy.stats().bytes_fetched > 0
+    assert doc["cache"]["puts"] >= 4
+    assert doc["prefetch"]["running"] == 0
+    assert list(doc["layers"]) == [r.digest for r in lazy.image.manifest.layers]

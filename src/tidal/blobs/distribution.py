@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
 
@@ -264,6 +264,28 @@ class LazyImage:
         return SourceStats(
             *(sum(getattr(p, f) for p in parts) for f in SourceStats.__dataclass_fields__)
         )
+
+    def stats_doc(self) -> dict[str, object]:
+        """Everything ``tidal image stats`` shows, as JSON-ready data."""
+        doc: dict[str, object] = {
+            "image": str(self.image.path),
+            "source": self.source.name,
+            "layers": {d: asdict(src.stats) for d, src in self.sources.items()},
+            "total": asdict(self.stats()),
+            "prefetch": {
+                "running": sum(not p.done for p in self.prefetches),
+                "groups": sum(p.groups_total for p in self.prefetches),
+                "skipped_chunks": sum(p.skipped_chunks for p in self.prefetches),
+                "errors": sum(len(p.errors) for p in self.prefetches),
+            },
+        }
+        if self.cache is not None:
+            doc["cache"] = {**asdict(self.cache.stats), "dir": str(self.cache.root)}
+        return doc
+
+    def write_stats(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`stats_doc` atomically, for a process other than the FUSE server to read."""
+        _write_atomic(Path(path), json.dumps(self.stats_doc(), indent=2) + "\n")
 
     def trace(self) -> Trace | None:
         """The image's access trace, if a trace layer was pushed with it."""
