@@ -31,6 +31,8 @@ class FakeRegistry:
     uploads: dict[str, bytearray] = field(default_factory=dict)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
     token_requests: list[dict[str, str]] = field(default_factory=list)
+    retry_after: str = "0"
+    """Retry-After header of injected failures."""
     partial_patches: int = 0
     """Upcoming PATCHes that keep only half their bytes, then fail with 503 (a dropped link)."""
     allowed_repos: set[str] | None = None
@@ -89,7 +91,8 @@ class FakeRegistry:
                 code = self.fail_next.pop(0)
                 if code == 0:
                     raise httpx.ConnectError("connection refused", request=request)
-                return _error(code, "UNAVAILABLE", "injected failure", {"Retry-After": "0"})
+                headers = {"Retry-After": self.retry_after}
+                return _error(code, "UNAVAILABLE", "injected failure", headers)
             return self._route(request)
 
     def _route(self, request: httpx.Request) -> httpx.Response:

@@ -133,6 +133,19 @@ def test_transient_failures_are_retried_with_exponential_backoff() -> None:
     assert sleeps == [0.5, 1.0]
 
 
+def test_retry_after_is_honoured_up_to_a_bound() -> None:
+    sleeps: list[float] = []
+    with make_client(FakeRegistry(fail_next=[429], retry_after="2"), sleeps=sleeps) as c:
+        c.ping()
+    with make_client(FakeRegistry(fail_next=[503], retry_after="3600"), sleeps=sleeps) as c:
+        c.ping()
+    with make_client(
+        FakeRegistry(fail_next=[503], retry_after="Wed, 21 Oct 2015"), sleeps=sleeps
+    ) as c:
+        c.ping()
+    assert sleeps == [2.0, 30.0, 0.5]  # as asked; capped at 30 s; a date: our own backoff
+
+
 def test_persistent_failure_becomes_registry_unavailable() -> None:
     fake = FakeRegistry(fail_next=[500, 502, 429, 503])
     sleeps: list[float] = []
