@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blobs.fake_registry import FakeRegistry
 from tidal.blobs.auth import (
@@ -329,3 +331,24 @@ def test_plain_http_only_for_loopback_or_listed_registries() -> None:
     assert not is_insecure_host("10.0.0.2:5000")
     assert is_insecure_host("10.0.0.2:5000", ["10.0.0.2:5000"])
     assert not is_insecure_host("registry.example.com")
+
+
+_NAME = st.from_regex(r"[a-z0-9]+([._-][a-z0-9]+)*", fullmatch=True).filter(lambda n: len(n) < 30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    host=st.sampled_from(["127.0.0.1:5000", "reg.example", "localhost", "r.example:443"]),
+    parts=st.lists(_NAME, min_size=1, max_size=3),
+    tag=st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)),
+    digest=st.one_of(st.none(), st.binary(min_size=1, max_size=8).map(sha256_digest)),
+)
+def test_reference_round_trips(
+    host: str, parts: list[str], tag: str | None, digest: Digest | None
+) -> None:
+    text = (
+        host + "/" + "/".join(parts) + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+    )
+    ref = ImageReference.parse(text)
+    assert (ref.registry, ref.repository, ref.digest) == (host, "/".join(parts), digest)
+    assert ImageReference.parse(str(ref)) == ref
