@@ -343,7 +343,14 @@ class LazyImage:
         if trace is None:
             return []
         plan = self.plan_prefetch(trace)
-        started = [self.sources[d].prefetch(ranges, concurrency) for d, ranges in plan.items()]
+        total = concurrency or self.settings.prefetch_concurrency
+        chunks = sum(len(r) for r in plan.values()) or 1
+        # The layers share one connection pool: split the requests in flight between them
+        # in proportion to their work, so the whole replay keeps ``total`` requests in flight.
+        started = [
+            self.sources[d].prefetch(ranges, max(1, round(total * len(ranges) / chunks)))
+            for d, ranges in plan.items()
+        ]
         self.prefetches.extend(started)
         return started
 
