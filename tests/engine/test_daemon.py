@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -191,6 +192,10 @@ def test_cli_and_sigkilled_daemon_restart(
         assert _cli(engine_settings, "logs", "quick").stdout == "q\n"
         r = _cli(engine_settings, "exec", "long", "--", "echo", "still-here")
         assert r.stdout == "still-here\n"
+        r = _cli(engine_settings, "update", "long", "--memory", "200M", "--cpus", "0.5")
+        assert r.returncode == 0 and "memory=209715200" in r.stdout, r.stderr
+        info = json.loads(_cli(engine_settings, "inspect", "long").stdout)
+        assert info["spec"]["memory_bytes"] == 200 << 20 and info["status"] == "running"
         r = _cli(engine_settings, "stop", "-t", "0.2", "long")
         assert "137" in r.stdout and "SIGKILL" in r.stdout
         r = _cli(engine_settings, "rm", "fg", "quick", "long")

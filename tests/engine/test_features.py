@@ -382,3 +382,37 @@ def test_lxcfs_watchdog_restarts_a_dead_lxcfs(engine: Engine, busybox_rootfs: Pa
     )
     engine.wait(rec.id, 20)
     assert logs_of(engine, rec.id).split()[1] == str(300 * 1024)
+
+
+@pytest.mark.netns
+def test_restart_after_lost_mounts_and_network_keeps_address(
+    engine: Engine, busybox_rootfs: Path
+) -> None:
+    """What a host reboot does to a stopped container: its mounts and network are gone."""
+    import subprocess
+
+    from tidal.engine.network import netns_name, remove_bridge
+    from tidal.engine.volume import unmount_path
+
+    rec = engine.run(
+        ContainerSpec(
+            image=str(busybox_rootfs),
+            command=(
+                "sh",
+                "-c",
+                "echo $(cat /kept 2>/dev/null) run >> /kept; cat /kept; ip -4 addr show eth0",
+            ),
+            network="bridge",
+        )
+    )
+    rec = engine.wait(rec.id, 20)
+    unmount_path(Path(rec.rootfs["merged"]))
+    unmount_path(Path(rec.rootfs["volume"]["mountpoint"]))
+    subprocess.run(["ip", "netns", "del", netns_name(rec.id)], check=True)
+    remove_bridge(engine.settings.bridge)
+    engine.start(rec.id)
+    rec = engine.wait(rec.id, 20)
+    out = logs_of(engine, rec.id)
+    assert rec.exit_code == 0, out
+    assert "run run" in out  # the writable layer survived on its volume
+    assert out.count(f"inet {rec.ip}/") == 2

@@ -405,6 +405,8 @@ class Engine:
             and rec.ip
             and not Path(network.netns_path(rec.id)).exists()
         ):
+            # after a host reboot: the same address again, on a recreated bridge
+            network.ensure_bridge(self.settings.bridge, self.settings.subnet)
             network.create_netns(rec.id, rec.ip, self.settings.subnet, self.settings.bridge)
 
     def start(self, ref: str, *, launch: MonitorLaunch | None = None) -> ContainerRecord:
