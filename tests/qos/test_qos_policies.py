@@ -71,8 +71,8 @@ def test_slo_feedback_suppresses_weight_first_then_quota() -> None:
     assert calm.shares == 2 and calm.quota_cores == pytest.approx(2.0)  # weight only
     near = cpu_of(p.evaluate(snap(200.0)), "etl")  # 0.8 of the SLO > tighten_at 0.7
     assert near.quota_cores == pytest.approx(1.75)
-    over = cpu_of(p.evaluate(snap(400.0)), "etl")  # above the SLO: double step
-    assert over.quota_cores == pytest.approx(1.5)
+    over = cpu_of(p.evaluate(snap(400.0)), "etl")  # above the SLO: straight to the floor
+    assert over.quota_cores == pytest.approx(p.floor_cores)
 
 
 def test_slo_feedback_loosens_back_to_spec_and_restores_weight_when_online_idles() -> None:
@@ -110,7 +110,7 @@ def test_slo_feedback_raises_online_only_when_offline_is_at_floor() -> None:
 def test_slo_feedback_cpu_ceiling_signal_without_latency() -> None:
     p = SloFeedback()
     s = replace(snap(None, online_cores=0.95), slo=Slo(None, None, 0.8))
-    assert cpu_of(p.evaluate(s), "etl").quota_cores == pytest.approx(1.5)  # 0.95/1.0 > 0.8: urgent
+    assert cpu_of(p.evaluate(s), "etl").quota_cores == pytest.approx(p.floor_cores)  # 0.95 > 0.8
 
 
 def test_cpu_spike_raises_online_quota_up_to_ceiling() -> None:

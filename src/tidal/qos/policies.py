@@ -8,7 +8,8 @@ Each is a frozen dataclass of its parameters with ``from_params`` (validation) a
   recomputed every round (what production co-location agents do).
 - ``slo_feedback``: the seed's design. Offline weight is minimal whenever online work runs (free
   for offline when the online group idles); offline quota steps down while the online p95 nears
-  the SLO and back up while it is well inside; the online quota is raised last.
+  the SLO, drops to its floor once the SLO is broken, and steps back up while the p95 is well
+  inside; the online quota is raised last.
 - ``cpu_spike``: online groups using most of their quota (or throttled) get more quota/burst.
 - ``memory_guard``: online groups near their memory limit get more; offline limits shrink
   under node memory pressure, never below the group's working set.
@@ -180,8 +181,11 @@ class SloFeedback(_Params):
             cur_q = _quota_cores(c.current, capacity)
             base_q = c.baseline.quota_cores
             if tighten:
-                step = self.step_cores * (2 if urgent else 1)
-                target = _with_quota(target, max(self.floor_cores, cur_q - step))
+                # Past the SLO there is no time for steps: drop to the floor, then climb back.
+                new_q = (
+                    self.floor_cores if urgent else max(self.floor_cores, cur_q - self.step_cores)
+                )
+                target = _with_quota(target, min(cur_q, new_q))
             elif loosen and c.current.quota_us != c.baseline.quota_us:
                 new_q = cur_q + self.step_cores
                 limit = capacity if base_q is None else base_q
@@ -190,8 +194,8 @@ class SloFeedback(_Params):
                     if new_q >= limit
                     else _with_quota(target, new_q)
                 )
-            if _quota_cores(target, capacity) > self.floor_cores + 1e-9:
-                at_floor = False
+            if _quota_cores(c.current, capacity) > self.floor_cores + 1e-9:
+                at_floor = False  # judged on values in force: squeeze offline before online
             if target != c.current:
                 verb = "tighten" if tighten else ("loosen" if loosen else "hold quota")
                 advice.append(Advice(c.cgroup, self.name, f"{verb} offline: {why}", cpu=target))

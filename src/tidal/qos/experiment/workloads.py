@@ -156,6 +156,7 @@ async def _loadgen(
     app: str,
     timeout_s: float,
     window_s: float,
+    report_every_s: float = 1.0,
 ) -> list[tuple[float, float]]:
     start = time.monotonic()
     results: list[tuple[float, float]] = []
@@ -182,7 +183,7 @@ async def _loadgen(
             urllib.request.urlopen(req, timeout=0.5).close()
 
     total = int(duration_s * rate)
-    next_report = start + 1.0
+    next_report = start + report_every_s
     loop = asyncio.get_running_loop()
     for i in range(total):
         intended = start + i / rate
@@ -193,8 +194,9 @@ async def _loadgen(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         if time.monotonic() >= next_report:
-            next_report += 1.0
-            await loop.run_in_executor(None, report)
+            next_report += report_every_s
+            # Never awaited: a slow agent API must not delay the open-loop sends.
+            loop.run_in_executor(None, report)
     if tasks:
         await asyncio.gather(*tasks)
     return results
@@ -209,8 +211,11 @@ def run_loadgen(
     app: str,
     timeout_s: float,
     window_s: float,
+    report_every_s: float,
 ) -> None:
-    results = asyncio.run(_loadgen(port, rate, duration_s, report_url, app, timeout_s, window_s))
+    results = asyncio.run(
+        _loadgen(port, rate, duration_s, report_url, app, timeout_s, window_s, report_every_s)
+    )
     Path(out_file).write_text(json.dumps({"requests": sorted(results)}))
 
 
@@ -234,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     lg.add_argument("--app", default="online")
     lg.add_argument("--timeout", type=float, default=5.0)
     lg.add_argument("--window", type=float, default=3.0)
+    lg.add_argument("--report-every", type=float, default=1.0)
     args = parser.parse_args(argv)
     die_with_parent()
     join_cgroups(args.cgroup_procs)
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             args.app,
             args.timeout,
             args.window,
+            args.report_every,
         )
 
 
