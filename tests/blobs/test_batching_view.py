@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from blobs.fake_registry import FakeRegistry
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import LazyImage
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.memory_store import MemoryBlobStore
+from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.source import copy_blob
 from tidal.errors import LayerError
 from tidal.image.manifest import Image, ImageWriter
@@ -121,3 +123,16 @@ def test_stats_are_written_for_another_process(image: Path, tmp_path: Path) -> N
     assert doc["cache"]["puts"] >= 4
     assert doc["prefetch"]["running"] == 0
     assert list(doc["layers"]) == [r.digest for r in lazy.image.manifest.layers]
+
+
+def test_a_lazy_image_over_a_registry_sends_no_head_requests(image: Path, tmp_path: Path) -> None:
+    fake = FakeRegistry()
+    remote = remote_copy(image)
+    for rec in Image.open(image).manifest.layers:
+        fake.blobs[rec.digest] = remote.read(rec.digest, 0, rec.size_bytes)
+    with RegistryClient("fake", scheme="http", transport=fake.transport, load_auth_file=False) as c:
+        store = RegistryBlobStore(c, "app")
+        with LazyImage.open(image, store, ChunkCache(tmp_path, 64 << 20)) as lazy:
+            lazy.device().read(0, 3 * CHUNK)
+    methods = {m for m, _, _ in fake.log}
+    assert methods == {"GET"}

@@ -230,6 +230,8 @@ class LazyImage:
         make = lazy_source_factory(source, cache, self.settings)
 
         def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
+            if isinstance(source, RegistryBlobStore):
+                source.remember_size(digest, size_bytes)  # the manifest says; no HEAD needed
             src = make(digest, size_bytes)
             self.sources[digest] = src
             return src

@@ -699,6 +699,11 @@ class RegistryBlobStore:
         except BlobNotFoundError:
             return False
 
+    def remember_size(self, digest: Digest, size_bytes: int) -> None:
+        """Take a blob's size from a manifest, sparing the HEAD request before its first read."""
+        with self._lock:
+            self._sizes[digest] = size_bytes
+
     def size(self, digest: Digest) -> int:
         with self._lock:
             known = self._sizes.get(digest)
