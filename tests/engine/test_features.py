@@ -416,3 +416,25 @@ def test_restart_after_lost_mounts_and_network_keeps_address(
     assert rec.exit_code == 0, out
     assert "run run" in out  # the writable layer survived on its volume
     assert out.count(f"inet {rec.ip}/") == 2
+
+
+def test_upgrade_command_precedence(engine: Engine, busybox_rootfs: Path, tmp_path: Path) -> None:
+    """The upgrade's command, else the container's own, else the new image's default."""
+    images = {}
+    for tag in ("a", "b"):
+        tree = tmp_path / tag
+        shutil.copytree(busybox_rootfs, tree, symlinks=True)
+        (tmp_path / f"{tag}.config.json").write_text(
+            json.dumps({"config": {"Cmd": ["sh", "-c", f"echo default-{tag}; sleep 300"]}})
+        )
+        images[tag] = str(tree)
+    rec = engine.run(ContainerSpec(image=images["a"]))  # no command: image a's default
+    wait_for(lambda: "default-a" in logs_of(engine, rec.id))
+    engine.upgrade(rec.id, images["b"])  # still no own command: image b's default
+    wait_for(lambda: "default-b" in logs_of(engine, rec.id))
+    up = engine.upgrade(rec.id, images["a"], ("sh", "-c", "echo explicit; sleep 300"))
+    wait_for(lambda: "explicit" in logs_of(engine, rec.id))
+    assert up.spec.command == ("sh", "-c", "echo explicit; sleep 300")
+    engine.upgrade(rec.id, images["b"])  # the container's own command now wins
+    wait_for(lambda: logs_of(engine, rec.id).count("explicit") == 2)
+    assert "default-b" in logs_of(engine, rec.id)
