@@ -21,7 +21,12 @@ from tidal.blobs.auth import (
 )
 from tidal.blobs.conformance import check_blob_store
 from tidal.blobs.reference import ImageReference
-from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient, is_insecure_host
+from tidal.blobs.registry_client import (
+    ManifestResponse,
+    RegistryBlobStore,
+    RegistryClient,
+    is_insecure_host,
+)
 from tidal.blobs.settings import BlobSettings
 from tidal.errors import (
     BlobIntegrityError,
@@ -29,6 +34,7 @@ from tidal.errors import (
     ConfigError,
     ManifestNotFoundError,
     RegistryAuthError,
+    RegistryError,
     RegistryUnavailableError,
 )
 from tidal.ids import Digest, sha256_digest
@@ -352,3 +358,13 @@ def test_reference_round_trips(
     ref = ImageReference.parse(text)
     assert (ref.registry, ref.repository, ref.digest) == (host, "/".join(parts), digest)
     assert ImageReference.parse(str(ref)) == ref
+
+
+def test_malformed_manifest_and_tag_list_are_registry_errors() -> None:
+    bad = ManifestResponse(OCI_MANIFEST_MEDIA_TYPE, sha256_digest(b"<html>"), b"<html>")
+    with pytest.raises(RegistryError, match="not JSON"):
+        bad.json()
+    fake = FakeRegistry()
+    fake.manifests[("app", "v1")] = (OCI_MANIFEST_MEDIA_TYPE, b"[1, 2]")
+    with make_client(fake) as c, pytest.raises(RegistryError, match="not a JSON object"):
+        c.resolve_manifest("app", "v1").json()

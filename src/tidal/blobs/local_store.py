@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from tidal.blobs.source import STREAM_BLOCK_BYTES, ReadableStream, check_blob_range, verify_digest
-from tidal.errors import BlobIntegrityError, BlobNotFoundError
+from tidal.errors import BlobError, BlobIntegrityError, BlobNotFoundError
 from tidal.ids import Digest, parse_digest, short_digest
 
 TMP_PREFIX = ".tmp-"
@@ -66,6 +66,10 @@ class LocalBlobStore:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise self._missing(digest) from None
+        except OSError as exc:
+            raise BlobError(
+                f"cannot open blob {short_digest(digest)} in {self.name}: {exc.strerror}"
+            ) from exc
         try:
             size = os.fstat(fd).st_size
             check_blob_range(self.name, digest, size, start, end)
@@ -79,6 +83,11 @@ class LocalBlobStore:
                     )
                 parts.append(part)
                 pos += len(part)
+        except OSError as exc:  # e.g. EIO from a failing disk
+            raise BlobError(
+                f"reading [{start}, {end}) of blob {short_digest(digest)} in {self.name} "
+                f"failed: {exc.strerror}"
+            ) from exc
         finally:
             os.close(fd)
         data = b"".join(parts)

@@ -76,7 +76,10 @@ class ManifestResponse:
     body: bytes
 
     def json(self) -> dict[str, Any]:
-        doc = json.loads(self.body)
+        try:
+            doc = json.loads(self.body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"manifest {short_digest(self.digest)} is not JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise RegistryError(f"manifest {short_digest(self.digest)} is not a JSON object")
         return doc
@@ -607,7 +610,12 @@ class RegistryClient:
                     f"repository {repo} does not exist in {self.registry}"
                 ),
             )
-            tags.extend(r.json().get("tags") or [])
+            try:
+                tags.extend(r.json().get("tags") or [])
+            except (ValueError, AttributeError) as exc:
+                raise RegistryError(
+                    f"{self.registry} answered the tag list of {repo} with malformed JSON"
+                ) from exc
             nxt = r.links.get("next", {}).get("url")
             url = str(r.url.join(nxt)) if nxt else None
         return tags
