@@ -280,7 +280,7 @@ class Engine:
                 self._destroy(self.store.get(cid))
             raise
         log.info("created container %s (%s) from %s", rec.name, cid[:12], spec.image)
-        return rec
+        return self.store.get(cid)
 
     def _root_quota(self, spec: ContainerSpec) -> QuotaSpec | None:
         for q in spec.disk_quotas:
