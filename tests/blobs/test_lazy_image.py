@@ -197,6 +197,16 @@ def test_skopeo_inspects_and_copies_the_tidal_image(
             )
 
 
+def test_full_pull_makes_an_ordinary_local_image(
+    pushed: tuple[Image, ImageReference], client: RegistryClient, tmp_path: Path
+) -> None:
+    local, ref = pushed
+    pull_image(ref, tmp_path / "full", client, with_blobs=True)
+    full = Image.open(tmp_path / "full")  # local blob files, no registry involved
+    assert full.verify() > 0
+    assert full.merged_view().read(3 << 20, 8192) == local.merged_view().read(3 << 20, 8192)
+
+
 def test_pulling_an_ordinary_oci_image_says_convert_it(
     client: RegistryClient, tmp_path: Path
 ) -> None:

@@ -88,8 +88,13 @@ def pull_image(
     *,
     cache: ChunkCache | None = None,
     settings: BlobSettings | None = None,
+    with_blobs: bool = False,
 ) -> ImageManifest:
-    """Fetch an image's metadata into ``dest`` (no layer data); warm layer tails if cached."""
+    """Fetch an image's metadata into ``dest`` (no layer data); warm layer tails if cached.
+
+    ``with_blobs`` downloads every layer blob too (streamed, digest-checked), making ``dest``
+    an ordinary local image that works without the registry.
+    """
     repo = reference.repository
     m = client.resolve_manifest(repo, reference.reference)
     doc = m.json()
@@ -104,8 +109,14 @@ def pull_image(
     out.mkdir(parents=True, exist_ok=True)
     origin = {"registry": client.registry, "repository": repo, "manifest_digest": m.digest}
     _write_atomic(out / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
+    if with_blobs:
+        remote = RegistryBlobStore(client, repo)
+        local = LocalBlobStore(out)
+        for rec in manifest.layers:
+            remote.remember_size(rec.digest, rec.size_bytes)
+            copy_blob(remote, local, rec.digest)
     _write_atomic(out / "manifest.json", manifest.to_json())
-    if cache is not None:
+    if cache is not None and not with_blobs:
         with LazyImage.open(out, RegistryBlobStore(client, repo), cache, settings) as lazy:
             lazy.image.layers()  # reads each layer's footer and tail into the cache
     return manifest
