@@ -8,7 +8,8 @@ Rows, all measured in the same run on the same busybox tree, interleaved round-r
     (FUSE server + loop + ext4: "cold mount", data still in the page cache);
   * Tidal engine, runc, directory rootfs without a quota volume (what mkfs+loop costs).
 The engine is driven in-process (``Engine.run``), so the figure is the engine's own overhead
-(storage set-up, bundle, monitor) on top of the runtime, without HTTP. Removal is not timed.
+(storage set-up, bundle, monitor) on top of the runtime; one row goes through the daemon's
+HTTP API on its unix socket, the path the CLI takes. Removal is not timed.
 
 Usage: .venv/bin/python benchmarks/bench_engine.py [--starts 200] [--quick]
 Writes benchmarks/results/engine.json. Needs root, runc/crun, loop devices, FUSE.
@@ -33,7 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from tidal.engine.bundle import BundleInputs, build_config, write_bundle  # noqa: E402
+from tidal.engine.client import EngineClient  # noqa: E402
 from tidal.engine.containers import Engine  # noqa: E402
+from tidal.engine.daemon import Daemon  # noqa: E402
 from tidal.engine.runtime import get_runtime  # noqa: E402
 from tidal.engine.settings import EngineSettings  # noqa: E402
 from tidal.engine.spec import ContainerSpec  # noqa: E402
@@ -121,6 +124,24 @@ def engine_start(eng: Engine, image: str, runtime: str) -> Callable[[], float]:
     return once
 
 
+def api_start(client: EngineClient, image: str, runtime: str) -> Callable[[], float]:
+    """One start through the daemon's HTTP API (the CLI's path); first output via logs."""
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        rec = client.run(
+            ContainerSpec(image=image, command=("echo", "hi"), runtime=runtime, lxcfs=False)
+        )
+        while not client.logs(rec.id)[0]:
+            time.sleep(0.0005)
+        t1 = time.perf_counter()
+        client.wait(rec.id, 30)
+        client.remove(rec.id)
+        return t1 - t0
+
+    return once
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--starts", type=int, default=200)
@@ -148,6 +169,9 @@ def main() -> None:
     eng = Engine(EngineSettings(**base))  # type: ignore[arg-type]
     eng_noquota = Engine(EngineSettings(**{**base, "default_disk_quota_bytes": 0}))  # type: ignore[arg-type]
     eng_cold = Engine(EngineSettings(**{**base, "state_dir": work / "engine-cold"}))  # type: ignore[arg-type]
+    daemon = Daemon(EngineSettings(**{**base, "state_dir": work / "engine-api"}))  # type: ignore[arg-type]
+    daemon.start()
+    client = EngineClient(daemon.socket_path)
     configs: list[tuple[str, Callable[[], float]]] = []
     runtimes = [r for r in ("runc", "crun") if shutil.which(r)]
     for name in runtimes:
@@ -155,6 +179,9 @@ def main() -> None:
         configs.append((f"bare {name} run (baseline)", bare_runtime(name, rootfs, work)))
     for name in runtimes:
         configs.append((f"tidal {name}, dir rootfs", engine_start(eng, str(rootfs), name)))
+    configs.append(
+        ("tidal runc via daemon API, dir rootfs", api_start(client, str(rootfs), "runc"))
+    )
     # A node where the image is in use (another container holds its shared mount) ...
     holder = eng.run(ContainerSpec(image=str(image), command=("sleep", "100000"), lxcfs=False))
     for name in runtimes:
@@ -178,6 +205,8 @@ def main() -> None:
         eng.remove(holder.id, force=True)
         for e in (eng, eng_cold, eng_noquota):
             e.close()
+        client.close()
+        daemon.close()
         shutil.rmtree(work, ignore_errors=True)
     rows = list(samples.items())
 
