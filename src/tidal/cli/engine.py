@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         """Run a container; in the foreground, stream its output and exit with its status."""
         settings = load_settings()
         volumes = tuple(parse_volume(v) for v in volume)
-        targets = [v.target for v in volumes]
+        targets = [v.target for v in volumes if v.source is None]  # .*= means engine volumes
         quotas = tuple(
             q
             for text in disk_quota

@@ -236,7 +236,8 @@ def parse_volume(text: str) -> VolumeSpec:
 def parse_disk_quota(
     text: str, volume_targets: list[str], bytes_per_inode: int
 ) -> tuple[QuotaSpec, ...]:
-    """``SIZE[,inodes=N]`` (rootfs), ``/data=SIZE`` (one volume), ``.*=SIZE`` (rootfs and each).
+    """``SIZE[,inodes=N]`` (rootfs), ``/data=SIZE`` (one volume), ``.*=SIZE`` (rootfs and each
+    engine volume in ``volume_targets``; host bind mounts cannot be limited this way).
 
     Without ``inodes=`` the inode budget is ``size / bytes_per_inode``, so both bytes and inodes
     are always limited.
