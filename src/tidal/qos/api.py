@@ -105,9 +105,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.agent.metrics.exposition(), "text/plain; version=0.0.4")
             return
         try:
-            self._json(self._route(method))
-        except (TidalError, ValueError) as exc:
-            self._json({"error": str(exc), "type": type(exc).__name__}, _status_for(exc))
+            try:
+                self._json(self._route(method))
+            except (TidalError, ValueError) as exc:
+                self._json({"error": str(exc), "type": type(exc).__name__}, _status_for(exc))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (e.g. a latency probe's short timeout); nothing to tell it
 
     def do_GET(self) -> None:
         self._handle("GET")
