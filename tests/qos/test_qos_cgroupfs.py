@@ -122,3 +122,12 @@ def test_children_and_glob_expansion(tmp_path: Path) -> None:
     assert expand_cgroups(fs, "tidal/c?/inner") == ["tidal/c2/inner"]
     assert expand_cgroups(fs, "/named/literal/") == ["named/literal"]
     assert expand_cgroups(fs, "missing/*") == []
+
+
+def test_v1_group_only_in_the_cpu_controller_is_watched(tmp_path: Path) -> None:
+    fs = FakeCgroupV1Fs(tmp_path)
+    (tmp_path / "cpu" / "solo").mkdir()
+    fs._populate(tmp_path / "cpu" / "solo")
+    assert fs.exists("solo")
+    assert fs.memory_stats("solo").limit_bytes is None
+    assert fs.cpu_stats("solo").usage_ns == 0

@@ -271,6 +271,11 @@ class CgroupV1Fs(CgroupFs):
     def dirs(self, cgroup: str) -> list[Path]:
         return [self._dir(c, cgroup) for c in self.controllers]
 
+    def exists(self, cgroup: str) -> bool:
+        # The cpu controller is what the agent acts on; a group missing from memory or cpuacct
+        # (containers placed by hand, hybrid set-ups) is still watched, with those stats absent.
+        return self._dir("cpu", cgroup).is_dir()
+
     def read_cpu(self, cgroup: str) -> CpuLimits:
         d = self._dir("cpu", cgroup)
         quota = int(self._read(d / "cpu.cfs_quota_us"))
@@ -322,10 +327,14 @@ class CgroupV1Fs(CgroupFs):
 
     def cpu_stats(self, cgroup: str) -> CpuStats:
         acct = self._dir("cpuacct", cgroup) / "cpuacct.usage"
+        co_mounted = self._dir("cpu", cgroup) / "cpuacct.usage"
         if "cpuacct" in self.controllers and acct.exists():
             usage = int(self._read(acct))
-        else:  # cpu,cpuacct co-mounted
-            usage = int(self._read(self._dir("cpu", cgroup) / "cpuacct.usage"))
+        elif co_mounted.exists():  # cpu,cpuacct mounted together
+            usage = int(self._read(co_mounted))
+        else:  # not in the cpuacct hierarchy: cpu.stat of newer kernels has usage_usec
+            stat = _parse_kv(self._read(self._dir("cpu", cgroup) / "cpu.stat"))
+            usage = stat.get("usage_usec", 0) * 1000
         stat = _parse_kv(self._read(self._dir("cpu", cgroup) / "cpu.stat"))
         return CpuStats(
             usage_ns=usage,
@@ -335,9 +344,9 @@ class CgroupV1Fs(CgroupFs):
         )
 
     def memory_stats(self, cgroup: str) -> MemoryStats:
-        if "memory" not in self.controllers:
-            return MemoryStats(0, 0, None)
         d = self._dir("memory", cgroup)
+        if "memory" not in self.controllers or not d.is_dir():
+            return MemoryStats(0, 0, None)
         usage = int(self._read(d / "memory.usage_in_bytes"))
         stat = _parse_kv(self._read(d / "memory.stat"))
         inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
