@@ -26,11 +26,13 @@ from tidal.blobs.cached_source import CachedRangeSource, Prefetch, SourceStats, 
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
+from tidal.blobs.registries import LOCAL_SCHEME, Registry, connect
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.settings import BlobSettings, load_blob_settings
 from tidal.blobs.source import BlobSource, ByteRange, copy_blob
 from tidal.errors import FormatError, ImageNotFoundError
 from tidal.ids import Digest, parse_digest
+from tidal.image.device import BlockDevice
 from tidal.image.layer import ReadOnlyLayer
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageManifest
 from tidal.image.merged import resolve
@@ -59,13 +61,13 @@ class Origin:
 
 
 def push_image(
-    image_dir: str | os.PathLike[str], reference: ImageReference, client: RegistryClient
+    image_dir: str | os.PathLike[str], reference: ImageReference, client: Registry
 ) -> PushResult:
     """Upload a local Tidal image; blobs the registry has already are not sent again."""
     image = Image.open(image_dir)
     artifact = to_oci(image.manifest)
     local = LocalBlobStore(image_dir)
-    remote = RegistryBlobStore(client, reference.repository)
+    remote = client.blob_store(reference.repository)
     uploaded = 0
     nbytes = 0
     for rec in image.manifest.layers:
@@ -84,7 +86,7 @@ def push_image(
 def pull_image(
     reference: ImageReference,
     dest: str | os.PathLike[str],
-    client: RegistryClient,
+    client: Registry,
     *,
     cache: ChunkCache | None = None,
     settings: BlobSettings | None = None,
@@ -110,14 +112,15 @@ def pull_image(
     origin = {"registry": client.registry, "repository": repo, "manifest_digest": m.digest}
     _write_atomic(out / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
     if with_blobs:
-        remote = RegistryBlobStore(client, repo)
+        remote = client.blob_store(repo)
         local = LocalBlobStore(out)
         for rec in manifest.layers:
-            remote.remember_size(rec.digest, rec.size_bytes)
+            if isinstance(remote, RegistryBlobStore):
+                remote.remember_size(rec.digest, rec.size_bytes)
             copy_blob(remote, local, rec.digest)
     _write_atomic(out / "manifest.json", manifest.to_json())
     if cache is not None and not with_blobs:
-        with LazyImage.open(out, RegistryBlobStore(client, repo), cache, settings) as lazy:
+        with LazyImage.open(out, client.blob_store(repo), cache, settings) as lazy:
             lazy.image.layers()  # reads each layer's footer and tail into the cache
     return manifest
 
@@ -125,7 +128,7 @@ def pull_image(
 def fetch_oci_image(
     reference: ImageReference,
     dest: str | os.PathLike[str],
-    client: RegistryClient,
+    client: Registry,
     *,
     os_name: str = "linux",
     architecture: str = "amd64",
@@ -149,7 +152,7 @@ def fetch_oci_image(
         raise FormatError(f"{reference}: manifest without config/layers ({exc!r})") from exc
     out = Path(dest)
     store = LocalBlobStore(out)
-    remote = RegistryBlobStore(client, repo)
+    remote = client.blob_store(repo)
     for digest in digests:
         copy_blob(remote, store, digest)
     store.put_bytes(m.body, m.digest)
@@ -200,19 +203,24 @@ def open_pulled_image(
 
     The registry client (credentials from the auth file), the node's chunk cache, the lazy
     layer sources, and — if the image carries a trace and ``prefetch`` — the background replay
-    of the trace. ``close()`` the result to stop prefetching and release connections.
+    of the trace. ``close()`` the result to stop prefetching and release connections. An image
+    pulled from the embedded local store reads its blobs straight from there (no cache: they
+    are local already).
     """
     settings = settings or load_blob_settings()
     origin = read_origin(image_dir)
-    client = RegistryClient(origin.registry, settings=settings)
+    client = connect(origin.registry, settings)
     try:
-        cache = ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
-        lazy = LazyImage(
-            Path(image_dir), RegistryBlobStore(client, origin.repository), cache, settings
+        local = origin.registry.startswith(LOCAL_SCHEME)
+        cache = (
+            None
+            if local
+            else ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
         )
+        lazy = LazyImage(Path(image_dir), client.blob_store(origin.repository), cache, settings)
         lazy.owned_client = client
         lazy.image.layers()
-        if prefetch:
+        if prefetch and cache is not None:
             lazy.prefetch_trace()
     except BaseException:
         client.close()
@@ -234,7 +242,7 @@ class LazyImage:
         self.cache = cache
         self.settings = settings or BlobSettings()
         self.sources: dict[Digest, CachedRangeSource] = {}
-        self.owned_client: RegistryClient | None = None
+        self.owned_client: Registry | None = None
         self.prefetches: list[Prefetch] = []
         """Background replays started by :meth:`prefetch_trace`."""
         """Closed with this image (set when the image made its own client)."""
@@ -344,9 +352,12 @@ class LazyImage:
                         plan.setdefault(digest, []).append(r)
         return plan
 
-    def device(self) -> BatchingView:
-        """The read-only block device to serve: the merged view, with batched chunk fetches."""
-        return BatchingView(self)
+    def device(self, writable_dir: str | os.PathLike[str] | None = None) -> BatchingView:
+        """The block device to serve, with batched chunk fetches: the merged view, or a
+        writable layer in ``writable_dir`` over it."""
+        if writable_dir is None:
+            return BatchingView(self)
+        return BatchingView(self, self.image.writable(writable_dir))
 
     def prefetch_trace(
         self, trace: Trace | None = None, concurrency: int | None = None
@@ -382,28 +393,32 @@ class LazyImage:
 
 
 class BatchingView:
-    """The merged view of a lazy image, fetching every chunk a read needs in one go.
+    """A lazy image's device (merged view or writable layer), fetching a read's chunks in one go.
 
     The format decompresses a read's chunks one after another, so on a cold cache a 128 KiB
     read through the block device would wait for two or three round trips in a row. This view
     first works out the chunks (:meth:`LazyImage.plan_read`), fetches the missing ones with
-    coalesced, concurrent requests, then lets the merged view read them from the cache.
+    coalesced, concurrent requests, then lets the inner device read them from the cache. Over
+    a writable layer the plan may name a chunk whose sectors the layer has overwritten: one
+    wasted fetch at most, since the chunk then stays cached.
     """
 
-    readonly = True
-
-    def __init__(self, lazy: LazyImage) -> None:
+    def __init__(self, lazy: LazyImage, inner: BlockDevice | None = None) -> None:
         self._lazy = lazy
-        self._view = lazy.image.merged_view()
+        self.inner: BlockDevice = inner if inner is not None else lazy.image.merged_view()
         self.batched_reads = 0
 
     @property
+    def readonly(self) -> bool:
+        return self.inner.readonly
+
+    @property
     def size_bytes(self) -> int:
-        return self._view.size_bytes
+        return self.inner.size_bytes
 
     def read(self, offset: int, length: int) -> bytes:
         batch = self._lazy.cache is not None  # without a cache the fetched bytes would be lost
-        if batch and offset >= 0 and length > 0 and offset + length <= self._view.size_bytes:
+        if batch and offset >= 0 and length > 0 and offset + length <= self.inner.size_bytes:
             plan = self._lazy.plan_read(offset, length)
             missing = {
                 d: [r for r in ranges if not self._lazy.sources[d].is_cached(r)]
@@ -414,13 +429,20 @@ class BatchingView:
                 for digest, ranges in missing.items():
                     if ranges:
                         self._lazy.sources[digest].fetch_ranges(ranges)
-        return self._view.read(offset, length)
+        return self.inner.read(offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
-        self._view.write(offset, data)
+        self.inner.write(offset, data)
 
     def discard(self, offset: int, length: int) -> None:
-        self._view.discard(offset, length)
+        self.inner.discard(offset, length)
 
     def flush(self) -> None:
-        self._view.flush()
+        self.inner.flush()
+
+    def close(self) -> None:
+        """Flush and close a writable layer; a read-only view holds nothing to close."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            self.inner.flush()
+            close()

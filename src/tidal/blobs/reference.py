@@ -41,22 +41,21 @@ class ImageReference:
         return ImageReference(self.registry, self.repository, self.tag, digest)
 
     @classmethod
-    def parse(cls, text: str) -> ImageReference:
+    def parse(cls, text: str, *, default_registry: str = DEFAULT_REGISTRY) -> ImageReference:
         """Parse ``127.0.0.1:5000/tidal/app:v1`` or ``reg.example/app@sha256:...``.
 
         The first component is a registry if it has a ``.`` or ``:`` or is ``localhost``,
-        as docker decides; otherwise the registry is docker.io.
+        as docker decides; otherwise the registry is ``default_registry`` (docker.io, where
+        a one-component name means ``library/NAME``).
         """
-        raw = text.strip()
-        if raw.startswith(("docker://", "oci://")):
-            raw = raw.split("://", 1)[1]
+        raw = _strip_scheme(text)
         rest, _, digest_text = raw.partition("@")
         digest = parse_digest(digest_text) if digest_text else None
-        first, sep, remainder = rest.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost"):
+        first, _, remainder = rest.partition("/")
+        if names_registry(text):
             registry, path = first, remainder
         else:
-            registry, path = DEFAULT_REGISTRY, rest
+            registry, path = default_registry, rest
         name, _, tag = path.rpartition(":") if ":" in path else (path, "", "")
         if not name:
             raise ConfigError(
@@ -74,3 +73,16 @@ class ImageReference:
         if not tag and digest is None:
             tag = DEFAULT_TAG
         return cls(registry, name, tag or None, digest)
+
+
+def _strip_scheme(text: str) -> str:
+    raw = text.strip()
+    if raw.startswith(("docker://", "oci://")):
+        raw = raw.split("://", 1)[1]
+    return raw
+
+
+def names_registry(text: str) -> bool:
+    """Whether a reference's first component is a registry host (docker's rule)."""
+    first, sep, _ = _strip_scheme(text).partition("@")[0].partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")

@@ -158,6 +158,10 @@ class RegistryClient:
     def close(self) -> None:
         self._http.close()
 
+    def blob_store(self, repo: str) -> RegistryBlobStore:
+        """One repository of this registry as a blob store."""
+        return RegistryBlobStore(self, repo)
+
     def __enter__(self) -> RegistryClient:
         return self
 

@@ -44,11 +44,18 @@ class BlobSettings:
     """Registries (host[:port]) spoken to over plain HTTP; loopback addresses always are."""
     ca_file: Path | None = None
     """Extra CA certificates (PEM) for registries with a private certificate authority."""
+    default_registry: str | None = None
+    """Registry (host[:port]) for references that name none; ``None``: the local store."""
+    store_dir: Path | None = None
+    """The embedded local store; ``None`` means ``$TIDAL_DATA_ROOT/store``."""
     auth_file: Path | None = None
     """Docker-style auth.json; ``None`` means ``$TIDAL_REGISTRY_AUTH`` or ``~/.config/tidal/auth.json``."""
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else data_root() / "cache" / "chunks"
+
+    def resolved_store_dir(self) -> Path:
+        return self.store_dir if self.store_dir is not None else data_root() / "store"
 
 
 def load_blob_settings(path: Path | None = None, env: dict[str, str] | None = None) -> BlobSettings:

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tidal.blockdev import ext4, loop
 from tidal.blockdev.ext4 import Ext4Format
@@ -35,6 +36,9 @@ from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalE
 from tidal.image.manifest import Image
 
 log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.json"
+"""In the mount's run directory; the server rewrites it every second and at exit."""
 
 _SERVERS: dict[int, subprocess.Popen[bytes]] = {}
 """Servers this process started, kept so they can be reaped (no zombies, no ResourceWarning)."""
@@ -145,10 +149,13 @@ def mount_image(
     writable_dir: str | os.PathLike[str] | None = None,
     format_ext4: Ext4Format | None = None,
     settings: BlockdevSettings | None = None,
+    trace_out: str | os.PathLike[str] | None = None,
 ) -> MountInfo:
     """Mount the image's ext4 at ``target``, read-only, or read-write over ``writable_dir``.
 
-    ``format_ext4`` makes a fresh filesystem on the device first: only the builder does that.
+    A pulled image (``tidal image pull``) is served lazily from its registry. ``format_ext4``
+    makes a fresh filesystem on the device first: only the builder does that. ``trace_out``
+    records every range the mount reads into a trace file, written when it is unmounted.
     On any failure every step already taken is undone before the error propagates.
     """
     settings = settings or load_settings()
@@ -192,7 +199,15 @@ def mount_image(
     fuse_dir = run_dir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
     try:
-        proc = _start_server(image_path, fuse_dir, wdir, run_dir / "server.log", settings)
+        proc = _start_server(
+            image_path,
+            fuse_dir,
+            wdir,
+            run_dir / "server.log",
+            settings,
+            stats_file=run_dir / STATS_FILE,
+            trace_out=Path(trace_out).resolve() if trace_out is not None else None,
+        )
     except BaseException:
         if not ext4.is_mountpoint(fuse_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -232,11 +247,18 @@ def _start_server(
     writable_dir: Path | None,
     log_file: Path,
     settings: BlockdevSettings,
+    *,
+    stats_file: Path | None = None,
+    trace_out: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``tidal.blockdev.serve`` in its own session and wait for its ready line."""
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "tidal.blockdev.serve", str(image_dir), str(fuse_dir)]
     cmd += ["--ready-fd", str(w), "--max-io-bytes", str(settings.max_io_bytes)]
+    if stats_file is not None:
+        cmd += ["--stats-file", str(stats_file)]
+    if trace_out is not None:
+        cmd += ["--trace-out", str(trace_out)]
     if writable_dir is not None:
         cmd += ["--writable", str(writable_dir)]
     try:
@@ -348,6 +370,40 @@ def cleanup_stale() -> list[str]:
     return cleaned + _sweep_orphans() + _sweep_fuse_orphans()
 
 
+# --- statistics ----------------------------------------------------------------------------
+
+
+def find_mount(target: str | os.PathLike[str]) -> MountInfo:
+    """The record of the image mounted at ``target`` (or of a mount point's image)."""
+    target_path = Path(target).resolve()
+    info = _load(mount_key(target_path))
+    if info is None:
+        hint = " (it is mounted, but not by Tidal)" if ext4.is_mountpoint(target_path) else ""
+        raise MountNotFoundError(f"no Tidal image is mounted at {target_path}{hint}")
+    return info
+
+
+def image_stats(target: str | os.PathLike[str]) -> dict[str, Any]:
+    """The statistics the FUSE server of the mount at ``target`` last wrote (every second).
+
+    ``fuse``: reads/writes served; ``lazy`` (``None`` for a local image): bytes fetched,
+    cache hits and misses, chunks prefetched, per layer and in total.
+    """
+    info = find_mount(target)
+    path = info.run_dir / STATS_FILE
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MountError(
+            f"the server of {info.target} has written no statistics yet ({path}); "
+            "it writes them every second"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise MountError(f"statistics file {path} is malformed: {exc}") from exc
+    doc["server_alive"] = server_alive(info)
+    return doc
+
+
 # --- unmount -------------------------------------------------------------------------------
 
 
@@ -357,12 +413,7 @@ def unmount(target: str | os.PathLike[str], force: bool = False) -> None:
     Without ``force`` a busy filesystem is an error (nothing is changed); with ``force`` it is
     detached lazily. A dead FUSE server is handled either way.
     """
-    target_path = Path(target).resolve()
-    info = _load(mount_key(target_path))
-    if info is None:
-        hint = " (it is mounted, but not by Tidal)" if ext4.is_mountpoint(target_path) else ""
-        raise MountNotFoundError(f"no Tidal image is mounted at {target_path}{hint}")
-    _teardown(info, force=force)
+    _teardown(find_mount(target), force=force)
 
 
 def _teardown(info: MountInfo, *, force: bool) -> None:

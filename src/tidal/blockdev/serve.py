@@ -5,21 +5,36 @@ and so that the process that asked for the mount (a CLI, the engine) may exit. I
 image (and the writable layer, if any), serves ``MOUNTPOINT/disk`` in the foreground, and
 reports on ``--ready-fd``: one line, ``ready`` or ``error: <message>``. At unmount (or on
 SIGTERM, which libfuse turns into a clean exit) it flushes and closes the writable layer.
+
+A *pulled* image (``tidal image pull``: a manifest and ``origin.json``, no layer data) is
+served lazily: reads fetch the chunks they need from the registry through the node's chunk
+cache, and a trace pushed with the image is replayed in the background. ``--stats-file``
+gets the I/O counters (and, for a lazy image, bytes fetched, cache hits, prefetch progress)
+every second and at exit; ``--trace-out`` records every range read into a trace file at exit,
+which is how ``tidal image record`` works.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
+import threading
+from dataclasses import asdict
 from pathlib import Path
 
+from tidal.blobs.distribution import LazyImage, is_pulled_image, open_pulled_image
 from tidal.blockdev.fuse_device import BlockDeviceFS, serve
 from tidal.errors import TidalError
 from tidal.image.device import BlockDevice
 from tidal.image.manifest import Image
+from tidal.image.trace import TraceRecorder
 from tidal.image.writable import WritableLayer
+
+STATS_INTERVAL_S = 1.0
 
 log = logging.getLogger("tidal.blockdev.serve")
 
@@ -44,12 +59,83 @@ class _ReadyPipe:
             self.fd = None
 
 
-def open_device(image_dir: Path, writable_dir: Path | None) -> BlockDevice:
-    """The device a mount serves: the merged image, or a writable layer over it."""
+class Served:
+    """The device a mount serves, and what must be closed with it."""
+
+    def __init__(self, device: BlockDevice, lazy: LazyImage | None = None) -> None:
+        self.device = device
+        self.lazy = lazy
+
+    def close(self) -> None:
+        try:
+            if isinstance(self.device, WritableLayer):
+                self.device.flush()
+                self.device.close()
+            elif self.lazy is not None:
+                close = getattr(self.device, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            if self.lazy is not None:
+                self.lazy.close()
+
+
+def open_device(image_dir: Path, writable_dir: Path | None) -> Served:
+    """The device a mount serves: the merged image, or a writable layer over it.
+
+    A pulled image is opened lazily (registry, chunk cache, trace prefetch).
+    """
+    if is_pulled_image(image_dir):
+        lazy = open_pulled_image(image_dir)
+        try:
+            return Served(lazy.device(writable_dir), lazy)
+        except BaseException:
+            lazy.close()
+            raise
     image = Image.open(image_dir)
     if writable_dir is None:
-        return image.merged_view()
-    return image.writable(writable_dir)
+        return Served(image.merged_view())
+    return Served(image.writable(writable_dir))
+
+
+def stats_doc(fs: BlockDeviceFS, served: Served) -> dict[str, object]:
+    """What ``tidal image stats`` shows: FUSE I/O counters, and the lazy image's figures."""
+    return {
+        "fuse": asdict(fs.counters),
+        "lazy": served.lazy.stats_doc() if served.lazy is not None else None,
+    }
+
+
+def write_json_atomic(path: Path, doc: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class StatsWriter(threading.Thread):
+    """Writes :func:`stats_doc` to a file every ``interval_s`` until stopped."""
+
+    def __init__(self, path: Path, fs: BlockDeviceFS, served: Served, interval_s: float) -> None:
+        super().__init__(name="stats-writer", daemon=True)
+        self.path = path
+        self.fs = fs
+        self.served = served
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def write(self) -> None:
+        try:
+            write_json_atomic(self.path, stats_doc(self.fs, self.served))
+        except (OSError, TidalError) as exc:
+            log.warning("could not write stats to %s: %s", self.path, exc)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            self.write()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.write()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writable", type=Path, help="writable layer directory (read-write)")
     parser.add_argument("--ready-fd", type=int, help="file descriptor to report readiness on")
     parser.add_argument("--max-io-bytes", type=int, default=1 << 20)
+    parser.add_argument("--stats-file", type=Path, help="write I/O and fetch statistics here")
+    parser.add_argument("--trace-out", type=Path, help="record the ranges read into this trace")
     parser.add_argument("--debug", action="store_true", help="libfuse debug output")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -67,12 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ready = _ReadyPipe(args.ready_fd)
     try:
-        device = open_device(args.image, args.writable)
+        served = open_device(args.image, args.writable)
     except TidalError as exc:
         ready.send(f"error: {exc}")
         return 1
+    device: BlockDevice = served.device
+    recorder = TraceRecorder(device) if args.trace_out is not None else None
     fs = BlockDeviceFS(
-        device,
+        recorder or device,
         name=str(args.image),
         max_io_bytes=args.max_io_bytes,
         on_ready=lambda: ready.send("ready"),
@@ -84,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         args.mountpoint,
         device.size_bytes,
     )
+    stats = (
+        StatsWriter(args.stats_file, fs, served, STATS_INTERVAL_S)
+        if args.stats_file is not None
+        else None
+    )
+    if stats is not None:
+        stats.start()
     status = 0
     try:
         serve(fs, str(args.mountpoint), readonly=device.readonly, debug=args.debug)
@@ -101,11 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         ready.send(f"error: FUSE mount at {args.mountpoint} failed: {exc}")
         status = 1
     finally:
-        if isinstance(device, WritableLayer):
-            try:
-                device.flush()
-            finally:
-                device.close()
+        if stats is not None:
+            stats.stop()
+        if recorder is not None:
+            with contextlib.suppress(OSError):
+                trace = recorder.trace()
+                tmp = args.trace_out.with_name(f".{args.trace_out.name}.tmp")
+                tmp.write_bytes(trace.serialize())
+                os.replace(tmp, args.trace_out)
+                log.info("recorded %d ranges (%d bytes) to %s", len(trace.ranges),
+                         trace.total_bytes, args.trace_out)  # fmt: skip
+        served.close()
         log.info(
             "stopped %s: %d reads (%d bytes), %d writes (%d bytes), %d errors",
             args.image,

@@ -1,12 +1,17 @@
-"""`tidal image ...` commands: build, convert, inspect, mount, umount, verify, export-raw.
+"""`tidal image ...` commands: build, convert, inspect, mount, umount, verify, export-raw,
+push, pull, stats, record.
 
-Thin front-ends over ``tidal.blockdev`` (building, mounting) and ``tidal.image`` (the format).
-Results go to stdout; progress and diagnostics to stderr.
+Thin front-ends over ``tidal.blockdev`` (building, mounting, recording), ``tidal.blobs``
+(registries, lazy images) and ``tidal.image`` (the format). Results go to stdout; progress
+and diagnostics to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
 
@@ -21,12 +26,26 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tidal.blobs.chunk_cache import ChunkCache
+from tidal.blobs.distribution import fetch_oci_image, pull_image, push_image
+from tidal.blobs.reference import names_registry
+from tidal.blobs.registries import LocalRegistry, connect, resolve_reference
+from tidal.blobs.settings import load_blob_settings
 from tidal.blockdev import builder, mounts, rawdisk
+from tidal.blockdev import record as recording
 from tidal.cli.console import err, out
-from tidal.errors import ChecksumError, FormatError, ImageNotFoundError
+from tidal.config import data_root
+from tidal.errors import ChecksumError, ConfigError, FormatError, ImageNotFoundError
 from tidal.ids import short_digest
 from tidal.image.layer import ReadOnlyLayer
-from tidal.image.manifest import LAYER_KIND_DATA, Image, blob_path, sha256_file
+from tidal.image.manifest import (
+    LAYER_KIND_DATA,
+    LAYER_KIND_TRACE,
+    Image,
+    attach_trace,
+    blob_path,
+    sha256_file,
+)
 from tidal.image.source import FileSource
 from tidal.units import format_size, parse_size
 
@@ -98,23 +117,57 @@ def build(
     _print_result(res)
 
 
+def _looks_like_reference(text: str) -> bool:
+    return text.startswith(("docker://", "oci://")) or (
+        names_registry(text) and not Path(text).exists()
+    )
+
+
 @app.command()
 def convert(
-    archive: Path = typer.Argument(
-        ..., help="OCI image layout (directory or oci-archive tar) or docker-archive tar."
+    archive: str = typer.Argument(
+        ...,
+        help="OCI image layout (directory or oci-archive tar), docker-archive tar, or an image "
+        "reference in a registry (e.g. docker://127.0.0.1:5000/app:v1).",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Image directory to create."),
     codec: str = typer.Option(None, help="Layer compression: lz4 (default), zstd, gzip, none."),
     size: str = typer.Option(
         None, help="Virtual disk size, e.g. 2G (default: 2x content + slack)."
     ),
+    push: str = typer.Option(None, "--push", help="Push the result to this reference."),
 ) -> None:
-    """Convert an OCI/docker image into a Tidal image: one block layer per OCI layer."""
-    with _Steps(f"converting {archive}") as steps:
-        res = builder.convert_oci(
-            archive, output, codec=codec, size_bytes=_size_opt(size), progress=steps
-        )
+    """Convert an OCI/docker image into a Tidal image: one block layer per OCI layer.
+
+    The input may come straight from a registry (no local docker needed); with --push the
+    result goes back to one.
+    """
+    settings = load_blob_settings()
+    fetched: Path | None = None
+    try:
+        if _looks_like_reference(archive):
+            ref = resolve_reference(archive, settings)
+            scratch = data_root() / "tmp"
+            scratch.mkdir(parents=True, exist_ok=True)
+            fetched = Path(tempfile.mkdtemp(prefix="fetch-", dir=scratch))
+            with (
+                err.status(f"downloading {ref}"),
+                contextlib.closing(connect(ref.registry, settings)) as client,
+            ):
+                fetch_oci_image(ref, fetched, client)
+            source = fetched
+        else:
+            source = Path(archive)
+        with _Steps(f"converting {archive}") as steps:
+            res = builder.convert_oci(
+                source, output, codec=codec, size_bytes=_size_opt(size), progress=steps
+            )
+    finally:
+        if fetched is not None:
+            shutil.rmtree(fetched, ignore_errors=True)
     _print_result(res)
+    if push:
+        _push(output, push)
 
 
 @app.command()
@@ -260,3 +313,149 @@ def export_raw(
     out.print(
         f"wrote {file}: {format_size(res.size_bytes)} virtual, {format_size(res.data_bytes)} of data"
     )
+
+
+def _push(image: Path, ref_text: str) -> None:
+    settings = load_blob_settings()
+    ref = resolve_reference(ref_text, settings)
+    with (
+        err.status(f"pushing {image} to {ref}"),
+        contextlib.closing(connect(ref.registry, settings)) as client,
+    ):
+        res = push_image(image, ref, client)
+    where = "the local store" if isinstance(client, LocalRegistry) else ref.registry
+    out.print(
+        f"pushed {res.reference} to {where}: {res.blobs_uploaded} blob(s) uploaded "
+        f"({format_size(res.bytes_uploaded)}), the others were there already"
+    )
+
+
+@app.command("push")
+def push_cmd(
+    image: Path = typer.Argument(..., help="Image directory."),
+    ref: str = typer.Argument(
+        ...,
+        help="Where to: HOST[:PORT]/REPO[:TAG] for a registry; a bare REPO[:TAG] goes to "
+        "[blobs] default_registry, or to the node's local store if none is configured.",
+    ),
+) -> None:
+    """Push an image (its layers, trace layer and an OCI manifest) to a registry."""
+    _push(image, ref)
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="Image reference, e.g. 127.0.0.1:5000/app:v1."),
+    dest: Path = typer.Argument(..., help="Directory to write the pulled image to."),
+    with_blobs: bool = typer.Option(
+        False, "--with-blobs", help="Download every layer too (a full local copy)."
+    ),
+) -> None:
+    """Pull an image's metadata only (manifest, layer indexes); data comes on demand at mount.
+
+    Mount the result with `tidal image mount DEST DIR`: it starts at once and fetches only
+    the chunks that are read, through the node's chunk cache.
+    """
+    settings = load_blob_settings()
+    reference = resolve_reference(ref, settings)
+    with contextlib.closing(connect(reference.registry, settings)) as client:
+        remote = not isinstance(client, LocalRegistry)
+        cache = (
+            ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
+            if remote and not with_blobs
+            else None
+        )
+        with err.status(f"pulling {reference}"):
+            m = pull_image(reference, dest, client, cache=cache, settings=settings,
+                           with_blobs=with_blobs)  # fmt: skip
+    stored = sum(r.size_bytes for r in m.layers)
+    where = "the registry" if remote else "the local store"
+    trace = "with a trace" if any(r.kind == LAYER_KIND_TRACE for r in m.layers) else "no trace"
+    what = "all layers downloaded" if with_blobs else "metadata only"
+    out.print(
+        f"pulled {reference} into {dest}: {len(m.data_layers)} layer(s), "
+        f"{format_size(stored)} stored in {where}, {trace} ({what})"
+    )
+
+
+@app.command()
+def stats(
+    target: Path = typer.Argument(..., help="Directory an image is mounted on."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw statistics document."),
+) -> None:
+    """Show what a mount read and, for a pulled image, fetched: bytes, cache hits, prefetch."""
+    doc = mounts.image_stats(target)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    fuse = doc["fuse"]
+    table = Table(title=f"{target.resolve()}" + ("" if doc["server_alive"] else " (server dead)"))
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("reads served", f"{fuse['reads']} ({format_size(fuse['bytes_read'])})")
+    table.add_row("writes served", f"{fuse['writes']} ({format_size(fuse['bytes_written'])})")
+    table.add_row("I/O errors (EIO)", str(fuse["errors"]))
+    lazy = doc.get("lazy")
+    if lazy:
+        total = lazy["total"]
+        pre = lazy["prefetch"]
+        table.add_row("bytes fetched", format_size(total["bytes_fetched"]))
+        table.add_row("range requests", str(total["requests"]))
+        table.add_row("chunk cache hits / misses", f"{total['hits']} / {total['misses']}")
+        table.add_row(
+            "chunks prefetched",
+            f"{total['prefetched_chunks']} ({format_size(total['prefetched_bytes'])})",
+        )
+        if "cache" not in lazy:
+            state = "not needed (blobs in the local store)"
+        else:
+            state = "running" if pre["running"] else "done" if pre["groups"] else "no trace"
+        table.add_row("prefetch", f"{state}, {pre['errors']} error(s)")
+        table.add_row("checksum failures (refetched)", str(total["check_failures"]))
+        table.add_row("source", str(lazy["source"]))
+    else:
+        table.add_row("source", "local blobs (nothing fetched)")
+    out.print(table)
+
+
+@app.command()
+def record(
+    image: Path = typer.Argument(..., help="Local image directory to record a trace for."),
+    command: list[str] = typer.Argument(
+        None, help="Command to run (after --); default: the image's Entrypoint + Cmd."
+    ),
+    timeout: float = typer.Option(
+        recording.DEFAULT_TIMEOUT_S, "--timeout", help="Stop recording after this many seconds."
+    ),
+    ready_line: str = typer.Option(
+        None, "--ready-line", help="Stop as soon as an output line contains this text."
+    ),
+    push: str = typer.Option(None, "--push", help="Push the image with its trace afterwards."),
+) -> None:
+    """Run a command from the image and store the block ranges it read as the trace layer.
+
+    A cold lazy mount of the pushed image replays the trace in the background, so the blocks
+    arrive before the application asks for them. Servers never exit: end their recording
+    with --ready-line or --timeout.
+    """
+    if (Path(image) / "origin.json").exists():
+        raise ConfigError(
+            f"{image} is a pulled image; record on the local image it was built from, then push"
+        )
+    argv = list(command or []) or recording.image_command(image)
+    err.print(f"[dim]recording {' '.join(argv)} in {image} (limit {timeout:.0f} s)[/]")
+    res = recording.record_trace(
+        image,
+        argv,
+        timeout_s=timeout,
+        ready_line=ready_line,
+        on_output=lambda line: err.print(f"   [cyan]|[/] {line}", highlight=False),
+    )
+    rec = attach_trace(image, res.trace.serialize())
+    ended = f"exit {res.exit_code}" if res.ended_by == "exit" else res.ended_by
+    out.print(
+        f"recorded {len(res.trace.ranges)} ranges ({format_size(res.trace.total_bytes)} of "
+        f"the device) in {res.seconds:.1f} s ({ended}); trace layer {short_digest(rec.digest)}"
+    )
+    if push:
+        _push(image, push)

@@ -310,3 +310,49 @@ class ImageWriter:
         tmp.write_text(manifest.to_json())
         os.replace(tmp, self.path / "manifest.json")
         return manifest
+
+
+def attach_trace(image_dir: str | os.PathLike[str], trace_blob: bytes) -> LayerRecord:
+    """Store an access trace (``Trace.serialize()``) as the image's trace layer.
+
+    Replaces an earlier trace layer; the data layers, and so the image's content, are
+    unchanged. The manifest is rewritten atomically.
+    """
+    image = Image.open(image_dir)
+    store = image.path / "blobs" / "sha256"
+    store.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=store.parent, prefix=".trace-")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(trace_blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, blob_path(image.path, digest))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    rec = LayerRecord(
+        digest=digest,
+        size_bytes=len(trace_blob),
+        raw_data_bytes=len(trace_blob),
+        extent_count=0,
+        codec="none",
+        chunk_size_bytes=0,
+        tail_crc32=0,
+        kind=LAYER_KIND_TRACE,
+    )
+    old = image.manifest
+    layers = (*(r for r in old.layers if r.kind != LAYER_KIND_TRACE), rec)
+    manifest = ImageManifest(
+        size_bytes=old.size_bytes,
+        layers=layers,
+        fs_type=old.fs_type,
+        config=old.config,
+        annotations=old.annotations,
+    )
+    tmp_manifest = image.path / "manifest.json.tmp"
+    tmp_manifest.write_text(manifest.to_json())
+    os.replace(tmp_manifest, image.path / "manifest.json")
+    return rec
