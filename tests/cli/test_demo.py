@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,10 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "hello from tidal-demo, a Tidal block image" in proc.stdout
     assert "chunks ok" in proc.stdout
+    # the lazy mount fetched only what the command read: a fraction of the image
+    fetched = re.search(r"stored \((\d+) %\): only the blocks it read", proc.stdout)
+    assert fetched is not None, proc.stdout
+    assert 0 < int(fetched.group(1)) < 50
     # other tests may hold loop devices at the same time: look only for ours
     assert (
         str(tmp_path)
