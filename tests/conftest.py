@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tidal.blobs.registry_server import RegistryServer
 
 
 @functools.cache
@@ -68,3 +71,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 else:
                     item.add_marker(pytest.mark.skip(reason=reason))
                 break
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[RegistryServer]:
+    """The real CNCF registry on a loopback port, shared by the tests of one module
+    (repositories keep them apart); stopped, with its storage removed, after the module."""
+    server = RegistryServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

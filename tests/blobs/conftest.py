@@ -13,17 +13,6 @@ REGISTRY_PASSWORD = "s3cret-pass"
 
 
 @pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    """A registry without auth, shared by the tests of one module (repositories keep them apart)."""
-    server = RegistryServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def auth_registry() -> Iterator[RegistryServer]:
     """A registry behind htpasswd basic auth (user ``tidal``)."""
     server = RegistryServer(users={REGISTRY_USER: REGISTRY_PASSWORD})

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,6 @@ from tidal.blobs.registry_server import RegistryServer
 from tidal.image.oci import TIDAL_LAYER_MEDIA_TYPE
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop, pytest.mark.registry]
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _tidal(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

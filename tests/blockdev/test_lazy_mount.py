@@ -54,16 +54,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return build_from_dir(root, work / "image").image_dir
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryServer]:
-    server = RegistryServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cold chunk cache of this test's own; the FUSE server reads the env setting."""

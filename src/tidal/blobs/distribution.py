@@ -31,6 +31,7 @@ from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.settings import BlobSettings, load_blob_settings
 from tidal.blobs.source import BlobSource, ByteRange, copy_blob
 from tidal.errors import FormatError, ImageNotFoundError
+from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest
 from tidal.image.device import BlockDevice
 from tidal.image.layer import ReadOnlyLayer
@@ -110,7 +111,7 @@ def pull_image(
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     origin = {"registry": client.registry, "repository": repo, "manifest_digest": m.digest}
-    _write_atomic(out / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
+    write_text_atomic(out / ORIGIN_FILE, json.dumps(origin, indent=2) + "\n")
     if with_blobs:
         remote = client.blob_store(repo)
         local = LocalBlobStore(out)
@@ -118,7 +119,7 @@ def pull_image(
             if isinstance(remote, RegistryBlobStore):
                 remote.remember_size(rec.digest, rec.size_bytes)
             copy_blob(remote, local, rec.digest)
-    _write_atomic(out / "manifest.json", manifest.to_json())
+    write_text_atomic(out / "manifest.json", manifest.to_json())
     if cache is not None and not with_blobs:
         with LazyImage.open(out, client.blob_store(repo), cache, settings) as lazy:
             lazy.image.layers()  # reads each layer's footer and tail into the cache
@@ -156,7 +157,7 @@ def fetch_oci_image(
     for digest in digests:
         copy_blob(remote, store, digest)
     store.put_bytes(m.body, m.digest)
-    _write_atomic(out / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}) + "\n")
+    write_text_atomic(out / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}) + "\n")
     entry = {
         "mediaType": m.media_type,
         "digest": m.digest,
@@ -164,7 +165,7 @@ def fetch_oci_image(
         "annotations": {"org.opencontainers.image.ref.name": reference.tag or "latest"},
     }
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": [entry]}
-    _write_atomic(out / "index.json", json.dumps(index, indent=2) + "\n")
+    write_text_atomic(out / "index.json", json.dumps(index, indent=2) + "\n")
     return out
 
 
@@ -180,12 +181,6 @@ def read_origin(image_dir: str | os.PathLike[str]) -> Origin:
         ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise FormatError(f"{path} is malformed: {exc!r}; pull the image again") from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def is_pulled_image(image_dir: str | os.PathLike[str]) -> bool:
@@ -306,7 +301,7 @@ class LazyImage:
 
     def write_stats(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`stats_doc` atomically, for a process other than the FUSE server to read."""
-        _write_atomic(Path(path), json.dumps(self.stats_doc(), indent=2) + "\n")
+        write_text_atomic(Path(path), json.dumps(self.stats_doc(), indent=2) + "\n")
 
     def trace(self) -> Trace | None:
         """The image's access trace, if a trace layer was pushed with it."""

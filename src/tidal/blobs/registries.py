@@ -25,6 +25,7 @@ from tidal.blobs.registry_client import INDEX_MEDIA_TYPES, ManifestResponse, Reg
 from tidal.blobs.settings import BlobSettings, load_blob_settings
 from tidal.blobs.source import BlobStore
 from tidal.errors import BlobIntegrityError, ManifestNotFoundError, RegistryError
+from tidal.fsutil import write_json_atomic
 from tidal.ids import Digest, parse_digest, sha256_digest, short_digest
 from tidal.image.oci import OCI_MANIFEST_MEDIA_TYPE
 
@@ -89,9 +90,7 @@ class LocalRegistry:
         if not reference.startswith("sha256:"):
             path = self._tag_path(repo, reference)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({"digest": digest, "mediaType": media_type}) + "\n")
-            os.replace(tmp, path)
+            write_json_atomic(path, {"digest": digest, "mediaType": media_type})
         return digest
 
     def resolve_manifest(

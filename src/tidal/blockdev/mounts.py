@@ -33,6 +33,7 @@ from tidal.blockdev.fuse_device import DISK_NAME
 from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.config import data_root
 from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalError
+from tidal.fsutil import write_text_atomic
 from tidal.image.manifest import Image
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,7 @@ def _record_path(key: str) -> Path:
 
 
 def _save(info: MountInfo) -> None:
-    path = _record_path(info.key)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(info.to_json())
-    os.replace(tmp, path)
+    write_text_atomic(_record_path(info.key), info.to_json())
 
 
 def _load(key: str) -> MountInfo | None:

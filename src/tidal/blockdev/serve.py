@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from tidal.blobs.distribution import LazyImage, is_pulled_image, open_pulled_image
 from tidal.blockdev.fuse_device import BlockDeviceFS, serve
 from tidal.errors import TidalError
+from tidal.fsutil import write_json_atomic
 from tidal.image.device import BlockDevice
 from tidal.image.manifest import Image
 from tidal.image.trace import TraceRecorder
@@ -104,12 +104,6 @@ def stats_doc(fs: BlockDeviceFS, served: Served) -> dict[str, object]:
         "fuse": asdict(fs.counters),
         "lazy": served.lazy.stats_doc() if served.lazy is not None else None,
     }
-
-
-def write_json_atomic(path: Path, doc: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class StatsWriter(threading.Thread):

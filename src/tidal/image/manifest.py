@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tidal.errors import ChecksumError, FormatError, ImageNotFoundError
+from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest, short_digest
 from tidal.image.layer import ReadOnlyLayer
 from tidal.image.merged import MergedView
@@ -306,9 +307,7 @@ class ImageWriter:
             config=dict(config or {}),
             annotations=dict(annotations or {}),
         )
-        tmp = self.path / "manifest.json.tmp"
-        tmp.write_text(manifest.to_json())
-        os.replace(tmp, self.path / "manifest.json")
+        write_text_atomic(self.path / "manifest.json", manifest.to_json(), fsync=True)
         return manifest
 
 
@@ -352,7 +351,5 @@ def attach_trace(image_dir: str | os.PathLike[str], trace_blob: bytes) -> LayerR
         config=old.config,
         annotations=old.annotations,
     )
-    tmp_manifest = image.path / "manifest.json.tmp"
-    tmp_manifest.write_text(manifest.to_json())
-    os.replace(tmp_manifest, image.path / "manifest.json")
+    write_text_atomic(image.path / "manifest.json", manifest.to_json(), fsync=True)
     return rec

@@ -1,0 +1,29 @@
+"""The atomic write every part uses for state files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tidal.fsutil import write_json_atomic, write_text_atomic
+
+
+def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    write_json_atomic(target, {"a": 1}, fsync=True)
+    assert json.loads(target.read_text()) == {"a": 1}
+    write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    with pytest.raises(UnicodeEncodeError):  # fails half-way through writing the temporary
+        write_text_atomic(target, "half" * 1000 + "\udc80")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
