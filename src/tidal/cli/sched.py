@@ -93,8 +93,21 @@ def simulate_cmd(
             f"{r.virtual_pod_hours:,.0f}",
             str(r.spec_upgrades),
         )
+    for name, r in report.bounds.items():
+        table.add_row(
+            f"[dim]{name} (bound)[/dim]",
+            f"{r.cost:,.0f}",
+            f"{r.saving_vs_all_owned:.1%}",
+            str(r.slo_violation_minutes),
+            f"{r.owned_utilisation_peak:.0%}",
+            f"{r.virtual_pod_hours:,.0f}",
+            str(r.spec_upgrades),
+        )
     out.print(table)
-    out.print("cost in owned-capacity-hours; saving against all-owned sized for the peak")
+    out.print(
+        "cost in owned-capacity-hours; saving against all-owned sized for the peak; the oracle "
+        "pays the creation latency like every policy, oracle-instant does not (unreachable)"
+    )
 
 
 def _static_view(thresholds: Path | None) -> ExtenderView:
