@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,7 +48,14 @@ from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY, cron_rules_from_profile
 from tidal.sched.cost import owned_cost, slo_violation_minutes, virtual_cost
 from tidal.sched.model import Resources, VirtualPool, VirtualSpec
-from tidal.sched.predictor import BacktestReport, ThresholdPredictor, optimal_threshold
+from tidal.sched.predictor import (
+    BacktestReport,
+    Forecast,
+    Margin,
+    ThresholdPredictor,
+    fit_margin,
+    optimal_threshold,
+)
 from tidal.sched.traces import DemandTrace
 
 IntArray = NDArray[np.int64]
@@ -153,6 +160,8 @@ class SimulationReport:
     """``oracle-instant`` and ``tidal-hindsight`` when computed: references, not policies."""
     backtests: dict[str, BacktestReport]
     thresholds: dict[str, int]
+    margins: dict[str, Margin]
+    """Tidal's margin per service as learned for the first evaluated day."""
     demand: FloatArray = field(repr=False)
     series: dict[str, PolicySeries] = field(repr=False, default_factory=dict)
 
@@ -164,6 +173,16 @@ class SimulationReport:
             "policies": {name: r.to_json() for name, r in self.policies.items()},
             "bounds": {name: r.to_json() for name, r in self.bounds.items()},
             "thresholds": self.thresholds,
+            "margins": {
+                svc: {
+                    "load_fraction": round(m.load_fraction, 4),
+                    "peak_fraction": round(m.peak_fraction, 4),
+                    "scale_replicas": round(m.scale_replicas, 2),
+                    "safety": round(m.safety, 3),
+                    "heldout_days": m.heldout_days,
+                }
+                for svc, m in self.margins.items()
+            },
             "backtest": {
                 svc: {
                     "days": b.days,
@@ -171,6 +190,7 @@ class SimulationReport:
                     "peak_bias": round(b.peak_bias, 4),
                     "underforecast_minutes": round(b.underforecast_minutes, 4),
                     "threshold_regret": round(b.threshold_regret, 4),
+                    "short_days": round(b.short_days, 4),
                 }
                 for svc, b in self.backtests.items()
             },
@@ -300,10 +320,48 @@ def _allocate(
     return by_spec, short, created_upgraded
 
 
+_DayPlan = tuple[Forecast, FloatArray, Margin]
+"""A day's forecast (fitted on the days before it), its load forecast, the margin applied."""
+
+
+def _day_forecasts(predictor: ThresholdPredictor, d_all: FloatArray, off: int) -> list[_DayPlan]:
+    """Every evaluated day forecast from the days before it only (walk-forward)."""
+    out = []
+    for start in range(off, d_all.size, MINUTES_PER_DAY):
+        fc = predictor.fit(d_all[:start])
+        day = d_all[start : start + MINUTES_PER_DAY]
+        out.append((fc, fc.expected(day, previous=float(d_all[start - 1])), fc.margin))
+    return out
+
+
+def _targets(days: list[_DayPlan], d_all: FloatArray, off: int, lead: int) -> IntArray:
+    """Replica targets: the higher of the HPA plan (forecast plus margin) and the cron floor."""
+    out = []
+    for i, (fc, _, margin) in enumerate(days):
+        start = off + i * MINUTES_PER_DAY
+        crons = cron_rules_from_profile(fc.floor, lead_minutes=lead, cover=False)
+        cron_by_minute = np.repeat(
+            np.array([c.replicas for c in crons]),
+            [c.end_minute - c.start_minute for c in crons],
+        )
+        day = d_all[start : start + MINUTES_PER_DAY]
+        hpa = fc.plan(day, previous=float(d_all[start - 1]), margin=margin)
+        out.append(np.maximum(hpa, cron_by_minute))
+    return np.concatenate(out).astype(np.int64)
+
+
 def simulate(
-    trace: DemandTrace, config: SimConfig | None = None, policies: Sequence[str] = POLICIES
+    trace: DemandTrace,
+    config: SimConfig | None = None,
+    policies: Sequence[str] = POLICIES,
+    *,
+    hindsight: bool = False,
 ) -> SimulationReport:
-    """Replay ``trace`` under each policy; days before ``train_days`` are only history."""
+    """Replay ``trace`` under each policy; days before ``train_days`` are only history.
+
+    ``hindsight`` adds the ``tidal-hindsight`` bound (Tidal's policy with the margin fitted on
+    the evaluated days) when ``tidal`` is among the policies.
+    """
     config = config or SimConfig()
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -316,6 +374,8 @@ def simulate(
     if "all-owned" not in policies:
         policies = ("all-owned", *policies)
     wanted_bounds = ("oracle-instant",) if "oracle" in policies else ()
+    if hindsight and "tidal" in policies:
+        wanted_bounds = (*wanted_bounds, "tidal-hindsight")
     policies = (*policies, *wanted_bounds)
     off = config.train_days * MINUTES_PER_DAY
     lead = config.lead_minutes
@@ -327,6 +387,7 @@ def simulate(
     runs = {p: _Run() for p in policies}
     backtests: dict[str, BacktestReport] = {}
     thresholds: dict[str, int] = {}
+    margins: dict[str, Margin] = {}
     demands = []
     for svc in trace.services:
         d_all = svc.demand
@@ -336,6 +397,7 @@ def simulate(
         n = need.size
         peak = int(need.max()) if n else 0
         prev = np.concatenate([[need[0]], need[:-1]])
+        day_plans: list[_DayPlan] = []
         for name in policies:
             run = runs[name]
             if name == "all-owned":
@@ -350,28 +412,44 @@ def simulate(
                 o, live, ready = oracle_virtual(
                     need, lead, config.price_ratio, instant=name == "oracle-instant"
                 )
-            else:
-                fc = predictor.fit(d_all[:off])
-                o = fc.threshold_replicas
+            elif name == "tidal":
+                o = predictor.fit(d_all[:off]).threshold_replicas
                 thresholds[svc.name] = o
                 if trace.days - config.train_days >= 1 and config.train_days >= 2:
                     backtests[svc.name] = predictor.backtest(
                         d_all, min_train_days=config.train_days
                     )
-                desired = np.zeros(n, dtype=np.int64)
-                for day in range(n // MINUTES_PER_DAY):
-                    start = off + day * MINUTES_PER_DAY
-                    fc_day = predictor.fit(d_all[:start])
-                    crons = cron_rules_from_profile(fc_day.floor, lead_minutes=lead, cover=False)
-                    cron_by_minute = np.repeat(
-                        np.array([c.replicas for c in crons]),
-                        [c.end_minute - c.start_minute for c in crons],
-                    )
-                    sl = slice(day * MINUTES_PER_DAY, (day + 1) * MINUTES_PER_DAY)
-                    hpa_target = fc_day.plan(d[sl], previous=float(d_all[start - 1]))
-                    target = np.maximum(hpa_target, cron_by_minute)
-                    desired[sl] = np.maximum(target - o, 0)
+                days = day_plans = day_plans or _day_forecasts(predictor, d_all, off)
+                margins[svc.name] = days[0][0].margin
+                desired = np.maximum(_targets(days, d_all, off, lead) - o, 0)
                 live, ready = run_virtual(desired, lead, config.tidal_stabilisation_min)
+            else:  # tidal-hindsight: the same forecasts, the margin fitted on these very days
+                days = day_plans = day_plans or _day_forecasts(predictor, d_all, off)
+                f = np.concatenate([e for _, e, _ in days])
+                scale = np.concatenate(
+                    [np.full(e.size, fc.margin.scale_replicas) for fc, e, _ in days]
+                )
+                load_fraction, peak_fraction = fit_margin(
+                    f[:-lead], d[lead:] - f[:-lead], scale[:-lead], config.price_ratio
+                )
+                days = [
+                    (
+                        fc,
+                        e,
+                        replace(
+                            fc.margin,
+                            load_fraction=load_fraction,
+                            peak_fraction=peak_fraction,
+                            safety=1.0,
+                        ),
+                    )
+                    for fc, e, _ in days
+                ]
+                targets = _targets(days, d_all, off, lead)
+                o = optimal_threshold(targets.astype(np.float64), config.price_ratio)
+                live, ready = run_virtual(
+                    np.maximum(targets - o, 0), lead, config.tidal_stabilisation_min
+                )
             run.owned.append(o)
             run.live.append(live)
             run.ready.append(ready)
@@ -426,12 +504,11 @@ def simulate(
         bounds={k: r for k, r in results.items() if k in BOUNDS},
         backtests=backtests,
         thresholds=thresholds,
+        margins=margins,
         demand=demand.sum(axis=0),
         series=series,
     )
 
 
 def _with_saving(r: PolicyResult, saving: float) -> PolicyResult:
-    from dataclasses import replace
-
     return replace(r, saving_vs_all_owned=saving)
