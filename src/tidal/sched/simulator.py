@@ -106,6 +106,8 @@ class SimConfig:
     pools: tuple[VirtualPool, ...] = field(default_factory=default_pools)
     site_outages: tuple[SiteOutage, ...] = ()
     predictor_window_days: int = 7
+    margin_return_period_days: float = 365.0
+    """Tidal's margin is sized for a day needing more once in this many days per service."""
 
     @property
     def lead_minutes(self) -> int:
@@ -383,6 +385,7 @@ def simulate(
         price_ratio=config.price_ratio,
         window_days=config.predictor_window_days,
         lead_minutes=lead,
+        return_period_days=config.margin_return_period_days,
     )
     runs = {p: _Run() for p in policies}
     backtests: dict[str, BacktestReport] = {}
