@@ -111,6 +111,15 @@ def test_hindsight_bound_sits_between_the_oracle_and_tidal() -> None:
     assert "tidal-hindsight" not in simulate(trace, SimConfig(), ("tidal", "oracle")).bounds
 
 
+def test_margin_return_period_trades_cost_for_slo_risk() -> None:
+    trace = synthetic(seed=11, days=9, services=2)
+    costs = [
+        simulate(trace, SimConfig(margin_return_period_days=r), ("tidal",)).policies["tidal"].cost
+        for r in (10.0, 365.0, 100_000.0)
+    ]
+    assert costs[0] < costs[1] < costs[2]
+
+
 def test_stock_shortage_upgrades_and_site_outage_fails_over() -> None:
     trace = synthetic(seed=11, days=8, services=2)
     outage = SiteOutage("cloud-a", 7 * MINUTES_PER_DAY + 1200, 7 * MINUTES_PER_DAY + 1260)
