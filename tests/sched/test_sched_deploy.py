@@ -134,6 +134,10 @@ def test_scheduler_config_verbs_reach_the_real_extender_process(tmp_path: Path) 
         assert kept == ["virtual-kubelet-cloud-a", "virtual-kubelet-cloud-b"]
         scores = httpx.post(f"{base}/{ext['prioritizeVerb']}", json=body, timeout=5).json()
         assert {s["Host"] for s in scores} >= {"owned-1", "virtual-kubelet-cloud-a"}
+        victims = json.loads((GOLDEN / "preempt_victims_request.json").read_text())
+        res = httpx.post(f"{base}/{ext['preemptVerb']}", json=victims, timeout=5).json()
+        assert set(res) == {"NodeNameToMetaVictims"}
+        assert set(res["NodeNameToMetaVictims"]) >= {"owned-1", "owned-2"}
     finally:
         proc.terminate()
         try:

@@ -15,13 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tidal.errors import KubeApiError
+from tidal.errors import KubeApiError, SchedError
 from tidal.sched.extender import (
     ExtenderServer,
     ExtenderView,
     NodeInfo,
     ViewStore,
     filter_nodes,
+    preempt,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -136,6 +137,54 @@ def test_bad_requests_get_clear_errors(server: ExtenderServer) -> None:
     assert res.status_code == 200 and "neither Nodes nor NodeNames" in res.json()["Error"]
     assert post(server, "bind", {}).status_code == 404
     assert httpx.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def meta(*uids: str, pdb: int = 0) -> dict[str, Any]:
+    return {"Pods": [{"UID": u} for u in uids], "NumPDBViolations": pdb}
+
+
+VICTIMS_1 = meta("0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9")
+VICTIMS_2 = meta(
+    "1c2d3e4f-5061-4728-93a4-b5c6d7e8f90a", "2d3e4f50-6172-4839-a4b5-c6d7e8f90a1b", pdb=1
+)
+
+
+@pytest.mark.parametrize(
+    "request_file", ["preempt_victims_request.json", "preempt_metavictims_request.json"]
+)
+def test_preempt_never_on_virtual_nodes(server: ExtenderServer, request_file: str) -> None:
+    """Full victims (``nodeCacheCapable: false``) or UIDs only: the answer is UIDs, victims and
+    PDB violation counts unchanged, the virtual node dropped."""
+    server.store.set(view(2))  # web below its threshold: owned nodes are where it belongs
+    res = post(server, "preempt", golden(request_file))
+    assert res.status_code == 200
+    assert res.json() == {"NodeNameToMetaVictims": {"owned-1": VICTIMS_1, "owned-2": VICTIMS_2}}
+
+
+def test_preempt_not_on_owned_nodes_for_a_service_at_its_threshold(
+    server: ExtenderServer,
+) -> None:
+    server.store.set(view(3))
+    body = post(server, "preempt", golden("preempt_victims_request.json")).json()
+    assert body == {"NodeNameToMetaVictims": {}}  # it goes to a virtual node instead
+    # no usable virtual node (a and b failed, c cordoned): the owned nodes are its only way
+    server.store.set(view(3, failed_sites=frozenset({"cloud-a", "cloud-b"})))
+    body = post(server, "preempt", golden("preempt_metavictims_request.json")).json()
+    assert set(body["NodeNameToMetaVictims"]) == set(OWNED)
+    # a pod Tidal does not manage: only the virtual node is dropped
+    req = golden("preempt_victims_request.json")
+    del req["Pod"]["metadata"]["labels"]["tidal.io/service"]
+    server.store.set(view(3))
+    assert set(preempt(req, view(3))["NodeNameToMetaVictims"]) == set(OWNED)  # type: ignore[arg-type]
+
+
+def test_preempt_bad_requests() -> None:
+    with pytest.raises(SchedError, match="neither NodeNameToVictims nor NodeNameToMetaVictims"):
+        preempt({"Pod": {}, "NodeNameToVictims": None}, view(0))
+    req = golden("preempt_victims_request.json")
+    del req["NodeNameToVictims"]["owned-1"]["Pods"][0]["metadata"]["uid"]
+    with pytest.raises(SchedError, match=r"victim on node owned-1 has no metadata\.uid"):
+        preempt(req, view(0))  # type: ignore[arg-type]
 
 
 class RecordingBinder:

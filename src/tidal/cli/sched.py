@@ -142,7 +142,7 @@ def extender_cmd(
         Path | None, typer.Option(help="YAML {service: threshold} used without --watch")
     ] = None,
 ) -> None:
-    """Serve kube-scheduler's extender API (POST /filter, /prioritize) until interrupted."""
+    """Serve kube-scheduler's extender API (POST /filter, /prioritize, /preempt) until interrupted."""
     settings = load_settings()
     store = ViewStore(_static_view(thresholds))
     server = ExtenderServer(
@@ -158,7 +158,7 @@ def extender_cmd(
             target=ctl.run, args=(stop,), name="tidal-controller", daemon=True
         )
         worker.start()
-    verbs = "filter, prioritize" + (", bind" if server.binder is not None else "")
+    verbs = "filter, prioritize, preempt" + (", bind" if server.binder is not None else "")
     err.print(f"tidal extender listening on {server.url} ({verbs})")
     try:
         server.serve_forever()

@@ -10,7 +10,11 @@ of full objects) or, with ``nodeCacheCapable: true``, ``NodeNames``. Filter answ
 ``<urlPrefix>/bind`` takes ``ExtenderBindingArgs`` (``PodName``, ``PodNamespace``, ``PodUID``,
 ``Node``), creates the Binding and answers ``ExtenderBindingResult`` (``Error``): the extender
 then counts every placement the moment it happens, instead of at the controller's next resync,
-so a burst of pods cannot overshoot a threshold.
+so a burst of pods cannot overshoot a threshold. ``<urlPrefix>/preempt`` takes
+``ExtenderPreemptionArgs`` (``Pod``, and ``NodeNameToVictims`` with full v1 Pods or, with
+``nodeCacheCapable``, ``NodeNameToMetaVictims`` with ``{"UID"}`` only; the other key is
+``null``) and answers ``ExtenderPreemptionResult`` (``NodeNameToMetaVictims``): the nodes on
+which preemption may go ahead, with their victims unchanged; kube-scheduler drops the others.
 
 The decision is pure (:func:`filter_nodes`, :func:`prioritize`) over an :class:`ExtenderView`
 that the controller keeps current (thresholds, replicas of each service on owned nodes, the
@@ -69,6 +73,25 @@ class ExtenderBindingArgs(TypedDict):
 
 class ExtenderBindingResult(TypedDict):
     Error: str
+
+
+class MetaPod(TypedDict):
+    UID: str
+
+
+class MetaVictims(TypedDict):
+    Pods: list[MetaPod]
+    NumPDBViolations: int
+
+
+class ExtenderPreemptionArgs(TypedDict, total=False):
+    Pod: dict[str, Any]
+    NodeNameToVictims: dict[str, dict[str, Any]] | None
+    NodeNameToMetaVictims: dict[str, MetaVictims] | None
+
+
+class ExtenderPreemptionResult(TypedDict):
+    NodeNameToMetaVictims: dict[str, MetaVictims]
 
 
 class Binder(Protocol):
@@ -263,6 +286,55 @@ def prioritize(args: ExtenderArgs, view: ExtenderView) -> list[HostPriority]:
     return out
 
 
+def _meta_victims(args: ExtenderPreemptionArgs) -> dict[str, MetaVictims]:
+    meta = args.get("NodeNameToMetaVictims")
+    if meta is not None:
+        return {
+            node: MetaVictims(
+                Pods=[MetaPod(UID=str(p["UID"])) for p in (v.get("Pods") or [])],
+                NumPDBViolations=int(v.get("NumPDBViolations") or 0),
+            )
+            for node, v in meta.items()
+        }
+    full = args.get("NodeNameToVictims")
+    if full is None:
+        raise SchedError(
+            "extender preemption request has neither NodeNameToVictims nor NodeNameToMetaVictims"
+        )
+    out = {}
+    for node, v in full.items():
+        pods = []
+        for pod in v.get("Pods") or []:
+            uid = (pod.get("metadata") or {}).get("uid")
+            if not uid:
+                raise SchedError(f"victim on node {node} has no metadata.uid")
+            pods.append(MetaPod(UID=str(uid)))
+        out[node] = MetaVictims(Pods=pods, NumPDBViolations=int(v.get("NumPDBViolations") or 0))
+    return out
+
+
+def preempt(args: ExtenderPreemptionArgs, view: ExtenderView) -> ExtenderPreemptionResult:
+    """The candidate nodes on which evicting the scheduler's victims makes sense for Tidal.
+
+    Never a virtual node: each of its pods is an instance of its own, so evicting one frees
+    nothing another pod could use. Owned nodes only while the filter would send the pod there:
+    a service at its threshold goes to a usable virtual node instead, and evicting owned pods
+    for it would push it over the threshold (and the filter would refuse the node afterwards).
+    Names are classified with the controller's node cache; unknown names count as owned.
+    """
+    victims = _meta_victims(args)
+    service = _service(args.get("Pod") or {})
+    owned_ok = True
+    if service is not None and not _prefers_owned(service, view)[0]:
+        owned_ok = not any(n.virtual and not _unusable(n, view) for n in view.nodes.values())
+    keep: dict[str, MetaVictims] = {}
+    for name, v in victims.items():
+        node = view.nodes.get(name) or NodeInfo(name, virtual=False)
+        if not node.virtual and owned_ok:
+            keep[name] = v
+    return ExtenderPreemptionResult(NodeNameToMetaVictims=keep)
+
+
 def bind(args: ExtenderBindingArgs, binder: Binder, store: ViewStore) -> ExtenderBindingResult:
     """Bind the pod and count it at once; errors go back in ``Error`` as kube-scheduler expects."""
     try:
@@ -296,7 +368,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/").endswith("healthz"):
             self._reply(200, {"status": "ok"})
         else:
-            self._reply(404, {"Error": f"unknown path {self.path}; POST filter or prioritize"})
+            self._reply(
+                404, {"Error": f"unknown path {self.path}; POST filter, prioritize or preempt"}
+            )
 
     def do_POST(self) -> None:
         verb = self.path.rstrip("/").rsplit("/", 1)[-1]
@@ -321,8 +395,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, bind(args, self.server.binder, store))  # type: ignore[arg-type]
             elif verb == "prioritize":
                 self._reply(200, prioritize(args, view))  # type: ignore[arg-type]
+            elif verb == "preempt":
+                self._reply(200, preempt(args, view))  # type: ignore[arg-type]
             else:
-                hint = "filter or prioritize" + (", bind" if self.server.binder else "")
+                hint = "filter, prioritize, preempt" + (", bind" if self.server.binder else "")
                 self._reply(404, {"Error": f"unknown verb {verb!r}; use {hint}"})
         except SchedError as exc:
             if verb == "filter":
