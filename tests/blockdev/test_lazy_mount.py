@@ -169,6 +169,9 @@ def test_recorded_trace_is_pushed_and_prefetched_on_a_cold_mount(
         # ...while a file the trace did not read still does
         assert (target / "big" / "d.bin").read_bytes() == FILES["/big/d.bin"]
         assert _stats(target)["lazy"]["total"]["requests"] > requests
+    # the trace was kept with the pulled image: a warm mount does not ask the registry for it
+    trace_rec = Image.open(pulled).manifest.layers[-1]
+    assert (pulled / "blobs" / "sha256" / trace_rec.digest.split(":")[1]).is_file()
 
 
 def test_registry_gone_reads_fail_with_eio_and_a_log_line_and_the_server_lives(

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from tidal.blobs.registries import LOCAL_SCHEME, Registry, connect
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.settings import BlobSettings, load_blob_settings
 from tidal.blobs.source import BlobSource, ByteRange, copy_blob
-from tidal.errors import FormatError, ImageNotFoundError
+from tidal.errors import BlobError, FormatError, ImageNotFoundError
 from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest
 from tidal.image.device import BlockDevice
@@ -307,7 +308,14 @@ class LazyImage:
         """The image's access trace, if a trace layer was pushed with it."""
         for rec in self.image.manifest.layers:
             if rec.kind == LAYER_KIND_TRACE:
-                data = self.source.read(rec.digest, 0, rec.size_bytes)  # digest-checked
+                # kept in the pulled image after the first mount: a warm start asks no registry
+                local = LocalBlobStore(self.image.path)
+                if local.has(rec.digest):
+                    data = local.read(rec.digest, 0, local.size(rec.digest))
+                else:
+                    data = self.source.read(rec.digest, 0, rec.size_bytes)  # digest-checked
+                    with contextlib.suppress(OSError, BlobError):
+                        local.put_bytes(data, rec.digest)
                 return Trace.deserialize(data, name=f"trace layer of {self.image.path}")
         return None
 
