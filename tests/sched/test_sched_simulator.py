@@ -161,7 +161,9 @@ def test_request_trace_busy_workers_per_minute(tmp_path: Path) -> None:
 GENAI = default_trace_path()
 
 
-@pytest.mark.skipif(not GENAI.exists(), reason=f"shared trace {GENAI} is not present")
+@pytest.mark.skipif(
+    not GENAI.exists(), reason=f"shared trace {GENAI} is not present (set TIDAL_TRACES_DIR)"
+)
 def test_genai_trace_loads_sixteen_days() -> None:
     t = load_request_trace(GENAI)
     assert t.days == 16
@@ -170,7 +172,9 @@ def test_genai_trace_loads_sixteen_days() -> None:
     assert hourly[21:24].mean() > 5 * hourly[8:12].mean()  # busy evenings, quiet mornings
 
 
-@pytest.mark.skipif(not GENAI.exists(), reason=f"shared trace {GENAI} is not present")
+@pytest.mark.skipif(
+    not GENAI.exists(), reason=f"shared trace {GENAI} is not present (set TIDAL_TRACES_DIR)"
+)
 def test_genai_bursts_out_of_silence_meet_the_slo_on_unseen_days() -> None:
     """Bursts larger than any the history held (3 -> 30 replicas in a minute at 04:18 on the
     fourth evaluated day) are covered by a margin that scales with the service's peak."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,11 @@ class DemandTrace:
 
 
 def default_trace_path() -> Path:
-    """``<repo>/../shared/traces/genai-requests-2024-11.csv`` (the repo holding ``src/tidal``)."""
+    """``$TIDAL_TRACES_DIR/genai-requests-2024-11.csv``, else the same file in
+    ``<repo>/../shared/traces`` (the repo holding ``src/tidal``)."""
+    env = os.environ.get("TIDAL_TRACES_DIR")
+    if env:
+        return Path(env) / DEFAULT_TRACE_NAME
     repo = Path(__file__).resolve().parents[3]
     return repo.parent / "shared" / "traces" / DEFAULT_TRACE_NAME
 
