@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tidal.engine.client import EngineClient
 from tidal.engine.containers import Engine
+from tidal.engine.daemon import Daemon
 from tidal.engine.settings import EngineSettings
 from tidal.errors import TidalError
 
@@ -164,6 +166,22 @@ def engine(engine_settings: EngineSettings) -> Iterator[Engine]:
         yield eng
     finally:
         cleanup_engine(eng)
+
+
+@pytest.fixture
+def daemon(
+    engine_settings: EngineSettings, engine_cleanup: Callable[[Engine], None]
+) -> Iterator[tuple[Daemon, EngineClient]]:
+    d = Daemon(engine_settings)
+    d.start()
+    client = EngineClient(engine_settings.resolved_socket_path())
+    try:
+        yield d, client
+    finally:
+        client.close()
+        eng = Engine(engine_settings)
+        d.close()
+        engine_cleanup(eng)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,22 +41,6 @@ def test_client_without_daemon(tmp_path: Path) -> None:
         pytest.raises(DaemonUnavailableError, match="tidal daemon"),
     ):
         c.ping()
-
-
-@pytest.fixture
-def daemon(
-    engine_settings: EngineSettings, engine_cleanup: Callable[[Engine], None]
-) -> Iterator[tuple[Daemon, EngineClient]]:
-    d = Daemon(engine_settings)
-    d.start()
-    client = EngineClient(engine_settings.resolved_socket_path())
-    try:
-        yield d, client
-    finally:
-        client.close()
-        eng = Engine(engine_settings)
-        d.close()
-        engine_cleanup(eng)
 
 
 @pytest.mark.root

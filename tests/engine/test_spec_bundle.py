@@ -22,6 +22,7 @@ from tidal.engine.spec import (
     parse_disk_quota,
     parse_env,
     parse_hook,
+    parse_labels,
     parse_port,
     parse_service,
     parse_volume,
@@ -160,6 +161,14 @@ def test_parsers() -> None:
     assert parse_env(["A=1", "B=x=y"]) == (("A", "1"), ("B", "x=y"))
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_env(["NOVALUE"])
+    assert parse_labels(["priority=online", "tidal.io/app=a=b"]) == (
+        ("priority", "online"),
+        ("tidal.io/app", "a=b"),
+    )
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_labels(["a=1", "a=2"])
+    with pytest.raises(ConfigError, match=r"--label '=x'"):
+        parse_labels(["=x"])
     assert parse_volume("/data") == VolumeSpec("/data")
     assert parse_volume("/h:/c:ro") == VolumeSpec("/c", "/h", True)
     with pytest.raises(ConfigError, match="absolute"):

@@ -25,6 +25,7 @@ from tidal.engine.spec import (
     parse_disk_quota,
     parse_env,
     parse_hook,
+    parse_labels,
     parse_memory,
     parse_port,
     parse_service,
@@ -75,6 +76,9 @@ def register(app: typer.Typer) -> None:
         memory: str | None = typer.Option(None, "--memory", "-m", help="e.g. 512M"),
         pids_limit: int | None = typer.Option(None, "--pids-limit"),
         env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE"),
+        label: list[str] = typer.Option(
+            [], "--label", "-l", help="KEY=VALUE, e.g. priority=online for the QoS agent"
+        ),
         volume: list[str] = typer.Option([], "--volume", "-v", help="/dst or /src:/dst[:ro]"),
         disk_quota: list[str] = typer.Option(
             [], "--disk-quota", help="SIZE[,inodes=N] | /vol=SIZE | .*=SIZE"
@@ -127,6 +131,7 @@ def register(app: typer.Typer) -> None:
             restart=restart,
             prestart_hooks=tuple(parse_hook(h) for h in hook_prestart),
             poststop_hooks=tuple(parse_hook(h) for h in hook_poststop),
+            labels=parse_labels(label),
         )
         with _client() as client:
             rec = client.run(spec)

@@ -95,16 +95,14 @@ class EngineClient:
         return ContainerRecord.from_json(resp.json())
 
     def list_all(self) -> list[ContainerRecord]:
-        return [ContainerRecord.from_json(d) for d in self._request("GET", "/containers").json()]
+        return [ContainerRecord.from_api(d) for d in self._request("GET", "/containers").json()]
 
     def inspect(self, ref: str) -> dict[str, Any]:
         data: dict[str, Any] = self._request("GET", f"/containers/{ref}").json()
         return data
 
     def get(self, ref: str) -> ContainerRecord:
-        d = self.inspect(ref)
-        keys = ContainerRecord.__dataclass_fields__.keys()
-        return ContainerRecord.from_json({k: v for k, v in d.items() if k in keys})
+        return ContainerRecord.from_api(self.inspect(ref))
 
     def _post(self, ref: str, action: str, body: dict[str, Any] | None = None) -> ContainerRecord:
         resp = self._request("POST", f"/containers/{ref}/{action}", json=body or {})

@@ -561,9 +561,16 @@ class Engine:
     def list_all(self) -> list[ContainerRecord]:
         return [self.refresh(r) for r in self.store.list()]
 
+    def describe(self, rec: ContainerRecord) -> dict[str, Any]:
+        """The record as the API shows it, plus ``cgroup``: the path below each controller's
+        mount (v1) or the unified root (v2), so node agents need not know the engine's layout."""
+        out = rec.to_json()
+        out["cgroup"] = self.cgroups_path(rec.id)
+        return out
+
     def inspect(self, ref: str) -> dict[str, Any]:
         rec = self.get(ref)
-        out = rec.to_json()
+        out = self.describe(rec)
         out["log_path"] = str(self.cdir(rec.id) / "container.log")
         out["bundle"] = str(self.cdir(rec.id) / "bundle")
         if rec.rootfs.get("volume") and rec.rootfs.get("merged"):

@@ -146,7 +146,7 @@ def route(
         raise _NoRoute()
     if len(parts) == 1:
         if method == "GET":
-            return 200, [r.to_json() for r in engine.list_all()], None
+            return 200, [engine.describe(r) for r in engine.list_all()], None
         if method == "POST":
             body = req._body()
             spec = ContainerSpec.from_json(body.get("spec") or {})

@@ -217,6 +217,24 @@ def parse_env(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+_LABEL_KEY_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,252}$")
+
+
+def parse_labels(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``K=V`` labels (what the QoS agent and other tools select containers by); keys unique."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_KEY_RE.match(key):
+            raise ConfigError(
+                f"--label {item!r}: expected KEY=VALUE with a key of letters, digits, '_./-'"
+            )
+        if key in out:
+            raise ConfigError(f"--label {key!r} is given twice")
+        out[key] = value
+    return tuple(out.items())
+
+
 def parse_volume(text: str) -> VolumeSpec:
     """``/dst`` (engine volume), ``/src:/dst`` or ``/src:/dst:ro`` (host bind mount)."""
     parts = text.split(":")

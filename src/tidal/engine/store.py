@@ -87,6 +87,12 @@ class ContainerRecord:
         d["spec"] = ContainerSpec.from_json(d["spec"])
         return cls(**d)
 
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> ContainerRecord:
+        """A record from an API answer, which adds derived keys (``cgroup``, ``log_path`` ...)."""
+        keys = cls.__dataclass_fields__.keys()
+        return cls.from_json({k: v for k, v in data.items() if k in keys})
+
 
 class Store:
     """Thread-safe access to the state database (one connection, one lock)."""
