@@ -37,7 +37,11 @@ def test_parse_example(rules_path: Path) -> None:
         ({"policy": {"type": "slo_feedback", "step": 1}}, r"unknown parameter\(s\) \['step'\]"),
         ({"policy": {"type": "slo_feedback", "step_cores": "big"}}, "step_cores must be float"),
         ({"policy": {"type": "slo_feedback", "tighten_at": 0.1}}, "loosen_below < tighten_at"),
-        ({"containers": [{"labels": {}}]}, r"containers\[0\]: needs a 'cgroup'"),
+        ({"containers": [{"labels": {}}]}, r"containers\[0\]: needs exactly one of 'cgroup'"),
+        ({"containers": [{"cgroup": "a", "engine": {}}]}, "needs exactly one of"),
+        ({"containers": [{"engine": ["app"]}]}, r"containers\[0\].engine: expected a mapping"),
+        ({"containers": [{"cgroup": "a", "cpus": 1}]}, r"unknown key\(s\) \['cpus'\]"),
+        ({"engine": {"sock": "/x"}}, r"engine: unknown key\(s\) \['sock'\]"),
         ({"containers": [{"cgroup": "a"}, {"cgroup": "a/"}]}, "listed twice"),
         ({"containers": [{"cgroup": "../etc"}]}, "must not contain '..'"),
         ({"containers": [{"cgroup": "a", "spec": {"cpus": "lots"}}]}, "spec.cpus"),
@@ -121,3 +125,26 @@ def test_parse_metric_picks_labels() -> None:
     assert parse_metric(text, "lat", {"route": "/b"}) == 2.5
     assert parse_metric(text, "lat", {}) == 1.5
     assert parse_metric(text, "other", {}) is None
+
+
+def test_engine_entries_select_by_label() -> None:
+    rs = parse_rules(
+        {
+            "containers": [
+                {"engine": {"priority": "offline"}, "spec": {"cpus": 2}},
+                {"engine": None, "labels": {"team": "x"}},
+                {"cgroup": "shop/web"},
+            ],
+            "engine": {"socket": "/run/tidal/engine.sock"},
+        },
+        "rules.yaml",
+    )
+    assert rs.uses_engine and rs.engine_socket == Path("/run/tidal/engine.sock")
+    first, everything, plain = rs.containers
+    assert (first.cgroup, first.engine_selector, first.spec_cpus) == (
+        "",
+        {"priority": "offline"},
+        2,
+    )
+    assert everything.engine_selector == {} and everything.labels == {"team": "x"}
+    assert plain.engine_selector is None and not parse_rules({}, "r").uses_engine

@@ -29,6 +29,9 @@ containers:                  # the cgroups this agent watches (paths below the h
     spec: {cpus: 1.0}        # declared quota; drift from it is escalated
   - cgroup: batch/etl
     labels: {app: etl, priority: offline}
+  - engine: {priority: offline}   # Tidal engine containers labelled so (tidal run --label ...),
+                                  # found through the engine daemon's API (socket: [qos]
+                                  # engine_socket, or `engine: {socket: PATH}` here)
 classes:                     # label selectors for the two priorities
   online: {priority: online}
   offline: {priority: offline}
@@ -156,7 +159,9 @@ def rules_check(path: Path) -> None:
     rs = load_rules(path)
     names = [r.name for r in rs.all_rules()]
     slo = {k: v for k, v in vars(rs.slo).items() if v is not None}
-    typer.echo(f"{path}: ok — {len(rs.containers)} cgroup(s), rules {names}, SLO {slo}")
+    typer.echo(
+        f"{path}: ok — {len(rs.containers)} container entries, rules {names}, SLO {slo}"
+    )
 
 
 @rules_app.command("example")

@@ -20,6 +20,7 @@ from tidal.qos.aggregator import Aggregator, SlidingWindow
 from tidal.qos.cgroupfs import CgroupFs, detect_cgroupfs, expand_cgroups
 from tidal.qos.collector import Collector, Frame, Health, NodeProbe, NodeSource, judge_health
 from tidal.qos.command_center import CommandCenter, Decision
+from tidal.qos.discovery import EngineDiscovery, matches
 from tidal.qos.executor import Executor
 from tidal.qos.metrics import QosMetrics
 from tidal.qos.rules import ContainerRule, RuleSet, RulesFile
@@ -77,6 +78,16 @@ class Agent:
         self.last_error: str | None = None
         self.fetch = fetch
         self.scrape_errors: dict[str, str] = {}
+        self._discovery: EngineDiscovery | None = None
+
+    def discovery(self, rules: RuleSet) -> EngineDiscovery:
+        """The engine client for ``engine:`` entries (re-made when the rules move the socket)."""
+        socket = rules.engine_socket or self.settings.resolved_engine_socket()
+        if self._discovery is None or self._discovery.socket_path != socket:
+            if self._discovery is not None:
+                self._discovery.close()
+            self._discovery = EngineDiscovery(socket)
+        return self._discovery
 
     # --- events and signals ---------------------------------------------------------------------
 
@@ -126,15 +137,23 @@ class Agent:
     # --- one round ------------------------------------------------------------------------------
 
     def targets(self, rules: RuleSet) -> list[tuple[str, ContainerRule]]:
-        """The watched cgroups: rules' paths with wildcards expanded; the first rule wins."""
+        """The watched cgroups: rules' paths with wildcards expanded and engine containers that
+        match a selector (with their own labels under the rule's); the first rule wins."""
         out: dict[str, ContainerRule] = {}
+        engine = self.discovery(rules).containers() if rules.uses_engine else []
         for c in rules.containers:
+            if c.engine_selector is not None:
+                for ec in engine:
+                    if matches(ec.labels, c.engine_selector):
+                        labels = {**ec.labels, **c.labels}
+                        out.setdefault(ec.cgroup, ContainerRule(ec.cgroup, labels, c.spec_cpus))
+                continue
             try:
-                matches = expand_cgroups(self.fs, c.cgroup)
+                paths = expand_cgroups(self.fs, c.cgroup)
             except CgroupError as exc:
                 log.info("qos: cannot expand %s: %s", c.cgroup, exc)
                 continue
-            for cg in matches:
+            for cg in paths:
                 out.setdefault(cg, c)
         return list(out.items())
 
@@ -292,6 +311,8 @@ class Agent:
                 self.executor.journal.delete()
         if self._watchdog is not None:
             stop_watchdog(self._watchdog)
+        if self._discovery is not None:
+            self._discovery.close()
         return problems
 
     def status(self) -> dict[str, Any]:
@@ -309,5 +330,6 @@ class Agent:
             "adjustments": dict(self.executor.counts),
             "last_error": self.last_error,
             "scrape_errors": dict(self.scrape_errors),
+            "engine_error": self._discovery.last_error if self._discovery else None,
             "state_dir": str(Path(self.executor.journal.path).parent),
         }

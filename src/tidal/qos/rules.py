@@ -14,6 +14,10 @@ Example::
         spec: {cpus: 1.0}              # optional declared quota (the value drift is measured from)
       - cgroup: batch/etl
         labels: {app: etl, priority: offline}
+      - engine: {priority: offline}     # Tidal engine containers whose labels match
+                                        # (`tidal run --label priority=offline`), found
+                                        # through the engine daemon's API; their own labels count
+    engine: {socket: /var/lib/tidal/engine/engine.sock}   # optional; default [qos] engine_socket
     classes:                            # label selectors
       online: {priority: online}
       offline: {priority: offline}
@@ -63,9 +67,13 @@ class RuleFactory(Protocol):
 
 @dataclass(frozen=True)
 class ContainerRule:
+    """A cgroup path (``*`` wildcards allowed), or engine containers selected by label."""
+
     cgroup: str
     labels: dict[str, str]
     spec_cpus: float | None = None
+    engine_selector: dict[str, str] | None = None
+    """Set for ``engine:`` entries (``cgroup`` is then empty): match running engine containers."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,12 @@ class RuleSet:
     source: str = "<memory>"
     signals: tuple[LatencySignal, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
+    engine_socket: Path | None = None
+    """From the rules' ``engine: {socket}``; ``None`` means the agent's setting."""
+
+    @property
+    def uses_engine(self) -> bool:
+        return any(c.engine_selector is not None for c in self.containers)
 
     def priority_of(self, labels: Mapping[str, str]) -> Priority | None:
         for name in ("online", "offline"):
@@ -154,7 +168,17 @@ def parse_rules(
     """Validate a decoded YAML document into a :class:`RuleSet`."""
     types = available_rule_types() if types is None else types
     _expect(isinstance(doc, dict), source, "the rules file must be a YAML mapping")
-    known = {"version", "containers", "classes", "slo", "policy", "rules", "guards", "signals"}
+    known = {
+        "version",
+        "containers",
+        "classes",
+        "slo",
+        "policy",
+        "rules",
+        "guards",
+        "signals",
+        "engine",
+    }
     unknown = set(doc) - known
     _expect(not unknown, source, f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     _expect(
@@ -167,11 +191,24 @@ def parse_rules(
     seen: set[str] = set()
     for i, c in enumerate(raw_containers):
         where = f"{source}: containers[{i}]"
-        _expect(isinstance(c, dict) and bool(c.get("cgroup")), where, "needs a 'cgroup' path")
-        cg = str(c["cgroup"]).strip("/")
-        _expect(".." not in cg.split("/"), where, f"cgroup path {cg!r} must not contain '..'")
-        _expect(cg not in seen, where, f"cgroup {cg!r} listed twice")
-        seen.add(cg)
+        _expect(isinstance(c, dict), where, "expected a mapping with 'cgroup' or 'engine'")
+        extra = set(c) - {"cgroup", "engine", "labels", "spec"}
+        _expect(not extra, where, f"unknown key(s) {sorted(extra)}")
+        _expect(
+            ("cgroup" in c) != ("engine" in c),
+            where,
+            "needs exactly one of 'cgroup' (a path) or 'engine' (a label selector, {} for all)",
+        )
+        selector = None
+        cg = ""
+        if "engine" in c:
+            selector = _str_map(c["engine"] or {}, f"{where}.engine")
+        else:
+            cg = str(c["cgroup"] or "").strip("/")
+            _expect(bool(cg), where, "'cgroup' must be a non-empty path")
+            _expect(".." not in cg.split("/"), where, f"cgroup path {cg!r} must not contain '..'")
+            _expect(cg not in seen, where, f"cgroup {cg!r} listed twice")
+            seen.add(cg)
         spec = c.get("spec") or {}
         _expect(isinstance(spec, dict), f"{where}.spec", "expected a mapping such as {cpus: 1.5}")
         cpus = None
@@ -181,8 +218,13 @@ def parse_rules(
             except ValueError as exc:
                 raise RuleError(f"{where}.spec.cpus: {exc}") from exc
         containers.append(
-            ContainerRule(cg, _str_map(c.get("labels") or {}, f"{where}.labels"), cpus)
+            ContainerRule(cg, _str_map(c.get("labels") or {}, f"{where}.labels"), cpus, selector)
         )
+    engine_raw = doc.get("engine") or {}
+    _expect(isinstance(engine_raw, dict), f"{source}: engine", "expected {socket: PATH}")
+    bad = set(engine_raw) - {"socket"}
+    _expect(not bad, f"{source}: engine", f"unknown key(s) {sorted(bad)}; known: ['socket']")
+    engine_socket = Path(str(engine_raw["socket"])) if engine_raw.get("socket") else None
 
     classes_raw = doc.get("classes") or {
         "online": {"priority": "online"},
@@ -271,6 +313,7 @@ def parse_rules(
         source=source,
         signals=tuple(signals),
         raw=dict(doc),
+        engine_socket=engine_socket,
     )
 
 

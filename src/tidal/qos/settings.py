@@ -31,9 +31,17 @@ class QosSettings:
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     watchdog: bool = True
     """Spawn a watchdog process that restores every recorded change if the agent dies."""
+    engine_socket: Path | None = None
+    """The engine daemon's API socket, for rules' ``engine:`` entries; ``None`` means the
+    engine's default, ``$TIDAL_DATA_ROOT/engine/engine.sock``."""
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "qos"
+
+    def resolved_engine_socket(self) -> Path:
+        if self.engine_socket is not None:
+            return self.engine_socket
+        return data_root() / "engine" / "engine.sock"
 
     def resolved_rules_file(self) -> Path:
         return (
