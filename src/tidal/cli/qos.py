@@ -159,9 +159,7 @@ def rules_check(path: Path) -> None:
     rs = load_rules(path)
     names = [r.name for r in rs.all_rules()]
     slo = {k: v for k, v in vars(rs.slo).items() if v is not None}
-    typer.echo(
-        f"{path}: ok — {len(rs.containers)} container entries, rules {names}, SLO {slo}"
-    )
+    typer.echo(f"{path}: ok — {len(rs.containers)} container entries, rules {names}, SLO {slo}")
 
 
 @rules_app.command("example")
