@@ -147,7 +147,17 @@ policy: {{type: slo_feedback, step_cores: 0.25, floor_cores: 0.25}}
             agent.step()
         assert fs.read_cpu("tidal/off1") != CpuLimits()
         assert fs.read_cpu("tidal/other") == CpuLimits()
-        assert agent.status()["engine_error"] is None
+        status = agent.status()
+        assert status["engine_error"] is None and status["journal"] == ["tidal/off1"]
+        assert {(w["container"], w["priority"]) for w in status["watched"]} == {
+            ("n-on1", "online"),
+            ("n-off1", "offline"),
+        }
+        # the throttled container is removed (its cgroup goes): the journal lets go of it
+        daemon.payload = daemon.payload[:1]
+        fs.remove("tidal/off1")
+        agent.step()
+        assert agent.executor.journal.entries == {}
+        assert [w["container"] for w in agent.status()["watched"]] == ["n-on1"]
     finally:
         assert agent.stop() == []
-    assert fs.read_cpu("tidal/off1") == CpuLimits()

@@ -79,6 +79,9 @@ class Agent:
         self.fetch = fetch
         self.scrape_errors: dict[str, str] = {}
         self._discovery: EngineDiscovery | None = None
+        self.engine_names: dict[str, str] = {}
+        """cgroup -> engine container name, for status and logs."""
+        self._watched: list[tuple[str, ContainerRule]] = []
 
     def discovery(self, rules: RuleSet) -> EngineDiscovery:
         """The engine client for ``engine:`` entries (re-made when the rules move the socket)."""
@@ -140,6 +143,7 @@ class Agent:
         """The watched cgroups: rules' paths with wildcards expanded and engine containers that
         match a selector (with their own labels under the rule's); the first rule wins."""
         out: dict[str, ContainerRule] = {}
+        names: dict[str, str] = {}
         engine = self.discovery(rules).containers() if rules.uses_engine else []
         for c in rules.containers:
             if c.engine_selector is not None:
@@ -147,6 +151,7 @@ class Agent:
                     if matches(ec.labels, c.engine_selector):
                         labels = {**ec.labels, **c.labels}
                         out.setdefault(ec.cgroup, ContainerRule(ec.cgroup, labels, c.spec_cpus))
+                        names.setdefault(ec.cgroup, ec.name)
                 continue
             try:
                 paths = expand_cgroups(self.fs, c.cgroup)
@@ -155,6 +160,7 @@ class Agent:
                 continue
             for cg in paths:
                 out.setdefault(cg, c)
+        self.engine_names = names
         return list(out.items())
 
     def _snapshot(
@@ -203,6 +209,7 @@ class Agent:
         rules = self.rules.current
         self.scrape(rules)
         targets = self.targets(rules)
+        self._watched = targets
         frame = self.collector.collect([cg for cg, _ in targets])
         self.metrics.observe_frame(frame)
         cpu = {cg: m.cpu_cores for cg, m in frame.containers.items() if m.cpu_cores is not None}
@@ -217,6 +224,8 @@ class Agent:
         return snapshot, rules, health
 
     def step(self) -> Decision:
+        for cgroup in self.executor.forget_vanished():
+            log.info("qos: %s is gone (container removed); dropped from the journal", cgroup)
         snapshot, rules, health = self.observe()
         self.metrics.healthy.set(1 if health.ok else 0)
         before = len(self.executor.history)
@@ -326,6 +335,14 @@ class Agent:
             "rules_error": self.rules.last_error,
             "policy": getattr(self.rules.current.policy, "name", None),
             "latency_p95_ms": {a: r.p95_ms for a, r in self._latency.items()},
+            "watched": [
+                {
+                    "cgroup": cg,
+                    "container": self.engine_names.get(cg),
+                    "priority": self.rules.current.priority_of(c.labels),
+                }
+                for cg, c in self._watched
+            ],
             "journal": sorted(self.executor.journal.entries),
             "adjustments": dict(self.executor.counts),
             "last_error": self.last_error,

@@ -106,10 +106,12 @@ class EngineDiscovery:
         try:
             self._last = self.fetch()
         except QosError as exc:
-            if str(exc) != self.last_error:
+            if self.last_error is None:  # once per outage, not every second
                 log.warning("qos: %s; keeping the last %d known containers", exc, len(self._last))
             self.last_error = str(exc)
             return list(self._last)
+        if self.last_error is not None:
+            log.info("qos: engine daemon at %s is back", self.socket_path)
         self.last_error = None
         return list(self._last)
 

@@ -233,6 +233,16 @@ class Executor:
                     problems.append(f"{cgroup}: {exc}")
         return problems
 
+    def forget_vanished(self) -> list[str]:
+        """Drop journal entries of cgroups that no longer exist (their container was removed)."""
+        gone = []
+        with self._lock:
+            for cgroup in list(self.journal.entries):
+                if not self.fs.exists(cgroup):
+                    self.journal.forget(cgroup)
+                    gone.append(cgroup)
+        return gone
+
     def adopt(self) -> tuple[list[str], list[str]]:
         """After a restart: keep recorded changes still in place, drop those someone overwrote."""
         adopted, dropped = [], []
