@@ -163,7 +163,19 @@ def test_cli_and_sigkilled_daemon_restart(
             "echo q; sleep 1; exit 5",
         )
         assert r.returncode == 0, r.stderr
-        r = _cli(engine_settings, "run", "-d", "--name", "long", bb, "--", "sleep", "300")
+        r = _cli(
+            engine_settings,
+            "run",
+            "-d",
+            "--name",
+            "long",
+            "-l",
+            "tier=web",
+            bb,
+            "--",
+            "sleep",
+            "300",
+        )
         assert r.returncode == 0, r.stderr
         r = _cli(engine_settings, "rm", "nope")
         assert r.returncode == 1 and r.stderr.startswith("error: no container 'nope'")
@@ -179,6 +191,10 @@ def test_cli_and_sigkilled_daemon_restart(
         assert "exited (3)" in lines["fg"]
         assert "exited (5)" in lines["quick"]
         assert "running" in lines["long"]
+        r = _cli(engine_settings, "ps", "-a", "--label", "tier=web")
+        assert [ln.split()[1] for ln in r.stdout.splitlines()[1:]] == ["long"], r.stdout
+        r = _cli(engine_settings, "ps", "--label", "tier")
+        assert r.returncode == 1 and "expected KEY=VALUE" in r.stderr
         assert _cli(engine_settings, "logs", "quick").stdout == "q\n"
         r = _cli(engine_settings, "exec", "long", "--", "echo", "still-here")
         assert r.stdout == "still-here\n"

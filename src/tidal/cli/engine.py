@@ -158,10 +158,18 @@ def register(app: typer.Typer) -> None:
     def ps(
         all_: bool = typer.Option(False, "--all", "-a", help="also exited containers"),
         as_json: bool = typer.Option(False, "--json"),
+        label: list[str] = typer.Option(
+            [], "--label", "-l", help="only containers with this KEY=VALUE label (repeatable)"
+        ),
     ) -> None:
-        """List containers."""
+        """List containers (running ones unless --all)."""
+        want = dict(parse_labels(label))
         with _client() as client:
-            recs = [r for r in client.list_all() if all_ or r.status == "running"]
+            recs = [
+                r
+                for r in client.list_all()
+                if (all_ or r.status == "running") and want.items() <= dict(r.spec.labels).items()
+            ]
         if as_json:
             out.print_json(json.dumps([r.to_json() for r in recs]))
             return
