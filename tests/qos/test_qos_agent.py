@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tidal.errors import QosError
 from tidal.qos.agent import Agent
 from tidal.qos.cgroupfs import CpuLimits
 from tidal.qos.fake import FakeCgroupV1Fs, FakeClock, FakeNodeProbe
@@ -245,3 +247,19 @@ def test_wildcard_rules_cover_every_engine_container(tmp_path: Path, fs: FakeCgr
     finally:
         a.stop()
     assert fs.read_cpu("tidal/c1").shares == 1024
+
+
+def test_taken_api_port_is_a_clear_error_before_anything_starts(
+    tmp_path: Path, fs: FakeCgroupV1Fs, rules_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = QosSettings(
+            rules_file=rules_path, state_dir=tmp_path / "state", api_port=port, watchdog=False
+        )
+        agent = Agent(settings, fs=fs, node_probe=FakeNodeProbe())
+        with pytest.raises(QosError, match=f"cannot listen on 127.0.0.1:{port}: Address already"):
+            agent.start()
+        assert agent.stop() == []  # nothing was started; stop is harmless

@@ -228,3 +228,10 @@ def test_bind_counts_owned_placements_at_once() -> None:
         assert "409" in post(srv, "bind", args).json()["Error"]
     finally:
         srv.stop()
+
+
+def test_taken_port_is_a_clear_error() -> None:
+    with ExtenderServer(ViewStore(view(0)), "127.0.0.1", 0) as first:
+        port = first.server_address[1]
+        with pytest.raises(SchedError, match=f"cannot listen on 127.0.0.1:{port}"):
+            ExtenderServer(ViewStore(view(0)), "127.0.0.1", port)

@@ -274,14 +274,15 @@ class Agent:
             )
 
     def start(self, *, serve_api: bool = True, recover: str = "restore") -> None:
+        if serve_api:  # bind first: a taken port fails before anything else has started
+            from tidal.qos.api import ApiServer
+
+            self._api = ApiServer(self, self.settings.api_host, self.settings.api_port)
         self.recover(recover)
         self.executor.journal.save("running")
         if self.settings.watchdog:
             self._watchdog = spawn_watchdog(self.settings.resolved_state_dir(), self.fs)
-        if serve_api:
-            from tidal.qos.api import ApiServer
-
-            self._api = ApiServer(self, self.settings.api_host, self.settings.api_port)
+        if self._api is not None:
             self._api.start()
         self._thread = threading.Thread(target=self._loop, name="qos-agent", daemon=True)
         self._thread.start()

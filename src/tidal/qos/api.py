@@ -122,7 +122,11 @@ class _Handler(BaseHTTPRequestHandler):
 class ApiServer:
     def __init__(self, agent: Agent, host: str, port: int) -> None:
         handler = type("Handler", (_Handler,), {"agent": agent})
-        self.server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except (OSError, OverflowError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise QosError(f"the QoS API cannot listen on {host}:{port}: {why}") from None
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever,
@@ -140,6 +144,7 @@ class ApiServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a loop never started
+            self.server.shutdown()
+            self._thread.join(timeout=5)
         self.server.server_close()
-        self._thread.join(timeout=5)

@@ -428,7 +428,11 @@ class ExtenderServer(ThreadingHTTPServer):
         port: int = 0,
         binder: Binder | None = None,
     ) -> None:
-        super().__init__((host, port), _Handler)
+        try:
+            super().__init__((host, port), _Handler)
+        except (OSError, OverflowError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise SchedError(f"the extender cannot listen on {host}:{port}: {why}") from None
         self.store = store
         self.binder = binder
         self._thread: threading.Thread | None = None
