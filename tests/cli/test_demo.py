@@ -44,3 +44,16 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "error:" in proc.stderr and "nope" in proc.stderr
+
+
+def test_error_text_is_printed_verbatim_not_as_markup(tmp_path: Path) -> None:
+    """Messages name settings as ``[engine] ...``; rich must not eat them as markup tags."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli.main", "ps"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TIDAL_ENGINE__RUNTIME": "[bold]nope", "TIDAL_DATA_ROOT": str(tmp_path)},
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: [engine] runtime '[bold]nope': choose runc or crun" in proc.stderr

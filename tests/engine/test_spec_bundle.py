@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tidal.engine.bundle import (
@@ -213,3 +215,23 @@ def test_validation_messages() -> None:
         )
     with pytest.raises(ConfigError, match="name"):
         ContainerSpec(image="/i", name="bad name!")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"runtime": "docker"}, "runtime 'docker': choose runc or crun"),
+        ({"lxcfs": "maybe"}, "lxcfs 'maybe'"),
+        ({"subnet": "10.0.0.0/33"}, "subnet '10.0.0.0/33'"),
+        ({"subnet": "fd00::/64"}, "IPv4"),
+        ({"bridge": "a-very-long-bridge-name"}, "1-15 characters"),
+        ({"cgroup_parent": "/abs/../x"}, "cgroup_parent"),
+        ({"stop_timeout_s": -1.0}, "must not be negative"),
+    ],
+)
+def test_engine_settings_are_checked_at_load(changes: dict[str, object], message: str) -> None:
+    from tidal.engine.settings import EngineSettings
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        EngineSettings(**changes)  # type: ignore[arg-type]
+    assert str(info.value).startswith("[engine]")

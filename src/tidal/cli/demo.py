@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tidal.blobs.distribution import pull_image, push_image
@@ -87,7 +88,7 @@ def _step(
     name: str, timings: list[tuple[str, float, str]], detail: str = ""
 ) -> Iterator[list[str]]:
     note: list[str] = [detail]
-    err.print(f"[bold]>>[/] {name} ...", markup=True)
+    err.print(f"[bold]>>[/] {escape(name)} ...", markup=True)
     t0 = time.perf_counter()
     yield note
     timings.append((name, time.perf_counter() - t0, note[0]))
@@ -155,7 +156,7 @@ def demo(
                 check=False,
             )
             for line in proc.stdout.splitlines():
-                out.print(f"   [cyan]|[/] {line}", markup=True)
+                out.print(f"   [cyan]|[/] {escape(line)}", markup=True)
             if proc.returncode != 0:
                 raise ConfigError(
                     f"the command in the image failed ({proc.returncode}): {proc.stderr.strip()}"

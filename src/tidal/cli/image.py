@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -72,7 +73,7 @@ class _Steps:
     def step(self, description: str, total_bytes: int | None = None) -> None:
         self._progress.remove_task(self._task)  # a fresh task: rich cannot unset a total
         self._task = self._progress.add_task(description, total=total_bytes)
-        err.print(f"[dim]{description}[/]", highlight=False)
+        err.print(f"[dim]{escape(description)}[/]", highlight=False)
 
     def advance(self, n_bytes: int) -> None:
         self._progress.update(self._task, advance=n_bytes)
@@ -443,13 +444,15 @@ def record(
             f"{image} is a pulled image; record on the local image it was built from, then push"
         )
     argv = list(command or []) or recording.image_command(image)
-    err.print(f"[dim]recording {' '.join(argv)} in {image} (limit {timeout:.0f} s)[/]")
+    err.print(
+        f"[dim]recording {escape(' '.join(argv))} in {escape(str(image))} (limit {timeout:.0f} s)[/]"
+    )
     res = recording.record_trace(
         image,
         argv,
         timeout_s=timeout,
         ready_line=ready_line,
-        on_output=lambda line: err.print(f"   [cyan]|[/] {line}", highlight=False),
+        on_output=lambda line: err.print(f"   [cyan]|[/] {escape(line)}", highlight=False),
     )
     rec = attach_trace(image, res.trace.serialize())
     ended = f"exit {res.exit_code}" if res.ended_by == "exit" else res.ended_by

@@ -12,6 +12,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from tidal.cli import demo as demo_cli
 from tidal.cli import engine as engine_cli
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except TidalError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

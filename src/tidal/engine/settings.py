@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.config import data_root, load_section
+from tidal.errors import ConfigError
 
 DEFAULT_RUNTIME = "runc"
 """runc is the single-tenant default named by the seeds; crun is the faster C alternative."""
@@ -45,6 +48,35 @@ class EngineSettings:
     """``auto`` (use lxcfs when the binary exists), ``on`` or ``off``."""
     upgrade_probe_s: float = DEFAULT_UPGRADE_PROBE_S
     volume_pool_size: int = DEFAULT_VOLUME_POOL_SIZE
+
+    def __post_init__(self) -> None:
+        """Reject a bad setting when the daemon starts, not at the first ``tidal run``."""
+        where = "[engine]"
+        if self.runtime not in ("runc", "crun"):
+            raise ConfigError(f"{where} runtime {self.runtime!r}: choose runc or crun")
+        if self.lxcfs not in ("auto", "on", "off"):
+            raise ConfigError(f"{where} lxcfs {self.lxcfs!r}: choose auto, on or off")
+        try:
+            net = ipaddress.ip_network(self.subnet)
+        except ValueError as exc:
+            raise ConfigError(f"{where} subnet {self.subnet!r}: {exc}") from None
+        if net.version != 4 or net.num_addresses < 4:
+            raise ConfigError(
+                f"{where} subnet {self.subnet!r}: need an IPv4 subnet of /30 or wider"
+            )
+        if not re.fullmatch(r"[a-zA-Z0-9_.-]{1,15}", self.bridge):
+            raise ConfigError(
+                f"{where} bridge {self.bridge!r}: an interface name of 1-15 characters"
+            )
+        if not re.fullmatch(r"[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+)*", self.cgroup_parent):
+            raise ConfigError(
+                f"{where} cgroup_parent {self.cgroup_parent!r}: a relative path such as 'tidal'"
+            )
+        for name in ("default_disk_quota_bytes", "bytes_per_inode", "volume_pool_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where} {name} must not be negative")
+        if self.stop_timeout_s < 0 or self.upgrade_probe_s < 0:
+            raise ConfigError(f"{where} stop_timeout_s and upgrade_probe_s must not be negative")
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "engine"
