@@ -104,6 +104,34 @@ def _build(cls: type[T], table: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+def check_settings(
+    section: str,
+    obj: object,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    ports: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Range checks for a settings dataclass, so a bad value fails at load with its name."""
+    for name in positive:
+        if not getattr(obj, name) > 0:
+            raise ConfigError(f"[{section}] {name} must be positive, got {getattr(obj, name)!r}")
+    for name in non_negative:
+        if not getattr(obj, name) >= 0:
+            raise ConfigError(
+                f"[{section}] {name} must not be negative, got {getattr(obj, name)!r}"
+            )
+    for name in ports:
+        if not 0 <= getattr(obj, name) <= 65535:
+            raise ConfigError(f"[{section}] {name} {getattr(obj, name)} is not a port (0-65535)")
+    for name, allowed in (choices or {}).items():
+        if getattr(obj, name) not in allowed:
+            raise ConfigError(
+                f"[{section}] {name} {getattr(obj, name)!r}: choose one of {', '.join(allowed)}"
+            )
+
+
 def load_section(
     section: str, cls: type[T], path: Path | None = None, env: dict[str, str] | None = None
 ) -> T:

@@ -67,3 +67,42 @@ def test_not_found_is_file_not_found() -> None:
     err = NotFoundError("image foo not found")
     assert isinstance(err, FileNotFoundError) and isinstance(err, TidalError)
     assert str(err) == "image foo not found"
+
+
+@pytest.mark.parametrize(
+    ("section", "env", "message"),
+    [
+        ("blobs", {"FETCH_CONCURRENCY": "0"}, "[blobs] fetch_concurrency must be positive"),
+        ("blobs", {"BACKOFF_MAX_S": "-1"}, "[blobs] backoff_max_s must not be negative"),
+        ("blockdev", {"CODEC": "brotli"}, "[blockdev] codec: unknown codec 'brotli'"),
+        ("blockdev", {"MAX_IO_BYTES": "0"}, "[blockdev] max_io_bytes must be positive"),
+        ("qos", {"API_PORT": "70000"}, "[qos] api_port 70000 is not a port"),
+        ("qos", {"INTERVAL_S": "0"}, "[qos] interval_s must be positive"),
+        ("sched", {"CEILING": "1.5"}, "[sched] ceiling 1.5 must be a fraction"),
+        ("sched", {"PRICE_RATIO": "-2"}, "[sched] price_ratio must be positive"),
+        ("engine", {"LXCFS": "sometimes"}, "[engine] lxcfs 'sometimes': choose one of auto"),
+    ],
+)
+def test_every_part_checks_its_settings_at_load(
+    section: str, env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    from tidal.blobs.settings import BlobSettings
+    from tidal.blockdev.settings import BlockdevSettings
+    from tidal.engine.settings import EngineSettings
+    from tidal.qos.settings import QosSettings
+    from tidal.sched.settings import SchedSettings
+
+    cls = {
+        "blobs": BlobSettings,
+        "blockdev": BlockdevSettings,
+        "engine": EngineSettings,
+        "qos": QosSettings,
+        "sched": SchedSettings,
+    }[section]
+    variables = {f"TIDAL_{section.upper()}__{k}": v for k, v in env.items()}
+    empty = tmp_path / "tidal.toml"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_section(section, cls, empty, variables)
+    assert str(info.value).startswith(message), str(info.value)
+    assert isinstance(load_section(section, cls, empty, {}), cls)  # the defaults pass

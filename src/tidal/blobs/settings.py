@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import data_root, load_section
+from tidal.config import check_settings, data_root, load_section
 
 DEFAULT_CACHE_CAPACITY_BYTES = 10 * 1024**3
 """10 GiB: holds the working set of many images (a container reads ~6 % of its image)."""
@@ -50,6 +50,26 @@ class BlobSettings:
     """The embedded local store; ``None`` means ``$TIDAL_DATA_ROOT/store``."""
     auth_file: Path | None = None
     """Docker-style auth.json; ``None`` means ``$TIDAL_REGISTRY_AUTH`` or ``~/.config/tidal/auth.json``."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "blobs",
+            self,
+            positive=(
+                "fetch_concurrency",
+                "prefetch_concurrency",
+                "max_request_bytes",
+                "retry_attempts",
+                "request_timeout_s",
+                "upload_chunk_bytes",
+            ),
+            non_negative=(
+                "cache_capacity_bytes",
+                "coalesce_gap_bytes",
+                "backoff_initial_s",
+                "backoff_max_s",
+            ),
+        )
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else data_root() / "cache" / "chunks"

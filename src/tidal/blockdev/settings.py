@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tidal.config import load_section
+from tidal.config import check_settings, load_section
+from tidal.errors import ConfigError
+from tidal.image.zfile import Codec
 from tidal.units import MiB
 
 DEFAULT_READY_TIMEOUT_S = 30.0
@@ -41,6 +43,25 @@ class BlockdevSettings:
     would only add its own blocks to every layer. Turn on for long-lived read-write mounts."""
     codec: str = "lz4"
     """ZFile codec of committed layers: lz4 decompresses fastest on the read path."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "blockdev",
+            self,
+            positive=(
+                "ready_timeout_s",
+                "stop_timeout_s",
+                "max_io_bytes",
+                "min_size_bytes",
+                "size_factor",
+                "bytes_per_inode",
+            ),
+            non_negative=("slack_bytes",),
+        )
+        try:
+            Codec.parse(self.codec)
+        except ConfigError as exc:
+            raise ConfigError(f"[blockdev] codec: {exc}") from None
 
 
 def load_settings() -> BlockdevSettings:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import data_root, load_section
+from tidal.config import check_settings, data_root, load_section
 from tidal.errors import ConfigError
 
 DEFAULT_RUNTIME = "runc"
@@ -52,10 +52,18 @@ class EngineSettings:
     def __post_init__(self) -> None:
         """Reject a bad setting when the daemon starts, not at the first ``tidal run``."""
         where = "[engine]"
-        if self.runtime not in ("runc", "crun"):
-            raise ConfigError(f"{where} runtime {self.runtime!r}: choose runc or crun")
-        if self.lxcfs not in ("auto", "on", "off"):
-            raise ConfigError(f"{where} lxcfs {self.lxcfs!r}: choose auto, on or off")
+        check_settings(
+            "engine",
+            self,
+            non_negative=(
+                "default_disk_quota_bytes",
+                "volume_pool_size",
+                "stop_timeout_s",
+                "upgrade_probe_s",
+            ),
+            positive=("bytes_per_inode",),
+            choices={"runtime": ("runc", "crun"), "lxcfs": ("auto", "on", "off")},
+        )
         try:
             net = ipaddress.ip_network(self.subnet)
         except ValueError as exc:
@@ -72,11 +80,6 @@ class EngineSettings:
             raise ConfigError(
                 f"{where} cgroup_parent {self.cgroup_parent!r}: a relative path such as 'tidal'"
             )
-        for name in ("default_disk_quota_bytes", "bytes_per_inode", "volume_pool_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where} {name} must not be negative")
-        if self.stop_timeout_s < 0 or self.upgrade_probe_s < 0:
-            raise ConfigError(f"{where} stop_timeout_s and upgrade_probe_s must not be negative")
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "engine"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import data_root, load_section
+from tidal.config import check_settings, data_root, load_section
 
 DEFAULT_INTERVAL_S = 1.0
 """Collect and decide every second: CPU contention hurts latency within a few CFS periods, and
@@ -34,6 +34,9 @@ class QosSettings:
     engine_socket: Path | None = None
     """The engine daemon's API socket, for rules' ``engine:`` entries; ``None`` means the
     engine's default, ``$TIDAL_DATA_ROOT/engine/engine.sock``."""
+
+    def __post_init__(self) -> None:
+        check_settings("qos", self, positive=("interval_s", "stale_after_s"), ports=("api_port",))
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "qos"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import load_section
+from tidal.config import check_settings, load_section
+from tidal.errors import ConfigError
 
 DEFAULT_PRICE_RATIO = 1.5
 """Serverless costs 1.5x owned capacity per hour in the write-up."""
@@ -37,6 +38,17 @@ class SchedSettings:
     extender_port: int = DEFAULT_EXTENDER_PORT
     resync_interval_s: float = 30.0
     """How often the controller re-reconciles everything even without watch events."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "sched",
+            self,
+            positive=("price_ratio", "train_days", "resync_interval_s"),
+            non_negative=("creation_latency_s",),
+            ports=("extender_port",),
+        )
+        if not 0 < self.ceiling <= 1:
+            raise ConfigError(f"[sched] ceiling {self.ceiling} must be a fraction in (0, 1]")
 
 
 def load_settings(path: Path | None = None) -> SchedSettings:
