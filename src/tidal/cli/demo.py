@@ -102,7 +102,8 @@ def demo(
         None, help="Where to work (default: a new directory under /var/tmp)."
     ),
 ) -> None:
-    """Build a block image from a busybox rootfs, mount it lazily, run a command from it."""
+    """Build a busybox block image, push it to a local CNCF registry, pull it (metadata only),
+    mount it lazily and run a command from it; print each step, its time and what was fetched."""
     if os.geteuid() != 0:
         raise ConfigError("the demo mounts a FUSE block device and a loop device: run it as root")
     work = workdir or Path(tempfile.mkdtemp(prefix="tidal-demo-", dir="/var/tmp"))
