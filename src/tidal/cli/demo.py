@@ -102,8 +102,11 @@ def demo(
         None, help="Where to work (default: a new directory under /var/tmp)."
     ),
 ) -> None:
-    """Build a busybox block image, push it to a local CNCF registry, pull it (metadata only),
-    mount it lazily and run a command from it; print each step, its time and what was fetched."""
+    """Build, push, pull and lazily mount a busybox image; run a command from it.
+
+    The image goes to a CNCF registry started on a loopback port, is pulled back (metadata
+    only) and mounted lazily; each step is printed with its time, and how much was fetched.
+    """
     if os.geteuid() != 0:
         raise ConfigError("the demo mounts a FUSE block device and a loop device: run it as root")
     work = workdir or Path(tempfile.mkdtemp(prefix="tidal-demo-", dir="/var/tmp"))
