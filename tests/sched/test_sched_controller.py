@@ -212,3 +212,41 @@ def test_unusable_kubeconfig_is_one_clear_error(tmp_path: Path) -> None:
         KubernetesApi.from_kubeconfig(bad)
     with pytest.raises(KubeApiError, match="pass --kubeconfig"):
         KubernetesApi.from_kubeconfig(tmp_path / "missing")
+
+
+def test_replica_history_is_bounded_and_survives_a_restart(
+    cluster: FakeKube, tmp_path: Path
+) -> None:
+    h = ReplicaHistory(max_minutes=5)
+    for minute in range(100, 108):
+        h.record(minute, float(minute))
+    assert (h.start_minute, h.counts) == (103, [103.0, 104.0, 105.0, 106.0, 107.0])
+    h.record(90, 1.0)  # the clock stepped back: nothing is rewritten
+    h.record(200, 7.0)  # away longer than the bound: a new history
+    assert (h.start_minute, h.counts) == (200, [7.0])
+
+    now = [0.0]
+    cluster.deployments = [deployment()]
+    history_dir = tmp_path / "history"
+    ctl = Controller(api_for(cluster), clock=lambda: now[0], history_dir=history_dir)
+    ctl.reconcile_all()
+    hist = ctl.history["web"]
+    for minute in range(1, MINUTES_PER_DAY + 1):
+        hist.record(minute, 4.0 + 16.0 * (17 * 60 <= minute < 21 * 60))
+    now[0] = (MINUTES_PER_DAY + 1) * 60.0
+    first, _ = ctl.reconcile_all()
+    assert first.thresholds["web"] is not None
+    assert (history_dir / "web.json").exists()
+
+    # a new controller process (same directory) predicts at once, from the saved day
+    again = Controller(api_for(cluster), clock=lambda: now[0] + 60, history_dir=history_dir)
+    second, _ = again.reconcile_all()
+    assert second.thresholds == first.thresholds
+    assert len(again.history["web"].counts) == len(hist.counts) + 1
+
+    # a damaged file is set aside with a warning; the service starts over, nothing crashes
+    (history_dir / "web.json").write_text('{"version": 1, "start_minute": 0, "counts": [-1]}')
+    third = Controller(api_for(cluster), clock=lambda: now[0], history_dir=history_dir)
+    report, _ = third.reconcile_all()
+    assert report.thresholds == {"web": None}
+    assert (history_dir / "web.bad").exists()

@@ -153,7 +153,12 @@ def extender_cmd(
     if watch:
         api = KubernetesApi.from_kubeconfig(kubeconfig)
         server.binder = api  # with --watch the extender can also bind (bindVerb: bind)
-        ctl = Controller(api, settings=settings, store=store)
+        ctl = Controller(
+            api,
+            settings=settings,
+            store=store,
+            history_dir=settings.resolved_state_dir() / "history",
+        )
         worker = threading.Thread(
             target=ctl.run, args=(stop,), name="tidal-controller", daemon=True
         )
@@ -178,7 +183,10 @@ def controller_cmd(
     """Keep pod-deletion-cost annotations and owned-node thresholds of Tidal Deployments current."""
     settings = load_settings()
     ctl = Controller(
-        KubernetesApi.from_kubeconfig(kubeconfig), namespace=namespace, settings=settings
+        KubernetesApi.from_kubeconfig(kubeconfig),
+        namespace=namespace,
+        settings=settings,
+        history_dir=settings.resolved_state_dir() / "history",
     )
     if once:
         report, _ = ctl.reconcile_all()

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tidal.errors import ConfigError, KubeApiError, KubeApiUnavailableError
+from tidal.fsutil import write_json_atomic
 from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore
@@ -422,25 +423,109 @@ def plan_deployment(
 
 @dataclass
 class ReplicaHistory:
-    """Replica counts per minute, as the controller observed them (fill-forward)."""
+    """Replica counts per minute, as the controller observed them (fill-forward).
+
+    Bounded: only the last ``max_minutes`` are kept (the predictor trains on whole recent
+    days), so a controller that runs for months holds a week, not months.
+    """
 
     start_minute: int | None = None
     counts: list[float] = field(default_factory=list)
+    max_minutes: int = 8 * MINUTES_PER_DAY
 
     def record(self, minute: int, replicas: float) -> None:
         if self.start_minute is None:
             self.start_minute = minute
         idx = minute - self.start_minute
+        if idx < 0:
+            return  # the clock stepped back: a minute already past is not rewritten
+        if idx >= len(self.counts) + self.max_minutes:
+            self.start_minute, self.counts = minute, [replicas]  # away longer than we keep
+            return
         if idx < len(self.counts):
             self.counts[idx] = max(self.counts[idx], replicas)
-            return
-        last = self.counts[-1] if self.counts else replicas
-        self.counts.extend([last] * (idx - len(self.counts)))
-        self.counts.append(replicas)
+        else:
+            last = self.counts[-1] if self.counts else replicas
+            self.counts.extend([last] * (idx - len(self.counts)))
+            self.counts.append(replicas)
+        excess = len(self.counts) - self.max_minutes
+        if excess > 0:
+            del self.counts[:excess]
+            self.start_minute += excess
 
     def whole_days(self) -> np.ndarray:
         days = len(self.counts) // MINUTES_PER_DAY
         return np.asarray(self.counts[-days * MINUTES_PER_DAY :] if days else [], dtype=np.float64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "start_minute": self.start_minute, "counts": self.counts}
+
+    @classmethod
+    def from_json(cls, doc: Any, max_minutes: int, where: str) -> ReplicaHistory:
+        """Inverse of :meth:`to_json`; anything else is a :class:`ConfigError` naming ``where``."""
+        ok = (
+            isinstance(doc, dict)
+            and doc.get("version") == 1
+            and isinstance(doc.get("start_minute"), int)
+            and isinstance(doc.get("counts"), list)
+            and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0
+                for c in doc["counts"]
+            )
+        )
+        if not ok:
+            raise ConfigError(f"{where}: not a Tidal replica history (version 1)")
+        hist = cls(doc["start_minute"], [float(c) for c in doc["counts"]], max_minutes)
+        if hist.counts:
+            last = hist.start_minute + len(hist.counts) - 1  # type: ignore[operator]
+            hist.counts.pop()
+            hist.record(last, float(doc["counts"][-1]))  # re-applies the bound
+        return hist
+
+
+class HistoryStore:
+    """Replica histories on disk, one JSON file per service, so a restart keeps its days.
+
+    Written atomically at most once per recorded minute; a file that does not parse is set
+    aside as ``<name>.bad`` with a warning, and that service starts a new history.
+    """
+
+    def __init__(self, directory: Path, max_minutes: int) -> None:
+        self.directory = directory
+        self.max_minutes = max_minutes
+        self._saved_len: dict[str, tuple[int | None, int]] = {}
+
+    def path(self, service: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service) or "_"
+        return self.directory / f"{safe}.json"
+
+    def load(self, service: str) -> ReplicaHistory:
+        path = self.path(service)
+        try:
+            doc = json.loads(path.read_text())
+            hist = ReplicaHistory.from_json(doc, self.max_minutes, str(path))
+        except FileNotFoundError:
+            return ReplicaHistory(max_minutes=self.max_minutes)
+        except (OSError, ValueError, ConfigError) as exc:
+            log.warning("replica history %s is unusable (%s); starting a new one", path, exc)
+            with contextlib.suppress(OSError):
+                path.replace(path.with_suffix(".bad"))
+            return ReplicaHistory(max_minutes=self.max_minutes)
+        self._saved_len[service] = (hist.start_minute, len(hist.counts))
+        return hist
+
+    def save(self, service: str, hist: ReplicaHistory) -> None:
+        """Write if a minute was added since the last write; a failure is logged, not raised."""
+        stamp = (hist.start_minute, len(hist.counts))
+        if self._saved_len.get(service) == stamp:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path(service), hist.to_json())
+        except OSError as exc:
+            log.warning("cannot save replica history of %s: %s", service, exc)
+            return
+        self._saved_len[service] = stamp
 
 
 @dataclass(frozen=True)
@@ -463,7 +548,9 @@ class Controller:
         store: ViewStore | None = None,
         predictor: ThresholdPredictor | None = None,
         clock: Callable[[], float] = time.time,
+        history_dir: Path | None = None,
     ) -> None:
+        """``history_dir``: where replica histories persist (``None``: memory only, tests)."""
         self.api = api
         self.namespace = namespace
         self.settings = settings or SchedSettings()
@@ -471,12 +558,25 @@ class Controller:
         self.predictor = predictor or ThresholdPredictor(price_ratio=self.settings.price_ratio)
         self.clock = clock
         self.history: dict[str, ReplicaHistory] = {}
+        self.history_store = (
+            HistoryStore(history_dir, (self.settings.train_days + 1) * MINUTES_PER_DAY)
+            if history_dir is not None
+            else None
+        )
         self._thresholds: dict[str, int] = {}
         self._owned: dict[str, int] = {}
 
     def _predicted(self, service: str, replicas: float) -> int | None:
-        hist = self.history.setdefault(service, ReplicaHistory())
+        hist = self.history.get(service)
+        if hist is None:
+            if self.history_store is not None:
+                hist = self.history_store.load(service)
+            else:
+                hist = ReplicaHistory(max_minutes=(self.settings.train_days + 1) * MINUTES_PER_DAY)
+            self.history[service] = hist
         hist.record(int(self.clock() // 60), replicas)
+        if self.history_store is not None:
+            self.history_store.save(service, hist)
         days = hist.whole_days()
         if days.size < MINUTES_PER_DAY:
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import check_settings, load_section
+from tidal.config import check_settings, data_root, load_section
 from tidal.errors import ConfigError
 
 DEFAULT_PRICE_RATIO = 1.5
@@ -38,6 +38,8 @@ class SchedSettings:
     extender_port: int = DEFAULT_EXTENDER_PORT
     resync_interval_s: float = 30.0
     """How often the controller re-reconciles everything even without watch events."""
+    state_dir: Path | None = None
+    """Controller state (replica histories); ``None`` means ``$TIDAL_DATA_ROOT/sched``."""
 
     def __post_init__(self) -> None:
         check_settings(
@@ -49,6 +51,9 @@ class SchedSettings:
         )
         if not 0 < self.ceiling <= 1:
             raise ConfigError(f"[sched] ceiling {self.ceiling} must be a fraction in (0, 1]")
+
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else data_root() / "sched"
 
 
 def load_settings(path: Path | None = None) -> SchedSettings:
