@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import time
 from pathlib import Path
 
 
@@ -30,3 +32,22 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, fsync: bool = 
 def write_json_atomic(path: str | os.PathLike[str], doc: object, *, fsync: bool = False) -> None:
     """:func:`write_text_atomic` of ``doc`` as indented JSON with a final newline."""
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n", fsync=fsync)
+
+
+def read_line(fd: int, timeout_s: float) -> str:
+    """The first line a child writes on a pipe (its "ready" report), or what came before the
+    timeout or EOF; never blocks longer than ``timeout_s``. Bytes after the line are dropped."""
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()

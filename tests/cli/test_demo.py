@@ -56,4 +56,4 @@ def test_error_text_is_printed_verbatim_not_as_markup(tmp_path: Path) -> None:
         env={**os.environ, "TIDAL_ENGINE__RUNTIME": "[bold]nope", "TIDAL_DATA_ROOT": str(tmp_path)},
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "error: [engine] runtime '[bold]nope': choose runc or crun" in proc.stderr
+    assert "error: [engine] runtime '[bold]nope': choose one of runc, crun" in proc.stderr

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from tidal.fsutil import write_json_atomic, write_text_atomic
+from tidal.fsutil import read_line, write_json_atomic, write_text_atomic
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -27,3 +29,21 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> N
         write_text_atomic(target, "half" * 1000 + "\udc80")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_read_line_returns_the_first_line_or_what_came_before_timeout_or_eof() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"ready 123\nmore")
+        assert read_line(r, 1.0) == "ready 123"  # the rest of that read is dropped
+        t0 = time.monotonic()
+        assert read_line(r, 0.2) == ""  # nothing more: returns at the timeout
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        os.write(w, b"partial")
+        os.close(w)
+        w = -1
+        assert read_line(r, 1.0) == "partial"  # EOF without a newline
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)

@@ -220,7 +220,7 @@ def test_validation_messages() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"runtime": "docker"}, "runtime 'docker': choose runc or crun"),
+        ({"runtime": "docker"}, "runtime 'docker': choose one of runc, crun"),
         ({"lxcfs": "maybe"}, "lxcfs 'maybe'"),
         ({"subnet": "10.0.0.0/33"}, "subnet '10.0.0.0/33'"),
         ({"subnet": "fd00::/64"}, "IPv4"),

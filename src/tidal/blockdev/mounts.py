@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from tidal.blockdev.fuse_device import DISK_NAME
 from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.config import data_root
 from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalError
-from tidal.fsutil import write_text_atomic
+from tidal.fsutil import read_line, write_text_atomic
 from tidal.image.manifest import Image
 
 log = logging.getLogger(__name__)
@@ -273,7 +272,7 @@ def _start_server(
         os.close(w)
     _SERVERS[proc.pid] = proc
     try:
-        line = _read_line(r, settings.ready_timeout_s)
+        line = read_line(r, settings.ready_timeout_s)
     finally:
         os.close(r)
     if line == "ready":
@@ -286,23 +285,6 @@ def _start_server(
         f"FUSE server for image {image_dir} did not become ready within "
         f"{settings.ready_timeout_s:.0f} s: {why or 'no message'} (log: {log_file})"
     )
-
-
-def _read_line(fd: int, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
 
 
 def _log_tail(path: Path, lines: int = 3) -> str:

@@ -16,7 +16,6 @@ import logging
 import os
 import resource
 import secrets
-import select
 import shutil
 import subprocess
 import sys
@@ -71,6 +70,7 @@ from tidal.errors import (
     OciRuntimeError,
     TidalError,
 )
+from tidal.fsutil import read_line
 
 log = logging.getLogger(__name__)
 MONITOR_READY_TIMEOUT_S = 60.0
@@ -507,7 +507,7 @@ class Engine:
             launch.proc.stdin.write(json.dumps(conf).encode())
             launch.proc.stdin.close()
             launch.proc.wait(timeout=30)  # the first fork returns at once
-            line = _read_line(launch.ready_fd, MONITOR_READY_TIMEOUT_S)
+            line = read_line(launch.ready_fd, MONITOR_READY_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
             launch.abort()
             return {"ok": False, "error": f"monitor did not take its configuration: {exc}"}
@@ -811,23 +811,6 @@ def _host_bounding_caps() -> frozenset[str] | None:
     except OSError:
         pass
     return None
-
-
-def _read_line(fd: int, timeout_s: float) -> str:
-    buf = b""
-    deadline = time.monotonic() + timeout_s
-    while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
 
 
 def _package_root() -> str:
