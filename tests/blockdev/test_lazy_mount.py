@@ -259,6 +259,8 @@ def test_cli_push_pull_mount_stats(
     assert "metadata only" in tidal("image", "pull", ref, str(tmp_path / "p"))
     tidal("image", "mount", str(tmp_path / "p"), str(tmp_path / "mnt"))
     try:
+        # figures exist from the moment the mount is ready, not a second later
+        assert json.loads(tidal("image", "stats", "--json", str(tmp_path / "mnt")))["server_alive"]
         assert (tmp_path / "mnt" / "big" / "a.bin").read_bytes() == FILES["/big/a.bin"]
         _stats(tmp_path / "mnt")
         doc = json.loads(tidal("image", "stats", "--json", str(tmp_path / "mnt")))

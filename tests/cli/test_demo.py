@@ -57,3 +57,18 @@ def test_error_text_is_printed_verbatim_not_as_markup(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "error: [engine] runtime '[bold]nope': choose one of runc, crun" in proc.stderr
+
+
+def test_cli_start_imports_no_heavy_part() -> None:
+    """`tidal ps` must start fast: numpy, FUSE, the registry client and the Kubernetes client
+    are imported by the commands that use them, not by the CLI's entry point."""
+    code = (
+        "import sys, tidal.cli.main\n"
+        "heavy = ['numpy', 'mfusepy', 'kubernetes', 'tidal.blobs.distribution',\n"
+        "         'tidal.blockdev.mounts', 'tidal.sched.simulator', 'matplotlib']\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "", f"imported at CLI start: {proc.stdout.strip()}"

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.blockdev import mounts
+from tidal.blockdev.settings import DEFAULT_RECORD_TIMEOUT_S
 from tidal.config import data_root
 from tidal.errors import ConfigError, MountError, TidalError
 from tidal.image.manifest import Image
 from tidal.image.trace import Trace
 
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = DEFAULT_RECORD_TIMEOUT_S
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Runs as the namespaces' first process: make the mount points, mount the kernel's

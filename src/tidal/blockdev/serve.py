@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     if stats is not None:
+        stats.write()  # before "ready": `tidal image stats` right after the mount has figures
         stats.start()
     status = 0
     try:

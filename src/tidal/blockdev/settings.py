@@ -19,6 +19,8 @@ DEFAULT_MIN_SIZE_BYTES = 64 * MiB
 """Smallest virtual disk the builder makes: room for ext4 metadata on tiny images."""
 DEFAULT_SIZE_FACTOR = 2.0
 """Virtual size = content x factor + slack; holes cost nothing, so generous is free."""
+DEFAULT_RECORD_TIMEOUT_S = 60.0
+"""``tidal image record`` stops the command after this long: a start-up trace, not a run."""
 DEFAULT_SLACK_BYTES = 64 * MiB
 DEFAULT_BYTES_PER_INODE = 8192
 """Half mke2fs's default: root filesystems are full of small files."""

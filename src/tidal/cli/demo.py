@@ -18,22 +18,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tidal.blobs.distribution import pull_image, push_image
-from tidal.blobs.reference import ImageReference
-from tidal.blobs.registries import LocalRegistry, Registry
-from tidal.blobs.registry_client import RegistryClient
-from tidal.blobs.registry_server import REGISTRY_BINARY, RegistryServer
-from tidal.blockdev.builder import build_from_dir
-from tidal.blockdev.mounts import STATS_FILE, find_mount, image_stats, mount_image, unmount
 from tidal.cli.console import err, out
 from tidal.errors import ConfigError
-from tidal.image.manifest import Image
 from tidal.units import format_size
+
+if TYPE_CHECKING:  # the demo imports the image, blobs and blockdev parts when it runs
+    from tidal.blobs.registries import Registry
+    from tidal.blobs.registry_server import RegistryServer
 
 APPLETS = (
     "sh",
@@ -107,6 +104,15 @@ def demo(
     The image goes to a CNCF registry started on a loopback port, is pulled back (metadata
     only) and mounted lazily; each step is printed with its time, and how much was fetched.
     """
+    from tidal.blobs.distribution import pull_image, push_image
+    from tidal.blobs.reference import ImageReference
+    from tidal.blobs.registries import LocalRegistry
+    from tidal.blobs.registry_client import RegistryClient
+    from tidal.blobs.registry_server import REGISTRY_BINARY, RegistryServer
+    from tidal.blockdev.builder import build_from_dir
+    from tidal.blockdev.mounts import mount_image, unmount
+    from tidal.image.manifest import Image
+
     if os.geteuid() != 0:
         raise ConfigError("the demo mounts a FUSE block device and a loop device: run it as root")
     work = workdir or Path(tempfile.mkdtemp(prefix="tidal-demo-", dir="/var/tmp"))
@@ -201,6 +207,8 @@ def demo(
 
 def _fetched_bytes(target: Path) -> int:
     """Bytes the mount's server fetched so far, from statistics written after this call."""
+    from tidal.blockdev.mounts import STATS_FILE, find_mount, image_stats
+
     path = find_mount(target).run_dir / STATS_FILE
     asked = time.time()
     deadline = time.monotonic() + 5

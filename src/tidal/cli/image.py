@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -27,13 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tidal.blobs.chunk_cache import ChunkCache
-from tidal.blobs.distribution import fetch_oci_image, pull_image, push_image
-from tidal.blobs.reference import names_registry
-from tidal.blobs.registries import LocalRegistry, connect, resolve_reference
-from tidal.blobs.settings import load_blob_settings
-from tidal.blockdev import builder, mounts, rawdisk
-from tidal.blockdev import record as recording
+from tidal.blockdev.settings import DEFAULT_RECORD_TIMEOUT_S
 from tidal.cli.console import err, out
 from tidal.config import data_root
 from tidal.errors import ChecksumError, ConfigError, FormatError, ImageNotFoundError
@@ -49,6 +44,9 @@ from tidal.image.manifest import (
 )
 from tidal.image.source import FileSource
 from tidal.units import format_size, parse_size
+
+if TYPE_CHECKING:  # blobs (httpx) and blockdev (FUSE) are imported by the commands using them
+    from tidal.blockdev import builder
 
 app = typer.Typer(
     help="Build, inspect, mount, verify, push and pull Tidal block images.", no_args_is_help=True
@@ -111,6 +109,8 @@ def build(
     ),
 ) -> None:
     """Build a one-layer image from DIR (a copy preserving owners, modes, links, xattrs)."""
+    from tidal.blockdev import builder
+
     with _Steps(f"building {output}") as steps:
         res = builder.build_from_dir(
             src_dir, output, codec=codec, size_bytes=_size_opt(size), progress=steps
@@ -119,6 +119,8 @@ def build(
 
 
 def _looks_like_reference(text: str) -> bool:
+    from tidal.blobs.reference import names_registry
+
     return text.startswith(("docker://", "oci://")) or (
         names_registry(text) and not Path(text).exists()
     )
@@ -143,6 +145,11 @@ def convert(
     The input may come straight from a registry (no local docker needed); with --push the
     result goes back to one.
     """
+    from tidal.blobs.distribution import fetch_oci_image
+    from tidal.blobs.registries import connect, resolve_reference
+    from tidal.blobs.settings import load_blob_settings
+    from tidal.blockdev import builder
+
     settings = load_blob_settings()
     fetched: Path | None = None
     try:
@@ -214,6 +221,8 @@ def mount(
     ),
 ) -> None:
     """Mount IMAGE at DIR through the FUSE block device, a loop device and ext4."""
+    from tidal.blockdev import mounts
+
     wdir = writable_dir or (target.parent / f"{target.name}.writable" if rw else None)
     info = mounts.mount_image(image, target, writable_dir=wdir)
     mode = f"read-write, writable layer {info.writable_dir}" if not info.readonly else "read-only"
@@ -226,6 +235,8 @@ def umount(
     force: bool = typer.Option(False, "--force", help="Detach lazily even if busy."),
 ) -> None:
     """Unmount an image; also cleans up after a FUSE server that died."""
+    from tidal.blockdev import mounts
+
     mounts.unmount(target, force=force)
     out.print(f"unmounted {target.resolve()}")
 
@@ -233,6 +244,8 @@ def umount(
 @app.command("mounts")
 def list_mounts(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the images mounted on this node (and whether their servers live)."""
+    from tidal.blockdev import mounts
+
     found = mounts.list_mounts()
     if as_json:
         typer.echo(json.dumps([json.loads(m.to_json()) for m in found], indent=2))
@@ -250,6 +263,8 @@ def list_mounts(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def gc() -> None:
     """Clean up mounts whose FUSE server died and loop devices no mount owns."""
+    from tidal.blockdev import mounts
+
     cleaned = mounts.cleanup_stale()
     out.print(f"cleaned {len(cleaned)}: {', '.join(cleaned)}" if cleaned else "nothing to clean")
 
@@ -262,6 +277,8 @@ def commit(
     codec: str = typer.Option("lz4", help="Layer compression: lz4, zstd, gzip, none."),
 ) -> None:
     """Commit a writable layer into a new read-only top layer."""
+    from tidal.blockdev import builder
+
     rec = builder.commit_writable(image, writable_dir, output, codec=codec)
     out.print(
         f"committed {short_digest(rec.digest)} ({format_size(rec.size_bytes)}) to {output or image}"
@@ -302,6 +319,8 @@ def export_raw(
     file: Path = typer.Argument(..., help="Raw disk file to write (sparse)."),
 ) -> None:
     """Write the image's virtual disk as a sparse raw file (for e2fsck, debugfs, VMs)."""
+    from tidal.blockdev import rawdisk
+
     with Progress(
         TextColumn("exporting"), BarColumn(), TimeElapsedColumn(), console=err, transient=True
     ) as progress:
@@ -317,6 +336,10 @@ def export_raw(
 
 
 def _push(image: Path, ref_text: str) -> None:
+    from tidal.blobs.distribution import push_image
+    from tidal.blobs.registries import LocalRegistry, connect, resolve_reference
+    from tidal.blobs.settings import load_blob_settings
+
     settings = load_blob_settings()
     ref = resolve_reference(ref_text, settings)
     with (
@@ -357,6 +380,11 @@ def pull(
     Mount the result with `tidal image mount DEST DIR`: it starts at once and fetches only
     the chunks that are read, through the node's chunk cache.
     """
+    from tidal.blobs.chunk_cache import ChunkCache
+    from tidal.blobs.distribution import pull_image
+    from tidal.blobs.registries import LocalRegistry, connect, resolve_reference
+    from tidal.blobs.settings import load_blob_settings
+
     settings = load_blob_settings()
     reference = resolve_reference(ref, settings)
     with contextlib.closing(connect(reference.registry, settings)) as client:
@@ -385,6 +413,8 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="Print the raw statistics document."),
 ) -> None:
     """Show what a mount read and, for a pulled image, fetched: bytes, cache hits, prefetch."""
+    from tidal.blockdev import mounts
+
     doc = mounts.image_stats(target)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -426,7 +456,7 @@ def record(
         None, help="Command to run (after --); default: the image's Entrypoint + Cmd."
     ),
     timeout: float = typer.Option(
-        recording.DEFAULT_TIMEOUT_S, "--timeout", help="Stop recording after this many seconds."
+        DEFAULT_RECORD_TIMEOUT_S, "--timeout", help="Stop recording after this many seconds."
     ),
     ready_line: str = typer.Option(
         None, "--ready-line", help="Stop as soon as an output line contains this text."
@@ -439,6 +469,8 @@ def record(
     arrive before the application asks for them. Servers never exit: end their recording
     with --ready-line or --timeout.
     """
+    from tidal.blockdev import record as recording
+
     if (Path(image) / "origin.json").exists():
         raise ConfigError(
             f"{image} is a pulled image; record on the local image it was built from, then push"

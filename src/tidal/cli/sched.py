@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from tidal.cli.console import err, out
 from tidal.errors import ConfigError
-from tidal.sched.controller import Controller, KubernetesApi, cordon_site
-from tidal.sched.extender import ExtenderServer, ExtenderView, ViewStore
-from tidal.sched.settings import load_settings
-from tidal.sched.simulator import POLICIES, SimConfig, default_pools, simulate
-from tidal.sched.traces import (
-    DEFAULT_LOAD_SCALE,
-    DemandTrace,
-    default_trace_path,
-    load_request_trace,
-    synthetic,
-)
+from tidal.sched.settings import DEFAULT_LOAD_SCALE, POLICIES, load_settings
+
+if TYPE_CHECKING:  # the commands import numpy, kubernetes and the simulator when they run
+    from tidal.sched.extender import ExtenderView
+    from tidal.sched.traces import DemandTrace
 
 app = typer.Typer(
     help="Hybrid scheduler: simulate policies, run the Kubernetes extender and controller.",
@@ -31,6 +25,8 @@ app = typer.Typer(
 
 
 def _trace(spec: str, seed: int, days: int, services: int, load_scale: float) -> DemandTrace:
+    from tidal.sched.traces import default_trace_path, load_request_trace, synthetic
+
     if spec == "synthetic":
         return synthetic(seed=seed, days=days, services=services)
     path = default_trace_path() if spec == "genai" else Path(spec)
@@ -59,6 +55,8 @@ def simulate_cmd(
     ] = None,
 ) -> None:
     """Replay a per-minute demand trace under the four policies and compare their cost."""
+    from tidal.sched.simulator import SimConfig, default_pools, simulate
+
     settings = load_settings()
     names = POLICIES if policy == "all" else (policy,)
     if policy != "all" and policy not in POLICIES:
@@ -111,6 +109,8 @@ def simulate_cmd(
 
 
 def _static_view(thresholds: Path | None) -> ExtenderView:
+    from tidal.sched.extender import ExtenderView
+
     if thresholds is None:
         return ExtenderView()
     import yaml
@@ -143,6 +143,9 @@ def extender_cmd(
     ] = None,
 ) -> None:
     """Serve kube-scheduler's extender API (POST /filter, /prioritize, /preempt) until interrupted."""
+    from tidal.sched.controller import Controller, KubernetesApi
+    from tidal.sched.extender import ExtenderServer, ViewStore
+
     settings = load_settings()
     store = ViewStore(_static_view(thresholds))
     server = ExtenderServer(
@@ -181,6 +184,8 @@ def controller_cmd(
     once: Annotated[bool, typer.Option(help="reconcile once, print what changed, exit")] = False,
 ) -> None:
     """Keep pod-deletion-cost annotations and owned-node thresholds of Tidal Deployments current."""
+    from tidal.sched.controller import Controller, KubernetesApi
+
     settings = load_settings()
     ctl = Controller(
         KubernetesApi.from_kubeconfig(kubeconfig),
@@ -214,5 +219,7 @@ def cordon_cmd(
     undo: Annotated[bool, typer.Option("--undo", help="uncordon instead")] = False,
 ) -> None:
     """Cordon every virtual node of a site in one call (a cloud fault); --undo reverses it."""
+    from tidal.sched.controller import KubernetesApi, cordon_site
+
     names = cordon_site(KubernetesApi.from_kubeconfig(kubeconfig), site, on=not undo)
     out.print(f"{'uncordoned' if undo else 'cordoned'}: {', '.join(names)}")

@@ -15,6 +15,12 @@ DEFAULT_CREATION_LATENCY_S = 60.0
 DEFAULT_CEILING = 0.6
 """Owned servers ran about 60 % at peak in the write-up; more risks the online SLO."""
 DEFAULT_EXTENDER_PORT = 8888
+POLICIES = ("all-owned", "naive-overflow", "tidal", "oracle")
+"""The policies the simulator compares (here, not in the simulator: the CLI's help needs them
+without importing numpy)."""
+DEFAULT_LOAD_SCALE = 20.0
+"""Request traces: busy workers per minute times this are the replica demand (the GenAI trace
+is a sample of about 0.4 busy workers; x20 gives services of tens of replicas)."""
 SERVICE_LABEL = "tidal.io/service"
 """Pod/Deployment label naming the service whose threshold applies."""
 ENABLED_LABEL = "tidal.io/hybrid"

@@ -56,12 +56,12 @@ from tidal.sched.predictor import (
     fit_margin,
     optimal_threshold,
 )
+from tidal.sched.settings import POLICIES
 from tidal.sched.traces import DemandTrace
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
 
-POLICIES = ("all-owned", "naive-overflow", "tidal", "oracle")
 BOUNDS = ("oracle-instant", "tidal-hindsight")
 """Reported beside the policies, never as one: see the module docstring."""
 WRITEUP_PRICE_RATIO = 1.5

@@ -22,13 +22,14 @@ from numpy.typing import NDArray
 
 from tidal.errors import ConfigError, NotFoundError
 from tidal.sched.autoscale import MINUTES_PER_DAY
+from tidal.sched.settings import DEFAULT_LOAD_SCALE
 
 FloatArray = NDArray[np.float64]
 
 DEFAULT_TRACE_NAME = "genai-requests-2024-11.csv"
-DEFAULT_LOAD_SCALE = 20.0
-"""The real trace is a sample (about 0.4 busy workers on average); scaled x20 its peaks need
-tens of replicas, the size of service the hybrid policy is meant for. Shape is unchanged."""
+# DEFAULT_LOAD_SCALE (in settings): the real trace is a sample (about 0.4 busy workers on
+# average); scaled x20 its peaks need tens of replicas, the size of service the hybrid policy is
+# meant for. Shape is unchanged.
 DEFAULT_SMOOTHING_MINUTES = 5
 """Requests may queue a few minutes (image generation is not interactive to the second), so
 demand is the mean busy workers over this window rather than the single-minute spike."""
