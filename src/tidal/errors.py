@@ -147,6 +147,14 @@ class RegistryServerError(RegistryError):
     """The registry process Tidal starts (tests, demo, benchmarks) failed to start or stop."""
 
 
+class P2PError(BlobUnavailableError):
+    """A P2P root or peer could not serve a request; the registry still can."""
+
+
+class PeerUnreachableError(P2PError):
+    """A peer did not answer at all (connection refused, timeout): it is gone from its tree."""
+
+
 # --- tidal.blockdev ------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ class FallbackBlobSource:
         self._lock = threading.Lock()
         self.served_by: dict[str, int] = {s.name: 0 for s in self.sources}
         """Reads answered per source: how much the peers saved the registry."""
+        self.bytes_by: dict[str, int] = {s.name: 0 for s in self.sources}
         self.fallbacks = 0
 
     @property
@@ -87,6 +88,7 @@ class FallbackBlobSource:
                 continue
             with self._lock:
                 self.served_by[s.name] += 1
+                self.bytes_by[s.name] += len(data)
                 self.fallbacks += i
             return data
         raise self._failure(digest, errors)
@@ -118,6 +120,7 @@ class FallbackBlobSource:
                 continue
             with self._lock:
                 self.served_by[s.name] += 1
+                self.bytes_by[s.name] += len(data)
                 self.fallbacks += i
             return data
         if any(isinstance(e, BlobIntegrityError) for e in errors):

@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import cast
 
 from tidal.blobs.cached_source import CachedRangeSource, Prefetch, SourceStats, lazy_source_factory
+from tidal.blobs.chain import FallbackBlobSource
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.local_store import LocalBlobStore
+from tidal.blobs.peer import P2PNode
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registries import LOCAL_SCHEME, Registry, connect
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.settings import BlobSettings, load_blob_settings
 from tidal.blobs.source import BlobSource, ByteRange, copy_blob
-from tidal.errors import BlobError, FormatError, ImageNotFoundError
+from tidal.errors import BlobError, ConfigError, FormatError, ImageNotFoundError
 from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest
 from tidal.image.device import BlockDevice
@@ -189,6 +191,16 @@ def is_pulled_image(image_dir: str | os.PathLike[str]) -> bool:
     return (Path(image_dir) / ORIGIN_FILE).is_file()
 
 
+def _p2p_node(settings: BlobSettings) -> P2PNode | None:
+    """This node's P2P presence for one mount, when ``[blobs] p2p_roots`` names roots."""
+    if not settings.p2p_roots:
+        return None
+    host, _, port = settings.p2p_listen.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"[blobs] p2p_listen {settings.p2p_listen!r}: expected host:port")
+    return P2PNode(list(settings.p2p_roots), host or "0.0.0.0", int(port), settings.p2p_advertise)
+
+
 def open_pulled_image(
     image_dir: str | os.PathLike[str],
     *,
@@ -213,11 +225,19 @@ def open_pulled_image(
             if local
             else ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
         )
-        lazy = LazyImage(Path(image_dir), client.blob_store(origin.repository), cache, settings)
-        lazy.owned_client = client
-        lazy.image.layers()
-        if prefetch and cache is not None:
-            lazy.prefetch_trace()
+        p2p = _p2p_node(settings) if cache is not None else None
+        try:
+            lazy = LazyImage(
+                Path(image_dir), client.blob_store(origin.repository), cache, settings, p2p
+            )
+            lazy.owned_client = client
+            lazy.image.layers()
+            if prefetch and cache is not None:
+                lazy.prefetch_trace()
+        except BaseException:
+            if p2p is not None:
+                p2p.close()
+            raise
     except BaseException:
         client.close()
         raise
@@ -233,21 +253,30 @@ class LazyImage:
         source: BlobSource,
         cache: ChunkCache | None,
         settings: BlobSettings | None = None,
+        p2p: P2PNode | None = None,
     ) -> None:
+        """With ``p2p``, each layer reads through its tree's parent before ``source``, and
+        this node serves what it holds to its children."""
         self.source = source
         self.cache = cache
         self.settings = settings or BlobSettings()
-        self.sources: dict[Digest, CachedRangeSource] = {}
+        self.p2p = p2p
+        self.sources: dict[Digest, CachedRangeSource] = p2p.sources if p2p else {}
+        self.chains: dict[Digest, FallbackBlobSource] = {}
         self.owned_client: Registry | None = None
+        """Closed with this image (set when the image made its own client)."""
         self.prefetches: list[Prefetch] = []
         """Background replays started by :meth:`prefetch_trace`."""
-        """Closed with this image (set when the image made its own client)."""
-        make = lazy_source_factory(source, cache, self.settings)
 
         def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
             if isinstance(source, RegistryBlobStore):
                 source.remember_size(digest, size_bytes)  # the manifest says; no HEAD needed
-            src = make(digest, size_bytes)
+            layer_source: BlobSource = source
+            if p2p is not None:
+                chain = FallbackBlobSource([p2p.link(digest), source])
+                self.chains[digest] = chain
+                layer_source = chain
+            src = lazy_source_factory(layer_source, cache, self.settings)(digest, size_bytes)
             self.sources[digest] = src
             return src
 
@@ -298,6 +327,14 @@ class LazyImage:
         }
         if self.cache is not None:
             doc["cache"] = {**asdict(self.cache.stats), "dir": str(self.cache.root)}
+        if self.p2p is not None:
+            from_peers = sum(c.bytes_by[c.sources[0].name] for c in self.chains.values())
+            from_registry = sum(c.bytes_by[c.sources[-1].name] for c in self.chains.values())
+            doc["p2p"] = {
+                **self.p2p.stats_doc(),
+                "bytes_from_peers": from_peers,
+                "bytes_from_registry": from_registry,
+            }
         return doc
 
     def write_stats(self, path: str | os.PathLike[str]) -> None:
@@ -382,6 +419,8 @@ class LazyImage:
         return started
 
     def close(self) -> None:
+        if self.p2p is not None:
+            self.p2p.close()  # leave the trees before the sources go
         for src in self.sources.values():
             src.close()
         if self.owned_client is not None:

@@ -48,6 +48,13 @@ class BlobSettings:
     """Registry (host[:port]) for references that name none; ``None``: the local store."""
     store_dir: Path | None = None
     """The embedded local store; ``None`` means ``$TIDAL_DATA_ROOT/store``."""
+    p2p_roots: tuple[str, ...] = ()
+    """P2P root nodes (``http://host:port``); empty: no P2P, layers come from the registry."""
+    p2p_listen: str = "0.0.0.0:0"
+    """Where a mount's peer server listens (``host:port``; port 0 picks a free one)."""
+    p2p_advertise: str | None = None
+    """The address other nodes reach this one at; ``None``: the local address towards the
+    first root."""
     auth_file: Path | None = None
     """Docker-style auth.json; ``None`` means ``$TIDAL_REGISTRY_AUTH`` or ``~/.config/tidal/auth.json``."""
 

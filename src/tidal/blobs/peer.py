@@ -1,0 +1,419 @@
+"""A node's chunks served to other nodes, and another node's chunks read as a BlobSource.
+
+:class:`PeerServer` answers ``GET /v1/blobs/<digest>`` with a ``Range`` header for the layers
+of the images this node has mounted. It answers from the node's chunk cache, and on a miss reads
+through its own source chain (its parent peer, then the registry) and caches what it read —
+which makes a miss travel up the layer's tree, as the P2P design wants. Ranges are served
+chunk by chunk as the ZFile index cuts them, so the cache keys on both sides agree.
+
+:class:`PeerBlobSource` is the reading side: a :class:`~tidal.blobs.source.BlobSource` over one
+peer's HTTP API. :class:`PeerLink` wraps the source of a layer's current parent: when the
+parent goes away it tells the layer's root, gets a new parent and tries once more; past that,
+it raises a retryable error and the chain behind it (the registry) answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+from tidal.blobs.cached_source import CachedRangeSource
+from tidal.blobs.p2p import RootClient, RootRing
+from tidal.blobs.source import ByteRange
+from tidal.errors import BlobNotFoundError, P2PError, PeerUnreachableError, TidalError
+from tidal.ids import Digest, short_digest
+from tidal.image.zfile import ZFileReader
+
+log = logging.getLogger("tidal.blobs.peer")
+
+PEER_TIMEOUT_S = 10.0
+"""A parent that cannot serve a request in this long is treated as gone (the registry answers)."""
+MAX_HOPS = 16
+"""A miss may climb this many parents (a fanout-4 tree of 4 billion nodes is 16 deep)."""
+PATH_HEADER = "X-Tidal-P2P-Path"
+"""The nodes a miss has passed through. Parents learnt before a re-parenting can form a loop;
+a node that finds itself on the path refuses at once (the asker's registry answers) instead of
+waiting on its own fetch of the same chunk."""
+_RANGE_RE = re.compile(r"^bytes=(\d+)-(\d+)$")
+_path = threading.local()
+"""The path of the request a peer server is answering in this thread; upstream reads carry it."""
+
+
+class PeerServer(ThreadingHTTPServer):
+    """Serves byte ranges of the layers in ``sources`` (digest -> the node's cached source)."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, sources: Mapping[Digest, CachedRangeSource], host: str = "0.0.0.0", port: int = 0
+    ) -> None:
+        try:
+            super().__init__((host, port), _PeerHandler)
+        except (OSError, OverflowError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise P2PError(f"the P2P peer server cannot listen on {host}:{port}: {why}") from None
+        self.sources = sources
+        self._readers: dict[Digest, ZFileReader] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.self_url = ""
+        """How other nodes name this one (set by :class:`P2PNode`): loop detection."""
+        self.requests = 0
+        self.bytes_served = 0
+        self.loops_refused = 0
+
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> PeerServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="p2p-peer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(timeout=5)
+        self.server_close()
+
+    def _reader(self, digest: Digest, src: CachedRangeSource) -> ZFileReader:
+        with self._lock:
+            reader = self._readers.get(digest)
+        if reader is None:
+            reader = ZFileReader(src, decoded_cache_chunks=0)  # the tail: from the cache
+            with self._lock:
+                self._readers[digest] = reader
+        return reader
+
+    @staticmethod
+    def _chunks(reader: ZFileReader, start: int, end: int) -> list[ByteRange]:
+        """The stored chunks covering ``[start, end)`` exactly, else the range itself (the
+        header and trailer are not cut into chunks)."""
+        wanted = [
+            ByteRange(sp.stored_offset, sp.stored_offset + sp.stored_size)
+            for sp in (reader.span(i) for i in range(reader.chunk_count))
+            if sp.stored_offset < end and sp.stored_offset + sp.stored_size > start
+        ]
+        if not wanted or wanted[0].start != start or wanted[-1].end != end:
+            return [ByteRange(start, end)]
+        return wanted
+
+    def read_range(self, digest: Digest, start: int, end: int, path: tuple[str, ...] = ()) -> bytes:
+        """Bytes ``[start, end)`` of a layer, chunk by chunk: from the cache, or up the tree.
+
+        ``path``: the nodes the request came through. Reads happen in this thread, so upstream
+        requests carry the path plus this node; a loop or a path past :data:`MAX_HOPS` is
+        served from the cache only.
+        """
+        src = self.sources.get(digest)
+        if src is None:
+            raise BlobNotFoundError(f"this node serves no layer {short_digest(digest)}")
+        if not 0 <= start < end <= src.size_bytes:
+            raise P2PError(f"range [{start}, {end}) is outside blob {short_digest(digest)}")
+        looped = bool(self.self_url) and self.self_url in path
+        cached_only = looped or len(path) >= MAX_HOPS
+        with self._lock:
+            reader = self._readers.get(digest)
+        _path.value = (*path, self.self_url)  # before any read: opening the reader reads too
+        try:
+            if reader is None and not cached_only:
+                reader = self._reader(digest, src)
+            wanted = self._chunks(reader, start, end) if reader else [ByteRange(start, end)]
+            if cached_only and not (reader and all(src.is_cached(r) for r in wanted)):
+                with self._lock:
+                    self.loops_refused += 1
+                why = "this node is on the request's path" if looped else f"{len(path)} hops"
+                raise P2PError(f"{why}: serving cached chunks only (stale parents form a loop?)")
+            data = b"".join(src.read_at(r.start, r.length) for r in wanted)
+        finally:
+            _path.value = ()
+        with self._lock:
+            self.requests += 1
+            self.bytes_served += len(data)
+        return data
+
+
+class _PeerHandler(BaseHTTPRequestHandler):
+    server: PeerServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("p2p peer: " + format, *args)
+
+    def _error(self, status: int, message: str) -> None:
+        body = message.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _target(self) -> tuple[Digest, CachedRangeSource] | None:
+        prefix = "/v1/blobs/"
+        digest = Digest(self.path[len(prefix) :]) if self.path.startswith(prefix) else None
+        src = self.server.sources.get(digest) if digest else None
+        if digest is None or src is None:
+            self._error(404, f"no layer {self.path} on this node")
+            return None
+        return digest, src
+
+    def do_HEAD(self) -> None:
+        target = self._target()
+        if target is not None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(target[1].size_bytes))
+            self.end_headers()
+
+    def do_GET(self) -> None:
+        target = self._target()
+        if target is None:
+            return
+        m = _RANGE_RE.match(self.headers.get("Range") or "")
+        if m is None:
+            self._error(416, "a Range: bytes=START-END header is required")
+            return
+        start, end = int(m.group(1)), int(m.group(2)) + 1
+        path = tuple(p for p in (self.headers.get(PATH_HEADER) or "").split(",") if p)
+        try:
+            data = self.server.read_range(target[0], start, end, path)
+        except TidalError as exc:
+            log.warning("p2p peer: cannot serve [%d, %d) of %s: %s", start, end, target[0], exc)
+            self._error(503, str(exc))
+            return
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{target[1].size_bytes}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class PeerBlobSource:
+    """Another node's layers, read over its :class:`PeerServer` API."""
+
+    supports_ranges = True
+    is_remote = True
+
+    def __init__(self, url: str, timeout_s: float = PEER_TIMEOUT_S) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(timeout=timeout_s)
+
+    @property
+    def name(self) -> str:
+        return f"peer {self.url}"
+
+    def _unavailable(self, what: str, why: object) -> P2PError:
+        return P2PError(f"{self.name}: {what} failed ({why})")
+
+    def _unreachable(self, what: str, exc: httpx.HTTPError) -> P2PError:
+        if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException)):
+            return PeerUnreachableError(f"{self.name}: {what} failed ({exc})")
+        return self._unavailable(what, exc)
+
+    def size(self, digest: Digest) -> int:
+        try:
+            resp = self._http.head(f"{self.url}/v1/blobs/{digest}")
+        except httpx.HTTPError as exc:
+            raise self._unreachable("HEAD", exc) from None
+        if resp.status_code == 404:
+            raise BlobNotFoundError(f"{self.name} has no blob {short_digest(digest)}")
+        if resp.status_code != 200:
+            raise self._unavailable("HEAD", f"status {resp.status_code}")
+        return int(resp.headers["Content-Length"])
+
+    def has(self, digest: Digest) -> bool:
+        try:
+            self.size(digest)
+        except BlobNotFoundError:
+            return False
+        return True
+
+    def read(self, digest: Digest, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        try:
+            resp = self._http.get(
+                f"{self.url}/v1/blobs/{digest}",
+                headers={
+                    "Range": f"bytes={start}-{end - 1}",
+                    PATH_HEADER: ",".join(getattr(_path, "value", ())),
+                },
+            )
+        except httpx.HTTPError as exc:
+            raise self._unreachable(f"GET [{start}, {end})", exc) from None
+        if resp.status_code == 404:
+            raise BlobNotFoundError(f"{self.name} has no blob {short_digest(digest)}")
+        if resp.status_code != 206 or len(resp.content) != end - start:
+            raise self._unavailable(
+                f"GET [{start}, {end})", f"status {resp.status_code}, {len(resp.content)} bytes"
+            )
+        return resp.content
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class PeerLink:
+    """The current parent of one layer in its tree, re-parented through the root on failure.
+
+    With no parent (this node is the tree's first member, or the root is away) every read is
+    a retryable miss, so the chain's next source (the registry) answers.
+    """
+
+    supports_ranges = True
+    is_remote = True
+
+    def __init__(
+        self,
+        digest: Digest,
+        node_url: str,
+        roots: RootClient,
+        peer_factory: Callable[[str], PeerBlobSource] = PeerBlobSource,
+    ) -> None:
+        self.digest = digest
+        self.node_url = node_url
+        self.roots = roots
+        self._factory = peer_factory
+        self._lock = threading.Lock()
+        self.parent: PeerBlobSource | None = None
+        self.reparents = 0
+        self.joined = False
+        try:
+            self._set(self.roots.join(digest, node_url))
+            self.joined = True
+        except P2PError as exc:
+            log.warning("p2p: %s; reading %s from the registry", exc, short_digest(digest))
+
+    @property
+    def name(self) -> str:
+        return f"p2p tree of {short_digest(self.digest)}"
+
+    def _set(self, url: str | None) -> None:
+        old, self.parent = self.parent, (self._factory(url) if url else None)
+        if old is not None:
+            old.close()
+
+    def _current(self) -> PeerBlobSource:
+        with self._lock:
+            if self.parent is None:
+                raise P2PError(f"{self.name}: this node is the tree's first member")
+            return self.parent
+
+    def _reparent(self, dead: PeerBlobSource) -> None:
+        with self._lock:
+            if self.parent is not dead:
+                return  # another thread already moved on
+            try:
+                new = self.roots.report_dead(self.digest, dead.url, self.node_url)
+            except P2PError as exc:
+                log.warning("p2p: %s", exc)
+                new = None
+            log.info(
+                "p2p: parent %s of %s is gone; new parent %s",
+                dead.url,
+                short_digest(self.digest),
+                new,
+            )
+            self._set(new)
+            self.reparents += 1
+
+    def size(self, digest: Digest) -> int:
+        return self._current().size(digest)
+
+    def has(self, digest: Digest) -> bool:
+        try:
+            return self._current().has(digest)
+        except P2PError:
+            return False
+
+    def read(self, digest: Digest, start: int, end: int) -> bytes:
+        """From the parent; a parent that does not answer is reported and replaced (once).
+
+        A parent that answers but cannot serve (its own upstream failed, or it no longer
+        holds the layer) stays; this read goes to the registry instead.
+        """
+        for _ in range(2):
+            peer = self._current()
+            try:
+                return peer.read(digest, start, end)
+            except PeerUnreachableError:
+                self._reparent(peer)
+            except BlobNotFoundError as exc:
+                raise P2PError(str(exc)) from None
+        raise P2PError(f"{self.name}: no parent could serve [{start}, {end})")
+
+    def close(self) -> None:
+        with self._lock:
+            if self.joined:
+                try:
+                    self.roots.leave(self.digest, self.node_url)
+                except P2PError as exc:
+                    log.info("p2p: %s", exc)
+            self._set(None)
+
+
+def advertised_host(roots: list[str], configured: str | None) -> str:
+    """The address other nodes reach this one at: the configured one, else the local address
+    of the route to the first root (what a multi-homed node would pick for that network)."""
+    if configured:
+        return configured
+    first = httpx.URL(roots[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((first.host, first.port or 80))  # UDP: no packet is sent
+        except OSError as exc:
+            raise P2PError(f"no route to the P2P root {roots[0]}: {exc.strerror or exc}") from None
+        return str(probe.getsockname()[0])
+
+
+class P2PNode:
+    """This node's part in P2P for one lazily mounted image: a peer server for its layers and a
+    :class:`PeerLink` per layer, closed (leaving the trees) with the image."""
+
+    def __init__(
+        self,
+        roots: list[str],
+        listen_host: str = "0.0.0.0",
+        listen_port: int = 0,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.roots = RootClient(RootRing(roots))
+        self.sources: dict[Digest, CachedRangeSource] = {}
+        try:
+            self.server = PeerServer(self.sources, listen_host, listen_port)
+            host = advertised_host(roots, advertise_host)
+        except BaseException:
+            self.roots.close()
+            raise
+        self.url = f"http://{host}:{self.server.port()}"
+        self.server.self_url = self.url
+        self.links: dict[Digest, PeerLink] = {}
+        self.server.start()
+
+    def link(self, digest: Digest) -> PeerLink:
+        if digest not in self.links:
+            self.links[digest] = PeerLink(digest, self.url, self.roots)
+        return self.links[digest]
+
+    def stats_doc(self) -> dict[str, object]:
+        return {
+            "node": self.url,
+            "parents": {d: (ln.parent.url if ln.parent else None) for d, ln in self.links.items()},
+            "reparents": sum(ln.reparents for ln in self.links.values()),
+            "served_requests": self.server.requests,
+            "served_bytes": self.server.bytes_served,
+            "loops_refused": self.server.loops_refused,
+        }
+
+    def close(self) -> None:
+        """Leave every tree first (children re-parent at once), then stop serving."""
+        for ln in self.links.values():
+            ln.close()
+        self.server.stop()
+        self.roots.close()

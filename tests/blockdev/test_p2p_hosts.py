@@ -1,0 +1,194 @@
+"""P2P across hosts: network namespaces on a bridge, the CNCF registry, a root, lazy mounts.
+
+Three "hosts" (network namespaces with their own data root and chunk cache) pull the same image
+(metadata only) and mount it lazily with ``[blobs] p2p_roots`` set. The first to read a file
+fetches it from the registry; the others get every chunk from a peer (the registry sees nothing
+more); when the first host's mount goes away, a host whose parent it was is re-parented and
+still reads correct bytes. Commands run with ``nsenter --net`` so the mounts stay in this
+mount namespace and the test reads them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tidal.blobs.distribution import push_image
+from tidal.blobs.p2p import RootServer
+from tidal.blobs.reference import ImageReference
+from tidal.blobs.registry_client import RegistryClient
+from tidal.blobs.registry_server import RegistryServer
+from tidal.blobs.settings import BlobSettings
+from tidal.blockdev.builder import build_from_dir
+from tidal.cli.demo import make_sample_rootfs
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.fuse,
+    pytest.mark.loop,
+    pytest.mark.registry,
+    pytest.mark.netns,
+]
+
+FILES = {f"/big/{name}.bin": os.urandom(2 << 20) for name in ("a", "b")}
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    address: str
+    root: Path
+    env: dict[str, str]
+
+    def tidal(self, *args: str) -> str:
+        proc = subprocess.run(
+            ["nsenter", f"--net=/var/run/netns/{self.netns}", sys.executable, "-m",
+             "tidal.cli.main", *args],
+            capture_output=True, text=True, timeout=120, env=self.env, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{self.name}: tidal {' '.join(args)}: {proc.stderr}"
+        return proc.stdout
+
+    def p2p_stats(self, target: Path) -> dict:
+        """Fresh figures (the server rewrites them every second)."""
+        time.sleep(1.3)
+        return json.loads(self.tidal("image", "stats", "--json", str(target)))["lazy"]["p2p"]
+
+
+@dataclass
+class Network:
+    bridge: str
+    gateway: str
+    hosts: list[Host]
+
+
+@pytest.fixture
+def network(tmp_path: Path) -> Iterator[Network]:
+    if shutil.which("nsenter") is None:
+        pytest.skip("needs nsenter (util-linux)")
+    tag = uuid.uuid4().hex[:5]
+    subnet = f"10.242.{int(tag[:2], 16)}"
+    bridge = f"tpb{tag}"
+    made: list[str] = []
+    _ip("link", "add", bridge, "type", "bridge")
+    try:
+        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        hosts = []
+        for i in range(1, 4):
+            ns = f"tidal-p2p-{tag}-{i}"
+            _ip("netns", "add", ns)
+            made.append(ns)
+            outside, inside = f"tpv{tag}{i}", f"tpi{tag}{i}"
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            _ip("link", "set", outside, "master", bridge, "up")
+            _ip("link", "set", inside, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{subnet}.{10 + i}/24", "dev", inside)
+            _ip("-n", ns, "link", "set", inside, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            root = tmp_path / f"host{i}"
+            hosts.append(Host(f"host{i}", ns, f"{subnet}.{10 + i}", root, {}))
+        yield Network(bridge, f"{subnet}.1", hosts)
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    make_sample_rootfs(root)
+    for rel, data in FILES.items():
+        path = root / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIDAL_DATA_ROOT", str(tmp_path / "build"))
+        return build_from_dir(root, tmp_path / "image").image_dir
+
+
+def test_hosts_share_chunks_through_the_layer_tree(
+    network: Network, image: Path, tmp_path: Path
+) -> None:
+    gw = network.gateway
+    root = RootServer(gw, 0).start()
+    registry = RegistryServer(host=gw).start()
+    targets: dict[str, Path] = {}
+    hosts = network.hosts
+    try:
+        ref = f"{registry.address}/p2p/app:v1"
+        insecure = BlobSettings(insecure_registries=(registry.address,))
+        with RegistryClient(registry.address, settings=insecure) as client:
+            push_image(image, ImageReference.parse(ref), client)
+        for h in hosts:
+            h.env = {
+                **os.environ,
+                "TIDAL_DATA_ROOT": str(h.root),
+                "TIDAL_BLOBS__P2P_ROOTS": root.url,
+                "TIDAL_BLOBS__INSECURE_REGISTRIES": registry.address,
+            }
+            h.tidal("image", "pull", ref, str(h.root / "pulled"))
+
+        def mount(h: Host) -> Path:
+            target = h.root / "mnt"
+            h.tidal("image", "mount", str(h.root / "pulled"), str(target))
+            targets[h.name] = target
+            return target
+
+        first, second, third = hosts
+        m1 = mount(first)
+        assert (m1 / "big" / "a.bin").read_bytes() == FILES["/big/a.bin"]
+        s1 = first.p2p_stats(m1)
+        assert s1["node"].startswith(f"http://{first.address}:")
+        assert s1["bytes_from_registry"] > len(FILES["/big/a.bin"]) // 2  # random data: ~1:1
+        assert s1["bytes_from_peers"] == 0
+
+        m2, m3 = mount(second), mount(third)
+        for m in (m2, m3):
+            assert (m / "big" / "a.bin").read_bytes() == FILES["/big/a.bin"]
+        s2, s3 = second.p2p_stats(m2), third.p2p_stats(m3)
+        for s in (s2, s3):
+            assert set(s["parents"].values()) == {s1["node"]}  # fanout 4: both under host1
+            assert s["bytes_from_peers"] >= s1["bytes_from_registry"] * 0.9
+            assert s["bytes_from_registry"] < s1["bytes_from_registry"] * 0.1
+        assert first.p2p_stats(m1)["served_bytes"] >= 2 * s2["bytes_from_peers"] * 0.9
+        trees = json.loads(first.tidal("p2p", "trees", root.url, "--json"))
+        assert [h.split("//")[1].split(":")[0] for h in next(iter(trees.values()))] == [
+            h.address for h in hosts
+        ]
+
+        # host1 leaves (unmount): host3 re-parents and reads a file nobody read yet
+        first.tidal("image", "umount", str(m1))
+        del targets[first.name]
+        assert (m3 / "big" / "b.bin").read_bytes() == FILES["/big/b.bin"]
+        s3 = third.p2p_stats(m3)
+        # its parent did not answer: reported to the root, replaced by host2 (now first)
+        assert s3["reparents"] >= 1
+        assert set(s3["parents"].values()) == {s2["node"]}
+        assert s3["bytes_from_registry"] == 0
+    finally:
+        for name, target in targets.items():
+            h = next(h for h in hosts if h.name == name)
+            with contextlib.suppress(AssertionError):
+                h.tidal("image", "umount", "--force", str(target))
+        registry.stop()
+        root.stop()
