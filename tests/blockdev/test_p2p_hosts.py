@@ -30,6 +30,7 @@ from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
 from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
+from tidal.blobs.throttle import BridgeNetwork
 from tidal.blockdev.builder import build_from_dir
 from tidal.cli.demo import make_sample_rootfs
 
@@ -44,12 +45,6 @@ pytestmark = [
 FILES = {f"/big/{name}.bin": os.urandom(2 << 20) for name in ("a", "b")}
 
 
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise AssertionError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-
-
 @dataclass
 class Host:
     name: str
@@ -60,8 +55,7 @@ class Host:
 
     def tidal(self, *args: str) -> str:
         proc = subprocess.run(
-            ["nsenter", f"--net=/var/run/netns/{self.netns}", sys.executable, "-m",
-             "tidal.cli.main", *args],
+            [*BridgeNetwork.net_prefix(self.netns), sys.executable, "-m", "tidal.cli.main", *args],
             capture_output=True, text=True, timeout=120, env=self.env, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, f"{self.name}: tidal {' '.join(args)}: {proc.stderr}"
@@ -73,44 +67,16 @@ class Host:
         return json.loads(self.tidal("image", "stats", "--json", str(target)))["lazy"]["p2p"]
 
 
-@dataclass
-class Network:
-    bridge: str
-    gateway: str
-    hosts: list[Host]
-
-
 @pytest.fixture
-def network(tmp_path: Path) -> Iterator[Network]:
+def network(tmp_path: Path) -> Iterator[tuple[BridgeNetwork, list[Host]]]:
     if shutil.which("nsenter") is None:
         pytest.skip("needs nsenter (util-linux)")
-    tag = uuid.uuid4().hex[:5]
-    subnet = f"10.242.{int(tag[:2], 16)}"
-    bridge = f"tpb{tag}"
-    made: list[str] = []
-    _ip("link", "add", bridge, "type", "bridge")
-    try:
-        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
-        _ip("link", "set", bridge, "up")
+    with BridgeNetwork(uuid.uuid4().hex[:5]) as net:
         hosts = []
         for i in range(1, 4):
-            ns = f"tidal-p2p-{tag}-{i}"
-            _ip("netns", "add", ns)
-            made.append(ns)
-            outside, inside = f"tpv{tag}{i}", f"tpi{tag}{i}"
-            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-            _ip("link", "set", outside, "master", bridge, "up")
-            _ip("link", "set", inside, "netns", ns)
-            _ip("-n", ns, "addr", "add", f"{subnet}.{10 + i}/24", "dev", inside)
-            _ip("-n", ns, "link", "set", inside, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            root = tmp_path / f"host{i}"
-            hosts.append(Host(f"host{i}", ns, f"{subnet}.{10 + i}", root, {}))
-        yield Network(bridge, f"{subnet}.1", hosts)
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+            ns, address = net.add_host()
+            hosts.append(Host(f"host{i}", ns, address, tmp_path / f"host{i}", {}))
+        yield net, hosts
 
 
 @pytest.fixture
@@ -127,13 +93,12 @@ def image(tmp_path: Path) -> Path:
 
 
 def test_hosts_share_chunks_through_the_layer_tree(
-    network: Network, image: Path, tmp_path: Path
+    network: tuple[BridgeNetwork, list[Host]], image: Path
 ) -> None:
-    gw = network.gateway
-    root = RootServer(gw, 0).start()
-    registry = RegistryServer(host=gw).start()
+    net, hosts = network
+    root = RootServer(net.gateway, 0).start()
+    registry = RegistryServer(host=net.gateway).start()
     targets: dict[str, Path] = {}
-    hosts = network.hosts
     try:
         ref = f"{registry.address}/p2p/app:v1"
         insecure = BlobSettings(insecure_registries=(registry.address,))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import zlib
 
 from tidal.errors import RegistryServerError
 
@@ -85,6 +86,78 @@ class ThrottledLink:
             self._up = False
 
     def __enter__(self) -> ThrottledLink:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BridgeNetwork:
+    """Several "hosts" (network namespaces) on one bridge, for multi-host tests and benchmarks.
+
+    The bridge holds ``<prefix>.1`` in the current namespace; :meth:`add_host` gives each
+    namespace ``<prefix>.<10+i>`` on a veth pair, optionally with its outgoing traffic limited
+    to ``rate_mbit`` (a registry behind a slow uplink, while hosts talk at full speed).
+    Run commands inside with :meth:`net_prefix` (``nsenter --net``: the mount namespace stays
+    shared, so a mount made there is visible here). ``close()`` removes everything.
+    """
+
+    def __init__(self, tag: str | None = None) -> None:
+        self.tag = tag or f"{os.getpid() % 100000:05d}"
+        self.bridge = f"tbr{self.tag}"[:15]
+        self.prefix = f"10.243.{zlib.crc32(self.tag.encode()) % 250 + 1}"
+        self.gateway = f"{self.prefix}.1"
+        self.hosts: dict[str, str] = {}
+        """netns name -> address."""
+        self._up = False
+
+    def open(self) -> BridgeNetwork:
+        try:
+            _ip("ip", "link", "add", self.bridge, "type", "bridge")
+            self._up = True
+            _ip("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            _ip("ip", "link", "set", self.bridge, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_host(self, rate_mbit: float | None = None) -> tuple[str, str]:
+        """A new namespace on the bridge: ``(netns, address)``."""
+        i = len(self.hosts) + 1
+        ns, address = f"tidal-{self.tag}-h{i}", f"{self.prefix}.{10 + i}"
+        outside, inside = f"tbo{self.tag}{i}"[:15], f"tbi{self.tag}{i}"[:15]
+        _ip("ip", "netns", "add", ns)
+        self.hosts[ns] = address
+        _ip("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        _ip("ip", "link", "set", outside, "master", self.bridge, "up")
+        _ip("ip", "link", "set", inside, "netns", ns)
+        _ip("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", inside)
+        _ip("ip", "-n", ns, "link", "set", inside, "up")
+        _ip("ip", "-n", ns, "link", "set", "lo", "up")
+        if rate_mbit is not None:
+            burst_bytes = max(32 * 1024, int(rate_mbit * 1e6 / 8 / 100))
+            _ip("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inside, "root", "tbf",
+                "rate", f"{rate_mbit}mbit", "burst", str(burst_bytes),
+                "latency", f"{TBF_LATENCY_MS}ms")  # fmt: skip
+        return ns, address
+
+    @staticmethod
+    def net_prefix(netns: str) -> list[str]:
+        """Prepend to a command to run it in ``netns``'s network (and only there)."""
+        return ["nsenter", f"--net=/var/run/netns/{netns}"]
+
+    def close(self) -> None:
+        for ns in list(self.hosts):
+            with contextlib.suppress(RegistryServerError):
+                _ip("ip", "netns", "del", ns)  # takes its veth ends with it
+            del self.hosts[ns]
+        if self._up:
+            with contextlib.suppress(RegistryServerError):
+                _ip("ip", "link", "del", self.bridge)
+            self._up = False
+
+    def __enter__(self) -> BridgeNetwork:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
