@@ -288,3 +288,34 @@ def test_peer_source_errors(root: RootServer, layer: tuple) -> None:
     finally:
         link.close()
         link.roots.close()
+
+
+class LyingStore(CountingStore):
+    """Flips every byte of the blob's first half (its tail stays true, so the blob opens):
+    what a broken or hostile peer would serve."""
+
+    def read(self, digest: Digest, start: int, end: int) -> bytes:
+        data = super().read(digest, start, end)
+        return bytes(b ^ 0xFF for b in data) if start < self.size(digest) // 2 else data
+
+
+def test_a_peer_serving_corrupt_chunks_is_skipped(
+    root: RootServer, layer: tuple, tmp_path: Path
+) -> None:
+    store, digest, blob, raw = layer
+    liar_store = LyingStore()
+    liar_store.put_bytes(blob)
+    liar = Node(root.url, liar_store, tmp_path, "liar")
+    honest = Node(root.url, store, tmp_path, "honest")
+    try:
+        bad = liar.open(digest)  # first member: its "registry" lies, and it checks nothing
+        bad.set_check(None)
+        good = honest.open(digest)  # opened through the liar: its tail is read from the store
+        assert honest.p2p.links[digest].parent is not None
+        before = store.bytes_read
+        assert ZFileReader(good).read(0, 4 * CHUNK) == raw[: 4 * CHUNK]
+        assert store.bytes_read - before >= 4 * CHUNK  # the good bytes came from the registry
+        assert good.stats.check_failures >= 1  # the peer's bytes were seen and refused
+    finally:
+        honest.close()
+        liar.close()

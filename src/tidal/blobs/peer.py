@@ -105,6 +105,13 @@ class PeerServer(ThreadingHTTPServer):
             return [ByteRange(start, end)]
         return wanted
 
+    @staticmethod
+    def _is_chunk(reader: ZFileReader, start: int, end: int) -> bool:
+        return any(
+            sp.stored_offset == start and sp.stored_offset + sp.stored_size == end
+            for sp in (reader.span(i) for i in range(reader.chunk_count))
+        )
+
     def read_range(self, digest: Digest, start: int, end: int, path: tuple[str, ...] = ()) -> bytes:
         """Bytes ``[start, end)`` of a layer, chunk by chunk: from the cache, or up the tree.
 
@@ -126,6 +133,15 @@ class PeerServer(ThreadingHTTPServer):
             if reader is None and not cached_only:
                 reader = self._reader(digest, src)
             wanted = self._chunks(reader, start, end) if reader else [ByteRange(start, end)]
+            if (
+                reader is not None
+                and wanted == [ByteRange(start, end)]
+                and not (reader.chunk_count and self._is_chunk(reader, start, end))
+            ):
+                raise P2PError(
+                    f"[{start}, {end}) of {short_digest(digest)} is not whole chunks: "
+                    "headers and trailers come from the registry (a peer's could not be checked)"
+                )
             if cached_only and not (reader and all(src.is_cached(r) for r in wanted)):
                 with self._lock:
                     self.loops_refused += 1
