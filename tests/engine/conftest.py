@@ -132,7 +132,7 @@ def _loops_under(path: Path) -> list[str]:
 
 def _cgroups_under(parent: str) -> list[str]:
     found = []
-    for ctrl in ("memory", "cpu", "pids"):
+    for ctrl in ("memory", "cpu", "pids", "unified"):
         d = Path("/sys/fs/cgroup") / ctrl / parent
         if d.is_dir():
             found += [str(p) for p in d.iterdir() if p.is_dir()]
@@ -224,6 +224,7 @@ def cleanup_engine(eng: Engine) -> None:
         "blkio",
         "hugetlb",
         "systemd",
+        "unified",  # runc also places containers in the v2 hierarchy of a hybrid host
     ):
         d = Path("/sys/fs/cgroup") / ctrl / eng.settings.cgroup_parent
         with contextlib.suppress(OSError):
