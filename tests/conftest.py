@@ -83,3 +83,18 @@ def registry() -> Iterator[RegistryServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_data_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test writes the node's real state: ``$TIDAL_DATA_ROOT`` (default ``/var/lib/tidal``)
+    points into the session's temporary directory unless the caller set it. Subprocesses
+    inherit it; tests that need their own root still set theirs."""
+    if os.environ.get("TIDAL_DATA_ROOT"):
+        yield
+        return
+    os.environ["TIDAL_DATA_ROOT"] = str(tmp_path_factory.mktemp("data-root"))
+    try:
+        yield
+    finally:
+        os.environ.pop("TIDAL_DATA_ROOT", None)
