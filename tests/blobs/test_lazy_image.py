@@ -15,13 +15,13 @@ from tidal.blobs.auth import Credentials
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import (
     LazyImage,
-    is_pulled_image,
     open_pulled_image,
     pull_image,
     push_image,
     read_origin,
 )
 from tidal.blobs.local_store import LocalBlobStore
+from tidal.blobs.pulled import is_pulled_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
 from tidal.blobs.registry_server import RegistryServer

@@ -28,6 +28,7 @@ from tidal.blobs.chain import FallbackBlobSource
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.peer import P2PNode
+from tidal.blobs.pulled import ORIGIN_FILE
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registries import LOCAL_SCHEME, Registry, connect
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
@@ -43,8 +44,6 @@ from tidal.image.merged import resolve
 from tidal.image.oci import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
 from tidal.image.trace import Trace
 from tidal.units import SECTOR_BYTES
-
-ORIGIN_FILE = "origin.json"
 
 
 @dataclass(frozen=True)
@@ -184,11 +183,6 @@ def read_origin(image_dir: str | os.PathLike[str]) -> Origin:
         ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise FormatError(f"{path} is malformed: {exc!r}; pull the image again") from exc
-
-
-def is_pulled_image(image_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``image_dir`` is a pulled (lazy) image rather than one with local blobs."""
-    return (Path(image_dir) / ORIGIN_FILE).is_file()
 
 
 def _p2p_node(settings: BlobSettings) -> P2PNode | None:

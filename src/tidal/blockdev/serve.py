@@ -24,8 +24,9 @@ import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tidal.blobs.distribution import LazyImage, is_pulled_image, open_pulled_image
+from tidal.blobs.pulled import is_pulled_image
 from tidal.blockdev.fuse_device import BlockDeviceFS, serve
 from tidal.errors import TidalError
 from tidal.fsutil import write_json_atomic
@@ -33,6 +34,9 @@ from tidal.image.device import BlockDevice
 from tidal.image.manifest import Image
 from tidal.image.trace import TraceRecorder
 from tidal.image.writable import WritableLayer
+
+if TYPE_CHECKING:
+    from tidal.blobs.distribution import LazyImage
 
 STATS_INTERVAL_S = 1.0
 
@@ -86,6 +90,8 @@ def open_device(image_dir: Path, writable_dir: Path | None) -> Served:
     A pulled image is opened lazily (registry, chunk cache, trace prefetch).
     """
     if is_pulled_image(image_dir):
+        from tidal.blobs.distribution import open_pulled_image  # httpx: only for pulled images
+
         lazy = open_pulled_image(image_dir)
         try:
             return Served(lazy.device(writable_dir), lazy)
