@@ -23,7 +23,8 @@ from tidal.blobs.chain import FallbackBlobSource
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.p2p import LayerTree, RootClient, RootRing, RootServer
-from tidal.blobs.peer import P2PNode, PeerBlobSource, PeerLink, PeerServer
+from tidal.blobs.peer import ChunkIndex, P2PNode, PeerBlobSource, PeerLink, PeerServer
+from tidal.blobs.source import ByteRange
 from tidal.errors import BlobUnavailableError, ConfigError, P2PError, PeerUnreachableError
 from tidal.ids import Digest
 from tidal.image.zfile import ZFileReader, compress_bytes
@@ -319,3 +320,17 @@ def test_a_peer_serving_corrupt_chunks_is_skipped(
     finally:
         honest.close()
         liar.close()
+
+
+def test_chunk_index_cuts_requests_into_whole_chunks(layer: tuple) -> None:
+    store, digest, blob, _ = layer
+    src = CachedRangeSource(store, digest, len(blob), cache=None)
+    index = ChunkIndex(ZFileReader(src, decoded_cache_chunks=0))
+    s, e = index.starts, index.ends
+    assert index.chunks(s[3], e[5]) == [ByteRange(s[i], e[i]) for i in (3, 4, 5)]
+    assert index.chunks(s[0], e[0]) == [ByteRange(s[0], e[0])]
+    assert index.chunks(s[3] + 1, e[5]) is None  # not on a chunk boundary
+    assert index.chunks(s[3], e[5] - 1) is None
+    assert index.chunks(0, s[0]) is None  # the header
+    assert index.chunks(e[-1], len(blob)) is None  # the trailer
+    src.close()

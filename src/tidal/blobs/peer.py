@@ -14,6 +14,7 @@ it raises a retryable error and the chain behind it (the registry) answers.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import socket
@@ -60,7 +61,7 @@ class PeerServer(ThreadingHTTPServer):
             why = getattr(exc, "strerror", None) or exc
             raise P2PError(f"the P2P peer server cannot listen on {host}:{port}: {why}") from None
         self.sources = sources
-        self._readers: dict[Digest, ZFileReader] = {}
+        self._indexes: dict[Digest, ChunkIndex] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.self_url = ""
@@ -83,41 +84,22 @@ class PeerServer(ThreadingHTTPServer):
             self._thread.join(timeout=5)
         self.server_close()
 
-    def _reader(self, digest: Digest, src: CachedRangeSource) -> ZFileReader:
+    def _index(self, digest: Digest, src: CachedRangeSource) -> ChunkIndex:
         with self._lock:
-            reader = self._readers.get(digest)
-        if reader is None:
-            reader = ZFileReader(src, decoded_cache_chunks=0)  # the tail: from the cache
+            index = self._indexes.get(digest)
+        if index is None:
+            index = ChunkIndex(ZFileReader(src, decoded_cache_chunks=0))  # tail: from the cache
             with self._lock:
-                self._readers[digest] = reader
-        return reader
-
-    @staticmethod
-    def _chunks(reader: ZFileReader, start: int, end: int) -> list[ByteRange]:
-        """The stored chunks covering ``[start, end)`` exactly, else the range itself (the
-        header and trailer are not cut into chunks)."""
-        wanted = [
-            ByteRange(sp.stored_offset, sp.stored_offset + sp.stored_size)
-            for sp in (reader.span(i) for i in range(reader.chunk_count))
-            if sp.stored_offset < end and sp.stored_offset + sp.stored_size > start
-        ]
-        if not wanted or wanted[0].start != start or wanted[-1].end != end:
-            return [ByteRange(start, end)]
-        return wanted
-
-    @staticmethod
-    def _is_chunk(reader: ZFileReader, start: int, end: int) -> bool:
-        return any(
-            sp.stored_offset == start and sp.stored_offset + sp.stored_size == end
-            for sp in (reader.span(i) for i in range(reader.chunk_count))
-        )
+                self._indexes[digest] = index
+        return index
 
     def read_range(self, digest: Digest, start: int, end: int, path: tuple[str, ...] = ()) -> bytes:
-        """Bytes ``[start, end)`` of a layer, chunk by chunk: from the cache, or up the tree.
+        """Whole chunks ``[start, end)`` of a layer: from the cache, or up the tree.
 
         ``path``: the nodes the request came through. Reads happen in this thread, so upstream
         requests carry the path plus this node; a loop or a path past :data:`MAX_HOPS` is
-        served from the cache only.
+        served from the cache only. Ranges that are not whole chunks (headers, trailers) are
+        refused: the asker could not check a peer's copy, so those come from the registry.
         """
         src = self.sources.get(digest)
         if src is None:
@@ -127,26 +109,23 @@ class PeerServer(ThreadingHTTPServer):
         looped = bool(self.self_url) and self.self_url in path
         cached_only = looped or len(path) >= MAX_HOPS
         with self._lock:
-            reader = self._readers.get(digest)
-        _path.value = (*path, self.self_url)  # before any read: opening the reader reads too
+            index = self._indexes.get(digest)
+        _path.value = (*path, self.self_url)  # before any read: opening the index reads too
         try:
-            if reader is None and not cached_only:
-                reader = self._reader(digest, src)
-            wanted = self._chunks(reader, start, end) if reader else [ByteRange(start, end)]
-            if (
-                reader is not None
-                and wanted == [ByteRange(start, end)]
-                and not (reader.chunk_count and self._is_chunk(reader, start, end))
-            ):
+            if index is None and not cached_only:
+                index = self._index(digest, src)
+            wanted = index.chunks(start, end) if index is not None else None
+            if index is not None and wanted is None:
                 raise P2PError(
                     f"[{start}, {end}) of {short_digest(digest)} is not whole chunks: "
                     "headers and trailers come from the registry (a peer's could not be checked)"
                 )
-            if cached_only and not (reader and all(src.is_cached(r) for r in wanted)):
+            if cached_only and not (wanted and all(src.is_cached(r) for r in wanted)):
                 with self._lock:
                     self.loops_refused += 1
                 why = "this node is on the request's path" if looped else f"{len(path)} hops"
                 raise P2PError(f"{why}: serving cached chunks only (stale parents form a loop?)")
+            assert wanted is not None
             data = b"".join(src.read_at(r.start, r.length) for r in wanted)
         finally:
             _path.value = ()
@@ -154,6 +133,31 @@ class PeerServer(ThreadingHTTPServer):
             self.requests += 1
             self.bytes_served += len(data)
         return data
+
+
+class ChunkIndex:
+    """Where a ZFile blob's stored chunks lie, for cutting a request into cache-sized pieces."""
+
+    def __init__(self, reader: ZFileReader) -> None:
+        spans = [reader.span(i) for i in range(reader.chunk_count)]
+        self.starts = [sp.stored_offset for sp in spans]
+        self.ends = [sp.stored_offset + sp.stored_size for sp in spans]
+
+    def chunks(self, start: int, end: int) -> list[ByteRange] | None:
+        """The chunks that make up exactly ``[start, end)``, or ``None`` if it is not whole
+        chunks (a binary search, then a walk: requests are a few chunks of thousands)."""
+        i = bisect.bisect_left(self.starts, start)
+        if i == len(self.starts) or self.starts[i] != start:
+            return None
+        out: list[ByteRange] = []
+        while i < len(self.starts) and self.ends[i] <= end:
+            if out and out[-1].end != self.starts[i]:
+                return None  # not contiguous: not what a ZFile writes
+            out.append(ByteRange(self.starts[i], self.ends[i]))
+            if self.ends[i] == end:
+                return out
+            i += 1
+        return None
 
 
 class _PeerHandler(BaseHTTPRequestHandler):
