@@ -18,6 +18,7 @@ Writes benchmarks/results/engine.json. Needs root, runc/crun, loop devices, FUSE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -208,6 +209,9 @@ def main() -> None:
         client.close()
         daemon.close()
         shutil.rmtree(work, ignore_errors=True)
+        for parent in Path("/sys/fs/cgroup").glob("*/tidal-bench"):  # empty by now
+            with contextlib.suppress(OSError):
+                parent.rmdir()
     rows = list(samples.items())
 
     base_p50 = {name: statistics.median(v) for name, v in rows if name.startswith("bare")}
