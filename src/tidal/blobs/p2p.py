@@ -23,13 +23,14 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 from uhashring import HashRing
 
 from tidal.errors import ConfigError, P2PError
+from tidal.httpserve import BackgroundHTTPServer
 from tidal.ids import Digest, parse_digest
 
 log = logging.getLogger("tidal.blobs.p2p")
@@ -187,37 +188,14 @@ class _RootHandler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no route POST {self.path}"})
 
 
-class RootServer(ThreadingHTTPServer):
+class RootServer(BackgroundHTTPServer):
     """A root node: ``start()`` serves in a thread (tests), ``serve_forever()`` blocks (CLI)."""
-
-    daemon_threads = True
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, fanout: int = DEFAULT_FANOUT
     ) -> None:
-        try:
-            super().__init__((host, port), _RootHandler)
-        except (OSError, OverflowError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise P2PError(f"the P2P root cannot listen on {host}:{port}: {why}") from None
+        super().__init__(host, port, _RootHandler, what="the P2P root", error=P2PError)
         self.state = RootState(fanout)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> RootServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="p2p-root", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout=5)
-        self.server_close()
 
 
 class RootClient:

@@ -20,7 +20,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -29,6 +29,7 @@ from tidal.blobs.cached_source import CachedRangeSource
 from tidal.blobs.p2p import RootClient, RootRing
 from tidal.blobs.source import ByteRange
 from tidal.errors import BlobNotFoundError, P2PError, PeerUnreachableError, TidalError
+from tidal.httpserve import BackgroundHTTPServer
 from tidal.ids import Digest, short_digest
 from tidal.image.zfile import ZFileReader
 
@@ -47,42 +48,21 @@ _path = threading.local()
 """The path of the request a peer server is answering in this thread; upstream reads carry it."""
 
 
-class PeerServer(ThreadingHTTPServer):
+class PeerServer(BackgroundHTTPServer):
     """Serves byte ranges of the layers in ``sources`` (digest -> the node's cached source)."""
-
-    daemon_threads = True
 
     def __init__(
         self, sources: Mapping[Digest, CachedRangeSource], host: str = "0.0.0.0", port: int = 0
     ) -> None:
-        try:
-            super().__init__((host, port), _PeerHandler)
-        except (OSError, OverflowError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise P2PError(f"the P2P peer server cannot listen on {host}:{port}: {why}") from None
+        super().__init__(host, port, _PeerHandler, what="the P2P peer server", error=P2PError)
         self.sources = sources
         self._indexes: dict[Digest, ChunkIndex] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self.self_url = ""
         """How other nodes name this one (set by :class:`P2PNode`): loop detection."""
         self.requests = 0
         self.bytes_served = 0
         self.loops_refused = 0
-
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def start(self) -> PeerServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="p2p-peer", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout=5)
-        self.server_close()
 
     def _index(self, digest: Digest, src: CachedRangeSource) -> ChunkIndex:
         with self._lock:

@@ -11,11 +11,11 @@ HTTP status codes appear only in :data:`ERROR_STATUS`.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from tidal.errors import NotFoundError, QosError, TidalError
+from tidal.httpserve import BackgroundHTTPServer
 
 if TYPE_CHECKING:
     from tidal.qos.agent import Agent
@@ -122,18 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
 class ApiServer:
     def __init__(self, agent: Agent, host: str, port: int) -> None:
         handler = type("Handler", (_Handler,), {"agent": agent})
-        try:
-            self.server = ThreadingHTTPServer((host, port), handler)
-        except (OSError, OverflowError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise QosError(f"the QoS API cannot listen on {host}:{port}: {why}") from None
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self.server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="qos-api",
-            daemon=True,
-        )
+        self.server = BackgroundHTTPServer(host, port, handler, what="the QoS API", error=QosError)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -141,10 +130,7 @@ class ApiServer:
         return str(host), int(port)
 
     def start(self) -> None:
-        self._thread.start()
+        self.server.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():  # shutdown() would wait forever for a loop never started
-            self.server.shutdown()
-            self._thread.join(timeout=5)
-        self.server.server_close()
+        self.server.stop()

@@ -33,10 +33,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol, TypedDict
 
 from tidal.errors import SchedError
+from tidal.httpserve import BackgroundHTTPServer
 from tidal.sched.settings import NODE_KIND_LABEL, SERVICE_LABEL, SITE_LABEL
 
 log = logging.getLogger(__name__)
@@ -416,10 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(400, {"Error": str(exc)})
 
 
-class ExtenderServer(ThreadingHTTPServer):
+class ExtenderServer(BackgroundHTTPServer):
     """The HTTP adapter; ``start()`` serves in a thread (tests), ``serve_forever()`` blocks."""
-
-    daemon_threads = True
 
     def __init__(
         self,
@@ -428,29 +427,6 @@ class ExtenderServer(ThreadingHTTPServer):
         port: int = 0,
         binder: Binder | None = None,
     ) -> None:
-        try:
-            super().__init__((host, port), _Handler)
-        except (OSError, OverflowError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise SchedError(f"the extender cannot listen on {host}:{port}: {why}") from None
+        super().__init__(host, port, _Handler, what="the extender", error=SchedError)
         self.store = store
         self.binder = binder
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self.serve_forever, name="tidal-extender", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None

@@ -1,0 +1,59 @@
+"""The small HTTP services' common server: bind errors as Tidal errors, an optional thread.
+
+The QoS API, the scheduler extender, the P2P root and peer servers are all a
+``ThreadingHTTPServer`` that a CLI runs in the foreground and tests or a mount run in a
+thread of their own; this is that once (core: it imports no part of Tidal).
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tidal.errors import TidalError
+
+
+class BackgroundHTTPServer(ThreadingHTTPServer):
+    """``serve_forever()`` blocks (CLI); ``start()`` serves in a daemon thread, ``stop()`` ends
+    either and closes the socket (also when it was never started)."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        what: str,
+        error: type[TidalError],
+    ) -> None:
+        try:
+            super().__init__((host, port), handler)
+        except (OSError, OverflowError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise error(f"{what} cannot listen on {host}:{port}: {why}") from None
+        self._what = what
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> BackgroundHTTPServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.2}, name=self._what, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.shutdown()  # waits for serve_forever: only when it runs
+            self._thread.join(timeout=5)
+        self._thread = None
+        self.server_close()
