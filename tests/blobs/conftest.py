@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -21,3 +22,12 @@ def auth_registry() -> Iterator[RegistryServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def no_leaked_threads() -> Iterator[None]:
+    """Fails a test that leaves a thread running (a cache's fetcher, a server's loop)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert leaked == [], f"threads left running: {leaked}"

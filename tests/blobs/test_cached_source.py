@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,19 +35,12 @@ from tidal.image.source import RandomAccessSource
 from tidal.image.zfile import ZFileReader, compress_bytes
 
 CHUNK = 4096
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> ChunkCache:
     return ChunkCache(tmp_path / "cache", 64 << 20)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
-    assert leaked == [], f"threads left running: {leaked}"
 
 
 class SlowStore(MemoryBlobStore):

@@ -30,6 +30,7 @@ from tidal.ids import Digest
 from tidal.image.zfile import ZFileReader, compress_bytes
 
 CHUNK = 4096
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
 
 class CountingStore(MemoryBlobStore):
@@ -44,14 +45,6 @@ class CountingStore(MemoryBlobStore):
         with self._count:
             self.bytes_read += end - start
         return super().read(digest, start, end)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
-    assert leaked == [], f"threads left running: {leaked}"
 
 
 @pytest.fixture

@@ -10,13 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from tidal.blockdev import ext4, loop, mounts
+from tidal.blockdev.builder import build_from_dir
+from tidal.cli.demo import make_sample_rootfs
 from tidal.errors import TidalError
+
+
+def build_sample_image(work: Path, files: Mapping[str, bytes]) -> Path:
+    """The demo's busybox tree plus ``files`` (paths inside the image), as a one-layer image
+    in ``work/image`` (built with a data root of its own under ``work``)."""
+    root = work / "root"
+    make_sample_rootfs(root)
+    for rel, data in files.items():
+        path = root / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIDAL_DATA_ROOT", str(work / "data"))
+        return build_from_dir(root, work / "image").image_dir
 
 
 def leaked(under: Path) -> list[str]:

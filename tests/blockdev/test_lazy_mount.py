@@ -22,15 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.conftest import build_sample_image
 from tidal.blobs.distribution import pull_image, push_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registries import LocalRegistry, connect
 from tidal.blobs.registry_client import RegistryClient
 from tidal.blobs.registry_server import RegistryServer
 from tidal.blockdev import mounts
-from tidal.blockdev.builder import build_from_dir
 from tidal.blockdev.record import record_trace
-from tidal.cli.demo import make_sample_rootfs
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, attach_trace
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop, pytest.mark.registry]
@@ -42,16 +41,7 @@ TOTAL_BIG = sum(len(v) for v in FILES.values())
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A busybox tree plus four 3 MiB random files, as a one-layer image."""
-    work = tmp_path_factory.mktemp("lazy-src")
-    root = work / "root"
-    make_sample_rootfs(root)
-    for rel, data in FILES.items():
-        path = root / rel.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIDAL_DATA_ROOT", str(work / "data"))
-        return build_from_dir(root, work / "image").image_dir
+    return build_sample_image(tmp_path_factory.mktemp("lazy-src"), FILES)
 
 
 @pytest.fixture

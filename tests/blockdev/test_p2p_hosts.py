@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from blockdev.conftest import build_sample_image
 from tidal.blobs.distribution import push_image
 from tidal.blobs.p2p import RootServer
 from tidal.blobs.reference import ImageReference
@@ -31,8 +32,6 @@ from tidal.blobs.registry_client import RegistryClient
 from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
 from tidal.blobs.throttle import BridgeNetwork
-from tidal.blockdev.builder import build_from_dir
-from tidal.cli.demo import make_sample_rootfs
 
 pytestmark = [
     pytest.mark.root,
@@ -81,15 +80,7 @@ def network(tmp_path: Path) -> Iterator[tuple[BridgeNetwork, list[Host]]]:
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    root = tmp_path / "src"
-    make_sample_rootfs(root)
-    for rel, data in FILES.items():
-        path = root / rel.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIDAL_DATA_ROOT", str(tmp_path / "build"))
-        return build_from_dir(root, tmp_path / "image").image_dir
+    return build_sample_image(tmp_path / "src", FILES)
 
 
 def test_hosts_share_chunks_through_the_layer_tree(
