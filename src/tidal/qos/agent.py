@@ -20,10 +20,10 @@ from tidal.qos.aggregator import Aggregator, SlidingWindow
 from tidal.qos.cgroupfs import CgroupFs, detect_cgroupfs, expand_cgroups
 from tidal.qos.collector import Collector, Frame, Health, NodeProbe, NodeSource, judge_health
 from tidal.qos.command_center import CommandCenter, Decision
-from tidal.qos.discovery import EngineDiscovery, matches
+from tidal.qos.discovery import EngineDiscovery
 from tidal.qos.executor import Executor
 from tidal.qos.metrics import QosMetrics
-from tidal.qos.rules import ContainerRule, RuleSet, RulesFile
+from tidal.qos.rules import ContainerRule, RuleSet, RulesFile, labels_match
 from tidal.qos.scrape import Fetch, http_fetch, parse_metric
 from tidal.qos.settings import QosSettings
 from tidal.qos.snapshot import ContainerView, Event, Snapshot
@@ -148,7 +148,7 @@ class Agent:
         for c in rules.containers:
             if c.engine_selector is not None:
                 for ec in engine:
-                    if matches(ec.labels, c.engine_selector):
+                    if labels_match(ec.labels, c.engine_selector):
                         labels = {**ec.labels, **c.labels}
                         out.setdefault(ec.cgroup, ContainerRule(ec.cgroup, labels, c.spec_cpus))
                         names.setdefault(ec.cgroup, ec.name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,6 @@ def parse_containers(payload: Any, source: str) -> list[EngineContainer]:
         if not cgroup or ".." in cgroup.split("/"):
             raise QosError(f"{source}: container {rec['id']} has an unusable cgroup {cgroup!r}")
     return out
-
-
-def matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 class EngineDiscovery:

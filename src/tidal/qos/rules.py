@@ -116,13 +116,18 @@ class RuleSet:
     def priority_of(self, labels: Mapping[str, str]) -> Priority | None:
         for name in ("online", "offline"):
             selector = self.classes.get(name)
-            if selector and all(labels.get(k) == v for k, v in selector.items()):
+            if selector and labels_match(labels, selector):
                 return name  # type: ignore[return-value]
         return None
 
     def all_rules(self) -> list[Rule]:
         """Policy first, then the filters: later advice refines earlier advice."""
         return ([self.policy] if self.policy else []) + list(self.rules)
+
+
+def labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    """Whether ``labels`` has every ``key: value`` of ``selector`` (an empty one matches all)."""
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def available_rule_types() -> dict[str, RuleFactory]:
