@@ -448,8 +448,11 @@ class ReplicaHistory:
             last = self.counts[-1] if self.counts else replicas
             self.counts.extend([last] * (idx - len(self.counts)))
             self.counts.append(replicas)
+        self._trim()
+
+    def _trim(self) -> None:
         excess = len(self.counts) - self.max_minutes
-        if excess > 0:
+        if excess > 0 and self.start_minute is not None:
             del self.counts[:excess]
             self.start_minute += excess
 
@@ -476,10 +479,7 @@ class ReplicaHistory:
         if not ok:
             raise ConfigError(f"{where}: not a Tidal replica history (version 1)")
         hist = cls(doc["start_minute"], [float(c) for c in doc["counts"]], max_minutes)
-        if hist.counts:
-            last = hist.start_minute + len(hist.counts) - 1  # type: ignore[operator]
-            hist.counts.pop()
-            hist.record(last, float(doc["counts"][-1]))  # re-applies the bound
+        hist._trim()  # a smaller train_days since it was written
         return hist
 
 
@@ -558,10 +558,9 @@ class Controller:
         self.predictor = predictor or ThresholdPredictor(price_ratio=self.settings.price_ratio)
         self.clock = clock
         self.history: dict[str, ReplicaHistory] = {}
+        self._history_minutes = (self.settings.train_days + 1) * MINUTES_PER_DAY
         self.history_store = (
-            HistoryStore(history_dir, (self.settings.train_days + 1) * MINUTES_PER_DAY)
-            if history_dir is not None
-            else None
+            HistoryStore(history_dir, self._history_minutes) if history_dir is not None else None
         )
         self._thresholds: dict[str, int] = {}
         self._owned: dict[str, int] = {}
@@ -572,7 +571,7 @@ class Controller:
             if self.history_store is not None:
                 hist = self.history_store.load(service)
             else:
-                hist = ReplicaHistory(max_minutes=(self.settings.train_days + 1) * MINUTES_PER_DAY)
+                hist = ReplicaHistory(max_minutes=self._history_minutes)
             self.history[service] = hist
         hist.record(int(self.clock() // 60), replicas)
         if self.history_store is not None:
