@@ -7,10 +7,35 @@ thread of their own; this is that once (core: it imports no part of Tidal).
 
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from tidal.errors import TidalError
+
+
+class BodyHandler(BaseHTTPRequestHandler):
+    """A request handler that answers with one whole body (sized, typed) or a JSON document."""
+
+    def send_body(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status: int, payload: Any) -> None:
+        self.send_body(status, json.dumps(payload, default=str).encode())
 
 
 class BackgroundHTTPServer(ThreadingHTTPServer):

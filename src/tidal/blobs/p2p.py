@@ -23,14 +23,13 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 from uhashring import HashRing
 
 from tidal.errors import ConfigError, P2PError
-from tidal.httpserve import BackgroundHTTPServer
+from tidal.httpserve import BackgroundHTTPServer, BodyHandler
 from tidal.ids import Digest, parse_digest
 
 log = logging.getLogger("tidal.blobs.p2p")
@@ -141,30 +140,22 @@ class RootState:
             return {d: list(t.members) for d, t in self.trees.items()}
 
 
-class _RootHandler(BaseHTTPRequestHandler):
+class _RootHandler(BodyHandler):
     server: RootServer
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("p2p root: " + format, *args)
 
-    def _send(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def do_GET(self) -> None:
         if self.path == "/v1/layers":
-            self._send(200, self.server.state.snapshot())
+            self.send_json(200, self.server.state.snapshot())
         else:
-            self._send(404, {"error": f"no route GET {self.path}"})
+            self.send_json(404, {"error": f"no route GET {self.path}"})
 
     def do_POST(self) -> None:
         parts = self.path.strip("/").split("/")
         if len(parts) != 4 or parts[:2] != ["v1", "layers"]:
-            self._send(404, {"error": f"no route POST {self.path}"})
+            self.send_json(404, {"error": f"no route POST {self.path}"})
             return
         try:
             digest = parse_digest(parts[2])
@@ -174,18 +165,18 @@ class _RootHandler(BaseHTTPRequestHandler):
             if not node.startswith(("http://", "https://")):
                 raise ValueError(f"node {node!r} is not an http(s) URL")
         except (ValueError, KeyError, TypeError, ConfigError) as exc:
-            self._send(400, {"error": f"bad request: {exc}"})
+            self.send_json(400, {"error": f"bad request: {exc}"})
             return
         state = self.server.state
         if parts[3] == "join":
-            self._send(200, {"parent": state.join(digest, node)})
+            self.send_json(200, {"parent": state.join(digest, node)})
         elif parts[3] == "leave":
             state.leave(digest, node)
-            self._send(200, {"ok": True})
+            self.send_json(200, {"ok": True})
         elif parts[3] == "dead":
-            self._send(200, {"parent": state.dead(digest, str(body.get("dead", "")), node)})
+            self.send_json(200, {"parent": state.dead(digest, str(body.get("dead", "")), node)})
         else:
-            self._send(404, {"error": f"no route POST {self.path}"})
+            self.send_json(404, {"error": f"no route POST {self.path}"})
 
 
 class RootServer(BackgroundHTTPServer):

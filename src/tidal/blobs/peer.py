@@ -20,7 +20,6 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -29,7 +28,7 @@ from tidal.blobs.cached_source import CachedRangeSource
 from tidal.blobs.p2p import RootClient, RootRing
 from tidal.blobs.source import ByteRange
 from tidal.errors import BlobNotFoundError, P2PError, PeerUnreachableError, TidalError
-from tidal.httpserve import BackgroundHTTPServer
+from tidal.httpserve import BackgroundHTTPServer, BodyHandler
 from tidal.ids import Digest, short_digest
 from tidal.image.zfile import ZFileReader
 
@@ -140,19 +139,14 @@ class ChunkIndex:
         return None
 
 
-class _PeerHandler(BaseHTTPRequestHandler):
+class _PeerHandler(BodyHandler):
     server: PeerServer
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("p2p peer: " + format, *args)
 
     def _error(self, status: int, message: str) -> None:
-        body = message.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_body(status, message.encode(), "text/plain")
 
     def _target(self) -> tuple[Digest, CachedRangeSource] | None:
         prefix = "/v1/blobs/"
@@ -186,12 +180,8 @@ class _PeerHandler(BaseHTTPRequestHandler):
             log.warning("p2p peer: cannot serve [%d, %d) of %s: %s", start, end, target[0], exc)
             self._error(503, str(exc))
             return
-        self.send_response(206)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{target[1].size_bytes}")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        content_range = f"bytes {start}-{end - 1}/{target[1].size_bytes}"
+        self.send_body(206, data, "application/octet-stream", {"Content-Range": content_range})
 
 
 class PeerBlobSource:

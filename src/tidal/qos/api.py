@@ -11,11 +11,10 @@ HTTP status codes appear only in :data:`ERROR_STATUS`.
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from tidal.errors import NotFoundError, QosError, TidalError
-from tidal.httpserve import BackgroundHTTPServer
+from tidal.httpserve import BackgroundHTTPServer, BodyHandler
 
 if TYPE_CHECKING:
     from tidal.qos.agent import Agent
@@ -35,22 +34,12 @@ def _status_for(exc: Exception) -> int:
     return 500
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BodyHandler):
     agent: Agent
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
         return
-
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, obj: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(obj, default=str).encode())
 
     def _route(self, method: str) -> Any:
         a = self.agent
@@ -102,13 +91,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         if method == "GET" and self.path.rstrip("/") == "/metrics":
-            self._send(200, self.agent.metrics.exposition(), "text/plain; version=0.0.4")
+            self.send_body(200, self.agent.metrics.exposition(), "text/plain; version=0.0.4")
             return
         try:
             try:
-                self._json(self._route(method))
+                self.send_json(200, self._route(method))
             except (TidalError, ValueError) as exc:
-                self._json({"error": str(exc), "type": type(exc).__name__}, _status_for(exc))
+                self.send_json(_status_for(exc), {"error": str(exc), "type": type(exc).__name__})
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (e.g. a latency probe's short timeout); nothing to tell it
 

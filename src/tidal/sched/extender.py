@@ -33,11 +33,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol, TypedDict
 
 from tidal.errors import SchedError
-from tidal.httpserve import BackgroundHTTPServer
+from tidal.httpserve import BackgroundHTTPServer, BodyHandler
 from tidal.sched.settings import NODE_KIND_LABEL, SERVICE_LABEL, SITE_LABEL
 
 log = logging.getLogger(__name__)
@@ -351,25 +350,17 @@ def bind(args: ExtenderBindingArgs, binder: Binder, store: ViewStore) -> Extende
     return ExtenderBindingResult(Error="")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BodyHandler):
     server: ExtenderServer
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("extender %s " + fmt, self.address_string(), *args)
 
-    def _reply(self, status: int, body: object) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("healthz"):
-            self._reply(200, {"status": "ok"})
+            self.send_json(200, {"status": "ok"})
         else:
-            self._reply(
+            self.send_json(
                 404, {"Error": f"unknown path {self.path}; POST filter, prioritize or preempt"}
             )
 
@@ -381,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(args, dict):
                 raise ValueError("body is not a JSON object")
         except ValueError as exc:
-            self._reply(400, {"Error": f"request body is not ExtenderArgs JSON: {exc}"})
+            self.send_json(400, {"Error": f"request body is not ExtenderArgs JSON: {exc}"})
             return
         store = self.server.store
         view = store.get()
@@ -391,19 +382,19 @@ class _Handler(BaseHTTPRequestHandler):
                 service = _service(args.get("Pod") or {})
                 if service and pod_meta.get("uid"):
                     store.remember(str(pod_meta["uid"]), service)
-                self._reply(200, filter_nodes(args, view))  # type: ignore[arg-type]
+                self.send_json(200, filter_nodes(args, view))  # type: ignore[arg-type]
             elif verb == "bind" and self.server.binder is not None:
-                self._reply(200, bind(args, self.server.binder, store))  # type: ignore[arg-type]
+                self.send_json(200, bind(args, self.server.binder, store))  # type: ignore[arg-type]
             elif verb == "prioritize":
-                self._reply(200, prioritize(args, view))  # type: ignore[arg-type]
+                self.send_json(200, prioritize(args, view))  # type: ignore[arg-type]
             elif verb == "preempt":
-                self._reply(200, preempt(args, view))  # type: ignore[arg-type]
+                self.send_json(200, preempt(args, view))  # type: ignore[arg-type]
             else:
                 hint = "filter, prioritize, preempt" + (", bind" if self.server.binder else "")
-                self._reply(404, {"Error": f"unknown verb {verb!r}; use {hint}"})
+                self.send_json(404, {"Error": f"unknown verb {verb!r}; use {hint}"})
         except SchedError as exc:
             if verb == "filter":
-                self._reply(
+                self.send_json(
                     200,
                     ExtenderFilterResult(
                         Nodes=None,
@@ -414,7 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
                     ),
                 )
             else:
-                self._reply(400, {"Error": str(exc)})
+                self.send_json(400, {"Error": str(exc)})
 
 
 class ExtenderServer(BackgroundHTTPServer):
