@@ -13,6 +13,9 @@ Tree (parts add their specific classes below their base, in this file)::
     ├── ConfigError                  bad settings or bad user input
     ├── RetryableError (mixin)       transient: a retry may succeed
     ├── NotFoundError                also a FileNotFoundError
+    ├── CgroupError                  core cgroupfs access (tidal.cgroups)
+    │   └── CgroupNotFoundError      no such cgroup or knob (also a FileNotFoundError)
+    ├── ToolError                    an external tool failed (tidal.proc's default)
     ├── ImageError                   tidal.image: formats, layers, manifests
     │   ├── FormatError              bytes that do not parse (magic, version, truncation)
     │   ├── ChecksumError            a chunk or blob failed its checksum/digest
@@ -49,8 +52,6 @@ Tree (parts add their specific classes below their base, in this file)::
     │       └── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
     └── QosError                     tidal.qos
         ├── RuleError                invalid or unloadable rules file
-        ├── CgroupError
-        │   └── CgroupNotFoundError  no such cgroup or knob (also a FileNotFoundError)
         ├── AdjustmentError          a change failed to apply or verify (it was rolled back)
         └── ExperimentError          the co-location experiment could not run
 """
@@ -75,6 +76,21 @@ class NotFoundError(TidalError, FileNotFoundError):
 
     def __str__(self) -> str:  # FileNotFoundError's __str__ mangles single-arg messages
         return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+# --- core: cgroups, external tools -------------------------------------------------------
+
+
+class CgroupError(TidalError):
+    """Reading or writing a cgroup file failed (``tidal.cgroups``, used by engine and QoS)."""
+
+
+class CgroupNotFoundError(CgroupError, NotFoundError):
+    """The cgroup directory or one of its knob files does not exist."""
+
+
+class ToolError(TidalError):
+    """An external tool run by ``tidal.proc`` failed; callers pass a more specific class."""
 
 
 # --- tidal.image ---------------------------------------------------------------------------
@@ -252,14 +268,6 @@ class QosError(TidalError):
 
 class RuleError(QosError, ConfigError):
     """A rules file that does not load or validate."""
-
-
-class CgroupError(QosError):
-    """Reading or writing a cgroup file failed."""
-
-
-class CgroupNotFoundError(CgroupError, NotFoundError):
-    """The cgroup directory or one of its knob files does not exist."""
 
 
 class AdjustmentError(QosError):

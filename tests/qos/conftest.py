@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from tidal.qos.agent import Agent
-from tidal.qos.fake import FakeCgroupV1Fs, FakeClock, FakeNodeProbe
 from tidal.qos.settings import QosSettings
+from tidal.testing.cgroups import FakeCgroupV1Fs
+from tidal.testing.clock import FakeClock
+from tidal.testing.qos import FakeNodeProbe
 
 RULES = """
 version: 1

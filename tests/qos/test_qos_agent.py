@@ -7,11 +7,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tidal.cgroups import CpuLimits
 from tidal.errors import QosError
 from tidal.qos.agent import Agent
-from tidal.qos.cgroupfs import CpuLimits
-from tidal.qos.fake import FakeCgroupV1Fs, FakeClock, FakeNodeProbe
 from tidal.qos.settings import QosSettings
+from tidal.testing.cgroups import FakeCgroupV1Fs
+from tidal.testing.clock import FakeClock
+from tidal.testing.qos import FakeNodeProbe
 
 
 def run(

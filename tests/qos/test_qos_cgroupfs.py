@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tidal.errors import CgroupError, CgroupNotFoundError
-from tidal.qos.cgroupfs import (
+from tidal.cgroups import (
     CpuLimits,
     detect_cgroupfs,
     host_pressure,
@@ -13,7 +12,8 @@ from tidal.qos.cgroupfs import (
     shares_to_weight,
     weight_to_shares,
 )
-from tidal.qos.fake import FakeCgroupV1Fs, FakeCgroupV2Fs
+from tidal.errors import CgroupError, CgroupNotFoundError
+from tidal.testing.cgroups import FakeCgroupV1Fs, FakeCgroupV2Fs
 
 
 @pytest.fixture(params=[1, 2])
@@ -110,7 +110,7 @@ def test_remove_refuses_nothing_on_fake_and_clears_tree(
 
 
 def test_children_and_glob_expansion(tmp_path: Path) -> None:
-    from tidal.qos.cgroupfs import expand_cgroups
+    from tidal.cgroups import expand_cgroups
 
     fs = FakeCgroupV1Fs(tmp_path)
     for cg in ("tidal/c1", "tidal/c2", "tidal/c2/inner", "other/x"):

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from tidal.qos.collector import Collector, NodeProbe, judge_health
-from tidal.qos.fake import FakeCgroupV1Fs, FakeClock, FakeNodeProbe
+from tidal.testing.cgroups import FakeCgroupV1Fs
+from tidal.testing.clock import FakeClock
+from tidal.testing.qos import FakeNodeProbe
 
 
 def test_rates_between_samples(fs: FakeCgroupV1Fs) -> None:

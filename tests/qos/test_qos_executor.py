@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tidal.cgroups import CpuLimits
 from tidal.errors import AdjustmentError, QosError
-from tidal.qos.cgroupfs import CpuLimits
 from tidal.qos.executor import Executor, Values
-from tidal.qos.fake import FakeCgroupV1Fs
 from tidal.qos.watchdog import restore_from_journal, spawn_watchdog, stop_watchdog
+from tidal.testing.cgroups import FakeCgroupV1Fs
 
 SPEC = Values(CpuLimits(), None)
 TIGHT = Values(CpuLimits.from_cores(0.5, shares=2), 256 << 20)
@@ -103,9 +103,9 @@ def test_watchdog_restores_when_the_agent_dies(fs: FakeCgroupV1Fs, tmp_path: Pat
     state = tmp_path / "state"
     code = (
         "import sys, time; from pathlib import Path\n"
-        "from tidal.qos.fake import FakeCgroupV1Fs\n"
+        "from tidal.testing.cgroups import FakeCgroupV1Fs\n"
         "from tidal.qos.executor import Executor, Values\n"
-        "from tidal.qos.cgroupfs import CpuLimits\n"
+        "from tidal.cgroups import CpuLimits\n"
         "from tidal.qos.watchdog import spawn_watchdog\n"
         f"fs = FakeCgroupV1Fs(Path({str(fs.root)!r}))\n"
         f"ex = Executor(fs, Path({str(state)!r})); wd = spawn_watchdog(ex.journal.path.parent, fs)\n"

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from tidal.qos.cgroupfs import CpuLimits
+from tidal.cgroups import CpuLimits
 from tidal.qos.collector import ContainerMetrics, NodeMetrics
 from tidal.qos.command_center import merge_advice
 from tidal.qos.policies import CpuSpike, MemoryGuard, SloFeedback, UtilisationBudget

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidal.qos.cgroupfs import CpuLimits
+from tidal.cgroups import CpuLimits
 from tidal.qos.collector import ContainerMetrics, NodeMetrics
 from tidal.qos.command_center import merge_advice
 from tidal.qos.policies import SloFeedback, UtilisationBudget

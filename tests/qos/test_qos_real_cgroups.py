@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tidal.cgroups import CgroupFs, CpuLimits
 from tidal.errors import AdjustmentError
-from tidal.qos.cgroupfs import CgroupFs, CpuLimits
 from tidal.qos.executor import Executor, Values
 from tidal.qos.experiment.runner import experiment_fs
 

@@ -140,7 +140,7 @@ def events(url: str | None = typer.Option(None, help="Agent API base URL.")) -> 
 @app.command()
 def restore() -> None:
     """Put back every cgroup a (dead) agent changed, from its journal."""
-    from tidal.qos.cgroupfs import detect_cgroupfs
+    from tidal.cgroups import detect_cgroupfs
     from tidal.qos.settings import load_qos_settings
     from tidal.qos.watchdog import restore_from_journal
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidal.cgroups import CgroupFs, detect_cgroupfs, expand_cgroups
 from tidal.errors import CgroupError, QosError, RuleError
 from tidal.qos.aggregator import Aggregator, SlidingWindow
-from tidal.qos.cgroupfs import CgroupFs, detect_cgroupfs, expand_cgroups
 from tidal.qos.collector import Collector, Frame, Health, NodeProbe, NodeSource, judge_health
 from tidal.qos.command_center import CommandCenter, Decision
 from tidal.qos.discovery import EngineDiscovery

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tidal.errors import CgroupError
-from tidal.qos.cgroupfs import (
+from tidal.cgroups import (
     CgroupFs,
     CpuLimits,
     CpuStats,
@@ -25,6 +24,7 @@ from tidal.qos.cgroupfs import (
     cpu_count,
     host_pressure,
 )
+from tidal.errors import CgroupError
 
 
 @dataclass(frozen=True)

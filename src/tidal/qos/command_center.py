@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from tidal.cgroups import CpuLimits
 from tidal.errors import QosError
-from tidal.qos.cgroupfs import CpuLimits
 from tidal.qos.collector import Health
 from tidal.qos.executor import Adjustment, Executor, Values
 from tidal.qos.rules import RuleSet

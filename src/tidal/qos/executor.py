@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidal.cgroups import CgroupFs, CpuLimits
 from tidal.errors import AdjustmentError, CgroupError, QosError
-from tidal.qos.cgroupfs import CgroupFs, CpuLimits
 
 log = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.json"

@@ -21,8 +21,8 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from tidal.cgroups import MIN_SHARES, CpuLimits
 from tidal.errors import RuleError
-from tidal.qos.cgroupfs import MIN_SHARES, CpuLimits
 from tidal.qos.snapshot import Advice, ContainerView, Snapshot
 
 

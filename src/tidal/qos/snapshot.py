@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tidal.qos.cgroupfs import CpuLimits
+from tidal.cgroups import CpuLimits
 from tidal.qos.collector import ContainerMetrics, NodeMetrics
 
 Priority = Literal["online", "offline"]

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tidal.qos.cgroupfs import CgroupFs, CgroupV1Fs, CgroupV2Fs
+from tidal.cgroups import CgroupFs, CgroupV1Fs, CgroupV2Fs
 from tidal.qos.executor import JOURNAL_NAME, Executor
 
 log = logging.getLogger(__name__)

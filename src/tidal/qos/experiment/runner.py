@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tidal.cgroups import CgroupFs, CgroupV1Fs, CpuLimits, detect_cgroupfs
 from tidal.errors import CgroupError, ExperimentError
 from tidal.qos.agent import Agent
 from tidal.qos.aggregator import percentile
-from tidal.qos.cgroupfs import CgroupFs, CgroupV1Fs, CpuLimits, detect_cgroupfs
 from tidal.qos.collector import NodeProbe
 from tidal.qos.settings import QosSettings
 

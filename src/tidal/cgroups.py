@@ -1,11 +1,11 @@
-"""One interface over cgroup v1 and v2: the only code in ``tidal.qos`` that touches cgroupfs.
+"""One interface over cgroup v1 and v2: the cgroupfs access layer shared by the engine and the QoS agent.
 
 A cgroup is named by its path below the hierarchy root (``"tidal/web"``), the same on both
 versions; v1 keeps one directory per controller (cpu, cpuacct, memory), v2 one directory.
 Values cross this boundary in one vocabulary (:class:`CpuLimits`, :class:`CpuStats`,
 :class:`MemoryStats`, :class:`Pressure`), v1 shares and v2 weights alike, so policies never
 know which version they run on. Everything else (policies, executor logic) is tested against
-the same classes pointed at a fake tree under ``tmp_path`` (:mod:`tidal.qos.fake`).
+the same classes pointed at a fake tree under ``tmp_path`` (:mod:`tidal.testing.cgroups`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 The kernel fills a new cgroup directory with its knob files; a plain directory does not, so
 these subclasses write the same files with the kernel's defaults on ``create``. Tests drive
 usage with :meth:`FakeCgroupV1Fs.set_usage` and can make a knob fail with :meth:`break_knob`.
-Shipped inside the package (like a conformance kit) so that other parts can use it too.
 """
 
 from __future__ import annotations
@@ -11,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from tidal.cgroups import V1_UNLIMITED_MEMORY, CgroupV1Fs, CgroupV2Fs
 from tidal.errors import CgroupError
-from tidal.qos.cgroupfs import V1_UNLIMITED_MEMORY, CgroupV1Fs, CgroupV2Fs
-from tidal.qos.collector import NodeMetrics
 
 
 class _BreakMixin:
@@ -165,41 +163,3 @@ class FakeCgroupV2Fs(_BreakMixin, CgroupV2Fs):
             (d / "cpu.pressure").write_text(
                 f"some avg10={pressure_avg10:.2f} avg60=0.00 avg300=0.00 total=0\n"
             )
-
-
-class FakeNodeProbe:
-    """Node signals set by the test: capacity, busy cores, memory, and disk/network faults."""
-
-    def __init__(self, capacity_cores: float = 2.0) -> None:
-        self.capacity_cores = capacity_cores
-        self.busy_cores: float | None = 0.5
-        self.memory_total_bytes = 8 << 30
-        self.memory_available_bytes = 4 << 30
-        self.problems: list[str] = []
-
-    def sample(self, now: float) -> NodeMetrics:
-        return NodeMetrics(
-            t=now,
-            capacity_cores=self.capacity_cores,
-            cpu_busy_cores=self.busy_cores,
-            memory_total_bytes=self.memory_total_bytes,
-            memory_available_bytes=self.memory_available_bytes,
-            load1=0.0,
-            pressure=None,
-            disk_ok=not any(p.startswith("disk") for p in self.problems),
-            net_ok=not any(p.startswith("network") for p in self.problems),
-            problems=tuple(self.problems),
-        )
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds

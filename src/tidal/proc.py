@@ -1,0 +1,111 @@
+"""Run an external tool: the one place that turns a child's failure into a Tidal error.
+
+Tidal drives many tools (losetup, mkfs.ext4, mount, ip, tc, runc, the registry binary). Each
+call wants the same three things: a timeout, so a hung tool cannot hang a daemon; its failure
+translated into the caller's error class with the tool's own words (the last lines of its
+stderr); and a debug log line with what ran and how long it took. Best-effort cleanup
+(``check=False`` via :func:`run_logged`) logs failures instead of hiding them.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from tidal.errors import TidalError, ToolError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 120.0
+"""Longer than any tool Tidal drives needs on a loaded 2-core node (mkfs of a few GB: ~5 s)."""
+
+Stream = int | IO[Any] | None
+
+
+def tool_message(stderr: str | bytes | None, stdout: str | bytes | None, returncode: int) -> str:
+    """The last lines a tool wrote on stderr (else stdout), joined into one line."""
+
+    def text(b: str | bytes | None) -> str:
+        if b is None:
+            return ""
+        return b.decode(errors="replace") if isinstance(b, bytes) else b
+
+    lines = [ln.strip() for ln in (text(stderr).strip() or text(stdout).strip()).splitlines()]
+    lines = [ln for ln in lines if ln]
+    return "; ".join(lines[-3:]) or f"exit status {returncode}"
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    what: str,
+    error: type[TidalError] = ToolError,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    input: str | bytes | None = None,
+    text: bool = True,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    stdin: Stream = None,
+    stdout: Stream = subprocess.PIPE,
+    stderr: Stream = subprocess.PIPE,
+    install_hint: str | None = None,
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``argv`` and return the completed process.
+
+    ``what`` says what the call is for ("attaching /srv/img to a loop device"); it starts every
+    error message. A missing binary, a timeout and (with ``check``) a non-zero exit raise
+    ``error``. ``install_hint`` names the package to install when the binary is missing.
+    """
+    args = [str(a) for a in argv]
+    started = time.monotonic()
+    if input is not None and not text and isinstance(input, str):
+        input = input.encode()
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdin=stdin if input is None else None,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            timeout=timeout_s,
+            check=False,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+    except FileNotFoundError:
+        hint = f" ({install_hint})" if install_hint else ""
+        raise error(f"{what}: {args[0]} is not installed{hint}") from None
+    except subprocess.TimeoutExpired:
+        raise error(f"{what}: {args[0]} did not finish within {timeout_s:.0f} s") from None
+    except OSError as exc:
+        raise error(f"{what}: cannot run {args[0]}: {exc.strerror or exc}") from exc
+    log.debug(
+        "ran %s (%s) in %.3f s: exit %d",
+        " ".join(args),
+        what,
+        time.monotonic() - started,
+        proc.returncode,
+    )
+    if check and proc.returncode != 0:
+        raise error(f"{what}: {tool_message(proc.stderr, proc.stdout, proc.returncode)}")
+    return proc
+
+
+def run_logged(argv: Sequence[str | Path], *, what: str, timeout_s: float = 60.0) -> bool:
+    """Best-effort cleanup: run ``argv``; on any failure log a warning naming it, return False.
+
+    For teardown paths (delete a veth, unmount lazily) where the caller goes on either way but
+    an operator must be able to see what was left behind.
+    """
+    try:
+        run(argv, what=what, timeout_s=timeout_s)
+    except TidalError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
