@@ -34,14 +34,14 @@ from tidal.blobs.distribution import LazyImage, pull_image, push_image
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
-from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
 from tidal.blobs.source import BlobRangeSource
-from tidal.blobs.throttle import ThrottledLink
 from tidal.image.device import BlockDevice
 from tidal.image.manifest import Image, ImageWriter
 from tidal.image.trace import Trace, TraceRange
 from tidal.image.writable import WritableLayer
+from tidal.testing.network import ThrottledLink
+from tidal.testing.registry_server import RegistryServer
 from tidal.units import SECTOR_BYTES
 
 RESULTS = Path(__file__).parent / "results" / "blobs.json"

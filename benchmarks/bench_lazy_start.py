@@ -78,14 +78,14 @@ import tidal.image
 from tidal.blobs.distribution import pull_image, push_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
-from tidal.blobs.registry_server import RegistryServer, free_port
 from tidal.blobs.settings import BlobSettings
-from tidal.blobs.throttle import ThrottledLink
 from tidal.blockdev import builder, mounts
 from tidal.blockdev.builder import build_from_dir
 from tidal.blockdev.record import record_trace
 from tidal.cli.console import out as stdout_console
 from tidal.image.manifest import Image, attach_trace
+from tidal.testing.network import ThrottledLink
+from tidal.testing.registry_server import RegistryServer, free_port
 
 CACHE = Path("/var/cache/tidal-bench")
 ROOTFS = CACHE / "rootfs-bookworm-lazy"

@@ -33,11 +33,11 @@ from tidal.blobs.distribution import push_image  # noqa: E402
 from tidal.blobs.p2p import RootServer  # noqa: E402
 from tidal.blobs.reference import ImageReference  # noqa: E402
 from tidal.blobs.registry_client import RegistryClient  # noqa: E402
-from tidal.blobs.registry_server import RegistryServer  # noqa: E402
 from tidal.blobs.settings import BlobSettings  # noqa: E402
-from tidal.blobs.throttle import BridgeNetwork  # noqa: E402
 from tidal.blockdev.builder import build_from_dir  # noqa: E402
 from tidal.cli.demo import make_sample_rootfs  # noqa: E402
+from tidal.testing.network import BridgeNetwork  # noqa: E402
+from tidal.testing.registry_server import RegistryServer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "p2p.json"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tidal.blobs.registry_server import RegistryServer
+from tidal.testing.registry_server import RegistryServer
 
 
 @functools.cache

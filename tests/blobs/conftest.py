@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tidal.blobs.registry_server import RegistryServer
+from tidal.testing.registry_server import RegistryServer
 
 REGISTRY_USER = "tidal"
 REGISTRY_PASSWORD = "s3cret-pass"

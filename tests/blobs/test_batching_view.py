@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from blobs.fake_registry import FakeRegistry
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import LazyImage
 from tidal.blobs.local_store import LocalBlobStore
@@ -17,6 +16,7 @@ from tidal.blobs.source import copy_blob
 from tidal.errors import LayerError
 from tidal.image.manifest import Image, ImageWriter
 from tidal.image.writable import WritableLayer
+from tidal.testing.fake_registry import FakeRegistry
 
 SIZE = 4 << 20
 CHUNK = 16 * 1024

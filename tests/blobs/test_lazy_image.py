@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
-from blobs.oci_fixtures import make_oci_image, skopeo
 from tidal.blobs.auth import Credentials
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import (
@@ -24,13 +23,14 @@ from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.pulled import is_pulled_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
-from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
 from tidal.errors import FormatError, ImageNotFoundError
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageWriter, LayerRecord
 from tidal.image.oci import TIDAL_LAYER_MEDIA_TYPE, TIDAL_TRACE_MEDIA_TYPE
 from tidal.image.trace import Trace, TraceRange
 from tidal.image.writable import WritableLayer
+from tidal.testing.oci_images import make_oci_image, skopeo
+from tidal.testing.registry_server import RegistryServer
 
 pytestmark = pytest.mark.registry
 

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blobs.fake_registry import FakeRegistry
 from tidal.blobs.auth import (
     Credentials,
     encode_auth_file,
@@ -19,7 +18,6 @@ from tidal.blobs.auth import (
     parse_auth_file,
     parse_www_authenticate,
 )
-from tidal.blobs.conformance import check_blob_store
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import (
     ManifestResponse,
@@ -44,6 +42,8 @@ from tidal.image.oci import (
     OCI_INDEX_MEDIA_TYPE,
     OCI_MANIFEST_MEDIA_TYPE,
 )
+from tidal.testing.blob_conformance import check_blob_store
+from tidal.testing.fake_registry import FakeRegistry
 
 SETTINGS = BlobSettings(retry_attempts=3, backoff_initial_s=0.5, backoff_max_s=1.5)
 

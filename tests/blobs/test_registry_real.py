@@ -11,17 +11,11 @@ from pathlib import Path
 import pytest
 
 from blobs.conftest import REGISTRY_PASSWORD, REGISTRY_USER
-from blobs.oci_fixtures import layer_files, make_oci_image, skopeo, write_oci_layout
-from blobs.token_server import ISSUER as TOKEN_ISSUER
-from blobs.token_server import SERVICE as TOKEN_SERVICE
-from blobs.token_server import TokenServer
 from tidal.blobs.auth import Credentials, encode_auth_file
-from tidal.blobs.conformance import check_blob_store
 from tidal.blobs.distribution import fetch_oci_image
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
-from tidal.blobs.registry_server import RegistryServer, TokenAuth
 from tidal.blobs.settings import BlobSettings
 from tidal.blockdev.builder import convert_oci
 from tidal.blockdev.oci_archive import open_source_image
@@ -35,6 +29,12 @@ from tidal.errors import (
 from tidal.ids import Digest, sha256_digest
 from tidal.image.manifest import Image
 from tidal.image.oci import DOCKER_MANIFEST_MEDIA_TYPE
+from tidal.testing.blob_conformance import check_blob_store
+from tidal.testing.oci_images import layer_files, make_oci_image, skopeo, write_oci_layout
+from tidal.testing.registry_server import RegistryServer, TokenAuth
+from tidal.testing.token_server import ISSUER as TOKEN_ISSUER
+from tidal.testing.token_server import SERVICE as TOKEN_SERVICE
+from tidal.testing.token_server import TokenServer
 
 pytestmark = pytest.mark.registry
 

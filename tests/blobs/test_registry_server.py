@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import load_blob_settings
-from tidal.blobs.throttle import ThrottledLink
 from tidal.errors import ConfigError, RegistryServerError
+from tidal.testing.network import ThrottledLink
+from tidal.testing.registry_server import RegistryServer
 
 
 @pytest.mark.registry

@@ -31,10 +31,10 @@ from tidal.blockdev.builder import build_from_dir, commit_writable, convert_oci
 from tidal.blockdev.rawdisk import export_raw
 from tidal.errors import UnsafeArchiveError
 from tidal.image.manifest import Image
+from tidal.testing.oci_builder import LayerTar, sha, tar_directory, write_oci_layout
+from tidal.testing.trees import diff_trees
 
 from .conftest import leaked
-from .oci_builder import LayerTar, sha, tar_directory, write_oci_layout
-from .tree_compare import diff_trees
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop]
 

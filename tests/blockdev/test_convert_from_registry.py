@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from blobs.oci_fixtures import make_oci_image, skopeo, write_oci_layout
-from tidal.blobs.registry_server import RegistryServer
 from tidal.image.oci import TIDAL_LAYER_MEDIA_TYPE
+from tidal.testing.oci_images import make_oci_image, skopeo, write_oci_layout
+from tidal.testing.registry_server import RegistryServer
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop, pytest.mark.registry]
 

@@ -12,8 +12,7 @@ import pytest
 
 from tidal.blockdev.layer_tar import TreeWriter, extract, normalize, scan_layer
 from tidal.errors import UnsafeArchiveError
-
-from .oci_builder import LayerTar
+from tidal.testing.oci_builder import LayerTar
 
 
 def apply(root: Path, data: bytes) -> TreeWriter:

@@ -27,10 +27,10 @@ from tidal.blobs.distribution import pull_image, push_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registries import LocalRegistry, connect
 from tidal.blobs.registry_client import RegistryClient
-from tidal.blobs.registry_server import RegistryServer
 from tidal.blockdev import mounts
 from tidal.blockdev.record import record_trace
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, attach_trace
+from tidal.testing.registry_server import RegistryServer
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop, pytest.mark.registry]
 

@@ -9,8 +9,7 @@ import pytest
 
 from tidal.blockdev.oci_archive import open_source_image
 from tidal.errors import ArchiveFormatError, NotFoundError
-
-from .oci_builder import LayerTar, tar_directory, write_oci_layout
+from tidal.testing.oci_builder import LayerTar, tar_directory, write_oci_layout
 
 
 def _layers() -> list[bytes]:

@@ -29,9 +29,9 @@ from tidal.blobs.distribution import push_image
 from tidal.blobs.p2p import RootServer
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
-from tidal.blobs.registry_server import RegistryServer
 from tidal.blobs.settings import BlobSettings
-from tidal.blobs.throttle import BridgeNetwork
+from tidal.testing.network import BridgeNetwork
+from tidal.testing.registry_server import RegistryServer
 
 pytestmark = [
     pytest.mark.root,

@@ -10,9 +10,9 @@ import pytest
 from tidal.blobs.distribution import pull_image, push_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
-from tidal.blobs.registry_server import RegistryServer
 from tidal.engine.containers import Engine
 from tidal.engine.spec import ContainerSpec
+from tidal.testing.registry_server import RegistryServer
 
 pytestmark = [
     pytest.mark.root,

@@ -30,7 +30,7 @@ from tidal.units import format_size
 
 if TYPE_CHECKING:  # the demo imports the image, blobs and blockdev parts when it runs
     from tidal.blobs.registries import Registry
-    from tidal.blobs.registry_server import RegistryServer
+    from tidal.testing.registry_server import RegistryServer
 
 APPLETS = (
     "sh",
@@ -108,10 +108,10 @@ def demo(
     from tidal.blobs.reference import ImageReference
     from tidal.blobs.registries import LocalRegistry
     from tidal.blobs.registry_client import RegistryClient
-    from tidal.blobs.registry_server import REGISTRY_BINARY, RegistryServer
     from tidal.blockdev.builder import build_from_dir
     from tidal.blockdev.mounts import mount_image, unmount
     from tidal.image.manifest import Image
+    from tidal.testing.registry_server import REGISTRY_BINARY, RegistryServer
 
     if os.geteuid() != 0:
         raise ConfigError("the demo mounts a FUSE block device and a loop device: run it as root")

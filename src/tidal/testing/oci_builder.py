@@ -36,10 +36,12 @@ class LayerTar:
         ti = self.tf.gettarinfo(str(full), arcname=rel)
         ti.uname = ti.gname = ""
         if xattrs and not stat.S_ISLNK(os.lstat(full).st_mode):
+            headers = dict(ti.pax_headers)
             for name in os.listxattr(full, follow_symlinks=False):
-                ti.pax_headers["SCHILY.xattr." + name] = os.getxattr(
+                headers["SCHILY.xattr." + name] = os.getxattr(
                     full, name, follow_symlinks=False
                 ).decode("utf-8", "surrogateescape")
+            ti.pax_headers = headers
         if ti.isfile():
             with full.open("rb") as fh:
                 self.tf.addfile(ti, fh)
