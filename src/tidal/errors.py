@@ -13,6 +13,7 @@ Tree (parts add their specific classes below their base, in this file)::
     ├── ConfigError                  bad settings or bad user input
     ├── RetryableError (mixin)       transient: a retry may succeed
     ├── NotFoundError                also a FileNotFoundError
+    ├── MissingExtraError            an optional dependency group is not installed (tidal.extras)
     ├── CgroupError                  core cgroupfs access (tidal.cgroups)
     │   └── CgroupNotFoundError      no such cgroup or knob (also a FileNotFoundError)
     ├── ToolError                    an external tool failed (tidal.proc's default)
@@ -65,6 +66,10 @@ class TidalError(Exception):
 
 class ConfigError(TidalError, ValueError):
     """Settings or user input that cannot be used as given."""
+
+
+class MissingExtraError(TidalError, ImportError):
+    """A command needs a pip extra that is not installed; the message names it."""
 
 
 class RetryableError(TidalError):

@@ -75,7 +75,7 @@ def test_seasonal_model_trend_only_with_less_than_a_day() -> None:
     t = np.arange(0, 3600 * 6, 300.0)
     m = SeasonalTrendModel()
     m.fit(t, 2 + 0.001 * t)
-    assert not m.season.any()
+    assert not any(m.season)
     assert m.predict(10_000.0)[0] == pytest.approx(12.0)
 
 
@@ -102,3 +102,17 @@ def test_aggregator_prediction_from_bucketed_history() -> None:
     assert at_peak is not None and at_night is not None
     assert at_peak - at_night > 0.9
     assert math.isclose(at_night, 0.3 + 0.15, abs_tol=0.1)
+
+
+def test_prediction_is_refitted_when_a_bucket_closes_not_on_every_read() -> None:
+    agg = Aggregator(bucket_s=300)
+    for i in range(10 * 300):  # ten buckets of a flat 1.0
+        agg.add("c", float(i), 1.0)
+    before = agg.predict("c", 4000.0)
+    model = agg._series["c"].model
+    assert before == pytest.approx(1.0)
+    assert agg.predict("c", 4000.0) == before and agg._series["c"].model is model  # cached
+    for i in range(10 * 300, 20 * 300):  # then ten buckets of 3.0: the trend must rise
+        agg.add("c", float(i), 3.0)
+    after = agg.predict("c", 4000.0)
+    assert after is not None and after > before + 0.5

@@ -22,6 +22,7 @@ from tidal.cli import qos as qos_cli
 from tidal.cli import sched as sched_cli
 from tidal.cli.console import err
 from tidal.errors import TidalError
+from tidal.extras import missing_extra_error
 
 app = typer.Typer(
     name="tidal",
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=True)
     except TidalError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
+        sys.exit(1)
+    except ModuleNotFoundError as exc:
+        missing = missing_extra_error(exc)
+        if missing is None:
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(missing))}", markup=True, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

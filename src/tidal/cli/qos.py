@@ -182,6 +182,9 @@ def experiment(
     plot: Path | None = typer.Option(None, help="Plot PNG (default next to the JSON)."),
 ) -> None:
     """Co-locate an online service and an offline batch job on real cgroups: alone, static, agent."""
+    from tidal.extras import require_extra
+
+    require_extra("bench", "tidal qos experiment")  # its plot; checked before minutes of runs
     from tidal.qos.experiment.plot import plot_experiment
     from tidal.qos.experiment.runner import ExperimentConfig, run_experiment, verdict
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-import numpy as np
 
 WINDOWS_S = {"1m": 60.0, "5m": 300.0, "1h": 3600.0}
 DEFAULT_EWMA_HALF_LIFE_S = 10.0
@@ -97,6 +96,10 @@ class SeasonalTrendModel:
     Fit by least squares for the trend, then the mean residual per phase bucket for the season
     (centred, so trend and season do not fight over the level). Needs one full period to model
     the season; with less it predicts trend only.
+
+    Plain Python rather than numpy: the QoS agent runs on
+    every node, and a node does not install numpy (it is the ``sched``/``bench`` extras'). The
+    history is at most a few thousand buckets and the aggregator refits only when it grows.
     """
 
     def __init__(self, period_s: float = DAY_S, bucket_s: float = DEFAULT_BUCKET_S) -> None:
@@ -107,35 +110,55 @@ class SeasonalTrendModel:
         self.n_buckets = int(period_s // bucket_s)
         self.intercept = 0.0
         self.slope = 0.0
-        self.season = np.zeros(self.n_buckets)
+        self.season = [0.0] * self.n_buckets
         self.fitted = False
 
-    def _bucket(self, t: np.ndarray) -> np.ndarray:
-        return ((np.asarray(t) % self.period_s) // self.bucket_s).astype(int)
+    def _bucket(self, t: float) -> int:
+        return int((t % self.period_s) // self.bucket_s)
 
-    def fit(self, times: list[float] | np.ndarray, values: list[float] | np.ndarray) -> None:
-        t = np.asarray(times, dtype=float)
-        y = np.asarray(values, dtype=float)
+    def fit(self, times: Iterable[float], values: Iterable[float]) -> None:
+        t = [float(v) for v in times]
+        y = [float(v) for v in values]
         if len(t) < 2:
             raise ValueError("need at least two points to fit a trend")
-        self.slope, self.intercept = (float(v) for v in np.polyfit(t, y, 1))
-        self.season = np.zeros(self.n_buckets)
-        if t.max() - t.min() >= self.period_s - self.bucket_s:
-            resid = y - (self.intercept + self.slope * t)
-            buckets = self._bucket(t)
-            sums = np.bincount(buckets, weights=resid, minlength=self.n_buckets)
-            counts = np.bincount(buckets, minlength=self.n_buckets)
-            season = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-            self.season = season - season[counts > 0].mean()
+        if len(t) != len(y):
+            raise ValueError(f"{len(t)} times but {len(y)} values")
+        self.slope, self.intercept = _line(t, y)
+        self.season = [0.0] * self.n_buckets
+        if max(t) - min(t) >= self.period_s - self.bucket_s:
+            sums = [0.0] * self.n_buckets
+            counts = [0] * self.n_buckets
+            buckets = [self._bucket(ti) for ti in t]
+            for ti, yi, b in zip(t, y, buckets, strict=True):
+                sums[b] += yi - (self.intercept + self.slope * ti)
+                counts[b] += 1
+            seen = [sums[b] / counts[b] for b in range(self.n_buckets) if counts[b]]
+            level = math.fsum(seen) / len(seen)
+            self.season = [
+                sums[b] / counts[b] - level if counts[b] else -level for b in range(self.n_buckets)
+            ]
             # Refit the trend on deseasonalised data: a partial extra day biases the first fit.
-            self.slope, self.intercept = (
-                float(v) for v in np.polyfit(t, y - self.season[buckets], 1)
+            self.slope, self.intercept = _line(
+                t, [yi - self.season[b] for yi, b in zip(y, buckets, strict=True)]
             )
         self.fitted = True
 
-    def predict(self, t: float | np.ndarray) -> np.ndarray:
-        ts = np.atleast_1d(np.asarray(t, dtype=float))
-        return self.intercept + self.slope * ts + self.season[self._bucket(ts)]
+    def predict(self, t: float | Iterable[float]) -> list[float]:
+        ts = [float(t)] if isinstance(t, int | float) else [float(v) for v in t]
+        return [self.intercept + self.slope * v + self.season[self._bucket(v)] for v in ts]
+
+
+def _line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares ``(slope, intercept)`` on centred sums (``statistics.linear_regression``
+    is exact but ~50x slower on a few thousand points); flat at the mean if all ``x`` are equal."""
+    n = len(x)
+    x_mean, y_mean = sum(x) / n, sum(y) / n
+    dx = [xi - x_mean for xi in x]
+    sxx = sum(d * d for d in dx)
+    if sxx == 0:
+        return 0.0, y_mean
+    slope = sum(d * (yi - y_mean) for d, yi in zip(dx, y, strict=True)) / sxx
+    return slope, y_mean - slope * x_mean
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,9 @@ class _Series:
         self._bucket_start: float | None = None
         self._bucket_sum = 0.0
         self._bucket_n = 0
+        self.model: SeasonalTrendModel | None = None
+        """Fitted on ``history`` as it was when ``model_stale`` was last cleared."""
+        self.model_stale = True
 
     def add(self, t: float, value: float) -> None:
         for w in self.windows.values():
@@ -177,6 +203,7 @@ class _Series:
             self.history.append(
                 (self._bucket_start + self.bucket_s / 2, self._bucket_sum / self._bucket_n)
             )
+            self.model_stale = True
             self._bucket_sum, self._bucket_n = 0.0, 0
         self._bucket_start = start
         self._bucket_sum += value
@@ -238,7 +265,9 @@ class Aggregator:
         s = self._series.get(key)
         if s is None or len(s.history) < 4:
             return None
-        times, values = zip(*s.history, strict=True)
-        model = SeasonalTrendModel(DAY_S, s.bucket_s)
-        model.fit(list(times), list(values))
-        return float(model.predict(t)[0])
+        if s.model is None or s.model_stale:
+            # The history changes once a bucket (5 min); profiles are read every round.
+            s.model = SeasonalTrendModel(DAY_S, s.bucket_s)
+            s.model.fit((ti for ti, _ in s.history), (v for _, v in s.history))
+            s.model_stale = False
+        return s.model.predict(t)[0]
