@@ -1,7 +1,8 @@
-"""Random-access byte sources: the only way format code reads bytes.
+"""Random-access byte sources: how the read-only formats (ZFile, layers) read their bytes.
 
 A ZFile or a layer is opened from a :class:`RandomAccessSource`; whether the bytes come from a
 local file, a registry (HTTP Range) or a peer is the source's business, not the format's.
+(The writable layer reads and writes its own local ``data``/``index`` files directly.)
 """
 
 from __future__ import annotations
