@@ -29,9 +29,9 @@ def _error(module: str, extra: str, needed_by: str | None) -> MissingExtraError:
     )
 
 
-def require_extra(extra: str, needed_by: str) -> None:
-    """Raise :class:`MissingExtraError` unless every module of ``extra`` imports."""
-    for module in EXTRAS[extra]:
+def require_extra(extra: str, needed_by: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise :class:`MissingExtraError` unless ``modules`` (default: all of ``extra``'s) import."""
+    for module in modules or EXTRAS[extra]:
         try:
             importlib.import_module(module)
         except ImportError as exc:

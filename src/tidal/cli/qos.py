@@ -184,7 +184,8 @@ def experiment(
     """Co-locate an online service and an offline batch job on real cgroups: alone, static, agent."""
     from tidal.extras import require_extra
 
-    require_extra("bench", "tidal qos experiment")  # its plot; checked before minutes of runs
+    # its plot needs matplotlib: say so before minutes of runs, not after
+    require_extra("bench", "tidal qos experiment", ("matplotlib",))
     from tidal.qos.experiment.plot import plot_experiment
     from tidal.qos.experiment.runner import ExperimentConfig, run_experiment, verdict
 
