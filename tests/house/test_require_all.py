@@ -109,7 +109,6 @@ TOOLS = [
     "crun",
     "ip",
     "tc",
-    "bridge",
     "skopeo",
     "nsenter",
     "unshare",
@@ -122,7 +121,6 @@ TOOLS = [
     "htpasswd",
     "openssl",
     "gcc",
-    "setfattr",
 ]
 
 
