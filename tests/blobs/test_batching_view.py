@@ -10,13 +10,13 @@ import pytest
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import LazyImage
 from tidal.blobs.local_store import LocalBlobStore
-from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.registry_client import RegistryBlobStore, RegistryClient
 from tidal.blobs.source import copy_blob
 from tidal.errors import LayerError
 from tidal.image.manifest import Image, ImageWriter
 from tidal.image.writable import WritableLayer
 from tidal.testing.fake_registry import FakeRegistry
+from tidal.testing.memory_store import MemoryBlobStore
 
 SIZE = 4 << 20
 CHUNK = 16 * 1024

@@ -19,7 +19,6 @@ from tidal.blobs.cached_source import (
 )
 from tidal.blobs.chain import FallbackBlobSource
 from tidal.blobs.chunk_cache import ChunkCache, ChunkKey
-from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.settings import BlobSettings
 from tidal.blobs.source import ByteRange
 from tidal.errors import (
@@ -33,6 +32,7 @@ from tidal.errors import (
 from tidal.ids import Digest
 from tidal.image.source import RandomAccessSource
 from tidal.image.zfile import ZFileReader, compress_bytes
+from tidal.testing.memory_store import MemoryBlobStore
 
 CHUNK = 4096
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")

@@ -13,10 +13,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from tidal.blobs.cached_source import CachedRangeSource
 from tidal.blobs.chunk_cache import HEADER_BYTES, ChunkCache
-from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.settings import BlobSettings
 from tidal.blobs.source import ByteRange
 from tidal.errors import RegistryUnavailableError
+from tidal.testing.memory_store import MemoryBlobStore
 
 CHUNK = 512
 CHUNKS = 24

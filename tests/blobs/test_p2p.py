@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from tidal.blobs.cached_source import CachedRangeSource, ZFileChunkCheck
 from tidal.blobs.chain import FallbackBlobSource
 from tidal.blobs.chunk_cache import ChunkCache
-from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.p2p import LayerTree, RootClient, RootRing, RootServer
 from tidal.blobs.peer import ChunkIndex, P2PNode, PeerBlobSource, PeerLink, PeerServer
 from tidal.blobs.source import ByteRange
 from tidal.errors import BlobUnavailableError, ConfigError, P2PError, PeerUnreachableError
 from tidal.ids import Digest
 from tidal.image.zfile import ZFileReader, compress_bytes
+from tidal.testing.memory_store import MemoryBlobStore
 
 CHUNK = 4096
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidal.blobs.local_store import LocalBlobStore
-from tidal.blobs.memory_store import MemoryBlobStore
 from tidal.blobs.source import BlobRangeSource, BlobSource, BlobStore, ByteRange, copy_blob
 from tidal.errors import BlobIntegrityError, BlobNotFoundError, BlobRangeError, FormatError
 from tidal.ids import Digest, sha256_digest
 from tidal.testing.blob_conformance import ConformanceError, check_blob_store
+from tidal.testing.memory_store import MemoryBlobStore
 
 MISSING = Digest("sha256:" + "0" * 64)
 

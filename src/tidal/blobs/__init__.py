@@ -4,7 +4,6 @@ Module map (one interface, :class:`~tidal.blobs.source.BlobSource`, many impleme
 
 - ``source``          BlobSource / BlobStore protocols, ByteRange, BlobRangeSource, copy_blob
 - ``local_store``     the embedded default: ``ROOT/blobs/sha256/<hex>``, atomic, digest-checked
-- ``memory_store``    the in-memory fake for tests (counts reads, injects faults)
 - ``registry_client`` OCI distribution client and RegistryBlobStore (one repository)
 - ``auth``            auth.json credentials, WWW-Authenticate challenges, token cache
 - ``reference``       ``registry/repository:tag@digest`` parsing
@@ -12,7 +11,9 @@ Module map (one interface, :class:`~tidal.blobs.source.BlobSource`, many impleme
 - ``cached_source``   CachedRangeSource (the lazy RandomAccessSource), coalescing, prefetch
 - ``chain``           FallbackBlobSource: peers, then the registry
 - ``distribution``    push/pull of Tidal images, LazyImage, OCI image fetch for convert
-- ``conformance``     the BlobStore contract as a reusable check
-- ``registry_server`` / ``throttle``: the CNCF registry process and a shaped link, for
-  tests, demo and benchmarks
+
+Test fakes and harnesses of this part live in :mod:`tidal.testing`: ``memory_store`` (the
+in-memory fake: counts reads, injects faults), ``blob_conformance`` (the BlobStore contract as
+a reusable check), ``fake_registry``, ``registry_server`` and ``network`` (the CNCF registry
+process and a shaped link, for tests, demo and benchmarks).
 """

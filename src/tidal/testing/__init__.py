@@ -3,7 +3,8 @@ store suites: real classes over a temp dir or memory, so that tests of every par
 built on Tidal) use the same fakes.
 
 - fakes: ``cgroups`` (cgroup v1/v2 trees under a directory), ``clock`` (``FakeClock``),
-  ``qos`` (``FakeNodeProbe``), ``fake_registry`` (an OCI registry behind ``httpx.MockTransport``)
+  ``qos`` (``FakeNodeProbe``), ``memory_store`` (``MemoryBlobStore``: counts reads, injects
+  faults), ``fake_registry`` (an OCI registry behind ``httpx.MockTransport``)
 - harnesses: ``registry_server`` (the CNCF registry on a loopback port; also used by
   ``tidal demo`` and the benchmarks), ``token_server`` (bearer tokens for it), ``network``
   (a tc-shaped link to a namespace, hosts on a bridge), ``oci_images`` / ``oci_builder``
