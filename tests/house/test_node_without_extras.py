@@ -93,6 +93,8 @@ print(len(names), "modules")
         ["daemon", "--help"],
         ["image", "--help"],
         ["image", "mounts"],
+        ["image", "mount", "--help"],
+        ["demo", "--help"],
         ["qos", "rules", "example"],
         ["qos", "agent", "--help"],
         ["p2p", "--help"],
