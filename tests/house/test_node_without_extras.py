@@ -18,16 +18,17 @@ import pytest
 BLOCKED = ("numpy", "matplotlib", "kubernetes")
 NODE_PACKAGES = ("tidal.image", "tidal.blobs", "tidal.blockdev", "tidal.engine", "tidal.qos")
 
-SITECUSTOMIZE = f"""
+SITECUSTOMIZE = """
+import os
 import sys
 
-BLOCKED = {BLOCKED!r}
+BLOCKED = tuple(os.environ["TIDAL_TEST_BLOCKED"].split(","))
 
 
 class _Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
         return None
 
 
@@ -44,6 +45,7 @@ def node_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(site),
+        TIDAL_TEST_BLOCKED=",".join(BLOCKED),
         TIDAL_DATA_ROOT=str(tmp_path / "data"),
         TIDAL_CONFIG=str(tmp_path / "tidal.toml"),
         COLUMNS="200",
@@ -133,3 +135,14 @@ def test_cluster_commands_name_the_extra_in_one_line(
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: ")
     assert f"needs {module}" in lines[0] and f"pip install 'tidal[{extra}]'" in lines[0], lines
+
+
+def test_controller_with_numpy_but_no_kubernetes_names_the_extra(node_env: dict[str, str]) -> None:
+    proc = _tidal(
+        "sched", "controller", "--once", env={**node_env, "TIDAL_TEST_BLOCKED": "kubernetes"}
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: this command needs kubernetes, which is not installed; it comes with Tidal's "
+        "'sched' extra: pip install 'tidal[sched]'"
+    )
