@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tidal import proc
 from tidal.cgroups import CgroupFs, CgroupV1Fs, CgroupV2Fs
+from tidal.errors import QosError
 from tidal.qos.executor import JOURNAL_NAME, Executor
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,14 @@ def spawn_watchdog(state_dir: Path, fs: CgroupFs) -> subprocess.Popen[bytes]:
     ]
     if isinstance(fs, CgroupV1Fs):
         cmd.append(",".join(fs.controllers))
-    return subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
+    # Lives as long as the agent and must outlive it by a moment: a spawned child, not a run.
+    return proc.spawn(
+        cmd,
+        what=f"starting the QoS watchdog for {state_dir}",
+        error=QosError,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
