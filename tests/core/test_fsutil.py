@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tidal.fsutil import read_line, write_json_atomic, write_text_atomic
+from tidal.fsutil import (
+    atomic_file,
+    read_line,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -47,3 +53,24 @@ def test_read_line_returns_the_first_line_or_what_came_before_timeout_or_eof() -
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_bytes_and_streamed_writes_are_atomic_too(tmp_path: Path) -> None:
+    target = tmp_path / "disk.raw"
+    write_bytes_atomic(target, b"\x00\x01", fsync=True)
+    assert target.read_bytes() == b"\x00\x01"
+    with atomic_file(target, binary=True) as fh:
+        fh.write(b"new")
+        assert target.read_bytes() == b"\x00\x01"  # readers see the old file until the end
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_file(target, binary=True) as fh:
+        fh.write(b"torn")
+        raise RuntimeError("the writer died half-way")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.raw"]
+
+
+def test_json_keeps_the_callers_layout(tmp_path: Path) -> None:
+    target = tmp_path / "j.json"
+    write_json_atomic(target, {"b": 1, "a": 2}, indent=None, sort_keys=True)
+    assert target.read_text() == '{"a": 2, "b": 1}\n'

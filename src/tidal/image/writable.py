@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tidal.errors import FormatError, ImageNotFoundError, LayerError
+from tidal.fsutil import write_json_atomic
 from tidal.image.extents import RECORD, ZERO_BIT, Extent, ExtentMap
 from tidal.image.layer import Layer
 from tidal.image.merged import check_device_range, read_sectors
@@ -88,9 +89,8 @@ class WritableLayer:
             )
         for name in ("data", "index"):
             (p / name).touch()
-        tmp = p / "meta.json.tmp"
-        tmp.write_text(json.dumps({"version": WRITABLE_VERSION, "size_bytes": size_bytes}))
-        os.replace(tmp, p / "meta.json")
+        doc = {"version": WRITABLE_VERSION, "size_bytes": size_bytes}
+        write_json_atomic(p / "meta.json", doc, indent=None)
         return cls(p, size_bytes, lower)
 
     @classmethod
