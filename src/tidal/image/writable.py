@@ -240,10 +240,10 @@ class WritableLayer:
             for e in live:
                 if e.zeroed:
                     packed.append(e)
-                    zeroed += e.length
+                    zeroed += e.length_sectors
                 else:
-                    packed.append(Extent(e.lba, e.length, cursor, False))
-                    cursor += e.length
+                    packed.append(Extent(e.lba_sectors, e.length_sectors, cursor, False))
+                    cursor += e.length_sectors
             new_index = ExtentMap(packed).compacted()
             writer = ZFileWriter(
                 out, chunk_size_bytes=chunk_size_bytes, codec=codec, metadata=new_index.serialize()
@@ -252,7 +252,10 @@ class WritableLayer:
             for e in live:
                 if e.zeroed:
                     continue
-                pos, remaining = e.data_offset * SECTOR_BYTES, e.length * SECTOR_BYTES
+                pos, remaining = (
+                    e.data_offset_sectors * SECTOR_BYTES,
+                    e.length_sectors * SECTOR_BYTES,
+                )
                 while remaining:
                     n = min(step, remaining)
                     writer.write(self.read_data(pos, n))
