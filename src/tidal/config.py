@@ -93,4 +93,8 @@ def load_section(
     for key, value in env.items():
         if key.startswith(prefix):
             table[key[len(prefix) :].lower()] = value
+    if not table:
+        # Defaults only (no file section, no variables: most CLI runs): nothing to convert, and
+        # msgspec's import is not paid; ``__post_init__`` still checks the values.
+        return cls()
     return convert(table, cls, where=f"[{section}]", sep=" ", noun="setting", lenient=True)

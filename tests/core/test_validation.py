@@ -103,3 +103,20 @@ def test_lenient_reads_environment_strings() -> None:
     )
     assert got == _Doc(port=8080, verbose=False, tags=("a", "b"), root=None)
     _fails({"port": "70000"}, "[demo] port 70000 is not a port (0-65535)", lenient=True)
+
+
+def test_defaults_only_settings_do_not_import_msgspec(tmp_path: Path) -> None:
+    """Most CLI runs have no config file: their start-up must not pay for the converter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tidal.qos.settings import load_qos_settings; "
+        "s = load_qos_settings(); print(s.api_port, 'msgspec' in sys.modules)"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TIDAL_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["7460", "False"]
