@@ -1,7 +1,10 @@
 """ext4 on a block device: mkfs, mount, umount, and reading the mount table.
 
-The one place in ``tidal.blockdev`` that runs ``mkfs.ext4``, ``mount`` and ``umount`` (the
-engine's quota volumes use these helpers too); their failures become the caller's error class
+The one place in ``tidal.blockdev`` that runs ``mkfs.ext4``, ``mount`` and ``umount`` (apart
+from ``record.py``'s script mounting /proc, /dev and /sys inside the recorded command's own
+mount namespace); the helpers also serve other parts' ext4 files (the engine's quota volumes:
+``mkfs(..., size_bytes=, error=)``, ``mount(..., options="loop,noatime")``,
+``umount(..., lazy_fallback=True)``). Their failures become the caller's error class
 (:class:`MountError` or :class:`BuildError` by default) naming the device or directory and the
 tool's message. Tools run through :func:`tidal.proc.run`.
 """
