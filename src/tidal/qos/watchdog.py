@@ -47,15 +47,15 @@ def spawn_watchdog(state_dir: Path, fs: CgroupFs) -> subprocess.Popen[bytes]:
     )
 
 
-def stop_watchdog(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+def stop_watchdog(child: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """Close the pipe (the watchdog then checks the journal state) and reap it."""
-    if proc.stdin:
-        proc.stdin.close()
+    if child.stdin:
+        child.stdin.close()
     try:
-        proc.wait(timeout=timeout_s)
+        child.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        child.kill()
+        child.wait()
 
 
 def restore_from_journal(state_dir: Path, fs: CgroupFs) -> list[str]:
