@@ -129,7 +129,7 @@ def measure_link(
             elapsed = time.monotonic() - t0
             for pf in lazy.prefetches:
                 pf.wait()
-            stats = lazy.stats()
+            stats = lazy.stats
         rows[name] = {
             "time_s": elapsed,
             "bytes_fetched": stats.bytes_fetched,

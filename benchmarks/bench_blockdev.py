@@ -47,7 +47,7 @@ def drop_caches() -> None:
 def data_ranges(image_dir: Path) -> list[tuple[int, int]]:
     """Byte ranges holding data in any layer, merged, in LBA order."""
     spans = sorted(
-        (e.lba * SECTOR_BYTES, (e.lba + e.length) * SECTOR_BYTES)
+        (e.lba_sectors * SECTOR_BYTES, (e.lba_sectors + e.length_sectors) * SECTOR_BYTES)
         for layer in Image.open(image_dir).layers()
         for e in layer.index
         if not e.zeroed

@@ -7,7 +7,10 @@ Third-party exceptions are translated at the adapter that meets them (``raise ..
 
 Messages name the object and, where there is one, the fix.
 
-Tree (parts add their specific classes below their base, in this file)::
+Tree (parts add their specific classes below their base, in this file). A class with two
+Tidal parents appears under each of them; ``(also a X)`` names a second parent that is drawn
+elsewhere, ``(retryable)`` marks a :class:`RetryableError`. ``tests/core/test_errors.py`` checks
+that every class of this module appears here with its parents::
 
     TidalError
     ├── ConfigError                  bad settings or bad user input
@@ -15,32 +18,36 @@ Tree (parts add their specific classes below their base, in this file)::
     ├── NotFoundError                also a FileNotFoundError
     ├── MissingExtraError            an optional dependency group is not installed (tidal.extras)
     ├── CgroupError                  core cgroupfs access (tidal.cgroups)
-    │   └── CgroupNotFoundError      no such cgroup or knob (also a FileNotFoundError)
+    │   └── CgroupNotFoundError      no such cgroup or knob (also a NotFoundError)
     ├── ToolError                    an external tool failed (tidal.proc's default)
     ├── ImageError                   tidal.image: formats, layers, manifests
     │   ├── FormatError              bytes that do not parse (magic, version, truncation)
     │   ├── ChecksumError            a chunk or blob failed its checksum/digest
-    │   └── LayerError               invalid extents, writes past the end, commit problems
+    │   ├── LayerError               invalid extents, writes past the end, commit problems
+    │   └── ImageNotFoundError       no image at that path or reference (also a NotFoundError)
     ├── BlobError                    tidal.blobs: stores, registry, cache, P2P
-    │   ├── BlobNotFoundError
+    │   ├── BlobNotFoundError        (also a NotFoundError)
     │   │   └── ManifestNotFoundError  no manifest under this tag or digest
     │   ├── BlobRangeError           a byte range outside the blob
     │   ├── BlobIntegrityError       bytes that fail their digest or the caller's chunk check
     │   ├── BlobUnavailableError (retryable)  no source (peer, registry) can serve it now
+    │   │   ├── RegistryUnavailableError  (also a RegistryError) unreachable, 5xx, 429
+    │   │   └── P2PError             a P2P root or peer cannot serve; the registry still can
+    │   │       └── PeerUnreachableError  a peer did not answer at all
     │   ├── RegistryError
     │   │   ├── RegistryAuthError
-    │   │   ├── RegistryUnavailableError (retryable)
+    │   │   ├── RegistryUnavailableError  (see above: under both parents)
     │   │   └── RegistryServerError  the project's own registry process failed to start
     │   └── CacheError
     ├── BlockDeviceError             tidal.blockdev: FUSE, loop, mount, mkfs
     │   ├── MountError
-    │   │   └── MountNotFoundError       no Tidal mount at that path (also a FileNotFoundError)
+    │   │   └── MountNotFoundError   (also a NotFoundError) no Tidal mount at that path
     │   ├── FuseServerError          the FUSE block device server did not start or died
     │   └── BuildError               building/converting an image (mkfs, copy, OCI archive)
     │       ├── ArchiveFormatError   an OCI layout / docker-archive that does not parse
     │       └── UnsafeArchiveError   a layer tar entry would escape the root (.., symlinked parent)
     ├── EngineError                  tidal.engine
-    │   ├── ContainerNotFoundError
+    │   ├── ContainerNotFoundError   (also a NotFoundError)
     │   ├── ContainerStateError
     │   ├── OciRuntimeError          the OCI runtime (runc/crun) failed
     │   ├── DaemonUnavailableError (retryable)  the engine daemon's socket does not answer
@@ -52,7 +59,7 @@ Tree (parts add their specific classes below their base, in this file)::
     │   └── KubeApiError             the Kubernetes API refused a request (controller)
     │       └── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
     └── QosError                     tidal.qos
-        ├── RuleError                invalid or unloadable rules file
+        ├── RuleError                invalid or unloadable rules file (also a ConfigError)
         ├── AdjustmentError          a change failed to apply or verify (it was rolled back)
         └── ExperimentError          the co-location experiment could not run
 """
@@ -144,10 +151,6 @@ class RegistryAuthError(RegistryError):
     """The registry wants credentials that are missing or wrong."""
 
 
-class RegistryUnavailableError(RegistryError, RetryableError):
-    """The registry could not be reached or answered 5xx/429."""
-
-
 class CacheError(BlobError):
     """The on-disk chunk cache is unusable."""
 
@@ -162,6 +165,16 @@ class BlobIntegrityError(BlobError):
 
 class BlobUnavailableError(BlobError, RetryableError):
     """No source in a chain (peers, registry) could serve the blob right now."""
+
+
+class RegistryUnavailableError(RegistryError, BlobUnavailableError):
+    """The registry could not be reached or answered 5xx/429.
+
+    A :class:`BlobUnavailableError` because that is what it means to a reader (no source can
+    serve the blob now: retry later), so a chain or cache catches one class for peers and
+    registry alike; still a :class:`RegistryError`, so code talking to a registry (auth,
+    uploads) catches every registry failure with one clause.
+    """
 
 
 class RegistryServerError(RegistryError):

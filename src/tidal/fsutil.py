@@ -1,25 +1,39 @@
-"""Small file-system helpers every part needs (core: imports no part of Tidal)."""
+"""Small file-system helpers every part needs (core: imports only ``tidal.ids``)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import select
+import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from tidal.ids import Digest
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> None:
-    """Replace ``path`` with ``text`` so that a reader sees the old or the new file, never a
-    torn one: write a hidden sibling, then rename it over (atomic within a filesystem).
+@contextlib.contextmanager
+def atomic_file(
+    path: str | os.PathLike[str], *, binary: bool = False, fsync: bool = False
+) -> Iterator[IO[Any]]:
+    """Write ``path`` through a hidden sibling renamed over it at the end, so a reader sees the
+    old or the new file, never a torn one (rename is atomic within a filesystem). On an
+    exception the sibling is removed and ``path`` is untouched.
 
-    ``fsync`` also survives a power cut (the data reaches the disk before the rename).
+    ``fsync`` also survives a power cut (the data reaches the disk before the rename). For
+    streams whose final name is known before writing; a blob named by its digest after the
+    write is a different shape (see the stores).
     """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
-        with tmp.open("w") as fh:
-            fh.write(text)
+        with tmp.open("wb" if binary else "w") as fh:
+            yield fh
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -29,9 +43,87 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, fsync: bool = 
         raise
 
 
-def write_json_atomic(path: str | os.PathLike[str], doc: object, *, fsync: bool = False) -> None:
-    """:func:`write_text_atomic` of ``doc`` as indented JSON with a final newline."""
-    write_text_atomic(path, json.dumps(doc, indent=2) + "\n", fsync=fsync)
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``text`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, fsync=fsync) as fh:
+        fh.write(text)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, binary=True, fsync=fsync) as fh:
+        fh.write(data)
+
+
+def write_json_atomic(
+    path: str | os.PathLike[str],
+    doc: object,
+    *,
+    fsync: bool = False,
+    indent: int | None = 2,
+    sort_keys: bool = False,
+) -> None:
+    """:func:`write_text_atomic` of ``doc`` as JSON (indented by default) with a final newline."""
+    write_text_atomic(path, json.dumps(doc, indent=indent, sort_keys=sort_keys) + "\n", fsync=fsync)
+
+
+class HashingWriter:
+    """A write-only file wrapper that computes the sha256 and size of what passes through."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._hash = hashlib.sha256()
+        self.size_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self._fh.write(data)
+        self.size_bytes += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        raise OSError("not seekable")
+
+    def seekable(self) -> bool:
+        return False
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256:" + self._hash.hexdigest())
+
+
+@contextlib.contextmanager
+def write_by_digest(
+    directory: str | os.PathLike[str],
+    place: Callable[[Digest], Path],
+    *,
+    prefix: str = ".blob-",
+    check: Callable[[Digest], None] | None = None,
+    mode: int | None = None,
+) -> Iterator[HashingWriter]:
+    """Stream a blob whose name is its digest, known only once the last byte is written.
+
+    Yields a :class:`HashingWriter` over a temporary file in ``directory``; at the end the
+    file is fsynced, ``check(digest)`` may refuse it (by raising), ``mode`` is applied, and it
+    is renamed to ``place(digest)``. On any exception the temporary file is removed. (The other
+    shape of :func:`atomic_file`: there the final name is known before the first byte.)
+    """
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer = HashingWriter(fh)
+            yield writer
+            fh.flush()
+            os.fsync(fh.fileno())
+        if check is not None:
+            check(writer.digest)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, place(writer.digest))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_line(fd: int, timeout_s: float) -> str:

@@ -5,6 +5,10 @@ call wants the same three things: a timeout, so a hung tool cannot hang a daemon
 translated into the caller's error class with the tool's own words (the last lines of its
 stderr); and a debug log line with what ran and how long it took. Best-effort cleanup
 (``check=False`` via :func:`run_logged`) logs failures instead of hiding them.
+
+Long-lived children (a FUSE server, the watchdog, a registry, a recorded command whose output
+is read as it comes) cannot be :func:`run` to completion; :func:`spawn` starts them with the
+same translation of a missing or unstartable binary.
 """
 
 from __future__ import annotations
@@ -95,6 +99,31 @@ def run(
     if check and proc.returncode != 0:
         raise error(f"{what}: {tool_message(proc.stderr, proc.stdout, proc.returncode)}")
     return proc
+
+
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    what: str,
+    error: type[TidalError] = ToolError,
+    install_hint: str | None = None,
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as a long-lived child (``popen`` goes to :class:`subprocess.Popen`).
+
+    The caller owns the child (waits for it, reads its pipes). A missing binary or an OS
+    refusal to start it raises ``error`` naming ``what``, as :func:`run` does.
+    """
+    args = [str(a) for a in argv]
+    try:
+        child: subprocess.Popen[bytes] = subprocess.Popen(args, **popen)
+    except FileNotFoundError:
+        hint = f" ({install_hint})" if install_hint else ""
+        raise error(f"{what}: {args[0]} is not installed{hint}") from None
+    except OSError as exc:
+        raise error(f"{what}: cannot run {args[0]}: {exc.strerror or exc}") from exc
+    log.debug("started %s (%s): pid %d", " ".join(args), what, child.pid)
+    return child
 
 
 def run_logged(argv: Sequence[str | Path], *, what: str, timeout_s: float = 60.0) -> bool:

@@ -119,7 +119,7 @@ def test_stats_are_written_for_another_process(image: Path, tmp_path: Path) -> N
         lazy.device().read(0, 4 * CHUNK)
         lazy.write_stats(tmp_path / "stats.json")
     doc = json.loads((tmp_path / "stats.json").read_text())
-    assert doc["total"]["bytes_fetched"] == lazy.stats().bytes_fetched > 0
+    assert doc["total"]["bytes_fetched"] == lazy.stats.bytes_fetched > 0
     assert doc["cache"]["puts"] >= 4
     assert doc["prefetch"]["running"] == 0
     assert list(doc["layers"]) == [r.digest for r in lazy.image.manifest.layers]

@@ -99,7 +99,7 @@ class CachedSourceMachine(RuleBasedStateMachine):
     @invariant()
     def cache_bounded(self) -> None:
         if hasattr(self, "cache"):
-            assert self.cache.size_bytes() <= self.cache.capacity_bytes
+            assert self.cache.size_bytes <= self.cache.capacity_bytes
 
 
 TestCachedSourceMachine = CachedSourceMachine.TestCase

@@ -43,7 +43,7 @@ def test_put_get_and_counters(tmp_path: Path) -> None:
     assert cache.get(key(0, 100)) is None
     s = cache.stats
     assert (s.hits, s.misses, s.puts, s.bytes_hit, s.bytes_stored) == (1, 2, 1, 100, 100)
-    assert cache.size_bytes() == 100 + HEADER_BYTES
+    assert cache.size_bytes == 100 + HEADER_BYTES
     assert cache.drop(k) and not cache.drop(k)
     assert cache.get(k) is None
 
@@ -142,7 +142,7 @@ def test_threads_never_see_wrong_bytes(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert cache.size_bytes() <= cache.capacity_bytes
+    assert cache.size_bytes <= cache.capacity_bytes
 
 
 def test_processes_share_the_cache_and_its_bound(tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_processes_share_the_cache_and_its_bound(tmp_path: Path) -> None:
     assert [bad for bad, _, _ in results] == [0, 0, 0, 0]
     assert sum(hits for _, hits, _ in results) > 0
     assert sum(ev for _, _, ev in results) > 0
-    assert ChunkCache(tmp_path, capacity).size_bytes() <= capacity
+    assert ChunkCache(tmp_path, capacity).size_bytes <= capacity
 
 
 class CacheModel(RuleBasedStateMachine):
@@ -233,7 +233,7 @@ class CacheModel(RuleBasedStateMachine):
     @invariant()
     def bounded_and_equal(self) -> None:
         if hasattr(self, "cache"):
-            assert self.cache.size_bytes() == self._total() <= self.capacity
+            assert self.cache.size_bytes == self._total() <= self.capacity
 
 
 TestCacheModel = CacheModel.TestCase

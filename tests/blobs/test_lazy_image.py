@@ -112,7 +112,7 @@ def test_lazy_reads_fetch_a_small_fraction_and_match_the_local_image(
         lazy_view = lazy.image.merged_view()
         for off in offsets:
             assert lazy_view.read(off, 8192) == view.read(off, 8192)
-        first = lazy.stats()
+        first = lazy.stats
     assert 0 < first.bytes_fetched < total / 4
     assert first.misses > 0
     requests_before = client.requests
@@ -120,7 +120,7 @@ def test_lazy_reads_fetch_a_small_fraction_and_match_the_local_image(
         lazy_view = again.image.merged_view()
         for off in offsets:
             assert lazy_view.read(off, 8192) == view.read(off, 8192)
-        assert again.stats().bytes_fetched == 0
+        assert again.stats.bytes_fetched == 0
     assert client.requests == requests_before  # not one request: all from the cache
 
 
@@ -131,20 +131,20 @@ def test_trace_prefetch_fills_the_cache_before_the_reads(
     cache = ChunkCache(tmp_path / "cache", 256 << 20)
     pull_image(ref, tmp_path / "pulled", client, cache=cache)  # warms the layer tails
     with LazyImage.from_registry(tmp_path / "pulled", client, cache) as lazy:
-        assert lazy.stats().bytes_fetched == 0  # tails came from the cache warmed by the pull
+        assert lazy.stats.bytes_fetched == 0  # tails came from the cache warmed by the pull
         trace = lazy.trace()
         assert trace == TRACE
         plan = lazy.plan_prefetch(trace)
         assert plan and all(rs == list(dict.fromkeys(rs)) for rs in plan.values())
         for pf in lazy.prefetch_trace(concurrency=4):  # the image's own trace layer
             assert pf.wait(30) and pf.errors == []
-        after_prefetch = lazy.stats()
+        after_prefetch = lazy.stats
         assert after_prefetch.prefetched_chunks == sum(len(v) for v in plan.values())
         view, lazy_view = local.merged_view(), lazy.image.merged_view()
         for tr in trace.ranges:
-            off, n = tr.lba * 512, tr.length * 512
+            off, n = tr.lba_sectors * 512, tr.length_sectors * 512
             assert lazy_view.read(off, n) == view.read(off, n)
-        assert lazy.stats().requests == after_prefetch.requests  # every read was a hit
+        assert lazy.stats.requests == after_prefetch.requests  # every read was a hit
 
 
 def test_open_pulled_image_builds_the_whole_read_path_from_settings(
@@ -158,7 +158,7 @@ def test_open_pulled_image_builds_the_whole_read_path_from_settings(
         assert lazy.prefetches
         for pf in lazy.prefetches:
             assert pf.wait(30)
-        assert lazy.stats().prefetched_chunks > 0  # the image's trace was replayed
+        assert lazy.stats.prefetched_chunks > 0  # the image's trace was replayed
         view = lazy.image.merged_view()
         assert view.read(8 * 512, 4096) == local.merged_view().read(8 * 512, 4096)
     assert any((tmp_path / "node-cache" / "entries").iterdir())

@@ -106,3 +106,17 @@ def test_every_part_checks_its_settings_at_load(
         load_section(section, cls, empty, variables)
     assert str(info.value).startswith(message), str(info.value)
     assert isinstance(load_section(section, cls, empty, {}), cls)  # the defaults pass
+
+
+def test_check_settings_compatibility_wrapper_keeps_the_wording() -> None:
+    from tidal.config import check_settings
+
+    @dataclass(frozen=True)
+    class _Old:
+        port: int = 70000
+        workers: int = 0
+
+    with pytest.raises(ConfigError, match=r"^\[old\] port 70000 is not a port \(0-65535\)$"):
+        check_settings("old", _Old(), ports=("port",))
+    with pytest.raises(ConfigError, match=r"^\[old\] workers must be positive, got 0$"):
+        check_settings("old", _Old(), positive=("workers",))

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tidal.fsutil import read_line, write_json_atomic, write_text_atomic
+from tidal.fsutil import (
+    atomic_file,
+    read_line,
+    write_by_digest,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -47,3 +54,48 @@ def test_read_line_returns_the_first_line_or_what_came_before_timeout_or_eof() -
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_bytes_and_streamed_writes_are_atomic_too(tmp_path: Path) -> None:
+    target = tmp_path / "disk.raw"
+    write_bytes_atomic(target, b"\x00\x01", fsync=True)
+    assert target.read_bytes() == b"\x00\x01"
+    with atomic_file(target, binary=True) as fh:
+        fh.write(b"new")
+        assert target.read_bytes() == b"\x00\x01"  # readers see the old file until the end
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_file(target, binary=True) as fh:
+        fh.write(b"torn")
+        raise RuntimeError("the writer died half-way")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.raw"]
+
+
+def test_json_keeps_the_callers_layout(tmp_path: Path) -> None:
+    target = tmp_path / "j.json"
+    write_json_atomic(target, {"b": 1, "a": 2}, indent=None, sort_keys=True)
+    assert target.read_text() == '{"a": 2, "b": 1}\n'
+
+
+def test_write_by_digest_names_the_file_by_its_content_or_leaves_nothing(tmp_path: Path) -> None:
+    from tidal.ids import sha256_digest
+
+    def place(digest: str) -> Path:
+        return tmp_path / digest.split(":", 1)[1]
+
+    with write_by_digest(tmp_path, place, mode=0o644) as w:
+        w.write(b"hello ")
+        w.write(memoryview(b"world"))
+    assert w.digest == sha256_digest(b"hello world") and w.size_bytes == 11
+    assert place(w.digest).read_bytes() == b"hello world"
+    assert place(w.digest).stat().st_mode & 0o777 == 0o644
+
+    def refuse(digest: str) -> None:
+        raise ValueError(f"not the digest I wanted: {digest}")
+
+    with (
+        pytest.raises(ValueError, match="not the digest"),
+        write_by_digest(tmp_path, place, check=refuse) as w,
+    ):
+        w.write(b"other bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [place(sha256_digest(b"hello world")).name]

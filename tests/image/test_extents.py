@@ -9,8 +9,8 @@ from tidal.image.extents import Extent, ExtentMap
 
 
 def model_apply(model: dict[int, tuple[int, bool]], e: Extent) -> None:
-    for i in range(e.length):
-        model[e.lba + i] = (e.data_offset + i if not e.zeroed else -1, e.zeroed)
+    for i in range(e.length_sectors):
+        model[e.lba_sectors + i] = (e.data_offset_sectors + i if not e.zeroed else -1, e.zeroed)
 
 
 @given(
@@ -30,29 +30,29 @@ def test_insert_and_lookup_match_a_sector_model(writes, q_lba, q_len) -> None:
         m.insert(e)
         model_apply(model, e)
     items = list(m)
-    assert all(a.end <= b.lba for a, b in itertools.pairwise(items))
+    assert all(a.end_sector <= b.lba_sectors for a, b in itertools.pairwise(items))
     segs = m.lookup(q_lba, q_len)
-    assert sum(s.length for s in segs) == q_len
+    assert sum(s.length_sectors for s in segs) == q_len
     pos = q_lba
     for s in segs:
-        assert s.lba == pos
-        for i in range(s.length):
+        assert s.lba_sectors == pos
+        for i in range(s.length_sectors):
             got = (
                 None
                 if s.extent is None
-                else (-1 if s.extent.zeroed else s.extent.data_offset + i, s.extent.zeroed)
+                else (-1 if s.extent.zeroed else s.extent.data_offset_sectors + i, s.extent.zeroed)
             )
             assert got == model.get(pos + i)
-        pos += s.length
+        pos += s.length_sectors
     c = m.compacted()
     assert len(c) <= len(m)
     for lba in range(0, 260):
         a, b = m.lookup(lba, 1)[0].extent, c.lookup(lba, 1)[0].extent
         assert (a is None) == (b is None)
         if a and b:
-            assert (a.zeroed, a.data_offset if not a.zeroed else 0) == (
+            assert (a.zeroed, a.data_offset_sectors if not a.zeroed else 0) == (
                 b.zeroed,
-                b.data_offset if not b.zeroed else 0,
+                b.data_offset_sectors if not b.zeroed else 0,
             )
     assert list(ExtentMap.deserialize(c.serialize())) == list(c)
 

@@ -16,7 +16,10 @@ def test_recorder_records_first_access_in_order() -> None:
     rec.read(0, 4096)
     rec.read(8192, 10)  # same page again: not recorded twice
     tr = rec.trace()
-    assert [(r.lba, r.length, r.first_access_ms) for r in tr.ranges] == [(16, 1, 10), (0, 8, 20)]
+    assert [(r.lba_sectors, r.length_sectors, r.first_access_ms) for r in tr.ranges] == [
+        (16, 1, 10),
+        (0, 8, 20),
+    ]
     assert Trace.deserialize(tr.serialize()) == tr
 
 
@@ -24,9 +27,13 @@ def test_recorder_records_first_access_in_order() -> None:
 def test_coalesce_covers_exactly_the_same_sectors(pairs) -> None:
     ranges = [TraceRange(a, n, i) for i, (a, n) in enumerate(pairs)]
     merged = coalesce(ranges)
-    covered = {s for r in ranges for s in range(r.lba, r.lba + r.length)}
-    assert {s for r in merged for s in range(r.lba, r.lba + r.length)} == covered
-    assert all(a.lba + a.length < b.lba for a, b in itertools.pairwise(merged))
+    covered = {s for r in ranges for s in range(r.lba_sectors, r.lba_sectors + r.length_sectors)}
+    assert {
+        s for r in merged for s in range(r.lba_sectors, r.lba_sectors + r.length_sectors)
+    } == covered
+    assert all(
+        a.lba_sectors + a.length_sectors < b.lba_sectors for a, b in itertools.pairwise(merged)
+    )
 
 
 def test_bad_trace_bytes() -> None:

@@ -148,3 +148,34 @@ def test_engine_entries_select_by_label() -> None:
     )
     assert everything.engine_selector == {} and everything.labels == {"team": "x"}
     assert plain.engine_selector is None and not parse_rules({}, "r").uses_engine
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            {"guards": {"drift_limit_s": -1}},
+            "rules.yaml: guards.drift_limit_s must not be negative",
+        ),
+        (
+            {
+                "signals": [
+                    {"app": "w", "prometheus_url": "http://x", "metric": "m", "scale_to_ms": 0}
+                ]
+            },
+            r"rules.yaml: signals\[0\].scale_to_ms must be positive",
+        ),
+        (
+            {"slo": {"cpu_usage_ceiling": 2}},
+            "rules.yaml: slo.cpu_usage_ceiling 2.0 must be a fraction",
+        ),
+        (
+            {"containers": [{"cgroup": "a", "spec": {"cpu": 1}}]},
+            r"containers\[0\].spec: unknown key",
+        ),
+        ({"containers": "a"}, "rules.yaml: containers: expected a list, got 'a'"),
+    ],
+)
+def test_nested_values_fail_with_their_key_path(doc: Any, message: str) -> None:
+    with pytest.raises(RuleError, match=message):
+        parse_rules(doc, "rules.yaml")

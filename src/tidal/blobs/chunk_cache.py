@@ -341,8 +341,9 @@ class ChunkCache:
 
     # --- introspection --------------------------------------------------------------------
 
+    @property
     def size_bytes(self) -> int:
-        """Bytes on disk now (a scan: exact across processes)."""
+        """Bytes on disk now (a directory scan on each access: exact across processes)."""
         return sum(e.size_bytes for e in self._scan())
 
     def entry_count(self) -> int:

@@ -298,6 +298,7 @@ class LazyImage:
         origin = read_origin(path)
         return cls(Path(path), RegistryBlobStore(client, origin.repository), cache, settings)
 
+    @property
     def stats(self) -> SourceStats:
         """The sum over all layer sources: bytes fetched, hits, misses, prefetched chunks."""
         parts = [s.stats for s in self.sources.values()]
@@ -311,7 +312,7 @@ class LazyImage:
             "image": str(self.image.path),
             "source": self.source.name,
             "layers": {d: asdict(src.stats) for d, src in self.sources.items()},
-            "total": asdict(self.stats()),
+            "total": asdict(self.stats),
             "prefetch": {
                 "running": sum(not p.done for p in self.prefetches),
                 "groups": sum(p.groups_total for p in self.prefetches),
@@ -355,7 +356,7 @@ class LazyImage:
 
         In trace order (the order the container needed them), each chunk once.
         """
-        return self._plan((tr.lba, tr.length) for tr in trace.ranges)
+        return self._plan((tr.lba_sectors, tr.length_sectors) for tr in trace.ranges)
 
     def plan_read(self, offset: int, length: int) -> dict[Digest, list[ByteRange]]:
         """The stored chunk ranges, per layer blob, that a device read of these bytes needs."""
@@ -378,7 +379,9 @@ class LazyImage:
                     continue
                 digest = digest_of[id(layer)]
                 zfile = cast(ReadOnlyLayer, layer).zfile
-                spans = zfile.chunk_spans(ext.data_offset * SECTOR_BYTES, ext.length * SECTOR_BYTES)
+                spans = zfile.chunk_spans(
+                    ext.data_offset_sectors * SECTOR_BYTES, ext.length_sectors * SECTOR_BYTES
+                )
                 for span in spans:
                     r = ByteRange.of(span.stored_offset, span.stored_size)
                     if (digest, r) not in seen:

@@ -8,16 +8,14 @@ right: a crash or a bad download never leaves a partial or wrong blob under a di
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import os
-import tempfile
 import threading
 from pathlib import Path
 
 from tidal.blobs.source import STREAM_BLOCK_BYTES, ReadableStream, check_blob_range, verify_digest
 from tidal.errors import BlobError, BlobIntegrityError, BlobNotFoundError
+from tidal.fsutil import write_by_digest
 from tidal.ids import Digest, parse_digest, short_digest
 
 TMP_PREFIX = ".tmp-"
@@ -103,29 +101,20 @@ class LocalBlobStore:
             _drain(stream)  # content-addressed: same digest, same bytes
             return expected_digest
         self._dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self._dir)
-        try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                while block := stream.read(STREAM_BLOCK_BYTES):
-                    h.update(block)
-                    out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            digest = Digest("sha256:" + h.hexdigest())
+
+        def refuse_other(digest: Digest) -> None:
             if expected_digest is not None and digest != expected_digest:
                 raise BlobIntegrityError(
                     f"refusing to store blob {short_digest(expected_digest)} in {self.name}: "
                     f"the bytes received have digest {short_digest(digest)}"
                 )
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path(digest))
-            tmp = ""
-            return digest
-        finally:
-            if tmp:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+
+        with write_by_digest(
+            self._dir, self.path, prefix=TMP_PREFIX, check=refuse_other, mode=0o644
+        ) as out:
+            while block := stream.read(STREAM_BLOCK_BYTES):
+                out.write(block)
+        return out.digest
 
     def put_bytes(self, data: bytes, expected_digest: Digest | None = None) -> Digest:
         return self.put(io.BytesIO(data), expected_digest)

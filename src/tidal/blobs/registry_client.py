@@ -1,8 +1,8 @@
 """An OCI distribution client (httpx): blobs with Range, uploads, manifests, tags, auth, retries.
 
-This is the only module that sees HTTP status codes. They map onto Tidal's errors in one table
-(:func:`_raise_for`): 401/403 -> :class:`RegistryAuthError`, 404 -> :class:`BlobNotFoundError`
-(or :class:`ManifestNotFoundError`), 429/5xx and connection failures -> retried with exponential
+A failed request's HTTP status maps onto Tidal's errors in :func:`_raise_for` (the token
+endpoint's in :meth:`_fetch_token`'s own two checks): 401/403 -> :class:`RegistryAuthError`, 404 -> :class:`BlobNotFoundError` (or
+:class:`ManifestNotFoundError`), 429/5xx and connection failures -> retried with exponential
 backoff, then :class:`RegistryUnavailableError`. Auth follows the distribution spec: on a 401
 the ``WWW-Authenticate`` challenge says ``Basic`` (send the credentials) or ``Bearer`` (fetch a
 token for the repository scope from the realm, cache it). Credentials are never logged.

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import check_settings, data_root, load_section
+from tidal.config import data_root, load_section
+from tidal.validation import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check,
+)
 
 DEFAULT_CACHE_CAPACITY_BYTES = 10 * 1024**3
 """10 GiB: holds the working set of many images (a container reads ~6 % of its image)."""
@@ -30,16 +37,16 @@ DEFAULT_UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024
 class BlobSettings:
     cache_dir: Path | None = None
     """Chunk cache directory; ``None`` means ``$TIDAL_DATA_ROOT/cache/chunks``."""
-    cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES
-    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
-    prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
-    coalesce_gap_bytes: int = DEFAULT_COALESCE_GAP_BYTES
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
-    backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S
-    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
-    upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES
+    cache_capacity_bytes: NonNegativeInt = DEFAULT_CACHE_CAPACITY_BYTES
+    fetch_concurrency: PositiveInt = DEFAULT_FETCH_CONCURRENCY
+    prefetch_concurrency: PositiveInt = DEFAULT_PREFETCH_CONCURRENCY
+    coalesce_gap_bytes: NonNegativeInt = DEFAULT_COALESCE_GAP_BYTES
+    max_request_bytes: PositiveInt = DEFAULT_MAX_REQUEST_BYTES
+    retry_attempts: PositiveInt = DEFAULT_RETRY_ATTEMPTS
+    backoff_initial_s: NonNegativeFloat = DEFAULT_BACKOFF_INITIAL_S
+    backoff_max_s: NonNegativeFloat = DEFAULT_BACKOFF_MAX_S
+    request_timeout_s: PositiveFloat = DEFAULT_REQUEST_TIMEOUT_S
+    upload_chunk_bytes: PositiveInt = DEFAULT_UPLOAD_CHUNK_BYTES
     insecure_registries: tuple[str, ...] = ()
     """Registries (host[:port]) spoken to over plain HTTP; loopback addresses always are."""
     ca_file: Path | None = None
@@ -59,24 +66,7 @@ class BlobSettings:
     """Docker-style auth.json; ``None`` means ``$TIDAL_REGISTRY_AUTH`` or ``~/.config/tidal/auth.json``."""
 
     def __post_init__(self) -> None:
-        check_settings(
-            "blobs",
-            self,
-            positive=(
-                "fetch_concurrency",
-                "prefetch_concurrency",
-                "max_request_bytes",
-                "retry_attempts",
-                "request_timeout_s",
-                "upload_chunk_bytes",
-            ),
-            non_negative=(
-                "cache_capacity_bytes",
-                "coalesce_gap_bytes",
-                "backoff_initial_s",
-                "backoff_max_s",
-            ),
-        )
+        check(self, "[blobs]")
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else data_root() / "cache" / "chunks"

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tidal import proc
 from tidal.blockdev import mounts
-from tidal.blockdev.ext4 import Ext4Format, run_tool
+from tidal.blockdev.ext4 import Ext4Format
 from tidal.blockdev.layer_tar import LayerScan, TreeWriter, extract, scan_layer
 from tidal.blockdev.oci_archive import SourceImage, SourceLayer, open_source_image
 from tidal.blockdev.settings import BlockdevSettings, load_settings
@@ -31,6 +32,9 @@ from tidal.errors import BuildError, ImageNotFoundError, NotFoundError, TidalErr
 from tidal.image.manifest import Image, ImageManifest, ImageWriter, LayerRecord, blob_path
 from tidal.image.zfile import Codec
 from tidal.units import MiB
+
+COPY_TIMEOUT_S = 24 * 3600.0
+"""``cp -a`` of a root tree: bounded only so a wedged copy cannot hang a build forever."""
 
 
 class BuildProgress(Protocol):
@@ -293,11 +297,11 @@ def build_from_dir(
     )
 
     def copy(root: Path) -> None:
-        run_tool(
+        proc.run(
             ["cp", "-a", "--preserve=all", "--no-dereference", f"{src}/.", f"{root}/"],
-            f"copying {src} into the image",
-            BuildError,
-            timeout_s=24 * 3600,
+            what=f"copying {src} into the image",
+            error=BuildError,
+            timeout_s=COPY_TIMEOUT_S,
         )
 
     with _staging(Path(out_image)) as work:

@@ -1,27 +1,37 @@
 """ext4 on a block device: mkfs, mount, umount, and reading the mount table.
 
-The only place that runs ``mkfs.ext4``, ``mount`` and ``umount``; their failures become
-:class:`MountError` or :class:`BuildError` naming the device or directory and the tool's message.
+The one place in ``tidal.blockdev`` that runs ``mkfs.ext4``, ``mount`` and ``umount`` (apart
+from ``record.py``'s script mounting /proc, /dev and /sys inside the recorded command's own
+mount namespace); the helpers also serve other parts' ext4 files (the engine's quota volumes:
+``mkfs(..., size_bytes=, error=)``, ``mount(..., options="loop,noatime")``,
+``umount(..., lazy_fallback=True)``). Their failures become the caller's error class
+(:class:`MountError` or :class:`BuildError` by default) naming the device or directory and the
+tool's message. Tools run through :func:`tidal.proc.run`.
 """
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.errors import BuildError, MountError
+from tidal import proc
+from tidal.errors import BuildError, MountError, TidalError
 
 READONLY_OPTIONS = "ro,noload"
 """``noload``: never replay a journal on a read-only image (the device could not take it)."""
 READWRITE_OPTIONS = "noatime,noinit_itable"
 """``noatime``: reads must not turn into writes to the layer; ``noinit_itable``: the base
 device reads as zeros already, so the kernel need not zero inode tables in the background."""
+MKFS_TIMEOUT_S = 300.0
+"""mkfs writes metadata only (lazy init), but a multi-GB disk on a loaded node takes seconds."""
+MOUNT_TIMEOUT_S = 60.0
+E2FSPROGS = "apt-get install e2fsprogs"
+UTIL_LINUX = "apt-get install util-linux"
 
 
 @dataclass(frozen=True)
 class Ext4Format:
-    """How the builder formats a fresh virtual disk."""
+    """How a fresh ext4 filesystem is laid out (the builder's disks, the engine's volumes)."""
 
     inode_count: int | None = None
     journal: bool = False
@@ -29,49 +39,85 @@ class Ext4Format:
     block_size_bytes: int = 4096
 
 
-def run_tool(
-    cmd: list[str], what: str, error: type[Exception] = MountError, timeout_s: float = 300
-) -> str:
-    """Run an external tool; its failure becomes ``error`` with the tool's stderr."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
-    except FileNotFoundError:
-        raise error(f"{what}: {cmd[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise error(f"{what}: {cmd[0]} did not finish within {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise error(f"{what}: {'; '.join(msg[-3:]) or f'exit status {proc.returncode}'}")
-    return proc.stdout
-
-
-def mkfs_command(device: str, fmt: Ext4Format) -> list[str]:
-    """mkfs.ext4 arguments that write only metadata (never the whole disk)."""
+def mkfs_command(device: str, fmt: Ext4Format, *, size_bytes: int | None = None) -> list[str]:
+    """mkfs.ext4 arguments that write only metadata (never the whole disk); no reserved
+    blocks (an image or a quota is all its user's). ``size_bytes`` sizes the filesystem when
+    ``device`` is a file larger than wanted (default: the whole device)."""
     cmd = ["mkfs.ext4", "-F", "-q", "-m", "0", "-b", str(fmt.block_size_bytes), "-L", fmt.label]
     cmd += ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
     if not fmt.journal:
         cmd += ["-O", "^has_journal"]
     if fmt.inode_count:
         cmd += ["-N", str(fmt.inode_count)]
-    return [*cmd, device]
+    cmd.append(device)
+    if size_bytes is not None:
+        cmd.append(f"{size_bytes // 1024}k")
+    return cmd
 
 
-def mkfs(device: str, fmt: Ext4Format) -> None:
-    run_tool(mkfs_command(device, fmt), f"formatting {device} as ext4", BuildError)
-
-
-def mount(device: str, target: Path, *, readonly: bool) -> None:
-    opts = READONLY_OPTIONS if readonly else READWRITE_OPTIONS
-    run_tool(
-        ["mount", "-t", "ext4", "-o", opts, device, str(target)],
-        f"mounting {device} (ext4, {opts}) at {target}",
+def mkfs(
+    device: str | Path,
+    fmt: Ext4Format,
+    *,
+    size_bytes: int | None = None,
+    error: type[TidalError] = BuildError,
+) -> None:
+    """Format ``device`` (a block device or a plain file) as ext4."""
+    proc.run(
+        mkfs_command(str(device), fmt, size_bytes=size_bytes),
+        what=f"formatting {device} as ext4",
+        error=error,
+        timeout_s=MKFS_TIMEOUT_S,
+        install_hint=E2FSPROGS,
     )
 
 
-def umount(target: Path, *, lazy: bool = False) -> None:
-    run_tool(
+def mount(
+    device: str | Path,
+    target: Path | str,
+    *,
+    readonly: bool,
+    options: str | None = None,
+    error: type[TidalError] = MountError,
+) -> None:
+    """Mount ext4 ``device`` at ``target``: read-only images with ``noload``, writable ones
+    with ``noatime``; ``options`` replaces those (e.g. ``loop,noatime`` for a file)."""
+    opts = options if options is not None else (READONLY_OPTIONS if readonly else READWRITE_OPTIONS)
+    if options is not None and readonly:
+        opts = f"ro,{opts}"
+    proc.run(
+        ["mount", "-t", "ext4", "-o", opts, str(device), str(target)],
+        what=f"mounting {device} (ext4, {opts}) at {target}",
+        error=error,
+        timeout_s=MOUNT_TIMEOUT_S,
+        install_hint=UTIL_LINUX,
+    )
+
+
+def umount(
+    target: Path | str,
+    *,
+    lazy: bool = False,
+    lazy_fallback: bool = False,
+    error: type[TidalError] = MountError,
+) -> None:
+    """Unmount ``target``. ``lazy`` detaches it at once and lets the kernel finish when the
+    last user lets go; ``lazy_fallback`` first tries a normal unmount and detaches lazily only
+    if that fails while ``target`` is still mounted (busy), so nothing is leaked."""
+    if lazy_fallback and not lazy:
+        try:
+            umount(target, error=error)
+            return
+        except TidalError:
+            if not is_mountpoint(Path(target)):
+                return
+        lazy = True
+    proc.run(
         ["umount", *(["--lazy"] if lazy else []), str(target)],
-        f"unmounting {target}{' (lazy)' if lazy else ''}",
+        what=f"unmounting {target}{' (lazy)' if lazy else ''}",
+        error=error,
+        timeout_s=MOUNT_TIMEOUT_S,
+        install_hint=UTIL_LINUX,
     )
 
 

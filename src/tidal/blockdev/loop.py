@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from tidal import proc
 from tidal.errors import MountError
 
 log = logging.getLogger(__name__)
+
+LOSETUP_TIMEOUT_S = 60.0
+"""losetup answers in milliseconds; a minute means the loop driver is stuck."""
 
 
 @dataclass(frozen=True)
@@ -30,19 +33,15 @@ class LoopDevice:
 
 
 def _losetup(args: list[str], what: str) -> str:
-    try:
-        proc = subprocess.run(
-            ["losetup", *args], capture_output=True, text=True, check=False, timeout=60
-        )
-    except FileNotFoundError:
-        raise MountError("losetup is not installed (Debian package util-linux)") from None
-    except subprocess.TimeoutExpired:
-        raise MountError(f"{what}: losetup did not answer within 60 s") from None
-    if proc.returncode != 0:
-        raise MountError(
-            f"{what}: {proc.stderr.strip() or f'losetup exit status {proc.returncode}'}"
-        )
-    return proc.stdout
+    return str(
+        proc.run(
+            ["losetup", *args],
+            what=what,
+            error=MountError,
+            timeout_s=LOSETUP_TIMEOUT_S,
+            install_hint="apt-get install util-linux",
+        ).stdout
+    )
 
 
 def attach(backing_file: Path, *, readonly: bool, direct_io: bool = True) -> LoopDevice:

@@ -34,9 +34,11 @@ from tidal.config import data_root
 from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalError
 from tidal.fsutil import read_line, write_text_atomic
 from tidal.image.manifest import Image
+from tidal.proc import run, spawn
 
 log = logging.getLogger(__name__)
 
+FUSE3 = "apt-get install fuse3"
 STATS_FILE = "stats.json"
 """In the mount's run directory; the server rewrites it every second and at exit."""
 
@@ -260,8 +262,11 @@ def _start_server(
         cmd += ["--writable", str(writable_dir)]
     try:
         with log_file.open("ab") as log_fh:
-            proc = subprocess.Popen(
+            # A long-lived child that must outlive this call: spawned, not run.
+            proc = spawn(
                 cmd,
+                what=f"starting the FUSE server for {image_dir}",
+                error=FuseServerError,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fh,
                 stderr=log_fh,
@@ -423,16 +428,24 @@ def _teardown(info: MountInfo, *, force: bool) -> None:
 
 def _fuse_unmount(fuse_dir: Path, *, lazy: bool) -> None:
     """``fusermount3 -u``; retried while the loop device lets go of the file, then lazy."""
+    what = f"unmounting FUSE {fuse_dir}"
     if not lazy:
         for _ in range(20):
             try:
-                ext4.run_tool(["fusermount3", "-u", str(fuse_dir)], f"unmounting FUSE {fuse_dir}")
+                run(
+                    ["fusermount3", "-u", fuse_dir], what=what, error=MountError, install_hint=FUSE3
+                )
                 return
             except MountError:
                 if not ext4.is_mountpoint(fuse_dir):
                     return
                 time.sleep(0.1)
-    ext4.run_tool(["fusermount3", "-u", "-z", str(fuse_dir)], f"unmounting FUSE {fuse_dir} (lazy)")
+    run(
+        ["fusermount3", "-u", "-z", fuse_dir],
+        what=f"{what} (lazy)",
+        error=MountError,
+        install_hint=FUSE3,
+    )
 
 
 def _stop_server(pid: int, *, timeout_s: float) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from tidal.fsutil import atomic_file
 from tidal.image.manifest import Image
 from tidal.units import MiB
 
@@ -39,9 +39,7 @@ def export_raw(
     view = image.merged_view()
     size = view.size_bytes
     written = 0
-    out = Path(out_file)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("wb") as fh:
+    with atomic_file(out_file, binary=True) as fh:
         for offset in range(0, size, EXPORT_WINDOW_BYTES):
             n = min(EXPORT_WINDOW_BYTES, size - offset)
             data = memoryview(view.read(offset, n))
@@ -53,5 +51,4 @@ def export_raw(
             if on_progress:
                 on_progress(offset + n, size)
         fh.truncate(size)
-    os.replace(tmp, out)
     return ExportResult(size, written)

@@ -29,6 +29,7 @@ from tidal.config import data_root
 from tidal.errors import ConfigError, MountError, TidalError
 from tidal.image.manifest import Image
 from tidal.image.trace import Trace
+from tidal.proc import spawn
 
 DEFAULT_TIMEOUT_S = DEFAULT_RECORD_TIMEOUT_S
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -140,9 +141,13 @@ def _run(
     ready_line: str | None,
     on_output: Callable[[str], None] | None,
 ) -> tuple[str, int | None, float, str]:
+    """Run the command, reading its output as it comes (hence a spawned child, not
+    :func:`tidal.proc.run`): the ready line or the time limit may end it early."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(
+    proc = spawn(
         cmd,
+        what="recording the command's reads",
+        error=MountError,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from tidal.blobs.pulled import is_pulled_image
 from tidal.blockdev.fuse_device import BlockDeviceFS, serve
 from tidal.errors import TidalError
-from tidal.fsutil import write_json_atomic
+from tidal.fsutil import write_bytes_atomic, write_json_atomic
 from tidal.image.device import BlockDevice
 from tidal.image.manifest import Image
 from tidal.image.trace import TraceRecorder
@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if recorder is not None:
             with contextlib.suppress(OSError):
                 trace = recorder.trace()
-                tmp = args.trace_out.with_name(f".{args.trace_out.name}.tmp")
-                tmp.write_bytes(trace.serialize())
-                os.replace(tmp, args.trace_out)
+                write_bytes_atomic(args.trace_out, trace.serialize())
                 log.info("recorded %d ranges (%d bytes) to %s", len(trace.ranges),
                          trace.total_bytes, args.trace_out)  # fmt: skip
         served.close()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tidal.config import check_settings, load_section
+from tidal.config import load_section
 from tidal.errors import ConfigError
 from tidal.image.zfile import Codec
 from tidal.units import MiB
+from tidal.validation import NonNegativeInt, PositiveFloat, PositiveInt, check
 
 DEFAULT_READY_TIMEOUT_S = 30.0
 """A FUSE server opens only the blobs' tails before it mounts; 30 s covers a slow remote tail."""
@@ -30,16 +31,16 @@ DEFAULT_BYTES_PER_INODE = 8192
 class BlockdevSettings:
     """How images are served, mounted and built."""
 
-    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
-    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
-    max_io_bytes: int = DEFAULT_MAX_IO_BYTES
+    ready_timeout_s: PositiveFloat = DEFAULT_READY_TIMEOUT_S
+    stop_timeout_s: PositiveFloat = DEFAULT_STOP_TIMEOUT_S
+    max_io_bytes: PositiveInt = DEFAULT_MAX_IO_BYTES
     loop_direct_io: bool = True
     """Loop device reads the FUSE file with O_DIRECT: the data is cached once (above ext4),
     not twice (FUSE file and filesystem page caches)."""
-    min_size_bytes: int = DEFAULT_MIN_SIZE_BYTES
-    size_factor: float = DEFAULT_SIZE_FACTOR
-    slack_bytes: int = DEFAULT_SLACK_BYTES
-    bytes_per_inode: int = DEFAULT_BYTES_PER_INODE
+    min_size_bytes: PositiveInt = DEFAULT_MIN_SIZE_BYTES
+    size_factor: PositiveFloat = DEFAULT_SIZE_FACTOR
+    slack_bytes: NonNegativeInt = DEFAULT_SLACK_BYTES
+    bytes_per_inode: PositiveInt = DEFAULT_BYTES_PER_INODE
     ext4_journal: bool = False
     """Images are written by one builder and committed only after a clean unmount, so a journal
     would only add its own blocks to every layer. Turn on for long-lived read-write mounts."""
@@ -47,19 +48,7 @@ class BlockdevSettings:
     """ZFile codec of committed layers: lz4 decompresses fastest on the read path."""
 
     def __post_init__(self) -> None:
-        check_settings(
-            "blockdev",
-            self,
-            positive=(
-                "ready_timeout_s",
-                "stop_timeout_s",
-                "max_io_bytes",
-                "min_size_bytes",
-                "size_factor",
-                "bytes_per_inode",
-            ),
-            non_negative=("slack_bytes",),
-        )
+        check(self, "[blockdev]")
         try:
             Codec.parse(self.codec)
         except ConfigError as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from rich.table import Table
 
 from tidal.cli.console import err, out
 from tidal.errors import ConfigError
+from tidal.proc import run
 from tidal.units import format_size
 
 if TYPE_CHECKING:  # the demo imports the image, blobs and blockdev parts when it runs
@@ -158,20 +158,14 @@ def demo(
             mounted = True
             note[0] = f"{info.loop_device} at {target}"
         with _step("run a command from the image (chroot)", timings) as note:
-            proc = subprocess.run(
+            done = run(
                 ["chroot", str(target), "/bin/sh", "-c", DEMO_COMMAND],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
+                what="the command in the image failed",
+                timeout_s=60,
             )
-            for line in proc.stdout.splitlines():
+            for line in done.stdout.splitlines():
                 out.print(f"   [cyan]|[/] {escape(line)}", markup=True)
-            if proc.returncode != 0:
-                raise ConfigError(
-                    f"the command in the image failed ({proc.returncode}): {proc.stderr.strip()}"
-                )
-            note[0] = f"exit {proc.returncode}, {len(proc.stdout.splitlines())} lines"
+            note[0] = f"exit {done.returncode}, {len(done.stdout.splitlines())} lines"
         with _step("what it fetched", timings) as note:
             fetched = _fetched_bytes(target)
             stored = result.stored_bytes

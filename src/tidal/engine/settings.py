@@ -6,11 +6,13 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, Literal
 
-from tidal.config import check_settings, data_root, load_section
+from tidal.config import data_root, load_section
 from tidal.errors import ConfigError
+from tidal.validation import NonNegativeFloat, NonNegativeInt, PositiveInt, check
 
-DEFAULT_RUNTIME = "runc"
+DEFAULT_RUNTIME: Final = "runc"
 """runc is the single-tenant default named by the seeds; crun is the faster C alternative."""
 DEFAULT_DISK_QUOTA_BYTES = 10 * 1024**3
 """Each container's writable layer is an ext4 volume of this size unless ``--disk-quota`` says otherwise."""
@@ -33,37 +35,26 @@ DEFAULT_UPGRADE_PROBE_S = 1.0
 class EngineSettings:
     """Where the engine keeps its state and what it does by default."""
 
-    runtime: str = DEFAULT_RUNTIME
+    runtime: Literal["runc", "crun"] = DEFAULT_RUNTIME
     state_dir: Path | None = None
     """Default ``$TIDAL_DATA_ROOT/engine``."""
     socket_path: Path | None = None
     """Default ``<state_dir>/engine.sock``."""
-    default_disk_quota_bytes: int = DEFAULT_DISK_QUOTA_BYTES
-    bytes_per_inode: int = DEFAULT_BYTES_PER_INODE
-    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    default_disk_quota_bytes: NonNegativeInt = DEFAULT_DISK_QUOTA_BYTES
+    bytes_per_inode: PositiveInt = DEFAULT_BYTES_PER_INODE
+    stop_timeout_s: NonNegativeFloat = DEFAULT_STOP_TIMEOUT_S
     subnet: str = DEFAULT_SUBNET
     bridge: str = DEFAULT_BRIDGE
     cgroup_parent: str = DEFAULT_CGROUP_PARENT
-    lxcfs: str = "auto"
+    lxcfs: Literal["auto", "on", "off"] = "auto"
     """``auto`` (use lxcfs when the binary exists), ``on`` or ``off``."""
-    upgrade_probe_s: float = DEFAULT_UPGRADE_PROBE_S
-    volume_pool_size: int = DEFAULT_VOLUME_POOL_SIZE
+    upgrade_probe_s: NonNegativeFloat = DEFAULT_UPGRADE_PROBE_S
+    volume_pool_size: NonNegativeInt = DEFAULT_VOLUME_POOL_SIZE
 
     def __post_init__(self) -> None:
         """Reject a bad setting when the daemon starts, not at the first ``tidal run``."""
         where = "[engine]"
-        check_settings(
-            "engine",
-            self,
-            non_negative=(
-                "default_disk_quota_bytes",
-                "volume_pool_size",
-                "stop_timeout_s",
-                "upgrade_probe_s",
-            ),
-            positive=("bytes_per_inode",),
-            choices={"runtime": ("runc", "crun"), "lxcfs": ("auto", "on", "off")},
-        )
+        check(self, where)
         try:
             net = ipaddress.ip_network(self.subnet)
         except ValueError as exc:

@@ -25,30 +25,32 @@ MAX_EXTENT_SECTORS = 0xFFFF_FFFF
 
 @dataclass(frozen=True, slots=True)
 class Extent:
-    """``length`` sectors starting at virtual ``lba``; data at ``data_offset`` sectors into the
-    layer's data, or zeros (a discard) when ``zeroed``."""
+    """``length_sectors`` sectors starting at virtual sector ``lba_sectors``; data at
+    ``data_offset_sectors`` sectors into the layer's data, or zeros (a discard) when ``zeroed``."""
 
-    lba: int
-    length: int
-    data_offset: int = 0
+    lba_sectors: int
+    length_sectors: int
+    data_offset_sectors: int = 0
     zeroed: bool = False
 
     @property
-    def end(self) -> int:
-        return self.lba + self.length
+    def end_sector(self) -> int:
+        return self.lba_sectors + self.length_sectors
 
     def slice(self, lba: int, end: int) -> Extent:
         """The part of this extent covering ``[lba, end)`` (must be inside it)."""
-        shift = lba - self.lba
-        return Extent(lba, end - lba, 0 if self.zeroed else self.data_offset + shift, self.zeroed)
+        shift = lba - self.lba_sectors
+        return Extent(
+            lba, end - lba, 0 if self.zeroed else self.data_offset_sectors + shift, self.zeroed
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
     """A piece of a looked-up range: covered by ``extent`` (already sliced), or a hole."""
 
-    lba: int
-    length: int
+    lba_sectors: int
+    length_sectors: int
     extent: Extent | None
 
 
@@ -60,15 +62,15 @@ class ExtentMap:
         self._items: list[Extent] = []
         prev_end = -1
         for e in extents:
-            if e.length <= 0 or e.lba < 0:
+            if e.length_sectors <= 0 or e.lba_sectors < 0:
                 raise LayerError(
                     f"invalid extent {e}: length must be positive and lba non-negative"
                 )
-            if e.lba < prev_end:
-                raise LayerError(f"extents overlap or are unsorted at lba {e.lba}")
-            self._starts.append(e.lba)
+            if e.lba_sectors < prev_end:
+                raise LayerError(f"extents overlap or are unsorted at lba {e.lba_sectors}")
+            self._starts.append(e.lba_sectors)
             self._items.append(e)
-            prev_end = e.end
+            prev_end = e.end_sector
 
     def __len__(self) -> int:
         return len(self._items)
@@ -78,11 +80,11 @@ class ExtentMap:
 
     @property
     def end_sector(self) -> int:
-        return self._items[-1].end if self._items else 0
+        return self._items[-1].end_sector if self._items else 0
 
     def _first_overlapping(self, lba: int) -> int:
         i = bisect.bisect_right(self._starts, lba) - 1
-        if i >= 0 and self._items[i].end > lba:
+        if i >= 0 and self._items[i].end_sector > lba:
             return i
         return i + 1
 
@@ -95,12 +97,12 @@ class ExtentMap:
         items = self._items
         while pos < end and i < len(items):
             e = items[i]
-            if e.lba >= end:
+            if e.lba_sectors >= end:
                 break
-            if e.lba > pos:
-                out.append(Segment(pos, e.lba - pos, None))
-                pos = e.lba
-            seg_end = min(e.end, end)
+            if e.lba_sectors > pos:
+                out.append(Segment(pos, e.lba_sectors - pos, None))
+                pos = e.lba_sectors
+            seg_end = min(e.end_sector, end)
             out.append(Segment(pos, seg_end - pos, e.slice(pos, seg_end)))
             pos = seg_end
             i += 1
@@ -110,23 +112,23 @@ class ExtentMap:
 
     def insert(self, new: Extent) -> None:
         """Add ``new``; whatever it overlaps is cut away (the newest write wins)."""
-        if new.length <= 0:
+        if new.length_sectors <= 0:
             return
-        lo = self._first_overlapping(new.lba)
+        lo = self._first_overlapping(new.lba_sectors)
         hi = lo
         keep: list[Extent] = []
-        while hi < len(self._items) and self._items[hi].lba < new.end:
+        while hi < len(self._items) and self._items[hi].lba_sectors < new.end_sector:
             old = self._items[hi]
-            if old.lba < new.lba:
-                keep.append(old.slice(old.lba, new.lba))
-            if old.end > new.end:
-                keep.append(old.slice(new.end, old.end))
+            if old.lba_sectors < new.lba_sectors:
+                keep.append(old.slice(old.lba_sectors, new.lba_sectors))
+            if old.end_sector > new.end_sector:
+                keep.append(old.slice(new.end_sector, old.end_sector))
             hi += 1
-        left = [k for k in keep if k.lba < new.lba]
-        right = [k for k in keep if k.lba >= new.end]
+        left = [k for k in keep if k.lba_sectors < new.lba_sectors]
+        right = [k for k in keep if k.lba_sectors >= new.end_sector]
         repl = [*left, new, *right]
         self._items[lo:hi] = repl
-        self._starts[lo:hi] = [e.lba for e in repl]
+        self._starts[lo:hi] = [e.lba_sectors for e in repl]
 
     def compacted(self) -> ExtentMap:
         """Merge neighbours that continue each other (adjacent lba and adjacent data)."""
@@ -134,17 +136,32 @@ class ExtentMap:
         for e in self._items:
             if out:
                 p = out[-1]
-                contiguous = p.end == e.lba and p.zeroed == e.zeroed
-                continues = e.zeroed or p.data_offset + p.length == e.data_offset
-                if contiguous and continues and p.length + e.length <= MAX_EXTENT_SECTORS:
-                    out[-1] = Extent(p.lba, p.length + e.length, p.data_offset, p.zeroed)
+                contiguous = p.end_sector == e.lba_sectors and p.zeroed == e.zeroed
+                continues = (
+                    e.zeroed or p.data_offset_sectors + p.length_sectors == e.data_offset_sectors
+                )
+                if (
+                    contiguous
+                    and continues
+                    and p.length_sectors + e.length_sectors <= MAX_EXTENT_SECTORS
+                ):
+                    out[-1] = Extent(
+                        p.lba_sectors,
+                        p.length_sectors + e.length_sectors,
+                        p.data_offset_sectors,
+                        p.zeroed,
+                    )
                     continue
             out.append(e)
         return ExtentMap(out)
 
     def serialize(self) -> bytes:
         records = b"".join(
-            RECORD.pack(e.lba, (ZERO_BIT if e.zeroed else 0) | e.data_offset, e.length)
+            RECORD.pack(
+                e.lba_sectors,
+                (ZERO_BIT if e.zeroed else 0) | e.data_offset_sectors,
+                e.length_sectors,
+            )
             for e in self._items
         )
         head = _HEAD.pack(INDEX_MAGIC, INDEX_VERSION, 0, zlib.crc32(records), len(self._items))

@@ -33,9 +33,9 @@ class ReadOnlyLayer:
         self.index = ExtentMap.deserialize(self.zfile.metadata, name=source.name)
         data_sectors = self.zfile.raw_size_bytes // SECTOR_BYTES
         for e in self.index:
-            if not e.zeroed and e.data_offset + e.length > data_sectors:
+            if not e.zeroed and e.data_offset_sectors + e.length_sectors > data_sectors:
                 raise LayerError(
-                    f"{source.name}: extent at lba {e.lba} points past the layer's data"
+                    f"{source.name}: extent at lba {e.lba_sectors} points past the layer's data"
                 )
 
     @property

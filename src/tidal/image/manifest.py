@@ -12,17 +12,17 @@ factory gives a lazy image without any change here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from tidal.errors import ChecksumError, FormatError, ImageNotFoundError
-from tidal.fsutil import write_text_atomic
+from tidal.fsutil import write_by_digest, write_text_atomic
 from tidal.ids import Digest, parse_digest, short_digest
 from tidal.image.layer import ReadOnlyLayer
 from tidal.image.merged import MergedView
@@ -102,31 +102,6 @@ class ImageManifest:
             raise FormatError(f"{name}: not valid JSON: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"{name}: malformed manifest: {exc!r}") from exc
-
-
-class HashingWriter:
-    """A write-only file wrapper that computes sha256 and size of what passes through."""
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self._fh = fh
-        self._hash = hashlib.sha256()
-        self.size_bytes = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._hash.update(data)
-        self._fh.write(data)
-        self.size_bytes += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        raise OSError("not seekable")
-
-    def seekable(self) -> bool:
-        return False
-
-    @property
-    def digest(self) -> Digest:
-        return Digest("sha256:" + self._hash.hexdigest())
 
 
 def blob_path(image_dir: Path, digest: Digest) -> Path:
@@ -260,19 +235,10 @@ class ImageWriter:
         source_diff_id: str | None = None,
     ) -> tuple[LayerRecord, CommitInfo]:
         """Commit ``writable`` into a new top layer blob of this image."""
-        fd, name = tempfile.mkstemp(dir=self.path / "blobs", prefix=".layer-")
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                hw = HashingWriter(fh)
-                info = writable.commit(hw, chunk_size_bytes=chunk_size_bytes, codec=codec)  # type: ignore[arg-type]
-                fh.flush()
-                os.fsync(fh.fileno())
-            digest = hw.digest
-            os.replace(tmp, blob_path(self.path, digest))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        place = functools.partial(blob_path, self.path)
+        with write_by_digest(self.path / "blobs", place, prefix=".layer-") as hw:
+            info = writable.commit(hw, chunk_size_bytes=chunk_size_bytes, codec=codec)  # type: ignore[arg-type]
+        digest = hw.digest
         with FileSource(blob_path(self.path, digest)) as src:
             layer = ReadOnlyLayer(src, decoded_cache_chunks=0)
             tail_crc = layer.zfile.tail_crc32
@@ -320,18 +286,11 @@ def attach_trace(image_dir: str | os.PathLike[str], trace_blob: bytes) -> LayerR
     image = Image.open(image_dir)
     store = image.path / "blobs" / "sha256"
     store.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=store.parent, prefix=".trace-")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(trace_blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, blob_path(image.path, digest))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with write_by_digest(
+        store.parent, functools.partial(blob_path, image.path), prefix=".trace-"
+    ) as hw:
+        hw.write(trace_blob)
+    digest = hw.digest
     rec = LayerRecord(
         digest=digest,
         size_bytes=len(trace_blob),

@@ -24,12 +24,12 @@ def resolve(layers: Sequence[Layer], lba: int, count: int) -> list[tuple[Segment
         for lo, n in pending:
             for seg in layer.index.lookup(lo, n):
                 if seg.extent is None:
-                    nxt.append((seg.lba, seg.length))
+                    nxt.append((seg.lba_sectors, seg.length_sectors))
                 else:
                     found.append((seg, layer))
         pending = nxt
     found.extend((Segment(lo, n, None), None) for lo, n in pending)
-    found.sort(key=lambda item: item[0].lba)
+    found.sort(key=lambda item: item[0].lba_sectors)
     return found
 
 
@@ -40,9 +40,9 @@ def read_sectors(layers: Sequence[Layer], lba: int, count: int) -> bytearray:
         ext = seg.extent
         if layer is None or ext is None or ext.zeroed:
             continue  # zeros already
-        start = (seg.lba - lba) * SECTOR_BYTES
-        buf[start : start + seg.length * SECTOR_BYTES] = layer.read_data(
-            ext.data_offset * SECTOR_BYTES, ext.length * SECTOR_BYTES
+        start = (seg.lba_sectors - lba) * SECTOR_BYTES
+        buf[start : start + seg.length_sectors * SECTOR_BYTES] = layer.read_data(
+            ext.data_offset_sectors * SECTOR_BYTES, ext.length_sectors * SECTOR_BYTES
         )
     return buf
 

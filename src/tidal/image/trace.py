@@ -30,17 +30,17 @@ _REC = struct.Struct("<QII")
 
 @dataclass(frozen=True, slots=True)
 class TraceRange:
-    lba: int
-    length: int
+    lba_sectors: int
+    length_sectors: int
     first_access_ms: int = 0
 
     @property
     def offset_bytes(self) -> int:
-        return self.lba * SECTOR_BYTES
+        return self.lba_sectors * SECTOR_BYTES
 
     @property
     def length_bytes(self) -> int:
-        return self.length * SECTOR_BYTES
+        return self.length_sectors * SECTOR_BYTES
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ class Trace:
         return sum(r.length_bytes for r in self.ranges)
 
     def serialize(self) -> bytes:
-        recs = b"".join(_REC.pack(r.lba, r.length, r.first_access_ms) for r in self.ranges)
+        recs = b"".join(
+            _REC.pack(r.lba_sectors, r.length_sectors, r.first_access_ms) for r in self.ranges
+        )
         return _HEAD.pack(TRACE_MAGIC, TRACE_VERSION, 0, zlib.crc32(recs), len(self.ranges)) + recs
 
     @classmethod
@@ -81,11 +83,13 @@ def coalesce(ranges: Iterable[TraceRange], gap_sectors: int = 0) -> list[TraceRa
     order by urgency.
     """
     out: list[TraceRange] = []
-    for r in sorted(ranges, key=lambda r: r.lba):
-        if out and r.lba <= out[-1].lba + out[-1].length + gap_sectors:
+    for r in sorted(ranges, key=lambda r: r.lba_sectors):
+        if out and r.lba_sectors <= out[-1].lba_sectors + out[-1].length_sectors + gap_sectors:
             p = out[-1]
-            end = max(p.lba + p.length, r.lba + r.length)
-            out[-1] = TraceRange(p.lba, end - p.lba, min(p.first_access_ms, r.first_access_ms))
+            end = max(p.lba_sectors + p.length_sectors, r.lba_sectors + r.length_sectors)
+            out[-1] = TraceRange(
+                p.lba_sectors, end - p.lba_sectors, min(p.first_access_ms, r.first_access_ms)
+            )
         else:
             out.append(r)
     return out

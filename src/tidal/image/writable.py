@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tidal.errors import FormatError, ImageNotFoundError, LayerError
+from tidal.fsutil import write_json_atomic
 from tidal.image.extents import RECORD, ZERO_BIT, Extent, ExtentMap
 from tidal.image.layer import Layer
 from tidal.image.merged import check_device_range, read_sectors
@@ -88,9 +89,8 @@ class WritableLayer:
             )
         for name in ("data", "index"):
             (p / name).touch()
-        tmp = p / "meta.json.tmp"
-        tmp.write_text(json.dumps({"version": WRITABLE_VERSION, "size_bytes": size_bytes}))
-        os.replace(tmp, p / "meta.json")
+        doc = {"version": WRITABLE_VERSION, "size_bytes": size_bytes}
+        write_json_atomic(p / "meta.json", doc, indent=None)
         return cls(p, size_bytes, lower)
 
     @classmethod
@@ -240,10 +240,10 @@ class WritableLayer:
             for e in live:
                 if e.zeroed:
                     packed.append(e)
-                    zeroed += e.length
+                    zeroed += e.length_sectors
                 else:
-                    packed.append(Extent(e.lba, e.length, cursor, False))
-                    cursor += e.length
+                    packed.append(Extent(e.lba_sectors, e.length_sectors, cursor, False))
+                    cursor += e.length_sectors
             new_index = ExtentMap(packed).compacted()
             writer = ZFileWriter(
                 out, chunk_size_bytes=chunk_size_bytes, codec=codec, metadata=new_index.serialize()
@@ -252,7 +252,10 @@ class WritableLayer:
             for e in live:
                 if e.zeroed:
                     continue
-                pos, remaining = e.data_offset * SECTOR_BYTES, e.length * SECTOR_BYTES
+                pos, remaining = (
+                    e.data_offset_sectors * SECTOR_BYTES,
+                    e.length_sectors * SECTOR_BYTES,
+                )
                 while remaining:
                     n = min(step, remaining)
                     writer.write(self.read_data(pos, n))

@@ -25,6 +25,7 @@ from typing import Any
 
 from tidal.cgroups import CgroupFs, CpuLimits
 from tidal.errors import AdjustmentError, CgroupError, QosError
+from tidal.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.json"
@@ -117,13 +118,8 @@ class Journal:
         if state is not None:
             self.state = state
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         doc = {"state": self.state, "agent_pid": os.getpid(), "entries": self.entries}
-        with tmp.open("w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, doc, fsync=True, indent=1, sort_keys=True)
 
     def delete(self) -> None:
         self.entries = {}

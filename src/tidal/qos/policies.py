@@ -17,38 +17,31 @@ Each is a frozen dataclass of its parameters with ``from_params`` (validation) a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from tidal.cgroups import MIN_SHARES, CpuLimits
 from tidal.errors import RuleError
 from tidal.qos.snapshot import Advice, ContainerView, Snapshot
+from tidal.validation import convert
 
 
 class _Params:
-    """``from_params``: check names and types of the YAML parameters against the dataclass."""
+    """``from_params``: the YAML parameters through :func:`tidal.validation.convert` (names
+    and types against the dataclass's fields), then the type's own :meth:`check`."""
 
     name: ClassVar[str]
 
     @classmethod
     def from_params(cls, params: dict[str, Any], where: str) -> Any:
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(params) - set(fields)
-        if unknown:
-            raise RuleError(
-                f"{where}: unknown parameter(s) {sorted(unknown)}; known: {sorted(fields)}"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in params.items():
-            default = fields[key].default
-            want = type(default) if default is not None else float
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
-                raise RuleError(f"{where}: parameter {key} must be {want.__name__}, got {value!r}")
-            kwargs[key] = value
-        obj = cls(**kwargs)
+        obj = convert(
+            params,
+            cls,
+            where=where,
+            noun="parameter",
+            type_says="parameter {key} must be {type}, got {value!r}",
+            error=RuleError,
+        )
         problem = obj.check()
         if problem:
             raise RuleError(f"{where}: {problem}")

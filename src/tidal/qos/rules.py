@@ -1,6 +1,7 @@
 """The rules file: which cgroups are online/offline, the SLO, the policy and extra rules.
 
-YAML, validated into frozen values with errors that name the file, the field and the fix;
+YAML, validated (through :func:`tidal.validation.convert`) into frozen values with errors that
+name the file, the field and the fix;
 hot-reloaded when its mtime changes (a bad edit keeps the last good rules and raises an event
 instead of stopping the agent). Rule and policy types are plug-ins: any entry point in the group
 ``tidal.qos.rules`` whose object has ``from_params(params, where) -> Rule``.
@@ -39,13 +40,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import yaml
 
 from tidal.errors import RuleError
 from tidal.qos.snapshot import Advice, Priority, Slo, Snapshot
 from tidal.units import parse_cpus
+from tidal.validation import Bound, Fraction, NonNegativeFloat, PositiveFloat, convert
 
 ENTRY_POINT_GROUP = "tidal.qos.rules"
 DEFAULT_DRIFT_LIMIT_S = 600.0
@@ -90,9 +92,9 @@ class LatencySignal:
 
 @dataclass(frozen=True)
 class Guards:
-    drift_limit_s: float = DEFAULT_DRIFT_LIMIT_S
-    scale_out_after_s: float = DEFAULT_SCALE_OUT_AFTER_S
-    latency_max_age_s: float = DEFAULT_LATENCY_MAX_AGE_S
+    drift_limit_s: NonNegativeFloat = DEFAULT_DRIFT_LIMIT_S
+    scale_out_after_s: NonNegativeFloat = DEFAULT_SCALE_OUT_AFTER_S
+    latency_max_age_s: NonNegativeFloat = DEFAULT_LATENCY_MAX_AGE_S
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,64 @@ def _expect(cond: bool, where: str, message: str) -> None:
         raise RuleError(f"{where}: {message}")
 
 
-def _str_map(value: Any, where: str) -> dict[str, str]:
-    _expect(isinstance(value, dict), where, f"expected a mapping of label: value, got {value!r}")
-    return {str(k): str(v) for k, v in value.items()}
+Label = str | int | float | bool
+"""YAML label values; numbers and booleans become strings (``version: 2`` is label ``"2"``)."""
+
+
+def _str_map(value: Mapping[str, Label] | None) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (value or {}).items()}
+
+
+@dataclass(frozen=True)
+class _SpecDoc:
+    cpus: str | float | None = None
+
+
+@dataclass(frozen=True)
+class _ContainerDoc:
+    cgroup: str | None = None
+    engine: dict[str, Label] | None = None
+    labels: dict[str, Label] | None = None
+    spec: _SpecDoc | None = None
+
+
+@dataclass(frozen=True)
+class _EngineDoc:
+    socket: str | None = None
+
+
+_POSITIVE_MS = Bound("{key} must be a positive number of milliseconds, got {value!r}", gt=0)
+
+
+@dataclass(frozen=True)
+class _SloDoc:
+    app: str | int | None = None
+    p95_latency_ms: Annotated[float, _POSITIVE_MS] | None = None
+    cpu_usage_ceiling: Fraction | None = None
+
+
+@dataclass(frozen=True)
+class _SignalDoc:
+    app: str
+    prometheus_url: str
+    metric: str
+    labels: dict[str, Label] | None = None
+    scale_to_ms: PositiveFloat = 1.0
+
+
+@dataclass(frozen=True)
+class _RulesDoc:
+    """The rules file as written, typed for :func:`tidal.validation.convert`."""
+
+    version: int = 1
+    containers: list[_ContainerDoc] | None = None
+    classes: dict[str, dict[str, Label]] | None = None
+    slo: _SloDoc | None = None
+    policy: Any = None
+    rules: list[Any] | None = None
+    guards: Guards | None = None
+    signals: list[_SignalDoc] | None = None
+    engine: _EngineDoc | None = None
 
 
 def _build_rule(item: Any, where: str, types: Mapping[str, RuleFactory]) -> Rule:
@@ -170,143 +227,80 @@ def _build_rule(item: Any, where: str, types: Mapping[str, RuleFactory]) -> Rule
 def parse_rules(
     doc: Any, source: str = "<memory>", types: Mapping[str, RuleFactory] | None = None
 ) -> RuleSet:
-    """Validate a decoded YAML document into a :class:`RuleSet`."""
+    """Validate a decoded YAML document into a :class:`RuleSet`.
+
+    Names and types go through :func:`tidal.validation.convert` (unknown keys at any depth,
+    wrong types, missing fields); what follows are the checks no type can say.
+    """
     types = available_rule_types() if types is None else types
     _expect(isinstance(doc, dict), source, "the rules file must be a YAML mapping")
-    known = {
-        "version",
-        "containers",
-        "classes",
-        "slo",
-        "policy",
-        "rules",
-        "guards",
-        "signals",
-        "engine",
-    }
-    unknown = set(doc) - known
-    _expect(not unknown, source, f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    _expect(
-        doc.get("version", 1) == 1, source, f"unsupported version {doc.get('version')!r}; use 1"
-    )
+    parsed = convert(doc, _RulesDoc, where=source, error=RuleError)
+    _expect(parsed.version == 1, source, f"unsupported version {parsed.version!r}; use 1")
 
     containers: list[ContainerRule] = []
-    raw_containers = doc.get("containers") or []
-    _expect(isinstance(raw_containers, list), f"{source}: containers", "expected a list")
     seen: set[str] = set()
-    for i, c in enumerate(raw_containers):
+    for i, (c, raw) in enumerate(
+        zip(parsed.containers or [], doc.get("containers") or [], strict=True)
+    ):
         where = f"{source}: containers[{i}]"
-        _expect(isinstance(c, dict), where, "expected a mapping with 'cgroup' or 'engine'")
-        extra = set(c) - {"cgroup", "engine", "labels", "spec"}
-        _expect(not extra, where, f"unknown key(s) {sorted(extra)}")
         _expect(
-            ("cgroup" in c) != ("engine" in c),
+            ("cgroup" in raw) != ("engine" in raw),
             where,
             "needs exactly one of 'cgroup' (a path) or 'engine' (a label selector, {} for all)",
         )
         selector = None
         cg = ""
-        if "engine" in c:
-            selector = _str_map(c["engine"] or {}, f"{where}.engine")
+        if "engine" in raw:
+            selector = _str_map(c.engine)
         else:
-            cg = str(c["cgroup"] or "").strip("/")
+            cg = (c.cgroup or "").strip("/")
             _expect(bool(cg), where, "'cgroup' must be a non-empty path")
             _expect(".." not in cg.split("/"), where, f"cgroup path {cg!r} must not contain '..'")
             _expect(cg not in seen, where, f"cgroup {cg!r} listed twice")
             seen.add(cg)
-        spec = c.get("spec") or {}
-        _expect(isinstance(spec, dict), f"{where}.spec", "expected a mapping such as {cpus: 1.5}")
         cpus = None
-        if spec.get("cpus") is not None:
+        if c.spec is not None and c.spec.cpus is not None:
             try:
-                cpus = parse_cpus(spec["cpus"])
+                cpus = parse_cpus(c.spec.cpus)
             except ValueError as exc:
                 raise RuleError(f"{where}.spec.cpus: {exc}") from exc
-        containers.append(
-            ContainerRule(cg, _str_map(c.get("labels") or {}, f"{where}.labels"), cpus, selector)
-        )
-    engine_raw = doc.get("engine") or {}
-    _expect(isinstance(engine_raw, dict), f"{source}: engine", "expected {socket: PATH}")
-    bad = set(engine_raw) - {"socket"}
-    _expect(not bad, f"{source}: engine", f"unknown key(s) {sorted(bad)}; known: ['socket']")
-    engine_socket = Path(str(engine_raw["socket"])) if engine_raw.get("socket") else None
+        containers.append(ContainerRule(cg, _str_map(c.labels), cpus, selector))
+    engine_socket = (
+        Path(parsed.engine.socket) if parsed.engine is not None and parsed.engine.socket else None
+    )
 
-    classes_raw = doc.get("classes") or {
+    classes_raw = parsed.classes or {
         "online": {"priority": "online"},
         "offline": {"priority": "offline"},
     }
-    _expect(
-        isinstance(classes_raw, dict), f"{source}: classes", "expected online/offline selectors"
-    )
     bad = set(classes_raw) - {"online", "offline"}
     _expect(not bad, f"{source}: classes", f"only 'online' and 'offline' exist, not {sorted(bad)}")
-    classes = {k: _str_map(v, f"{source}: classes.{k}") for k, v in classes_raw.items()}
+    classes = {k: _str_map(v) for k, v in classes_raw.items()}
 
-    slo_raw = doc.get("slo") or {}
-    _expect(isinstance(slo_raw, dict), f"{source}: slo", "expected a mapping")
-    bad = set(slo_raw) - {"app", "p95_latency_ms", "cpu_usage_ceiling"}
-    _expect(not bad, f"{source}: slo", f"unknown key(s) {sorted(bad)}")
-    p95 = slo_raw.get("p95_latency_ms")
-    ceiling = slo_raw.get("cpu_usage_ceiling")
-    _expect(
-        p95 is None or (isinstance(p95, (int, float)) and p95 > 0),
-        f"{source}: slo.p95_latency_ms",
-        "must be a positive number of milliseconds",
-    )
-    _expect(
-        ceiling is None or (isinstance(ceiling, (int, float)) and 0 < ceiling <= 1),
-        f"{source}: slo.cpu_usage_ceiling",
-        "must be a fraction in (0, 1]",
-    )
+    slo_doc = parsed.slo or _SloDoc()
     slo = Slo(
-        app=str(slo_raw["app"]) if slo_raw.get("app") is not None else None,
-        p95_latency_ms=float(p95) if p95 is not None else None,
-        cpu_usage_ceiling=float(ceiling) if ceiling is not None else None,
+        app=str(slo_doc.app) if slo_doc.app is not None else None,
+        p95_latency_ms=slo_doc.p95_latency_ms,
+        cpu_usage_ceiling=slo_doc.cpu_usage_ceiling,
     )
 
     policy = None
-    if doc.get("policy") is not None:
-        policy = _build_rule(doc["policy"], f"{source}: policy", types)
-    rules_raw = doc.get("rules") or []
-    _expect(
-        isinstance(rules_raw, list), f"{source}: rules", "expected a list of {type: ...} mappings"
+    if parsed.policy is not None:
+        policy = _build_rule(parsed.policy, f"{source}: policy", types)
+    rules = tuple(
+        _build_rule(r, f"{source}: rules[{i}]", types) for i, r in enumerate(parsed.rules or [])
     )
-    rules = tuple(_build_rule(r, f"{source}: rules[{i}]", types) for i, r in enumerate(rules_raw))
 
-    guards_raw = doc.get("guards") or {}
-    _expect(isinstance(guards_raw, dict), f"{source}: guards", "expected a mapping")
-    try:
-        guards = Guards(**{k: float(v) for k, v in guards_raw.items()})
-    except TypeError as exc:
-        raise RuleError(
-            f"{source}: guards: {exc}; known: drift_limit_s, scale_out_after_s, latency_max_age_s"
-        ) from None
+    guards = parsed.guards or Guards()
     signals = []
-    raw_signals = doc.get("signals") or []
-    _expect(isinstance(raw_signals, list), f"{source}: signals", "expected a list")
-    for i, sig in enumerate(raw_signals):
+    for i, sig in enumerate(parsed.signals or []):
         where = f"{source}: signals[{i}]"
-        _expect(isinstance(sig, dict), where, "expected a mapping")
-        missing = {"app", "prometheus_url", "metric"} - set(sig)
-        _expect(not missing, where, f"missing {sorted(missing)}")
-        extra = set(sig) - {"app", "prometheus_url", "metric", "labels", "scale_to_ms"}
-        _expect(not extra, where, f"unknown key(s) {sorted(extra)}")
-        url = str(sig["prometheus_url"])
+        url = sig.prometheus_url
         _expect(
             url.startswith(("http://", "https://")), where, f"prometheus_url {url!r} is not http(s)"
         )
-        scale = sig.get("scale_to_ms", 1.0)
-        _expect(
-            isinstance(scale, (int, float)) and scale > 0, where, "scale_to_ms must be positive"
-        )
         signals.append(
-            LatencySignal(
-                str(sig["app"]),
-                url,
-                str(sig["metric"]),
-                _str_map(sig.get("labels") or {}, f"{where}.labels"),
-                float(scale),
-            )
+            LatencySignal(sig.app, url, sig.metric, _str_map(sig.labels), sig.scale_to_ms)
         )
     return RuleSet(
         tuple(containers),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import check_settings, data_root, load_section
+from tidal.config import data_root, load_section
+from tidal.validation import Port, PositiveFloat, check
 
 DEFAULT_INTERVAL_S = 1.0
 """Collect and decide every second: CPU contention hurts latency within a few CFS periods, and
@@ -20,15 +21,15 @@ DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 @dataclass(frozen=True)
 class QosSettings:
-    interval_s: float = DEFAULT_INTERVAL_S
+    interval_s: PositiveFloat = DEFAULT_INTERVAL_S
     api_host: str = DEFAULT_API_HOST
-    api_port: int = DEFAULT_API_PORT
+    api_port: Port = DEFAULT_API_PORT
     rules_file: Path | None = None
     """YAML rules; ``None`` means ``$TIDAL_DATA_ROOT/qos/rules.yaml``."""
     state_dir: Path | None = None
     """Journal of applied changes; ``None`` means ``$TIDAL_DATA_ROOT/qos``."""
     cgroup_root: Path = DEFAULT_CGROUP_ROOT
-    stale_after_s: float = DEFAULT_STALE_AFTER_S
+    stale_after_s: PositiveFloat = DEFAULT_STALE_AFTER_S
     watchdog: bool = True
     """Spawn a watchdog process that restores every recorded change if the agent dies."""
     engine_socket: Path | None = None
@@ -36,7 +37,7 @@ class QosSettings:
     engine's default, ``$TIDAL_DATA_ROOT/engine/engine.sock``."""
 
     def __post_init__(self) -> None:
-        check_settings("qos", self, positive=("interval_s", "stale_after_s"), ports=("api_port",))
+        check(self, "[qos]")
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "qos"

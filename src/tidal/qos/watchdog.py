@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tidal import proc
 from tidal.cgroups import CgroupFs, CgroupV1Fs, CgroupV2Fs
+from tidal.errors import QosError
 from tidal.qos.executor import JOURNAL_NAME, Executor
 
 log = logging.getLogger(__name__)
@@ -34,20 +36,26 @@ def spawn_watchdog(state_dir: Path, fs: CgroupFs) -> subprocess.Popen[bytes]:
     ]
     if isinstance(fs, CgroupV1Fs):
         cmd.append(",".join(fs.controllers))
-    return subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
+    # Lives as long as the agent and must outlive it by a moment: a spawned child, not a run.
+    return proc.spawn(
+        cmd,
+        what=f"starting the QoS watchdog for {state_dir}",
+        error=QosError,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
-def stop_watchdog(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+def stop_watchdog(child: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """Close the pipe (the watchdog then checks the journal state) and reap it."""
-    if proc.stdin:
-        proc.stdin.close()
+    if child.stdin:
+        child.stdin.close()
     try:
-        proc.wait(timeout=timeout_s)
+        child.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        child.kill()
+        child.wait()
 
 
 def restore_from_journal(state_dir: Path, fs: CgroupFs) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.config import check_settings, data_root, load_section
-from tidal.errors import ConfigError
+from tidal.config import data_root, load_section
+from tidal.validation import Fraction, NonNegativeFloat, Port, PositiveFloat, PositiveInt, check
 
 DEFAULT_PRICE_RATIO = 1.5
 """Serverless costs 1.5x owned capacity per hour in the write-up."""
@@ -36,27 +36,19 @@ SITE_LABEL = "topology.kubernetes.io/region"
 
 @dataclass(frozen=True)
 class SchedSettings:
-    price_ratio: float = DEFAULT_PRICE_RATIO
-    creation_latency_s: float = DEFAULT_CREATION_LATENCY_S
-    ceiling: float = DEFAULT_CEILING
-    train_days: int = 7
+    price_ratio: PositiveFloat = DEFAULT_PRICE_RATIO
+    creation_latency_s: NonNegativeFloat = DEFAULT_CREATION_LATENCY_S
+    ceiling: Fraction = DEFAULT_CEILING
+    train_days: PositiveInt = 7
     extender_host: str = "127.0.0.1"
-    extender_port: int = DEFAULT_EXTENDER_PORT
-    resync_interval_s: float = 30.0
+    extender_port: Port = DEFAULT_EXTENDER_PORT
+    resync_interval_s: PositiveFloat = 30.0
     """How often the controller re-reconciles everything even without watch events."""
     state_dir: Path | None = None
     """Controller state (replica histories); ``None`` means ``$TIDAL_DATA_ROOT/sched``."""
 
     def __post_init__(self) -> None:
-        check_settings(
-            "sched",
-            self,
-            positive=("price_ratio", "train_days", "resync_interval_s"),
-            non_negative=("creation_latency_s",),
-            ports=("extender_port",),
-        )
-        if not 0 < self.ceiling <= 1:
-            raise ConfigError(f"[sched] ceiling {self.ceiling} must be a fraction in (0, 1]")
+        check(self, "[sched]")
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "sched"

@@ -9,24 +9,26 @@ Needs root and iproute2; ``close()`` deletes the namespace and the veth pair.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 import zlib
 
+from tidal import proc
 from tidal.errors import RegistryServerError
 
 TBF_LATENCY_MS = 50
 """How long a packet may wait in the bucket's queue before tbf drops it."""
 
 
+IPROUTE2 = "network namespaces need root and iproute2: apt-get install iproute2"
+
+
 def _ip(*args: str) -> None:
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RegistryServerError(
-            f"`{' '.join(args)}` failed: {proc.stderr.strip()} (network namespaces need root "
-            "and iproute2)"
-        )
+    proc.run(args, what=f"`{' '.join(args)}`", error=RegistryServerError, install_hint=IPROUTE2)
+
+
+def _ip_cleanup(*args: str) -> None:
+    """Teardown goes on after a failure, but logs it: an operator must see what is left."""
+    proc.run_logged(args, what=f"`{' '.join(args)}` (cleanup)")
 
 
 class ThrottledLink:
@@ -78,11 +80,9 @@ class ThrottledLink:
 
     def close(self) -> None:
         """Delete the veth pair and the namespace (idempotent)."""
-        with contextlib.suppress(RegistryServerError):
-            _ip("ip", "link", "del", self._host_if)
+        _ip_cleanup("ip", "link", "del", self._host_if)
         if self._up:
-            with contextlib.suppress(RegistryServerError):
-                _ip("ip", "netns", "del", self.netns)
+            _ip_cleanup("ip", "netns", "del", self.netns)
             self._up = False
 
     def __enter__(self) -> ThrottledLink:
@@ -149,12 +149,10 @@ class BridgeNetwork:
 
     def close(self) -> None:
         for ns in list(self.hosts):
-            with contextlib.suppress(RegistryServerError):
-                _ip("ip", "netns", "del", ns)  # takes its veth ends with it
+            _ip_cleanup("ip", "netns", "del", ns)  # takes its veth ends with it
             del self.hosts[ns]
         if self._up:
-            with contextlib.suppress(RegistryServerError):
-                _ip("ip", "link", "del", self.bridge)
+            _ip_cleanup("ip", "link", "del", self.bridge)
             self._up = False
 
     def __enter__(self) -> BridgeNetwork:

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tidal import proc
 from tidal.errors import RegistryServerError
 
 REGISTRY_BINARY = "docker-registry"
@@ -56,17 +57,14 @@ def htpasswd_line(user: str, password: str) -> str:
 
     The password goes through stdin, never the command line where ``ps`` would show it.
     """
-    exe = shutil.which("htpasswd")
-    if exe is None:
-        raise RegistryServerError(
-            "htpasswd is not installed; install the Debian package apache2-utils (make deps does)"
-        )
-    proc = subprocess.run(
-        [exe, "-niB", user], input=password + "\n", capture_output=True, text=True, check=False
+    done = proc.run(
+        ["htpasswd", "-niB", user],
+        input=password + "\n",
+        what=f"making an htpasswd entry for user {user!r}",
+        error=RegistryServerError,
+        install_hint="apt-get install apache2-utils; make deps does",
     )
-    if proc.returncode != 0:
-        raise RegistryServerError(f"htpasswd failed for user {user!r}: {proc.stderr.strip()}")
-    return proc.stdout.strip()
+    return str(done.stdout).strip()
 
 
 @dataclass(frozen=True)
@@ -128,26 +126,19 @@ class RegistryServer:
     def _make_certificate(self) -> None:
         """A one-day self-signed certificate for ``host`` (IP or name), made with openssl."""
         assert self.workdir is not None
-        exe = shutil.which("openssl")
-        if exe is None:
-            raise RegistryServerError(
-                "openssl is not installed; install the Debian package openssl"
-            )
         try:
             ipaddress.ip_address(self.host)
             san = f"IP:{self.host}"
         except ValueError:
             san = f"DNS:{self.host}"
-        proc = subprocess.run(
-            [exe, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        proc.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
              "-subj", "/CN=tidal-test-registry", "-addext", f"subjectAltName={san}",
              "-keyout", str(self.workdir / "key.pem"), "-out", str(self.workdir / "cert.pem")],
-            capture_output=True, text=True, check=False,
+            what=f"making a self-signed certificate for {self.host}",
+            error=RegistryServerError,
+            install_hint="apt-get install openssl",
         )  # fmt: skip
-        if proc.returncode != 0:
-            raise RegistryServerError(
-                f"openssl could not make a certificate: {proc.stderr.strip()}"
-            )
 
     @property
     def storage_dir(self) -> Path:
@@ -228,8 +219,11 @@ class RegistryServer:
             env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
             log = self.log_path.open("ab")
             self._log_fh = log
-            self._proc = subprocess.Popen(
+            # The registry serves until stopped: a spawned child, not a run to completion.
+            self._proc = proc.spawn(
                 [*self._wrap, exe, "serve", str(cfg_path)],
+                what=f"starting the registry on {self.address}",
+                error=RegistryServerError,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -278,18 +272,18 @@ class RegistryServer:
         return " | ".join(lines[-3:]) or "(empty log)"
 
     def _terminate(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
+        child, self._proc = self._proc, None
+        if child is not None and child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(child.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
+                child.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        elif proc is not None:
-            proc.wait()
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        elif child is not None:
+            child.wait()
         fh, self._log_fh = self._log_fh, None
         if fh is not None:
             fh.close()  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ from typing import Any
 
 from tidal.cgroups import CgroupFs, CgroupV1Fs, CpuLimits, detect_cgroupfs
 from tidal.errors import CgroupError, ExperimentError
+from tidal.proc import spawn
 from tidal.qos.agent import Agent
 from tidal.qos.aggregator import percentile
 from tidal.qos.collector import NodeProbe
@@ -154,8 +155,15 @@ def _spawn(args: list[str], procs_files: list[Path], log_file: Path) -> subproce
     cmd = [sys.executable, "-m", "tidal.qos.experiment.workloads"]
     for f in procs_files:
         cmd += ["--cgroup-procs", str(f)]
+    # Workloads run for the whole experiment, side by side: spawned children, not runs.
     with log_file.open("ab") as fh:
-        return subprocess.Popen(cmd + args, stdout=fh, stderr=fh)
+        return spawn(
+            cmd + args,
+            what=f"starting workload {args[0] if args else ''}",
+            error=ExperimentError,
+            stdout=fh,
+            stderr=fh,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:

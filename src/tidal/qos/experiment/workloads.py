@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tidal.fsutil import write_json_atomic
+
 UNIT_ITERATIONS = 20_000
 """Loop iterations per unit of offline work (about 1 ms of CPU on a 2020s core)."""
 
@@ -101,9 +103,7 @@ def _offline_worker(counter: Any, index: int, stop: Any) -> None:
 
 def _write_atomic(path: str, doc: dict[str, Any]) -> None:
     """Readers polling the file never see it half-written."""
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    write_json_atomic(path, doc, indent=None)
 
 
 def run_offline(workers: int, out_file: str) -> None:
