@@ -162,6 +162,8 @@ def extender_cmd(
             store=store,
             history_dir=settings.resolved_state_dir() / "history",
         )
+        # /healthz fails (503) when the controller loop dies or its view goes stale
+        store.health_source = ctl.health_problem
         worker = threading.Thread(
             target=ctl.run, args=(stop,), name="tidal-controller", daemon=True
         )
