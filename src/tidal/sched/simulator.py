@@ -466,6 +466,11 @@ def simulate(
                 f"evaluation trace {evaluated.name} has services {missing} that the training "
                 f"trace {train.name} lacks; nothing could be fitted for them"
             )
+    if evaluated.days < 2:
+        warnings.append(
+            f"only {evaluated.days} evaluated day: one day says little about a policy; "
+            "evaluate on a week if the trace has one"
+        )
     if train.days < 2:
         warnings.append(
             f"only {train.days} training day: the reserve and the floor rest on a single day"
