@@ -14,6 +14,8 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from tidal.errors import ConfigError
 from tidal.ids import NodeName
@@ -194,18 +196,29 @@ class ClusterSnapshot:
     now_s: float = 0.0
     failed_sites: frozenset[str] = frozenset()
 
+    @cached_property
+    def derived(self) -> dict[str, Any]:
+        """Indexes computed once per snapshot by the code that reads it (placement keeps its
+        node index here), so a second decision on the same snapshot does not redo them."""
+        return {}
+
+    @cached_property
+    def _pool_by_node(self) -> dict[NodeName, VirtualPool]:
+        return {p.node_name: p for p in self.pools}
+
+    @cached_property
+    def owned_by_name(self) -> dict[NodeName, OwnedNode]:
+        return {n.name: n for n in self.owned}
+
     def node_kind(self, node: NodeName) -> NodeKind | None:
-        if any(p.node_name == node for p in self.pools):
+        if node in self._pool_by_node:
             return NodeKind.VIRTUAL
-        if any(n.name == node for n in self.owned):
+        if node in self.owned_by_name:
             return NodeKind.OWNED
         return None
 
     def pool_of(self, node: NodeName) -> VirtualPool | None:
-        for pool in self.pools:
-            if pool.node_name == node:
-                return pool
-        return None
+        return self._pool_by_node.get(node)
 
     def usable(self, pool: VirtualPool) -> bool:
         """A pool takes new pods unless cordoned or its whole site is down."""
