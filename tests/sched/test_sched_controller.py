@@ -22,7 +22,7 @@ from tidal.sched.controller import (
     pod_requests,
 )
 from tidal.sched.extender import ViewStore
-from tidal.sched.predictor import ThresholdPredictor
+from tidal.sched.policy import TidalPolicy
 
 COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -113,8 +113,8 @@ def test_predicted_threshold_from_recorded_history(cluster: FakeKube) -> None:
         hist.record(minute, 4.0 + 16.0 * ramp)
     now[0] = (MINUTES_PER_DAY + 1) * 60.0
     report, _ = ctl.reconcile_all()
-    # the controller feeds what it recorded (the last whole day) to the predictor
-    want = ThresholdPredictor().fit(np.asarray(hist.counts[-MINUTES_PER_DAY:])).threshold_replicas
+    # the controller feeds what it recorded (the last whole day) to Tidal's policy
+    want = TidalPolicy().fit(np.asarray(hist.counts[-MINUTES_PER_DAY:])).threshold_replicas
     assert report.thresholds == {"web": want} and 4 <= want < 20
     annotations = cluster.deployments[0]["metadata"]["annotations"]
     assert annotations["tidal.io/predicted-threshold"] == str(want)

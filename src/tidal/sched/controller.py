@@ -4,7 +4,8 @@ It watches Deployments labelled ``tidal.io/hybrid=enabled`` and, for each, (1) a
 pods with ``controller.kubernetes.io/pod-deletion-cost`` so that a stock ReplicaSet controller
 scales in virtual pods first (cordoned ones first, newest first) and owned pods last;
 (2) resolves the service's threshold: the operator's ``tidal.io/owned-threshold`` annotation if
-set, else the predictor fitted on the replica history the controller has recorded, and writes
+set, else Tidal's policy (:mod:`tidal.sched.policy`, the one the simulator evaluates) fitted on the
+replica history the controller has recorded, and writes
 it as ``tidal.io/predicted-threshold``; (3) publishes thresholds, replicas on owned nodes and
 the node cache to the extender's :class:`~tidal.sched.extender.ViewStore`.
 
@@ -19,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -44,7 +46,7 @@ from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore
 from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
 from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
-from tidal.sched.predictor import ThresholdPredictor
+from tidal.sched.policy import TidalPolicy
 from tidal.sched.quantity import free_capacity, pod_requests, resources_of
 from tidal.sched.quantity import parse_quantity as parse_quantity  # re-exported
 from tidal.sched.settings import (
@@ -60,6 +62,18 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 ENABLED_SELECTOR = f"{ENABLED_LABEL}=enabled"
 MERGE_PATCH = "application/merge-patch+json"
+
+
+class _Fitted(Protocol):
+    @property
+    def threshold_replicas(self) -> int: ...
+
+
+class ThresholdFitter(Protocol):
+    """What the controller asks of a policy: a threshold from a replica history (the
+    simulator's :class:`~tidal.sched.policy.TidalPolicy` by default)."""
+
+    def fit(self, history: np.ndarray) -> _Fitted: ...
 
 
 class KubeApi(Protocol):
@@ -571,7 +585,7 @@ class Controller:
         namespace: str | None = None,
         settings: SchedSettings | None = None,
         store: ViewStore | None = None,
-        predictor: ThresholdPredictor | None = None,
+        predictor: ThresholdFitter | None = None,
         clock: Callable[[], float] = time.time,
         history_dir: Path | None = None,
     ) -> None:
@@ -580,7 +594,10 @@ class Controller:
         self.namespace = namespace
         self.settings = settings or SchedSettings()
         self.store = store
-        self.predictor = predictor or ThresholdPredictor(price_ratio=self.settings.price_ratio)
+        self.predictor: ThresholdFitter = predictor or TidalPolicy(
+            price_ratio=self.settings.price_ratio,
+            lead_minutes=math.ceil(self.settings.creation_latency_s / 60.0 - 1e-9),
+        )
         self.clock = clock
         self.history: dict[str, ReplicaHistory] = {}
         self._history_minutes = (self.settings.train_days + 1) * MINUTES_PER_DAY

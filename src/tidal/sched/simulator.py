@@ -56,11 +56,17 @@ from numpy.typing import NDArray
 
 from tidal.errors import ConfigError
 from tidal.ids import NodeName
-from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.cost import ResourcePrices
 from tidal.sched.model import Resources, VirtualPool, VirtualSpec
 from tidal.sched.packing import ffd_nodes, fits
-from tidal.sched.predictor import gumbel_return_level, optimal_threshold
+from tidal.sched.policy import (
+    Reserve,
+    TidalPolicy,
+    ceil_replicas,
+    fit_reserve,
+    observe,
+)
+from tidal.sched.predictor import optimal_threshold
 from tidal.sched.settings import POLICIES
 from tidal.sched.traces import DemandTrace
 
@@ -208,20 +214,6 @@ class PolicySeries:
 
 
 @dataclass(frozen=True)
-class Reserve:
-    """Tidal's spare replicas for one service, as fitted on the training days."""
-
-    replicas: float
-    in_sample_max: float
-    """The largest miss of extrapolation + floor on any training minute."""
-    return_level: float | None
-    """The Gumbel level of the daily maxima (None: fewer than three days, or no spread)."""
-    days: int
-    floor_peak: float
-    """The highest value of the cron floor (what every training day reached at that minute)."""
-
-
-@dataclass(frozen=True)
 class SimulationReport:
     trace: str
     train_days: int
@@ -327,33 +319,6 @@ def oracle_virtual(
     return owned, live, ready
 
 
-def observe(demand: FloatArray, smoothing_minutes: int) -> FloatArray:
-    """What a policy sees of the load as each minute starts: the raw demand of that minute, or
-    its trailing (causal) mean over ``smoothing_minutes``."""
-    d = np.asarray(demand, dtype=np.float64)
-    if smoothing_minutes <= 1:
-        return d.copy()
-    kernel = np.ones(smoothing_minutes) / smoothing_minutes
-    padded = np.concatenate([np.full(smoothing_minutes - 1, d[0] if d.size else 0.0), d])
-    out: FloatArray = np.convolve(padded, kernel, "valid")
-    return out
-
-
-def rises_covered(base: FloatArray, need: FloatArray, lead: int) -> FloatArray:
-    """``need[t + lead] - base[t]``: what a target of ``base`` decided at ``t`` lacks when its
-    pods are ready (0 for the last ``lead`` minutes, whose future is not in the array)."""
-    out = np.zeros(base.size)
-    if lead == 0:
-        out[:] = need - base
-    elif base.size > lead:
-        out[:-lead] = need[lead:] - base[:-lead]
-    return out
-
-
-def _ceil(x: FloatArray) -> IntArray:
-    return np.ceil(np.asarray(x, dtype=np.float64) - 1e-9).astype(np.int64)
-
-
 @dataclass(frozen=True)
 class _Service:
     name: str
@@ -365,47 +330,6 @@ class _Service:
     """Per replica-hour on owned nodes (node price x its share of a node)."""
     virtual_price: float
     """Per pod-hour of the smallest virtual spec that holds it."""
-
-
-def _trend_base(obs: FloatArray, lead: int, gain: float, previous: float) -> FloatArray:
-    rise = np.maximum(np.diff(obs, prepend=previous), 0.0)
-    out: FloatArray = obs + gain * lead * rise
-    return out
-
-
-def _floor_ahead(train: FloatArray, lead: int) -> FloatArray:
-    """For each minute of the day, what every training day needed ``lead`` minutes later."""
-    days = train[: train.size // MINUTES_PER_DAY * MINUTES_PER_DAY].reshape(-1, MINUTES_PER_DAY)
-    out: FloatArray = np.roll(days.min(axis=0), -lead)
-    return out
-
-
-def _tidal_base(
-    obs: FloatArray, floor: FloatArray, lead: int, gain: float, prev: float
-) -> FloatArray:
-    reps = obs.size // MINUTES_PER_DAY
-    out: FloatArray = np.maximum(_trend_base(obs, lead, gain, prev), np.tile(floor, reps))
-    return out
-
-
-def _fit_reserve(
-    base: FloatArray, demand: FloatArray, lead: int, return_period: float | None
-) -> tuple[int, int, float | None, int]:
-    """Whole replicas to add to ``ceil(base)`` so that every minute of ``demand`` is covered
-    one lead time later: the largest miss, or with ``return_period`` the Gumbel level of the
-    daily largest misses if that is more (at least three days with some spread)."""
-    need = np.ceil(demand - 1e-9)
-    miss = rises_covered(np.ceil(base - 1e-9), need, lead)
-    top = max(0, int(miss.max())) if miss.size else 0
-    # the law is fitted to the fractional misses (need - base): whole replicas heap the daily
-    # maxima on a few values, and identical maxima would say the tail is empty
-    frac = rises_covered(base, need, lead)
-    days = frac.size // MINUTES_PER_DAY
-    daily = frac[: days * MINUTES_PER_DAY].reshape(days, MINUTES_PER_DAY).max(axis=1)
-    level = None
-    if return_period is not None and days >= 3 and float(np.std(daily)) > 0:
-        level = max(0.0, gumbel_return_level(daily, return_period))
-    return max(top, math.ceil((level or 0.0) - 1e-9)), top, level, days
 
 
 class _Plan:
@@ -422,10 +346,14 @@ class _Plan:
         """The target series each threshold was fitted on (training days; the oracle's own)."""
 
 
+def _ratio(svc: _Service) -> float:
+    """Virtual over owned price of one replica of the service (node packing included)."""
+    return svc.virtual_price / svc.owned_price if svc.owned_price > 0 else math.inf
+
+
 def _threshold(train_targets: IntArray, svc: _Service) -> int:
     """Cost-optimal owned replicas for a target series, at the service's own price ratio."""
-    ratio = svc.virtual_price / svc.owned_price if svc.owned_price > 0 else math.inf
-    return optimal_threshold(train_targets.astype(np.float64), ratio)
+    return optimal_threshold(train_targets.astype(np.float64), _ratio(svc))
 
 
 def simulate(
@@ -500,7 +428,7 @@ def simulate(
         )
     n = evaluated.minutes
     n_s = len(services)
-    need = np.vstack([_ceil(s.demand) for s in services])
+    need = np.vstack([ceil_replicas(s.demand) for s in services])
     results: dict[str, PolicyResult] = {}
     series: dict[str, PolicySeries] = {}
     thresholds: dict[str, int] = {}
@@ -528,29 +456,30 @@ def simulate(
                 svc.train.size :
             ]
             if name == "naive-overflow":
-                plan.targets[i] = _ceil(obs)
+                plan.targets[i] = ceil_replicas(obs)
                 plan.stabilisation = config.naive_stabilisation_min
                 plan.thresholds[i] = math.ceil(config.naive_owned_fraction * int(need[i].max()))
             elif name in ("reactive-reserve", "cluster-autoscaler"):
-                reserve = _fit_reserve(obs_tr, svc.train, lead, None)[0]
-                plan.targets[i] = _ceil(obs) + reserve
-                plan.fitted[i] = _ceil(obs_tr) + reserve
+                reserve = fit_reserve(obs_tr, svc.train, lead, None)[0]
+                plan.targets[i] = ceil_replicas(obs) + reserve
+                plan.fitted[i] = ceil_replicas(obs_tr) + reserve
                 plan.thresholds[i] = _threshold(plan.fitted[i], svc)
             elif name in ("tidal", "tidal-hindsight"):
-                floor = _floor_ahead(svc.train, lead)
-                base_tr = _tidal_base(obs_tr, floor, lead, config.trend_gain, float(obs_tr[0]))
-                base = _tidal_base(obs, floor, lead, config.trend_gain, float(obs_tr[-1]))
+                policy = TidalPolicy(
+                    price_ratio=_ratio(svc),
+                    lead_minutes=lead,
+                    trend_gain=config.trend_gain,
+                    return_period_days=config.reserve_return_period_days,
+                    smoothing_minutes=config.smoothing_minutes,
+                )
+                fit = policy.fit(
+                    svc.train, hindsight_on=svc.demand if name == "tidal-hindsight" else None
+                )
+                plan.targets[i] = fit.targets(obs, float(obs_tr[-1]))
+                plan.fitted[i] = fit.history_targets
+                plan.thresholds[i] = fit.threshold_replicas
                 if name == "tidal":
-                    r, top, level, days = _fit_reserve(
-                        base_tr, svc.train, lead, config.reserve_return_period_days
-                    )
-                    reserves[svc.name] = Reserve(r, top, level, days, float(floor.max()))
-                else:  # the least reserve that covers the evaluated days themselves
-                    r = _fit_reserve(base, svc.demand, lead, None)[0]
-                plan.targets[i] = _ceil(base) + r
-                plan.fitted[i] = _ceil(base_tr) + r
-                plan.thresholds[i] = _threshold(plan.fitted[i], svc)
-                if name == "tidal":
+                    reserves[svc.name] = fit.reserve
                     thresholds[svc.name] = int(plan.thresholds[i])
             elif name in ("oracle", "oracle-instant"):
                 instant = name == "oracle-instant"
@@ -742,7 +671,7 @@ def _run_autoscaler(
     bad = (need > live_pods).any(axis=0)
     for node, idx in classes.items():
         shares = np.array([1.0 / fits(node, services[i].requests) for i in idx])[:, None]
-        required = _ceil((excess[idx] * shares).sum(axis=0))
+        required = ceil_replicas((excess[idx] * shares).sum(axis=0))
         nodes_live, nodes_ready = run_virtual(required, startup, delay)
         bad |= (wanted[idx] * shares).sum(axis=0) > nodes_ready + 1e-9
         node_hours += float(nodes_live.sum() / 60.0)
