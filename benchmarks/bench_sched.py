@@ -147,10 +147,15 @@ def plot(report: SimulationReport, path: Path, days: int = 3) -> None:
     hours = np.arange(n) / 60
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), gridspec_kw={"height_ratios": [3, 2]})
     ax1.plot(hours, report.demand[:n], color="black", lw=0.8, label="raw demand (replicas)")
-    for name, style in (("reactive-reserve", "--"), ("tidal", "-")):
+    for name, style, colour in (
+        ("reactive-reserve", "--", "tab:orange"),
+        ("tidal", "-", "tab:blue"),
+    ):
         s = report.series[name]
-        ax1.plot(hours, s.ready_capacity[:n], style, lw=0.9, label=f"{name} ready capacity")
-        ax1.axhline(s.owned_slots, ls=style, lw=0.6, alpha=0.5)
+        ax1.plot(
+            hours, s.ready_capacity[:n], style, lw=0.9, color=colour, label=f"{name} ready capacity"
+        )
+        ax1.axhline(s.owned_slots, ls=style, lw=0.6, alpha=0.5, color=colour)
     ax1.set_xlabel("hours into the evaluated days")
     ax1.set_ylabel("replicas")
     ax1.legend(fontsize=8, loc="upper left")

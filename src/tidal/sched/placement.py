@@ -418,10 +418,20 @@ def place(
     pools_cache: dict[tuple[int, int], list[VirtualPool]] = {}
     bindings: list[Binding] = []
     pending: list[Pending] = []
+    # per service, computed once: its policy, its id (cache keys) and anti-affinity
+    per_service: dict[str, tuple[ResourcePolicy, int, str | None]] = {}
     for pod in pods:
-        pol = policy_of.get(pod.service, DEFAULT_POLICY)
-        pid = id(pol)
-        anti = pod.service if pol.anti_affinity else None
+        known = per_service.get(pod.service)
+        if known is None:
+            p_ = policy_of.get(pod.service, DEFAULT_POLICY)
+            known = per_service[pod.service] = (
+                p_,
+                id(p_),
+                pod.service if p_.anti_affinity else None,
+            )
+        pol, pid, anti = known
+        # pods share request objects; id() keys are safe while ``pods`` holds them
+        rid = id(pod.requests)
         binding: Binding | None = None
         wait_reason: str | None = None
         for ui, unit in enumerate(pol.units):
@@ -436,7 +446,7 @@ def place(
                 pkey = (pid, ui)
                 if pkey not in pools_cache:
                     pools_cache[pkey] = _unit_pools(snapshot, unit)
-                choice = st.fit_virtual(pools_cache[pkey], pod.requests, (pid, ui, pod.requests))
+                choice = st.fit_virtual(pools_cache[pkey], pod.requests, (pid, ui, rid))
                 if choice is not None:
                     binding = Binding(
                         pod.name,
