@@ -149,3 +149,21 @@ def test_cli_train_and_eval_files_and_warnings(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["sched", "simulate", "--train", str(train)])
     assert isinstance(res.exception, ConfigError)
     assert "--train and --eval go together" in str(res.exception)
+
+
+def test_cluster_autoscaler_waits_for_nodes_to_start() -> None:
+    """Pending pods start whole nodes that serve after 3 minutes: even with instant virtual
+    pods for everyone else, the autoscaler misses the first minutes of every step."""
+    trace = step_scenario(seed=1, days=9, services=1, peak_replicas=(120.0, 120.0))
+    r = simulate(trace, SimConfig(creation_latency_s=0)).policies
+    ca = r["cluster-autoscaler"]
+    assert ca.autoscaled_node_hours > 0 and ca.virtual_pod_hours == 0
+    assert ca.slo_violation_minutes == 2 * 3  # two evaluated days, three minutes of start-up
+    assert r["reactive-reserve"].slo_violation_minutes == 0
+
+
+def test_short_traces_are_named_in_warnings() -> None:
+    trace = step_scenario(seed=1, days=2, services=1)
+    report = simulate(trace, SimConfig(train_days=1), ("tidal",))
+    assert any("only 1 evaluated day" in w for w in report.warnings)
+    assert any("only 1 training day" in w for w in report.warnings)
