@@ -57,7 +57,11 @@ that every class of this module appears here with its parents::
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
     │   ├── PlacementError
     │   └── KubeApiError             the Kubernetes API refused a request (controller)
-    │       └── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
+    │       ├── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
+    │       ├── KubeApiForbiddenError    401/403: RBAC or credentials
+    │       ├── KubeApiNotFoundError     404: the object is gone (also a FileNotFoundError)
+    │       ├── KubeApiConflictError     409: changed or already done by someone else
+    │       └── KubeApiGoneError         410: a watch's resourceVersion expired; relist
     └── QosError                     tidal.qos
         ├── RuleError                invalid or unloadable rules file (also a ConfigError)
         ├── AdjustmentError          a change failed to apply or verify (it was rolled back)
@@ -275,6 +279,25 @@ class KubeApiError(SchedError):
 
 class KubeApiUnavailableError(KubeApiError, RetryableError):
     """The Kubernetes API server could not be reached or answered 5xx/429."""
+
+
+class KubeApiForbiddenError(KubeApiError):
+    """401/403: the controller's credentials or RBAC do not allow the request."""
+
+
+class KubeApiNotFoundError(KubeApiError, FileNotFoundError):
+    """404: the object (a pod just deleted, a namespace) does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class KubeApiConflictError(KubeApiError):
+    """409: the object changed under the request or the action was already done."""
+
+
+class KubeApiGoneError(KubeApiError):
+    """410: a watch's resourceVersion is too old; list again and watch from there."""
 
 
 # --- tidal.qos -----------------------------------------------------------------------------

@@ -59,8 +59,13 @@ class FakeKube:
     pods: list[Obj] = field(default_factory=list)
     nodes: list[Obj] = field(default_factory=list)
     watch_events: list[Obj] = field(default_factory=list)
+    watch_sessions: list[list[Obj]] = field(default_factory=list)
+    """Events of successive watch requests, consumed one list per request; when empty every
+    watch streams ``watch_events``."""
     fail: dict[str, tuple[int, str]] = field(default_factory=dict)
     """path prefix -> (status code, reason) to fail with."""
+    fail_next: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    """path prefix -> failures for the next requests to it, one consumed per request."""
     requests: list[Request] = field(default_factory=list)
     resource_version: int = 1000
     url: str = ""
@@ -102,6 +107,11 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
             return url.path, q
 
         def _failing(self, path: str) -> bool:
+            for prefix, queue in kube.fail_next.items():
+                if path.startswith(prefix) and queue:
+                    code, reason = queue.pop(0)
+                    self._send(code, status(code, reason, f"{reason} (injected by the test)"))
+                    return True
             for prefix, (code, reason) in kube.fail.items():
                 if path.startswith(prefix):
                     self._send(code, status(code, reason, f"{reason} (injected by the test)"))
@@ -127,7 +137,10 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
-                    for ev in kube.watch_events:
+                    events = (
+                        kube.watch_sessions.pop(0) if kube.watch_sessions else kube.watch_events
+                    )
+                    for ev in events:
                         self.wfile.write(json.dumps(ev).encode() + b"\n")
                         self.wfile.flush()
                     return
@@ -139,6 +152,16 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                         "metadata": rv,
                         "items": items,
                     },
+                )
+            elif path == "/api/v1/pods":
+                items = [
+                    p
+                    for p in kube.pods
+                    if (p.get("spec") or {}).get("nodeName")
+                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                ]
+                self._send(
+                    200, {"kind": "PodList", "apiVersion": "v1", "metadata": rv, "items": items}
                 )
             elif path.endswith("/pods"):
                 ns = parts[3]

@@ -22,7 +22,7 @@ from tidal.sched.controller import (
     pod_requests,
 )
 from tidal.sched.extender import ViewStore
-from tidal.sched.predictor import ThresholdPredictor
+from tidal.sched.policy import TidalPolicy
 
 COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -113,8 +113,8 @@ def test_predicted_threshold_from_recorded_history(cluster: FakeKube) -> None:
         hist.record(minute, 4.0 + 16.0 * ramp)
     now[0] = (MINUTES_PER_DAY + 1) * 60.0
     report, _ = ctl.reconcile_all()
-    # the controller feeds what it recorded (the last whole day) to the predictor
-    want = ThresholdPredictor().fit(np.asarray(hist.counts[-MINUTES_PER_DAY:])).threshold_replicas
+    # the controller feeds what it recorded (the last whole day) to Tidal's policy
+    want = TidalPolicy().fit(np.asarray(hist.counts[-MINUTES_PER_DAY:])).threshold_replicas
     assert report.thresholds == {"web": want} and 4 <= want < 20
     annotations = cluster.deployments[0]["metadata"]["annotations"]
     assert annotations["tidal.io/predicted-threshold"] == str(want)
@@ -250,3 +250,135 @@ def test_replica_history_is_bounded_and_survives_a_restart(
     report, _ = third.reconcile_all()
     assert report.thresholds == {"web": None}
     assert (history_dir / "web.bad").exists()
+
+
+# --- what a real API server answers: 404, 403, 409, repeated 410 --------------------------------
+
+
+def gone_event() -> dict[str, object]:
+    return {
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "message": "too old resource version: 1000 (1500)",
+            "reason": "Expired",
+            "code": 410,
+        },
+    }
+
+
+def test_patch_of_a_pod_deleted_meanwhile_is_skipped(cluster: FakeKube) -> None:
+    cluster.fail["/api/v1/namespaces/shop/pods/web-o1"] = (404, "NotFound")
+    cluster.fail["/api/v1/namespaces/shop/pods/web-o2"] = (409, "Conflict")
+    report, _ = Controller(api_for(cluster)).reconcile_all()
+    assert report.pods_patched == 3  # five pods, one gone, one changed under the patch
+    patched = {r.path.rsplit("/", 1)[-1] for r in cluster.patches() if "/pods/" in r.path}
+    assert {"web-o1", "web-o2", "web-vb"} <= patched
+
+
+def test_watch_error_event_410_is_gone(cluster: FakeKube) -> None:
+    from tidal.errors import KubeApiGoneError
+
+    cluster.watch_events = [gone_event()]
+    with pytest.raises(KubeApiGoneError, match=r"\(410\): too old resource version"):
+        list(api_for(cluster).watch_deployments(None, "tidal.io/hybrid=enabled", "1000", 5))
+
+
+def test_loop_survives_403_409_and_repeated_410(cluster: FakeKube) -> None:
+    from tidal.errors import KubeApiForbiddenError
+
+    store = ViewStore()
+    ctl = Controller(api_for(cluster), store=store)
+    ctl.backoff_initial_s = 0.01
+    store.health_source = ctl.health_problem
+    cluster.fail_next["/api/v1/nodes"] = [(403, "Forbidden")]
+    cluster.fail_next["/api/v1/namespaces/shop/pods/web-vb"] = [(409, "Conflict")]
+    changed = deployment(annotations={"tidal.io/owned-threshold": "7"})
+    cluster.watch_sessions = [
+        [gone_event()],
+        [gone_event()],
+        [gone_event()],
+        [{"type": "MODIFIED", "object": changed}],
+    ]
+    ctl.run(threading.Event(), max_cycles=5)
+    lists = [r for r in cluster.requests if r.path == "/apis/apps/v1/deployments"]
+    relists = [r for r in lists if r.query.get("watch") != ["true"]]
+    assert len(relists) == 5  # 403, then a relist after each 410, then the good watch
+    dep_patches = [r.body for r in cluster.patches() if "deployments" in r.path]
+    assert dep_patches[-1] == {"metadata": {"annotations": {"tidal.io/predicted-threshold": "7"}}}
+    assert ctl.health_problem() is None and store.health_problem() is None
+    # a lasting 403 is reported at once, and the loop keeps trying
+    cluster.fail["/api/v1/nodes"] = (403, "Forbidden")
+    ctl.run(threading.Event(), max_cycles=2)
+    problem = store.health_problem()
+    assert problem is not None and "cannot reconcile" in problem and "403" in problem
+    assert isinstance(ctl._last_error, KubeApiForbiddenError)
+
+
+def test_unreachable_api_turns_health_bad_only_when_the_view_is_stale(cluster: FakeKube) -> None:
+    now = [1000.0]
+    ctl = Controller(api_for(cluster), clock=lambda: now[0])
+    ctl.backoff_initial_s = 0.01
+    cluster.fail["/apis/apps/v1/deployments"] = (503, "ServiceUnavailable")
+    ctl.run(threading.Event(), max_cycles=2)
+    assert ctl.health_problem() is None  # a brief outage: the view is still fresh
+    now[0] += ctl.stale_after_s + 1
+    problem = ctl.health_problem()
+    assert problem is not None and "has not completed a first pass" in problem and "503" in problem
+
+
+def test_a_crashed_loop_fails_the_extender_health(cluster: FakeKube) -> None:
+    import httpx
+
+    from tidal.sched.extender import ExtenderServer
+
+    class Broken:
+        def list_deployments(self, namespace: object, selector: object) -> object:
+            raise RuntimeError("bug in an adapter")
+
+    store = ViewStore()
+    ctl = Controller(Broken(), store=store)  # type: ignore[arg-type]
+    store.health_source = ctl.health_problem
+    srv = ExtenderServer(store, "127.0.0.1", 0)
+    srv.start()
+    try:
+        assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
+        with pytest.raises(RuntimeError):
+            ctl.run(threading.Event())
+        res = httpx.get(f"{srv.url}/healthz", timeout=5)
+        assert res.status_code == 503
+        assert res.json()["problem"] == (
+            "scheduler controller stopped: RuntimeError: bug in an adapter"
+        )
+    finally:
+        srv.stop()
+
+
+def test_quantities_with_the_clients_parser() -> None:
+    from tidal.sched.quantity import free_capacity
+
+    assert parse_quantity("0.5") == 0.5 and parse_quantity("1.5Gi") == 1.5 * 2**30
+    assert parse_quantity("100k") == 100_000 and parse_quantity("250M") == 250e6
+    gpu_pod = pod("g", "owned-1", "2024-11-20T10:00:00Z")
+    gpu_pod["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] = "1"
+    gpu_pod["spec"]["initContainers"] = [
+        {"name": "init", "resources": {"requests": {"cpu": "3", "memory": "1Gi"}}}
+    ]
+    r = pod_requests(gpu_pod)
+    assert (r.cpu_milli, r.memory_mib, r.gpu) == (3000, 4096, 1)
+    gpu_node = node("owned-1")
+    gpu_node["status"]["allocatable"]["nvidia.com/gpu"] = "4"
+    done = pod("done", "owned-1", "2024-11-20T10:00:00Z")
+    done["status"]["phase"] = "Succeeded"
+    free = free_capacity([gpu_node, node("vk", virtual=True)], [gpu_pod, done], 0.6)
+    # 32 CPUs x 0.6 = 19.2 - 3; 128 Gi x 0.6 - 4 Gi; GPUs are not ceiled: 4 - 1
+    assert set(free) == {"owned-1"}
+    assert (free["owned-1"].cpu_milli, free["owned-1"].memory_mib, free["owned-1"].gpu) == (
+        16200,
+        int(128 * 1024 * 0.6) - 4096,
+        3,
+    )
+    with pytest.raises(ConfigError, match="not a Kubernetes quantity: '4 GB'"):
+        parse_quantity("4 GB")

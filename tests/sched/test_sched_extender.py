@@ -235,3 +235,40 @@ def test_taken_port_is_a_clear_error() -> None:
         port = first.server_address[1]
         with pytest.raises(SchedError, match=f"cannot listen on 127.0.0.1:{port}"):
             ExtenderServer(ViewStore(view(0)), "127.0.0.1", port)
+
+
+def test_filter_checks_owned_capacity_and_bind_takes_it() -> None:
+    """A pod requesting 2 CPU / 4 Gi: owned-1 has room for one, owned-2 for none."""
+    from tidal.sched.model import Resources
+
+    free = {"owned-1": Resources(3000, 8192), "owned-2": Resources(1500, 65536)}
+    binder = RecordingBinder()
+    srv = ExtenderServer(ViewStore(view(0, free=free)), "127.0.0.1", 0, binder=binder)
+    srv.start()
+    try:
+        req = golden("filter_nodes_request.json")
+        meta = req["Pod"]["metadata"]
+        body = post(srv, "filter", req).json()
+        assert [n["metadata"]["name"] for n in body["Nodes"]["items"]] == ["owned-1"]
+        assert body["FailedNodes"]["owned-2"] == (
+            "tidal: owned node owned-2 has 1.5c64g free under its utilisation ceiling; "
+            "the pod requests 2c4g"
+        )
+        args = {"PodName": meta["name"], "PodNamespace": "shop", "PodUID": meta["uid"]}
+        assert post(srv, "bind", {**args, "Node": "owned-1"}).json() == {"Error": ""}
+        assert srv.store.get().free["owned-1"] == Resources(1000, 4096)
+        # no owned node can hold the next one: it may go to virtual nodes (prefer strategy)
+        body = post(srv, "filter", req).json()
+        assert [n["metadata"]["name"] for n in body["Nodes"]["items"]] == [VK_A, VK_B]
+        assert set(body["FailedNodes"]) == set(OWNED)
+    finally:
+        srv.stop()
+
+
+def test_bad_quantity_in_the_pod_is_the_filters_error() -> None:
+    from tidal.sched.model import Resources
+
+    req = golden("filter_nodes_request.json")
+    req["Pod"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] = "two"
+    with pytest.raises(SchedError, match="not a Kubernetes quantity: 'two'"):
+        filter_nodes(req, view(0, free={"owned-1": Resources(1, 1)}))

@@ -185,3 +185,46 @@ def test_deletion_costs_order_virtual_before_owned(
             assert max(virtual) < min(owned_)
         assert all(c < 0 for c in virtual) and all(c > 0 for c in owned_)
         assert all(-(2**31) <= c < 2**31 for c in costs.values())
+
+
+@settings(max_examples=80, deadline=None)
+@given(clusters(), st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=12))
+def test_bound_pods_count_and_the_snapshot_index_is_not_mutated(
+    case: tuple[ClusterSnapshot, list[Pod], dict[str, ResourcePolicy]], gpus: list[int]
+) -> None:
+    """Place half, bind it into the snapshot, place the rest: owned nodes never exceed their
+    ceiling on any resource (GPUs included) counting the bound pods, unit max counts them, and
+    placing twice on one snapshot (its index cached) gives the same plan."""
+    import dataclasses
+
+    snap, pods, policies = case
+    owned = tuple(
+        dataclasses.replace(n, capacity=Resources(n.capacity.cpu_milli, n.capacity.memory_mib, 2))
+        for n in snap.owned
+    )
+    pods = [
+        dataclasses.replace(p, requests=dataclasses.replace(p.requests, gpu=gpus[i % len(gpus)]))
+        for i, p in enumerate(pods)
+    ]
+    snap = dataclasses.replace(snap, owned=owned)
+    first, rest = pods[: len(pods) // 2], pods[len(pods) // 2 :]
+    plan1 = place(snap, first, policies)
+    by_name = {p.name: p for p in pods}
+    bound = tuple(
+        dataclasses.replace(by_name[b.pod], node=b.node, spec=b.spec) for b in plan1.bindings
+    )
+    snap2 = dataclasses.replace(snap, pods=bound)
+    plan2 = place(snap2, rest, policies)
+    assert place(snap2, rest, policies) == plan2  # the cached index was not changed
+    used: dict[str, Resources] = {}
+    per_unit: Counter[tuple[str, int]] = Counter()
+    for b in (*plan1.bindings, *plan2.bindings):
+        if b.kind is NodeKind.OWNED:
+            used[b.node] = used.get(b.node, Resources()) + by_name[b.pod].requests
+        if b.unit is not None:
+            per_unit[(b.service, b.unit)] += 1
+            limit = policies[b.service].units[b.unit].max
+            assert limit is None or per_unit[(b.service, b.unit)] <= limit
+    nodes = {n.name: n for n in owned}
+    for name, total in used.items():
+        assert total.fits_in(nodes[NodeName(name)].allocatable)

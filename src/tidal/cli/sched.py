@@ -24,51 +24,183 @@ app = typer.Typer(
 )
 
 
-def _trace(spec: str, seed: int, days: int, services: int, load_scale: float) -> DemandTrace:
-    from tidal.sched.traces import default_trace_path, load_request_trace, synthetic
+TRACE_FORMATS = ("auto", "requests", "pods", "series")
+
+
+def _load(
+    spec: str,
+    *,
+    fmt: str,
+    seed: int,
+    days: int,
+    services: int,
+    load_scale: float,
+    time_column: str | None,
+    duration_column: str,
+    service_column: str | None,
+    value_column: str,
+    label: str | None,
+) -> DemandTrace:
+    """A trace from the command line's words: a scenario name or a file of a known format."""
+    import csv
+
+    from tidal.sched.traces import (
+        default_trace_path,
+        load_pod_events,
+        load_replica_series,
+        load_request_trace,
+        step_scenario,
+        synthetic,
+    )
 
     if spec == "synthetic":
         return synthetic(seed=seed, days=days, services=services)
+    if spec == "step":
+        return step_scenario(seed=seed, days=days, services=min(services, 4))
     path = default_trace_path() if spec == "genai" else Path(spec)
-    return load_request_trace(path, load_scale=load_scale)
+    if fmt not in TRACE_FORMATS:
+        raise ConfigError(f"unknown trace format {fmt!r}; use {', '.join(TRACE_FORMATS)}")
+    if fmt == "auto":
+        if path.suffix.lower() == ".json":
+            fmt = "series"
+        else:
+            try:
+                with path.open(newline="") as fh:
+                    header = next(csv.reader(fh), [])
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read trace {path}: {exc.strerror or exc}; pass 'synthetic', "
+                    "'step', 'genai' or an existing file"
+                ) from exc
+            if (time_column or "create_time") in header and "cpu" in header:
+                fmt = "pods"
+            elif duration_column in header:
+                fmt = "requests"
+            else:
+                fmt = "series"
+    if fmt == "requests":
+        split = service_column if service_column is not None else "predict_type"
+        return load_request_trace(
+            path,
+            load_scale=load_scale,
+            time_column=time_column or "gmt_create",
+            duration_column=duration_column,
+            split_by=split or None,
+        )
+    if fmt == "pods":
+        cols = {"create": time_column} if time_column else {}
+        if service_column:
+            cols["service"] = service_column
+        return load_pod_events(path, columns=cols)
+    return load_replica_series(
+        path,
+        time_column=time_column or "time",
+        service_column=service_column or "service",
+        value_column=value_column,
+        label=label,
+    )
 
 
 @app.command("simulate")
 def simulate_cmd(
     trace: Annotated[
         str,
-        typer.Option(help="'synthetic', 'genai' (the shared GenAI trace) or a request-level CSV"),
+        typer.Option(
+            help="'synthetic' (tide), 'step' (the write-up's scenario), 'genai' (the shared "
+            "GenAI trace) or a file: request log CSV, pod event CSV, replica series CSV or "
+            "Prometheus range-query JSON"
+        ),
     ] = "synthetic",
+    train: Annotated[
+        str | None,
+        typer.Option(help="fit on this trace (file or scenario); evaluate on --eval"),
+    ] = None,
+    eval_: Annotated[
+        str | None, typer.Option("--eval", help="evaluate on this trace (with --train)")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help=f"file format: {', '.join(TRACE_FORMATS)}")
+    ] = "auto",
     policy: Annotated[str, typer.Option(help=f"one of {', '.join(POLICIES)}, or all")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 7,
-    days: Annotated[int, typer.Option(help="synthetic: days to generate")] = 14,
-    services: Annotated[int, typer.Option(help="synthetic: number of services")] = 6,
+    seed: Annotated[int, typer.Option(help="scenarios: random seed")] = 7,
+    days: Annotated[int, typer.Option(help="scenarios: days to generate")] = 14,
+    services: Annotated[int, typer.Option(help="scenarios: number of services")] = 6,
     train_days: Annotated[
-        int | None, typer.Option(help="days used only as history (default from [sched])")
+        int | None, typer.Option(help="one trace: days fitted on (default from [sched])")
     ] = None,
     load_scale: Annotated[
-        float, typer.Option(help="request traces: multiply busy workers by this")
+        float, typer.Option(help="request logs: replicas per busy worker")
     ] = DEFAULT_LOAD_SCALE,
+    creation_latency: Annotated[
+        float | None,
+        typer.Option(help="seconds from requesting a virtual pod to its serving (0: at once)"),
+    ] = None,
+    price_ratio: Annotated[
+        float | None, typer.Option(help="virtual price per resource over owned")
+    ] = None,
+    smoothing: Annotated[
+        int, typer.Option(help="minutes of trailing mean the policies decide on (1: raw)")
+    ] = 1,
+    time_column: Annotated[
+        str | None, typer.Option(help="time column (request time, pod creation, sample time)")
+    ] = None,
+    duration_column: Annotated[
+        str, typer.Option(help="request logs: service time column (seconds)")
+    ] = "exec_time_seconds",
+    service_column: Annotated[
+        str | None, typer.Option(help="column naming the service ('' for one service)")
+    ] = None,
+    value_column: Annotated[str, typer.Option(help="long series CSV: value column")] = "value",
+    label: Annotated[
+        str | None, typer.Option(help="Prometheus JSON: label naming the service")
+    ] = None,
     stock: Annotated[
         int | None, typer.Option(help="pods of the base virtual spec each pool can sell")
     ] = None,
 ) -> None:
-    """Replay a per-minute demand trace under the four policies and compare their cost."""
+    """Replay per-minute demand under every policy, fitted on other days, and compare cost."""
     from tidal.sched.simulator import SimConfig, default_pools, simulate
 
     settings = load_settings()
     names = POLICIES if policy == "all" else (policy,)
     if policy != "all" and policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)} or all")
+    if (train is None) != (eval_ is None):
+        raise ConfigError("--train and --eval go together (fit on one trace, evaluate another)")
+    ratio = price_ratio if price_ratio is not None else settings.price_ratio
     config = SimConfig(
-        price_ratio=settings.price_ratio,
-        creation_latency_s=settings.creation_latency_s,
+        price_ratio=ratio,
+        creation_latency_s=(
+            creation_latency if creation_latency is not None else settings.creation_latency_s
+        ),
         ceiling=settings.ceiling,
         train_days=train_days if train_days is not None else settings.train_days,
-        pools=default_pools(settings.price_ratio, stock),
+        smoothing_minutes=smoothing,
+        pools=default_pools(ratio, stock),
     )
-    report = simulate(_trace(trace, seed, days, services, load_scale), config, names)
+
+    def load(spec: str) -> DemandTrace:
+        return _load(
+            spec,
+            fmt=fmt,
+            seed=seed,
+            days=days,
+            services=services,
+            load_scale=load_scale,
+            time_column=time_column,
+            duration_column=duration_column,
+            service_column=service_column,
+            value_column=value_column,
+            label=label,
+        )
+
+    if train is not None and eval_ is not None:
+        report = simulate(load(train), config, names, eval_trace=load(eval_))
+    else:
+        report = simulate(load(trace), config, names)
+    for warning in report.warnings:
+        err.print(f"warning: {warning}")
     shown = {k: v for k, v in report.policies.items() if k in names}
     if as_json:
         doc = report.to_json()
@@ -77,34 +209,27 @@ def simulate_cmd(
         return
     table = Table(
         title=f"{report.trace}: {report.evaluated_days} evaluated days "
-        f"(after {report.train_days} days of history)"
+        f"(fitted on {report.train_days} other days)"
     )
-    for col in ("policy", "cost", "saving", "SLO min", "owned peak", "virt pod-h", "upgrades"):
+    for col in ("policy", "cost", "saving", "SLO min", "owned nodes", "virt pod-h", "upgrades"):
         table.add_column(col, justify="right")
-    for name, r in shown.items():
+    rows = list(shown.items())
+    rows += [(f"[dim]{name} (bound)[/dim]", r) for name, r in report.bounds.items()]
+    for name, r in rows:
         table.add_row(
             name,
             f"{r.cost:,.0f}",
             f"{r.saving_vs_all_owned:.1%}",
             str(r.slo_violation_minutes),
-            f"{r.owned_utilisation_peak:.0%}",
-            f"{r.virtual_pod_hours:,.0f}",
-            str(r.spec_upgrades),
-        )
-    for name, r in report.bounds.items():
-        table.add_row(
-            f"[dim]{name} (bound)[/dim]",
-            f"{r.cost:,.0f}",
-            f"{r.saving_vs_all_owned:.1%}",
-            str(r.slo_violation_minutes),
-            f"{r.owned_utilisation_peak:.0%}",
+            str(r.owned_nodes),
             f"{r.virtual_pod_hours:,.0f}",
             str(r.spec_upgrades),
         )
     out.print(table)
     out.print(
-        "cost in owned-capacity-hours; saving against all-owned sized for the peak; the oracle "
-        "pays the creation latency like every policy, oracle-instant does not (unreachable)"
+        "cost in owned-capacity-hours (one 2c4g replica-hour on owned nodes); saving against "
+        "all-owned sized for the peak of the total; SLO minutes on raw per-minute demand; the "
+        "oracle pays the creation latency like every policy, oracle-instant does not"
     )
 
 
@@ -162,6 +287,8 @@ def extender_cmd(
             store=store,
             history_dir=settings.resolved_state_dir() / "history",
         )
+        # /healthz fails (503) when the controller loop dies or its view goes stale
+        store.health_source = ctl.health_problem
         worker = threading.Thread(
             target=ctl.run, args=(stop,), name="tidal-controller", daemon=True
         )

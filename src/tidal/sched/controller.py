@@ -4,7 +4,8 @@ It watches Deployments labelled ``tidal.io/hybrid=enabled`` and, for each, (1) a
 pods with ``controller.kubernetes.io/pod-deletion-cost`` so that a stock ReplicaSet controller
 scales in virtual pods first (cordoned ones first, newest first) and owned pods last;
 (2) resolves the service's threshold: the operator's ``tidal.io/owned-threshold`` annotation if
-set, else the predictor fitted on the replica history the controller has recorded, and writes
+set, else Tidal's policy (:mod:`tidal.sched.policy`, the one the simulator evaluates) fitted on the
+replica history the controller has recorded, and writes
 it as ``tidal.io/predicted-threshold``; (3) publishes thresholds, replicas on owned nodes and
 the node cache to the extender's :class:`~tidal.sched.extender.ViewStore`.
 
@@ -19,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -29,14 +31,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tidal.errors import ConfigError, KubeApiError, KubeApiUnavailableError
+from tidal.errors import (
+    ConfigError,
+    KubeApiConflictError,
+    KubeApiError,
+    KubeApiForbiddenError,
+    KubeApiGoneError,
+    KubeApiNotFoundError,
+    KubeApiUnavailableError,
+)
 from tidal.fsutil import write_json_atomic
 from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore
 from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
 from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
-from tidal.sched.predictor import ThresholdPredictor
+from tidal.sched.policy import TidalPolicy
+from tidal.sched.quantity import free_capacity, pod_requests, resources_of
+from tidal.sched.quantity import parse_quantity as parse_quantity  # re-exported
 from tidal.sched.settings import (
     ENABLED_LABEL,
     PREDICTED_ANNOTATION,
@@ -50,6 +62,18 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 ENABLED_SELECTOR = f"{ENABLED_LABEL}=enabled"
 MERGE_PATCH = "application/merge-patch+json"
+
+
+class _Fitted(Protocol):
+    @property
+    def threshold_replicas(self) -> int: ...
+
+
+class ThresholdFitter(Protocol):
+    """What the controller asks of a policy: a threshold from a replica history (the
+    simulator's :class:`~tidal.sched.policy.TidalPolicy` by default)."""
+
+    def fit(self, history: np.ndarray) -> _Fitted: ...
 
 
 class KubeApi(Protocol):
@@ -66,6 +90,10 @@ class KubeApi(Protocol):
         ...
 
     def list_pods(self, namespace: str, selector: str) -> list[Obj]: ...
+
+    def list_all_pods(self) -> list[Obj]:
+        """Every pod bound to a node and not finished (what holds node capacity)."""
+        ...
 
     def list_nodes(self) -> list[Obj]: ...
 
@@ -124,8 +152,7 @@ class KubernetesApi:
             detail = (exc.reason or "").strip()
             with contextlib.suppress(ValueError, AttributeError):
                 detail = json.loads(exc.body or "{}").get("message", detail)
-            cls = KubeApiUnavailableError if status >= 500 or status == 429 else KubeApiError
-            raise cls(f"Kubernetes API: {what} failed ({status}): {detail}") from exc
+            raise api_error(status, f"Kubernetes API: {what} failed ({status}): {detail}") from exc
         except HTTPError as exc:
             raise KubeApiUnavailableError(
                 f"Kubernetes API unreachable during {what}: {exc}"
@@ -157,33 +184,67 @@ class KubernetesApi:
     def watch_deployments(
         self, namespace: str | None, selector: str, resource_version: str, timeout_s: int
     ) -> Iterator[Obj]:
-        from kubernetes import watch
+        """Raw watch events. The client's ``Watch`` is not used: with ``deserialize=False`` it
+        fails on the server's ``ERROR`` events (it reads a key only deserialised events have)
+        and it retries a 410 itself; here an ``ERROR`` event becomes the error of its status
+        code (410: :class:`KubeApiGoneError`, the caller relists)."""
+        from kubernetes.watch.watch import iter_resp_lines
+        from urllib3.exceptions import HTTPError
 
-        w = watch.Watch()
         fn = (
             self._apps.list_namespaced_deployment
             if namespace
             else self._apps.list_deployment_for_all_namespaces
         )
         args = (namespace,) if namespace else ()
-        stream = w.stream(
+        resp = self._call(
+            "watch deployments",
             fn,
             *args,
             label_selector=selector,
             resource_version=resource_version,
             timeout_seconds=timeout_s,
-            deserialize=False,
+            watch=True,
+            _preload_content=False,
         )
-        while True:
-            try:
-                event = self._call("watch deployments", next, stream)
-            except StopIteration:
-                return
-            yield event
+        try:
+            for line in iter_resp_lines(resp):
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError as exc:
+                    raise KubeApiUnavailableError(
+                        f"Kubernetes API: watch deployments sent a line that is not JSON: {exc}"
+                    ) from exc
+                if event.get("type") == "ERROR":
+                    obj = event.get("object") or {}
+                    code = int(obj.get("code") or 500)
+                    raise api_error(
+                        code,
+                        f"Kubernetes API: watch deployments failed ({code}): "
+                        f"{obj.get('message') or obj.get('reason') or 'ERROR event'}",
+                    )
+                yield event
+        except HTTPError as exc:
+            raise KubeApiUnavailableError(
+                f"Kubernetes API connection lost during watch deployments: {exc}"
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                resp.release_conn()
 
     def list_pods(self, namespace: str, selector: str) -> list[Obj]:
         doc = self._raw(
             "list pods", self._core.list_namespaced_pod, namespace, label_selector=selector
+        )
+        return list(doc.get("items") or [])
+
+    def list_all_pods(self) -> list[Obj]:
+        doc = self._raw(
+            "list pods of all namespaces",
+            self._core.list_pod_for_all_namespaces,
+            field_selector="spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed",
         )
         return list(doc.get("items") or [])
 
@@ -243,40 +304,22 @@ class KubernetesApi:
 
 # --- pure part -------------------------------------------------------------------------------
 
-_QTY = re.compile(r"^([0-9.]+(?:e[0-9]+)?)([a-zA-Z]*)$")
-_BIN = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DEC = {
-    "": 1,
-    "n": 1e-9,
-    "u": 1e-6,
-    "m": 1e-3,
-    "k": 1e3,
-    "M": 1e6,
-    "G": 1e9,
-    "T": 1e12,
-    "P": 1e15,
-    "E": 1e18,
+_STATUS_ERRORS: dict[int, type[KubeApiError]] = {
+    401: KubeApiForbiddenError,
+    403: KubeApiForbiddenError,
+    404: KubeApiNotFoundError,
+    409: KubeApiConflictError,
+    410: KubeApiGoneError,
+    429: KubeApiUnavailableError,
 }
 
 
-def parse_quantity(text: str | int | float) -> float:
-    """A Kubernetes resource quantity (``500m``, ``2``, ``4Gi``, ``1e3``) as a plain number."""
-    if isinstance(text, int | float):
-        return float(text)
-    m = _QTY.match(text.strip())
-    if not m or (m.group(2) not in _BIN and m.group(2) not in _DEC):
-        raise ConfigError(f"not a Kubernetes quantity: {text!r}")
-    number, suffix = float(m.group(1)), m.group(2)
-    return number * (_BIN.get(suffix) or _DEC[suffix])
-
-
-def pod_requests(pod: Mapping[str, Any]) -> Resources:
-    cpu = mem = 0.0
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        req = (c.get("resources") or {}).get("requests") or {}
-        cpu += parse_quantity(req.get("cpu", 0))
-        mem += parse_quantity(req.get("memory", 0))
-    return Resources(round(cpu * 1000), round(mem / 2**20))
+def api_error(status: int, message: str) -> KubeApiError:
+    """The most specific :class:`KubeApiError` for an HTTP status (the one status table)."""
+    cls = _STATUS_ERRORS.get(status)
+    if cls is None:
+        cls = KubeApiUnavailableError if status >= 500 or status == 0 else KubeApiError
+    return cls(message)
 
 
 def _epoch(ts: str | None) -> float:
@@ -309,11 +352,7 @@ def snapshot_from_k8s(
                 )
             )
         else:
-            alloc = (n.get("status") or {}).get("allocatable") or {}
-            cap = Resources(
-                round(parse_quantity(alloc.get("cpu", 0)) * 1000),
-                round(parse_quantity(alloc.get("memory", 0)) / 2**20),
-            )
+            cap = resources_of((n.get("status") or {}).get("allocatable") or {})
             owned.append(OwnedNode(NodeName(info.name), cap, ceiling, labels, info.unschedulable))
     placed = []
     for p in pods:
@@ -546,7 +585,7 @@ class Controller:
         namespace: str | None = None,
         settings: SchedSettings | None = None,
         store: ViewStore | None = None,
-        predictor: ThresholdPredictor | None = None,
+        predictor: ThresholdFitter | None = None,
         clock: Callable[[], float] = time.time,
         history_dir: Path | None = None,
     ) -> None:
@@ -555,7 +594,10 @@ class Controller:
         self.namespace = namespace
         self.settings = settings or SchedSettings()
         self.store = store
-        self.predictor = predictor or ThresholdPredictor(price_ratio=self.settings.price_ratio)
+        self.predictor: ThresholdFitter = predictor or TidalPolicy(
+            price_ratio=self.settings.price_ratio,
+            lead_minutes=math.ceil(self.settings.creation_latency_s / 60.0 - 1e-9),
+        )
         self.clock = clock
         self.history: dict[str, ReplicaHistory] = {}
         self._history_minutes = (self.settings.train_days + 1) * MINUTES_PER_DAY
@@ -564,6 +606,13 @@ class Controller:
         )
         self._thresholds: dict[str, int] = {}
         self._owned: dict[str, int] = {}
+        self._pods_seen: list[Obj] = []
+        self._started_at: float | None = None
+        self._synced_at: float | None = None
+        self._last_error: Exception | None = None
+        self._stopped: str | None = None
+        self.backoff_initial_s = 1.0
+        """First wait after a failed pass; doubles up to 60 s."""
 
     def _predicted(self, service: str, replicas: float) -> int | None:
         hist = self.history.get(service)
@@ -582,6 +631,12 @@ class Controller:
         return self.predictor.fit(days).threshold_replicas
 
     def reconcile(self, deployment: Obj, nodes: list[Obj]) -> tuple[DeploymentPlan, int]:
+        """One Deployment: annotate its pods and its threshold.
+
+        A pod deleted between the list and the patch (404) or changed under it (409) is
+        skipped: the next pass sees the cluster as it is then. Returns the plan and the number
+        of pods actually patched.
+        """
         meta = deployment.get("metadata") or {}
         namespace = str(meta.get("namespace", "default"))
         pods = self.api.list_pods(namespace, selector_of(deployment))
@@ -593,16 +648,33 @@ class Controller:
             self._predicted(service_of(deployment), replicas),
             self.settings.ceiling,
         )
+        patched = 0
         for pod_name, patch in plan.pod_patches.items():
-            self.api.patch_pod(namespace, pod_name, patch)
+            try:
+                self.api.patch_pod(namespace, pod_name, patch)
+            except (KubeApiNotFoundError, KubeApiConflictError) as exc:
+                log.debug("skipped pod %s/%s: %s", namespace, pod_name, exc)
+                continue
+            patched += 1
         if plan.deployment_patch is not None:
-            self.api.patch_deployment(namespace, plan.name, plan.deployment_patch)
+            try:
+                self.api.patch_deployment(namespace, plan.name, plan.deployment_patch)
+            except KubeApiNotFoundError:
+                log.debug("deployment %s/%s was deleted meanwhile", namespace, plan.name)
+                self._forget(plan.service)
+                return plan, patched
+            except KubeApiConflictError as exc:
+                log.debug("deployment %s/%s: %s; next pass", namespace, plan.name, exc)
         if plan.threshold is None:
             self._thresholds.pop(plan.service, None)
         else:
             self._thresholds[plan.service] = plan.threshold
         self._owned[plan.service] = plan.owned_replicas
-        return plan, len(plan.pod_patches)
+        return plan, patched
+
+    def _forget(self, service: str) -> None:
+        self._thresholds.pop(service, None)
+        self._owned.pop(service, None)
 
     def _publish(self, nodes: list[Obj]) -> None:
         if self.store is None:
@@ -618,30 +690,105 @@ class Controller:
                 old.site_order or sites,
                 old.cordoned_sites,
                 old.failed_sites,
+                free=free_capacity(nodes, self._pods_seen, self.settings.ceiling),
             )
         )
 
     def reconcile_all(self) -> tuple[ReconcileReport, str]:
+        """Every managed Deployment. A Deployment deleted meanwhile (404 on its pods) is
+        dropped; one with a bad annotation does not stop the others: the first such error is
+        raised after all were reconciled and the view was published."""
         deployments, rv = self.api.list_deployments(self.namespace, ENABLED_SELECTOR)
         nodes = self.api.list_nodes()
         pods_patched = deps_patched = 0
         thresholds: dict[str, int | None] = {}
+        first_bad: ConfigError | None = None
+        seen = set()
+        self._pods_seen = self.api.list_all_pods()
         for d in deployments:
-            plan, n = self.reconcile(d, nodes)
+            try:
+                plan, n = self.reconcile(d, nodes)
+            except KubeApiNotFoundError as exc:
+                log.debug("deployment %s vanished: %s", (d.get("metadata") or {}).get("name"), exc)
+                continue
+            except ConfigError as exc:
+                log.error("%s", exc)
+                first_bad = first_bad or exc
+                continue
+            seen.add(plan.service)
             pods_patched += n
             deps_patched += plan.deployment_patch is not None
             thresholds[plan.service] = plan.threshold
+        for gone in set(self._thresholds) | set(self._owned):
+            if gone not in seen and first_bad is None:
+                self._forget(gone)
         self._publish(nodes)
+        if first_bad is not None:
+            raise first_bad
         return ReconcileReport(len(deployments), pods_patched, deps_patched, thresholds), rv
 
+    # --- the loop and its health -------------------------------------------------------------
+
+    @property
+    def stale_after_s(self) -> float:
+        """The view counts as stale when no pass succeeded for this long (three resyncs, at
+        least 90 s: a watch that times out normally renews it every resync interval)."""
+        return max(3 * self.settings.resync_interval_s, 90.0)
+
+    def health_problem(self) -> str | None:
+        """Why the extender's view should not be trusted now, or None.
+
+        The loop stopped (a bug or an interrupt): always. The API refused the controller
+        (401/403, other 4xx): at once, since waiting will not cure it. Anything else (the API
+        server unreachable, 5xx): only once no pass has succeeded for :attr:`stale_after_s`.
+        """
+        if self._stopped is not None:
+            return f"scheduler controller stopped: {self._stopped}"
+        err = self._last_error
+        if err is not None and not isinstance(err, (KubeApiUnavailableError, KubeApiGoneError)):
+            return f"scheduler controller cannot reconcile: {err}"
+        since = self._synced_at if self._synced_at is not None else self._started_at
+        if since is not None:
+            age = self.clock() - since
+            if age > self.stale_after_s:
+                what = "synced" if self._synced_at is not None else "completed a first pass"
+                cause = f": {err}" if err is not None else ""
+                return f"scheduler controller has not {what} for {age:.0f}s{cause}"
+        return None
+
+    def _ok(self) -> None:
+        self._synced_at = self.clock()
+        self._last_error = None
+
     def run(self, stop: threading.Event, max_cycles: int | None = None) -> None:
-        """Watch Deployments; reconcile each event; full resync whenever a watch ends."""
+        """Watch Deployments; reconcile each event; full resync whenever a watch ends.
+
+        It survives what a real API server answers: a 410 on the watch (the resourceVersion
+        expired) relists at once, however often; 404/409 on a patch skip that object;
+        5xx/unreachable back off exponentially; 401/403 and other refusals are logged, make
+        :meth:`health_problem` report them, and are retried with the same backoff (RBAC may be
+        fixed meanwhile). Only ``stop`` ends the loop; if anything else does (a bug), the
+        reason stays in :meth:`health_problem`.
+        """
+        self._started_at = self.clock()
+        try:
+            self._loop(stop, max_cycles)
+        except BaseException as exc:
+            self._stopped = f"{type(exc).__name__}: {exc}"
+            log.exception("scheduler controller loop ended")
+            raise
+        if not stop.is_set() and max_cycles is None:
+            self._stopped = "the loop returned"
+
+    def _loop(self, stop: threading.Event, max_cycles: int | None) -> None:
         cycles = 0
-        backoff = 1.0
+        backoff = self.backoff_initial_s
+        gone_in_a_row = 0
         while not stop.is_set() and (max_cycles is None or cycles < max_cycles):
             cycles += 1
             try:
                 _, rv = self.reconcile_all()
+                self._ok()
                 timeout = max(1, int(self.settings.resync_interval_s))
                 for event in self.api.watch_deployments(
                     self.namespace, ENABLED_SELECTOR, rv, timeout
@@ -650,11 +797,33 @@ class Controller:
                         return
                     if event.get("type") in ("ADDED", "MODIFIED"):
                         nodes = self.api.list_nodes()
-                        self.reconcile(event.get("object") or {}, nodes)
+                        # deleted meanwhile: its DELETED event or the resync follows
+                        with contextlib.suppress(KubeApiNotFoundError):
+                            self.reconcile(event.get("object") or {}, nodes)
                         self._publish(nodes)
-                backoff = 1.0
+                    elif event.get("type") == "DELETED":
+                        self._forget(service_of(event.get("object") or {}))
+                        self._publish(self.api.list_nodes())
+                    self._ok()
+                backoff = self.backoff_initial_s
+                gone_in_a_row = 0
+                self._ok()
+            except KubeApiGoneError as exc:
+                # the watch's resourceVersion expired: relist now; if it keeps happening (a
+                # server compacting faster than we list), slow down a little
+                gone_in_a_row += 1
+                self._last_error = exc
+                log.info("%s; relisting", exc)
+                if gone_in_a_row > 3:
+                    stop.wait(min(gone_in_a_row - 3, 30))
             except KubeApiUnavailableError as exc:
+                self._last_error = exc
                 log.warning("%s; retrying in %.0fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+            except (KubeApiError, ConfigError) as exc:
+                self._last_error = exc
+                log.error("%s; retrying in %.0fs", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
 

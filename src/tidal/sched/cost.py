@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from tidal.sched.model import Resources
+
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
 
@@ -58,3 +60,27 @@ def slo_violation_minutes(
     if bad.ndim > 1:
         return int(np.asarray(bad.any(axis=0)).sum())
     return int(bad.sum())
+
+
+@dataclass(frozen=True)
+class ResourcePrices:
+    """Owned capacity priced per resource, per hour, in owned-capacity-hours.
+
+    The defaults make one 2-CPU / 4 GiB replica cost 1.0 (the unit of every report: 2 x 0.375
+    + 4 x 0.0625); a GPU is priced like 10 such replicas (a data-centre GPU rents for roughly
+    what 20-30 cores do). Virtual capacity costs ``price_ratio`` times these for the spec
+    bought. An owned node costs what its allocatable capacity under the ceiling is worth: the
+    rest of the machine is the price of the ceiling.
+    """
+
+    cpu_core_hour: float = 0.375
+    memory_gib_hour: float = 0.0625
+    gpu_hour: float = 10.0
+
+    def of(self, r: Resources) -> float:
+        """Price per hour of ``r``."""
+        return (
+            r.cpu_milli / 1000 * self.cpu_core_hour
+            + r.memory_mib / 1024 * self.memory_gib_hour
+            + r.gpu * self.gpu_hour
+        )

@@ -31,12 +31,14 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
-from tidal.errors import SchedError
+from tidal.errors import ConfigError, SchedError
 from tidal.httpserve import BackgroundHTTPServer, BodyHandler
+from tidal.sched.model import Resources
+from tidal.sched.quantity import pod_requests
 from tidal.sched.settings import NODE_KIND_LABEL, SERVICE_LABEL, SITE_LABEL
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,9 @@ class ExtenderView:
     site_order: tuple[str, ...] = ()
     cordoned_sites: frozenset[str] = frozenset()
     failed_sites: frozenset[str] = frozenset()
+    free: Mapping[str, Resources] = field(default_factory=dict)
+    """What each owned node can still take under its ceiling (allocatable x ceiling minus the
+    requests of the pods bound to it); a node not listed is not checked."""
 
 
 SEEN_PODS_LIMIT = 10_000
@@ -151,7 +156,9 @@ class ViewStore:
     def __init__(self, view: ExtenderView | None = None) -> None:
         self._view = view or ExtenderView()
         self._lock = threading.Lock()
-        self._seen: OrderedDict[str, str] = OrderedDict()
+        self._seen: OrderedDict[str, tuple[str | None, Resources]] = OrderedDict()
+        self.health_source: Callable[[], str | None] | None = None
+        """Set by whoever keeps the view current (the controller's ``health_problem``)."""
 
     def get(self) -> ExtenderView:
         return self._view
@@ -160,23 +167,46 @@ class ViewStore:
         with self._lock:
             self._view = view
 
-    def remember(self, pod_uid: str, service: str) -> None:
+    def health_problem(self) -> str | None:
+        """None while the view can be trusted; else one line saying why not (``/healthz``
+        answers 503 with it). A store nobody keeps current (a static thresholds file) is
+        healthy."""
+        source = self.health_source
+        return None if source is None else source()
+
+    def remember(
+        self, pod_uid: str, service: str | None, requests: Resources | None = None
+    ) -> None:
         with self._lock:
-            self._seen[pod_uid] = service
+            self._seen[pod_uid] = (service, requests or Resources())
             self._seen.move_to_end(pod_uid)
             while len(self._seen) > SEEN_PODS_LIMIT:
                 self._seen.popitem(last=False)
 
     def record_binding(self, pod_uid: str, node: str) -> None:
-        """Count a pod just bound to an owned node against its service's threshold."""
+        """Count a pod just bound to an owned node against its service's threshold and take
+        its requests from the node's free capacity."""
         with self._lock:
-            service = self._seen.pop(pod_uid, None)
+            service, requests = self._seen.pop(pod_uid, (None, Resources()))
             info = self._view.nodes.get(node)
-            if service is None or (info is not None and info.virtual):
+            if info is not None and info.virtual:
                 return
-            counts = dict(self._view.owned_replicas)
-            counts[service] = counts.get(service, 0) + 1
-            self._view = dataclasses.replace(self._view, owned_replicas=counts)
+            changes: dict[str, Any] = {}
+            if service is not None:
+                counts = dict(self._view.owned_replicas)
+                counts[service] = counts.get(service, 0) + 1
+                changes["owned_replicas"] = counts
+            left = self._view.free.get(node)
+            if left is not None:
+                free = dict(self._view.free)
+                free[node] = Resources(
+                    max(0, left.cpu_milli - requests.cpu_milli),
+                    max(0, left.memory_mib - requests.memory_mib),
+                    max(0, left.gpu - requests.gpu),
+                )
+                changes["free"] = free
+            if changes:
+                self._view = dataclasses.replace(self._view, **changes)
 
 
 def _service(pod: Mapping[str, Any]) -> str | None:
@@ -220,17 +250,46 @@ def _prefers_owned(service: str, view: ExtenderView) -> tuple[bool, str]:
     )
 
 
+def _requests(pod: Mapping[str, Any] | None) -> Resources:
+    """The pod's requests; a quantity that does not parse is the request's error."""
+    try:
+        return pod_requests(pod or {})
+    except ConfigError as exc:
+        name = ((pod or {}).get("metadata") or {}).get("name")
+        raise SchedError(f"pod {name}: {exc}") from exc
+
+
+def _lacks(node: NodeInfo, requests: Resources, view: ExtenderView) -> str | None:
+    """Why an owned node cannot hold the pod within its ceiling (None: it can, or unknown)."""
+    if node.virtual:
+        return None
+    free = view.free.get(node.name)
+    if free is None or requests.fits_in(free):
+        return None
+    return (
+        f"tidal: owned node {node.name} has {free} free under its utilisation ceiling; "
+        f"the pod requests {requests}"
+    )
+
+
 def filter_nodes(args: ExtenderArgs, view: ExtenderView) -> ExtenderFilterResult:
-    """The nodes the pod may go to under Tidal's policy, and why the others may not."""
+    """The nodes the pod may go to under Tidal's policy, and why the others may not.
+
+    Owned nodes whose free capacity under the ceiling (from the view) cannot hold the pod's
+    requests fail first: a threshold counts replicas, but a replica must also fit.
+    """
     pod = args.get("Pod") or {}
     nodes, raw = _candidates(args, view)
     failed: dict[str, str] = {}
     unresolvable: dict[str, str] = {}
     usable = []
+    requests = _requests(pod) if view.free else Resources()
     for n in nodes:
         why = _unusable(n, view)
         if why:
             unresolvable[n.name] = why
+        elif lack := _lacks(n, requests, view):
+            failed[n.name] = lack
         else:
             usable.append(n)
     service = _service(pod)
@@ -358,7 +417,11 @@ class _Handler(BodyHandler):
 
     def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("healthz"):
-            self.send_json(200, {"status": "ok"})
+            problem = self.server.store.health_problem()
+            if problem is None:
+                self.send_json(200, {"status": "ok"})
+            else:
+                self.send_json(503, {"status": "unhealthy", "problem": problem})
         else:
             self.send_json(
                 404, {"Error": f"unknown path {self.path}; POST filter, prioritize or preempt"}
@@ -380,8 +443,8 @@ class _Handler(BodyHandler):
             if verb == "filter":
                 pod_meta = (args.get("Pod") or {}).get("metadata") or {}
                 service = _service(args.get("Pod") or {})
-                if service and pod_meta.get("uid"):
-                    store.remember(str(pod_meta["uid"]), service)
+                if pod_meta.get("uid"):
+                    store.remember(str(pod_meta["uid"]), service, _requests(args.get("Pod")))
                 self.send_json(200, filter_nodes(args, view))  # type: ignore[arg-type]
             elif verb == "bind" and self.server.binder is not None:
                 self.send_json(200, bind(args, self.server.binder, store))  # type: ignore[arg-type]

@@ -11,8 +11,11 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from tidal.errors import ConfigError
 from tidal.ids import NodeName
@@ -25,52 +28,72 @@ class NodeKind(enum.StrEnum):
     VIRTUAL = "virtual"
 
 
+_RESOURCES_TEXT = re.compile(
+    r"^(?P<cpu>\d+(?:\.\d+)?)c(?P<mem>\d+(?:\.\d+)?)(?P<unit>[gm])(?:(?P<gpu>\d+)gpu)?$"
+)
+
+
 @dataclass(frozen=True, order=True)
 class Resources:
-    """A request or a capacity: CPU in millicores, memory in MiB (integers keep sums exact)."""
+    """A request or a capacity: CPU in millicores, memory in MiB, whole GPUs (integers keep
+    sums exact)."""
 
     cpu_milli: int = 0
     memory_mib: int = 0
+    gpu: int = 0
 
     def __post_init__(self) -> None:
-        if self.cpu_milli < 0 or self.memory_mib < 0:
+        if self.cpu_milli < 0 or self.memory_mib < 0 or self.gpu < 0:
             raise ConfigError(f"resources must not be negative: {self}")
 
     def __add__(self, other: Resources) -> Resources:
-        return Resources(self.cpu_milli + other.cpu_milli, self.memory_mib + other.memory_mib)
+        return Resources(
+            self.cpu_milli + other.cpu_milli,
+            self.memory_mib + other.memory_mib,
+            self.gpu + other.gpu,
+        )
 
     def __sub__(self, other: Resources) -> Resources:
-        return Resources(self.cpu_milli - other.cpu_milli, self.memory_mib - other.memory_mib)
+        return Resources(
+            self.cpu_milli - other.cpu_milli,
+            self.memory_mib - other.memory_mib,
+            self.gpu - other.gpu,
+        )
 
     def fits_in(self, other: Resources) -> bool:
         """True if this request fits into ``other`` on every resource."""
-        return self.cpu_milli <= other.cpu_milli and self.memory_mib <= other.memory_mib
+        return (
+            self.cpu_milli <= other.cpu_milli
+            and self.memory_mib <= other.memory_mib
+            and self.gpu <= other.gpu
+        )
 
     def scaled(self, factor: float) -> Resources:
-        """Rounded down, so a ceiling never lets through more than it says."""
-        return Resources(math.floor(self.cpu_milli * factor), math.floor(self.memory_mib * factor))
+        """CPU and memory rounded down, so a ceiling never lets through more than it says.
+
+        GPUs are whole devices a pod holds alone: no co-located pod contends for them, so the
+        utilisation ceiling (a CPU-contention guard) does not apply and they stay as they are.
+        """
+        return Resources(
+            math.floor(self.cpu_milli * factor), math.floor(self.memory_mib * factor), self.gpu
+        )
 
     @classmethod
     def parse(cls, text: str) -> Resources:
-        """``"2c4g"`` / ``"500m512M"`` style shorthand used by spec names and the CLI."""
-        t = text.strip().lower()
-        try:
-            cpu_part, _, mem_part = t.partition("c")
-            cpu = int(float(cpu_part) * 1000)
-            if mem_part.endswith("g"):
-                mem = int(float(mem_part[:-1]) * 1024)
-            elif mem_part.endswith("m"):
-                mem = int(float(mem_part[:-1]))
-            else:
-                raise ValueError(mem_part)
-        except ValueError:
+        """``"2c4g"`` / ``"0.5c512m"`` / ``"8c32g1gpu"`` shorthand used by spec names and the
+        CLI."""
+        m = _RESOURCES_TEXT.match(text.strip().lower())
+        if m is None:
             raise ConfigError(
-                f"cannot parse resources {text!r}; use <cpus>c<memory>g, e.g. 2c4g or 0.5c512m"
-            ) from None
-        return cls(cpu, mem)
+                f"cannot parse resources {text!r}; use <cpus>c<memory>g[<gpus>gpu], "
+                "e.g. 2c4g, 0.5c512m or 8c32g1gpu"
+            )
+        mem = float(m["mem"]) * (1024 if m["unit"] == "g" else 1)
+        return cls(int(float(m["cpu"]) * 1000), int(mem), int(m["gpu"] or 0))
 
     def __str__(self) -> str:
-        return f"{self.cpu_milli / 1000:g}c{self.memory_mib / 1024:g}g"
+        text = f"{self.cpu_milli / 1000:g}c{self.memory_mib / 1024:g}g"
+        return f"{text}{self.gpu}gpu" if self.gpu else text
 
 
 @dataclass(frozen=True)
@@ -173,18 +196,29 @@ class ClusterSnapshot:
     now_s: float = 0.0
     failed_sites: frozenset[str] = frozenset()
 
+    @cached_property
+    def derived(self) -> dict[str, Any]:
+        """Indexes computed once per snapshot by the code that reads it (placement keeps its
+        node index here), so a second decision on the same snapshot does not redo them."""
+        return {}
+
+    @cached_property
+    def _pool_by_node(self) -> dict[NodeName, VirtualPool]:
+        return {p.node_name: p for p in self.pools}
+
+    @cached_property
+    def owned_by_name(self) -> dict[NodeName, OwnedNode]:
+        return {n.name: n for n in self.owned}
+
     def node_kind(self, node: NodeName) -> NodeKind | None:
-        if any(p.node_name == node for p in self.pools):
+        if node in self._pool_by_node:
             return NodeKind.VIRTUAL
-        if any(n.name == node for n in self.owned):
+        if node in self.owned_by_name:
             return NodeKind.OWNED
         return None
 
     def pool_of(self, node: NodeName) -> VirtualPool | None:
-        for pool in self.pools:
-            if pool.node_name == node:
-                return pool
-        return None
+        return self._pool_by_node.get(node)
 
     def usable(self, pool: VirtualPool) -> bool:
         """A pool takes new pods unless cordoned or its whole site is down."""

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tidal.errors import ConfigError, StockError
@@ -185,29 +186,88 @@ def choose_spec(
     )
 
 
+@dataclass
+class _Index:
+    """What every placement on one snapshot needs, built once and kept on the snapshot.
+
+    Free capacity and services per owned node, the uncordoned nodes fullest first, the nodes
+    each service's bound pods are on, and node lists per unit selector. With it a decision
+    costs O(nodes tried + pods of the pod's service), not O(bound pods x nodes).
+    """
+
+    free: dict[NodeName, tuple[int, int, int]]
+    services_on: dict[NodeName, frozenset[str]]
+    order: list[NodeName]
+    nodes_of: dict[str, list[NodeName | None]]
+    by_selector: dict[frozenset[tuple[str, str]], list[NodeName]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, snapshot: ClusterSnapshot) -> _Index:
+        cached = snapshot.derived.get("placement")
+        if isinstance(cached, cls):
+            return cached
+        used: dict[NodeName, list[int]] = {}
+        on: dict[NodeName, set[str]] = defaultdict(set)
+        nodes_of: dict[str, list[NodeName | None]] = defaultdict(list)
+        for p in snapshot.pods:
+            nodes_of[p.service].append(p.node)
+            if p.node is not None:
+                u = used.setdefault(p.node, [0, 0, 0])
+                u[0] += p.requests.cpu_milli
+                u[1] += p.requests.memory_mib
+                u[2] += p.requests.gpu
+                on[p.node].add(p.service)
+        free: dict[NodeName, tuple[int, int, int]] = {}
+        owned = [n for n in snapshot.owned if not n.cordoned]
+        none = [0, 0, 0]
+        for n in owned:
+            c = n.capacity  # allocatable, inlined: this loop runs over every node
+            u = used.get(n.name, none)
+            free[n.name] = (
+                math.floor(c.cpu_milli * n.ceiling) - u[0],
+                math.floor(c.memory_mib * n.ceiling) - u[1],
+                c.gpu - u[2],
+            )
+        # fullest first: first-fit over this order packs nodes tight and keeps others empty
+        owned.sort(key=lambda n: free[n.name])
+        index = cls(
+            free,
+            {k: frozenset(v) for k, v in on.items()},
+            [n.name for n in owned],
+            dict(nodes_of),
+        )
+        snapshot.derived["placement"] = index
+        return index
+
+    def nodes_for(self, snapshot: ClusterSnapshot, unit: Unit | None) -> list[NodeName]:
+        key = frozenset(unit.node_selector.items()) if unit is not None else frozenset()
+        nodes = self.by_selector.get(key)
+        if nodes is None:
+            owned = snapshot.owned_by_name
+            if not key:
+                nodes = self.order
+            else:
+                assert unit is not None
+                nodes = [n for n in self.order if unit.selects(owned[n].labels)]
+            self.by_selector[key] = nodes
+        return nodes
+
+
 class _State:
-    """Mutable bookkeeping of one placement call (never escapes :func:`place`)."""
+    """Mutable bookkeeping of one placement call (never escapes :func:`place`): changes are
+    kept beside the snapshot's index (copy on write), so a call touches only the nodes it
+    tries."""
 
     def __init__(self, snapshot: ClusterSnapshot) -> None:
         self.snapshot = snapshot
-        self.owned = [n for n in snapshot.owned if not n.cordoned]
-        used: dict[NodeName, list[int]] = defaultdict(lambda: [0, 0])
-        self.services_on: dict[NodeName, set[str]] = defaultdict(set)
-        for p in snapshot.pods:
-            if p.node is not None:
-                u = used[p.node]
-                u[0] += p.requests.cpu_milli
-                u[1] += p.requests.memory_mib
-                self.services_on[p.node].add(p.service)
+        self.index = _Index.of(snapshot)
         self.free: dict[NodeName, list[int]] = {}
-        for n in self.owned:
-            a = n.allocatable
-            u = used.get(n.name, [0, 0])
-            self.free[n.name] = [a.cpu_milli - u[0], a.memory_mib - u[1]]
-        # fullest first: first-fit over this order packs nodes tight and keeps others empty
-        self.owned.sort(key=lambda n: (self.free[n.name][0], self.free[n.name][1]))
+        self.added: dict[NodeName, set[str]] = defaultdict(set)
         self.cursors: dict[tuple[object, ...], int] = {}
+        self.usable: dict[str, bool] = {}
         self.unit_nodes: dict[tuple[int, int], list[NodeName]] = {}
+        self.flat: dict[tuple[object, ...], list[tuple[tuple[str, str], VirtualChoice]]] = {}
+        self.options: dict[tuple[str, Resources], list[tuple[tuple[str, str], VirtualChoice]]] = {}
         self.stock: dict[tuple[str, str], int | None] = {
             (pool.name, s.name): pool.stock_of(s.name)
             for pool in snapshot.pools
@@ -218,44 +278,90 @@ class _State:
         key = (policy_id, ui)
         nodes = self.unit_nodes.get(key)
         if nodes is None:
-            nodes = [n.name for n in self.owned if unit is None or unit.selects(n.labels)]
-            self.unit_nodes[key] = nodes
+            nodes = self.unit_nodes[key] = self.index.nodes_for(self.snapshot, unit)
         return nodes
 
     def fit_owned(
         self, nodes: list[NodeName], key: tuple[object, ...], req: Resources, anti: str | None
     ) -> NodeName | None:
         i = self.cursors.get(key, 0)
-        cpu, mem = req.cpu_milli, req.memory_mib
-        free, services_on = self.free, self.services_on
+        cpu, mem, gpu = req.cpu_milli, req.memory_mib, req.gpu
+        free, base, on, added = self.free, self.index.free, self.index.services_on, self.added
+        empty: frozenset[str] = frozenset()
         while i < len(nodes):
             name = nodes[i]
-            f = free[name]
-            if f[0] >= cpu and f[1] >= mem and (anti is None or anti not in services_on[name]):
+            f = free.get(name)
+            if f is None:
+                b = base[name]
+                fc, fm, fg = b
+            else:
+                fc, fm, fg = f
+            if (
+                fc >= cpu
+                and fm >= mem
+                and fg >= gpu
+                and (anti is None or (anti not in on.get(name, empty) and anti not in added[name]))
+            ):
                 self.cursors[key] = i
-                f[0] -= cpu
-                f[1] -= mem
+                free[name] = [fc - cpu, fm - mem, fg - gpu]
                 if anti is not None:
-                    services_on[name].add(anti)
+                    added[name].add(anti)
                 return name
             i += 1
         self.cursors[key] = i
         return None
 
-    def fit_virtual(self, pools: Iterable[VirtualPool], req: Resources) -> VirtualChoice | None:
+    def fit_virtual(
+        self, pools: Sequence[VirtualPool], req: Resources, key: tuple[object, ...] | None = None
+    ) -> VirtualChoice | None:
+        """The first usable pool's smallest fitting spec with stock left, upgraded along its
+        list (:func:`choose_spec`'s rule, with the choices per pool and shape computed once;
+        ``key`` names the pool list so that its choices are kept for the next pod)."""
+        if key is not None:
+            flat = self.flat.get(key)
+            if flat is None:
+                flat = self.flat[key] = [
+                    option
+                    for pool in pools
+                    if self.snapshot.usable(pool)
+                    for option in _choices(pool, req)
+                ]
+            for skey, choice in flat:
+                left = self.stock[skey]
+                if left is None:
+                    return choice
+                if left > 0:
+                    self.stock[skey] = left - 1
+                    return choice
+            return None
         for pool in pools:
-            if not self.snapshot.usable(pool):
+            usable = self.usable.get(pool.name)
+            if usable is None:
+                usable = self.usable[pool.name] = self.snapshot.usable(pool)
+            if not usable:
                 continue
-            stock = {s.name: self.stock[(pool.name, s.name)] for s in pool.specs}
-            try:
-                choice = choose_spec(pool, req, stock)
-            except StockError:
-                continue
-            left = self.stock[(pool.name, choice.spec.name)]
-            if left is not None:
-                self.stock[(pool.name, choice.spec.name)] = left - 1
-            return choice
+            options = self.options.get((pool.name, req))
+            if options is None:
+                options = self.options[(pool.name, req)] = _choices(pool, req)
+            for key, choice in options:
+                left = self.stock[key]
+                if left is None:
+                    return choice
+                if left > 0:
+                    self.stock[key] = left - 1
+                    return choice
         return None
+
+
+def _choices(pool: VirtualPool, req: Resources) -> list[tuple[tuple[str, str], VirtualChoice]]:
+    fitting = [i for i, s in enumerate(pool.specs) if req.fits_in(s.resources)]
+    if not fitting:
+        return []
+    requested = pool.specs[fitting[0]]
+    return [
+        ((pool.name, spec.name), VirtualChoice(pool, spec, requested))
+        for spec in pool.specs[fitting[0] :]
+    ]
 
 
 def _unit_pools(snapshot: ClusterSnapshot, unit: Unit) -> list[VirtualPool]:
@@ -275,7 +381,7 @@ def unit_of(snapshot: ClusterSnapshot, policy: ResourcePolicy, node: NodeName | 
     if node is None:
         return None
     pool = snapshot.pool_of(node)
-    owned = None if pool is not None else next((n for n in snapshot.owned if n.name == node), None)
+    owned = None if pool is not None else snapshot.owned_by_name.get(node)
     for i, unit in enumerate(policy.units):
         if pool is not None and unit.kind is NodeKind.VIRTUAL:
             if (not unit.pools or pool.name in unit.pools) and unit.selects(pool.labels):
@@ -299,18 +405,33 @@ def place(
     st = _State(snapshot)
     counts: dict[tuple[str, int], int] = defaultdict(int)
     policy_of = {svc: pol for svc, pol in policies.items()}
-    for p in snapshot.pods:
-        pol = policy_of.get(p.service, DEFAULT_POLICY)
-        ui = unit_of(snapshot, pol, p.node)
-        if ui is not None:
-            counts[(p.service, ui)] += 1
+    # only the services being placed: their bound pods count against their units' max
+    for svc in {p.service for p in pods}:
+        pol = policy_of.get(svc, DEFAULT_POLICY)
+        unit_cache: dict[NodeName | None, int | None] = {}
+        for node in st.index.nodes_of.get(svc, ()):
+            if node not in unit_cache:
+                unit_cache[node] = unit_of(snapshot, pol, node)
+            ui = unit_cache[node]
+            if ui is not None:
+                counts[(svc, ui)] += 1
     pools_cache: dict[tuple[int, int], list[VirtualPool]] = {}
     bindings: list[Binding] = []
     pending: list[Pending] = []
+    # per service, computed once: its policy, its id (cache keys) and anti-affinity
+    per_service: dict[str, tuple[ResourcePolicy, int, str | None]] = {}
     for pod in pods:
-        pol = policy_of.get(pod.service, DEFAULT_POLICY)
-        pid = id(pol)
-        anti = pod.service if pol.anti_affinity else None
+        known = per_service.get(pod.service)
+        if known is None:
+            p_ = policy_of.get(pod.service, DEFAULT_POLICY)
+            known = per_service[pod.service] = (
+                p_,
+                id(p_),
+                pod.service if p_.anti_affinity else None,
+            )
+        pol, pid, anti = known
+        # pods share request objects; id() keys are safe while ``pods`` holds them
+        rid = id(pod.requests)
         binding: Binding | None = None
         wait_reason: str | None = None
         for ui, unit in enumerate(pol.units):
@@ -325,7 +446,7 @@ def place(
                 pkey = (pid, ui)
                 if pkey not in pools_cache:
                     pools_cache[pkey] = _unit_pools(snapshot, unit)
-                choice = st.fit_virtual(pools_cache[pkey], pod.requests)
+                choice = st.fit_virtual(pools_cache[pkey], pod.requests, (pid, ui, rid))
                 if choice is not None:
                     binding = Binding(
                         pod.name,

@@ -15,7 +15,14 @@ DEFAULT_CREATION_LATENCY_S = 60.0
 DEFAULT_CEILING = 0.6
 """Owned servers ran about 60 % at peak in the write-up; more risks the online SLO."""
 DEFAULT_EXTENDER_PORT = 8888
-POLICIES = ("all-owned", "naive-overflow", "tidal", "oracle")
+POLICIES = (
+    "all-owned",
+    "naive-overflow",
+    "reactive-reserve",
+    "cluster-autoscaler",
+    "tidal",
+    "oracle",
+)
 """The policies the simulator compares (here, not in the simulator: the CLI's help needs them
 without importing numpy)."""
 DEFAULT_LOAD_SCALE = 20.0
