@@ -123,7 +123,7 @@ def test_root_api_join_leave_dead(root: RootServer, layer: tuple) -> None:
         client.leave(digest, b)
         assert httpx.get(f"{root.url}/v1/layers").json() == {digest: [c, d]}
         bad = httpx.post(f"{root.url}/v1/layers/{digest}/join", json={"node": "nope"})
-        assert bad.status_code == 400 and "http(s) URL" in bad.json()["error"]
+        assert bad.status_code == 400 and "http(s) URL" in bad.json()["error"]["message"]
     finally:
         client.close()
     gone = RootClient(RootRing(["http://127.0.0.1:9"]), timeout_s=0.5)

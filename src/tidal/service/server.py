@@ -26,9 +26,11 @@ standard library's, exposition ``prometheus_client``'s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import socket
 import socketserver
 import threading
 import time
@@ -300,10 +302,43 @@ class _TcpKitHandler(_KitHandler):
 
 
 class _Serving:
-    """``start()`` in a daemon thread, ``stop()`` (also when never started)."""
+    """``start()`` in a daemon thread, ``stop()`` (also when never started).
+
+    ``stop()`` also ends the connections clients keep alive: a stopped server must not go on
+    answering on them from their handler threads (a P2P child would never notice its parent
+    left, and the threads would outlive the server).
+    """
 
     service: Service
     _thread: threading.Thread | None = None
+    _conns: set[socket.socket]
+    _conns_lock: threading.Lock
+
+    def _init_connections(self) -> None:
+        self._conns = set()
+        self._conns_lock = threading.Lock()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        try:
+            super().finish_request(request, client_address)  # type: ignore[misc]
+        finally:
+            with self._conns_lock:
+                self._conns.discard(request)
+
+    def server_close(self) -> None:
+        """Close the listening socket and every connection still open (socketserver's
+        ``server_close`` leaves those to their threads)."""
+        super().server_close()  # type: ignore[misc]
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def start(self) -> Any:
         self._thread = threading.Thread(
@@ -320,7 +355,7 @@ class _Serving:
             self.shutdown()  # type: ignore[attr-defined]  # waits for serve_forever
             self._thread.join(timeout=5)
         self._thread = None
-        self.server_close()  # type: ignore[attr-defined]
+        self.server_close()
 
 
 def _bind_error(error: type[TidalError], what: str, where: str, exc: BaseException) -> TidalError:
@@ -335,6 +370,7 @@ class TcpServiceServer(_Serving, ThreadingHTTPServer):  # type: ignore[misc]
 
     def __init__(self, host: str, port: int, service: Service) -> None:
         self.service = service
+        self._init_connections()
         try:
             super().__init__((host, port), _TcpKitHandler)
         except (OSError, OverflowError) as exc:
@@ -357,6 +393,7 @@ class UnixServiceServer(_Serving, socketserver.ThreadingMixIn, socketserver.Unix
 
     def __init__(self, path: str, service: Service) -> None:
         self.service = service
+        self._init_connections()
         self.path = path
         try:
             super().__init__(path, _KitHandler)
