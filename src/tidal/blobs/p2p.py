@@ -167,6 +167,8 @@ class RootServer(TcpServiceServer):
             ["verb"],
             registry=service.registry,
         )
+        for verb in ("join", "leave", "dead"):
+            self.changes.labels(verb)
         layers = Gauge("tidal_p2p_root_layers", "Layers with a tree", registry=service.registry)
         layers.set_function(lambda: len(self.state.trees))
         members = Gauge(

@@ -107,10 +107,10 @@ class PeerServer(TcpServiceServer):
         return Response(b"", 200, OCTETS, {"Content-Length": str(src.size_bytes)})
 
     def _get(self, req: Request) -> Response:
-        digest, src = self._target(req)
         m = _RANGE_RE.match(req.headers.get("Range") or "")
         if m is None:
             raise ConfigError("a Range: bytes=START-END header is required")
+        digest, src = self._target(req)
         start, end = int(m.group(1)), int(m.group(2)) + 1
         path = tuple(p for p in (req.headers.get(PATH_HEADER) or "").split(",") if p)
         try:

@@ -69,6 +69,10 @@ class EngineMetrics:
             buckets=START_SECONDS_BUCKETS,
             registry=registry,
         )
+        for result in ("ok", "error"):  # every series exists from the start (rate() needs it)
+            self.starts.labels(result)
+            for how in ("stop", "kill"):
+                self.stops.labels(how, result)
         registry.register(self)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:

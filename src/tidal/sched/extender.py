@@ -401,6 +401,11 @@ class ExtenderServer(TcpServiceServer):
         )
         service.registry.register(self.decisions)
         service.registry.register(self.filtered_nodes)
+        for verb in ("filter", "prioritize", "preempt", "bind"):  # every series from the start
+            for result in ("ok", "error"):
+                self.decisions.labels(verb, result)
+        for outcome in ("kept", "failed", "unresolvable"):
+            self.filtered_nodes.labels(outcome)
         super().__init__(host, port, service)
 
     @property

@@ -227,13 +227,18 @@ class Service:
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed = []
+        head_as_get = None
         for route in self.routes:
             m = route.regex.match(path)
             if m is None:
                 continue
             if route.method == method:
                 return route, {k: unquote(v) for k, v in m.groupdict().items()}
+            if method == "HEAD" and route.method == "GET" and head_as_get is None:
+                head_as_get = route, {k: unquote(v) for k, v in m.groupdict().items()}
             allowed.append(route.method)
+        if head_as_get is not None:  # HEAD is GET without the body (the handler skips it)
+            return head_as_get
         only = f" ({', '.join(sorted(set(allowed)))} only)" if allowed else ""
         raise NotFoundError(f"{self.name} has no route {method} {path}{only}")
 
