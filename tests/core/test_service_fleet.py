@@ -17,6 +17,7 @@ from tidal.blobs.p2p import RootServer
 from tidal.blobs.peer import PeerServer
 from tidal.engine.daemon import engine_service
 from tidal.errors import ContainerStateError
+from tidal.ids import Digest
 from tidal.qos.api import ApiServer
 from tidal.qos.metrics import QosMetrics
 from tidal.sched.extender import ExtenderServer, ViewStore
@@ -41,6 +42,12 @@ class FakeEngine:
         raise ContainerStateError(
             f"container {ref} is running; stop it or use 'tidal rm --force {ref}'"
         )
+
+
+class _Layer:
+    """Stands in for a cached layer source: the requests below never reach its bytes."""
+
+    size_bytes = 1 << 20
 
 
 class FakeAgent:
@@ -91,7 +98,8 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Running]]:
     engine = UnixServiceServer(engine_sock, engine_service(FakeEngine())).start()  # type: ignore[arg-type]
     extender = ExtenderServer(ViewStore(), "127.0.0.1", 0).start()
     root = RootServer("127.0.0.1", 0).start()
-    peer = PeerServer({}, "127.0.0.1", 0).start()
+    layer = Digest("sha256:" + "ab" * 32)
+    peer = PeerServer({layer: _Layer()}, "127.0.0.1", 0).start()  # type: ignore[dict-item]
     host, port = qos.address
     clients = {
         "engine daemon": Running(
@@ -234,6 +242,6 @@ def test_root_and_peer_json_errors_keep_their_meaning(fleet: dict[str, Running])
     )
     assert bad.status_code == 400 and "http(s) URL" in bad.json()["error"]["message"]
     peer = fleet["P2P peer"].client.get(
-        "/v1/blobs/sha256:" + "ab" * 32, headers={"Range": "bytes=0-1"}
+        "/v1/blobs/sha256:" + "cd" * 32, headers={"Range": "bytes=0-1"}
     )
     assert peer.status_code == 404 and json.loads(peer.text)["error"]["type"] == "BlobNotFoundError"

@@ -315,3 +315,18 @@ def test_not_found_subclasses_stay_file_not_found() -> None:
         404, json.dumps(error_body(NotFoundError("gone"))).encode(), fallback=EngineError, what="x"
     )
     assert isinstance(back, FileNotFoundError) and str(back) == "gone"
+
+
+def test_a_peer_server_starts_without_prometheus_client() -> None:
+    """A P2P peer starts inside each lazy mount's FUSE server before it reports ready: the
+    metrics library loads at the first request, not on the mount path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tidal.blobs.peer import PeerServer; import tidal.blobs.distribution; "
+        "s = PeerServer({}, '127.0.0.1', 0).start(); "
+        "print('prometheus_client' in sys.modules); s.stop()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

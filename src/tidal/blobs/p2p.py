@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from prometheus_client import Counter, Gauge
 from uhashring import HashRing
 
 from tidal.errors import ConfigError, NotFoundError, P2PError
@@ -152,6 +151,8 @@ class RootServer(TcpServiceServer):
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, fanout: int = DEFAULT_FANOUT
     ) -> None:
+        from prometheus_client import Counter, Gauge  # here: nodes import this module too
+
         self.state = RootState(fanout)
         service = Service(
             "the P2P root",

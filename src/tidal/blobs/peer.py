@@ -19,10 +19,10 @@ import logging
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import httpx
-from prometheus_client import Counter
 
 from tidal.blobs.cached_source import CachedRangeSource
 from tidal.blobs.p2p import RootClient, RootRing
@@ -81,16 +81,9 @@ class PeerServer(TcpServiceServer):
             ],
             error=P2PError,
         )
-        r = service.registry
-        self.served_bytes = Counter(
-            "tidal_p2p_served_bytes", "Chunk bytes served to other nodes", ["layer"], registry=r
-        )
-        self.served_requests = Counter(
-            "tidal_p2p_served_requests", "Range requests served", ["layer"], registry=r
-        )
-        self.refused_loops = Counter(
-            "tidal_p2p_loops_refused", "Requests refused as a loop or too many hops", registry=r
-        )
+        self.served_by_layer: dict[Digest, tuple[int, int]] = {}
+        """Requests and bytes served, per layer."""
+        service.add_collector(PeerMetrics(self))
         super().__init__(host, port, service)
 
     # --- HTTP ------------------------------------------------------------------------------
@@ -107,10 +100,10 @@ class PeerServer(TcpServiceServer):
         return Response(b"", 200, OCTETS, {"Content-Length": str(src.size_bytes)})
 
     def _get(self, req: Request) -> Response:
+        digest, src = self._target(req)
         m = _RANGE_RE.match(req.headers.get("Range") or "")
         if m is None:
             raise ConfigError("a Range: bytes=START-END header is required")
-        digest, src = self._target(req)
         start, end = int(m.group(1)), int(m.group(2)) + 1
         path = tuple(p for p in (req.headers.get(PATH_HEADER) or "").split(",") if p)
         try:
@@ -160,7 +153,6 @@ class PeerServer(TcpServiceServer):
             if cached_only and not (wanted and all(src.is_cached(r) for r in wanted)):
                 with self._lock:
                     self.loops_refused += 1
-                self.refused_loops.inc()
                 why = "this node is on the request's path" if looped else f"{len(path)} hops"
                 raise P2PError(f"{why}: serving cached chunks only (stale parents form a loop?)")
             assert wanted is not None
@@ -170,10 +162,39 @@ class PeerServer(TcpServiceServer):
         with self._lock:
             self.requests += 1
             self.bytes_served += len(data)
-        layer = short_digest(digest)
-        self.served_requests.labels(layer).inc()
-        self.served_bytes.labels(layer).inc(len(data))
+            n, size = self.served_by_layer.get(digest, (0, 0))
+            self.served_by_layer[digest] = (n + 1, size + len(data))
         return data
+
+
+class PeerMetrics:
+    """The peer server's figures as Prometheus metrics, read from its counters when scraped
+    (prometheus-client is not imported while the mount starts): bytes and requests served by
+    layer, loops refused."""
+
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        with self.server._lock:
+            by_layer = dict(self.server.served_by_layer)
+            loops = self.server.loops_refused
+        served = CounterMetricFamily(
+            "tidal_p2p_served_bytes", "Chunk bytes served to other nodes", labels=["layer"]
+        )
+        requests = CounterMetricFamily(
+            "tidal_p2p_served_requests", "Range requests served", labels=["layer"]
+        )
+        for digest, (n, size) in sorted(by_layer.items()):
+            served.add_metric([digest], size)
+            requests.add_metric([digest], n)
+        refused = CounterMetricFamily(
+            "tidal_p2p_loops_refused", "Requests refused as a loop or past the hop limit"
+        )
+        refused.add_metric([], loops)
+        yield from (served, requests, refused)
 
 
 class ChunkIndex:

@@ -1,6 +1,6 @@
 """An OCI distribution client (httpx): blobs with Range, uploads, manifests, tags, auth, retries.
 
-This is the only module that sees HTTP status codes. They map onto Tidal's errors in one table
+This is the only module that reads a registry's HTTP status codes. They map onto Tidal's errors in one table
 (:func:`_raise_for`): 401/403 -> :class:`RegistryAuthError`, 404 -> :class:`BlobNotFoundError`
 (or :class:`ManifestNotFoundError`), 429/5xx and connection failures -> retried with exponential
 backoff, then :class:`RegistryUnavailableError`. Auth follows the distribution spec: on a 401

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MountMetrics(fs, served, str(args.image))
     p2p = served.lazy.p2p if served.lazy is not None else None
     if p2p is not None:  # its peer server's /metrics shows the mount's figures too
-        p2p.server.service.registry.register(metrics)
+        p2p.server.service.add_collector(metrics)
     stats = (
         StatsWriter(
             args.stats_file,

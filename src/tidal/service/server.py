@@ -38,16 +38,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
-
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
 
 from tidal.errors import ConfigError, NotFoundError, TidalError
 from tidal.service.wire import (
@@ -56,6 +48,9 @@ from tidal.service.wire import (
     error_body,
     status_for,
 )
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
 log = logging.getLogger("tidal.service")
 
@@ -176,21 +171,58 @@ class Service:
         ]
         self.health_checks: list[HealthCheck] = list(health_checks)
         """Checks ``/healthz`` runs; a part may append its own (the controller loop does)."""
-        self.registry = registry if registry is not None else CollectorRegistry()
         self.error_fields = error_fields
-        self._requests = Counter(
-            "tidal_http_requests",
-            "Requests answered, by route and status",
-            ["service", "route", "status"],
-            registry=self.registry,
-        )
-        self._seconds = Histogram(
-            "tidal_http_request_seconds",
-            "Time to answer a request, by route",
-            ["service", "route"],
-            buckets=REQUEST_SECONDS_BUCKETS,
-            registry=self.registry,
-        )
+        self._registry = registry
+        self._collectors: list[Any] = []
+        self._metrics_lock = threading.Lock()
+        self._requests: Counter | None = None
+        self._seconds: Histogram | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The service's own registry, made (and prometheus-client imported) on first use:
+        a P2P peer inside a FUSE server process does not load it before the mount is ready."""
+        with self._metrics_lock:
+            if self._registry is None:
+                from prometheus_client import CollectorRegistry
+
+                self._registry = CollectorRegistry()
+            for collector in self._collectors:
+                self._registry.register(collector)
+            self._collectors.clear()
+            return self._registry
+
+    def add_collector(self, collector: Any) -> None:
+        """Register a prometheus-client collector (an object with ``collect()``) now if the
+        registry exists, else when it is made."""
+        with self._metrics_lock:
+            if self._registry is None:
+                self._collectors.append(collector)
+                return
+        self.registry.register(collector)
+
+    def _observe(self, route: str, status: int, seconds: float) -> None:
+        if self._requests is None or self._seconds is None:
+            from prometheus_client import Counter, Histogram
+
+            registry = self.registry
+            with self._metrics_lock:
+                if self._requests is None or self._seconds is None:
+                    self._requests = Counter(
+                        "tidal_http_requests",
+                        "Requests answered, by route and status",
+                        ["service", "route", "status"],
+                        registry=registry,
+                    )
+                    self._seconds = Histogram(
+                        "tidal_http_request_seconds",
+                        "Time to answer a request, by route",
+                        ["service", "route"],
+                        buckets=REQUEST_SECONDS_BUCKETS,
+                        registry=registry,
+                    )
+        self._requests.labels(self.name, route, str(status)).inc()
+        self._seconds.labels(self.name, route).observe(seconds)
 
     # --- built-in routes -------------------------------------------------------------------
 
@@ -208,6 +240,8 @@ class Service:
         return Response.json({"status": "ok"})
 
     def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return Response(generate_latest(self.registry), 200, CONTENT_TYPE_LATEST)
 
     # --- dispatch --------------------------------------------------------------------------
@@ -257,8 +291,7 @@ class Service:
             if not isinstance(exc, TidalError):
                 log.exception("%s: unhandled error in %s %s", self.name, method, url.path)
             response = self.error_response(exc)
-        self._requests.labels(self.name, route_name, str(response.status)).inc()
-        self._seconds.labels(self.name, route_name).observe(time.perf_counter() - t0)
+        self._observe(route_name, response.status, time.perf_counter() - t0)
         return response
 
 
