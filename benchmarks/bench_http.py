@@ -10,6 +10,9 @@ round-robin in one run:
   * **per-request latency**: p50/p99 of ``GET /v1/ping`` (a small JSON body) over one
     keep-alive httpx client, the server in its own process.
 
+Both load prometheus-client late (the kit at its first request, which counts requests; the
+Starlette app at its first ``/metrics``), so start-up compares the HTTP layers alone.
+
 Candidates: ``tidal.service`` (route table on ``http.server``) on TCP and on a unix socket;
 Starlette + uvicorn on TCP with an async handler, and on TCP and a unix socket with a plain
 (blocking) handler, which Starlette runs in its thread pool — what Tidal's handlers (runc,
@@ -67,16 +70,16 @@ def _child(kind: str, where: str) -> None:
         server.start()
         port = 0 if where.startswith("/") else server.port()
     else:
-        import prometheus_client  # every Tidal service serves /metrics: both sides load it
         import uvicorn
         from starlette.applications import Starlette
         from starlette.responses import JSONResponse, Response
         from starlette.routing import Route as SRoute
 
-        registry = prometheus_client.CollectorRegistry()
-
         def metrics(request: Any) -> Response:
-            return Response(prometheus_client.generate_latest(registry))
+            # every Tidal service serves /metrics; like the kit, load prometheus-client late
+            import prometheus_client
+
+            return Response(prometheus_client.generate_latest(prometheus_client.REGISTRY))
 
         async def ping_async(request: Any) -> JSONResponse:
             return JSONResponse({"ok": True})
