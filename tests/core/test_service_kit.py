@@ -330,3 +330,36 @@ def test_a_peer_server_starts_without_prometheus_client() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_engine_discovery_over_a_mock_transport(tmp_path: Path) -> None:
+    from tidal.qos.discovery import EngineDiscovery
+
+    answers = [
+        httpx.Response(
+            200,
+            json=[
+                {
+                    "id": "c1",
+                    "name": "web",
+                    "status": "running",
+                    "cgroup": "/tidal/c1",
+                    "spec": {"labels": [["app", "web"]]},
+                }
+            ],
+        ),
+        httpx.Response(503, json=error_body(RegistryUnavailableError("the database is locked"))),
+    ]
+    d = EngineDiscovery(
+        tmp_path / "unused.sock", transport=httpx.MockTransport(lambda r: answers.pop(0))
+    )
+    try:
+        assert [(c.name, c.cgroup, c.labels) for c in d.containers()] == [
+            ("web", "tidal/c1", {"app": "web"})
+        ]
+        assert [c.name for c in d.containers()] == [
+            "web"
+        ]  # the daemon refused: the last list stands
+        assert d.last_error is not None and "the database is locked" in d.last_error
+    finally:
+        d.close()
