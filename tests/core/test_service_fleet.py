@@ -16,7 +16,7 @@ import pytest
 from tidal.blobs.p2p import RootServer
 from tidal.blobs.peer import PeerServer
 from tidal.engine.daemon import engine_service
-from tidal.errors import ContainerStateError
+from tidal.errors import ContainerStateError, OciRuntimeError
 from tidal.ids import Digest
 from tidal.qos.api import ApiServer
 from tidal.qos.metrics import QosMetrics
@@ -28,6 +28,9 @@ from tidal.service.server import UnixServiceServer
 class _Rec:
     status: str
 
+    def to_json(self) -> dict[str, str]:
+        return {"status": self.status}
+
 
 class FakeEngine:
     """What the daemon's HTTP layer calls of an Engine, without containers."""
@@ -37,6 +40,14 @@ class FakeEngine:
 
     def describe(self, rec: _Rec) -> dict[str, str]:
         return {"status": rec.status}
+
+    def run(self, spec: object) -> _Rec:
+        if getattr(spec, "name", None) == "broken":
+            raise OciRuntimeError("runc create failed: no such file /bin/true")
+        return _Rec("running")
+
+    def stop(self, ref: str, timeout_s: float | None = None) -> _Rec:
+        return _Rec("exited")
 
     def remove(self, ref: str, force: bool = False) -> None:
         raise ContainerStateError(
@@ -245,3 +256,39 @@ def test_root_and_peer_json_errors_keep_their_meaning(fleet: dict[str, Running])
         "/v1/blobs/sha256:" + "cd" * 32, headers={"Range": "bytes=0-1"}
     )
     assert peer.status_code == 404 and json.loads(peer.text)["error"]["type"] == "BlobNotFoundError"
+
+
+def test_engine_metrics_count_starts_stops_and_start_latency(tmp_path: Path) -> None:
+    sock = str(tmp_path / "engine.sock")
+    server = UnixServiceServer(sock, engine_service(FakeEngine())).start()  # type: ignore[arg-type]
+    transport = httpx.HTTPTransport(uds=sock)
+    try:
+        with httpx.Client(transport=transport, base_url="http://tidal") as c:
+            spec = {"image": "/srv/img", "command": ["true"]}
+            assert c.post("/v1/containers", json={"spec": spec}).status_code == 201
+            broken = c.post("/v1/containers", json={"spec": {**spec, "name": "broken"}})
+            assert broken.status_code == 500 and broken.json()["error"]["type"] == "OciRuntimeError"
+            assert c.post("/v1/containers/web/stop", json={"timeout_s": 1}).json() == {
+                "status": "exited"
+            }
+            text = c.get("/metrics").text
+    finally:
+        server.stop()
+    assert 'tidal_engine_container_starts_total{result="ok"} 1.0' in text
+    assert 'tidal_engine_container_starts_total{result="error"} 1.0' in text
+    assert 'tidal_engine_container_stops_total{how="stop",result="ok"} 1.0' in text
+    assert 'tidal_engine_container_stops_total{how="kill",result="ok"} 0.0' in text
+    assert "tidal_engine_container_start_seconds_count 1.0" in text  # only the start that worked
+
+
+def test_qos_healthz_follows_the_agent(fleet: dict[str, Running]) -> None:
+    client = fleet["QoS API"].client
+    assert client.get("/healthz").status_code == 200
+    FakeAgent.problem = "the last round failed: CgroupError: cpu.max is gone"
+    try:
+        r = client.get("/healthz")
+    finally:
+        FakeAgent.problem = None
+    assert r.status_code == 503 and r.json()["problems"] == [
+        "the last round failed: CgroupError: cpu.max is gone"
+    ]
