@@ -171,7 +171,7 @@ class Service:
             Route("GET", "/metrics", lambda _: self.metrics(), "metrics"),
         ]
         self.health_checks: list[HealthCheck] = list(health_checks)
-        """Checks ``/healthz`` runs; a part may append its own (the controller loop does)."""
+        """Checks ``/healthz`` runs; a part may append its own (the scheduler's controller loop can)."""
         self.error_fields = error_fields
         self._registry = registry
         self._collectors: list[Any] = []
