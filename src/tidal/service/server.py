@@ -330,6 +330,7 @@ class _KitHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(resp.body)
+            self.wfile.flush()  # here, so a client that left is caught below
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up; nothing to tell it
 
@@ -365,6 +366,11 @@ class _Serving:
         finally:
             with self._conns_lock:
                 self._conns.discard(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a handler (the client reset it): a log line, not
+        socketserver's traceback on stderr."""
+        log.debug("%s: connection from %s failed", self.service.name, client_address, exc_info=True)
 
     def server_close(self) -> None:
         """Close the listening socket and every connection still open (socketserver's
