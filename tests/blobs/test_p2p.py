@@ -123,7 +123,7 @@ def test_root_api_join_leave_dead(root: RootServer, layer: tuple) -> None:
         client.leave(digest, b)
         assert httpx.get(f"{root.url}/v1/layers").json() == {digest: [c, d]}
         bad = httpx.post(f"{root.url}/v1/layers/{digest}/join", json={"node": "nope"})
-        assert bad.status_code == 400 and "http(s) URL" in bad.json()["error"]
+        assert bad.status_code == 400 and "http(s) URL" in bad.json()["error"]["message"]
     finally:
         client.close()
     gone = RootClient(RootRing(["http://127.0.0.1:9"]), timeout_s=0.5)
@@ -179,6 +179,11 @@ def test_chunks_flow_down_the_tree_and_the_registry_serves_each_once(
         assert by_peer[0] == 0 and all(b >= len(raw) for b in by_peer[1:])
         served = sum(n.p2p.server.bytes_served for n in nodes)
         assert served >= 3 * len(raw)
+        top = max(nodes, key=lambda n: n.p2p.server.bytes_served).p2p.server
+        metrics = httpx.get(f"{top.url}/metrics").text  # the peer's own /metrics agrees
+        assert (
+            f'tidal_p2p_served_bytes_total{{layer="{digest}"}} {float(top.bytes_served)}' in metrics
+        )
     finally:
         for n in nodes:
             n.close()

@@ -110,6 +110,42 @@ def test_pulled_image_reads_only_what_it_touches_and_is_byte_exact(
     assert doc["lazy"]["total"]["check_failures"] == 0
 
 
+def _metrics(target: Path, name: str, at_least: float) -> dict[str, float]:
+    """Samples of ``name`` from the mount's ``metrics.prom``, once its value reaches ``at_least``
+    (the stats writer rewrites the file every second, after the mount is ready)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    path = mounts.find_mount(target).run_dir / "metrics.prom"
+    deadline = time.monotonic() + 10
+    samples: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        if path.exists():
+            samples = {
+                s.name + str(sorted(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(path.read_text())
+                for s in fam.samples
+                if s.name == name
+            }
+            if samples and max(samples.values()) >= at_least:
+                return samples
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never reached {at_least} in {path}: {samples}")
+
+
+def test_a_lazy_mount_exports_prometheus_metrics_after_ready(
+    image: Path, registry: RegistryServer, cache_dir: Path, tmp_path: Path
+) -> None:
+    pulled = _push_pull(image, registry, "metrics", tmp_path / "pulled")
+    target = tmp_path / "mnt"
+    with mounted(pulled, target):
+        assert (target / "big" / "a.bin").read_bytes() == FILES["/big/a.bin"]
+        fetched = _metrics(target, "tidal_mount_fetched_bytes_total", 3 << 20)
+        assert list(fetched) == [f"tidal_mount_fetched_bytes_total[('image', '{pulled}')]"]
+        reads = _metrics(target, "tidal_mount_read_seconds_count", 1)
+        assert min(reads.values()) >= 1
+        assert _metrics(target, "tidal_mount_read_bytes_total", 3 << 20)
+
+
 def test_second_mount_reads_from_the_cache_without_a_request(
     image: Path, registry: RegistryServer, cache_dir: Path, tmp_path: Path
 ) -> None:

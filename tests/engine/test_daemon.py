@@ -68,7 +68,8 @@ def test_api_round_trip(daemon: tuple[Daemon, EngineClient], busybox_rootfs: Pat
     rec = c.stop("api1", timeout_s=0.2)
     assert rec.signal == 9
     assert b"".join(c.follow_logs("api1")) == b"hi\n"
-    with pytest.raises(EngineError, match="already exists"):
+    # the engine's own class (ConfigError: the name is the caller's input), not a wrapper
+    with pytest.raises(ConfigError, match=r"^a container named 'api1' already exists"):
         c.run(ContainerSpec(image=str(busybox_rootfs), command=("true",), name="api1"))
     c.remove("api1")
     assert c.list_all() == []

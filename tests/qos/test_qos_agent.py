@@ -160,7 +160,7 @@ def test_http_api_and_metrics(tmp_path: Path, fs: FakeCgroupV1Fs, rules_path: Pa
             assert 'tidal_qos_adjustments_total{cgroup="batch/etl",result="ok"}' in metrics
             assert 'tidal_qos_latency_p95_ms{app="web"} 400.0' in metrics
             bad = c.post("/v1/signals/latency", json={"app": "web"})
-            assert bad.status_code == 400 and "p95_ms" in bad.json()["error"]
+            assert bad.status_code == 400 and "p95_ms" in bad.json()["error"]["message"]
             assert c.get("/v1/nothing").status_code == 404
     finally:
         agent.stop()

@@ -349,15 +349,15 @@ def test_a_crashed_loop_fails_the_extender_health(cluster: FakeKube) -> None:
             ctl.run(threading.Event())
         res = httpx.get(f"{srv.url}/healthz", timeout=5)
         assert res.status_code == 503
-        assert res.json()["problem"] == (
+        assert res.json()["problems"] == [
             "scheduler controller stopped: RuntimeError: bug in an adapter"
-        )
+        ]
     finally:
         srv.stop()
 
 
 def test_quantities_with_the_clients_parser() -> None:
-    from tidal.sched.quantity import free_capacity
+    from tidal.sched.extender import free_capacity
 
     assert parse_quantity("0.5") == 0.5 and parse_quantity("1.5Gi") == 1.5 * 2**30
     assert parse_quantity("100k") == 100_000 and parse_quantity("250M") == 250e6

@@ -21,13 +21,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tidal.blobs.cached_source import CachedRangeSource, Prefetch, SourceStats, lazy_source_factory
 from tidal.blobs.chain import FallbackBlobSource
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.local_store import LocalBlobStore
-from tidal.blobs.peer import P2PNode
 from tidal.blobs.pulled import ORIGIN_FILE
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registries import LOCAL_SCHEME, Registry, connect
@@ -38,6 +37,9 @@ from tidal.errors import BlobError, ConfigError, FormatError, ImageNotFoundError
 from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest
 from tidal.image.device import BlockDevice
+
+if TYPE_CHECKING:
+    from tidal.blobs.peer import P2PNode
 from tidal.image.layer import ReadOnlyLayer
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageManifest
 from tidal.image.merged import resolve
@@ -186,7 +188,12 @@ def read_origin(image_dir: str | os.PathLike[str]) -> Origin:
 
 
 def _p2p_node(settings: BlobSettings) -> P2PNode | None:
-    """This node's P2P presence for one mount, when ``[blobs] p2p_roots`` names roots."""
+    """This node's P2P presence for one mount, when ``[blobs] p2p_roots`` names roots.
+
+    The peer server (and its HTTP kit, prometheus-client) is imported only then: a lazy
+    mount without P2P does not load it before it reports ready."""
+    from tidal.blobs.peer import P2PNode
+
     if not settings.p2p_roots:
         return None
     host, _, port = settings.p2p_listen.rpartition(":")
@@ -236,6 +243,42 @@ def open_pulled_image(
         client.close()
         raise
     return lazy
+
+
+class LazyImageMetrics:
+    """A Prometheus collector over a lazy image's counters, read at scrape time: bytes
+    fetched, cache hits and misses, and with P2P the bytes received by source (peers or the
+    registry). prometheus-client is imported when it first collects, not with the image."""
+
+    def __init__(self, lazy: LazyImage, labels: dict[str, str]) -> None:
+        self.lazy = lazy
+        self.labels = labels
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        names, values = list(self.labels), list(self.labels.values())
+        total = self.lazy.stats
+        for name, doc, value in (
+            ("tidal_mount_fetched_bytes", "Bytes fetched from remote sources", total.bytes_fetched),
+            ("tidal_mount_cache_hits", "Chunk reads answered by the chunk cache", total.hits),
+            ("tidal_mount_cache_misses", "Chunk reads that had to fetch", total.misses),
+        ):
+            family = CounterMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            yield family
+        if self.lazy.p2p is not None:
+            received = CounterMetricFamily(
+                "tidal_p2p_received_bytes",
+                "Chunk bytes this mount received, by source (peer: its tree's parent)",
+                labels=[*names, "source"],
+            )
+            chains = list(self.lazy.chains.values())
+            from_peers = sum(c.bytes_by[c.sources[0].name] for c in chains)
+            from_registry = sum(c.bytes_by[c.sources[-1].name] for c in chains)
+            received.add_metric([*values, "peer"], from_peers)
+            received.add_metric([*values, "registry"], from_registry)
+            yield received
 
 
 class LazyImage:

@@ -18,7 +18,6 @@ it, so any node finds a layer's root without asking anyone.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -28,9 +27,10 @@ from typing import Any
 import httpx
 from uhashring import HashRing
 
-from tidal.errors import ConfigError, P2PError
-from tidal.httpserve import BackgroundHTTPServer, BodyHandler
+from tidal.errors import ConfigError, NotFoundError, P2PError
 from tidal.ids import Digest, parse_digest
+from tidal.service.server import Request, Route, Service, TcpServiceServer
+from tidal.service.wire import error_from_response
 
 log = logging.getLogger("tidal.blobs.p2p")
 
@@ -140,76 +140,112 @@ class RootState:
             return {d: list(t.members) for d, t in self.trees.items()}
 
 
-class _RootHandler(BodyHandler):
-    server: RootServer
+class RootServer(TcpServiceServer):
+    """A root node: ``start()`` serves in a thread (tests), ``serve_forever()`` blocks (CLI).
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("p2p root: " + format, *args)
-
-    def do_GET(self) -> None:
-        if self.path == "/v1/layers":
-            self.send_json(200, self.server.state.snapshot())
-        else:
-            self.send_json(404, {"error": f"no route GET {self.path}"})
-
-    def do_POST(self) -> None:
-        parts = self.path.strip("/").split("/")
-        if len(parts) != 4 or parts[:2] != ["v1", "layers"]:
-            self.send_json(404, {"error": f"no route POST {self.path}"})
-            return
-        try:
-            digest = parse_digest(parts[2])
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"{}")
-            node = str(body["node"])
-            if not node.startswith(("http://", "https://")):
-                raise ValueError(f"node {node!r} is not an http(s) URL")
-        except (ValueError, KeyError, TypeError, ConfigError) as exc:
-            self.send_json(400, {"error": f"bad request: {exc}"})
-            return
-        state = self.server.state
-        if parts[3] == "join":
-            self.send_json(200, {"parent": state.join(digest, node)})
-        elif parts[3] == "leave":
-            state.leave(digest, node)
-            self.send_json(200, {"ok": True})
-        elif parts[3] == "dead":
-            self.send_json(200, {"parent": state.dead(digest, str(body.get("dead", "")), node)})
-        else:
-            self.send_json(404, {"error": f"no route POST {self.path}"})
-
-
-class RootServer(BackgroundHTTPServer):
-    """A root node: ``start()`` serves in a thread (tests), ``serve_forever()`` blocks (CLI)."""
+    ``GET /v1/layers`` lists the trees; ``POST /v1/layers/<digest>/{join,leave,dead}`` with
+    ``{"node": URL}`` (and ``"dead": URL``) changes one; ``/healthz`` and ``/metrics``
+    (layers, members, joins, dead reports) come with the service kit.
+    """
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, fanout: int = DEFAULT_FANOUT
     ) -> None:
-        super().__init__(host, port, _RootHandler, what="the P2P root", error=P2PError)
+        from prometheus_client import Counter, Gauge  # here: nodes import this module too
+
         self.state = RootState(fanout)
+        service = Service(
+            "the P2P root",
+            [
+                Route("GET", "/v1/layers", lambda _: self.state.snapshot()),
+                Route("POST", "/v1/layers/{digest}/{verb}", self._change, "/v1/layers/{verb}"),
+            ],
+            error=P2PError,
+        )
+        self.changes = Counter(
+            "tidal_p2p_root_changes",
+            "Tree changes asked of this root, by verb",
+            ["verb"],
+            registry=service.registry,
+        )
+        for verb in ("join", "leave", "dead"):
+            self.changes.labels(verb)
+        layers = Gauge("tidal_p2p_root_layers", "Layers with a tree", registry=service.registry)
+        layers.set_function(lambda: len(self.state.trees))
+        members = Gauge(
+            "tidal_p2p_root_members", "Members over all trees", registry=service.registry
+        )
+        members.set_function(lambda: sum(len(m) for m in self.state.snapshot().values()))
+        super().__init__(host, port, service)
+
+    def _change(self, req: Request) -> dict[str, Any]:
+        digest = parse_digest(req.params["digest"])
+        verb = req.params["verb"]
+        if verb not in ("join", "leave", "dead"):
+            raise NotFoundError(f"no tree verb {verb!r}; use join, leave or dead")
+        body = req.json_object()
+        if "node" not in body:
+            raise ConfigError(f'{verb} needs {{"node": URL}}')
+        node = str(body["node"])
+        if not node.startswith(("http://", "https://")):
+            raise ConfigError(f"node {node!r} is not an http(s) URL")
+        self.changes.labels(verb).inc()
+        if verb == "join":
+            return {"parent": self.state.join(digest, node)}
+        if verb == "leave":
+            self.state.leave(digest, node)
+            return {"ok": True}
+        return {"parent": self.state.dead(digest, str(body.get("dead", "")), node)}
 
 
 class RootClient:
     """A node's side of the roots' API. Failures raise :class:`P2PError` (callers then use the
     registry alone); nothing here is needed for correctness, only for saving bandwidth."""
 
-    def __init__(self, ring: RootRing, timeout_s: float = ROOT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        ring: RootRing,
+        timeout_s: float = ROOT_TIMEOUT_S,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.ring = ring
-        self._http = httpx.Client(timeout=timeout_s)
+        self._http = httpx.Client(timeout=timeout_s, transport=transport)
 
     def _post(self, digest: Digest, verb: str, body: dict[str, str]) -> dict[str, Any]:
         root = self.ring.root_for(digest)
         try:
             resp = self._http.post(f"{root}/v1/layers/{digest}/{verb}", json=body)
-            resp.raise_for_status()
-            doc = resp.json()
         except httpx.HTTPError as exc:
             raise P2PError(f"P2P root {root} did not answer {verb} for {digest}: {exc}") from None
+        refused = error_from_response(resp, fallback=P2PError, what=f"P2P root {root}")
+        if refused is not None:  # still a P2PError: a root's refusal never fails a read
+            raise P2PError(f"P2P root {root} refused {verb} for {digest}: {refused}") from None
+        try:
+            doc = resp.json()
         except ValueError as exc:
             raise P2PError(f"P2P root {root} sent invalid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise P2PError(f"P2P root {root} sent {doc!r}, not an object")
         return doc
+
+    def layers(self, root: str) -> dict[str, list[str]]:
+        """The trees ``root`` keeps: each layer's members in join order."""
+        root = root.rstrip("/")
+        try:
+            resp = self._http.get(f"{root}/v1/layers")
+        except httpx.HTTPError as exc:
+            raise P2PError(f"P2P root {root} did not answer: {exc}") from None
+        refused = error_from_response(resp, fallback=P2PError, what=f"P2P root {root}")
+        if refused is not None:
+            raise P2PError(f"P2P root {root} refused to list its trees: {refused}") from None
+        try:
+            doc = resp.json()
+        except ValueError as exc:
+            raise P2PError(f"P2P root {root} sent invalid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise P2PError(f"P2P root {root} sent {doc!r}, not an object")
+        return {str(d): [str(m) for m in members] for d, members in doc.items()}
 
     def join(self, digest: Digest, node: str) -> str | None:
         parent = self._post(digest, "join", {"node": node}).get("parent")

@@ -19,7 +19,7 @@ import logging
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -27,10 +27,16 @@ import httpx
 from tidal.blobs.cached_source import CachedRangeSource
 from tidal.blobs.p2p import RootClient, RootRing
 from tidal.blobs.source import ByteRange
-from tidal.errors import BlobNotFoundError, P2PError, PeerUnreachableError, TidalError
-from tidal.httpserve import BackgroundHTTPServer, BodyHandler
+from tidal.errors import (
+    BlobNotFoundError,
+    ConfigError,
+    P2PError,
+    PeerUnreachableError,
+    TidalError,
+)
 from tidal.ids import Digest, short_digest
 from tidal.image.zfile import ZFileReader
+from tidal.service.server import Request, Response, Route, Service, TcpServiceServer
 
 log = logging.getLogger("tidal.blobs.peer")
 
@@ -42,18 +48,23 @@ PATH_HEADER = "X-Tidal-P2P-Path"
 """The nodes a miss has passed through. Parents learnt before a re-parenting can form a loop;
 a node that finds itself on the path refuses at once (the asker's registry answers) instead of
 waiting on its own fetch of the same chunk."""
+OCTETS = "application/octet-stream"
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d+)$")
 _path = threading.local()
 """The path of the request a peer server is answering in this thread; upstream reads carry it."""
 
 
-class PeerServer(BackgroundHTTPServer):
-    """Serves byte ranges of the layers in ``sources`` (digest -> the node's cached source)."""
+class PeerServer(TcpServiceServer):
+    """Serves byte ranges of the layers in ``sources`` (digest -> the node's cached source).
+
+    ``GET /v1/blobs/<digest>`` with ``Range: bytes=START-END`` answers 206 with whole chunks;
+    ``HEAD`` gives the blob's size. ``/metrics`` counts bytes and requests served by layer
+    (and what the mount that owns this server registers: bytes received by source, reads).
+    """
 
     def __init__(
         self, sources: Mapping[Digest, CachedRangeSource], host: str = "0.0.0.0", port: int = 0
     ) -> None:
-        super().__init__(host, port, _PeerHandler, what="the P2P peer server", error=P2PError)
         self.sources = sources
         self._indexes: dict[Digest, ChunkIndex] = {}
         self._lock = threading.Lock()
@@ -62,6 +73,46 @@ class PeerServer(BackgroundHTTPServer):
         self.requests = 0
         self.bytes_served = 0
         self.loops_refused = 0
+        service = Service(
+            "the P2P peer server",
+            [
+                Route("GET", "/v1/blobs/{digest}", self._get, "/v1/blobs"),
+                Route("HEAD", "/v1/blobs/{digest}", self._head, "/v1/blobs"),
+            ],
+            error=P2PError,
+        )
+        self.served_by_layer: dict[Digest, tuple[int, int]] = {}
+        """Requests and bytes served, per layer."""
+        service.add_collector(PeerMetrics(self))
+        super().__init__(host, port, service)
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _target(self, req: Request) -> tuple[Digest, CachedRangeSource]:
+        digest = Digest(req.params["digest"])
+        src = self.sources.get(digest)
+        if src is None:
+            raise BlobNotFoundError(f"this node serves no layer {short_digest(digest)}")
+        return digest, src
+
+    def _head(self, req: Request) -> Response:
+        _, src = self._target(req)
+        return Response(b"", 200, OCTETS, {"Content-Length": str(src.size_bytes)})
+
+    def _get(self, req: Request) -> Response:
+        digest, src = self._target(req)
+        m = _RANGE_RE.match(req.headers.get("Range") or "")
+        if m is None:
+            raise ConfigError("a Range: bytes=START-END header is required")
+        start, end = int(m.group(1)), int(m.group(2)) + 1
+        path = tuple(p for p in (req.headers.get(PATH_HEADER) or "").split(",") if p)
+        try:
+            data = self.read_range(digest, start, end, path)
+        except TidalError as exc:
+            log.warning("p2p peer: cannot serve [%d, %d) of %s: %s", start, end, digest, exc)
+            raise
+        content_range = f"bytes {start}-{end - 1}/{src.size_bytes}"
+        return Response(data, 206, OCTETS, {"Content-Range": content_range})
 
     def _index(self, digest: Digest, src: CachedRangeSource) -> ChunkIndex:
         with self._lock:
@@ -111,7 +162,39 @@ class PeerServer(BackgroundHTTPServer):
         with self._lock:
             self.requests += 1
             self.bytes_served += len(data)
+            n, size = self.served_by_layer.get(digest, (0, 0))
+            self.served_by_layer[digest] = (n + 1, size + len(data))
         return data
+
+
+class PeerMetrics:
+    """The peer server's figures as Prometheus metrics, read from its counters when scraped
+    (prometheus-client is not imported while the mount starts): bytes and requests served by
+    layer, loops refused."""
+
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        with self.server._lock:
+            by_layer = dict(self.server.served_by_layer)
+            loops = self.server.loops_refused
+        served = CounterMetricFamily(
+            "tidal_p2p_served_bytes", "Chunk bytes served to other nodes", labels=["layer"]
+        )
+        requests = CounterMetricFamily(
+            "tidal_p2p_served_requests", "Range requests served", labels=["layer"]
+        )
+        for digest, (n, size) in sorted(by_layer.items()):
+            served.add_metric([digest], size)
+            requests.add_metric([digest], n)
+        refused = CounterMetricFamily(
+            "tidal_p2p_loops_refused", "Requests refused as a loop or past the hop limit"
+        )
+        refused.add_metric([], loops)
+        yield from (served, requests, refused)
 
 
 class ChunkIndex:
@@ -139,60 +222,21 @@ class ChunkIndex:
         return None
 
 
-class _PeerHandler(BodyHandler):
-    server: PeerServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("p2p peer: " + format, *args)
-
-    def _error(self, status: int, message: str) -> None:
-        self.send_body(status, message.encode(), "text/plain")
-
-    def _target(self) -> tuple[Digest, CachedRangeSource] | None:
-        prefix = "/v1/blobs/"
-        digest = Digest(self.path[len(prefix) :]) if self.path.startswith(prefix) else None
-        src = self.server.sources.get(digest) if digest else None
-        if digest is None or src is None:
-            self._error(404, f"no layer {self.path} on this node")
-            return None
-        return digest, src
-
-    def do_HEAD(self) -> None:
-        target = self._target()
-        if target is not None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(target[1].size_bytes))
-            self.end_headers()
-
-    def do_GET(self) -> None:
-        target = self._target()
-        if target is None:
-            return
-        m = _RANGE_RE.match(self.headers.get("Range") or "")
-        if m is None:
-            self._error(416, "a Range: bytes=START-END header is required")
-            return
-        start, end = int(m.group(1)), int(m.group(2)) + 1
-        path = tuple(p for p in (self.headers.get(PATH_HEADER) or "").split(",") if p)
-        try:
-            data = self.server.read_range(target[0], start, end, path)
-        except TidalError as exc:
-            log.warning("p2p peer: cannot serve [%d, %d) of %s: %s", start, end, target[0], exc)
-            self._error(503, str(exc))
-            return
-        content_range = f"bytes {start}-{end - 1}/{target[1].size_bytes}"
-        self.send_body(206, data, "application/octet-stream", {"Content-Range": content_range})
-
-
 class PeerBlobSource:
     """Another node's layers, read over its :class:`PeerServer` API."""
 
     supports_ranges = True
     is_remote = True
 
-    def __init__(self, url: str, timeout_s: float = PEER_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = PEER_TIMEOUT_S,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout_s)
+        self._http = httpx.Client(timeout=timeout_s, transport=transport)
 
     @property
     def name(self) -> str:

@@ -8,6 +8,7 @@ the byte range and its cause, because the kernel above only ever sees "I/O error
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -43,6 +44,42 @@ class IoCounters:
     errors: int = 0
 
 
+READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+"""Upper bounds of the read-latency histogram: a page-cache-cold chunk decode takes ~0.3 ms,
+a lazy fetch 10-100 ms."""
+
+
+class ReadLatency:
+    """A histogram of read latency (fixed buckets), exported as Prometheus by the mount.
+
+    Hand-written rather than a ``prometheus_client.Histogram``: the FUSE server must not
+    import prometheus-client before it reports ready (the mount waits for it), and the
+    exporter reads these counts only when it runs, after ready.
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = READ_SECONDS_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum_s = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        i = bisect.bisect_left(self.bounds, seconds)  # first bound >= seconds ("le")
+        with self._lock:
+            self.counts[i] += 1
+            self.sum_s += seconds
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """``[(le, count), ..., ("+Inf", total)]`` and the sum, as Prometheus wants them."""
+        with self._lock:
+            counts, total_s = list(self.counts), self.sum_s
+        out, running = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out, total_s
+
+
 class BlockDeviceFS(mfusepy.Operations):  # type: ignore[misc]
     """FUSE operations serving ``device`` as the single file ``/<file_name>``.
 
@@ -67,6 +104,7 @@ class BlockDeviceFS(mfusepy.Operations):  # type: ignore[misc]
         self.file_path = "/" + file_name
         self.max_io_bytes = max_io_bytes
         self.counters = IoCounters()
+        self.read_latency = ReadLatency()
         self._on_ready = on_ready
         self._on_destroy = on_destroy
         self._lock = threading.Lock()
@@ -143,10 +181,12 @@ class BlockDeviceFS(mfusepy.Operations):  # type: ignore[misc]
         end = min(offset + size, self.device.size_bytes)
         if offset >= end:
             return b""
+        t0 = time.perf_counter()
         try:
             data = self.device.read(offset, end - offset)
         except Exception as exc:
             self._fail("read", offset, end - offset, exc)
+        self.read_latency.observe(time.perf_counter() - t0)
         with self._lock:
             self.counters.reads += 1
             self.counters.bytes_read += len(data)

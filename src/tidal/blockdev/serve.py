@@ -10,7 +10,8 @@ A *pulled* image (``tidal image pull``: a manifest and ``origin.json``, no layer
 served lazily: reads fetch the chunks they need from the registry through the node's chunk
 cache, and a trace pushed with the image is replayed in the background. ``--stats-file``
 gets the I/O counters (and, for a lazy image, bytes fetched, cache hits, prefetch progress)
-every second and at exit; ``--trace-out`` records every range read into a trace file at exit,
+every second and at exit (and its Prometheus metrics to ``metrics.prom`` beside it, from the
+first second on); ``--trace-out`` records every range read into a trace file at exit,
 which is how ``tidal image record`` works.
 """
 
@@ -22,9 +23,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tidal.blobs.pulled import is_pulled_image
 from tidal.blockdev.fuse_device import BlockDeviceFS, serve
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from tidal.blobs.distribution import LazyImage
 
 STATS_INTERVAL_S = 1.0
+METRICS_FILE = "metrics.prom"
+"""Beside ``--stats-file``: the mount's Prometheus metrics in the textfile format."""
 
 log = logging.getLogger("tidal.blockdev.serve")
 
@@ -112,15 +116,68 @@ def stats_doc(fs: BlockDeviceFS, served: Served) -> dict[str, object]:
     }
 
 
-class StatsWriter(threading.Thread):
-    """Writes :func:`stats_doc` to a file every ``interval_s`` until stopped."""
+class MountMetrics:
+    """A Prometheus collector over one mount's counters, read when scraped: reads, bytes read,
+    read latency (the FUSE adapter's :class:`~tidal.blockdev.fuse_device.ReadLatency`) and,
+    for a lazy image, bytes fetched, cache hits and P2P bytes by source.
 
-    def __init__(self, path: Path, fs: BlockDeviceFS, served: Served, interval_s: float) -> None:
+    Exported where it costs the mount nothing: into ``<run>/metrics.prom`` (node_exporter's
+    textfile format) by the stats writer, whose first metrics write comes after ``ready``,
+    and on ``/metrics`` of the mount's P2P peer server when it has one. Neither adds a
+    server, a socket or an import before the mount is ready.
+    """
+
+    def __init__(self, fs: BlockDeviceFS, served: Served, image: str) -> None:
+        self.fs = fs
+        self.served = served
+        self.labels = {"image": image}
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        names, values = list(self.labels), list(self.labels.values())
+        c = self.fs.counters
+        for name, doc, value in (
+            ("tidal_mount_reads", "Reads the FUSE device served", c.reads),
+            ("tidal_mount_read_bytes", "Bytes the FUSE device served", c.bytes_read),
+            ("tidal_mount_errors", "Requests answered with EIO", c.errors),
+        ):
+            family = CounterMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            yield family
+        buckets, sum_s = self.fs.read_latency.cumulative()
+        latency = HistogramMetricFamily(
+            "tidal_mount_read_seconds", "Time to serve one FUSE read", labels=names
+        )
+        latency.add_metric(values, buckets, sum_s)
+        yield latency
+        if self.served.lazy is not None:
+            from tidal.blobs.distribution import LazyImageMetrics
+
+            yield from LazyImageMetrics(self.served.lazy, self.labels).collect()
+
+
+class StatsWriter(threading.Thread):
+    """Writes :func:`stats_doc` to a file every ``interval_s`` until stopped, and the
+    mount's Prometheus metrics to ``metrics_path`` (from its first round on: after ready)."""
+
+    def __init__(
+        self,
+        path: Path,
+        fs: BlockDeviceFS,
+        served: Served,
+        interval_s: float,
+        metrics: MountMetrics | None = None,
+        metrics_path: Path | None = None,
+    ) -> None:
         super().__init__(name="stats-writer", daemon=True)
         self.path = path
         self.fs = fs
         self.served = served
         self.interval_s = interval_s
+        self.metrics = metrics
+        self.metrics_path = metrics_path
+        self._registry: Any = None
         self.stopped = threading.Event()
 
     def write(self) -> None:
@@ -129,13 +186,28 @@ class StatsWriter(threading.Thread):
         except (OSError, TidalError) as exc:
             log.warning("could not write stats to %s: %s", self.path, exc)
 
+    def write_metrics(self) -> None:
+        if self.metrics is None or self.metrics_path is None:
+            return
+        from prometheus_client import CollectorRegistry, write_to_textfile
+
+        if self._registry is None:
+            self._registry = CollectorRegistry()
+            self._registry.register(self.metrics)
+        try:
+            write_to_textfile(str(self.metrics_path), self._registry)  # tmp + rename
+        except OSError as exc:
+            log.warning("could not write metrics to %s: %s", self.metrics_path, exc)
+
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
             self.write()
+            self.write_metrics()
 
     def stop(self) -> None:
         self.stopped.set()
         self.write()
+        self.write_metrics()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         args.mountpoint,
         device.size_bytes,
     )
+    metrics = MountMetrics(fs, served, str(args.image))
+    p2p = served.lazy.p2p if served.lazy is not None else None
+    if p2p is not None:  # its peer server's /metrics shows the mount's figures too
+        p2p.server.service.add_collector(metrics)
     stats = (
-        StatsWriter(args.stats_file, fs, served, STATS_INTERVAL_S)
+        StatsWriter(
+            args.stats_file,
+            fs,
+            served,
+            STATS_INTERVAL_S,
+            metrics,
+            args.stats_file.with_name(METRICS_FILE),
+        )
         if args.stats_file is not None
         else None
     )

@@ -49,14 +49,13 @@ def trees_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show the trees a root keeps: each layer's members in join order (first reads the registry)."""
-    import httpx
+    from tidal.blobs.p2p import RootClient, RootRing
 
-    from tidal.errors import P2PError
-
+    client = RootClient(RootRing([root]), timeout_s=5)
     try:
-        trees = httpx.get(f"{root.rstrip('/')}/v1/layers", timeout=5).json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise P2PError(f"P2P root {root} did not answer: {exc}") from None
+        trees = client.layers(root)
+    finally:
+        client.close()
     if as_json:
         out.print_json(json.dumps(trees))
         return

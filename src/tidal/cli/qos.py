@@ -6,13 +6,15 @@ import json
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import httpx
 import typer
 
 from tidal.cli.console import err
 from tidal.errors import QosError
+
+if TYPE_CHECKING:
+    from tidal.qos.client import QosClient
 
 app = typer.Typer(
     help="Node QoS agent: keep online services inside their SLO next to offline work.",
@@ -63,18 +65,10 @@ def _api(url: str | None) -> str:
     return f"http://{s.api_host}:{s.api_port}"
 
 
-def _call(method: str, url: str | None, path: str) -> Any:
-    base = _api(url)
-    try:
-        r = httpx.request(method, base + path, timeout=10)
-    except httpx.HTTPError as exc:
-        raise QosError(
-            f"QoS agent API at {base} is not reachable ({exc}); is `tidal qos agent` running?"
-        ) from exc
-    body = r.json()
-    if r.status_code >= 400:
-        raise QosError(f"QoS agent API {path}: {body.get('error', r.text)}")
-    return body
+def _client(url: str | None) -> QosClient:
+    from tidal.qos.client import QosClient
+
+    return QosClient(_api(url))
 
 
 @app.command()
@@ -122,19 +116,22 @@ def agent(
 @app.command()
 def status(url: str | None = typer.Option(None, help="Agent API base URL.")) -> None:
     """Print the running agent's status as JSON."""
-    typer.echo(json.dumps(_call("GET", url, "/v1/status"), indent=2))
+    with _client(url) as c:
+        typer.echo(json.dumps(c.status(), indent=2))
 
 
 @app.command("dry-run")
 def dry_run(url: str | None = typer.Option(None, help="Agent API base URL.")) -> None:
     """Show what the agent would change now, without changing it."""
-    typer.echo(json.dumps(_call("POST", url, "/v1/dry-run"), indent=2))
+    with _client(url) as c:
+        typer.echo(json.dumps(c.dry_run(), indent=2))
 
 
 @app.command()
 def events(url: str | None = typer.Option(None, help="Agent API base URL.")) -> None:
     """Escalations, scale-out requests, rollbacks and rule reloads, oldest first."""
-    typer.echo(json.dumps(_call("GET", url, "/v1/events"), indent=2))
+    with _client(url) as c:
+        typer.echo(json.dumps(c.events(), indent=2))
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Client of the engine daemon's unix-socket API (used by the CLI, tests and benchmarks).
 
 Errors come back as ``{"error": {"type", "message"}}`` and are re-raised as the same
-:mod:`tidal.errors` class, so ``tidal rm web`` prints the daemon's message as if local.
+:mod:`tidal.errors` class with the same message (:func:`tidal.service.wire.raise_for_error`),
+so ``tidal rm web`` prints the daemon's message as if local: ``error: <message>``.
 """
 
 from __future__ import annotations
@@ -15,31 +16,25 @@ from typing import Any
 
 import httpx
 
-from tidal import errors
 from tidal.engine.runtime import ExecResult
 from tidal.engine.spec import ContainerSpec
 from tidal.engine.store import ContainerRecord
-from tidal.errors import DaemonUnavailableError, EngineError, TidalError
+from tidal.errors import DaemonUnavailableError, EngineError
+from tidal.service.wire import raise_for_error
 
 LONG_TIMEOUT_S = 600.0
 """Starts, stops and upgrades may take long (image mounts, stop timeouts)."""
 
 
-def _error_class(name: str) -> type[TidalError]:
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, TidalError):
-        return cls
-    return EngineError
-
-
 class EngineClient:
     """Talks HTTP to ``tidal daemon`` over its unix socket."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, *, transport: httpx.BaseTransport | None = None) -> None:
+        """``transport``: instead of the unix socket (``httpx.MockTransport`` in tests)."""
         self.socket_path = socket_path
-        self._probed = False
+        self._probed = transport is not None  # the socket probe is for the socket only
         self._http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket_path)),
+            transport=transport or httpx.HTTPTransport(uds=str(socket_path)),
             base_url="http://tidal/v1",
             timeout=LONG_TIMEOUT_S,
         )
@@ -76,14 +71,7 @@ class EngineClient:
             resp = self._http.request(method, path, **kw)
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
             raise self._unavailable(exc) from exc
-        if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-                raise _error_class(err["type"])(err["message"])
-            except (ValueError, KeyError, TypeError):
-                raise EngineError(
-                    f"daemon answered {resp.status_code}: {resp.text[:300]}"
-                ) from None
+        raise_for_error(resp, fallback=EngineError, what="the engine daemon")
         return resp
 
     def ping(self) -> dict[str, Any]:

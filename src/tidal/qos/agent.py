@@ -18,6 +18,7 @@ from typing import Any
 from tidal.cgroups import CgroupFs, detect_cgroupfs, expand_cgroups
 from tidal.errors import CgroupError, QosError, RuleError
 from tidal.qos.aggregator import Aggregator, SlidingWindow
+from tidal.qos.api import ApiServer
 from tidal.qos.collector import Collector, Frame, Health, NodeProbe, NodeSource, judge_health
 from tidal.qos.command_center import CommandCenter, Decision
 from tidal.qos.discovery import EngineDiscovery
@@ -73,7 +74,7 @@ class Agent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watchdog: Any = None
-        self._api: Any = None
+        self._api: ApiServer | None = None
         self.rounds = 0
         self.last_error: str | None = None
         self.fetch = fetch
@@ -275,9 +276,9 @@ class Agent:
 
     def start(self, *, serve_api: bool = True, recover: str = "restore") -> None:
         if serve_api:  # bind first: a taken port fails before anything else has started
-            from tidal.qos.api import ApiServer
-
-            self._api = ApiServer(self, self.settings.api_host, self.settings.api_port)
+            self._api = ApiServer(
+                self, self.settings.api_host, self.settings.api_port, self.metrics.registry
+            )
         self.recover(recover)
         self.executor.journal.save("running")
         if self.settings.watchdog:
@@ -324,6 +325,45 @@ class Agent:
         if self._discovery is not None:
             self._discovery.close()
         return problems
+
+    # --- what the API serves (qos.api.StatusProvider) ----------------------------------------
+
+    def profiles(self) -> dict[str, Any]:
+        now = self.clock()
+        out = {}
+        for key in self.aggregator.keys():  # noqa: SIM118 (a method, not a dict)
+            p = self.aggregator.profile(key, now)
+            if p:
+                out[key] = p.to_dict()
+        return out
+
+    def adjustments(self) -> dict[str, Any]:
+        return {
+            "active": self.executor.journal.entries,
+            "history": [x.to_dict() for x in list(self.executor.history)[-200:]],
+        }
+
+    def rules_doc(self) -> dict[str, Any]:
+        return {
+            "file": str(self.rules.path),
+            "error": self.rules.last_error,
+            "rules": self.rules.current.raw,
+        }
+
+    def events(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.center.events]
+
+    def dry_run_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.dry_run().to_dict()
+        return doc
+
+    def health_problem(self) -> str | None:
+        """Failing while the round loop is dead or every round has been failing."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return "the agent's round loop has stopped"
+        if self.last_error is not None:
+            return f"the last round failed: {self.last_error}"
+        return None
 
     def status(self) -> dict[str, Any]:
         d = self.center.last_decision

@@ -1,117 +1,94 @@
-"""HTTP API of the agent (stdlib ``http.server`` in a thread): status, profiles, adjustments,
-rules, events, dry-run, latency ingest and Prometheus metrics.
+"""HTTP API of the agent on the service kit: status, profiles, adjustments, rules, events,
+dry-run, latency ingest, ``/healthz`` and Prometheus ``/metrics``.
 
     GET  /v1/status        GET /v1/profiles      GET /v1/adjustments
-    GET  /v1/rules         GET /v1/events        GET /metrics
+    GET  /v1/rules         GET /v1/events        GET /metrics    GET /healthz
     POST /v1/dry-run       POST /v1/signals/latency  {"app": "web", "p95_ms": 120}
 
-HTTP status codes appear only in :data:`ERROR_STATUS`.
+The API knows the agent only as a :class:`StatusProvider` (the agent imports this module,
+not the other way round). Errors answer in the kit's one shape and status table
+(:mod:`tidal.service.wire`).
 """
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from tidal.errors import NotFoundError, QosError, TidalError
-from tidal.httpserve import BackgroundHTTPServer, BodyHandler
+from prometheus_client import CollectorRegistry
 
-if TYPE_CHECKING:
-    from tidal.qos.agent import Agent
-
-ERROR_STATUS: list[tuple[type[Exception], int]] = [
-    (NotFoundError, 404),
-    (QosError, 400),
-    (ValueError, 400),
-    (TidalError, 500),
-]
+from tidal.errors import ConfigError, QosError
+from tidal.service.server import Request, Route, Service, TcpServiceServer
 
 
-def _status_for(exc: Exception) -> int:
-    for cls, status in ERROR_STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
+class StatusProvider(Protocol):
+    """The narrow face of the agent that its API serves."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def profiles(self) -> dict[str, Any]: ...
+
+    def adjustments(self) -> dict[str, Any]: ...
+
+    def rules_doc(self) -> dict[str, Any]: ...
+
+    def events(self) -> list[dict[str, Any]]: ...
+
+    def dry_run_doc(self) -> dict[str, Any]: ...
+
+    def report_latency(self, app: str, p95_ms: float) -> None: ...
+
+    def health_problem(self) -> str | None:
+        """``None`` while the agent's loop runs its rounds, else what is wrong."""
+        ...
 
 
-class _Handler(BodyHandler):
-    agent: Agent
-    protocol_version = "HTTP/1.1"
+def _latency(provider: StatusProvider, req: Request) -> dict[str, bool]:
+    body = req.json()
+    if not isinstance(body, dict) or "app" not in body or "p95_ms" not in body:
+        raise ConfigError('latency report must be {"app": NAME, "p95_ms": NUMBER}')
+    try:
+        p95_ms = float(body["p95_ms"])
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"latency report: p95_ms must be a number, got {body['p95_ms']!r}"
+        ) from None
+    try:
+        provider.report_latency(str(body["app"]), p95_ms)
+    except QosError as exc:  # the agent refused the value: the caller's input
+        raise ConfigError(str(exc)) from None
+    return {"ok": True}
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
 
-    def _route(self, method: str) -> Any:
-        a = self.agent
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if method == "GET":
-            if path == "/v1/status":
-                return a.status()
-            if path == "/v1/profiles":
-                now = a.clock()
-                out = {}
-                for key in a.aggregator.keys():  # noqa: SIM118 (a method, not a dict)
-                    p = a.aggregator.profile(key, now)
-                    if p:
-                        out[key] = p.to_dict()
-                return out
-            if path == "/v1/adjustments":
-                return {
-                    "active": a.executor.journal.entries,
-                    "history": [x.to_dict() for x in list(a.executor.history)[-200:]],
-                }
-            if path == "/v1/rules":
-                return {
-                    "file": str(a.rules.path),
-                    "error": a.rules.last_error,
-                    "rules": a.rules.current.raw,
-                }
-            if path == "/v1/events":
-                return [e.to_dict() for e in a.center.events]
-            if path == "/healthz":
-                return {"ok": True}
-        if method == "POST":
-            if path == "/v1/dry-run":
-                return a.dry_run().to_dict()
-            if path == "/v1/signals/latency":
-                body = self._body()
-                if not isinstance(body, dict) or "app" not in body or "p95_ms" not in body:
-                    raise QosError('latency report must be {"app": NAME, "p95_ms": NUMBER}')
-                a.report_latency(str(body["app"]), float(body["p95_ms"]))
-                return {"ok": True}
-        raise NotFoundError(f"no API route {method} {path}; see GET /v1/status")
-
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw or b"null")
-        except ValueError as exc:
-            raise QosError(f"request body is not JSON: {exc}") from exc
-
-    def _handle(self, method: str) -> None:
-        if method == "GET" and self.path.rstrip("/") == "/metrics":
-            self.send_body(200, self.agent.metrics.exposition(), "text/plain; version=0.0.4")
-            return
-        try:
-            try:
-                self.send_json(200, self._route(method))
-            except (TidalError, ValueError) as exc:
-                self.send_json(_status_for(exc), {"error": str(exc), "type": type(exc).__name__})
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (e.g. a latency probe's short timeout); nothing to tell it
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
+def qos_service(provider: StatusProvider, registry: CollectorRegistry | None = None) -> Service:
+    p = provider
+    routes = [
+        Route("GET", "/v1/status", lambda _: p.status()),
+        Route("GET", "/v1/profiles", lambda _: p.profiles()),
+        Route("GET", "/v1/adjustments", lambda _: p.adjustments()),
+        Route("GET", "/v1/rules", lambda _: p.rules_doc()),
+        Route("GET", "/v1/events", lambda _: p.events()),
+        Route("POST", "/v1/dry-run", lambda _: p.dry_run_doc()),
+        Route("POST", "/v1/signals/latency", lambda req: _latency(p, req)),
+    ]
+    return Service(
+        "the QoS API",
+        routes,
+        error=QosError,
+        health_checks=[p.health_problem],
+        registry=registry,
+    )
 
 
 class ApiServer:
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
-        handler = type("Handler", (_Handler,), {"agent": agent})
-        self.server = BackgroundHTTPServer(host, port, handler, what="the QoS API", error=QosError)
+    def __init__(
+        self,
+        provider: StatusProvider,
+        host: str,
+        port: int,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.service = qos_service(provider, registry)
+        self.server = TcpServiceServer(host, port, self.service)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from tidal.errors import QosError
+from tidal.service.wire import error_from_response
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 2.0
@@ -58,13 +59,19 @@ def parse_containers(payload: Any, source: str) -> list[EngineContainer]:
 class EngineDiscovery:
     """Lists the engine's running containers; keeps the last good list when the daemon is away."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, *, transport: httpx.BaseTransport | None = None) -> None:
+        """``transport``: instead of the unix socket (``httpx.MockTransport`` in tests)."""
         self.socket_path = socket_path
         self.last_error: str | None = None
         self._last: list[EngineContainer] = []
+        self._transport = transport
         self._http: httpx.Client | None = None
 
     def _client(self) -> httpx.Client:
+        if self._http is None and self._transport is not None:
+            self._http = httpx.Client(
+                transport=self._transport, base_url="http://tidal/v1", timeout=REQUEST_TIMEOUT_S
+            )
         if self._http is None:
             # Probe first: httpx leaks its socket when a unix-socket connect fails.
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -82,10 +89,10 @@ class EngineDiscovery:
         where = f"engine daemon at {self.socket_path}"
         try:
             resp = self._client().get("/containers")
-            resp.raise_for_status()
+            refused = error_from_response(resp, fallback=QosError, what=where)
+            if refused is not None:
+                raise QosError(f"{where} refused to list containers: {refused}")
             payload = resp.json()
-        except httpx.HTTPStatusError as exc:
-            raise QosError(f"{where} answered {exc.response.status_code}") from None
         except (httpx.HTTPError, OSError) as exc:
             self.close()  # reconnect (and probe) next time
             why = getattr(exc, "strerror", None) or exc

@@ -43,12 +43,12 @@ from tidal.errors import (
 from tidal.fsutil import write_json_atomic
 from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY
-from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore
+from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore, free_capacity
 from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
 from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
 from tidal.sched.policy import TidalPolicy
-from tidal.sched.quantity import free_capacity, pod_requests, resources_of
 from tidal.sched.quantity import parse_quantity as parse_quantity  # re-exported
+from tidal.sched.quantity import pod_requests, resources_of
 from tidal.sched.settings import (
     ENABLED_LABEL,
     PREDICTED_ANNOTATION,

@@ -19,7 +19,9 @@ which preemption may go ahead, with their victims unchanged; kube-scheduler drop
 The decision is pure (:func:`filter_nodes`, :func:`prioritize`) over an :class:`ExtenderView`
 that the controller keeps current (thresholds, replicas of each service on owned nodes, the
 node cache for name-only requests, cordoned pools and failed sites). The HTTP server is a thin
-stdlib adapter around it. The policy is the resource policy's: owned nodes while the service
+adapter around it on the service kit (:mod:`tidal.service`): ``/healthz``, ``/metrics``
+(decisions by verb and result, nodes kept and failed by filter), and errors in the kit's shape
+with the protocol's ``Error`` field beside it. The policy is the resource policy's: owned nodes while the service
 is below its threshold, virtual nodes (in site order, never cordoned or failed) above it; if
 the preferred kind has no candidate, the other one is allowed (``prefer`` strategy).
 """
@@ -31,15 +33,17 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
-from tidal.errors import ConfigError, SchedError
-from tidal.httpserve import BackgroundHTTPServer, BodyHandler
+from prometheus_client import Counter
+
+from tidal.errors import ConfigError, NotFoundError, SchedError, TidalError
 from tidal.sched.model import Resources
-from tidal.sched.quantity import pod_requests
+from tidal.sched.quantity import holds_resources, pod_requests, resources_of
 from tidal.sched.settings import NODE_KIND_LABEL, SERVICE_LABEL, SITE_LABEL
+from tidal.service.server import HealthCheck, Request, Route, Service, TcpServiceServer
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,32 @@ class NodeInfo:
             site=labels.get(SITE_LABEL),
             unschedulable=bool(spec.get("unschedulable", False)),
         )
+
+
+def free_capacity(
+    nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], ceiling: float
+) -> dict[str, Resources]:
+    """What each owned (non-virtual) node can still take under the utilisation ceiling:
+    allocatable x ceiling (GPUs whole) minus the requests of the pods bound to it. Negative
+    amounts (a node already above its ceiling) are kept as zero."""
+    used: dict[str, Resources] = {}
+    for p in pods:
+        if holds_resources(p):
+            name = str(p["spec"]["nodeName"])
+            used[name] = used.get(name, Resources()) + pod_requests(p)
+    out: dict[str, Resources] = {}
+    for n in nodes:
+        info = NodeInfo.from_k8s(n)
+        if info.virtual:
+            continue
+        alloc = resources_of((n.get("status") or {}).get("allocatable") or {}).scaled(ceiling)
+        u = used.get(info.name, Resources())
+        out[info.name] = Resources(
+            max(0, alloc.cpu_milli - u.cpu_milli),
+            max(0, alloc.memory_mib - u.memory_mib),
+            max(0, alloc.gpu - u.gpu),
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -409,70 +439,20 @@ def bind(args: ExtenderBindingArgs, binder: Binder, store: ViewStore) -> Extende
     return ExtenderBindingResult(Error="")
 
 
-class _Handler(BodyHandler):
-    server: ExtenderServer
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("extender %s " + fmt, self.address_string(), *args)
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/").endswith("healthz"):
-            problem = self.server.store.health_problem()
-            if problem is None:
-                self.send_json(200, {"status": "ok"})
-            else:
-                self.send_json(503, {"status": "unhealthy", "problem": problem})
-        else:
-            self.send_json(
-                404, {"Error": f"unknown path {self.path}; POST filter, prioritize or preempt"}
-            )
-
-    def do_POST(self) -> None:
-        verb = self.path.rstrip("/").rsplit("/", 1)[-1]
-        length = int(self.headers.get("Content-Length") or 0)
-        try:
-            args = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(args, dict):
-                raise ValueError("body is not a JSON object")
-        except ValueError as exc:
-            self.send_json(400, {"Error": f"request body is not ExtenderArgs JSON: {exc}"})
-            return
-        store = self.server.store
-        view = store.get()
-        try:
-            if verb == "filter":
-                pod_meta = (args.get("Pod") or {}).get("metadata") or {}
-                service = _service(args.get("Pod") or {})
-                if pod_meta.get("uid"):
-                    store.remember(str(pod_meta["uid"]), service, _requests(args.get("Pod")))
-                self.send_json(200, filter_nodes(args, view))  # type: ignore[arg-type]
-            elif verb == "bind" and self.server.binder is not None:
-                self.send_json(200, bind(args, self.server.binder, store))  # type: ignore[arg-type]
-            elif verb == "prioritize":
-                self.send_json(200, prioritize(args, view))  # type: ignore[arg-type]
-            elif verb == "preempt":
-                self.send_json(200, preempt(args, view))  # type: ignore[arg-type]
-            else:
-                hint = "filter, prioritize, preempt" + (", bind" if self.server.binder else "")
-                self.send_json(404, {"Error": f"unknown verb {verb!r}; use {hint}"})
-        except SchedError as exc:
-            if verb == "filter":
-                self.send_json(
-                    200,
-                    ExtenderFilterResult(
-                        Nodes=None,
-                        NodeNames=None,
-                        FailedNodes={},
-                        FailedAndUnresolvableNodes={},
-                        Error=str(exc),
-                    ),
-                )
-            else:
-                self.send_json(400, {"Error": str(exc)})
+# --- HTTP (the service kit) -----------------------------------------------------------------
 
 
-class ExtenderServer(BackgroundHTTPServer):
-    """The HTTP adapter; ``start()`` serves in a thread (tests), ``serve_forever()`` blocks."""
+def _extender_error_fields(exc: BaseException, message: str) -> dict[str, str]:
+    """kube-scheduler reads ``Error``; the kit's ``error`` object stands beside it."""
+    return {"Error": message}
+
+
+class ExtenderServer(TcpServiceServer):
+    """The HTTP adapter; ``start()`` serves in a thread (tests), ``serve_forever()`` blocks.
+
+    Verbs are the last path segment, so any ``urlPrefix`` works; ``<prefix>/healthz`` answers
+    the kit's health (``health_checks``: the controller loop may add its own).
+    """
 
     def __init__(
         self,
@@ -481,6 +461,97 @@ class ExtenderServer(BackgroundHTTPServer):
         port: int = 0,
         binder: Binder | None = None,
     ) -> None:
-        super().__init__(host, port, _Handler, what="the extender", error=SchedError)
         self.store = store
         self.binder = binder
+        self.decisions = Counter(
+            "tidal_sched_extender_decisions",
+            "Extender calls answered, by verb and result",
+            ["verb", "result"],
+            registry=None,
+        )
+        self.filtered_nodes = Counter(
+            "tidal_sched_extender_filtered_nodes",
+            "Nodes judged by filter: kept, failed (policy), unresolvable (cordoned, failed site)",
+            ["outcome"],
+            registry=None,
+        )
+        service = Service(
+            "the extender",
+            [
+                Route("GET", "{prefix:path}/healthz", lambda _: self.service.health(), "healthz"),
+                Route("POST", "{prefix:path}/{verb}", self._post, "verb"),
+            ],
+            error=SchedError,
+            error_fields=_extender_error_fields,
+        )
+        service.registry.register(self.decisions)
+        service.registry.register(self.filtered_nodes)
+        for verb in ("filter", "prioritize", "preempt", "bind"):  # every series from the start
+            for result in ("ok", "error"):
+                self.decisions.labels(verb, result)
+        for outcome in ("kept", "failed", "unresolvable"):
+            self.filtered_nodes.labels(outcome)
+        service.health_checks.append(store.health_problem)  # the controller loop's, if any
+        super().__init__(host, port, service)
+
+    @property
+    def health_checks(self) -> list[HealthCheck]:
+        """Checks ``/healthz`` runs (each ``None`` when fine, else the problem)."""
+        return self.service.health_checks
+
+    def _args(self, req: Request) -> dict[str, Any]:
+        try:
+            args = json.loads(req.body or b"{}")
+            if not isinstance(args, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as exc:
+            raise ConfigError(f"request body is not ExtenderArgs JSON: {exc}") from None
+        return args
+
+    def _post(self, req: Request) -> Any:
+        verb = req.params["verb"]
+        try:
+            result = self._answer(verb, self._args(req))
+        except TidalError:
+            self.decisions.labels(verb, "error").inc()
+            raise
+        error = result.get("Error") if isinstance(result, dict) else None
+        self.decisions.labels(verb, "error" if error else "ok").inc()
+        return result
+
+    def _answer(self, verb: str, args: dict[str, Any]) -> Any:
+        store = self.store
+        view = store.get()
+        try:
+            if verb == "filter":
+                pod_meta = (args.get("Pod") or {}).get("metadata") or {}
+                service = _service(args.get("Pod") or {})
+                if pod_meta.get("uid"):
+                    store.remember(str(pod_meta["uid"]), service, _requests(args.get("Pod")))
+                result = filter_nodes(args, view)  # type: ignore[arg-type]
+                self.filtered_nodes.labels("kept").inc(
+                    len(result["NodeNames"] or []) + len((result["Nodes"] or {}).get("items") or [])
+                )
+                self.filtered_nodes.labels("failed").inc(len(result["FailedNodes"]))
+                self.filtered_nodes.labels("unresolvable").inc(
+                    len(result["FailedAndUnresolvableNodes"])
+                )
+                return result
+            if verb == "bind" and self.binder is not None:
+                return bind(args, self.binder, store)  # type: ignore[arg-type]
+            if verb == "prioritize":
+                return prioritize(args, view)  # type: ignore[arg-type]
+            if verb == "preempt":
+                return preempt(args, view)  # type: ignore[arg-type]
+        except SchedError as exc:
+            if verb == "filter":  # the protocol's way: a 200 whose Error kube-scheduler reads
+                return ExtenderFilterResult(
+                    Nodes=None,
+                    NodeNames=None,
+                    FailedNodes={},
+                    FailedAndUnresolvableNodes={},
+                    Error=str(exc),
+                )
+            raise ConfigError(str(exc)) from None  # a request the extender cannot judge: 400
+        hint = "filter, prioritize, preempt" + (", bind" if self.binder else "")
+        raise NotFoundError(f"unknown verb {verb!r}; use {hint}")

@@ -7,7 +7,7 @@ imported when first used (the client is heavy and an optional extra).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from tidal.errors import ConfigError
@@ -61,31 +61,3 @@ def holds_resources(pod: Mapping[str, Any]) -> bool:
     phase = (pod.get("status") or {}).get("phase")
     node = (pod.get("spec") or {}).get("nodeName")
     return bool(node) and phase not in TERMINAL_PHASES and not meta.get("deletionTimestamp")
-
-
-def free_capacity(
-    nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], ceiling: float
-) -> dict[str, Resources]:
-    """What each owned (non-virtual) node can still take under the utilisation ceiling:
-    allocatable x ceiling (GPUs whole) minus the requests of the pods bound to it. Negative
-    amounts (a node already above its ceiling) are kept as zero."""
-    from tidal.sched.extender import NodeInfo
-
-    used: dict[str, Resources] = {}
-    for p in pods:
-        if holds_resources(p):
-            name = str(p["spec"]["nodeName"])
-            used[name] = used.get(name, Resources()) + pod_requests(p)
-    out: dict[str, Resources] = {}
-    for n in nodes:
-        info = NodeInfo.from_k8s(n)
-        if info.virtual:
-            continue
-        alloc = resources_of((n.get("status") or {}).get("allocatable") or {}).scaled(ceiling)
-        u = used.get(info.name, Resources())
-        out[info.name] = Resources(
-            max(0, alloc.cpu_milli - u.cpu_milli),
-            max(0, alloc.memory_mib - u.memory_mib),
-            max(0, alloc.gpu - u.gpu),
-        )
-    return out
