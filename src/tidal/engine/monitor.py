@@ -162,6 +162,10 @@ def read_exit_record(cdir: Path) -> ExitRecord | None:
         return None
 
 
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The monitor outlives terminal hang-ups and stray signals to its session."""
+
+
 def _set_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -272,8 +276,11 @@ def _force_delete(rt: Runtime, cid: str) -> None:
 
 def run(conf: MonitorConfig, ready_fd: int) -> int:
     _set_subreaper()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(signum, signal.SIG_IGN)
+    # Caught, not ignored: an ignored disposition would be inherited by the container across
+    # exec (and a shell cannot trap a signal ignored on entry); a handler is reset to default.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _ignore_signal)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # subprocess restores it in children
     me = os.getpid()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(conf.exit_path)
