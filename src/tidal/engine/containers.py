@@ -375,6 +375,12 @@ class Engine:
                     report.monitor_pid,
                     error="the container's monitor died while starting it",
                 )
+            log.warning(
+                "container %s: start %d %s while no daemon recorded it; folded in",
+                rec.name,
+                report.start_seq,
+                report.state,
+            )
             rec = self._fold_start(rec, report)
             if rec.status != "running":
                 return rec
