@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tidal.errors import CgroupError, CgroupNotFoundError
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where the kernel's cgroup hierarchies are mounted (v2: the unified root; v1: one per controller)."""
 V1_UNLIMITED_MEMORY = 9223372036854771712
 """What v1 reports as ``memory.limit_in_bytes`` when there is no limit (PAGE_COUNTER_MAX)."""
 DEFAULT_PERIOD_US = 100_000
@@ -484,7 +486,7 @@ class CgroupV2Fs(CgroupFs):
         return Pressure(values["cpu"], values["memory"], values["io"])
 
 
-def detect_cgroupfs(root: Path = Path("/sys/fs/cgroup")) -> CgroupFs:
+def detect_cgroupfs(root: Path = CGROUP_ROOT) -> CgroupFs:
     """The hierarchy this machine uses: v2 if ``root`` is the unified mount, else v1."""
     if (root / "cgroup.controllers").exists():
         return CgroupV2Fs(root)

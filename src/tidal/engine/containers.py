@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidal.cgroups import CGROUP_ROOT
 from tidal.engine import upgrade as upgrade_mod
 from tidal.engine.assemble import HostView, write_container_bundle
 from tidal.engine.bundle import resources_from
@@ -87,7 +88,7 @@ class Engine:
         runtime_factory: RuntimeFactory | None = None,
         mounter: Mounter | None = None,
         network: Network | None = None,
-        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        cgroup_root: Path = CGROUP_ROOT,
     ) -> None:
         self.settings = settings or load_settings()
         self.state_dir = self.settings.resolved_state_dir()

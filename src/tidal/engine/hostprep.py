@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 from tidal import proc
+from tidal.cgroups import CGROUP_ROOT
 from tidal.errors import OciRuntimeError
 
 log = logging.getLogger(__name__)
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def v2_controllers_in_hybrid(root: Path = CGROUP_ROOT) -> list[str]:

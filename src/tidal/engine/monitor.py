@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tidal.cgroups import CgroupFs, detect_cgroupfs
+from tidal.cgroups import CGROUP_ROOT, CgroupFs, detect_cgroupfs
 from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
 from tidal.errors import CgroupError, TidalError
 from tidal.fsutil import write_json_atomic
@@ -60,7 +60,7 @@ class MonitorConfig:
     """The container's start number (record ``starts`` + 1): ties reports to this start."""
     cdir: str
     cgroup: str
-    cgroup_root: str = "/sys/fs/cgroup"
+    cgroup_root: str = str(CGROUP_ROOT)
     ports: tuple[PortForward, ...] = ()
 
     @property
