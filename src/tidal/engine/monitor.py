@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tidal.cgroups import CGROUP_ROOT, CgroupFs, detect_cgroupfs
 from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
 from tidal.errors import CgroupError, TidalError
 from tidal.fsutil import write_json_atomic
@@ -60,7 +59,8 @@ class MonitorConfig:
     """The container's start number (record ``starts`` + 1): ties reports to this start."""
     cdir: str
     cgroup: str
-    cgroup_root: str = str(CGROUP_ROOT)
+    cgroup_root: str = "/sys/fs/cgroup"
+    """The engine passes :data:`tidal.cgroups.CGROUP_ROOT` (not imported here: start path)."""
     ports: tuple[PortForward, ...] = ()
 
     @property
@@ -183,8 +183,10 @@ def _report(conf: MonitorConfig, fd: int, report: StartReport) -> None:
 
 
 def _oom_kills(conf: MonitorConfig) -> int:
+    from tidal.cgroups import detect_cgroupfs  # after the container exited: off the start path
+
     try:
-        fs: CgroupFs = detect_cgroupfs(Path(conf.cgroup_root))
+        fs = detect_cgroupfs(Path(conf.cgroup_root))
     except CgroupError:
         return 0
     return fs.oom_kills(conf.cgroup)
