@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,25 @@ def _stray(target: Path) -> Any:
     from tidal.engine.mounter import OVERLAY, Mount
 
     return Mount(OVERLAY, OVERLAY, str(target), ("lowerdir=/x",))
+
+
+def test_monitor_pool_keeps_a_warm_monitor_and_ends_it_on_close(
+    eng: Engine, node: dict[str, Any]
+) -> None:
+    """Starts take an imported, waiting monitor (its start-up is off the start path)."""
+    from tidal.engine.launcher import MonitorPool
+
+    pool = MonitorPool(size=1)
+    first = pool.take()  # nothing ready yet: a fresh one, and a spare is started
+    deadline = time.monotonic() + 10
+    while not pool._ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pool._ready) == 1
+    spare = pool._ready[0]
+    assert spare.usable() and pool.take() is spare
+    first.abort()
+    pool.close()
+    spare.abort()
+    assert pool._ready == deque() and not spare.usable()
+    rec = eng.run(spec(node, "true"))  # the engine's own pool serves starts
+    assert eng.wait(rec.id, 10).exit_code == 0

@@ -33,7 +33,7 @@ from tidal.engine import upgrade as upgrade_mod
 from tidal.engine.assemble import HostView, write_container_bundle
 from tidal.engine.bundle import resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
-from tidal.engine.launcher import MonitorLaunch, hand_over, launch_monitor
+from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
 from tidal.engine.lxcfs import available as lxcfs_available
 from tidal.engine.monitor import (
@@ -124,9 +124,11 @@ class Engine:
         self._closing = threading.Event()
         self._refiller: threading.Thread | None = None
         self._hostprep_done = False
+        self.monitors = MonitorPool()
 
     def close(self) -> None:
-        """Stop the pool refiller and close the database (containers keep running)."""
+        """Stop the pools and close the database (containers keep running)."""
+        self.monitors.close()
         self._closing.set()
         self._refill_wanted.set()
         if self._refiller is not None:
@@ -194,7 +196,7 @@ class Engine:
 
     def run(self, spec: ContainerSpec) -> ContainerRecord:
         """Create and start; a failed start removes the container again (nothing leaks)."""
-        launch = launch_monitor()
+        launch = self.monitors.take()
         try:
             rec = self.create(spec)
         except BaseException:
@@ -322,7 +324,7 @@ class Engine:
                 raise ContainerStateError(f"container {rec.name} is already running")
             self._ensure_host(rec)
             bundle = self._bundle(rec)
-            report = hand_over(self._monitor_conf(rec, bundle), launch)
+            report = hand_over(self._monitor_conf(rec, bundle), launch or self.monitors.take())
             rec = self._fold_start(rec, report)
             if rec.status != "running":
                 raise OciRuntimeError(f"container {rec.name} did not start: {rec.error}")
@@ -555,6 +557,8 @@ class Engine:
             time.sleep(0.01)
         try:
             self.runtime(rec.runtime).delete(rec.id, force=True)
+        except ConfigError as exc:  # the runtime is gone from this host: nothing of it to undo
+            log.warning("removing container %s: %s", rec.name, exc)
         except TidalError as exc:
             errors.append(f"runtime: {exc}")
         errors += self.storage.destroy(rec.id, self.cdir(rec.id), rec.rootfs)

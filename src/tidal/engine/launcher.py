@@ -1,11 +1,13 @@
 """Starting a container's monitor: pre-launched interpreter, configuration, ready report.
 
 The monitor (:mod:`tidal.engine.monitor`) is a long-lived child, so this is one of the two
-places in the engine that use ``Popen`` directly (the other is lxcfs). The interpreter is
-started before storage is prepared (:func:`launch_monitor`); Python's start-up (tens of ms) then
-overlaps the storage set-up instead of adding to it, the largest single item of the engine's
-start latency. :func:`hand_over` sends the :class:`~tidal.engine.monitor.MonitorConfig` and
-waits for the monitor's :class:`~tidal.engine.monitor.StartReport`.
+places in the engine that use ``Popen`` directly (the other is lxcfs). Python's start-up and
+the monitor's imports (tens of ms) are the largest single item of the engine's start latency,
+so the engine keeps a :class:`MonitorPool`: monitors started ahead of time, imported and
+waiting for a configuration on stdin. A start takes one (and a replacement is started in the
+background); :func:`hand_over` sends the :class:`~tidal.engine.monitor.MonitorConfig` and
+waits for the monitor's :class:`~tidal.engine.monitor.StartReport`. A waiting monitor that
+gets EOF (the engine closed, or its daemon died) exits without doing anything.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,8 @@ from tidal.fsutil import read_line, write_json_atomic
 
 log = logging.getLogger(__name__)
 MONITOR_READY_TIMEOUT_S = 60.0
+WARM_MONITORS = 1
+"""Monitors kept started and imported ahead of the next container start."""
 
 
 @dataclass
@@ -51,6 +58,72 @@ class MonitorLaunch:
             self.proc.kill()
             self.proc.wait()
         self.close_fd()
+
+    def usable(self) -> bool:
+        """Not yet used, and its monitor still waiting (a dead one has closed the pipe)."""
+        if not self._fd_open or self.proc.stdin is None or self.proc.stdin.closed:
+            return False
+        readable, _, _ = select.select([self.ready_fd], [], [], 0)
+        return not readable
+
+
+class MonitorPool:
+    """Monitors launched ahead of time (see the module docstring). Thread-safe."""
+
+    def __init__(self, size: int = WARM_MONITORS) -> None:
+        self.size = size
+        self._ready: deque[MonitorLaunch] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._refills: list[threading.Thread] = []
+
+    def take(self) -> MonitorLaunch:
+        """A waiting monitor (started now if none is ready); a replacement follows."""
+        launch = None
+        with self._lock:
+            while self._ready:
+                candidate = self._ready.popleft()
+                if candidate.usable():
+                    launch = candidate
+                    break
+                candidate.abort()
+            self._refills = [t for t in self._refills if t.is_alive()]
+            if not self._closed and self.size > 0:
+                t = threading.Thread(target=self._refill, name="tidal-monitor-pool", daemon=True)
+                self._refills.append(t)
+                t.start()
+        return launch or launch_monitor()
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._closed or len(self._ready) >= self.size:
+                return
+        try:
+            launch = launch_monitor()
+        except OSError as exc:
+            log.warning("starting a spare container monitor failed: %s", exc)
+            return
+        with self._lock:
+            if self._closed or len(self._ready) >= self.size:
+                stale = launch
+            else:
+                self._ready.append(launch)
+                return
+        stale.abort()
+
+    def close(self) -> None:
+        """End the waiting monitors (EOF on their stdin)."""
+        with self._lock:
+            self._closed = True
+            ready, self._ready = list(self._ready), deque()
+            refills = list(self._refills)
+        for t in refills:
+            t.join()
+        with self._lock:
+            ready += list(self._ready)
+            self._ready.clear()
+        for launch in ready:
+            launch.abort()
 
 
 def package_root() -> str:
@@ -81,14 +154,13 @@ def launch_monitor() -> MonitorLaunch:
     return MonitorLaunch(proc, r)
 
 
-def hand_over(conf: MonitorConfig, launch: MonitorLaunch | None) -> StartReport:
+def hand_over(conf: MonitorConfig, launch: MonitorLaunch) -> StartReport:
     """Give ``conf`` to a (pre-launched) monitor and wait for its start report.
 
     ``monitor.json`` keeps the configuration next to the container, for debugging."""
     cdir = Path(conf.cdir)
     raw = conf.to_json()
     write_json_atomic(cdir / "monitor.json", raw)
-    launch = launch or launch_monitor()
     fail = StartReport("failed", conf.start_seq, 0)
     try:
         assert launch.proc.stdin is not None

@@ -13,7 +13,8 @@ memory cgroup OOM-killed anything) and runs the runtime's ``delete``, which runs
 hooks; so poststop runs after crashes too.
 
 Only the standard library and Tidal's small core and runtime driver are imported here: this
-process sits on the start path (it is pre-launched, so its imports overlap storage set-up).
+process is started ahead of the start it serves (the engine's monitor pool), so its imports
+are off the start path, but a cold start still pays them.
 """
 
 from __future__ import annotations
@@ -173,8 +174,11 @@ def _set_subreaper() -> None:
 
 
 def _report(conf: MonitorConfig, fd: int, report: StartReport) -> None:
-    """Record first (survives a dead daemon), then tell the daemon on its pipe."""
-    write_json_atomic(conf.start_path, report.to_json(), fsync=True)
+    """Record first (survives a dead daemon), then tell the daemon on its pipe.
+
+    No fsync: the page cache survives a killed daemon, and a host crash ends the container
+    anyway; an fsync here would sit on every start's critical path."""
+    write_json_atomic(conf.start_path, report.to_json())
     if report.state == "starting" or fd < 0:
         return
     with contextlib.suppress(OSError):
@@ -362,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.fork() > 0:
         os._exit(0)
     if args[0] == "-":
-        # Pre-launched: the engine started this interpreter while it prepared storage and
-        # sends the configuration when the bundle is ready (EOF: the start was abandoned).
+        # Started ahead of time (the engine's monitor pool): the configuration arrives when a
+        # container's bundle is ready (EOF: the engine closed or its daemon died).
         raw = sys.stdin.buffer.read()
         if not raw:
             return 0
