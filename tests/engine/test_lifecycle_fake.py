@@ -318,13 +318,16 @@ def test_monitor_pool_keeps_a_warm_monitor_and_ends_it_on_close(
     from tidal.engine.launcher import MonitorPool
 
     pool = MonitorPool(size=1)
-    first = pool.take()  # nothing ready yet: a fresh one, and a spare is started
+    first = pool.take()  # nothing ready yet: a fresh one
+    assert not pool._ready
+    pool.replenish()  # after the start: a spare, in the background
+    pool.replenish()  # one spare at most
     deadline = time.monotonic() + 10
     while not pool._ready and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(pool._ready) == 1
     spare = pool._ready[0]
-    assert spare.usable() and pool.take() is spare
+    assert spare.usable() and pool.take() is spare and not pool._ready
     first.abort()
     pool.close()
     spare.abort()

@@ -198,9 +198,10 @@ class Engine:
         """Create and start; a failed start removes the container again (nothing leaks)."""
         launch = self.monitors.take()
         try:
-            rec = self.create(spec)
+            rec = self._create(spec)
         except BaseException:
             launch.abort()
+            self._background_refills()
             raise
         try:
             return self.start(rec.id, launch=launch)
@@ -211,9 +212,23 @@ class Engine:
                 lambda: self.remove(rec.id, force=True),
             )
             raise
+        finally:
+            self._background_refills()
+
+    def _background_refills(self) -> None:
+        """Spare monitor and quota volumes, made once the start is done: their CPU time
+        (an interpreter start, mkfs) would otherwise compete with the start itself."""
+        self.monitors.replenish()
+        self._want_refill()
 
     def create(self, spec: ContainerSpec) -> ContainerRecord:
         """Record the container, mount its rootfs and volumes, set up its network."""
+        try:
+            return self._create(spec)
+        finally:
+            self._want_refill()
+
+    def _create(self, spec: ContainerSpec) -> ContainerRecord:
         cid = ContainerId(secrets.token_hex(32))
         runtime_name = spec.runtime or self.settings.runtime
         self.runtime(runtime_name)  # fail early on a missing runtime
@@ -243,7 +258,6 @@ class Engine:
                 self._root_quota(spec),
                 lambda state: self._record_rootfs(cid, state),
             )
-            self._want_refill()
             if spec.network == "bridge":
                 self.network.ensure_bridge()
                 ip = self.store.allocate_ip(cid, self.network.ip_candidates())
@@ -324,7 +338,11 @@ class Engine:
                 raise ContainerStateError(f"container {rec.name} is already running")
             self._ensure_host(rec)
             bundle = self._bundle(rec)
-            report = hand_over(self._monitor_conf(rec, bundle), launch or self.monitors.take())
+            try:
+                report = hand_over(self._monitor_conf(rec, bundle), launch or self.monitors.take())
+            finally:
+                if launch is None:  # run() replenishes after its own start
+                    self.monitors.replenish()
             rec = self._fold_start(rec, report)
             if rec.status != "running":
                 raise OciRuntimeError(f"container {rec.name} did not start: {rec.error}")

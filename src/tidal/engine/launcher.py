@@ -78,21 +78,25 @@ class MonitorPool:
         self._refills: list[threading.Thread] = []
 
     def take(self) -> MonitorLaunch:
-        """A waiting monitor (started now if none is ready); a replacement follows."""
-        launch = None
+        """A waiting monitor, or one started now if none is ready (see :meth:`replenish`)."""
         with self._lock:
             while self._ready:
                 candidate = self._ready.popleft()
                 if candidate.usable():
-                    launch = candidate
-                    break
+                    return candidate
                 candidate.abort()
+        return launch_monitor()
+
+    def replenish(self) -> None:
+        """Start a spare in the background. Called after a start completed, so the spare's
+        start-up does not take CPU from the start that just took one."""
+        with self._lock:
             self._refills = [t for t in self._refills if t.is_alive()]
-            if not self._closed and self.size > 0:
-                t = threading.Thread(target=self._refill, name="tidal-monitor-pool", daemon=True)
-                self._refills.append(t)
-                t.start()
-        return launch or launch_monitor()
+            if self._closed or self.size <= 0 or len(self._ready) + len(self._refills) >= self.size:
+                return
+            t = threading.Thread(target=self._refill, name="tidal-monitor-pool", daemon=True)
+            self._refills.append(t)
+            t.start()
 
     def _refill(self) -> None:
         with self._lock:
