@@ -11,7 +11,9 @@ The engine is driven in-process (``Engine.run``), so the figure is the engine's 
 (storage set-up, bundle, monitor) on top of the runtime; one row goes through the daemon's
 HTTP API on its unix socket, the path the CLI takes. Removal is not timed.
 
-Usage: .venv/bin/python benchmarks/bench_engine.py [--starts 200] [--quick]
+Usage: .venv/bin/python benchmarks/bench_engine.py [--starts 200] [--quick] [--gap-s 0.3]
+(``--gap-s``: the engine refills its monitor and quota-volume pools after a start; without a
+gap that work overlaps the next row's sample, whichever row it is.)
 Writes benchmarks/results/engine.json. Needs root, runc/crun, loop devices, FUSE.
 """
 
@@ -147,6 +149,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--starts", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="20 starts per row")
+    ap.add_argument(
+        "--gap-s",
+        type=float,
+        default=0.0,
+        help="idle time after each sample, so background work (pool refills) ends before the next",
+    )
     args = ap.parse_args()
     n = 20 if args.quick else args.starts
     if os.geteuid() != 0:
@@ -202,6 +210,7 @@ def main() -> None:
         for _ in range(n):
             for name, once in configs:
                 samples[name].append(once())
+                time.sleep(args.gap_s)
     finally:
         eng.remove(holder.id, force=True)
         for e in (eng, eng_cold, eng_noquota):

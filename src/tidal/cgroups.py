@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tidal.errors import CgroupError, CgroupNotFoundError
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where the kernel's cgroup hierarchies are mounted (v2: the unified root; v1: one per controller)."""
 V1_UNLIMITED_MEMORY = 9223372036854771712
 """What v1 reports as ``memory.limit_in_bytes`` when there is no limit (PAGE_COUNTER_MAX)."""
 DEFAULT_PERIOD_US = 100_000
@@ -243,6 +245,18 @@ class CgroupFs(ABC):
     def pressure(self, cgroup: str) -> Pressure | None:
         """Per-cgroup PSI, or None when this kernel/hierarchy has none."""
 
+    @abstractmethod
+    def memory_events_file(self, cgroup: str) -> Path:
+        """The file whose ``oom_kill`` line counts the cgroup's OOM kills."""
+
+    def oom_kills(self, cgroup: str) -> int:
+        """OOM kills counted by the cgroup's memory controller; 0 when it has no such count
+        (no memory controller, or the cgroup is already gone)."""
+        try:
+            return _parse_kv(self._read(self.memory_events_file(cgroup))).get("oom_kill", 0)
+        except CgroupError:
+            return 0
+
     def normalize(self, limits: CpuLimits) -> CpuLimits:
         """What :meth:`read_cpu` returns after :meth:`write_cpu` of ``limits`` (unit rounding)."""
         return limits
@@ -364,6 +378,9 @@ class CgroupV1Fs(CgroupFs):
     def pressure(self, cgroup: str) -> Pressure | None:
         return None  # v1 has no per-cgroup PSI; the collector falls back to /proc/pressure
 
+    def memory_events_file(self, cgroup: str) -> Path:
+        return self._dir("memory", cgroup) / "memory.oom_control"
+
 
 class CgroupV2Fs(CgroupFs):
     """The unified hierarchy: one directory per cgroup, ``cpu.max``, ``cpu.weight``, PSI files."""
@@ -452,6 +469,9 @@ class CgroupV2Fs(CgroupFs):
             self._d(cgroup) / "memory.max", "max" if limit_bytes is None else str(limit_bytes)
         )
 
+    def memory_events_file(self, cgroup: str) -> Path:
+        return self._d(cgroup) / "memory.events"
+
     def pressure(self, cgroup: str) -> Pressure | None:
         d = self._d(cgroup)
         values: dict[str, float | None] = {}
@@ -466,7 +486,7 @@ class CgroupV2Fs(CgroupFs):
         return Pressure(values["cpu"], values["memory"], values["io"])
 
 
-def detect_cgroupfs(root: Path = Path("/sys/fs/cgroup")) -> CgroupFs:
+def detect_cgroupfs(root: Path = CGROUP_ROOT) -> CgroupFs:
     """The hierarchy this machine uses: v2 if ``root`` is the unified mount, else v1."""
     if (root / "cgroup.controllers").exists():
         return CgroupV2Fs(root)

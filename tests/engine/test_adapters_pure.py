@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tidal.engine.hostprep import v2_controllers_in_hybrid
-from tidal.engine.monitor import read_oom_kills, write_json_atomic
+from tidal.engine.monitor import ExitRecord, read_exit_record
 from tidal.engine.rootfs import (
     DirectoryRootfsProvider,
     ImageConfig,
@@ -20,6 +20,8 @@ from tidal.engine.rootfs import (
 from tidal.engine.runtime import _clean, read_runtime_log
 from tidal.engine.volume import mkfs_argv
 from tidal.errors import ImageNotFoundError
+from tidal.fsutil import write_json_atomic
+from tidal.testing.cgroups import FakeCgroupV1Fs, FakeCgroupV2Fs
 
 
 def test_runtime_messages_are_one_readable_line(tmp_path: Path) -> None:
@@ -40,20 +42,29 @@ def test_runtime_messages_are_one_readable_line(tmp_path: Path) -> None:
 
 
 def test_oom_counter_v1_and_v2(tmp_path: Path) -> None:
-    v1 = tmp_path / "memory.oom_control"
+    v1fs = FakeCgroupV1Fs(tmp_path / "v1")
+    v1fs.create("tidal/c1")
+    v1 = v1fs.memory_events_file("tidal/c1")
+    assert v1.name == "memory.oom_control"
     v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
-    v2 = tmp_path / "memory.events"
+    v2fs = FakeCgroupV2Fs(tmp_path / "v2")
+    v2fs.create("tidal/c1")
+    v2 = v2fs.memory_events_file("tidal/c1")
+    assert v2.name == "memory.events"
     v2.write_text("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n")
-    assert read_oom_kills([str(tmp_path / "none"), str(v1)]) == 2
-    assert read_oom_kills([str(v2)]) == 1
-    assert read_oom_kills([str(tmp_path / "none")]) == 0
+    assert v1fs.oom_kills("tidal/c1") == 2
+    assert v2fs.oom_kills("tidal/c1") == 1
+    assert v1fs.oom_kills("tidal/none") == 0
+    assert v2fs.oom_kills("tidal/none") == 0
 
 
 def test_exit_record_written_atomically(tmp_path: Path) -> None:
     path = tmp_path / "exit.json"
-    write_json_atomic(str(path), {"exit_code": 3})
-    assert json.loads(path.read_text()) == {"exit_code": 3}
-    assert not (tmp_path / "exit.json.tmp").exists()
+    rec = ExitRecord(exit_code=3, signal=None, oom_killed=False, finished_at=1.0, pid=7)
+    write_json_atomic(path, rec.to_json())
+    assert ExitRecord.from_json(json.loads(path.read_text())) == rec
+    assert read_exit_record(tmp_path) == rec
+    assert [p.name for p in tmp_path.iterdir()] == ["exit.json"]  # no temporary left
 
 
 def test_hybrid_detection(tmp_path: Path) -> None:

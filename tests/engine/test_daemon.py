@@ -76,7 +76,7 @@ def test_api_round_trip(daemon: tuple[Daemon, EngineClient], busybox_rootfs: Pat
     created = c.run(
         ContainerSpec(image=str(busybox_rootfs), command=("echo", "later")), start=False
     )
-    assert created.status == "created" and Path(created.rootfs["merged"]).is_mount()
+    assert created.status == "created" and Path(created.rootfs.layer.merged).is_mount()
     assert c.wait(c.start(created.id).id, 10).exit_code == 0
     c.remove(created.id)
     # a second daemon on the same state directory is refused

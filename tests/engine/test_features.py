@@ -391,8 +391,8 @@ def test_restart_after_lost_mounts_and_network_keeps_address(
     """What a host reboot does to a stopped container: its mounts and network are gone."""
     import subprocess
 
+    from tidal.engine.mounter import unmount_path
     from tidal.engine.network import netns_name, remove_bridge
-    from tidal.engine.volume import unmount_path
 
     rec = engine.run(
         ContainerSpec(
@@ -406,8 +406,8 @@ def test_restart_after_lost_mounts_and_network_keeps_address(
         )
     )
     rec = engine.wait(rec.id, 20)
-    unmount_path(Path(rec.rootfs["merged"]))
-    unmount_path(Path(rec.rootfs["volume"]["mountpoint"]))
+    unmount_path(Path(rec.rootfs.layer.merged))
+    unmount_path(Path(rec.rootfs.volume.mountpoint))
     subprocess.run(["ip", "netns", "del", netns_name(rec.id)], check=True)
     remove_bridge(engine.settings.bridge)
     engine.start(rec.id)

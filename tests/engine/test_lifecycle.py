@@ -189,8 +189,8 @@ def test_tidal_image_rootfs(engine: Engine, busybox_image: Path) -> None:
     out = engine.logs(rec.id).data.decode()
     assert rec.exit_code == 0, out
     assert "root:x:0:0" in out and "written" in out and "overlay" in out
-    assert rec.rootfs["kind"] == "tidal"
-    lower = Path(rec.rootfs["lower_mountpoint"])
+    assert rec.rootfs.layer.kind == "tidal"
+    lower = Path(rec.rootfs.layer.lower_mountpoint)
     assert lower.is_mount()
     engine.remove(rec.id)
     assert not lower.is_mount()
@@ -228,8 +228,8 @@ def test_image_mount_is_shared_and_released_with_last_user(
 
     a = engine.run(ContainerSpec(image=str(busybox_image), command=("sleep", "300")))
     b = engine.run(ContainerSpec(image=str(busybox_image), command=("sleep", "300")))
-    lower = Path(a.rootfs["lower_mountpoint"])
-    assert b.rootfs["lower_mountpoint"] == str(lower)
+    lower = Path(a.rootfs.layer.lower_mountpoint)
+    assert b.rootfs.layer.lower_mountpoint == str(lower)
     assert [m.target for m in list_mounts()].count(str(lower)) == 1
     engine.remove(a.id, force=True)
     assert lower.is_mount()  # b still uses it

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 
 from tidal.engine.network import gateway, ip_candidates, link_names, parse_subnet
+from tidal.engine.rootfs import LayerState, RootfsState, VolumeState
 from tidal.engine.spec import ContainerSpec
 from tidal.engine.store import ContainerRecord, Store
+from tidal.engine.volume import QuotaVolume
 from tidal.errors import ConfigError, ContainerNotFoundError, EngineError
+
+ROOTFS = RootfsState(
+    volume=QuotaVolume("/c/disk.img", "/c/disk", 1 << 20, 64),
+    layer=LayerState("dir", "/i", 0, "/img/k", "/i", "/c/disk/upper.0", "/c/disk/work.0", "/x"),
+    volumes=(VolumeState("/data", None, "/c/volumes/0"),),
+)
 
 
 def rec(cid: str, name: str) -> ContainerRecord:
@@ -44,15 +52,16 @@ def test_store_crud_and_lookup(tmp_path: Path) -> None:
             exit_code=137,
             signal=9,
             oom_killed=True,
-            rootfs={"merged": "/x"},
+            rootfs=ROOTFS,
         )
         assert (r.status, r.exit_code, r.signal, r.oom_killed, r.rootfs) == (
             "exited",
             137,
             9,
             True,
-            {"merged": "/x"},
+            ROOTFS,
         )
+        assert r.to_json()["rootfs"]["merged"] == "/x"  # the API's flat JSON object
         assert [c.name for c in store.list()] == ["web", "db"]
         store.delete(r.id)
         assert [c.name for c in store.list()] == ["db"]

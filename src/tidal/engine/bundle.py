@@ -9,12 +9,12 @@ both read. Keeping it pure lets tests check limits, mounts, hooks and namespaces
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tidal.engine.spec import ContainerSpec, HookSpec
+from tidal.fsutil import write_text_atomic
 
 OCI_VERSION = "1.0.2"
 CPU_PERIOD_US = 100_000
@@ -318,7 +318,5 @@ def write_bundle(bundle_dir: Path, config: dict[str, Any]) -> Path:
     """Write ``config.json`` atomically (a crashed writer never leaves half a file)."""
     bundle_dir.mkdir(parents=True, exist_ok=True)
     path = bundle_dir / "config.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(config, indent=1))
     return path

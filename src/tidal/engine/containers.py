@@ -1,68 +1,59 @@
-"""The engine: container lifecycle on top of rootfs providers, a runtime driver and the store.
+"""The engine: container lifecycle on top of a runtime, storage, network and the store.
 
 :class:`Engine` is what the daemon serves. Each container has a directory
 ``<state>/containers/<id>/`` (bundle, rootfs mount points, quota volume, log, the monitor's
-``started.json``/``exit.json``) and a row in the state database. The engine never waits on a
+``start.json``/``exit.json``) and a row in the state database. The engine never waits on a
 container itself: its monitor does (see :mod:`tidal.engine.monitor`), and every read of a
 record first folds in what the monitor wrote (:meth:`Engine.refresh`), which is also how a
-restarted daemon finds its containers again.
+restarted daemon finds its containers again (:meth:`Engine.reconcile`).
+
+The engine reaches the host only through its adapters, each replaceable by a fake from
+:mod:`tidal.testing.engine`: a runtime factory (runc, crun), a :class:`Mounter` that executes
+the storage plans (:mod:`tidal.engine.storage`) and a :class:`Network`. Concerns live apart:
+bundles in :mod:`tidal.engine.assemble`, monitor hand-over in :mod:`tidal.engine.launcher`,
+published ports in :mod:`tidal.engine.ports`, upgrade and rollback in
+:mod:`tidal.engine.upgrade`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import resource
 import secrets
 import shutil
-import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tidal.engine import network
-from tidal.engine.bundle import (
-    BundleInputs,
-    Mount,
-    bind,
-    build_config,
-    caps_in_mask,
-    resources_from,
-    rich_args,
-)
-from tidal.engine.bundle import write_bundle as write_bundle_file
+from tidal.cgroups import CGROUP_ROOT
+from tidal.engine import upgrade as upgrade_mod
+from tidal.engine.assemble import HostView, write_container_bundle
+from tidal.engine.bundle import resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
+from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
 from tidal.engine.lxcfs import available as lxcfs_available
-from tidal.engine.richinit import prepare_init_dir
-from tidal.engine.rootfs import (
-    ImageConfig,
-    create_quota_base,
-    destroy_volume_of,
-    ensure_rootfs_mounted,
-    lower_mountpoint,
-    mount_rootfs,
-    provider_for,
-    release_lower,
-    unmount_overlay,
+from tidal.engine.monitor import (
+    START_FILE,
+    MonitorConfig,
+    PortForward,
+    StartReport,
+    read_exit_record,
+    read_start_report,
 )
+from tidal.engine.mounter import HostMounter, Mounter
+from tidal.engine.network import BridgeNetwork, Network
+from tidal.engine.ports import check_ports
+from tidal.engine.rootfs import RootfsState, provider_for
 from tidal.engine.runtime import ExecResult, Runtime, get_runtime, pid_alive
 from tidal.engine.settings import EngineSettings, load_settings
 from tidal.engine.spec import ContainerSpec, QuotaSpec
+from tidal.engine.storage import Storage
 from tidal.engine.store import ContainerRecord, Store
-from tidal.engine.volume import (
-    QuotaVolume,
-    VolumePool,
-    create_volume,
-    destroy_volume,
-    mount_volume,
-    volume_usage,
-)
+from tidal.engine.volume import VolumePool, volume_usage
 from tidal.errors import (
     ConfigError,
     ContainerStateError,
@@ -70,38 +61,14 @@ from tidal.errors import (
     OciRuntimeError,
     TidalError,
 )
-from tidal.fsutil import read_line
+from tidal.ids import ContainerId
 
 log = logging.getLogger(__name__)
-MONITOR_READY_TIMEOUT_S = 60.0
 MONITOR_EXIT_WAIT_S = 10.0
 """How long ``rm`` waits for an exited container's monitor to finish its cleanup."""
-
-
-class MonitorLaunch:
-    """A monitor interpreter started ahead of time, waiting for its configuration."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], ready_fd: int) -> None:
-        self.proc = proc
-        self.ready_fd = ready_fd
-        self._fd_open = True
-
-    def close_fd(self) -> None:
-        if self._fd_open:
-            os.close(self.ready_fd)
-            self._fd_open = False
-
-    def abort(self) -> None:
-        """EOF on its stdin makes the (forked) monitor exit without doing anything."""
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None and not self.proc.stdin.closed:
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.close_fd()
+RECONCILE_WAIT_S = 60.0
+"""How long a restarted daemon waits for starts still in flight to report."""
+RuntimeFactory = Callable[[str, Path], Runtime]
 
 
 @dataclass(frozen=True)
@@ -114,33 +81,54 @@ class LogChunk:
 class Engine:
     """Container lifecycle. Thread-safe: one lock per container, one for creation."""
 
-    def __init__(self, settings: EngineSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings | None = None,
+        *,
+        runtime_factory: RuntimeFactory | None = None,
+        mounter: Mounter | None = None,
+        network: Network | None = None,
+        cgroup_root: Path = CGROUP_ROOT,
+    ) -> None:
         self.settings = settings or load_settings()
         self.state_dir = self.settings.resolved_state_dir()
         self.containers_dir = self.state_dir / "containers"
         self.containers_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "state.db")
         self.lxcfs = LxcfsSupervisor(self.state_dir / "lxcfs" / "mnt")
+        self.cgroup_root = cgroup_root
+        self.network = network or BridgeNetwork(self.settings.bridge, self.settings.subnet)
+        self._runtime_factory = runtime_factory or get_runtime
         self._create_lock = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._runtimes: dict[str, Runtime] = {}
         self.images_dir = self.state_dir / "images"
-        self._image_locks: dict[str, threading.Lock] = {}
+        self.mounter = mounter or HostMounter()
         default = self._root_quota_default()
         self.volume_pool = VolumePool(
             self.state_dir / "pool",
             default.size_bytes if default else 0,
             (default.inodes or 0) if default else 0,
             self.settings.volume_pool_size if default else 0,
+            self.mounter,
+        )
+        self.storage = Storage(
+            self.store,
+            self.mounter,
+            self.images_dir,
+            self.volume_pool,
+            self.settings.bytes_per_inode,
         )
         self._refill_wanted = threading.Event()
         self._closing = threading.Event()
         self._refiller: threading.Thread | None = None
         self._hostprep_done = False
+        self.monitors = MonitorPool()
 
     def close(self) -> None:
-        """Stop the pool refiller and close the database (containers keep running)."""
+        """Stop the pools and close the database (containers keep running)."""
+        self.monitors.close()
         self._closing.set()
         self._refill_wanted.set()
         if self._refiller is not None:
@@ -175,43 +163,11 @@ class Engine:
         with self._locks_guard:
             return self._locks.setdefault(cid, threading.RLock())
 
-    def _image_lock(self, mountpoint: Path) -> threading.Lock:
-        """Serialises mounting and releasing one shared image mount."""
-        with self._locks_guard:
-            return self._image_locks.setdefault(str(mountpoint), threading.Lock())
-
-    def _lower_mp(self, image: str) -> Path:
-        return lower_mountpoint(self.images_dir, image)
-
-    def _release_lower_if_unused(self, state: dict[str, Any], except_id: str | None) -> None:
-        """Unmount a shared image mount when no container in the database still uses it."""
-        if not state or "lower_mountpoint" not in state:
-            return
-        mp = state["lower_mountpoint"]
-        with self._image_lock(Path(mp)):
-            for other in self.store.list():
-                if other.id != except_id and other.rootfs.get("lower_mountpoint") == mp:
-                    return
-            release_lower(state)
-
-    def _mount_rootfs(
-        self, cid: str, image: str, volume: dict[str, Any] | None, generation: int
-    ) -> dict[str, Any]:
-        mp = self._lower_mp(image)
-        try:
-            with self._image_lock(mp):
-                return mount_rootfs(self.cdir(cid), image, volume, mp, generation)
-        except BaseException:
-            probe = {"kind": provider_for(image).kind, "lower_mountpoint": str(mp)}
-            with contextlib.suppress(TidalError):
-                self._release_lower_if_unused(probe, except_id=cid)
-            raise
-
     def runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
-            rt = get_runtime(name, self.state_dir)
+            rt = self._runtime_factory(name, self.state_dir)
             if rt.capabilities.hybrid_cgroups_need_empty_v2 and not self._hostprep_done:
-                prepare_hybrid_cgroups()
+                prepare_hybrid_cgroups(self.cgroup_root)
                 self._hostprep_done = True
             self._runtimes[name] = rt
         return self._runtimes[name]
@@ -227,27 +183,53 @@ class Engine:
             return spec.lxcfs
         return self.settings.lxcfs != "off" and lxcfs_available()
 
+    def _try(self, what: str, fn: Callable[[], object]) -> bool:
+        """Best-effort cleanup step: a failure is logged (never silently dropped)."""
+        try:
+            fn()
+        except TidalError as exc:
+            log.warning("%s: %s", what, exc)
+            return False
+        return True
+
     # --- create / start ----------------------------------------------------------------------
 
     def run(self, spec: ContainerSpec) -> ContainerRecord:
         """Create and start; a failed start removes the container again (nothing leaks)."""
-        launch = self._launch_monitor()
+        launch = self.monitors.take()
         try:
-            rec = self.create(spec)
+            rec = self._create(spec)
         except BaseException:
             launch.abort()
+            self._background_refills()
             raise
         try:
             return self.start(rec.id, launch=launch)
         except BaseException:
             launch.abort()
-            with contextlib.suppress(TidalError):
-                self.remove(rec.id, force=True)
+            self._try(
+                f"removing container {rec.name} after its failed start",
+                lambda: self.remove(rec.id, force=True),
+            )
             raise
+        finally:
+            self._background_refills()
+
+    def _background_refills(self) -> None:
+        """Spare monitor and quota volumes, made once the start is done: their CPU time
+        (an interpreter start, mkfs) would otherwise compete with the start itself."""
+        self.monitors.replenish()
+        self._want_refill()
 
     def create(self, spec: ContainerSpec) -> ContainerRecord:
         """Record the container, mount its rootfs and volumes, set up its network."""
-        cid = secrets.token_hex(32)
+        try:
+            return self._create(spec)
+        finally:
+            self._want_refill()
+
+    def _create(self, spec: ContainerSpec) -> ContainerRecord:
+        cid = ContainerId(secrets.token_hex(32))
         runtime_name = spec.runtime or self.settings.runtime
         self.runtime(runtime_name)  # fail early on a missing runtime
         provider_for(spec.image)  # fail early on a missing image
@@ -255,7 +237,7 @@ class Engine:
             raise ConfigError(
                 "--lxcfs needs the lxcfs binary and /dev/fuse (apt-get install lxcfs)"
             )
-        self._check_ports(spec, cid)
+        check_ports(spec, cid, self.store.list(), self.network)
         rec = ContainerRecord(
             id=cid,
             name=spec.name or f"tidal-{cid[:8]}",
@@ -269,18 +251,29 @@ class Engine:
         cdir = self.cdir(cid)
         cdir.mkdir(parents=True)
         try:
-            self._prepare_storage(cid, spec)
+            self.storage.prepare(
+                cid,
+                cdir,
+                spec,
+                self._root_quota(spec),
+                lambda state: self._record_rootfs(cid, state),
+            )
             if spec.network == "bridge":
-                network.ensure_bridge(self.settings.bridge, self.settings.subnet)
-                ip = self.store.allocate_ip(cid, network.ip_candidates(self.settings.subnet))
-                network.create_netns(cid, ip, self.settings.subnet, self.settings.bridge)
-                rec = self.store.update(cid, ip=ip)
+                self.network.ensure_bridge()
+                ip = self.store.allocate_ip(cid, self.network.ip_candidates())
+                self.network.create_netns(cid, ip)
+                self.store.update(cid, ip=ip)
         except BaseException:
-            with contextlib.suppress(TidalError):
-                self._destroy(self.store.get(cid))
+            self._try(
+                f"undoing the creation of container {rec.name}",
+                lambda: self._destroy(self.store.get(cid)),
+            )
             raise
         log.info("created container %s (%s) from %s", rec.name, cid[:12], spec.image)
         return self.store.get(cid)
+
+    def _record_rootfs(self, cid: str, state: RootfsState) -> None:
+        self.store.update(cid, rootfs=state)
 
     def _root_quota(self, spec: ContainerSpec) -> QuotaSpec | None:
         for q in spec.disk_quotas:
@@ -294,120 +287,47 @@ class Engine:
             return None
         return QuotaSpec("/", size, max(size // self.settings.bytes_per_inode, 64))
 
-    def _prepare_storage(self, cid: str, spec: ContainerSpec) -> None:
-        """Quota volume, overlay, volumes; each step recorded at once so that a failure in a
-        later one (or a crash) leaves a state that ``rm`` can undo."""
-        cdir = self.cdir(cid)
-        volume = create_quota_base(cdir, self._root_quota(spec), self.volume_pool)
-        self._want_refill()
-        if volume is not None:
-            self.store.update(cid, rootfs={"volume": volume})
-        state = self._mount_rootfs(cid, spec.image, volume, 0)
-        state["volumes"] = []
-        self.store.update(cid, rootfs=state)
-        quotas = {q.target: q for q in spec.disk_quotas}
-        for i, vol in enumerate(spec.volumes):
-            entry: dict[str, Any] = {"target": vol.target, "source": vol.source, "volume": None}
-            if vol.source is None:
-                path = cdir / "volumes" / str(i)
-                q = quotas.get(vol.target)
-                if q is not None:
-                    qv = create_volume(
-                        cdir / "volumes" / f"{i}.img",
-                        path,
-                        q.size_bytes,
-                        q.inodes or q.size_bytes // self.settings.bytes_per_inode,
-                    )
-                    entry["volume"] = qv.__dict__.copy()
-                else:
-                    path.mkdir(parents=True, exist_ok=True)
-                entry["path"] = str(path)
-            else:
-                if not Path(vol.source).exists():
-                    raise ConfigError(f"volume source {vol.source} does not exist on this host")
-                entry["path"] = vol.source
-            state["volumes"].append(entry)
-            self.store.update(cid, rootfs=state)
-
-    def _check_ports(self, spec: ContainerSpec, cid: str) -> None:
-        if not spec.ports:
-            return
-        for other in self.store.list():
-            if other.id == cid:
-                continue
-            for p in other.spec.ports:
-                for mine in spec.ports:
-                    if p.host_port == mine.host_port and p.protocol == mine.protocol:
-                        raise ConfigError(
-                            f"host port {mine.host_port}/{mine.protocol} is already published by "
-                            f"container {other.name} ({other.id[:12]}); choose another --publish"
-                        )
-        for mine in spec.ports:
-            if not network.host_port_free(mine.host_ip, mine.host_port):
-                raise ConfigError(
-                    f"host port {mine.host_ip}:{mine.host_port} is in use by another process "
-                    "on this host; choose another --publish"
-                )
-
-    def _command(self, rec: ContainerRecord, image_cfg: ImageConfig) -> tuple[str, ...]:
-        argv = rec.spec.command or image_cfg.default_command
-        if not argv:
-            raise ConfigError(
-                f"image {rec.spec.image} has no default command; give one: tidal run IMAGE -- CMD"
-            )
-        return argv
+    def _ensure_host(self, rec: ContainerRecord) -> None:
+        """Storage and network back in place (after a host reboot or a lost mount)."""
+        self.storage.ensure(rec.rootfs)
+        if rec.spec.network == "bridge" and rec.ip and not self.network.netns_exists(rec.id):
+            # after a host reboot: the same address again, on a recreated bridge
+            self.network.ensure_bridge()
+            self.network.create_netns(rec.id, rec.ip)
 
     def _bundle(self, rec: ContainerRecord) -> Path:
-        spec, cdir = rec.spec, self.cdir(rec.id)
-        image_cfg = provider_for(spec.image).image_config(spec.image)
-        image_init = spec.rich and spec.rich_mode == "systemd"
-        argv = () if image_init else self._command(rec, image_cfg)
-        init_dir = None
-        if spec.rich:
-            if spec.rich_mode == "init":
-                init_dir = str(prepare_init_dir(cdir / "init", self.state_dir / "bin", spec, argv))
-            argv = rich_args(spec, argv)
         lxcfs_dir: str | None = None
         lxcfs_files: tuple[str, ...] = ()
-        if self._lxcfs_wanted(spec):
+        if self._lxcfs_wanted(rec.spec):
             self.lxcfs.ensure()
             lxcfs_dir, lxcfs_files = str(self.lxcfs.proc_dir), self.lxcfs.files()
-        mounts: list[Mount] = []
-        for vol_state, vol in zip(rec.rootfs.get("volumes", []), spec.volumes, strict=False):
-            mounts.append(bind(vol_state["path"], vol.target, readonly=vol.readonly))
-        inputs = BundleInputs(
-            container_id=rec.id,
-            rootfs=rec.rootfs["merged"],
-            args=argv,
+        host = HostView(
             cgroups_path=self.cgroups_path(rec.id),
-            netns_path=network.netns_path(rec.id) if spec.network == "bridge" else None,
-            mounts=tuple(mounts),
+            netns_path=self.network.netns_path(rec.id) if rec.spec.network == "bridge" else None,
             lxcfs_proc_dir=lxcfs_dir,
             lxcfs_files=lxcfs_files,
-            init_dir=init_dir,
-            image_env=image_cfg.env,
-            image_workdir=image_cfg.workdir,
-            nofile_limit=_nofile_hard_limit(),
-            host_caps=_host_bounding_caps(),
         )
-        bundle_dir = cdir / "bundle"
-        write_bundle_file(bundle_dir, build_config(spec, inputs))
-        return bundle_dir
+        return write_container_bundle(rec, self.cdir(rec.id), self.state_dir / "bin", host)
 
-    def _ensure_storage(self, rec: ContainerRecord) -> None:
-        with self._image_lock(Path(rec.rootfs["lower_mountpoint"])):
-            ensure_rootfs_mounted(rec.rootfs)
-        for vol in rec.rootfs.get("volumes", []):
-            if vol.get("volume"):
-                mount_volume(QuotaVolume(**vol["volume"]))
-        if (
-            rec.spec.network == "bridge"
-            and rec.ip
-            and not Path(network.netns_path(rec.id)).exists()
-        ):
-            # after a host reboot: the same address again, on a recreated bridge
-            network.ensure_bridge(self.settings.bridge, self.settings.subnet)
-            network.create_netns(rec.id, rec.ip, self.settings.subnet, self.settings.bridge)
+    def _monitor_conf(self, rec: ContainerRecord, bundle: Path) -> MonitorConfig:
+        rt = self.runtime(rec.runtime)
+        cdir = self.cdir(rec.id)
+        for stale in ("runtime.log", START_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (cdir / stale).unlink()
+        return MonitorConfig(
+            id=rec.id,
+            runtime=rt.ref(),
+            bundle=str(bundle),
+            start_seq=rec.starts + 1,
+            cdir=str(cdir),
+            cgroup=self.cgroups_path(rec.id),
+            cgroup_root=str(self.cgroup_root),
+            ports=tuple(
+                PortForward(p.host_ip, p.host_port, p.container_port, rec.ip)
+                for p in rec.spec.ports
+            ),
+        )
 
     def start(self, ref: str, *, launch: MonitorLaunch | None = None) -> ContainerRecord:
         """Start a created or exited container through a new monitor."""
@@ -416,144 +336,129 @@ class Engine:
             rec = self.refresh(self.store.get(rec.id))
             if rec.status == "running":
                 raise ContainerStateError(f"container {rec.name} is already running")
-            self._ensure_storage(rec)
+            self._ensure_host(rec)
             bundle = self._bundle(rec)
-            ready = self._spawn_monitor(rec, bundle, launch)
-            if not ready.get("ok"):
-                msg = str(ready.get("error") or "monitor gave no reason")
-                self.store.update(rec.id, status="exited", error=msg)
-                raise OciRuntimeError(f"container {rec.name} did not start: {msg}")
+            try:
+                report = hand_over(self._monitor_conf(rec, bundle), launch or self.monitors.take())
+            finally:
+                if launch is None:  # run() replenishes after its own start
+                    self.monitors.replenish()
+            rec = self._fold_start(rec, report)
+            if rec.status != "running":
+                raise OciRuntimeError(f"container {rec.name} did not start: {rec.error}")
+            return rec
+
+    def _fold_start(self, rec: ContainerRecord, report: StartReport) -> ContainerRecord:
+        """Record what the monitor reported about start number ``report.start_seq``."""
+        if report.ok:
             return self.store.update(
                 rec.id,
                 status="running",
-                pid=int(ready["pid"]),
-                monitor_pid=int(ready["monitor_pid"]),
-                started_at=float(ready["started_at"]),
+                pid=report.pid,
+                monitor_pid=report.monitor_pid,
+                started_at=report.started_at,
                 finished_at=None,
                 exit_code=None,
                 signal=None,
                 oom_killed=False,
                 error=None,
-                starts=rec.starts + 1,
+                starts=report.start_seq,
             )
-
-    def _monitor_conf(self, rec: ContainerRecord, bundle: Path) -> dict[str, Any]:
-        rt = self.runtime(rec.runtime)
-        cdir = self.cdir(rec.id)
-        runtime_log = cdir / "runtime.log"
-        with contextlib.suppress(FileNotFoundError):
-            runtime_log.unlink()
-        cg = self.cgroups_path(rec.id)
-        return {
-            "id": rec.id,
-            "runtime": rt.name,
-            "create_argv": rt.create_argv(rec.id, bundle, cdir / "pid", runtime_log),
-            "start_argv": [*rt.global_args(), "start", rec.id],
-            "delete_argv": [*rt.global_args(), "delete"],
-            "log_path": str(cdir / "container.log"),
-            "runtime_log": str(runtime_log),
-            "pid_file": str(cdir / "pid"),
-            "exit_path": str(cdir / "exit.json"),
-            "started_path": str(cdir / "started.json"),
-            "oom_files": [
-                f"/sys/fs/cgroup/memory{cg}/memory.oom_control",
-                f"/sys/fs/cgroup{cg}/memory.events",
-            ],
-            "ports": [
-                {
-                    "host_ip": p.host_ip,
-                    "host_port": p.host_port,
-                    "container_port": p.container_port,
-                    "target_ip": rec.ip,
-                }
-                for p in rec.spec.ports
-            ],
-        }
-
-    def _launch_monitor(self) -> MonitorLaunch:
-        """Start a monitor's interpreter now; it waits for its configuration on stdin.
-
-        Python's start-up (tens of ms) then overlaps the storage set-up instead of adding
-        to it: this is the largest single item of the engine's start latency.
-        """
-        r, w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-S", "-m", "tidal.engine.monitor", "-", str(w)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(w,),
-                start_new_session=True,
-                env={**os.environ, "PYTHONPATH": _package_root()},
-            )
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
-        return MonitorLaunch(proc, r)
-
-    def _spawn_monitor(
-        self, rec: ContainerRecord, bundle: Path, launch: MonitorLaunch | None
-    ) -> dict[str, Any]:
-        cdir = self.cdir(rec.id)
-        conf = self._monitor_conf(rec, bundle)
-        conf["monitor_log"] = str(cdir / "monitor.log")
-        (cdir / "monitor.json").write_text(json.dumps(conf))
-        launch = launch or self._launch_monitor()
-        try:
-            assert launch.proc.stdin is not None
-            launch.proc.stdin.write(json.dumps(conf).encode())
-            launch.proc.stdin.close()
-            launch.proc.wait(timeout=30)  # the first fork returns at once
-            line = read_line(launch.ready_fd, MONITOR_READY_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            launch.abort()
-            return {"ok": False, "error": f"monitor did not take its configuration: {exc}"}
-        finally:
-            launch.close_fd()
-        if not line:
-            try:
-                tail = (cdir / "monitor.log").read_text(errors="replace").strip()[-1000:]
-            except OSError:
-                tail = ""
-            return {"ok": False, "error": f"monitor exited without a report: {tail or 'no log'}"}
-        result: dict[str, Any] = json.loads(line)
-        return result
+        msg = report.error or "the monitor gave no reason"
+        return self.store.update(
+            rec.id, status="exited", error=msg, starts=max(rec.starts, report.start_seq)
+        )
 
     # --- observing ---------------------------------------------------------------------------
 
     def refresh(self, rec: ContainerRecord) -> ContainerRecord:
-        """Fold in what the monitor recorded since; decide about lost monitors."""
-        if rec.status != "running":
-            return rec
+        """Fold in what the monitor recorded since; decide about lost monitors.
+
+        A start this record has not seen (``start.json`` of a later start number: the daemon
+        died while it was in flight) is folded in first, so a running container is never
+        left recorded as created with pid 0.
+        """
         cdir = self.cdir(rec.id)
-        exit_path = cdir / "exit.json"
-        try:
-            data = json.loads(exit_path.read_text())
-        except (OSError, ValueError):
-            data = None
-        if data is not None and data.get("pid") == rec.pid:
+        if rec.status != "running":
+            report = read_start_report(cdir)
+            if report is None or report.start_seq <= rec.starts:
+                return rec
+            if report.state == "starting":
+                if pid_alive(report.monitor_pid):
+                    return rec  # still in flight; its report will come
+                self._try(
+                    f"deleting container {rec.name} whose monitor died while starting it",
+                    lambda: self.runtime(rec.runtime).delete(rec.id, force=True),
+                )
+                report = StartReport(
+                    "failed",
+                    report.start_seq,
+                    report.monitor_pid,
+                    error="the container's monitor died while starting it",
+                )
+            log.warning(
+                "container %s: start %d %s while no daemon recorded it; folded in",
+                rec.name,
+                report.start_seq,
+                report.state,
+            )
+            rec = self._fold_start(rec, report)
+            if rec.status != "running":
+                return rec
+        exited = read_exit_record(cdir)
+        if exited is not None and exited.pid == rec.pid:
             return self.store.update(
                 rec.id,
                 status="exited",
-                exit_code=data.get("exit_code"),
-                signal=data.get("signal"),
-                oom_killed=bool(data.get("oom_killed")),
-                finished_at=data.get("finished_at"),
+                exit_code=exited.exit_code,
+                signal=exited.signal,
+                oom_killed=exited.oom_killed,
+                finished_at=exited.finished_at,
             )
         if pid_alive(rec.monitor_pid) or pid_alive(rec.pid):
             return rec
         # Both gone without a record: the monitor was killed. Say so rather than invent a code.
-        with contextlib.suppress(TidalError):
-            self.runtime(rec.runtime).delete(rec.id, force=True)
+        self._try(
+            f"deleting container {rec.name} whose monitor died",
+            lambda: self.runtime(rec.runtime).delete(rec.id, force=True),
+        )
         return self.store.update(
             rec.id,
             status="exited",
             finished_at=time.time(),
             error="the container's monitor died; its exit status is unknown",
         )
+
+    def reconcile(self, wait_s: float = RECONCILE_WAIT_S) -> dict[str, int]:
+        """On daemon start: fold in exits and starts that happened while no daemon ran, wait
+        for starts still in flight, release image mounts no record names. Counts by status."""
+        deadline = time.monotonic() + wait_s
+        recs = self.list_all()
+        while time.monotonic() < deadline:
+            pending = [r for r in recs if self._start_in_flight(r)]
+            if not pending:
+                break
+            time.sleep(0.05)
+            recs = self.list_all()
+        self.storage.release_unused_images()
+        counts: dict[str, int] = {}
+        for rec in recs:
+            counts[rec.status] = counts.get(rec.status, 0) + 1
+        return counts
+
+    def _start_in_flight(self, rec: ContainerRecord) -> bool:
+        if rec.status == "running":
+            return False
+        report = read_start_report(self.cdir(rec.id))
+        return report is not None and report.start_seq > rec.starts and report.state == "starting"
+
+    def _settled(self, rec: ContainerRecord) -> ContainerRecord:
+        """``rec`` once a start in flight has reported (a restarted daemon's leftover)."""
+        deadline = time.monotonic() + RECONCILE_WAIT_S
+        while self._start_in_flight(rec) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            rec = self.get(rec.id)
+        return rec
 
     def get(self, ref: str) -> ContainerRecord:
         return self.refresh(self.store.get(ref))
@@ -573,9 +478,9 @@ class Engine:
         out = self.describe(rec)
         out["log_path"] = str(self.cdir(rec.id) / "container.log")
         out["bundle"] = str(self.cdir(rec.id) / "bundle")
-        if rec.rootfs.get("volume") and rec.rootfs.get("merged"):
-            with contextlib.suppress(OSError):
-                out["disk"] = volume_usage(QuotaVolume(**rec.rootfs["volume"]))
+        if rec.rootfs.volume is not None and rec.rootfs.layer is not None:
+            with contextlib.suppress(OSError):  # not mounted: no usage to show
+                out["disk"] = volume_usage(rec.rootfs.volume)
         return out
 
     def logs(self, ref: str, offset: int = 0, limit: int = 1 << 20) -> LogChunk:
@@ -619,12 +524,14 @@ class Engine:
             if rec.status != "running":
                 return rec
             rt = self.runtime(rec.runtime)
-            with contextlib.suppress(TidalError):
-                rt.kill(rec.id, "TERM")
+            # Either signal may race the container's own exit; the wait below decides.
+            self._try(f"SIGTERM to container {rec.name}", lambda: rt.kill(rec.id, "TERM"))
             rec = self.wait(rec.id, timeout)
             if rec.status == "running":
-                with contextlib.suppress(TidalError):
-                    rt.kill(rec.id, "KILL", all_processes=True)
+                self._try(
+                    f"SIGKILL to container {rec.name}",
+                    lambda: rt.kill(rec.id, "KILL", all_processes=True),
+                )
                 rec = self.wait(rec.id, 30)
             if rec.status == "running":
                 raise EngineError(f"container {rec.name} did not die after SIGKILL")
@@ -648,7 +555,7 @@ class Engine:
         """Delete the container and everything it holds on the host."""
         rec = self.get(ref)
         with self._lock(rec.id):
-            rec = self.get(rec.id)
+            rec = self._settled(self.get(rec.id))
             if rec.status == "running":
                 if not force:
                     raise ContainerStateError(
@@ -661,29 +568,23 @@ class Engine:
 
     def _destroy(self, rec: ContainerRecord) -> None:
         errors: list[str] = []
-
-        def attempt(what: str, fn: Any, *args: Any) -> None:
-            try:
-                fn(*args)
-            except (TidalError, OSError) as exc:
-                errors.append(f"{what}: {exc}")
-
         # An exited container's monitor may still be running the runtime's delete (and the
         # poststop hooks); let it finish rather than race it for the same cgroups and mounts.
         deadline = time.monotonic() + MONITOR_EXIT_WAIT_S
         while rec.monitor_pid and pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        with contextlib.suppress(TidalError):
+        try:
             self.runtime(rec.runtime).delete(rec.id, force=True)
-        for vol in rec.rootfs.get("volumes", []):
-            if vol.get("volume"):
-                attempt("volume", destroy_volume, QuotaVolume(**vol["volume"]))
-        if rec.rootfs.get("merged"):
-            attempt("rootfs", unmount_overlay, rec.rootfs)
-            attempt("image", self._release_lower_if_unused, rec.rootfs, rec.id)
-        attempt("rootfs volume", destroy_volume_of, rec.rootfs)
+        except ConfigError as exc:  # the runtime is gone from this host: nothing of it to undo
+            log.warning("removing container %s: %s", rec.name, exc)
+        except TidalError as exc:
+            errors.append(f"runtime: {exc}")
+        errors += self.storage.destroy(rec.id, self.cdir(rec.id), rec.rootfs)
         if rec.spec.network == "bridge":
-            attempt("network", network.destroy_netns, rec.id)
+            try:
+                self.network.destroy_netns(rec.id)
+            except (TidalError, OSError) as exc:
+                errors.append(f"network: {exc}")
         if errors:
             self.store.update(rec.id, error="; ".join(errors))
             raise EngineError(
@@ -716,105 +617,24 @@ class Engine:
                 body = resources_from(cpus, memory_bytes, pids_limit)
                 if not body:
                     raise ConfigError("update needs --cpus, --memory or --pids-limit")
-                self.runtime(rec.runtime).update(rec.id, body)
+                rt = self.runtime(rec.runtime)
+                if pids_limit is not None and not rt.capabilities.update_pids:
+                    raise ConfigError(
+                        f"runtime {rt.name} cannot change the pids limit of a running "
+                        "container; stop it, update, and start it again"
+                    )
+                rt.update(rec.id, body)
             return self.store.update(rec.id, spec=spec)
 
     def upgrade(
         self, ref: str, image: str, command: tuple[str, ...] | None = None
     ) -> ContainerRecord:
-        """Swap the image under a container, keeping id, name, volumes, IP, quota, limits.
+        """Swap the image under a container (see :func:`tidal.engine.upgrade.upgrade`)."""
+        return upgrade_mod.upgrade(self, ref, image, command)
 
-        Command precedence: ``command``, else the old container's own, else the new image's.
-        The old image and writable layer are kept until the new one has run for the probe
-        period; any failure restores them, restarts the old container and raises.
-        """
-        rec = self.get(ref)
-        provider_for(image)  # fail before stopping anything
-        with self._lock(rec.id):
-            rec = self.get(rec.id)
-            was_running = rec.status == "running"
-            if was_running:
-                rec = self.stop(rec.id)
-            old_state = rec.rootfs
-            old_spec = rec.spec
-            new_spec = old_spec.replace(image=image, command=command or old_spec.command)
-            gen = int(old_state.get("generation", 0)) + 1
-            unmount_overlay(old_state)
-            new_state: dict[str, Any] | None = None
-            try:
-                new_state = self._mount_rootfs(rec.id, image, old_state.get("volume"), gen)
-                new_state["volumes"] = old_state.get("volumes", [])
-                rec = self.store.update(rec.id, rootfs=new_state, spec=new_spec)
-                self.start(rec.id)
-                rec = self.wait(rec.id, self.settings.upgrade_probe_s)
-                if rec.status != "running" and rec.exit_code != 0:
-                    raise EngineError(
-                        f"it exited with status {rec.exit_code} within "
-                        f"{self.settings.upgrade_probe_s}s: {self._log_tail(rec.id)}"
-                    )
-            except TidalError as exc:
-                self._rollback(rec.id, old_state, old_spec, was_running, new_state)
-                raise EngineError(
-                    f"upgrade of container {rec.name} to {image} failed ({exc}); rolled back to "
-                    f"{old_spec.image}" + (" and restarted it" if was_running else "")
-                ) from exc
-            drop_layer_dirs(old_state)
-            self._release_lower_if_unused(old_state, except_id=None)
-            return rec
-
-    def _rollback(
-        self,
-        cid: str,
-        old_state: dict[str, Any],
-        old_spec: ContainerSpec,
-        was_running: bool,
-        new_state: dict[str, Any] | None,
-    ) -> None:
-        """Put the old image and writable layer back; drop only what the upgrade made."""
-        rec = self.get(cid)
-        if rec.status == "running":
-            self.stop(cid, timeout_s=2)
-        self.store.update(cid, rootfs=old_state, spec=old_spec)
-        if new_state is not None:
-            with contextlib.suppress(TidalError):
-                unmount_overlay(new_state, drop_layer=True)
-            with contextlib.suppress(TidalError):
-                self._release_lower_if_unused(new_state, except_id=None)
-        if was_running:
-            self.start(cid)
-
-    def _log_tail(self, cid: str, n_bytes: int = 300) -> str:
+    def log_tail(self, cid: str, n_bytes: int = 300) -> str:
         try:
             data = (self.cdir(cid) / "container.log").read_bytes()[-n_bytes:]
         except OSError:
             return ""
         return data.decode(errors="replace").strip().replace("\n", " | ")
-
-
-def drop_layer_dirs(old_state: dict[str, Any]) -> None:
-    """After a successful upgrade: drop the old generation's layer directories."""
-    for key in ("upper", "work"):
-        shutil.rmtree(old_state[key], ignore_errors=True)
-
-
-def _nofile_hard_limit() -> int:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return 1 << 20 if hard == resource.RLIM_INFINITY else int(hard)
-
-
-def _host_bounding_caps() -> frozenset[str] | None:
-    """The daemon's capability bounding set (a container cannot get what the host lacks)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapBnd:"):
-                return caps_in_mask(int(line.split()[1], 16))
-    except OSError:
-        pass
-    return None
-
-
-def _package_root() -> str:
-    """The directory holding the ``tidal`` package, so the monitor imports this same code."""
-    import tidal
-
-    return str(Path(tidal.__file__).resolve().parent.parent)

@@ -239,10 +239,8 @@ class Daemon:
         self._threads: list[threading.Thread] = []
 
     def reconcile(self) -> dict[str, int]:
-        """Fold in exits that happened while no daemon ran; count containers by status."""
-        counts: dict[str, int] = {}
-        for rec in self.engine.list_all():
-            counts[rec.status] = counts.get(rec.status, 0) + 1
+        """Fold in exits and starts that happened while no daemon ran; count by status."""
+        counts = self.engine.reconcile()
         if self.engine.lxcfs.mounted():
             with contextlib.suppress(TidalError):
                 self.engine.lxcfs.ensure()

@@ -9,13 +9,13 @@ what :func:`prepare_hybrid_cgroups` does (e.g. ``hugetlb`` on Debian kernels boo
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from tidal import proc
+from tidal.cgroups import CGROUP_ROOT
 from tidal.errors import OciRuntimeError
 
 log = logging.getLogger(__name__)
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def v2_controllers_in_hybrid(root: Path = CGROUP_ROOT) -> list[str]:
@@ -32,18 +32,15 @@ def prepare_hybrid_cgroups(root: Path = CGROUP_ROOT) -> list[str]:
     for ctrl in v2_controllers_in_hybrid(root):
         target = root / ctrl
         target.mkdir(exist_ok=True)
-        proc = subprocess.run(
+        proc.run(
             ["mount", "-t", "cgroup", "-o", ctrl, "cgroup", str(target)],
-            capture_output=True,
-            text=True,
-            check=False,
+            what=(
+                f"crun needs the cgroup v2 side of this hybrid host empty (else use --runtime "
+                f"runc), but mounting controller {ctrl!r} as v1 at {target} failed"
+            ),
+            error=OciRuntimeError,
+            timeout_s=30,
         )
-        if proc.returncode != 0:
-            raise OciRuntimeError(
-                f"crun needs the cgroup v2 side of this hybrid host empty, but controller "
-                f"{ctrl!r} could not be mounted as v1 at {target}: {proc.stderr.strip()}; "
-                "use --runtime runc on this host"
-            )
         log.info("mounted cgroup v1 controller %s at %s so crun accepts the hybrid", ctrl, target)
         moved.append(ctrl)
     return moved

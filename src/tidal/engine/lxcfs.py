@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tidal import proc
 from tidal.blockdev.ext4 import mount_points
 from tidal.engine.bundle import LXCFS_PROC_FILES
 from tidal.errors import EngineError
@@ -80,7 +81,9 @@ class LxcfsSupervisor:
             self._proc = None
         if self.mounted():
             log.warning("lxcfs at %s is dead; remounting", self.mountpoint)
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+            proc.run_logged(
+                ["umount", "-l", self.mountpoint], what=f"dropping dead lxcfs at {self.mountpoint}"
+            )
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as fh:
             self._proc = subprocess.Popen(
@@ -110,9 +113,11 @@ class LxcfsSupervisor:
     def stop(self) -> None:
         """Unmount and end lxcfs (tests and ``daemon --stop-lxcfs``; containers lose their view)."""
         if self.mounted():
-            subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
+            proc.run(["umount", self.mountpoint], what="unmounting lxcfs", check=False)
             if self.mounted():
-                subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+                proc.run_logged(
+                    ["umount", "-l", self.mountpoint], what=f"unmounting lxcfs at {self.mountpoint}"
+                )
         pid = self._proc.pid if self._proc is not None else self.pid()
         if pid > 0:
             with contextlib.suppress(ProcessLookupError):

@@ -1,16 +1,20 @@
 """Per-container monitor: the parent of a container, so it outlives the daemon and its exit is known.
 
-The daemon starts one monitor per container start (``python -m tidal.engine.monitor CONF``)
-in a session of its own. The monitor makes itself a child subreaper, runs the runtime's
-``create`` (container stdio = the log file) and ``start``, reports ``{"ok": true, "pid": N}``
-(or the runtime's error) on a pipe the daemon reads, forwards published ports, and then waits
-for the container's init. When it exits the monitor records the truth in ``exit.json``: exit
-code, terminating signal, whether the memory cgroup OOM-killed anything. Then it runs the
-runtime's ``delete``, which runs the poststop hooks; so poststop runs after crashes too.
+The daemon starts one monitor per container start (``python -m tidal.engine.monitor - FD``) in
+a session of its own and sends it a :class:`MonitorConfig`. The monitor makes itself a child
+subreaper, rebuilds the container's :class:`~tidal.engine.runtime.Runtime` from the config's
+:class:`~tidal.engine.runtime.RuntimeRef` and drives it: ``create`` (container stdio = the log
+file), ``start``. It records each step in ``start.json`` (a :class:`StartReport`: first
+"starting", then "running" with the pid or "failed" with the reason) *before* it reports the
+same on a pipe the daemon reads, so a daemon SIGKILLed in between finds the truth on restart.
+Then it forwards published ports and waits for the container's init. When it exits the monitor
+writes ``exit.json`` (an :class:`ExitRecord`: exit code, terminating signal, whether the
+memory cgroup OOM-killed anything) and runs the runtime's ``delete``, which runs the poststop
+hooks; so poststop runs after crashes too.
 
-Because the container's stdio are files and its exit lands in a file, a SIGKILLed daemon loses
-nothing: on restart it reads ``exit.json`` or finds the monitor still waiting. Only the standard
-library is imported here: this process sits on the start path and must start fast.
+Only the standard library and Tidal's small core and runtime driver are imported here: this
+process is started ahead of the start it serves (the engine's monitor pool), so its imports
+are off the start path, but a cold start still pays them.
 """
 
 from __future__ import annotations
@@ -21,13 +25,146 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
+from tidal.errors import CgroupError, TidalError
+from tidal.fsutil import write_json_atomic
+
 PR_SET_CHILD_SUBREAPER = 36
+START_FILE = "start.json"
+EXIT_FILE = "exit.json"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    host_ip: str
+    host_port: int
+    container_port: int
+    target_ip: str | None
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Everything one monitor run needs; travels as JSON on the monitor's stdin."""
+
+    id: str
+    runtime: RuntimeRef
+    bundle: str
+    start_seq: int
+    """The container's start number (record ``starts`` + 1): ties reports to this start."""
+    cdir: str
+    cgroup: str
+    cgroup_root: str = "/sys/fs/cgroup"
+    """The engine passes :data:`tidal.cgroups.CGROUP_ROOT` (not imported here: start path)."""
+    ports: tuple[PortForward, ...] = ()
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.cdir, "container.log")
+
+    @property
+    def runtime_log(self) -> str:
+        return os.path.join(self.cdir, "runtime.log")
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.cdir, "pid")
+
+    @property
+    def start_path(self) -> str:
+        return os.path.join(self.cdir, START_FILE)
+
+    @property
+    def exit_path(self) -> str:
+        return os.path.join(self.cdir, EXIT_FILE)
+
+    @property
+    def monitor_log(self) -> str:
+        return os.path.join(self.cdir, "monitor.log")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["runtime"] = self.runtime.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MonitorConfig:
+        d = dict(data)
+        d["runtime"] = RuntimeRef.from_json(d["runtime"])
+        d["ports"] = tuple(PortForward(**p) for p in d.get("ports") or ())
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StartReport:
+    """What became of one start: ``starting`` (the monitor has its config), ``running``
+    (``pid`` is the container's init) or ``failed`` (``error`` says why)."""
+
+    state: str
+    start_seq: int
+    monitor_pid: int
+    pid: int = 0
+    started_at: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "running"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StartReport:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """How the container's init ended (``exit_code`` None: not known, e.g. not our child)."""
+
+    exit_code: int | None
+    signal: int | None
+    oom_killed: bool
+    finished_at: float
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExitRecord:
+        return cls(
+            exit_code=data.get("exit_code"),
+            signal=data.get("signal"),
+            oom_killed=bool(data.get("oom_killed")),
+            finished_at=float(data.get("finished_at") or 0.0),
+            pid=int(data.get("pid") or 0),
+        )
+
+
+def read_start_report(cdir: Path) -> StartReport | None:
+    try:
+        return StartReport.from_json(json.loads((cdir / START_FILE).read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def read_exit_record(cdir: Path) -> ExitRecord | None:
+    try:
+        return ExitRecord.from_json(json.loads((cdir / EXIT_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The monitor outlives terminal hang-ups and stray signals to its session."""
 
 
 def _set_subreaper() -> None:
@@ -36,53 +173,27 @@ def _set_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def _report(fd: int, payload: dict[str, Any]) -> None:
-    if fd < 0:
+def _report(conf: MonitorConfig, fd: int, report: StartReport) -> None:
+    """Record first (survives a dead daemon), then tell the daemon on its pipe.
+
+    No fsync: the page cache survives a killed daemon, and a host crash ends the container
+    anyway; an fsync here would sit on every start's critical path."""
+    write_json_atomic(conf.start_path, report.to_json())
+    if report.state == "starting" or fd < 0:
         return
     with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(payload) + "\n").encode())
+        os.write(fd, (json.dumps(report.to_json()) + "\n").encode())
         os.close(fd)
 
 
-def _runtime_log(path: str) -> str:
-    msgs = []
+def _oom_kills(conf: MonitorConfig) -> int:
+    from tidal.cgroups import detect_cgroupfs  # after the container exited: off the start path
+
     try:
-        with open(path, errors="replace") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    msgs.append(line.strip())
-                    continue
-                if isinstance(rec, dict) and rec.get("msg"):
-                    msgs.append(str(rec["msg"]))
-    except OSError:
-        pass
-    return "; ".join(m for m in msgs if m)[-1500:]
-
-
-def read_oom_kills(paths: list[str]) -> int:
-    """OOM kills counted by the container's memory cgroup (v1 ``memory.oom_control`` or v2
-    ``memory.events``), or 0 when neither file exists."""
-    for path in paths:
-        try:
-            with open(path) as fh:
-                for line in fh:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except OSError:
-            continue
-    return 0
-
-
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        fs = detect_cgroupfs(Path(conf.cgroup_root))
+    except CgroupError:
+        return 0
+    return fs.oom_kills(conf.cgroup)
 
 
 # --- port forwarding -----------------------------------------------------------------------
@@ -126,20 +237,20 @@ def _serve_port(listener: socket.socket, target: tuple[str, int]) -> None:
         threading.Thread(target=run, daemon=True).start()
 
 
-def open_listeners(ports: list[dict[str, Any]]) -> list[tuple[socket.socket, tuple[str, int]]]:
+def open_listeners(ports: tuple[PortForward, ...]) -> list[tuple[socket.socket, tuple[str, int]]]:
     out: list[tuple[socket.socket, tuple[str, int]]] = []
     for p in ports:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((p["host_ip"], p["host_port"]))
+            sock.bind((p.host_ip, p.host_port))
         except OSError as exc:
             sock.close()
             for s, _ in out:
                 s.close()
-            raise OSError(f"host port {p['host_port']} cannot be bound: {exc.strerror}") from exc
+            raise OSError(f"host port {p.host_port} cannot be bound: {exc.strerror}") from exc
         sock.listen(128)
-        out.append((sock, (p["target_ip"], p["container_port"])))
+        out.append((sock, (p.target_ip or "127.0.0.1", p.container_port)))
     return out
 
 
@@ -162,45 +273,64 @@ def wait_for(pid: int) -> int:
             return status
 
 
-def run(conf: dict[str, Any], ready_fd: int) -> int:
+def _force_delete(rt: Runtime, cid: str) -> None:
+    try:
+        rt.delete(cid, force=True)
+    except TidalError as exc:
+        print(f"cleanup after a failed start: {exc}", file=sys.stderr, flush=True)
+
+
+def run(conf: MonitorConfig, ready_fd: int) -> int:
     _set_subreaper()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(signum, signal.SIG_IGN)
-    log_fd = os.open(conf["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    # Caught, not ignored: an ignored disposition would be inherited by the container across
+    # exec (and a shell cannot trap a signal ignored on entry); a handler is reset to default.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _ignore_signal)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # subprocess restores it in children
+    me = os.getpid()
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(conf["exit_path"])
-    created = subprocess.run(
-        conf["create_argv"], stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, check=False
-    )
-    os.close(log_fd)
-    if created.returncode != 0:
-        why = _runtime_log(conf["runtime_log"]) or f"exit status {created.returncode}"
-        prefix = f"{conf['runtime']} create failed: "
-        _report(ready_fd, {"ok": False, "error": prefix + why.removeprefix(prefix)})
-        subprocess.run(conf["delete_argv"] + ["--force", conf["id"]], capture_output=True)
+        os.unlink(conf.exit_path)
+    _report(conf, ready_fd, StartReport("starting", conf.start_seq, me))
+
+    def failed(why: str) -> int:
+        _report(conf, ready_fd, StartReport("failed", conf.start_seq, me, error=why))
         return 1
-    with open(conf["pid_file"]) as fh:
+
+    try:
+        rt = open_runtime(conf.runtime)
+    except TidalError as exc:
+        return failed(str(exc))
+    log_fd = os.open(conf.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        rt.create(
+            conf.id,
+            Path(conf.bundle),
+            pid_file=Path(conf.pid_file),
+            log_path=Path(conf.runtime_log),
+            stdout=log_fd,
+            stderr=log_fd,
+        )
+    except TidalError as exc:
+        _force_delete(rt, conf.id)
+        return failed(str(exc))
+    finally:
+        os.close(log_fd)
+    with open(conf.pid_file) as fh:
         pid = int(fh.read().strip())
     listeners: list[tuple[socket.socket, tuple[str, int]]] = []
     try:
-        listeners = open_listeners(conf.get("ports", []))
+        listeners = open_listeners(conf.ports)
     except OSError as exc:
-        _report(ready_fd, {"ok": False, "error": str(exc)})
-        subprocess.run(conf["delete_argv"] + ["--force", conf["id"]], capture_output=True)
-        return 1
-    started = subprocess.run(conf["start_argv"], capture_output=True, check=False)
-    if started.returncode != 0:
-        why = started.stderr.decode(errors="replace").strip() or _runtime_log(conf["runtime_log"])
-        _report(ready_fd, {"ok": False, "error": f"{conf['runtime']} start failed: {why}"})
-        subprocess.run(conf["delete_argv"] + ["--force", conf["id"]], capture_output=True)
-        return 1
-    started_at = time.time()
-    write_json_atomic(conf["started_path"], {"pid": pid, "started_at": started_at})
+        _force_delete(rt, conf.id)
+        return failed(str(exc))
+    try:
+        rt.start(conf.id)
+    except TidalError as exc:
+        _force_delete(rt, conf.id)
+        return failed(f"{rt.name} start failed: {exc}")
     for sock, target in listeners:
         threading.Thread(target=_serve_port, args=(sock, target), daemon=True).start()
-    _report(
-        ready_fd, {"ok": True, "pid": pid, "started_at": started_at, "monitor_pid": os.getpid()}
-    )
+    _report(conf, ready_fd, StartReport("running", conf.start_seq, me, pid, time.time()))
 
     status = wait_for(pid)
     finished_at = time.time()
@@ -215,21 +345,14 @@ def run(conf: dict[str, Any], ready_fd: int) -> int:
     elif os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         exit_code = 128 + sig
-    oom = read_oom_kills(conf.get("oom_files", [])) > 0
-    write_json_atomic(
-        conf["exit_path"],
-        {
-            "exit_code": exit_code,
-            "signal": sig,
-            "oom_killed": oom,
-            "finished_at": finished_at,
-            "pid": pid,
-        },
-    )
+    oom = rt.capabilities.reports_oom and _oom_kills(conf) > 0
+    record = ExitRecord(exit_code, sig, oom, finished_at, pid)
+    write_json_atomic(conf.exit_path, record.to_json(), fsync=True)
     # delete runs the poststop hooks and removes the cgroup.
-    deleted = subprocess.run(conf["delete_argv"] + [conf["id"]], capture_output=True, check=False)
-    if deleted.returncode != 0:
-        subprocess.run(conf["delete_argv"] + ["--force", conf["id"]], capture_output=True)
+    try:
+        rt.delete(conf.id)
+    except TidalError:
+        _force_delete(rt, conf.id)
     return 0
 
 
@@ -243,20 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     if os.fork() > 0:
         os._exit(0)
     if args[0] == "-":
-        # Pre-launched: the engine started this interpreter while it prepared storage and
-        # sends the configuration when the bundle is ready (EOF: the start was abandoned).
+        # Started ahead of time (the engine's monitor pool): the configuration arrives when a
+        # container's bundle is ready (EOF: the engine closed or its daemon died).
         raw = sys.stdin.buffer.read()
         if not raw:
             return 0
-        conf = json.loads(raw)
+        conf = MonitorConfig.from_json(json.loads(raw))
     else:
         with open(args[0]) as fh:
-            conf = json.load(fh)
-    if conf.get("monitor_log"):
-        fd = os.open(conf["monitor_log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+            conf = MonitorConfig.from_json(json.load(fh))
+    fd = os.open(conf.monitor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -8,19 +8,20 @@ lives from ``run`` to ``rm``, so the address and namespace survive stops and in-
 Published ports are forwarded in user space by the container's monitor, which binds the host
 port itself: a port already in use fails the start with a clear error.
 
-The address arithmetic is pure (:func:`ip_candidates`, :func:`link_names`); only
-:func:`ensure_bridge`, :func:`create_netns` and :func:`destroy_netns` run ``ip``.
+The address arithmetic is pure (:func:`ip_candidates`, :func:`link_names`). The engine reaches
+the host through one adapter, :class:`Network` (:class:`BridgeNetwork` runs ``ip`` through
+:func:`tidal.proc.run`; :class:`tidal.testing.engine.FakeNetwork` keeps namespaces in a file).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
-import subprocess
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
+from tidal import proc
 from tidal.errors import ConfigError, EngineError
 
 NETNS_DIR = Path("/var/run/netns")
@@ -63,12 +64,9 @@ def link_names(cid: str) -> tuple[str, str]:
     return f"tv{cid[:11]}", f"tp{cid[:11]}"
 
 
-def _ip(args: list[str], what: str, *, batch: str | None = None) -> None:
-    proc = subprocess.run(
-        ["ip", *args], input=batch, capture_output=True, text=True, check=False, timeout=30
-    )
-    if proc.returncode != 0:
-        raise EngineError(f"{what}: {proc.stderr.strip() or proc.stdout.strip()}")
+def _ip(args: list[str], what: str, *, batch: str | None = None) -> str:
+    done = proc.run(["ip", *args], what=what, error=EngineError, timeout_s=30, input=batch)
+    return str(done.stdout)
 
 
 def _link_exists(name: str) -> bool:
@@ -80,11 +78,9 @@ def ensure_bridge(bridge: str, subnet: str) -> None:
     net = parse_subnet(subnet)
     if not _link_exists(bridge):
         _ip(["link", "add", "name", bridge, "type", "bridge"], f"creating bridge {bridge}")
-    proc = subprocess.run(
-        ["ip", "-o", "-4", "addr", "show", "dev", bridge], capture_output=True, text=True
-    )
+    shown = _ip(["-o", "-4", "addr", "show", "dev", bridge], f"reading bridge {bridge}")
     cidr = f"{gateway(subnet)}/{net.prefixlen}"
-    if cidr not in proc.stdout:
+    if cidr not in shown:
         _ip(["addr", "add", cidr, "dev", bridge], f"addressing bridge {bridge}")
     _ip(["link", "set", bridge, "up"], f"bringing bridge {bridge} up")
 
@@ -126,13 +122,18 @@ def create_netns(cid: str, ip: str, subnet: str, bridge: str) -> str:
 
 
 def destroy_netns(cid: str) -> None:
-    """Delete the namespace (its veth end goes with it, taking the host end along)."""
+    """Delete the namespace (its veth end goes with it, taking the host end along).
+
+    Failures are logged by :func:`tidal.proc.run_logged`, and a namespace that is still
+    there afterwards is an error (``rm`` reports it and can be retried)."""
     ns = netns_name(cid)
     host, _ = link_names(cid)
     if (NETNS_DIR / ns).exists():
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        proc.run_logged(["ip", "netns", "del", ns], what=f"deleting network namespace {ns}")
     if _link_exists(host):
-        subprocess.run(["ip", "link", "del", host], capture_output=True, check=False)
+        proc.run_logged(["ip", "link", "del", host], what=f"deleting veth {host}")
+    if (NETNS_DIR / ns).exists():
+        raise EngineError(f"network namespace {ns} could not be deleted; see the daemon log")
 
 
 def host_port_free(host_ip: str, port: int) -> bool:
@@ -147,6 +148,57 @@ def host_port_free(host_ip: str, port: int) -> bool:
 
 
 def remove_bridge(bridge: str) -> None:
-    with contextlib.suppress(OSError):
-        if _link_exists(bridge):
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+    if _link_exists(bridge):
+        proc.run_logged(["ip", "link", "del", bridge], what=f"deleting bridge {bridge}")
+
+
+class Network(ABC):
+    """The engine's view of container networking on one node (bridge mode)."""
+
+    def __init__(self, bridge: str, subnet: str) -> None:
+        self.bridge = bridge
+        self.subnet = subnet
+
+    def ip_candidates(self) -> Iterator[str]:
+        return ip_candidates(self.subnet)
+
+    @abstractmethod
+    def ensure_bridge(self) -> None: ...
+
+    @abstractmethod
+    def create_netns(self, cid: str, ip: str) -> str:
+        """Make the container's namespace with ``ip``; returns its path."""
+
+    @abstractmethod
+    def destroy_netns(self, cid: str) -> None: ...
+
+    @abstractmethod
+    def netns_path(self, cid: str) -> str: ...
+
+    @abstractmethod
+    def netns_exists(self, cid: str) -> bool: ...
+
+    @abstractmethod
+    def host_port_free(self, host_ip: str, port: int) -> bool: ...
+
+
+class BridgeNetwork(Network):
+    """The host: a Linux bridge, named network namespaces, veth pairs (``ip``)."""
+
+    def ensure_bridge(self) -> None:
+        ensure_bridge(self.bridge, self.subnet)
+
+    def create_netns(self, cid: str, ip: str) -> str:
+        return create_netns(cid, ip, self.subnet, self.bridge)
+
+    def destroy_netns(self, cid: str) -> None:
+        destroy_netns(cid)
+
+    def netns_path(self, cid: str) -> str:
+        return netns_path(cid)
+
+    def netns_exists(self, cid: str) -> bool:
+        return Path(netns_path(cid)).exists()
+
+    def host_port_free(self, host_ip: str, port: int) -> bool:
+        return host_port_free(host_ip, port)

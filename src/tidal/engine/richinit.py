@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
+from tidal import proc
 from tidal.engine.bundle import init_conf
 from tidal.engine.spec import ContainerSpec
 from tidal.errors import EngineError
+from tidal.fsutil import write_text_atomic
 
 SOURCE = Path(__file__).with_name("tidal_init.c")
 
@@ -36,14 +37,15 @@ def init_binary(cache_dir: Path) -> Path:
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
-    proc = subprocess.run(
+    done = proc.run(
         [cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)],
-        capture_output=True,
-        text=True,
+        what="building the rich-mode init",
+        error=EngineError,
         check=False,
     )
-    if proc.returncode != 0:
-        raise EngineError(f"building the rich-mode init failed: {proc.stderr.strip()[-1500:]}")
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise EngineError(f"building the rich-mode init failed: {done.stderr.strip()[-1500:]}")
     os.replace(tmp, target)
     return target
 
@@ -59,5 +61,5 @@ def prepare_init_dir(
     shutil.copyfile(binary, tmp)
     tmp.chmod(0o755)
     os.replace(tmp, dest)
-    (init_dir / "init.conf").write_text(init_conf(spec, main_argv))
+    write_text_atomic(init_dir / "init.conf", init_conf(spec, main_argv))
     return init_dir

@@ -20,32 +20,26 @@ count survives daemon restarts, and unmounts the image with its last container.
 
 Each (re)mount has a generation number so that ``upgrade`` can prepare the new image next to
 the old one and roll back without losing the old writable layer.
+
+Nothing here mounts: providers and :func:`plan_layer` return what to mount as data (a mount
+plan of :class:`~tidal.engine.mounter.Mount` values, as containerd's snapshotters return
+mounts), and the engine's one :class:`~tidal.engine.mounter.Mounter` executes it. The state
+recorded per container is frozen data too (:class:`RootfsState`), stored as the same JSON
+object the API has always shown.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
-import subprocess
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tidal.blockdev import mounts as blockdev_mounts
-from tidal.blockdev.ext4 import is_mountpoint
-from tidal.engine.spec import QuotaSpec
-from tidal.engine.volume import (
-    QuotaVolume,
-    VolumePool,
-    destroy_volume,
-    mount_volume,
-    unmount_path,
-    volume_from_pool_or_new,
-)
-from tidal.errors import ConfigError, EngineError, ImageNotFoundError
+from tidal.engine.mounter import TIDAL_IMAGE, Mount, overlay_mount
+from tidal.engine.volume import QuotaVolume
+from tidal.errors import ConfigError, ImageNotFoundError
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,7 @@ class ImageConfig:
 
 
 class RootfsProvider(ABC):
-    """Turns an image reference into a read-only lower directory."""
+    """Turns an image reference into a read-only lower directory and what to mount for it."""
 
     kind: ClassVar[str]
 
@@ -84,11 +78,12 @@ class RootfsProvider(ABC):
     def image_config(self, image: str) -> ImageConfig: ...
 
     @abstractmethod
-    def mount_lower(self, image: str, target: Path) -> Path:
-        """Make the image's tree available read-only; return the directory to use as lower."""
+    def lower_dir(self, image: str, mountpoint: Path) -> Path:
+        """The directory to use as overlay lower (checks that the image exists)."""
 
     @abstractmethod
-    def unmount_lower(self, target: Path) -> None: ...
+    def lower_mounts(self, image: str, mountpoint: Path) -> tuple[Mount, ...]:
+        """What must be mounted for :meth:`lower_dir` to hold the image's tree (pure)."""
 
 
 class DirectoryRootfsProvider(RootfsProvider):
@@ -102,14 +97,14 @@ class DirectoryRootfsProvider(RootfsProvider):
             return ImageConfig.from_oci(json.loads(side.read_text()).get("config", {}))
         return ImageConfig()
 
-    def mount_lower(self, image: str, target: Path) -> Path:
+    def lower_dir(self, image: str, mountpoint: Path) -> Path:
         path = Path(image)
         if not path.is_dir():
             raise ImageNotFoundError(f"rootfs directory {image} does not exist")
         return path.resolve()
 
-    def unmount_lower(self, target: Path) -> None:
-        return None
+    def lower_mounts(self, image: str, mountpoint: Path) -> tuple[Mount, ...]:
+        return ()
 
 
 class TidalImageRootfsProvider(RootfsProvider):
@@ -122,15 +117,11 @@ class TidalImageRootfsProvider(RootfsProvider):
 
         return ImageConfig.from_oci(dict(Image.open(Path(image)).manifest.config))
 
-    def mount_lower(self, image: str, target: Path) -> Path:
-        blockdev_mounts.mount_image(image, target)
-        return target
+    def lower_dir(self, image: str, mountpoint: Path) -> Path:
+        return mountpoint
 
-    def unmount_lower(self, target: Path) -> None:
-        if is_mountpoint(target) or any(
-            Path(m.target) == target.resolve() for m in blockdev_mounts.list_mounts()
-        ):
-            blockdev_mounts.unmount(target, force=True)
+    def lower_mounts(self, image: str, mountpoint: Path) -> tuple[Mount, ...]:
+        return (Mount(TIDAL_IMAGE, image, str(mountpoint), shared=True),)
 
 
 def provider_for(image: str) -> RootfsProvider:
@@ -154,45 +145,111 @@ def provider_by_kind(kind: str) -> RootfsProvider:
     raise ConfigError(f"unknown rootfs kind {kind!r} in state")
 
 
-# --- overlay assembly ----------------------------------------------------------------------
+# --- state and plans ------------------------------------------------------------------------
 
 
-def overlay_options(lower: Path, upper: Path, work: Path) -> str:
-    return f"lowerdir={lower},upperdir={upper},workdir={work}"
+@dataclass(frozen=True)
+class LayerState:
+    """One generation of a container's root: an overlay over an image's (shared) lower."""
+
+    kind: str
+    image: str
+    generation: int
+    lower_mountpoint: str
+    lower: str
+    upper: str
+    work: str
+    merged: str
+
+    @property
+    def lower_mounts(self) -> tuple[Mount, ...]:
+        """The shared image mount (none for a directory rootfs)."""
+        return provider_by_kind(self.kind).lower_mounts(self.image, Path(self.lower_mountpoint))
+
+    @property
+    def overlay(self) -> Mount:
+        return overlay_mount(self.lower, self.upper, self.work, self.merged)
+
+    @property
+    def plan(self) -> tuple[Mount, ...]:
+        """Everything to mount, in order, for this root to exist."""
+        return (*self.lower_mounts, self.overlay)
 
 
-def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
-    for d in (upper, work, target):
-        d.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [
-            "mount",
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            overlay_options(lower, upper, work),
-            str(target),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise EngineError(
-            f"overlay mount at {target} (lower {lower}) failed: {proc.stderr.strip()}"
+@dataclass(frozen=True)
+class VolumeState:
+    """One ``--volume``: a host directory, or an engine-made one (optionally a quota volume)."""
+
+    target: str
+    source: str | None
+    path: str
+    volume: QuotaVolume | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "source": self.source,
+            "volume": self.volume.to_json() if self.volume else None,
+            "path": self.path,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VolumeState:
+        return cls(
+            target=str(data["target"]),
+            source=data.get("source"),
+            path=str(data["path"]),
+            volume=QuotaVolume.from_json(data.get("volume")),
         )
 
 
-def create_quota_base(
-    cdir: Path, quota: QuotaSpec | None, pool: VolumePool | None = None
-) -> dict[str, Any] | None:
-    """The container's writable-layer volume (None: no quota, upper lives on the data disk)."""
-    if quota is None:
-        return None
-    inodes = quota.inodes or quota.size_bytes // 16384
-    vol = volume_from_pool_or_new(pool, cdir / "disk.img", cdir / "disk", quota.size_bytes, inodes)
-    return vol.__dict__.copy()
+@dataclass(frozen=True)
+class RootfsState:
+    """What a container holds on the host, recorded step by step as it is made.
+
+    ``volume`` is the writable layer's quota volume, ``layer`` the mounted generation,
+    ``volumes`` the container's volumes. Any of them may be missing while the container is
+    being created (a crash then leaves exactly what ``rm`` must undo).
+    """
+
+    volume: QuotaVolume | None = None
+    layer: LayerState | None = None
+    volumes: tuple[VolumeState, ...] = ()
+
+    def with_layer(self, layer: LayerState | None) -> RootfsState:
+        return replace(self, layer=layer)
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's and the database's JSON object (flat: the layer's keys at the top)."""
+        out: dict[str, Any] = {}
+        if self.layer is not None:
+            out.update(asdict(self.layer))
+        if self.volume is not None or self.layer is not None:
+            out["volume"] = self.volume.to_json() if self.volume else None
+        if self.layer is not None or self.volumes:
+            out["volumes"] = [v.to_json() for v in self.volumes]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> RootfsState:
+        d = data or {}
+        layer = None
+        if "merged" in d and "kind" in d:
+            layer = LayerState(
+                kind=str(d["kind"]),
+                image=str(d["image"]),
+                generation=int(d.get("generation", 0)),
+                lower_mountpoint=str(d["lower_mountpoint"]),
+                lower=str(d["lower"]),
+                upper=str(d["upper"]),
+                work=str(d["work"]),
+                merged=str(d["merged"]),
+            )
+        return cls(
+            volume=QuotaVolume.from_json(d.get("volume")),
+            layer=layer,
+            volumes=tuple(VolumeState.from_json(v) for v in d.get("volumes") or ()),
+        )
 
 
 def lower_mountpoint(images_dir: Path, image: str) -> Path:
@@ -201,79 +258,39 @@ def lower_mountpoint(images_dir: Path, image: str) -> Path:
     return images_dir / key
 
 
-def mount_lower(image: str, mountpoint: Path) -> Path:
-    """The image's lower directory, mounting it at ``mountpoint`` unless already there."""
+def overlay_options(lower: Path, upper: Path, work: Path) -> str:
+    return overlay_mount(str(lower), str(upper), str(work), "").options[0]
+
+
+def plan_layer(
+    cdir: Path, image: str, volume: QuotaVolume | None, lower_mp: Path, generation: int = 0
+) -> LayerState:
+    """Generation ``generation`` of the container's root: an overlay at ``cdir/rootfs`` over
+    the image's lower at ``lower_mp`` (shared), upper and work on the quota volume if any."""
     provider = provider_for(image)
-    if provider.kind == DirectoryRootfsProvider.kind:
-        return provider.mount_lower(image, mountpoint)
-    if is_mountpoint(mountpoint):
-        return mountpoint
-    provider.unmount_lower(mountpoint)  # a stale record of a dead mount
-    return provider.mount_lower(image, mountpoint)
-
-
-def release_lower(state: dict[str, Any]) -> None:
-    """Unmount a (no longer used) image mount; the caller checks nobody else uses it."""
-    provider_by_kind(state["kind"]).unmount_lower(Path(state["lower_mountpoint"]))
-    if state["kind"] != DirectoryRootfsProvider.kind:
-        with contextlib.suppress(OSError):
-            Path(state["lower_mountpoint"]).rmdir()
-
-
-def mount_rootfs(
-    cdir: Path,
-    image: str,
-    volume: dict[str, Any] | None,
-    lower_mp: Path,
-    generation: int = 0,
-) -> dict[str, Any]:
-    """Overlay at ``cdir/rootfs`` over the image's (shared) lower; returns the state to record.
-
-    The lower is mounted at ``lower_mp`` if no other container has mounted it already; the
-    caller serialises calls per ``lower_mp`` and decides when to release it.
-    """
-    provider = provider_for(image)
-    base = Path(volume["mountpoint"]) if volume else cdir / "layer"
-    lower = mount_lower(image, lower_mp)
-    state: dict[str, Any] = {
-        "kind": provider.kind,
-        "image": str(Path(image).resolve()),
-        "generation": generation,
-        "lower_mountpoint": str(lower_mp),
-        "lower": str(lower),
-        "upper": str(base / f"upper.{generation}"),
-        "work": str(base / f"work.{generation}"),
-        "merged": str(cdir / "rootfs"),
-        "volume": volume,
-    }
-    mount_overlay(lower, Path(state["upper"]), Path(state["work"]), Path(state["merged"]))
-    return state
-
-
-def unmount_overlay(state: dict[str, Any], *, drop_layer: bool = False) -> None:
-    """Unmount the container's overlay; ``drop_layer`` also deletes this generation's upper."""
-    if not state:
-        return
-    unmount_path(Path(state["merged"]))
-    if drop_layer:
-        for key in ("upper", "work"):
-            shutil.rmtree(state[key], ignore_errors=True)
-
-
-def ensure_rootfs_mounted(state: dict[str, Any]) -> dict[str, Any]:
-    """Remount after a host reboot or a lost mount; a no-op when everything is in place."""
-    if state.get("volume"):
-        mount_volume(QuotaVolume(**state["volume"]))
-    if is_mountpoint(Path(state["merged"])):
-        return state
-    mount_lower(state["image"], Path(state["lower_mountpoint"]))
-    mount_overlay(
-        Path(state["lower"]), Path(state["upper"]), Path(state["work"]), Path(state["merged"])
+    base = Path(volume.mountpoint) if volume else cdir / "layer"
+    lower = provider.lower_dir(image, lower_mp)
+    return LayerState(
+        kind=provider.kind,
+        image=str(Path(image).resolve()),
+        generation=generation,
+        lower_mountpoint=str(lower_mp),
+        lower=str(lower),
+        upper=str(base / f"upper.{generation}"),
+        work=str(base / f"work.{generation}"),
+        merged=str(cdir / "rootfs"),
     )
-    return state
 
 
-def destroy_volume_of(state: dict[str, Any]) -> None:
-    """Unmount and delete the writable-layer volume (and so free its loop device)."""
-    if state.get("volume"):
-        destroy_volume(QuotaVolume(**state["volume"]))
+def make_layer_dirs(layer: LayerState) -> None:
+    """The overlay's upper and work directories (the rootfs side's part, as a snapshotter's)."""
+    for d in (layer.upper, layer.work):
+        Path(d).mkdir(parents=True, exist_ok=True)
+
+
+def drop_layer_dirs(layer: LayerState) -> None:
+    """Delete one generation's writable layer (after an upgrade, or a rolled-back one)."""
+    import shutil
+
+    for d in (layer.upper, layer.work):
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,27 +1,38 @@
 """The OCI runtime boundary: one :class:`Runtime` interface, runc and crun drivers.
 
-The engine never re-implements namespaces; it writes a bundle and drives the runtime's CLI
-(``create``/``start``/``state``/``kill``/``delete``/``update``/``exec``) through subprocess.
-A runtime's own failure becomes :class:`OciRuntimeError` carrying its stderr (or its log file,
-for ``create``, whose stdio belongs to the container). Each driver keeps its state under its
-own ``--root`` inside the engine's state directory, so Tidal's containers never mix with
-other users of the same binary.
+Everything that runs a container goes through :class:`Runtime`: the engine (state, kill,
+update, exec, delete) and each container's monitor (create, start, delete), which rebuilds the
+same driver in its own process from a :class:`RuntimeRef`. Implementations declare where they
+differ in :class:`RuntimeCapabilities` instead of being told apart by type; a fake over a temp
+directory (:class:`tidal.testing.engine.FakeRuntime`) passes the same conformance suite
+(:mod:`tidal.testing.runtime_suite`) as runc and crun.
+
+The OCI drivers never re-implement namespaces: they drive the runtime's CLI through
+:func:`tidal.proc.run`. A runtime's own failure becomes :class:`OciRuntimeError` carrying its
+message (from stderr, or its log file for ``create``, whose stdio belong to the container).
+Each driver keeps its state under its own ``--root`` inside the engine's state directory, so
+Tidal's containers never mix with other users of the same binary.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
-from abc import ABC
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from tidal import proc
 from tidal.errors import ConfigError, ContainerNotFoundError, OciRuntimeError
 
 COMMAND_TIMEOUT_S = 60.0
 """No runtime command should take this long; a hung runtime must not hang the daemon."""
+EXEC_TIMEOUT_S = 300.0
+RUNTIME_STATUSES = ("creating", "created", "running", "stopped")
+"""Runtime-spec container states (``state`` answers one of these)."""
 
 
 @dataclass(frozen=True)
@@ -43,18 +54,124 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class RuntimeCapabilities:
-    """Where runc and crun differ in what the engine may rely on."""
+    """Where implementations differ in what the engine may rely on."""
 
     update_pids: bool
+    """``update`` can change the pids limit of a running container."""
     hybrid_cgroups_need_empty_v2: bool
     """crun refuses cgroup v1+v2 hybrids whose v2 side has controllers (see hostprep)."""
+    namespaces: bool = True
+    """The container gets its own namespaces and cgroup (False: a host process, tests only)."""
+    reports_oom: bool = True
+    """The container's memory cgroup counts OOM kills the monitor can read."""
+
+
+@dataclass(frozen=True)
+class RuntimeRef:
+    """How another process (a container's monitor) builds the same driver: JSON-safe."""
+
+    factory: str
+    """``module:Class`` of the :class:`Runtime` implementation."""
+    root: str
+    binary: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"factory": self.factory, "root": self.root, "binary": self.binary}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RuntimeRef:
+        return cls(str(data["factory"]), str(data["root"]), data.get("binary"))
+
+
+def open_runtime(ref: RuntimeRef) -> Runtime:
+    """The driver ``ref`` names (imports its module; the monitor's way back to it)."""
+    module, _, name = ref.factory.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"runtime driver {ref.factory!r} cannot be loaded: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Runtime)):
+        raise ConfigError(f"runtime driver {ref.factory!r} is not a Runtime")
+    return cls(Path(ref.root), ref.binary)
 
 
 class Runtime(ABC):
-    """An OCI runtime CLI. Subclasses fix the binary name and capabilities."""
+    """A container runtime with OCI runtime-spec verbs. State lives under :attr:`root`."""
 
-    name: str = ""
-    capabilities: RuntimeCapabilities
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[RuntimeCapabilities]
+
+    def __init__(self, root: Path, binary: str | None = None) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r})"
+
+    def ref(self) -> RuntimeRef:
+        cls = type(self)
+        return RuntimeRef(f"{cls.__module__}:{cls.__qualname__}", str(self.root), None)
+
+    @abstractmethod
+    def create(
+        self,
+        cid: str,
+        bundle: Path,
+        *,
+        pid_file: Path,
+        log_path: Path,
+        stdout: int,
+        stderr: int,
+    ) -> None:
+        """Create the container from ``bundle``; its init waits for :meth:`start`.
+
+        Its stdio are ``stdout``/``stderr`` (fds, e.g. a log file); its pid is written to
+        ``pid_file``. The init is re-parented to the nearest subreaper (the monitor), as runc's.
+        """
+
+    @abstractmethod
+    def start(self, cid: str) -> None:
+        """Run the user process of a created container."""
+
+    @abstractmethod
+    def state(self, cid: str) -> RuntimeState | None:
+        """The runtime's view, or None if it does not know the container."""
+
+    @abstractmethod
+    def kill(self, cid: str, signal: str = "TERM", *, all_processes: bool = False) -> None:
+        """Send ``signal`` (name without SIG) to the init, or every process with ``all``."""
+
+    @abstractmethod
+    def delete(self, cid: str, *, force: bool = False) -> None:
+        """Forget the container (runs poststop hooks); unknown ids are not an error.
+
+        Without ``force`` a running container is refused (:class:`OciRuntimeError`).
+        """
+
+    @abstractmethod
+    def update(self, cid: str, resources: dict[str, Any]) -> None:
+        """Change cgroup limits of a running container (runtime-spec ``linux.resources``)."""
+
+    @abstractmethod
+    def exec(
+        self,
+        cid: str,
+        argv: list[str],
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float = EXEC_TIMEOUT_S,
+    ) -> ExecResult:
+        """Run a command inside the running container and collect its output."""
+
+    @abstractmethod
+    def list_ids(self) -> list[str]:
+        """Ids of every container this runtime root knows (for reconciliation)."""
+
+
+class OciCliRuntime(Runtime):
+    """An OCI runtime CLI (runc, crun). Subclasses fix the binary name and capabilities."""
 
     def __init__(self, root: Path, binary: str | None = None) -> None:
         found = binary or shutil.which(self.name)
@@ -63,11 +180,10 @@ class Runtime(ABC):
                 f"OCI runtime {self.name!r} is not installed; apt-get install {self.name}"
             )
         self.binary = found
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r})"
+    def ref(self) -> RuntimeRef:
+        return RuntimeRef(super().ref().factory, str(self.root), self.binary)
 
     # --- argv builders (pure; also used by the benchmark's bare baseline) ------------------
 
@@ -97,26 +213,27 @@ class Runtime(ABC):
     def _run(
         self, cid: str, verb: str, *args: str, input_bytes: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
-        argv = [*self.global_args(), verb, *args]
-        try:
-            proc = subprocess.run(
-                argv,
-                input=input_bytes,
-                capture_output=True,
-                timeout=COMMAND_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise OciRuntimeError(
-                f"{self.name} {verb} {cid} did not finish in {COMMAND_TIMEOUT_S:.0f}s"
-            ) from exc
-        if proc.returncode != 0:
-            msg = _clean(proc.stderr) or _clean(proc.stdout) or f"exit status {proc.returncode}"
+        done = proc.run(
+            [*self.global_args(), verb, *args],
+            what=f"{self.name} {verb} {cid}",
+            error=OciRuntimeError,
+            timeout_s=COMMAND_TIMEOUT_S,
+            input=input_bytes,
+            stdin=subprocess.DEVNULL if input_bytes is None else None,
+            text=False,
+            check=False,
+        )
+        if done.returncode != 0:
+            msg = _clean(done.stderr) or _clean(done.stdout) or f"exit status {done.returncode}"
             low = msg.lower()
-            if any(t in low for t in ("does not exist", "not found", "no such file or directory")):
+            # runc and crun keep <root>/<id> for every container they know; the message alone
+            # is ambiguous (crun reports a missing exec.fifo of a started one the same way).
+            known = (self.root / cid).is_dir()
+            hint = ("does not exist", "not found", "no such file or directory")
+            if not known and any(t in low for t in hint):
                 raise ContainerNotFoundError(f"{self.name}: container {cid} does not exist: {msg}")
             raise OciRuntimeError(f"{self.name} {verb} {cid} failed: {msg}")
-        return proc
+        return done
 
     def create(
         self,
@@ -128,33 +245,30 @@ class Runtime(ABC):
         stdout: int,
         stderr: int,
     ) -> None:
-        """Create the container; its stdio are ``stdout``/``stderr`` (fds, e.g. a log file)."""
-        try:
-            proc = subprocess.run(
-                self.create_argv(cid, bundle, pid_file, log_path),
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                timeout=COMMAND_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise OciRuntimeError(f"{self.name} create {cid} timed out") from exc
-        if proc.returncode != 0:
-            raise OciRuntimeError(
-                f"{self.name} create {cid} failed: {read_runtime_log(log_path) or 'no message'}"
-            )
+        done = proc.run(
+            self.create_argv(cid, bundle, pid_file, log_path),
+            what=f"{self.name} create {cid}",
+            error=OciRuntimeError,
+            timeout_s=COMMAND_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            check=False,
+        )
+        if done.returncode != 0:
+            why = read_runtime_log(log_path) or f"exit status {done.returncode}"
+            prefix = f"{self.name} create failed: "
+            raise OciRuntimeError(prefix + why.removeprefix(prefix))
 
     def start(self, cid: str) -> None:
         self._run(cid, "start", cid)
 
     def state(self, cid: str) -> RuntimeState | None:
-        """The runtime's view, or None if it does not know the container."""
         try:
-            proc = self._run(cid, "state", cid)
+            done = self._run(cid, "state", cid)
         except ContainerNotFoundError:
             return None
-        data = json.loads(proc.stdout)
+        data = json.loads(done.stdout)
         return RuntimeState(
             id=data["id"],
             status=data["status"],
@@ -167,14 +281,12 @@ class Runtime(ABC):
         self._run(cid, "kill", *args, cid, signal)
 
     def delete(self, cid: str, *, force: bool = False) -> None:
-        """Delete the container (runs poststop hooks); unknown ids are not an error."""
         try:
             self._run(cid, "delete", *(["--force"] if force else []), cid)
         except ContainerNotFoundError:
             return
 
     def update(self, cid: str, resources: dict[str, Any]) -> None:
-        """Change cgroup limits of a running container (runtime-spec ``linux.resources``)."""
         self._run(
             cid, "update", "--resources", "-", cid, input_bytes=json.dumps(resources).encode()
         )
@@ -187,36 +299,54 @@ class Runtime(ABC):
         env: list[str] | None = None,
         cwd: str | None = None,
         stdin: bytes | None = None,
-        timeout_s: float = 300.0,
+        timeout_s: float = EXEC_TIMEOUT_S,
     ) -> ExecResult:
-        """Run a command inside the running container and collect its output."""
         args = [*self.global_args(), "exec"]
-        for e in env or []:
+        for e in self._exec_env(cid, env or []):
             args += ["--env", e]
         if cwd:
             args += ["--cwd", cwd]
         args += [cid, *argv]
-        try:
-            proc = subprocess.run(
-                args,
-                input=stdin or b"",
-                capture_output=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise OciRuntimeError(
-                f"exec {argv[0]!r} in {cid} ran longer than {timeout_s}s"
-            ) from exc
-        return ExecResult(proc.returncode, proc.stdout, proc.stderr)
+        done = proc.run(
+            args,
+            what=f"exec {argv[0]!r} in {cid}",
+            error=OciRuntimeError,
+            timeout_s=timeout_s,
+            input=stdin or b"",
+            text=False,
+            check=False,
+        )
+        return ExecResult(done.returncode, done.stdout, done.stderr)
+
+    def _exec_env(self, cid: str, env: list[str]) -> list[str]:
+        """``env`` over the container's own process env: crun's ``exec --env`` replaces the
+        environment (PATH included) where runc's adds to it, so both are given the whole."""
+        if not env:
+            return []
+        st = self.state(cid)
+        base: list[str] = []
+        if st is not None:
+            try:
+                cfg = json.loads((Path(st.bundle) / "config.json").read_text())
+                base = [str(e) for e in cfg.get("process", {}).get("env") or ()]
+            except (OSError, ValueError):
+                base = []
+        merged = {e.partition("=")[0]: e for e in base}
+        merged.update({e.partition("=")[0]: e for e in env})
+        return list(merged.values())
+
+    def list_ids(self) -> list[str]:
+        done = self._run("*", "list", "--format", "json")
+        data = json.loads(done.stdout or b"null") or []
+        return [str(c["id"]) for c in data]
 
 
-class RuncRuntime(Runtime):
+class RuncRuntime(OciCliRuntime):
     name = "runc"
     capabilities = RuntimeCapabilities(update_pids=True, hybrid_cgroups_need_empty_v2=False)
 
 
-class CrunRuntime(Runtime):
+class CrunRuntime(OciCliRuntime):
     name = "crun"
     capabilities = RuntimeCapabilities(update_pids=True, hybrid_cgroups_need_empty_v2=True)
 
@@ -235,19 +365,29 @@ def get_runtime(name: str, state_dir: Path) -> Runtime:
     return cls(state_dir / "runtime" / name)
 
 
-def _clean(raw: bytes) -> str:
-    """One readable line out of runtime stderr (runc logs JSON lines, crun plain text)."""
-    text = raw.decode(errors="replace").strip()
+def runtime_messages(text: str, *, errors_only: bool = False) -> str:
+    """One readable line out of runtime output: runc/crun log JSON lines (``{"level", "msg"}``)
+    or plain text. ``errors_only`` drops JSON records below warning (a ``--log`` file also
+    holds debug noise). The one parser for stderr, ``--log`` files and the monitor's reports."""
     msgs = []
     for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
-            msgs.append(line.strip())
+            if line.strip():
+                msgs.append(line.strip())
             continue
-        if isinstance(rec, dict) and rec.get("msg"):
-            msgs.append(str(rec["msg"]))
-    return "; ".join(m for m in msgs if m)[-2000:]
+        if not isinstance(rec, dict) or not rec.get("msg"):
+            continue
+        if errors_only and rec.get("level") not in ("error", "fatal", "warning", None):
+            continue
+        msgs.append(str(rec["msg"]))
+    return "; ".join(msgs)[-2000:]
+
+
+def _clean(raw: bytes) -> str:
+    """One readable line out of runtime stderr (runc logs JSON lines, crun plain text)."""
+    return runtime_messages(raw.decode(errors="replace").strip())
 
 
 def read_runtime_log(path: Path) -> str:
@@ -256,19 +396,7 @@ def read_runtime_log(path: Path) -> str:
         raw = path.read_bytes()
     except OSError:
         return ""
-    msgs = []
-    for line in raw.decode(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if line.strip():
-                msgs.append(line.strip())
-            continue
-        if not isinstance(rec, dict):
-            continue
-        if rec.get("level") in ("error", "fatal", "warning", None) and rec.get("msg"):
-            msgs.append(str(rec["msg"]))
-    return "; ".join(msgs)[-2000:]
+    return runtime_messages(raw.decode(errors="replace"), errors_only=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -282,17 +410,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def env_list(pairs: tuple[tuple[str, str], ...]) -> list[str]:
-    return [f"{k}={v}" for k, v in pairs]
-
-
 __all__ = [
     "RUNTIME_CLASSES",
     "CrunRuntime",
     "ExecResult",
+    "OciCliRuntime",
     "RuncRuntime",
     "Runtime",
     "RuntimeCapabilities",
+    "RuntimeRef",
     "RuntimeState",
     "get_runtime",
+    "open_runtime",
+    "runtime_messages",
 ]

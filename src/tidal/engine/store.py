@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidal.engine.rootfs import RootfsState
 from tidal.engine.spec import ContainerSpec
 from tidal.errors import ConfigError, ContainerNotFoundError, EngineError
+from tidal.ids import ContainerId
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -58,7 +60,7 @@ STATUSES = ("created", "running", "exited", "unknown")
 class ContainerRecord:
     """One container as the engine knows it. Times are UNIX seconds."""
 
-    id: str
+    id: ContainerId
     name: str
     spec: ContainerSpec
     status: str
@@ -72,19 +74,22 @@ class ContainerRecord:
     pid: int = 0
     monitor_pid: int = 0
     ip: str | None = None
-    rootfs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rootfs: RootfsState = dataclasses.field(default_factory=RootfsState)
     error: str | None = None
     starts: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["spec"] = self.spec.to_json()
+        d["rootfs"] = self.rootfs.to_json()
         return d
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ContainerRecord:
         d = dict(data)
         d["spec"] = ContainerSpec.from_json(d["spec"])
+        d["rootfs"] = RootfsState.from_json(d.get("rootfs"))
+        d["id"] = ContainerId(str(d["id"]))
         return cls(**d)
 
     @classmethod
@@ -147,7 +152,7 @@ class Store:
                         rec.status,
                         rec.runtime,
                         rec.created_at,
-                        json.dumps(rec.rootfs),
+                        json.dumps(rec.rootfs.to_json()),
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -163,10 +168,8 @@ class Store:
         cols = []
         values: list[Any] = []
         for key, value in fields.items():
-            if key == "spec":
+            if key == "spec" or key == "rootfs":
                 value = json.dumps(value.to_json())
-            elif key == "rootfs":
-                value = json.dumps(value)
             elif key == "oom_killed":
                 value = int(bool(value))
             cols.append(f"{key} = ?")
@@ -231,7 +234,8 @@ class Store:
 def _record(row: sqlite3.Row) -> ContainerRecord:
     d = dict(row)
     d["spec"] = ContainerSpec.from_json(json.loads(d["spec"]))
-    d["rootfs"] = json.loads(d["rootfs"])
+    d["rootfs"] = RootfsState.from_json(json.loads(d["rootfs"]))
+    d["id"] = ContainerId(d["id"])
     d["oom_killed"] = bool(d["oom_killed"])
     return ContainerRecord(**d)
 

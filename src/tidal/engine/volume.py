@@ -7,18 +7,22 @@ need ext4/xfs mounted with prjquota, which a node's data disk often is not). A f
 gives ENOSPC to that container only; the host and other containers are unaffected. The file
 is sparse, so unused quota costs no disk. ``mount -o loop`` sets the loop device's autoclear
 flag: unmounting frees the loop device, so none can be orphaned by a crash between steps.
+
+This module computes; the :class:`~tidal.engine.mounter.Mounter` formats and mounts. The
+mkfs arguments come from :func:`tidal.blockdev.ext4.mkfs_command`, the one place that knows
+mkfs.ext4, with the quota's inode count and a journal (a container's data is written here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from tidal.blockdev.ext4 import is_mountpoint
-from tidal.errors import QuotaError
+from tidal.blockdev.ext4 import Ext4Format, mkfs_command
+from tidal.engine.mounter import EXT4_LOOP, Mount, Mounter
 
 MIN_INODES = 64
 """Below this an ext4 volume cannot even hold overlayfs's work directory comfortably."""
@@ -33,51 +37,46 @@ class QuotaVolume:
     size_bytes: int
     inodes: int
 
+    @property
+    def mount(self) -> Mount:
+        return Mount(EXT4_LOOP, self.image_path, self.mountpoint, ("noatime",))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> QuotaVolume | None:
+        return None if not data else cls(**data)
+
 
 def mkfs_argv(image_path: str, size_bytes: int, inodes: int) -> list[str]:
     """mkfs.ext4 for a quota volume: no reserved blocks (the quota is all the user's),
     a fixed inode count, lazy init so formatting writes metadata only."""
-    return [
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-m",
-        "0",
-        "-b",
-        "4096",
-        "-N",
-        str(max(inodes, MIN_INODES)),
-        "-E",
-        "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-        "-L",
-        "tidal-quota",
-        image_path,
-        str(size_bytes // 1024) + "k",
-    ]
+    fmt = Ext4Format(inode_count=max(inodes, MIN_INODES), journal=True, label="tidal-quota")
+    return [*mkfs_command(image_path, fmt), str(size_bytes // 1024) + "k"]
 
 
-def _run(argv: list[str], what: str) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
-    except FileNotFoundError:
-        raise QuotaError(
-            f"{what}: {argv[0]} is not installed (apt-get install e2fsprogs)"
-        ) from None
-    if proc.returncode != 0:
-        raise QuotaError(f"{what}: {(proc.stderr or proc.stdout).strip() or proc.returncode}")
-
-
-def create_volume(image_path: Path, mountpoint: Path, size_bytes: int, inodes: int) -> QuotaVolume:
-    """Make and mount a new quota volume (undoing its own steps on failure)."""
+def format_volume_file(mounter: Mounter, image_path: Path, size_bytes: int, inodes: int) -> None:
+    """A sparse file of ``size_bytes`` formatted ext4 (removed again if formatting fails)."""
     image_path.parent.mkdir(parents=True, exist_ok=True)
     with open(image_path, "wb") as fh:
         fh.truncate(size_bytes)
     try:
-        _run(
-            mkfs_argv(str(image_path), size_bytes, inodes), f"formatting quota volume {image_path}"
-        )
-        vol = QuotaVolume(str(image_path), str(mountpoint), size_bytes, inodes)
-        mount_volume(vol)
+        mounter.mkfs_ext4(image_path, mkfs_argv(str(image_path), size_bytes, inodes))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            image_path.unlink()
+        raise
+
+
+def create_volume(
+    mounter: Mounter, image_path: Path, mountpoint: Path, size_bytes: int, inodes: int
+) -> QuotaVolume:
+    """Make and mount a new quota volume (undoing its own steps on failure)."""
+    format_volume_file(mounter, image_path, size_bytes, inodes)
+    vol = QuotaVolume(str(image_path), str(mountpoint), size_bytes, inodes)
+    try:
+        mounter.apply([vol.mount])
     except BaseException:
         with contextlib.suppress(OSError):
             image_path.unlink()
@@ -85,32 +84,9 @@ def create_volume(image_path: Path, mountpoint: Path, size_bytes: int, inodes: i
     return vol
 
 
-def mount_volume(vol: QuotaVolume) -> None:
-    """Mount an existing volume (idempotent: an already mounted one is left alone)."""
-    mp = Path(vol.mountpoint)
-    mp.mkdir(parents=True, exist_ok=True)
-    if is_mountpoint(mp):
-        return
-    _run(
-        ["mount", "-t", "ext4", "-o", "loop,noatime", vol.image_path, vol.mountpoint],
-        f"mounting quota volume {vol.image_path} at {vol.mountpoint}",
-    )
-
-
-def unmount_path(path: Path) -> None:
-    """Unmount ``path`` if mounted; busy mounts are detached lazily rather than leaked."""
-    if not is_mountpoint(path):
-        return
-    proc = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0 and is_mountpoint(path):
-        proc = subprocess.run(["umount", "-l", str(path)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise QuotaError(f"cannot unmount {path}: {proc.stderr.strip()}")
-
-
-def destroy_volume(vol: QuotaVolume) -> None:
+def destroy_volume(mounter: Mounter, vol: QuotaVolume) -> None:
     """Unmount (which frees the autoclear loop device) and delete the backing file."""
-    unmount_path(Path(vol.mountpoint))
+    mounter.unmount(vol.mount)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(vol.image_path)
 
@@ -135,11 +111,23 @@ class VolumePool:
     rename) and taken by rename, so concurrent takers never share one.
     """
 
-    def __init__(self, directory: Path, size_bytes: int, inodes: int, target: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size_bytes: int,
+        inodes: int,
+        target: int,
+        mounter: Mounter | None = None,
+    ) -> None:
         self.directory = directory / f"{size_bytes}-{inodes}"
         self.size_bytes = size_bytes
         self.inodes = inodes
         self.target = target
+        if mounter is None:
+            from tidal.engine.mounter import HostMounter
+
+            mounter = HostMounter()
+        self.mounter = mounter
 
     def matches(self, size_bytes: int, inodes: int) -> bool:
         return self.target > 0 and (size_bytes, inodes) == (self.size_bytes, self.inodes)
@@ -166,21 +154,19 @@ class VolumePool:
         self.directory.mkdir(parents=True, exist_ok=True)
         while len(self.ready()) < self.target:
             tmp = self.directory / f"{os.urandom(8).hex()}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.truncate(self.size_bytes)
-            try:
-                _run(mkfs_argv(str(tmp), self.size_bytes, self.inodes), f"pre-formatting {tmp}")
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
+            format_volume_file(self.mounter, tmp, self.size_bytes, self.inodes)
             os.rename(tmp, tmp.with_suffix(".img"))
             made += 1
         return made
 
 
 def volume_from_pool_or_new(
-    pool: VolumePool | None, image_path: Path, mountpoint: Path, size_bytes: int, inodes: int
+    mounter: Mounter,
+    pool: VolumePool | None,
+    image_path: Path,
+    mountpoint: Path,
+    size_bytes: int,
+    inodes: int,
 ) -> QuotaVolume:
     """A mounted quota volume, taken from ``pool`` when it has one of this shape."""
     if pool is not None and pool.matches(size_bytes, inodes):
@@ -188,10 +174,10 @@ def volume_from_pool_or_new(
         if pool.take(image_path):
             vol = QuotaVolume(str(image_path), str(mountpoint), size_bytes, inodes)
             try:
-                mount_volume(vol)
+                mounter.apply([vol.mount])
             except BaseException:
                 with contextlib.suppress(OSError):
                     image_path.unlink()
                 raise
             return vol
-    return create_volume(image_path, mountpoint, size_bytes, inodes)
+    return create_volume(mounter, image_path, mountpoint, size_bytes, inodes)

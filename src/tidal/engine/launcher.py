@@ -1,0 +1,190 @@
+"""Starting a container's monitor: pre-launched interpreter, configuration, ready report.
+
+The monitor (:mod:`tidal.engine.monitor`) is a long-lived child, so this is one of the two
+places in the engine that use ``Popen`` directly (the other is lxcfs). Python's start-up and
+the monitor's imports (tens of ms) are the largest single item of the engine's start latency,
+so the engine keeps a :class:`MonitorPool`: monitors started ahead of time, imported and
+waiting for a configuration on stdin. A start takes one (and a replacement is started in the
+background); :func:`hand_over` sends the :class:`~tidal.engine.monitor.MonitorConfig` and
+waits for the monitor's :class:`~tidal.engine.monitor.StartReport`. A waiting monitor that
+gets EOF (the engine closed, or its daemon died) exits without doing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.engine.monitor import MonitorConfig, StartReport
+from tidal.fsutil import read_line, write_json_atomic
+
+log = logging.getLogger(__name__)
+MONITOR_READY_TIMEOUT_S = 60.0
+WARM_MONITORS = 1
+"""Monitors kept started and imported ahead of the next container start."""
+
+
+@dataclass
+class MonitorLaunch:
+    """A monitor interpreter started ahead of time, waiting for its configuration."""
+
+    proc: subprocess.Popen[bytes]
+    ready_fd: int
+    _fd_open: bool = True
+
+    def close_fd(self) -> None:
+        if self._fd_open:
+            os.close(self.ready_fd)
+            self._fd_open = False
+
+    def abort(self) -> None:
+        """EOF on its stdin makes the (forked) monitor exit without doing anything."""
+        try:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+        except OSError as exc:
+            log.debug("closing an abandoned monitor's stdin: %s", exc)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.close_fd()
+
+    def usable(self) -> bool:
+        """Not yet used, and its monitor still waiting (a dead one has closed the pipe)."""
+        if not self._fd_open or self.proc.stdin is None or self.proc.stdin.closed:
+            return False
+        readable, _, _ = select.select([self.ready_fd], [], [], 0)
+        return not readable
+
+
+class MonitorPool:
+    """Monitors launched ahead of time (see the module docstring). Thread-safe."""
+
+    def __init__(self, size: int = WARM_MONITORS) -> None:
+        self.size = size
+        self._ready: deque[MonitorLaunch] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._refills: list[threading.Thread] = []
+
+    def take(self) -> MonitorLaunch:
+        """A waiting monitor, or one started now if none is ready (see :meth:`replenish`)."""
+        with self._lock:
+            while self._ready:
+                candidate = self._ready.popleft()
+                if candidate.usable():
+                    return candidate
+                candidate.abort()
+        return launch_monitor()
+
+    def replenish(self) -> None:
+        """Start a spare in the background. Called after a start completed, so the spare's
+        start-up does not take CPU from the start that just took one."""
+        with self._lock:
+            self._refills = [t for t in self._refills if t.is_alive()]
+            if self._closed or self.size <= 0 or len(self._ready) + len(self._refills) >= self.size:
+                return
+            t = threading.Thread(target=self._refill, name="tidal-monitor-pool", daemon=True)
+            self._refills.append(t)
+            t.start()
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._closed or len(self._ready) >= self.size:
+                return
+        try:
+            launch = launch_monitor()
+        except OSError as exc:
+            log.warning("starting a spare container monitor failed: %s", exc)
+            return
+        with self._lock:
+            if self._closed or len(self._ready) >= self.size:
+                stale = launch
+            else:
+                self._ready.append(launch)
+                return
+        stale.abort()
+
+    def close(self) -> None:
+        """End the waiting monitors (EOF on their stdin)."""
+        with self._lock:
+            self._closed = True
+            ready, self._ready = list(self._ready), deque()
+            refills = list(self._refills)
+        for t in refills:
+            t.join()
+        with self._lock:
+            ready += list(self._ready)
+            self._ready.clear()
+        for launch in ready:
+            launch.abort()
+
+
+def package_root() -> str:
+    """The directory holding the ``tidal`` package, so the monitor imports this same code."""
+    import tidal
+
+    return str(Path(tidal.__file__).resolve().parent.parent)
+
+
+def launch_monitor() -> MonitorLaunch:
+    """Start a monitor's interpreter now; it waits for its configuration on stdin."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-m", "tidal.engine.monitor", "-", str(w)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(w,),
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": package_root()},
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return MonitorLaunch(proc, r)
+
+
+def hand_over(conf: MonitorConfig, launch: MonitorLaunch) -> StartReport:
+    """Give ``conf`` to a (pre-launched) monitor and wait for its start report.
+
+    ``monitor.json`` keeps the configuration next to the container, for debugging."""
+    cdir = Path(conf.cdir)
+    raw = conf.to_json()
+    write_json_atomic(cdir / "monitor.json", raw)
+    fail = StartReport("failed", conf.start_seq, 0)
+    try:
+        assert launch.proc.stdin is not None
+        launch.proc.stdin.write(json.dumps(raw).encode())
+        launch.proc.stdin.close()
+        launch.proc.wait(timeout=30)  # the first fork returns at once
+        line = read_line(launch.ready_fd, MONITOR_READY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        launch.abort()
+        return StartReport(
+            **{**fail.to_json(), "error": f"monitor did not take its configuration: {exc}"}
+        )
+    finally:
+        launch.close_fd()
+    if not line:
+        try:
+            tail = (cdir / "monitor.log").read_text(errors="replace").strip()[-1000:]
+        except OSError:
+            tail = ""
+        return StartReport(
+            **{**fail.to_json(), "error": f"monitor exited without a report: {tail or 'no log'}"}
+        )
+    return StartReport.from_json(json.loads(line))

@@ -1,0 +1,182 @@
+"""The one adapter that mounts: executes the mount plans the rootfs side returns as data.
+
+As containerd's snapshotters return ``[]mount.Mount`` and one place mounts them, Tidal's
+rootfs and volume code (:mod:`tidal.engine.rootfs`, :mod:`tidal.engine.volume`) only computes
+:class:`Mount` values; a :class:`Mounter` carries them out. :class:`HostMounter` is the real
+one (``mount``/``umount``/``mkfs.ext4`` through :func:`tidal.proc.run`, Tidal block images
+through :mod:`tidal.blockdev.mounts`); :class:`tidal.testing.engine.FakeMounter` records the
+same plans under a temp directory so that the engine's lifecycle is testable without root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal import proc
+from tidal.blockdev import ext4
+from tidal.errors import EngineError, QuotaError, TidalError
+
+log = logging.getLogger(__name__)
+
+OVERLAY = "overlay"
+EXT4_LOOP = "ext4-loop"
+"""An ext4 file system in a regular file, mounted through an autoclear loop device."""
+TIDAL_IMAGE = "tidal-image"
+"""A Tidal block image served lazily (FUSE -> loop -> ext4), read-only."""
+MOUNT_TYPES = (OVERLAY, EXT4_LOOP, TIDAL_IMAGE)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount to make: ``source`` of ``type`` at ``target`` with ``options``."""
+
+    type: str
+    source: str
+    target: str
+    options: tuple[str, ...] = ()
+    shared: bool = False
+    """Used by several containers (an image's lower): an existing mount at ``target`` is reused."""
+
+
+def overlay_mount(lower: str, upper: str, work: str, target: str) -> Mount:
+    return Mount(OVERLAY, OVERLAY, target, (f"lowerdir={lower},upperdir={upper},workdir={work}",))
+
+
+class Mounter(ABC):
+    """Executes mount plans; the only code that mounts, unmounts or formats for the engine."""
+
+    @abstractmethod
+    def _mount(self, m: Mount) -> None: ...
+
+    @abstractmethod
+    def unmount(self, m: Mount) -> None:
+        """Unmount ``m.target`` if mounted; a busy mount is detached lazily, not leaked."""
+
+    @abstractmethod
+    def mounted(self, target: str) -> bool: ...
+
+    @abstractmethod
+    def mounts_under(self, directory: Path) -> list[str]:
+        """Mount points at or below ``directory``, deepest first (for a last-resort sweep)."""
+
+    @abstractmethod
+    def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
+        """Format ``image_path`` (a sized regular file) with the given mkfs.ext4 argv."""
+
+    def apply(self, plan: Sequence[Mount]) -> list[Mount]:
+        """Make every mount of ``plan`` in order; returns the ones this call made.
+
+        A target already mounted is left alone (a shared image lower, or a remount after a
+        lost mount that survived). On failure the mounts this call made are undone, newest
+        first, before the error propagates.
+        """
+        made: list[Mount] = []
+        try:
+            for m in plan:
+                Path(m.target).mkdir(parents=True, exist_ok=True)
+                if self.mounted(m.target):
+                    continue
+                self._mount(m)
+                made.append(m)
+        except BaseException:
+            for m in reversed(made):
+                try:
+                    self.unmount(m)
+                except TidalError as exc:
+                    log.warning("undoing mount %s after a failure: %s", m.target, exc)
+            raise
+        return made
+
+    def release(self, plan: Sequence[Mount]) -> None:
+        """Unmount ``plan`` newest first (the inverse of :meth:`apply`)."""
+        for m in reversed(plan):
+            self.unmount(m)
+
+
+class HostMounter(Mounter):
+    """The real kernel: mount(8), umount(8), mkfs.ext4, Tidal block images."""
+
+    def _mount(self, m: Mount) -> None:
+        if m.type == TIDAL_IMAGE:
+            from tidal.blockdev import mounts as blockdev_mounts
+
+            if any(
+                Path(x.target) == Path(m.target).resolve() for x in blockdev_mounts.list_mounts()
+            ):
+                blockdev_mounts.unmount(m.target, force=True)  # a stale record of a dead mount
+            blockdev_mounts.mount_image(m.source, m.target)
+            return
+        if m.type == OVERLAY:
+            argv = ["mount", "-t", "overlay", "overlay", "-o", ",".join(m.options), m.target]
+            proc.run(argv, what=f"overlay mount at {m.target}", error=EngineError, timeout_s=60)
+        elif m.type == EXT4_LOOP:
+            opts = ",".join(("loop", *m.options))
+            proc.run(
+                ["mount", "-t", "ext4", "-o", opts, m.source, m.target],
+                what=f"mounting quota volume {m.source} at {m.target}",
+                error=QuotaError,
+                timeout_s=60,
+            )
+        else:
+            raise EngineError(f"unknown mount type {m.type!r} for {m.target}")
+
+    def unmount(self, m: Mount) -> None:
+        target = Path(m.target)
+        if m.type == TIDAL_IMAGE:
+            from tidal.blockdev import mounts as blockdev_mounts
+
+            if ext4.is_mountpoint(target) or any(
+                Path(x.target) == target.resolve() for x in blockdev_mounts.list_mounts()
+            ):
+                blockdev_mounts.unmount(target, force=True)
+            return
+        if not ext4.is_mountpoint(target):
+            return
+        done = proc.run(["umount", target], what=f"unmounting {target}", check=False)
+        if done.returncode != 0 and ext4.is_mountpoint(target):
+            proc.run(
+                ["umount", "-l", target],
+                what=f"unmounting {target} lazily (busy: {done.stderr.strip()})",
+                error=QuotaError,
+            )
+
+    def mounted(self, target: str) -> bool:
+        return ext4.is_mountpoint(Path(target))
+
+    def mounts_under(self, directory: Path) -> list[str]:
+        prefix = str(directory).rstrip("/") + "/"
+        found = [mp for mp in ext4.mount_points() if mp == str(directory) or mp.startswith(prefix)]
+        return sorted(found, key=len, reverse=True)
+
+    def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
+        proc.run(
+            argv,
+            what=f"formatting quota volume {image_path}",
+            error=QuotaError,
+            install_hint="apt-get install e2fsprogs",
+        )
+
+
+def sweep(mounter: Mounter, directory: Path) -> list[str]:
+    """Unmount whatever is still mounted under ``directory`` (lazily if busy); log each one.
+
+    The backstop for a daemon killed between making a mount and recording it."""
+    left = []
+    for mp in mounter.mounts_under(directory):
+        with contextlib.suppress(TidalError):
+            mounter.unmount(Mount(OVERLAY, "", mp))
+        if mounter.mounted(mp):
+            left.append(mp)
+        else:
+            log.warning("unmounted %s, which no record of the engine named", mp)
+    return left
+
+
+def unmount_path(path: Path) -> None:
+    """Unmount a plain mount (overlay, quota volume) at ``path`` on the host, if mounted."""
+    HostMounter().unmount(Mount(OVERLAY, "", str(path)))

@@ -1,0 +1,228 @@
+"""A container's storage on the host: quota volume, root layer, volumes; made, kept, undone.
+
+The rootfs side (:mod:`tidal.engine.rootfs`, :mod:`tidal.engine.volume`) computes plans as
+data; :class:`Storage` decides what a container needs, records each step through a callback
+the moment it is done (so a failure in a later step, or a SIGKILL, leaves a
+:class:`~tidal.engine.rootfs.RootfsState` that :meth:`Storage.destroy` can undo), and has the
+engine's one :class:`~tidal.engine.mounter.Mounter` execute the plans. Image mounts are shared:
+one per image for all its containers, counted from the state database so that the count
+survives restarts, and released with the last user.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from tidal.engine.mounter import Mount, Mounter, sweep
+from tidal.engine.rootfs import (
+    LayerState,
+    RootfsState,
+    VolumeState,
+    drop_layer_dirs,
+    lower_mountpoint,
+    make_layer_dirs,
+    plan_layer,
+)
+from tidal.engine.spec import ContainerSpec, QuotaSpec
+from tidal.engine.store import Store
+from tidal.engine.volume import (
+    QuotaVolume,
+    VolumePool,
+    create_volume,
+    destroy_volume,
+    volume_from_pool_or_new,
+)
+from tidal.errors import ConfigError, TidalError
+
+log = logging.getLogger(__name__)
+Record = Callable[[RootfsState], None]
+
+
+class Storage:
+    """Storage set-up and teardown for the containers of one engine state directory."""
+
+    def __init__(
+        self,
+        store: Store,
+        mounter: Mounter,
+        images_dir: Path,
+        pool: VolumePool,
+        bytes_per_inode: int,
+    ) -> None:
+        self.store = store
+        self.mounter = mounter
+        self.images_dir = images_dir
+        self.pool = pool
+        self.bytes_per_inode = bytes_per_inode
+        self._image_locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _image_lock(self, mountpoint: str) -> threading.Lock:
+        """Serialises mounting and releasing one shared image mount."""
+        with self._guard:
+            return self._image_locks.setdefault(mountpoint, threading.Lock())
+
+    # --- making --------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        cid: str,
+        cdir: Path,
+        spec: ContainerSpec,
+        root_quota: QuotaSpec | None,
+        record: Record,
+    ) -> RootfsState:
+        """Quota volume, root layer, volumes; ``record`` is called after each step."""
+        state = RootfsState()
+        if root_quota is not None:
+            inodes = root_quota.inodes or root_quota.size_bytes // self.bytes_per_inode
+            vol = volume_from_pool_or_new(
+                self.mounter,
+                self.pool,
+                cdir / "disk.img",
+                cdir / "disk",
+                root_quota.size_bytes,
+                inodes,
+            )
+            state = RootfsState(volume=vol)
+            record(state)
+        state = state.with_layer(self.mount_layer(cid, cdir, spec.image, state.volume, 0))
+        record(state)
+        quotas = {q.target: q for q in spec.disk_quotas}
+        volumes: list[VolumeState] = []
+        for i, vol_spec in enumerate(spec.volumes):
+            if vol_spec.source is not None:
+                if not Path(vol_spec.source).exists():
+                    raise ConfigError(
+                        f"volume source {vol_spec.source} does not exist on this host"
+                    )
+                entry = VolumeState(vol_spec.target, vol_spec.source, vol_spec.source)
+            else:
+                path = cdir / "volumes" / str(i)
+                q = quotas.get(vol_spec.target)
+                qv: QuotaVolume | None = None
+                if q is not None:
+                    qv = create_volume(
+                        self.mounter,
+                        cdir / "volumes" / f"{i}.img",
+                        path,
+                        q.size_bytes,
+                        q.inodes or q.size_bytes // self.bytes_per_inode,
+                    )
+                else:
+                    path.mkdir(parents=True, exist_ok=True)
+                entry = VolumeState(vol_spec.target, None, str(path), qv)
+            volumes.append(entry)
+            state = RootfsState(state.volume, state.layer, tuple(volumes))
+            record(state)
+        return state
+
+    def mount_layer(
+        self, cid: str, cdir: Path, image: str, volume: QuotaVolume | None, generation: int
+    ) -> LayerState:
+        """Mount generation ``generation`` of the root over the image's shared lower."""
+        mp = lower_mountpoint(self.images_dir, image)
+        layer = plan_layer(cdir, image, volume, mp, generation)
+        make_layer_dirs(layer)
+        with self._image_lock(layer.lower_mountpoint):
+            self.mounter.apply(layer.plan)
+        return layer
+
+    def ensure(self, state: RootfsState) -> None:
+        """Remount what a host reboot or a lost mount took; a no-op when all is in place."""
+        plan: list[Mount] = []
+        if state.volume is not None:
+            plan.append(state.volume.mount)
+        if state.layer is not None:
+            make_layer_dirs(state.layer)
+            with self._image_lock(state.layer.lower_mountpoint):
+                self.mounter.apply([*plan, *state.layer.plan])
+            plan = []
+        plan += [v.volume.mount for v in state.volumes if v.volume is not None]
+        self.mounter.apply(plan)
+
+    # --- undoing -------------------------------------------------------------------------------
+
+    def unmount_layer(self, layer: LayerState, *, drop: bool = False) -> None:
+        """Unmount the overlay (the image stays for others); ``drop`` also deletes its layer."""
+        self.mounter.unmount(layer.overlay)
+        if drop:
+            drop_layer_dirs(layer)
+
+    def release_lower_if_unused(self, layer: LayerState, except_id: str | None) -> None:
+        """Unmount a shared image mount when no container in the database still uses it."""
+        if not layer.lower_mounts:
+            return
+        with self._image_lock(layer.lower_mountpoint):
+            for other in self.store.list():
+                if (
+                    other.id != except_id
+                    and other.rootfs.layer is not None
+                    and other.rootfs.layer.lower_mountpoint == layer.lower_mountpoint
+                ):
+                    return
+            self.mounter.release(layer.lower_mounts)
+            try:
+                Path(layer.lower_mountpoint).rmdir()
+            except OSError as exc:
+                log.warning("image mount point %s stays: %s", layer.lower_mountpoint, exc)
+
+    def destroy(self, cid: str, cdir: Path, state: RootfsState) -> list[str]:
+        """Undo everything ``state`` records, then anything still mounted under ``cdir``.
+
+        Each step is tried even when an earlier one failed; returns what failed, one line each.
+        """
+        errors: list[str] = []
+
+        def attempt(what: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except (TidalError, OSError) as exc:
+                log.warning("removing container %s: %s: %s", cid[:12], what, exc)
+                errors.append(f"{what}: {exc}")
+
+        for v in state.volumes:
+            if v.volume is not None:
+                vol = v.volume
+                attempt("volume", lambda vol=vol: destroy_volume(self.mounter, vol))  # type: ignore[misc]
+        layer = state.layer
+        if layer is not None:
+            attempt("rootfs", lambda: self.unmount_layer(layer))
+            attempt("image", lambda: self.release_lower_if_unused(layer, cid))
+        if state.volume is not None:
+            vol0 = state.volume
+            attempt("rootfs volume", lambda: destroy_volume(self.mounter, vol0))
+        # A crash between making a mount and recording it leaves one the state does not name.
+        left = sweep(self.mounter, cdir)
+        if left:
+            errors.append(f"still mounted: {', '.join(left)}")
+        return errors
+
+    def release_unused_images(self) -> list[str]:
+        """Unmount image mounts no container records (a daemon killed mid-create); on start."""
+        used = {
+            r.rootfs.layer.lower_mountpoint for r in self.store.list() if r.rootfs.layer is not None
+        }
+        released = []
+        try:
+            candidates = sorted(p for p in self.images_dir.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        for mp in candidates:
+            if str(mp) in used or not self.mounter.mounted(str(mp)):
+                continue
+            from tidal.engine.mounter import TIDAL_IMAGE
+
+            with self._image_lock(str(mp)):
+                try:
+                    self.mounter.unmount(Mount(TIDAL_IMAGE, "", str(mp), shared=True))
+                    mp.rmdir()
+                except (TidalError, OSError) as exc:
+                    log.warning("unused image mount %s could not be released: %s", mp, exc)
+                    continue
+            log.warning("released image mount %s, which no container records", mp)
+            released.append(str(mp))
+        return released
