@@ -1,4 +1,6 @@
-"""Run an external tool: the one place that turns a child's failure into a Tidal error.
+"""Run an external tool: the one place that starts a child process and turns its failure
+into a Tidal error (an import-linter contract keeps every other module to subprocess's
+constants and types).
 
 Tidal drives many tools (losetup, mkfs.ext4, mount, ip, tc, runc, the registry binary). Each
 call wants the same three things: a timeout, so a hung tool cannot hang a daemon; its failure

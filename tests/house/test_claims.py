@@ -4,9 +4,10 @@ A tool "runs" where its name is the first item of a list or tuple display (an ar
 first argument of a call (``proc.run("losetup", ...)``). The README and the docstrings of
 ``blockdev/loop.py`` say losetup runs nowhere else; this keeps that true.
 
-Not true today, and so not checked here (see the report of issue 11): ``blockdev/ext4.py`` and
-the README's "the only places running mkfs.ext4, mount, umount" (engine/volume.py, rootfs.py,
-hostprep.py and lxcfs.py run them too). Add the tools to ``RUN_ONLY_IN`` once they are.
+mkfs.ext4 runs only in ``blockdev/ext4.py``; mount and umount in ``blockdev/ext4.py`` (ext4
+files), the engine's mount-plan executor ``engine/mounter.py``, host preparation's cgroup v1
+mounts (``engine/hostprep.py``) and lxcfs' lazy unmount of a dead daemon (``engine/lxcfs.py``),
+as the README says. Child processes start only in ``tidal.proc`` (and the test harnesses).
 """
 
 from __future__ import annotations
@@ -18,7 +19,44 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 RUN_ONLY_IN = {
     "losetup": {"tidal/blockdev/loop.py"},
+    "mkfs.ext4": {"tidal/blockdev/ext4.py"},
+    "mount": {"tidal/blockdev/ext4.py", "tidal/engine/mounter.py", "tidal/engine/hostprep.py"},
+    "umount": {"tidal/blockdev/ext4.py", "tidal/engine/mounter.py", "tidal/engine/lxcfs.py"},
 }
+
+SPAWNERS = {"run", "Popen", "call", "check_call", "check_output", "getoutput", "getstatusoutput"}
+"""The ``subprocess`` functions that start a child."""
+
+
+def child_starters(root: Path = SRC) -> set[str]:
+    """Files (relative to ``root``) that call ``subprocess.<spawner>`` or ``os.system``."""
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and (
+                (owner.id == "subprocess" and node.func.attr in SPAWNERS)
+                or (owner.id == "os" and node.func.attr in {"system", "popen"})
+            ):
+                found.add(rel)
+    return found
+
+
+def test_children_start_only_in_proc() -> None:
+    starters = child_starters()
+    outside = {f for f in starters if f != "tidal/proc.py" and not f.startswith("tidal/testing/")}
+    assert not outside, f"these start children without tidal.proc: {sorted(outside)}"
+    assert "tidal/proc.py" in starters, "the scanner no longer sees tidal.proc's own calls"
+
+
+def test_the_child_scanner_sees_calls(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("subprocess.Popen(['x'])\nsubprocess.DEVNULL\n")
+    (tmp_path / "b.py").write_text("p: subprocess.Popen[bytes]\nos.system('true')\n")
+    (tmp_path / "c.py").write_text("import subprocess\nx = subprocess.PIPE\n")
+    assert child_starters(tmp_path) == {"a.py", "b.py"}
 
 
 def _is_lookup(call: ast.Call) -> bool:

@@ -23,7 +23,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from tidal import proc as tidal_proc
 from tidal.engine.monitor import MonitorConfig, StartReport
+from tidal.errors import EngineError
 from tidal.fsutil import read_line, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,10 @@ def launch_monitor() -> MonitorLaunch:
     """Start a monitor's interpreter now; it waits for its configuration on stdin."""
     r, w = os.pipe()
     try:
-        proc = subprocess.Popen(
+        proc = tidal_proc.spawn(
             [sys.executable, "-S", "-m", "tidal.engine.monitor", "-", str(w)],
+            what="starting a container monitor",
+            error=EngineError,
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -86,8 +86,11 @@ class LxcfsSupervisor:
             )
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as fh:
-            self._proc = subprocess.Popen(
+            self._proc = proc.spawn(
                 ["lxcfs", "-p", str(self.pid_file), str(self.mountpoint)],
+                what=f"starting lxcfs at {self.mountpoint}",
+                error=EngineError,
+                install_hint="apt-get install lxcfs",
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=fh,
