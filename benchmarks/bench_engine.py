@@ -43,23 +43,15 @@ from tidal.engine.daemon import Daemon  # noqa: E402
 from tidal.engine.runtime import get_runtime  # noqa: E402
 from tidal.engine.settings import EngineSettings  # noqa: E402
 from tidal.engine.spec import ContainerSpec  # noqa: E402
+from tidal.testing.trees import make_busybox_rootfs  # noqa: E402
 
 BUSYBOX_CACHE = Path("/var/cache/tidal-test/busybox")
 RESULTS = REPO / "benchmarks" / "results" / "engine.json"
 
 
 def busybox_tree() -> Path:
-    if (BUSYBOX_CACHE / "bin" / "sh").exists():
-        return BUSYBOX_CACHE
-    tmp = BUSYBOX_CACHE.with_name("busybox.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "bin").mkdir(parents=True)
-    shutil.copy2(shutil.which("busybox") or "/bin/busybox", tmp / "bin" / "busybox")
-    subprocess.run(["chroot", str(tmp), "/bin/busybox", "--install", "-s", "/bin"], check=True)
-    for d in ("etc", "proc", "sys", "dev", "tmp", "root"):
-        (tmp / d).mkdir(exist_ok=True)
-    os.rename(tmp, BUSYBOX_CACHE)
-    return BUSYBOX_CACHE
+    """The tests' busybox tree (one builder: tidal.testing.trees)."""
+    return make_busybox_rootfs(BUSYBOX_CACHE)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -23,6 +23,7 @@ from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
 from tidal.engine.settings import EngineSettings
 from tidal.errors import TidalError
+from tidal.testing import trees
 
 CACHE = Path("/var/cache/tidal-test")
 BUSYBOX_DIR = CACHE / "busybox"
@@ -30,23 +31,11 @@ DEBIAN_DIR = CACHE / "debian-bookworm"
 
 
 def make_busybox_rootfs(dest: Path) -> Path:
-    """A minimal rootfs: static busybox plus its applet links."""
-    if (dest / "bin" / "sh").exists():
-        return dest
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("needs busybox-static (apt-get install busybox-static)")
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "bin").mkdir(parents=True)
-    shutil.copy2(busybox, tmp / "bin" / "busybox")
-    subprocess.run(["chroot", str(tmp), "/bin/busybox", "--install", "-s", "/bin"], check=True)
-    for d in ("etc", "proc", "sys", "dev", "tmp", "root", "var/www"):
-        (tmp / d).mkdir(parents=True, exist_ok=True)
-    (tmp / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (tmp / "etc" / "group").write_text("root:x:0:\n")
-    os.rename(tmp, dest)
-    return dest
+    """A minimal rootfs: static busybox plus its applet links (tidal.testing.trees')."""
+    try:
+        return trees.make_busybox_rootfs(dest)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

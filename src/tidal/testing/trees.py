@@ -59,3 +59,35 @@ def diff_trees(expected: Path, actual: Path) -> list[str]:
         f"{p}: expected {a[p]}, got {b[p]}" for p in sorted(a.keys() & b.keys()) if a[p] != b[p]
     ]
     return problems
+
+
+def make_busybox_rootfs(dest: Path) -> Path:
+    """A minimal rootfs at ``dest``: static busybox, its applet links, /etc/passwd and group.
+
+    Built once (a complete tree is reused), into a sibling first and renamed into place, so a
+    concurrent or interrupted build never leaves a half tree behind. Raises
+    :class:`FileNotFoundError` when busybox-static is not installed. Tests and benchmarks build
+    the same tree through this one function.
+    """
+    import shutil
+
+    from tidal import proc
+
+    if (dest / "bin" / "sh").exists() and (dest / "etc" / "passwd").exists():
+        return dest
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise FileNotFoundError("needs busybox-static (apt-get install busybox-static)")
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, tmp / "bin" / "busybox")
+    proc.run(["chroot", tmp, "/bin/busybox", "--install", "-s", "/bin"], what="installing busybox")
+    for d in ("etc", "proc", "sys", "dev", "tmp", "root", "var/www"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    (tmp / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (tmp / "etc" / "group").write_text("root:x:0:\n")
+    if dest.exists():  # an incomplete tree of an older builder
+        shutil.rmtree(dest)
+    os.rename(tmp, dest)
+    return dest
