@@ -13,11 +13,11 @@ import logging
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import typer
 
 from tidal.cli.console import err, out
-from tidal.engine.client import EngineClient
 from tidal.engine.settings import load_settings
 from tidal.engine.spec import (
     ContainerSpec,
@@ -31,7 +31,10 @@ from tidal.engine.spec import (
     parse_service,
     parse_volume,
 )
-from tidal.engine.store import ContainerRecord
+
+if TYPE_CHECKING:  # the client and the record types load with the first command, not --help
+    from tidal.engine.client import EngineClient
+    from tidal.engine.store import ContainerRecord
 
 
 def _argv(command: list[str] | None) -> tuple[str, ...]:
@@ -43,6 +46,8 @@ def _argv(command: list[str] | None) -> tuple[str, ...]:
 
 
 def _client() -> EngineClient:
+    from tidal.engine.client import EngineClient
+
     return EngineClient(load_settings().resolved_socket_path())
 
 
