@@ -29,6 +29,7 @@ from uhashring import HashRing
 
 from tidal.errors import ConfigError, NotFoundError, P2PError
 from tidal.ids import Digest, parse_digest
+from tidal.service.client import plain_http_transport
 from tidal.service.server import Request, Route, Service, TcpServiceServer
 from tidal.service.wire import error_from_response
 
@@ -210,7 +211,7 @@ class RootClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.ring = ring
-        self._http = httpx.Client(timeout=timeout_s, transport=transport)
+        self._http = httpx.Client(timeout=timeout_s, transport=transport or plain_http_transport())
 
     def _post(self, digest: Digest, verb: str, body: dict[str, str]) -> dict[str, Any]:
         root = self.ring.root_for(digest)

@@ -36,6 +36,7 @@ from tidal.errors import (
 )
 from tidal.ids import Digest, short_digest
 from tidal.image.zfile import ZFileReader
+from tidal.service.client import plain_http_transport
 from tidal.service.server import Request, Response, Route, Service, TcpServiceServer
 
 log = logging.getLogger("tidal.blobs.peer")
@@ -236,7 +237,7 @@ class PeerBlobSource:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout_s, transport=transport)
+        self._http = httpx.Client(timeout=timeout_s, transport=transport or plain_http_transport())
 
     @property
     def name(self) -> str:

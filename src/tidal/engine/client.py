@@ -20,6 +20,7 @@ from tidal.engine.runtime import ExecResult
 from tidal.engine.spec import ContainerSpec
 from tidal.engine.store import ContainerRecord
 from tidal.errors import DaemonUnavailableError, EngineError
+from tidal.service.client import plain_http_transport
 from tidal.service.wire import raise_for_error
 
 LONG_TIMEOUT_S = 600.0
@@ -34,7 +35,7 @@ class EngineClient:
         self.socket_path = socket_path
         self._probed = transport is not None  # the socket probe is for the socket only
         self._http = httpx.Client(
-            transport=transport or httpx.HTTPTransport(uds=str(socket_path)),
+            transport=transport or plain_http_transport(uds=str(socket_path)),
             base_url="http://tidal/v1",
             timeout=LONG_TIMEOUT_S,
         )

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from tidal.errors import QosError
+from tidal.service.client import plain_http_transport
 from tidal.service.wire import raise_for_error
 
 API_TIMEOUT_S = 10.0
@@ -26,7 +27,11 @@ class QosClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout_s,
+            transport=transport or plain_http_transport(),
+        )
 
     def close(self) -> None:
         self._http.close()

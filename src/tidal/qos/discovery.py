@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from tidal.errors import QosError
+from tidal.service.client import plain_http_transport
 from tidal.service.wire import error_from_response
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class EngineDiscovery:
                 probe.settimeout(REQUEST_TIMEOUT_S)
                 probe.connect(str(self.socket_path))
             self._http = httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(self.socket_path)),
+                transport=plain_http_transport(uds=str(self.socket_path)),
                 base_url="http://tidal/v1",
                 timeout=REQUEST_TIMEOUT_S,
             )
