@@ -74,6 +74,13 @@ def create_volume(
 ) -> QuotaVolume:
     """Make and mount a new quota volume (undoing its own steps on failure)."""
     format_volume_file(mounter, image_path, size_bytes, inodes)
+    return _mount_volume(mounter, image_path, mountpoint, size_bytes, inodes)
+
+
+def _mount_volume(
+    mounter: Mounter, image_path: Path, mountpoint: Path, size_bytes: int, inodes: int
+) -> QuotaVolume:
+    """Mount a formatted volume file; the file is deleted if the mount fails."""
     vol = QuotaVolume(str(image_path), str(mountpoint), size_bytes, inodes)
     try:
         mounter.apply([vol.mount])
@@ -172,12 +179,5 @@ def volume_from_pool_or_new(
     if pool is not None and pool.matches(size_bytes, inodes):
         image_path.parent.mkdir(parents=True, exist_ok=True)
         if pool.take(image_path):
-            vol = QuotaVolume(str(image_path), str(mountpoint), size_bytes, inodes)
-            try:
-                mounter.apply([vol.mount])
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    image_path.unlink()
-                raise
-            return vol
+            return _mount_volume(mounter, image_path, mountpoint, size_bytes, inodes)
     return create_volume(mounter, image_path, mountpoint, size_bytes, inodes)
