@@ -25,6 +25,7 @@ from tidal.errors import (
     DaemonUnavailableError,
     EngineError,
 )
+from tidal.testing.daemon import daemon_env, start_daemon
 
 
 def test_status_table() -> None:
@@ -84,48 +85,10 @@ def test_api_round_trip(daemon: tuple[Daemon, EngineClient], busybox_rootfs: Pat
         Daemon(d.settings)
 
 
-def _env(settings: EngineSettings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "TIDAL_ENGINE__STATE_DIR": str(settings.state_dir),
-            "TIDAL_ENGINE__DEFAULT_DISK_QUOTA_BYTES": str(settings.default_disk_quota_bytes),
-            "TIDAL_ENGINE__CGROUP_PARENT": settings.cgroup_parent,
-            "TIDAL_ENGINE__LXCFS": "off",
-            "TIDAL_ENGINE__STOP_TIMEOUT_S": "1",
-        }
-    )
-    return env
-
-
-def _start_daemon(settings: EngineSettings, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tidal.cli.main", "daemon"],
-            env=_env(settings),
-            stdout=fh,
-            stderr=fh,
-        )
-    sock = settings.resolved_socket_path()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if sock.exists():
-            with EngineClient(sock) as c:
-                try:
-                    c.ping()
-                    return proc
-                except DaemonUnavailableError:
-                    pass
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"daemon did not come up: {log.read_text()}")
-
-
 def _cli(settings: EngineSettings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tidal.cli.main", *args],
-        env=_env(settings),
+        env=daemon_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
@@ -144,7 +107,7 @@ def test_cli_and_sigkilled_daemon_restart(
     engine_cleanup: Callable[[Engine], None],
 ) -> None:
     log = tmp_path / "daemon.log"
-    proc = _start_daemon(engine_settings, log)
+    proc = start_daemon(engine_settings, log)
     try:
         bb = str(busybox_rootfs)
         r = _cli(
@@ -185,7 +148,7 @@ def test_cli_and_sigkilled_daemon_restart(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         time.sleep(1.5)  # "quick" exits while no daemon runs
-        proc = _start_daemon(engine_settings, log)
+        proc = start_daemon(engine_settings, log)
 
         r = _cli(engine_settings, "ps", "-a")
         lines = {ln.split()[1]: ln for ln in r.stdout.splitlines()[1:]}

@@ -26,52 +26,11 @@ from tidal.engine.containers import Engine
 from tidal.engine.runtime import RuncRuntime
 from tidal.engine.settings import EngineSettings
 from tidal.errors import DaemonUnavailableError, TidalError
+from tidal.testing.daemon import daemon_env, start_daemon
 
 ROUNDS = 16
 BUDGET_S = 300.0
 """The whole test stops starting rounds after this long (at least 8 rounds are required)."""
-
-
-def _env(settings: EngineSettings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "TIDAL_ENGINE__STATE_DIR": str(settings.state_dir),
-            "TIDAL_ENGINE__DEFAULT_DISK_QUOTA_BYTES": str(settings.default_disk_quota_bytes),
-            "TIDAL_ENGINE__CGROUP_PARENT": settings.cgroup_parent,
-            "TIDAL_ENGINE__BRIDGE": settings.bridge,
-            "TIDAL_ENGINE__SUBNET": settings.subnet,
-            "TIDAL_ENGINE__LXCFS": "off",
-            "TIDAL_ENGINE__STOP_TIMEOUT_S": "1",
-        }
-    )
-    return env
-
-
-def _start_daemon(settings: EngineSettings, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tidal.cli.main", "daemon"],
-            env=_env(settings),
-            stdout=fh,
-            stderr=fh,
-        )
-    sock = settings.resolved_socket_path()
-    deadline = time.monotonic() + 90  # reconciliation may wait for starts in flight
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited at start: {log.read_text()[-2000:]}")
-        if sock.exists():
-            with EngineClient(sock) as c:
-                try:
-                    c.ping()
-                    return proc
-                except DaemonUnavailableError:
-                    pass
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"daemon did not come up: {log.read_text()[-2000:]}")
 
 
 def _run_d(settings: EngineSettings, image: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -88,7 +47,7 @@ def _run_d(settings: EngineSettings, image: Path, *extra: str) -> subprocess.Pop
             "sleep",
             "300",
         ],
-        env=_env(settings),
+        env=daemon_env(settings),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -130,7 +89,7 @@ def test_sigkilled_daemon_during_runs_is_reconciled(
     runc = RuncRuntime(engine_settings.resolved_state_dir() / "runtime" / "runc")
     started = time.monotonic()
     rounds = 0
-    proc = _start_daemon(engine_settings, log)
+    proc = start_daemon(engine_settings, log, timeout_s=90)
     try:
         while rounds < ROUNDS and time.monotonic() - started < BUDGET_S:
             calls = [
@@ -147,7 +106,7 @@ def test_sigkilled_daemon_during_runs_is_reconciled(
                 except subprocess.TimeoutExpired:
                     c.kill()
                     c.wait()
-            proc = _start_daemon(engine_settings, log)
+            proc = start_daemon(engine_settings, log, timeout_s=90)
             rounds += 1
             with EngineClient(engine_settings.resolved_socket_path()) as client:
                 bad = _disagreements(client, runc)
