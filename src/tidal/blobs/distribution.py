@@ -257,16 +257,22 @@ class LazyImageMetrics:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily
 
+        from tidal.service.server import counter_families
+
         names, values = list(self.labels), list(self.labels.values())
         total = self.lazy.stats
-        for name, doc, value in (
-            ("tidal_mount_fetched_bytes", "Bytes fetched from remote sources", total.bytes_fetched),
-            ("tidal_mount_cache_hits", "Chunk reads answered by the chunk cache", total.hits),
-            ("tidal_mount_cache_misses", "Chunk reads that had to fetch", total.misses),
-        ):
-            family = CounterMetricFamily(name, doc, labels=names)
-            family.add_metric(values, value)
-            yield family
+        yield from counter_families(
+            self.labels,
+            (
+                (
+                    "tidal_mount_fetched_bytes",
+                    "Bytes fetched from remote sources",
+                    total.bytes_fetched,
+                ),
+                ("tidal_mount_cache_hits", "Chunk reads answered by the chunk cache", total.hits),
+                ("tidal_mount_cache_misses", "Chunk reads that had to fetch", total.misses),
+            ),
+        )
         if self.lazy.p2p is not None:
             received = CounterMetricFamily(
                 "tidal_p2p_received_bytes",

@@ -133,18 +133,20 @@ class MountMetrics:
         self.labels = {"image": image}
 
     def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import HistogramMetricFamily
+
+        from tidal.service.server import counter_families
 
         names, values = list(self.labels), list(self.labels.values())
         c = self.fs.counters
-        for name, doc, value in (
-            ("tidal_mount_reads", "Reads the FUSE device served", c.reads),
-            ("tidal_mount_read_bytes", "Bytes the FUSE device served", c.bytes_read),
-            ("tidal_mount_errors", "Requests answered with EIO", c.errors),
-        ):
-            family = CounterMetricFamily(name, doc, labels=names)
-            family.add_metric(values, value)
-            yield family
+        yield from counter_families(
+            self.labels,
+            (
+                ("tidal_mount_reads", "Reads the FUSE device served", c.reads),
+                ("tidal_mount_read_bytes", "Bytes the FUSE device served", c.bytes_read),
+                ("tidal_mount_errors", "Requests answered with EIO", c.errors),
+            ),
+        )
         buckets, sum_s = self.fs.read_latency.cumulative()
         latency = HistogramMetricFamily(
             "tidal_mount_read_seconds", "Time to serve one FUSE read", labels=names

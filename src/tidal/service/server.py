@@ -35,7 +35,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -448,3 +448,18 @@ class UnixServiceServer(_Serving, socketserver.ThreadingMixIn, socketserver.Unix
     @property
     def url(self) -> str:
         return f"unix:{self.path}"
+
+
+def counter_families(
+    labels: Mapping[str, str], rows: Iterable[tuple[str, str, float]]
+) -> Iterator[Any]:
+    """One Prometheus counter family per ``(name, doc, value)``, each with ``labels``: what a
+    custom collector yields for counters it reads from elsewhere (the FUSE and chunk counters).
+    prometheus-client is imported here, at the first scrape, not with the caller."""
+    from prometheus_client.core import CounterMetricFamily
+
+    names, values = list(labels), list(labels.values())
+    for name, doc, value in rows:
+        family = CounterMetricFamily(name, doc, labels=names)
+        family.add_metric(values, value)
+        yield family
