@@ -306,7 +306,7 @@ def test_rm_unmounts_what_no_record_names(eng: Engine, node: dict[str, Any]) -> 
 
 
 def _stray(target: Path) -> Any:
-    from tidal.engine.mounter import OVERLAY, Mount
+    from tidal.engine.state import OVERLAY, Mount
 
     return Mount(OVERLAY, OVERLAY, str(target), ("lowerdir=/x",))
 

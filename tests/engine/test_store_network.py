@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from tidal.engine.network import gateway, ip_candidates, link_names, parse_subnet
-from tidal.engine.rootfs import LayerState, RootfsState, VolumeState
 from tidal.engine.spec import ContainerSpec
+from tidal.engine.state import LayerState, QuotaVolume, RootfsState, VolumeState
 from tidal.engine.store import ContainerRecord, Store
-from tidal.engine.volume import QuotaVolume
 from tidal.errors import ConfigError, ContainerNotFoundError, EngineError
 
 ROOTFS = RootfsState(

@@ -98,3 +98,45 @@ def test_the_scanner_sees_argvs_and_calls(tmp_path: Path) -> None:
     found = tool_runners(tmp_path)
     assert found["losetup"] == {"a.py"} and found["mkfs.ext4"] == {"b.py"}
     assert "mount" not in found  # neither a dict value nor a lookup is an argv
+
+
+# --- what a client command loads ------------------------------------------------------------
+
+CLIENT_MUST_NOT_LOAD = (
+    "tidal.engine.rootfs",
+    "tidal.engine.volume",
+    "tidal.engine.mounter",
+    "tidal.engine.runtime",
+    "tidal.engine.containers",
+    "tidal.blockdev.ext4",
+    "tidal.blockdev.mounts",
+    "tidal.service.server",
+)
+"""Planners, host adapters and the server: each ``tidal`` command is a fresh process, so what
+``tidal ps`` imports is paid on every call (benchmarks/bench_cli.py measures it)."""
+
+
+def _loaded_after(code: str) -> set[str]:
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    return set(out.split())
+
+
+def test_ps_loads_records_not_planners() -> None:
+    """The CLI plus the engine client and a record read from JSON: state data only."""
+    loaded = _loaded_after(
+        "import tidal.cli.main\n"
+        "from tidal.engine.client import EngineClient\n"
+        "from tidal.engine.store import ContainerRecord\n"
+    )
+    assert "tidal.engine.state" in loaded  # the probe really loaded the record types
+    assert not loaded & set(CLIENT_MUST_NOT_LOAD), sorted(loaded & set(CLIENT_MUST_NOT_LOAD))
+
+
+def test_the_load_probe_sees_planners() -> None:
+    assert "tidal.engine.rootfs" in _loaded_after("import tidal.engine.storage")

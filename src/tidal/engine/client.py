@@ -12,16 +12,18 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from tidal.engine.runtime import ExecResult
 from tidal.engine.spec import ContainerSpec
 from tidal.engine.store import ContainerRecord
 from tidal.errors import DaemonUnavailableError, EngineError
 from tidal.service.client import plain_http_transport
 from tidal.service.wire import raise_for_error
+
+if TYPE_CHECKING:  # the runtime module (tool runner, drivers) loads only with an exec
+    from tidal.engine.runtime import ExecResult
 
 LONG_TIMEOUT_S = 600.0
 """Starts, stops and upgrades may take long (image mounts, stop timeouts)."""
@@ -132,6 +134,8 @@ class EngineClient:
         self, ref: str, argv: list[str], *, env: list[str] | None = None, stdin: bytes = b""
     ) -> ExecResult:
         body = {"argv": argv, "env": env or [], "stdin_b64": base64.b64encode(stdin).decode()}
+        from tidal.engine.runtime import ExecResult
+
         d = self._request("POST", f"/containers/{ref}/exec", json=body).json()
         return ExecResult(
             int(d["exit_code"]),

@@ -47,10 +47,11 @@ from tidal.engine.monitor import (
 from tidal.engine.mounter import HostMounter, Mounter
 from tidal.engine.network import BridgeNetwork, Network
 from tidal.engine.ports import check_ports
-from tidal.engine.rootfs import RootfsState, provider_for
+from tidal.engine.rootfs import provider_for
 from tidal.engine.runtime import ExecResult, Runtime, get_runtime, pid_alive
 from tidal.engine.settings import EngineSettings, load_settings
 from tidal.engine.spec import ContainerSpec, QuotaSpec
+from tidal.engine.state import RootfsState
 from tidal.engine.storage import Storage
 from tidal.engine.store import ContainerRecord, Store
 from tidal.engine.volume import VolumePool, volume_usage

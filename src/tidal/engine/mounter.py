@@ -14,37 +14,14 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tidal import proc
 from tidal.blockdev import ext4
+from tidal.engine.state import EXT4_LOOP, OVERLAY, TIDAL_IMAGE, Mount
 from tidal.errors import EngineError, QuotaError, TidalError
 
 log = logging.getLogger(__name__)
-
-OVERLAY = "overlay"
-EXT4_LOOP = "ext4-loop"
-"""An ext4 file system in a regular file, mounted through an autoclear loop device."""
-TIDAL_IMAGE = "tidal-image"
-"""A Tidal block image served lazily (FUSE -> loop -> ext4), read-only."""
-MOUNT_TYPES = (OVERLAY, EXT4_LOOP, TIDAL_IMAGE)
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One mount to make: ``source`` of ``type`` at ``target`` with ``options``."""
-
-    type: str
-    source: str
-    target: str
-    options: tuple[str, ...] = ()
-    shared: bool = False
-    """Used by several containers (an image's lower): an existing mount at ``target`` is reused."""
-
-
-def overlay_mount(lower: str, upper: str, work: str, target: str) -> Mount:
-    return Mount(OVERLAY, OVERLAY, target, (f"lowerdir={lower},upperdir={upper},workdir={work}",))
 
 
 class Mounter(ABC):

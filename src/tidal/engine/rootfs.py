@@ -22,10 +22,11 @@ Each (re)mount has a generation number so that ``upgrade`` can prepare the new i
 the old one and roll back without losing the old writable layer.
 
 Nothing here mounts: providers and :func:`plan_layer` return what to mount as data (a mount
-plan of :class:`~tidal.engine.mounter.Mount` values, as containerd's snapshotters return
+plan of :class:`~tidal.engine.state.Mount` values, as containerd's snapshotters return
 mounts), and the engine's one :class:`~tidal.engine.mounter.Mounter` executes it. The state
-recorded per container is frozen data too (:class:`RootfsState`), stored as the same JSON
-object the API has always shown.
+recorded per container is frozen data too (:class:`~tidal.engine.state.RootfsState`), stored
+as the same JSON object the API has always shown; it lives in :mod:`tidal.engine.state` so that
+reading a record loads none of this planning code.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tidal.engine.mounter import TIDAL_IMAGE, Mount, overlay_mount
-from tidal.engine.volume import QuotaVolume
+from tidal.engine.state import TIDAL_IMAGE, LayerState, Mount, QuotaVolume, overlay_mount
 from tidal.errors import ConfigError, ImageNotFoundError
 
 
@@ -148,108 +148,14 @@ def provider_by_kind(kind: str) -> RootfsProvider:
 # --- state and plans ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerState:
-    """One generation of a container's root: an overlay over an image's (shared) lower."""
-
-    kind: str
-    image: str
-    generation: int
-    lower_mountpoint: str
-    lower: str
-    upper: str
-    work: str
-    merged: str
-
-    @property
-    def lower_mounts(self) -> tuple[Mount, ...]:
-        """The shared image mount (none for a directory rootfs)."""
-        return provider_by_kind(self.kind).lower_mounts(self.image, Path(self.lower_mountpoint))
-
-    @property
-    def overlay(self) -> Mount:
-        return overlay_mount(self.lower, self.upper, self.work, self.merged)
-
-    @property
-    def plan(self) -> tuple[Mount, ...]:
-        """Everything to mount, in order, for this root to exist."""
-        return (*self.lower_mounts, self.overlay)
+def lower_mounts(layer: LayerState) -> tuple[Mount, ...]:
+    """The shared image mount under a layer (none for a directory rootfs)."""
+    return provider_by_kind(layer.kind).lower_mounts(layer.image, Path(layer.lower_mountpoint))
 
 
-@dataclass(frozen=True)
-class VolumeState:
-    """One ``--volume``: a host directory, or an engine-made one (optionally a quota volume)."""
-
-    target: str
-    source: str | None
-    path: str
-    volume: QuotaVolume | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "source": self.source,
-            "volume": self.volume.to_json() if self.volume else None,
-            "path": self.path,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VolumeState:
-        return cls(
-            target=str(data["target"]),
-            source=data.get("source"),
-            path=str(data["path"]),
-            volume=QuotaVolume.from_json(data.get("volume")),
-        )
-
-
-@dataclass(frozen=True)
-class RootfsState:
-    """What a container holds on the host, recorded step by step as it is made.
-
-    ``volume`` is the writable layer's quota volume, ``layer`` the mounted generation,
-    ``volumes`` the container's volumes. Any of them may be missing while the container is
-    being created (a crash then leaves exactly what ``rm`` must undo).
-    """
-
-    volume: QuotaVolume | None = None
-    layer: LayerState | None = None
-    volumes: tuple[VolumeState, ...] = ()
-
-    def with_layer(self, layer: LayerState | None) -> RootfsState:
-        return replace(self, layer=layer)
-
-    def to_json(self) -> dict[str, Any]:
-        """The API's and the database's JSON object (flat: the layer's keys at the top)."""
-        out: dict[str, Any] = {}
-        if self.layer is not None:
-            out.update(asdict(self.layer))
-        if self.volume is not None or self.layer is not None:
-            out["volume"] = self.volume.to_json() if self.volume else None
-        if self.layer is not None or self.volumes:
-            out["volumes"] = [v.to_json() for v in self.volumes]
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> RootfsState:
-        d = data or {}
-        layer = None
-        if "merged" in d and "kind" in d:
-            layer = LayerState(
-                kind=str(d["kind"]),
-                image=str(d["image"]),
-                generation=int(d.get("generation", 0)),
-                lower_mountpoint=str(d["lower_mountpoint"]),
-                lower=str(d["lower"]),
-                upper=str(d["upper"]),
-                work=str(d["work"]),
-                merged=str(d["merged"]),
-            )
-        return cls(
-            volume=QuotaVolume.from_json(d.get("volume")),
-            layer=layer,
-            volumes=tuple(VolumeState.from_json(v) for v in d.get("volumes") or ()),
-        )
+def layer_plan(layer: LayerState) -> tuple[Mount, ...]:
+    """Everything to mount, in order, for this root to exist."""
+    return (*lower_mounts(layer), layer.overlay)
 
 
 def lower_mountpoint(images_dir: Path, image: str) -> Path:

@@ -16,20 +16,19 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from tidal.engine.mounter import Mount, Mounter, sweep
+from tidal.engine.mounter import Mounter, sweep
 from tidal.engine.rootfs import (
-    LayerState,
-    RootfsState,
-    VolumeState,
     drop_layer_dirs,
+    layer_plan,
     lower_mountpoint,
+    lower_mounts,
     make_layer_dirs,
     plan_layer,
 )
 from tidal.engine.spec import ContainerSpec, QuotaSpec
+from tidal.engine.state import TIDAL_IMAGE, LayerState, Mount, QuotaVolume, RootfsState, VolumeState
 from tidal.engine.store import Store
 from tidal.engine.volume import (
-    QuotaVolume,
     VolumePool,
     create_volume,
     destroy_volume,
@@ -128,7 +127,7 @@ class Storage:
         layer = plan_layer(cdir, image, volume, mp, generation)
         make_layer_dirs(layer)
         with self._image_lock(layer.lower_mountpoint):
-            self.mounter.apply(layer.plan)
+            self.mounter.apply(layer_plan(layer))
         return layer
 
     def ensure(self, state: RootfsState) -> None:
@@ -139,7 +138,7 @@ class Storage:
         if state.layer is not None:
             make_layer_dirs(state.layer)
             with self._image_lock(state.layer.lower_mountpoint):
-                self.mounter.apply([*plan, *state.layer.plan])
+                self.mounter.apply([*plan, *layer_plan(state.layer)])
             plan = []
         plan += [v.volume.mount for v in state.volumes if v.volume is not None]
         self.mounter.apply(plan)
@@ -154,7 +153,7 @@ class Storage:
 
     def release_lower_if_unused(self, layer: LayerState, except_id: str | None) -> None:
         """Unmount a shared image mount when no container in the database still uses it."""
-        if not layer.lower_mounts:
+        if not lower_mounts(layer):
             return
         with self._image_lock(layer.lower_mountpoint):
             for other in self.store.list():
@@ -164,7 +163,7 @@ class Storage:
                     and other.rootfs.layer.lower_mountpoint == layer.lower_mountpoint
                 ):
                     return
-            self.mounter.release(layer.lower_mounts)
+            self.mounter.release(lower_mounts(layer))
             try:
                 Path(layer.lower_mountpoint).rmdir()
             except OSError as exc:
@@ -214,7 +213,6 @@ class Storage:
         for mp in candidates:
             if str(mp) in used or not self.mounter.mounted(str(mp)):
                 continue
-            from tidal.engine.mounter import TIDAL_IMAGE
 
             with self._image_lock(str(mp)):
                 try:

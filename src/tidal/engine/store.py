@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tidal.engine.rootfs import RootfsState
 from tidal.engine.spec import ContainerSpec
+from tidal.engine.state import RootfsState
 from tidal.errors import ConfigError, ContainerNotFoundError, EngineError
 from tidal.ids import ContainerId
 

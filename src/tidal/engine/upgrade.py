@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from tidal.engine.rootfs import LayerState, RootfsState, drop_layer_dirs, provider_for
+from tidal.engine.rootfs import drop_layer_dirs, provider_for
 from tidal.engine.spec import ContainerSpec
+from tidal.engine.state import LayerState, RootfsState
 from tidal.engine.store import ContainerRecord
 from tidal.errors import EngineError, TidalError
 

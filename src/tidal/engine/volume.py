@@ -17,36 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from tidal.blockdev.ext4 import Ext4Format, mkfs_command
-from tidal.engine.mounter import EXT4_LOOP, Mount, Mounter
+from tidal.engine.mounter import Mounter
+from tidal.engine.state import QuotaVolume
 
 MIN_INODES = 64
 """Below this an ext4 volume cannot even hold overlayfs's work directory comfortably."""
-
-
-@dataclass(frozen=True)
-class QuotaVolume:
-    """A quota volume: ``image_path`` (sparse file) mounted at ``mountpoint``."""
-
-    image_path: str
-    mountpoint: str
-    size_bytes: int
-    inodes: int
-
-    @property
-    def mount(self) -> Mount:
-        return Mount(EXT4_LOOP, self.image_path, self.mountpoint, ("noatime",))
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> QuotaVolume | None:
-        return None if not data else cls(**data)
 
 
 def mkfs_argv(image_path: str, size_bytes: int, inodes: int) -> list[str]:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tidal.engine.mounter import EXT4_LOOP, TIDAL_IMAGE, Mount, Mounter
+from tidal.engine.mounter import Mounter
 from tidal.engine.network import Network, netns_name
 from tidal.engine.runtime import (
     EXEC_TIMEOUT_S,
@@ -39,6 +39,7 @@ from tidal.engine.runtime import (
     RuntimeState,
     pid_alive,
 )
+from tidal.engine.state import EXT4_LOOP, TIDAL_IMAGE, Mount
 from tidal.errors import ContainerNotFoundError, EngineError, OciRuntimeError, QuotaError
 from tidal.fsutil import write_json_atomic
 
