@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import select
@@ -90,6 +91,43 @@ class HashingWriter:
     @property
     def digest(self) -> Digest:
         return Digest("sha256:" + self._hash.hexdigest())
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream wrapper that hashes and counts what passes through.
+
+    ``algorithm`` is a :mod:`hashlib` name (an OCI digest's algorithm part). :meth:`drain`
+    reads what the consumer left unread (a tar reader stops at the end-of-archive marker),
+    so that the digest covers the whole stream.
+    """
+
+    def __init__(self, fh: IO[bytes], algorithm: str = "sha256") -> None:
+        self._fh = fh
+        self._algorithm = algorithm
+        self._hash = hashlib.new(algorithm)
+        self.size_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._fh.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self._hash.update(data)
+        self.size_bytes += n
+        return n
+
+    def drain(self, chunk_bytes: int = 1 << 20) -> int:
+        """Read to the end; returns how many bytes were left unread."""
+        left = 0
+        while data := self.read(chunk_bytes):
+            left += len(data)
+        return left
+
+    @property
+    def digest(self) -> str:
+        return f"{self._algorithm}:{self._hash.hexdigest()}"
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def test_docker_archive(tmp_path: Path) -> None:
         (root / f"l{i}").mkdir()
         (root / f"l{i}" / "layer.tar").write_bytes(data)
     (root / "cfg.json").write_text(
-        json.dumps({"config": {"Cmd": ["x"]}, "rootfs": {"diff_ids": []}})
+        json.dumps(
+            {
+                "config": {"Cmd": ["x"]},
+                "rootfs": {"diff_ids": ["sha256:" + hashlib.sha256(d).hexdigest() for d in layers]},
+            }
+        )
     )
     (root / "manifest.json").write_text(
         json.dumps([{"Config": "cfg.json", "Layers": ["l0/layer.tar", "l1/layer.tar"]}])

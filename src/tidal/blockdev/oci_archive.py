@@ -10,24 +10,34 @@ layer's digest, diff id and a way to open its tar stream (decompressed). Formats
   ``skopeo copy ... docker-archive:``).
 
 Layer blobs may be gzip, zstd or uncompressed tars; the magic bytes decide.
+
+Nothing is taken on trust: every document is decoded into a typed shape (msgspec; unknown
+fields are ignored, as the image spec requires of readers), every blob read is checked
+against its descriptor's digest and size, and each layer's uncompressed stream against the
+config's ``rootfs.diff_ids`` entry, before the conversion counts it as done. A mismatch is
+one :class:`~tidal.errors.ArchiveFormatError` line naming the blob.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
-import json
 import os
+import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, TypeVar
 
+import msgspec
 import zstandard
 
-from tidal.errors import ArchiveFormatError, NotFoundError
+from tidal.errors import ArchiveFormatError, NotFoundError, UnsafeArchiveError
+from tidal.fsutil import HashingReader
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -35,6 +45,80 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Opener = Callable[[], IO[bytes]]
+T = TypeVar("T")
+
+MAX_INDEX_DEPTH = 8
+"""Nested indexes followed before giving up (a self-referencing index would loop forever)."""
+MAX_DOCUMENT_BYTES = 4 << 20
+"""Largest index, manifest or config read (the distribution spec's manifest limit is 4 MiB)."""
+MAX_PATH_BYTES = 4096
+_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+
+
+# --- the documents, as typed shapes -----------------------------------------------------------
+
+
+class _Platform(msgspec.Struct):
+    os: str = "linux"
+    architecture: str = "amd64"
+
+
+class _Descriptor(msgspec.Struct, rename="camel"):
+    digest: str
+    size: int
+    media_type: str = ""
+    platform: _Platform | None = None
+
+
+class _Index(msgspec.Struct, rename="camel"):
+    manifests: list[_Descriptor]
+    media_type: str = ""
+
+
+class _Manifest(msgspec.Struct, rename="camel"):
+    config: _Descriptor
+    layers: list[_Descriptor]
+    media_type: str = ""
+
+
+class _RootFs(msgspec.Struct):
+    diff_ids: list[str] = msgspec.field(default_factory=list)
+
+
+class _Config(msgspec.Struct):
+    rootfs: _RootFs = msgspec.field(default_factory=_RootFs)
+
+
+class _DockerEntry(msgspec.Struct, rename="pascal"):
+    config: str
+    layers: list[str]
+
+
+def _decode(data: bytes, shape: type[T], where: str) -> T:
+    try:
+        return msgspec.json.decode(data, type=shape)
+    except msgspec.ValidationError as exc:
+        raise ArchiveFormatError(f"{where} is malformed ({exc})") from None
+    except msgspec.DecodeError as exc:
+        raise ArchiveFormatError(f"{where} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ArchiveFormatError(f"{where} is JSON nested too deeply") from None
+
+
+def _digest(text: str, where: str) -> str:
+    if not _DIGEST_RE.match(text):
+        raise ArchiveFormatError(
+            f"{where}: bad digest {text[:80]!r} (expected sha256:<64 hex> or sha512:<128 hex>)"
+        )
+    return text
+
+
+def _check_bytes(data: bytes, digest: str, size: int, where: str) -> None:
+    algo, _, want = digest.partition(":")
+    if len(data) != size:
+        raise ArchiveFormatError(f"{where}: {len(data)} bytes, its descriptor says {size}")
+    if hashlib.new(algo, data).hexdigest() != want:
+        raise ArchiveFormatError(f"{where}: content does not match its digest {digest}")
 
 
 @dataclass(frozen=True)
@@ -48,19 +132,52 @@ class SourceLayer:
     size_bytes: int
     media_type: str
     open_blob: Opener
+    verify_blob: bool = True
+    """Check the stored blob against :attr:`digest` and :attr:`size_bytes` (a docker-archive
+    names its layers by path, so only the diff id can be checked there)."""
 
     @contextlib.contextmanager
     def open_tar(self) -> Iterator[tarfile.TarFile]:
-        """The layer as a streaming tar (decompressed); one pass."""
-        with self.open_blob() as raw:
-            stream = decompressed(raw)
+        """The layer as a streaming tar (decompressed); one pass.
+
+        When the caller's block ends normally, the rest of the stream is read and the blob's
+        digest and size and the uncompressed stream's diff id are checked; a mismatch raises
+        :class:`ArchiveFormatError` (so nothing built from a forged layer is kept).
+        """
+        with self.open_blob() as raw_fh:
+            raw = HashingReader(
+                raw_fh, self.digest.partition(":")[0] if self.verify_blob else "sha256"
+            )
+            plain_fh = decompressed(io.BufferedReader(raw, 1 << 20))
+            plain = HashingReader(plain_fh, (self.diff_id or "sha256:").partition(":")[0])
             try:
-                with tarfile.open(fileobj=stream, mode="r|") as tf:
+                with tarfile.open(fileobj=plain, mode="r|") as tf:
                     yield tf
+                plain.drain()
+                raw.drain()
             except tarfile.TarError as exc:
                 raise ArchiveFormatError(
                     f"layer {self.digest}: not a valid tar stream ({exc})"
                 ) from exc
+            except (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+                raise ArchiveFormatError(
+                    f"layer {self.digest}: truncated or corrupt compressed stream ({exc})"
+                ) from exc
+        if self.verify_blob:
+            if raw.size_bytes != self.size_bytes:
+                raise ArchiveFormatError(
+                    f"layer {self.digest}: blob is {raw.size_bytes} bytes, its descriptor says "
+                    f"{self.size_bytes}"
+                )
+            if raw.digest != self.digest:
+                raise ArchiveFormatError(
+                    f"layer {self.digest}: blob content does not match its digest"
+                )
+        if self.diff_id is not None and plain.digest != self.diff_id:
+            raise ArchiveFormatError(
+                f"layer {self.digest}: uncompressed content does not match rootfs.diff_ids "
+                f"entry {self.diff_id}"
+            )
 
 
 @dataclass(frozen=True)
@@ -105,12 +222,32 @@ class _Files:
         elif not path.is_dir():
             raise NotFoundError(f"source image {path} does not exist")
 
+    def safe(self, rel: str) -> str:
+        """``rel`` if it names a file inside the image (no ``..``, not absolute, not huge)."""
+        parts = PurePosixPath(rel).parts
+        if (
+            not rel
+            or len(rel.encode()) > MAX_PATH_BYTES
+            or "\x00" in rel
+            or rel.startswith("/")
+            or ".." in parts
+            or any(len(part.encode()) > 255 for part in parts)
+        ):
+            raise UnsafeArchiveError(
+                f"{self.path}: path {rel[:80]!r}{'...' if len(rel) > 80 else ''} points outside "
+                "the image or is not a valid path"
+            )
+        return rel
+
     def exists(self, rel: str) -> bool:
+        rel = self.safe(rel)
         if not self._is_tar:
             return (self.path / rel).is_file()
         return rel in self._members
 
     def size(self, rel: str) -> int:
+        if not self.exists(rel):
+            raise ArchiveFormatError(f"{self.path}: {rel} is referenced but missing")
         if not self._is_tar:
             return (self.path / rel).stat().st_size
         return self._members[rel].size
@@ -133,12 +270,25 @@ class _Files:
 
         return open_member
 
-    def read_json(self, rel: str) -> Any:
+    def read_document(self, rel: str) -> bytes:
+        """A small JSON document's bytes (refused above :data:`MAX_DOCUMENT_BYTES`)."""
+        if self.size(rel) > MAX_DOCUMENT_BYTES:
+            raise ArchiveFormatError(
+                f"{self.path}: {rel} is larger than {MAX_DOCUMENT_BYTES} bytes; not a document"
+            )
         with self.opener(rel)() as fh:
-            try:
-                return json.loads(fh.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ArchiveFormatError(f"{self.path}: {rel} is not valid JSON: {exc}") from exc
+            return bytes(fh.read(MAX_DOCUMENT_BYTES + 1))
+
+    def read_blob(self, desc: _Descriptor, what: str) -> bytes:
+        """A document blob named by ``desc``, checked against its digest and size."""
+        digest = _digest(desc.digest, f"{self.path}: {what}")
+        rel = _blob_rel(digest)
+        where = f"{self.path}: {what} {digest}"
+        if not self.exists(rel):
+            raise ArchiveFormatError(f"{where} is referenced but missing")
+        data = self.read_document(rel)
+        _check_bytes(data, digest, desc.size, where)
+        return data
 
 
 class _Closing(io.RawIOBase):
@@ -164,8 +314,6 @@ class _Closing(io.RawIOBase):
 
 def _blob_rel(digest: str) -> str:
     algo, _, hexpart = digest.partition(":")
-    if not hexpart or "/" in digest or ".." in digest:
-        raise ArchiveFormatError(f"bad digest {digest!r} in image manifest")
     return f"blobs/{algo}/{hexpart}"
 
 
@@ -183,66 +331,100 @@ def open_source_image(path: str | os.PathLike[str]) -> SourceImage:
     )
 
 
-def _pick_manifest(files: _Files, index: dict[str, Any]) -> dict[str, Any]:
-    manifests = index.get("manifests") or []
-    if not manifests:
-        raise ArchiveFormatError(f"{files.path}: index.json lists no manifests")
+class _Kind(msgspec.Struct, rename="camel"):
+    """Enough of a document to tell an index from a manifest."""
+
+    media_type: str = ""
+    manifests: Any = None
+
+
+def _is_index(data: bytes, where: str) -> bool:
+    kind = _decode(data, _Kind, where)
+    return kind.media_type in (OCI_INDEX, DOCKER_LIST) or kind.manifests is not None
+
+
+def _pick_manifest(
+    files: _Files, index: _Index, where: str, depth: int = 0
+) -> tuple[_Manifest, str]:
+    """The linux/amd64 manifest (or the first) of ``index``, following nested indexes."""
+    if depth >= MAX_INDEX_DEPTH:
+        raise ArchiveFormatError(
+            f"{files.path}: indexes nested more than {MAX_INDEX_DEPTH} deep (a loop?)"
+        )
+    if not index.manifests:
+        raise ArchiveFormatError(f"{where} lists no manifests")
     preferred = [
         m
-        for m in manifests
-        if (m.get("platform") or {}).get("os", "linux") == "linux"
-        and (m.get("platform") or {}).get("architecture", "amd64") == "amd64"
+        for m in index.manifests
+        if (m.platform or _Platform()).os == "linux"
+        and (m.platform or _Platform()).architecture == "amd64"
     ]
-    desc = (preferred or manifests)[0]
-    doc = files.read_json(_blob_rel(desc["digest"]))
-    if doc.get("mediaType") in (OCI_INDEX, DOCKER_LIST) or "manifests" in doc:
-        return _pick_manifest(files, doc)
-    return {**doc, "_digest": desc["digest"]}
+    desc = (preferred or index.manifests)[0]
+    data = files.read_blob(desc, "manifest")
+    inner = f"{files.path}: manifest {desc.digest}"
+    if _is_index(data, inner):
+        return _pick_manifest(files, _decode(data, _Index, inner), inner, depth + 1)
+    return _decode(data, _Manifest, inner), desc.digest
 
 
 def _oci(files: _Files) -> SourceImage:
-    manifest = _pick_manifest(files, files.read_json("index.json"))
-    try:
-        config = files.read_json(_blob_rel(manifest["config"]["digest"]))
-        diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
-        layers = []
-        for i, desc in enumerate(manifest["layers"]):
-            rel = _blob_rel(desc["digest"])
-            layers.append(
-                SourceLayer(
-                    digest=desc["digest"],
-                    diff_id=diff_ids[i] if i < len(diff_ids) else None,
-                    size_bytes=int(desc.get("size", files.size(rel))),
-                    media_type=desc.get("mediaType", ""),
-                    open_blob=files.opener(rel),
-                )
+    where = f"{files.path}: index.json"
+    index = _decode(files.read_document("index.json"), _Index, where)
+    manifest, manifest_digest = _pick_manifest(files, index, where)
+    config_bytes = files.read_blob(manifest.config, "config")
+    where_cfg = f"{files.path}: config {manifest.config.digest}"
+    diff_ids = _decode(config_bytes, _Config, where_cfg).rootfs.diff_ids
+    if len(diff_ids) != len(manifest.layers):
+        raise ArchiveFormatError(
+            f"{where_cfg}: rootfs.diff_ids lists {len(diff_ids)} layers, the manifest "
+            f"{len(manifest.layers)}"
+        )
+    layers = []
+    for desc, diff_id in zip(manifest.layers, diff_ids, strict=True):
+        digest = _digest(desc.digest, f"{files.path}: layer")
+        rel = _blob_rel(digest)
+        files.size(rel)  # missing blob: one line now, not at conversion time
+        layers.append(
+            SourceLayer(
+                digest=digest,
+                diff_id=_digest(diff_id, where_cfg + ": rootfs.diff_ids"),
+                size_bytes=desc.size,
+                media_type=desc.media_type,
+                open_blob=files.opener(rel),
             )
-    except (KeyError, TypeError) as exc:
-        raise ArchiveFormatError(f"{files.path}: malformed OCI manifest ({exc!r})") from exc
-    return SourceImage(str(files.path), config, tuple(layers), manifest.get("_digest"))
+        )
+    config = msgspec.json.decode(config_bytes)
+    return SourceImage(str(files.path), config, tuple(layers), manifest_digest)
 
 
 def _docker(files: _Files) -> SourceImage:
-    doc = files.read_json("manifest.json")
-    try:
-        entry = doc[0]
-        config = files.read_json(entry["Config"])
-        diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
-        layers = []
-        for i, rel in enumerate(entry["Layers"]):
-            rel = rel.removeprefix("./")
-            diff = diff_ids[i] if i < len(diff_ids) else None
-            layers.append(
-                SourceLayer(
-                    digest=diff or f"docker-archive:{rel}",
-                    diff_id=diff,
-                    size_bytes=files.size(rel),
-                    media_type="application/vnd.docker.image.rootfs.diff.tar",
-                    open_blob=files.opener(rel),
-                )
-            )
-    except (KeyError, TypeError, IndexError) as exc:
+    where = f"{files.path}: manifest.json"
+    entries = _decode(files.read_document("manifest.json"), list[_DockerEntry], where)
+    if not entries:
+        raise ArchiveFormatError(f"{where} lists no images")
+    entry = entries[0]
+    cfg_rel = files.safe(entry.config.removeprefix("./"))
+    config_bytes = files.read_document(cfg_rel)
+    where_cfg = f"{files.path}: {cfg_rel}"
+    diff_ids = _decode(config_bytes, _Config, where_cfg).rootfs.diff_ids
+    if len(diff_ids) != len(entry.layers):
         raise ArchiveFormatError(
-            f"{files.path}: malformed docker-archive manifest.json ({exc!r})"
-        ) from exc
+            f"{where_cfg}: rootfs.diff_ids lists {len(diff_ids)} layers, manifest.json "
+            f"{len(entry.layers)}"
+        )
+    layers = []
+    for rel_text, diff_id in zip(entry.layers, diff_ids, strict=True):
+        rel = files.safe(rel_text.removeprefix("./"))
+        diff = _digest(diff_id, where_cfg + ": rootfs.diff_ids")
+        layers.append(
+            SourceLayer(
+                digest=diff,
+                diff_id=diff,
+                size_bytes=files.size(rel),
+                media_type="application/vnd.docker.image.rootfs.diff.tar",
+                open_blob=files.opener(rel),
+                verify_blob=False,
+            )
+        )
+    config = msgspec.json.decode(config_bytes)
     return SourceImage(str(files.path), config, tuple(layers))
