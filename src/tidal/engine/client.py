@@ -72,8 +72,14 @@ class EngineClient:
             self._probe()
         try:
             resp = self._http.request(method, path, **kw)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise self._unavailable(exc) from exc
+        except httpx.TimeoutException as exc:
+            raise DaemonUnavailableError(
+                f"the engine daemon at {self.socket_path} did not answer {method} {path} in time "
+                f"({exc or type(exc).__name__})"
+            ) from exc
+        except (httpx.TransportError, FileNotFoundError) as exc:
+            # refused, reset or cut off mid-answer (the daemon died during the request)
+            raise self._unavailable(exc or type(exc).__name__) from exc
         raise_for_error(resp, fallback=EngineError, what="the engine daemon")
         return resp
 

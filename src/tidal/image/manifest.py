@@ -33,6 +33,9 @@ from tidal.image.zfile import DEFAULT_CHUNK_SIZE_BYTES, Codec
 MANIFEST_FORMAT = "tidal.image.v1"
 LAYER_KIND_DATA = "data"
 LAYER_KIND_TRACE = "trace"
+LAYER_KINDS = (LAYER_KIND_DATA, LAYER_KIND_TRACE)
+"""The layer kinds this Tidal reads; any other is refused (a reader that skipped an unknown
+kind would show a different file system than the publisher built)."""
 
 SourceFactory = Callable[[Digest, int], RandomAccessSource]
 
@@ -55,6 +58,13 @@ class LayerRecord:
     source_digest: str | None = None
     """The OCI layer (compressed tar) this block layer was converted from, if any."""
     source_diff_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise FormatError(
+                f"layer {self.digest}: unknown kind {self.kind!r}; this Tidal reads "
+                f"{', '.join(LAYER_KINDS)} (an image from a newer Tidal?)"
+            )
 
 
 @dataclass(frozen=True)
@@ -82,14 +92,18 @@ class ImageManifest:
     def from_json(cls, text: str, name: str = "manifest.json") -> ImageManifest:
         try:
             doc = json.loads(text)
+            if not isinstance(doc, dict):
+                raise FormatError(f"expected a JSON object, got {type(doc).__name__}")
             if doc.get("format") != MANIFEST_FORMAT:
                 raise FormatError(
-                    f"{name}: format {doc.get('format')!r} is not {MANIFEST_FORMAT!r} (not a Tidal image, or a newer one)"
+                    f"format {doc.get('format')!r} is not {MANIFEST_FORMAT!r} (not a Tidal image, "
+                    "or a newer one)"
                 )
             layers = tuple(
                 LayerRecord(**{**r, "digest": parse_digest(r["digest"])})
                 for r in doc.get("layers", [])
             )
+
             return cls(
                 size_bytes=int(doc["size_bytes"]),
                 layers=layers,
@@ -100,7 +114,11 @@ class ImageManifest:
             )
         except json.JSONDecodeError as exc:
             raise FormatError(f"{name}: not valid JSON: {exc}") from exc
-        except (KeyError, TypeError, ValueError) as exc:
+        except FormatError as exc:
+            raise FormatError(f"{name}: {exc}") from None
+        except RecursionError:
+            raise FormatError(f"{name}: JSON nested too deeply") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"{name}: malformed manifest: {exc!r}") from exc
 
 
@@ -134,7 +152,9 @@ class Image:
         p = Path(path)
         mf = p / "manifest.json"
         try:
-            text = mf.read_text()
+            text = mf.read_bytes().decode()
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"{mf}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except FileNotFoundError:
             raise ImageNotFoundError(
                 f"{p} is not a Tidal image (no manifest.json); build one with `tidal image build`"
