@@ -43,7 +43,7 @@ $(STAMP_VENV): pyproject.toml
 	@mkdir -p .make
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PIP_EXTRAS)]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, mfusepy, httpx, hypothesis, numpy, matplotlib, kubernetes"
+	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, mfusepy, httpx, hypothesis, numpy, matplotlib, kubernetes, atheris"
 	@touch $@
 
 deps: $(STAMP_APT) $(STAMP_VENV)
@@ -52,8 +52,8 @@ demo: deps
 	$(BIN)/tidal demo
 
 lint: deps
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks fuzz
+	$(BIN)/ruff format --check src tests benchmarks fuzz
 
 contracts: deps
 	$(BIN)/lint-imports

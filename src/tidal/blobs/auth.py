@@ -62,6 +62,8 @@ def parse_auth_file(text: str, name: str) -> dict[str, Credentials]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"registry auth file {name} is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"registry auth file {name} nests JSON too deeply") from None
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
         raise ConfigError(f'registry auth file {name} has no "auths" object')
@@ -96,7 +98,11 @@ def load_credentials(registry: str, path: Path | None = None) -> Credentials | N
     """
     path = path if path is not None else default_auth_file()
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"registry auth file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -130,8 +130,19 @@ def from_oci(manifest_bytes: bytes, config_bytes: bytes, name: str = "manifest")
     try:
         doc = json.loads(manifest_bytes)
         cfg = json.loads(config_bytes)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{name}: not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise FormatError(f"{name}: JSON nested too deeply") from None
+    if not isinstance(doc, dict) or not isinstance(cfg, dict):
+        raise FormatError(f"{name}: the manifest and its config must be JSON objects")
+    try:
+        return _tidal_manifest(doc, cfg, name)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{name}: malformed Tidal manifest: {exc!r}") from exc
+
+
+def _tidal_manifest(doc: dict[str, Any], cfg: dict[str, Any], name: str) -> ImageManifest:
     if not is_tidal_manifest(doc):
         raise FormatError(
             f"{name} is an ordinary OCI image, not a Tidal block image; convert it first with `tidal image convert`"
@@ -140,31 +151,28 @@ def from_oci(manifest_bytes: bytes, config_bytes: bytes, name: str = "manifest")
     if ann.get(A_FORMAT) != TIDAL_FORMAT_VERSION:
         raise FormatError(f"{name}: Tidal format version {ann.get(A_FORMAT)!r} is not supported")
     records = []
-    try:
-        for layer in doc["layers"]:
-            la = layer.get("annotations", {})
-            kind = la.get(A_KIND, LAYER_KIND_DATA)
-            records.append(
-                LayerRecord(
-                    digest=parse_digest(layer["digest"]),
-                    size_bytes=int(layer["size"]),
-                    raw_data_bytes=int(la.get(A_RAW, 0)),
-                    extent_count=int(la.get(A_EXTENTS, 0)),
-                    codec=la.get(A_CODEC, "lz4"),
-                    chunk_size_bytes=int(la.get(A_CHUNK, 0)),
-                    tail_crc32=int(la.get(A_TAIL, 0)),
-                    kind=kind,
-                    source_digest=la.get(A_SOURCE),
-                    source_diff_id=la.get(A_SOURCE_DIFF),
-                )
+    for layer in doc["layers"]:
+        la = layer.get("annotations", {})
+        kind = la.get(A_KIND, LAYER_KIND_DATA)
+        records.append(
+            LayerRecord(
+                digest=parse_digest(layer["digest"]),
+                size_bytes=int(layer["size"]),
+                raw_data_bytes=int(la.get(A_RAW, 0)),
+                extent_count=int(la.get(A_EXTENTS, 0)),
+                codec=la.get(A_CODEC, "lz4"),
+                chunk_size_bytes=int(la.get(A_CHUNK, 0)),
+                tail_crc32=int(la.get(A_TAIL, 0)),
+                kind=kind,
+                source_digest=la.get(A_SOURCE),
+                source_diff_id=la.get(A_SOURCE_DIFF),
             )
-        extra = {k: v for k, v in ann.items() if not k.startswith("io.tidal.image.")}
-        return ImageManifest(
-            size_bytes=int(ann[A_SIZE]),
-            layers=tuple(records),
-            fs_type=ann.get(A_FS, "ext4"),
-            config=dict(cfg.get("config") or {}),
-            annotations=extra,
         )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise FormatError(f"{name}: malformed Tidal manifest: {exc!r}") from exc
+    extra = {k: v for k, v in ann.items() if not k.startswith("io.tidal.image.")}
+    return ImageManifest(
+        size_bytes=int(ann[A_SIZE]),
+        layers=tuple(records),
+        fs_type=ann.get(A_FS, "ext4"),
+        config=dict(cfg.get("config") or {}),
+        annotations=extra,
+    )

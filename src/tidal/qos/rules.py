@@ -318,7 +318,11 @@ def parse_rules(
 
 def load_rules(path: Path, types: Mapping[str, RuleFactory] | None = None) -> RuleSet:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()
+    except UnicodeDecodeError as exc:
+        raise RuleError(
+            f"rules file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except FileNotFoundError:
         raise RuleError(
             f"rules file {path} does not exist; write one (start from `tidal qos rules example`)"
@@ -329,6 +333,8 @@ def load_rules(path: Path, types: Mapping[str, RuleFactory] | None = None) -> Ru
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RuleError(f"rules file {path} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise RuleError(f"rules file {path} nests too deeply") from None
     return parse_rules(doc, str(path), types)
 
 
