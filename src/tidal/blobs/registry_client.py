@@ -34,6 +34,7 @@ from tidal.blobs.auth import (
     parse_token_response,
     parse_www_authenticate,
 )
+from tidal.blobs.breaker import CircuitBreaker
 from tidal.blobs.settings import BlobSettings
 from tidal.blobs.source import ReadableStream, check_blob_range, verify_digest
 from tidal.errors import (
@@ -120,6 +121,7 @@ class RegistryClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         load_auth_file: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings or BlobSettings()
         self.registry = registry
@@ -131,6 +133,12 @@ class RegistryClient:
             credentials = load_credentials(registry, self.settings.auth_file)
         self._credentials = credentials
         self._sleep = sleep
+        self.breaker = CircuitBreaker(
+            f"registry {registry}",
+            probe_interval_s=self.settings.probe_interval_s,
+            clock=clock,
+            error=RegistryUnavailableError,
+        )
         self._tokens = TokenCache()
         self._token_keys: list[tuple[str, str, str]] = []
         self._basic = False  # the registry asked for Basic once: send it up front from now on
@@ -266,7 +274,8 @@ class RegistryClient:
         ok_codes = set(ok)
         scope = self._scope(repo, push)
         url = self._url(path_or_url)
-        attempts = max(1, self.settings.retry_attempts)
+        probe = self.breaker.admit()  # raises at once while the registry is known down
+        attempts = 1 if probe else max(1, self.settings.retry_attempts)
         auth_rounds = 0
         attempt = 0
         last_cause = ""
@@ -289,6 +298,8 @@ class RegistryClient:
                 last_cause = f"{type(exc).__name__}: {exc}"
                 retry_after = None
             else:
+                if r.status_code not in _RETRY_STATUS:
+                    self.breaker.success()  # it answered: up, whatever the answer
                 if r.status_code in ok_codes:
                     with self._lock:
                         self.bytes_received += len(r.content)
@@ -303,6 +314,7 @@ class RegistryClient:
                 retry_after = _retry_after_s(r)
             attempt += 1
             if attempt >= attempts:
+                self.breaker.failure(last_cause)
                 raise RegistryUnavailableError(
                     f"{what} at {self.registry} failed after {attempts} attempts "
                     f"({last_cause}); the registry is down or overloaded, retry later"

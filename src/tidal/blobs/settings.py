@@ -29,6 +29,7 @@ DEFAULT_RETRY_ATTEMPTS = 5
 DEFAULT_BACKOFF_INITIAL_S = 0.2
 DEFAULT_BACKOFF_MAX_S = 5.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_PROBE_INTERVAL_S = 2.0
 DEFAULT_UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024
 """Blobs above this size are uploaded in PATCH chunks of this size (memory stays bounded)."""
 
@@ -46,6 +47,8 @@ class BlobSettings:
     backoff_initial_s: NonNegativeFloat = DEFAULT_BACKOFF_INITIAL_S
     backoff_max_s: NonNegativeFloat = DEFAULT_BACKOFF_MAX_S
     request_timeout_s: PositiveFloat = DEFAULT_REQUEST_TIMEOUT_S
+    probe_interval_s: PositiveFloat = DEFAULT_PROBE_INTERVAL_S
+    """While a registry is down, requests fail at once except one probe this often."""
     upload_chunk_bytes: PositiveInt = DEFAULT_UPLOAD_CHUNK_BYTES
     insecure_registries: tuple[str, ...] = ()
     """Registries (host[:port]) spoken to over plain HTTP; loopback addresses always are."""
