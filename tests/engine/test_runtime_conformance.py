@@ -83,7 +83,7 @@ def test_capabilities_are_declared_per_implementation() -> None:
     assert not FakeRuntime.capabilities.namespaces and not FakeRuntime.capabilities.reports_oom
     gvisor = RunscRuntime.capabilities
     assert gvisor.pod_sandbox and gvisor.own_proc_view and not gvisor.update
-    assert not gvisor.create_checks_executable and not gvisor.host_network
+    assert not gvisor.create_checks_executable
     for cls in (RuncRuntime, CrunRuntime, FakeRuntime):
         assert cls.capabilities.update and not cls.capabilities.pod_sandbox
         assert not cls.capabilities.own_proc_view

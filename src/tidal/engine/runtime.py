@@ -78,11 +78,6 @@ class RuntimeCapabilities:
     pod_sandbox: bool = False
     """Containers of one pod share one sandbox kernel (runsc); runc/crun pod members share
     namespaces joined by path instead."""
-    host_network: bool = True
-    """``--network host`` works (under runsc it would hand the host's network to the
-    sandbox's syscalls: refused)."""
-    hooks: bool = True
-    """Runtime-spec prestart and poststop hooks run."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +192,12 @@ class Runtime(ABC):
     @abstractmethod
     def list_ids(self) -> list[str]:
         """Ids of every container this runtime root knows (for reconciliation)."""
+
+    def wait_exit(self, cid: str, pid: int) -> int | None:
+        """Block until container ``cid`` exits and return its exit status, for a container
+        whose ``pid`` the caller cannot wait for as its parent; None: wait for ``pid``
+        (runc, crun: the init is the caller's child by way of its subreaper)."""
+        return None
 
     def pod_annotations(self, sandbox_id: str, *, is_sandbox: bool) -> dict[str, str]:
         """OCI annotations that put a container into the pod whose sandbox (infra) container
@@ -424,13 +425,17 @@ class RunscRuntime(OciCliRuntime):
       platform's sandbox spins at boot in this nested guest; systrap is newer than this
       release. On bare metal add ``--platform=kvm`` to ``[engine] runsc_flags`` (a later flag
       wins).
-    - ``--network`` per container, from its bundle: the engine's bridge netns (given by path)
-      -> ``sandbox``, gVisor's own netstack drives the veth inside that netns, so the
-      container's TCP/IP never reaches the host's; a new empty netns (``--network none``) ->
-      ``none`` (loopback only; ``sandbox`` refuses a netns it is not given by path). Host
-      networking would hand the host's network to the sandbox: refused (capability
-      ``host_network``). runsc sets the network up at ``start``, so every verb gets the flag
-      the container was created with (read back from runsc's state file).
+    - ``--network`` per container, from its bundle: a new empty netns (``--network none``)
+      -> ``none`` (gVisor's netstack with loopback only); the engine's bridge netns (given by
+      path) -> ``host``: the sandbox joins that netns and its sockets are the host kernel's
+      inside it (the container still sees only its own veth and address). gVisor's own
+      netstack (``sandbox``) would keep TCP/IP out of the host kernel too, but this release
+      refuses every netns on kernels from about 6.10 on ("cannot run with network enabled in
+      root network namespace": its root-netns test looks for /proc/sys/net/core/rmem_default,
+      which such kernels show in every netns; google/gvisor#10704, fixed in later releases).
+      ``--network host`` of the engine -> ``host`` in the host's netns. runsc sets the network
+      up at ``start``, so every verb gets the flag the container was created with (read back
+      from runsc's state file).
     - ``--overlay2=none``: the engine's rootfs is already an overlay whose upper layer lives
       on the container's quota volume; gVisor's in-memory overlay would keep writes in the
       sandbox's memory (charged to ``--memory``, lost at restart, outside ``--disk-quota``).
@@ -458,13 +463,13 @@ class RunscRuntime(OciCliRuntime):
         create_checks_executable=False,
         own_proc_view=True,
         pod_sandbox=True,
-        host_network=False,
     )
 
     def __init__(
         self, root: Path, binary: str | None = None, options: tuple[str, ...] = ()
     ) -> None:
         super().__init__(root, binary, options or RUNSC_DEFAULT_OPTIONS)
+        self._member_stdio: dict[str, tuple[int, int, Path]] = {}
 
     def _state_file(self, cid: str) -> Path | None:
         """runsc keeps ``<root>/<sandbox id>_sandbox:<container id>.state`` per container."""
@@ -494,9 +499,10 @@ class RunscRuntime(OciCliRuntime):
             except (OSError, ValueError):
                 return []
         else:
-            config = self._saved_state(cid).get("spec") or {}
-        mode = runsc_network(config)
-        return [f"--network={mode}"] if mode else []
+            config = self._saved_state(cid).get("spec")
+            if not config:
+                return []  # unknown to runsc: it answers "does not exist" itself
+        return [f"--network={runsc_network(config)}"]
 
     def create(
         self,
@@ -510,14 +516,57 @@ class RunscRuntime(OciCliRuntime):
     ) -> None:
         if self.knows(cid):
             raise OciRuntimeError(f"runsc create failed: container {cid} already exists")
-        if not self.container_args(cid, bundle):
-            raise OciRuntimeError(
-                f"runsc create {cid} refused: the bundle shares the host's network "
-                "namespace; gVisor runs it only on its own netstack (use --network bridge or none)"
-            )
         super().create(
             cid, bundle, pid_file=pid_file, log_path=log_path, stdout=stdout, stderr=stderr
         )
+        if _is_pod_member(bundle):
+            # A pod member's process gets the stdio of ``runsc start``, not of ``create``
+            # (the sandbox already runs): keep the caller's fds for our own start.
+            self._member_stdio[cid] = (os.dup(stdout), os.dup(stderr), log_path)
+
+    def start(self, cid: str) -> None:
+        held = self._member_stdio.pop(cid, None)
+        if held is None:
+            super().start(cid)
+            return
+        out, err, log_path = held
+        try:
+            done = proc.run(
+                [*self.global_args(log_path), *self.container_args(cid), "start", cid],
+                what=f"runsc start {cid}",
+                error=OciRuntimeError,
+                timeout_s=COMMAND_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                check=False,
+            )
+        finally:
+            os.close(out)
+            os.close(err)
+        if done.returncode != 0:
+            why = read_runtime_log(log_path) or f"exit status {done.returncode}"
+            raise OciRuntimeError(f"runsc start {cid} failed: {why}")
+
+    def wait_exit(self, cid: str, pid: int) -> int | None:
+        """A pod member's recorded pid is its pod's sandbox, which its own monitor did not
+        start: ``runsc wait`` answers for the member alone."""
+        if _parent_of(pid) == os.getpid():
+            return None
+        while True:
+            try:
+                done = self._run(cid, "wait", cid)
+            except ContainerNotFoundError:
+                return None
+            except OciRuntimeError:
+                st = self.state(cid)
+                if st is not None and st.status == "running":
+                    continue  # only the command's own timeout ran out
+                raise
+            try:
+                return int(json.loads(done.stdout)["exitStatus"])
+            except (ValueError, KeyError, TypeError):
+                return None
 
     def delete(self, cid: str, *, force: bool = False) -> None:
         self._reap_helpers(cid)
@@ -552,13 +601,21 @@ class RunscRuntime(OciCliRuntime):
         }
 
 
-def runsc_network(config: dict[str, Any]) -> str | None:
-    """runsc's ``--network`` for a bundle's config: ``sandbox`` for a netns given by path,
-    ``none`` for a new one, None when the container would share the host's."""
+def _is_pod_member(bundle: Path) -> bool:
+    try:
+        config = json.loads((bundle / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("annotations") or {}).get(POD_CONTAINER_TYPE) == "container"
+
+
+def runsc_network(config: dict[str, Any]) -> str:
+    """runsc's ``--network`` for a bundle's config (see :class:`RunscRuntime`): ``none`` for
+    a new netns, ``host`` (the host kernel's sockets) in a netns given by path or the host's."""
     for ns in (config.get("linux") or {}).get("namespaces") or ():
-        if isinstance(ns, dict) and ns.get("type") == "network":
-            return "sandbox" if ns.get("path") else "none"
-    return None
+        if isinstance(ns, dict) and ns.get("type") == "network" and not ns.get("path"):
+            return "none"
+    return "host"
 
 
 def _parent_of(pid: int) -> int:
