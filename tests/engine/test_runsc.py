@@ -551,3 +551,35 @@ def test_cli_run_runtime_runsc_through_the_daemon_and_its_sigkill(
             proc.kill()
             proc.wait()
         engine_cleanup(Engine(engine_settings))
+
+
+@real
+def test_network_modes_and_signals_under_runsc(
+    engine: Engine, busybox_rootfs: Path, runsc: str
+) -> None:
+    bb = str(busybox_rootfs)
+    names = "ip -o link | cut -d: -f2 | tr -d ' ' | sort | tr '\\n' ,"
+    code, out = run_to_exit(
+        engine,
+        ContainerSpec(image=bb, runtime="runsc", network="none", command=("sh", "-c", names)),
+    )
+    assert (code, out.strip()) == (0, "lo,"), "--network none is gVisor's loopback-only netstack"
+    code, out = run_to_exit(
+        engine,
+        ContainerSpec(image=bb, runtime="runsc", network="host", command=("sh", "-c", names)),
+    )
+    host_links = {p.name for p in Path("/sys/class/net").iterdir()}
+    assert code == 0 and set(out.strip().strip(",").split(",")) <= host_links, out
+    assert len(out.split(",")) > 2, "--network host does not see the host's interfaces"
+
+    # gVisor's PID 1 has no shield against default-action signals: TERM ends a handler-less
+    # init at once (runc's ignores it until SIGKILL), and a signal death is the sandbox's
+    # exit code 128+n, with no signal recorded.
+    rec = engine.run(ContainerSpec(image=bb, runtime="runsc", command=("sleep", "300")))
+    t0 = time.monotonic()
+    rec = engine.stop(rec.id, timeout_s=5)
+    assert (rec.exit_code, rec.signal) == (143, None) and time.monotonic() - t0 < 4, rec
+    rec = engine.run(ContainerSpec(image=bb, runtime="runsc", command=("sleep", "300")))
+    engine.kill(rec.id, "KILL")
+    rec = engine.wait(rec.id, 10)
+    assert (rec.exit_code, rec.signal) == (137, None), rec
