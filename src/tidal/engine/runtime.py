@@ -569,6 +569,10 @@ class RunscRuntime(OciCliRuntime):
                 return None
 
     def delete(self, cid: str, *, force: bool = False) -> None:
+        held = self._member_stdio.pop(cid, None)  # created, never started
+        if held is not None:
+            os.close(held[0])
+            os.close(held[1])
         self._reap_helpers(cid)
         super().delete(cid, force=force)
 
