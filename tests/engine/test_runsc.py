@@ -310,6 +310,13 @@ def test_what_runsc_cannot_do_is_refused_in_one_line(
     engine: Engine, busybox_rootfs: Path, runsc: str
 ) -> None:
     bb = str(busybox_rootfs)
+    missing = Engine(dataclasses.replace(engine.settings, runsc_binary="/no/runsc"))
+    try:
+        with pytest.raises(ConfigError, match="'/no/runsc' is not an executable") as info:
+            missing.run(ContainerSpec(image=bb, runtime="runsc", command=("true",)))
+        assert "\n" not in str(info.value) and missing.store.list() == []
+    finally:
+        missing.close()
     with pytest.raises(ConfigError, match="drop --lxcfs") as info:
         engine.run(ContainerSpec(image=bb, runtime="runsc", lxcfs=True, command=("true",)))
     assert "\n" not in str(info.value)
@@ -583,3 +590,53 @@ def test_network_modes_and_signals_under_runsc(
     engine.kill(rec.id, "KILL")
     rec = engine.wait(rec.id, 10)
     assert (rec.exit_code, rec.signal) == (137, None), rec
+
+
+@real
+@pytest.mark.fuse
+@pytest.mark.registry
+def test_cli_runs_a_lazy_tidal_image_under_runsc_through_the_daemon(
+    engine_settings: EngineSettings,
+    busybox_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    engine_cleanup: Callable[[Engine], None],
+    runsc: str,
+) -> None:
+    from tidal.blobs.distribution import pull_image, push_image
+    from tidal.blobs.reference import ImageReference
+    from tidal.blobs.registry_client import RegistryClient
+    from tidal.testing.registry_server import RegistryServer
+
+    monkeypatch.setenv("TIDAL_BLOBS__CACHE_DIR", str(tmp_path / "chunks"))
+    with RegistryServer() as server, RegistryClient(server.address) as client:
+        ref = ImageReference.parse(f"{server.address}/engine/busybox:lazy")
+        push_image(busybox_image, ref, client)
+        pulled = tmp_path / "pulled"
+        pull_image(ref, pulled, client)
+        proc = start_daemon(engine_settings, tmp_path / "daemon.log")
+        try:
+            r = _cli(
+                engine_settings,
+                "run",
+                "--rm",
+                "--runtime",
+                "runsc",
+                str(pulled),
+                "--",
+                "sh",
+                "-c",
+                "dmesg | head -1; ls /bin | wc -l",
+            )
+            assert r.returncode == 0, r.stderr
+            banner, count = r.stdout.splitlines()
+            assert GVISOR_BANNER in banner and int(count) > 100, r.stdout
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            engine_cleanup(Engine(engine_settings))
+    assert any((tmp_path / "chunks").rglob("*")), "the image's chunks came through the cache"
