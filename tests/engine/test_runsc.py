@@ -159,13 +159,20 @@ def test_gvisor_kernel_and_the_engines_limits(
             runtime="runsc",
             memory_bytes=128 << 20,
             cpus=0.5,
-            command=("sh", "-c", "dmesg | head -1; uname -r; grep MemTotal /proc/meminfo"),
+            command=(
+                "sh",
+                "-c",
+                "dmesg | head -1; uname -r; grep MemTotal /proc/meminfo; nproc; "
+                "cut -d' ' -f1-3 /proc/loadavg",
+            ),
         ),
     )
     lines = out.splitlines()
     assert code == 0 and GVISOR_BANNER in lines[0], out
     assert lines[1] != os.uname().release, "uname -r is the host's: not gVisor's kernel"
     assert lines[2].split()[1:] == ["131072", "kB"], "gVisor's /proc/meminfo shows --memory"
+    assert lines[3] == "2", "nproc: --cpus 0.5 rounded up, at least gVisor's floor of 2"
+    assert lines[4] == "0.00 0.00 0.00", "the sandbox's own load average, not the host's"
 
     # --cpus 0.5 holds: a busy loop gets half a core from the host's CFS quota.
     busy = engine.run(
