@@ -25,6 +25,7 @@ import pytest
 
 from tidal.engine.bundle import BundleInputs, build_config, write_bundle
 from tidal.engine.containers import Engine
+from tidal.engine.monitor import ExitRecord, read_exit_record
 from tidal.engine.runtime import (
     POD_CONTAINER_TYPE,
     POD_SANDBOX_ID,
@@ -100,7 +101,8 @@ def test_ref_carries_the_flags_to_the_monitor(runsc: str, tmp_path: Path) -> Non
     again = open_runtime(ref)
     assert isinstance(again, RunscRuntime) and again.options == rt.options
     assert again.global_args()[:3] == [runsc, "--root", str(tmp_path / "runtime" / "runsc")]
-    assert get_runtime("runsc", tmp_path).options == RUNSC_DEFAULT_OPTIONS
+    plain = get_runtime("runsc", tmp_path)
+    assert isinstance(plain, RunscRuntime) and plain.options == RUNSC_DEFAULT_OPTIONS
 
 
 def test_missing_runsc_binary_is_one_line(tmp_path: Path) -> None:
@@ -408,7 +410,10 @@ def pod(tmp_path: Path, busybox_rootfs: Path, runsc: str) -> Iterator[Pod]:
 def _pod_member(
     pod: Pod, rootfs: Path, work: Path, cid: str, args: tuple[str, ...], ann: dict[str, str]
 ) -> Path:
-    rt = pod.rt
+    """Start ``cid`` through a real container monitor, as the engine does; returns its dir."""
+    from tidal.engine.launcher import hand_over, launch_monitor
+    from tidal.engine.monitor import MonitorConfig
+
     cfg = build_config(
         ContainerSpec(image=str(rootfs), command=args),
         BundleInputs(
@@ -420,23 +425,28 @@ def _pod_member(
     )
     cfg["root"]["readonly"] = True
     cfg["annotations"].update(ann)
-    write_bundle(work / cid, cfg)
-    log = work / f"{cid}.log"
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    cdir = work / cid
+    write_bundle(cdir / "bundle", cfg)
     pod.made.append(cid)
-    try:
-        rt.create(
-            cid,
-            work / cid,
-            pid_file=work / f"{cid}.pid",
-            log_path=work / f"{cid}.runtime.log",
-            stdout=fd,
-            stderr=fd,
-        )
-    finally:
-        os.close(fd)
-    rt.start(cid)
-    return log
+    conf = MonitorConfig(
+        id=cid,
+        runtime=pod.rt.ref(),
+        bundle=str(cdir / "bundle"),
+        start_seq=1,
+        cdir=str(cdir),
+        cgroup=f"/tidal-pod-test/{cid}",
+    )
+    report = hand_over(conf, launch_monitor())
+    assert report.ok, report
+    return cdir
+
+
+def _exit_record(cdir: Path, timeout_s: float = 20) -> ExitRecord:
+    deadline = time.monotonic() + timeout_s
+    while (rec := read_exit_record(cdir)) is None:
+        assert time.monotonic() < deadline, f"no exit.json in {cdir}"
+        time.sleep(0.02)
+    return rec
 
 
 @real
@@ -445,8 +455,7 @@ def test_pod_members_share_one_gvisor_sandbox(
 ) -> None:
     rt = pod.rt
     work = tmp_path / "pod"
-    work.mkdir()
-    _pod_member(
+    infra_dir = _pod_member(
         pod,
         busybox_rootfs,
         work,
@@ -455,29 +464,28 @@ def test_pod_members_share_one_gvisor_sandbox(
         rt.pod_annotations("infra", is_sandbox=True),
     )
     time.sleep(0.3)
-    log = _pod_member(
+    app_dir = _pod_member(
         pod,
         busybox_rootfs,
         work,
         "app",
-        (
-            "sh",
-            "-c",
-            "wget -q -O- http://127.0.0.1:8080/passwd | head -1; cut -d. -f1 /proc/uptime; exit 3",
-        ),
+        ("sh", "-c", "wget -q -O- http://127.0.0.1:8080/passwd | head -1; exit 3"),
         rt.pod_annotations("infra", is_sandbox=False),
     )
-    infra, app = rt.state("infra"), rt.state("app")
-    assert infra is not None and app is not None
-    member_pid = int((work / "app.pid").read_text())
-    assert member_pid == infra.pid, "the member did not join the infra container's sandbox"
-    assert rt.wait_exit("app", member_pid) == 3
-    out = log.read_text().splitlines()
-    assert out[0].startswith("root:x:0:0"), "localhost of the pod is not shared: " + repr(out)
+    infra = rt.state("infra")
+    assert infra is not None and infra.status == "running"
+    assert int((app_dir / "pid").read_text()) == infra.pid, "the member has a sandbox of its own"
+    # The member's monitor waited for the member alone (runsc wait), not for the sandbox.
+    assert _exit_record(app_dir).exit_code == 3
+    out = (app_dir / "container.log").read_text().splitlines()
+    assert out and out[0].startswith("root:x:0:0"), f"the pod's localhost is not shared: {out}"
     sandboxes = {json.loads(p.read_text())["sandbox"]["id"] for p in rt.root.glob("*.state")}
     assert sandboxes == {"infra"}, sandboxes
     st = rt.state("infra")
     assert st is not None and st.status == "running", "the member's exit ended the pod"
+    assert (infra_dir / "container.log").read_text() == "infra-up\n"
+    rt.kill("infra", "KILL")
+    assert _exit_record(infra_dir).exit_code == 137
 
 
 # --- the CLI through the daemon ------------------------------------------------------------
