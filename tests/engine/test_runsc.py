@@ -40,6 +40,7 @@ from tidal.engine.settings import EngineSettings
 from tidal.engine.spec import ContainerSpec, HookSpec, PortMapping, ServiceSpec
 from tidal.errors import ConfigError
 from tidal.testing.daemon import daemon_env, start_daemon
+from tidal.testing.engine import FakeRuntime
 
 F = TypeVar("F", bound=Callable[..., object])
 GVISOR_BANNER = "Starting gVisor"
@@ -120,6 +121,56 @@ def test_pod_annotations(runsc: str, tmp_path: Path) -> None:
     runc = get_runtime("runc", tmp_path) if shutil.which("runc") else None
     if runc is not None:
         assert runc.pod_annotations("s1", is_sandbox=False) == {}
+
+
+class FakeSandboxRuntime(FakeRuntime):
+    """The fake with runsc's declared differences, so the engine's refusals are tested
+    without root; its monitors rebuild the plain fake (same verbs)."""
+
+    capabilities = dataclasses.replace(
+        FakeRuntime.capabilities,
+        update=False,
+        update_pids=False,
+        own_proc_view=True,
+        pod_sandbox=True,
+    )
+
+    def ref(self) -> RuntimeRef:
+        return RuntimeRef("tidal.testing.engine:FakeRuntime", str(self.root))
+
+
+def test_engine_follows_the_runtimes_capabilities_without_root(tmp_path: Path) -> None:
+    from tidal.testing.engine import FakeMounter, FakeNetwork, fake_rootfs
+
+    eng = Engine(
+        EngineSettings(
+            state_dir=tmp_path / "engine",
+            default_disk_quota_bytes=0,
+            lxcfs="on",
+            volume_pool_size=0,
+            stop_timeout_s=2.0,
+        ),
+        runtime_factory=lambda name, state_dir: FakeSandboxRuntime(state_dir / "fake"),
+        mounter=FakeMounter(tmp_path / "host"),
+        network=FakeNetwork(tmp_path / "host"),
+    )
+    image = str(fake_rootfs(tmp_path / "img"))
+    try:
+        with pytest.raises(ConfigError, match="drop --lxcfs"):
+            eng.run(ContainerSpec(image=image, lxcfs=True, command=("sleep", "30")))
+        assert eng.store.list() == []
+        rec = eng.run(ContainerSpec(image=image, command=("sleep", "30")))
+        config = json.loads((eng.cdir(rec.id) / "bundle" / "config.json").read_text())
+        assert not any(m["destination"] == "/proc/meminfo" for m in config["mounts"])
+        with pytest.raises(ConfigError, match="cannot change the limits of running"):
+            eng.update(rec.id, cpus=0.5)
+        assert eng.get(rec.id).spec.cpus is None
+        eng.stop(rec.id, timeout_s=0.2)
+        assert eng.update(rec.id, cpus=0.5).spec.cpus == 0.5
+    finally:
+        for r in eng.store.list():
+            eng.remove(r.id, force=True)
+        eng.close()
 
 
 # --- real sandboxes through the engine -----------------------------------------------------
