@@ -14,11 +14,11 @@ BIN := $(VENV)/bin
 #   venv: python3-venv | fuse: fuse3 (fusermount3), libfuse3-3 (mfusepy) | loop: mount, util-linux
 #   (losetup, nsenter, unshare) | registry: docker-registry, apache2-utils (htpasswd), openssl
 #   (TLS, tokens), skopeo | runtime: runc, crun, gcc + libc6-dev (rich-mode init), lxcfs,
-#   busybox-static, debootstrap (Debian rootfs) | netns: iproute2 (ip, tc, bridge) | images:
+#   busybox-static, debootstrap (Debian rootfs), runsc (gVisor), podman (benchmark baseline) | netns: iproute2 (ip, tc, bridge) | images:
 #   e2fsprogs (mkfs.ext4, e2fsck, debugfs), attr | others: kmod procps psmisc curl quota xfsprogs
 APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 libfuse3-3 docker-registry lxcfs skopeo \
 	busybox-static debootstrap iproute2 attr mount util-linux kmod psmisc procps curl quota \
-	xfsprogs apache2-utils gcc libc6-dev openssl
+	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman
 PIP_EXTRAS := dev,sched,bench
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp

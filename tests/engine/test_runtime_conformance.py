@@ -1,7 +1,8 @@
-"""The Runtime conformance suite (tidal.testing.runtime_suite) against runc, crun and the fake.
+"""The Runtime conformance suite (tidal.testing.runtime_suite) against runc, crun, runsc and
+the fake.
 
-The fake needs no root; runc and crun need root and the busybox rootfs, and are skipped with
-the reason when those are missing.
+The fake needs no root; runc, crun and runsc need root and the busybox rootfs, and are skipped
+with the reason when those are missing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tidal.engine.runtime import CrunRuntime, RuncRuntime, Runtime
+from tidal.engine.runtime import CrunRuntime, RuncRuntime, RunscRuntime, Runtime
 from tidal.testing.engine import FakeRuntime
 from tidal.testing.runtime_suite import CHECKS, RuntimeHarness
 
@@ -24,7 +25,13 @@ IMPLS = [
     pytest.param("fake", id="fake"),
     pytest.param("runc", id="runc", marks=REAL),
     pytest.param("crun", id="crun", marks=REAL),
+    pytest.param("runsc", id="runsc", marks=REAL),
 ]
+CLASSES: dict[str, type[Runtime]] = {
+    "runc": RuncRuntime,
+    "crun": CrunRuntime,
+    "runsc": RunscRuntime,
+}
 
 
 @pytest.fixture
@@ -42,7 +49,7 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RuntimeH
         if shutil.which(impl) is None:
             pytest.skip(f"{impl} is not installed (apt-get install {impl})")
         rootfs = request.getfixturevalue("busybox_rootfs")
-        cls = RuncRuntime if impl == "runc" else CrunRuntime
+        cls = CLASSES[impl]
         if impl == "crun":
             from tidal.engine.hostprep import prepare_hybrid_cgroups
 
@@ -74,3 +81,9 @@ def test_capabilities_are_declared_per_implementation() -> None:
     assert CrunRuntime.capabilities.hybrid_cgroups_need_empty_v2
     assert not RuncRuntime.capabilities.hybrid_cgroups_need_empty_v2
     assert not FakeRuntime.capabilities.namespaces and not FakeRuntime.capabilities.reports_oom
+    gvisor = RunscRuntime.capabilities
+    assert gvisor.pod_sandbox and gvisor.own_proc_view and not gvisor.update
+    assert not gvisor.create_checks_executable
+    for cls in (RuncRuntime, CrunRuntime, FakeRuntime):
+        assert cls.capabilities.update and not cls.capabilities.pod_sandbox
+        assert not cls.capabilities.own_proc_view

@@ -90,7 +90,9 @@ def register(app: typer.Typer) -> None:
         ),
         network: str = typer.Option("none", "--network", help="none | host | bridge"),
         publish: list[str] = typer.Option([], "--publish", "-p", help="HOST:CONTAINER"),
-        runtime: str | None = typer.Option(None, "--runtime", help="runc | crun"),
+        runtime: str | None = typer.Option(
+            None, "--runtime", help="runc | crun | runsc (gVisor sandbox); default [engine] runtime"
+        ),
         lxcfs: bool | None = typer.Option(None, "--lxcfs/--no-lxcfs"),
         rich: bool = typer.Option(False, "--rich", help="Tidal's init as PID 1"),
         rich_mode: str = typer.Option("init", "--rich-mode", help="init | systemd"),

@@ -99,7 +99,7 @@ class Engine:
         self.lxcfs = LxcfsSupervisor(self.state_dir / "lxcfs" / "mnt")
         self.cgroup_root = cgroup_root
         self.network = network or BridgeNetwork(self.settings.bridge, self.settings.subnet)
-        self._runtime_factory = runtime_factory or get_runtime
+        self._runtime_factory = runtime_factory or self._configured_runtime
         self._create_lock = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
@@ -164,6 +164,15 @@ class Engine:
         with self._locks_guard:
             return self._locks.setdefault(cid, threading.RLock())
 
+    def _configured_runtime(self, name: str, state_dir: Path) -> Runtime:
+        """The driver with the binary and flags of ``[engine]`` (``runsc_binary``, ...)."""
+        return get_runtime(
+            name,
+            state_dir,
+            binary=self.settings.runtime_binary(name),
+            options=self.settings.runtime_options(name),
+        )
+
     def runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
             rt = self._runtime_factory(name, self.state_dir)
@@ -179,10 +188,21 @@ class Engine:
     def cgroups_path(self, cid: str) -> str:
         return f"/{self.settings.cgroup_parent}/{cid}"
 
-    def _lxcfs_wanted(self, spec: ContainerSpec) -> bool:
+    def _lxcfs_wanted(self, spec: ContainerSpec, runtime: str | None = None) -> bool:
+        if runtime is not None and self.runtime(runtime).capabilities.own_proc_view:
+            return False  # its kernel's /proc shows the limits (refused if asked: see _create)
         if spec.lxcfs is not None:
             return spec.lxcfs
         return self.settings.lxcfs != "off" and lxcfs_available()
+
+    def _check_runtime_fits(self, spec: ContainerSpec, rt: Runtime) -> None:
+        """Refuse, in one line, what the runtime cannot do (see RuntimeCapabilities)."""
+        caps = rt.capabilities
+        if spec.lxcfs and caps.own_proc_view:
+            raise ConfigError(
+                f"--lxcfs does not apply to runtime {rt.name}: its kernel's own /proc already "
+                "shows the container's memory and CPU limits; drop --lxcfs"
+            )
 
     def _try(self, what: str, fn: Callable[[], object]) -> bool:
         """Best-effort cleanup step: a failure is logged (never silently dropped)."""
@@ -232,7 +252,7 @@ class Engine:
     def _create(self, spec: ContainerSpec) -> ContainerRecord:
         cid = ContainerId(secrets.token_hex(32))
         runtime_name = spec.runtime or self.settings.runtime
-        self.runtime(runtime_name)  # fail early on a missing runtime
+        self._check_runtime_fits(spec, self.runtime(runtime_name))  # fail early: no runtime
         provider_for(spec.image)  # fail early on a missing image
         if spec.lxcfs and not lxcfs_available():
             raise ConfigError(
@@ -299,7 +319,7 @@ class Engine:
     def _bundle(self, rec: ContainerRecord) -> Path:
         lxcfs_dir: str | None = None
         lxcfs_files: tuple[str, ...] = ()
-        if self._lxcfs_wanted(rec.spec):
+        if self._lxcfs_wanted(rec.spec, rec.runtime):
             self.lxcfs.ensure()
             lxcfs_dir, lxcfs_files = str(self.lxcfs.proc_dir), self.lxcfs.files()
         host = HostView(
@@ -337,6 +357,7 @@ class Engine:
             rec = self.refresh(self.store.get(rec.id))
             if rec.status == "running":
                 raise ContainerStateError(f"container {rec.name} is already running")
+            self._await_monitor_exit(rec)
             self._ensure_host(rec)
             bundle = self._bundle(rec)
             try:
@@ -348,6 +369,15 @@ class Engine:
             if rec.status != "running":
                 raise OciRuntimeError(f"container {rec.name} did not start: {rec.error}")
             return rec
+
+    def _await_monitor_exit(self, rec: ContainerRecord) -> None:
+        """An exited container's monitor may still be running the runtime's delete (and the
+        poststop hooks); let it finish rather than race it for the same id, cgroups and
+        mounts (runsc's delete waits for the sandbox's gofer: a restart right after an exit
+        met "container already exists")."""
+        deadline = time.monotonic() + MONITOR_EXIT_WAIT_S
+        while rec.monitor_pid and pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _fold_start(self, rec: ContainerRecord, report: StartReport) -> ContainerRecord:
         """Record what the monitor reported about start number ``report.start_seq``."""
@@ -569,11 +599,7 @@ class Engine:
 
     def _destroy(self, rec: ContainerRecord) -> None:
         errors: list[str] = []
-        # An exited container's monitor may still be running the runtime's delete (and the
-        # poststop hooks); let it finish rather than race it for the same cgroups and mounts.
-        deadline = time.monotonic() + MONITOR_EXIT_WAIT_S
-        while rec.monitor_pid and pid_alive(rec.monitor_pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._await_monitor_exit(rec)
         try:
             self.runtime(rec.runtime).delete(rec.id, force=True)
         except ConfigError as exc:  # the runtime is gone from this host: nothing of it to undo
@@ -619,6 +645,11 @@ class Engine:
                 if not body:
                     raise ConfigError("update needs --cpus, --memory or --pids-limit")
                 rt = self.runtime(rec.runtime)
+                if not rt.capabilities.update:
+                    raise ConfigError(
+                        f"runtime {rt.name} cannot change the limits of running container "
+                        f"{rec.name}; stop it, 'tidal update' it, and start it again"
+                    )
                 if pids_limit is not None and not rt.capabilities.update_pids:
                     raise ConfigError(
                         f"runtime {rt.name} cannot change the pids limit of a running "

@@ -332,11 +332,12 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
         threading.Thread(target=_serve_port, args=(sock, target), daemon=True).start()
     _report(conf, ready_fd, StartReport("running", conf.start_seq, me, pid, time.time()))
 
-    status = wait_for(pid)
+    by_id = rt.wait_exit(conf.id, pid)  # a runsc pod member: its pid is the pod's sandbox
+    status = wait_for(pid) if by_id is None else -1
     finished_at = time.time()
     for sock, _ in listeners:
         sock.close()
-    exit_code: int | None = None
+    exit_code: int | None = by_id
     sig: int | None = None
     if status == -1:
         pass

@@ -1,11 +1,11 @@
-"""The OCI runtime boundary: one :class:`Runtime` interface, runc and crun drivers.
+"""The OCI runtime boundary: one :class:`Runtime` interface, runc, crun and runsc drivers.
 
 Everything that runs a container goes through :class:`Runtime`: the engine (state, kill,
 update, exec, delete) and each container's monitor (create, start, delete), which rebuilds the
 same driver in its own process from a :class:`RuntimeRef`. Implementations declare where they
 differ in :class:`RuntimeCapabilities` instead of being told apart by type; a fake over a temp
 directory (:class:`tidal.testing.engine.FakeRuntime`) passes the same conformance suite
-(:mod:`tidal.testing.runtime_suite`) as runc and crun.
+(:mod:`tidal.testing.runtime_suite`) as runc, crun and runsc.
 
 The OCI drivers never re-implement namespaces: they drive the runtime's CLI through
 :func:`tidal.proc.run`. A runtime's own failure becomes :class:`OciRuntimeError` carrying its
@@ -16,10 +16,13 @@ Tidal's containers never mix with other users of the same binary.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import shutil
 import subprocess
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,17 @@ class RuntimeCapabilities:
     """The container gets its own namespaces and cgroup (False: a host process, tests only)."""
     reports_oom: bool = True
     """The container's memory cgroup counts OOM kills the monitor can read."""
+    update: bool = True
+    """``update`` changes the limits of a running container (runsc 20221219 has no update)."""
+    create_checks_executable: bool = True
+    """``create`` fails on a missing executable (runsc finds out only at ``start``)."""
+    own_proc_view: bool = False
+    """The container's /proc already shows its own memory limit and CPU count (gVisor's
+    kernel does), so lxcfs' views are not needed (and cannot work: lxcfs answers by the
+    reader's host cgroup, and under runsc the reader is the sandbox's gofer)."""
+    pod_sandbox: bool = False
+    """Containers of one pod share one sandbox kernel (runsc); runc/crun pod members share
+    namespaces joined by path instead."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +88,21 @@ class RuntimeRef:
     """``module:Class`` of the :class:`Runtime` implementation."""
     root: str
     binary: str | None = None
+    options: tuple[str, ...] = ()
+    """Extra global flags of the runtime's CLI (runsc's ``[engine] runsc_flags``)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"factory": self.factory, "root": self.root, "binary": self.binary}
+        return {
+            "factory": self.factory,
+            "root": self.root,
+            "binary": self.binary,
+            "options": list(self.options),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RuntimeRef:
-        return cls(str(data["factory"]), str(data["root"]), data.get("binary"))
+        options = tuple(str(o) for o in data.get("options") or ())
+        return cls(str(data["factory"]), str(data["root"]), data.get("binary"), options)
 
 
 def open_runtime(ref: RuntimeRef) -> Runtime:
@@ -92,7 +114,7 @@ def open_runtime(ref: RuntimeRef) -> Runtime:
         raise ConfigError(f"runtime driver {ref.factory!r} cannot be loaded: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Runtime)):
         raise ConfigError(f"runtime driver {ref.factory!r} is not a Runtime")
-    return cls(Path(ref.root), ref.binary)
+    return cls(Path(ref.root), ref.binary, ref.options)
 
 
 class Runtime(ABC):
@@ -101,7 +123,9 @@ class Runtime(ABC):
     name: ClassVar[str] = ""
     capabilities: ClassVar[RuntimeCapabilities]
 
-    def __init__(self, root: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, root: Path, binary: str | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
@@ -169,33 +193,55 @@ class Runtime(ABC):
     def list_ids(self) -> list[str]:
         """Ids of every container this runtime root knows (for reconciliation)."""
 
+    def wait_exit(self, cid: str, pid: int) -> int | None:
+        """Block until container ``cid`` exits and return its exit status, for a container
+        whose ``pid`` the caller cannot wait for as its parent; None: wait for ``pid``
+        (runc, crun: the init is the caller's child by way of its subreaper)."""
+        return None
+
+    def pod_annotations(self, sandbox_id: str, *, is_sandbox: bool) -> dict[str, str]:
+        """OCI annotations that put a container into the pod whose sandbox (infra) container
+        is ``sandbox_id``. runc and crun need none: pod members join the sandbox's
+        namespaces by path (``linux.namespaces``), which the bundle already says."""
+        return {}
+
 
 class OciCliRuntime(Runtime):
-    """An OCI runtime CLI (runc, crun). Subclasses fix the binary name and capabilities."""
+    """An OCI runtime CLI (runc, crun, runsc). Subclasses fix the binary name and capabilities."""
 
-    def __init__(self, root: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, root: Path, binary: str | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         found = binary or shutil.which(self.name)
-        if not found:
+        if not found or not (os.path.isfile(found) and os.access(found, os.X_OK)):
+            what = f"{binary!r} is not an executable" if binary else "is not installed"
             raise ConfigError(
-                f"OCI runtime {self.name!r} is not installed; apt-get install {self.name}"
+                f"OCI runtime {self.name!r}: {what}; apt-get install {self.name}"
+                + (f" or fix [engine] {self.name}_binary" if binary else "")
             )
         self.binary = found
+        self.options = tuple(options)
         super().__init__(root)
 
     def ref(self) -> RuntimeRef:
-        return RuntimeRef(super().ref().factory, str(self.root), self.binary)
+        return RuntimeRef(super().ref().factory, str(self.root), self.binary, self.options)
 
     # --- argv builders (pure; also used by the benchmark's bare baseline) ------------------
 
     def global_args(self, log_path: Path | None = None) -> list[str]:
-        args = [self.binary, "--root", str(self.root)]
+        args = [self.binary, "--root", str(self.root), *self.options]
         if log_path is not None:
             args += ["--log", str(log_path), "--log-format", "json"]
         return args
 
+    def container_args(self, cid: str, bundle: Path | None = None) -> list[str]:
+        """Global flags that depend on the container (runsc's ``--network``); none here."""
+        return []
+
     def create_argv(self, cid: str, bundle: Path, pid_file: Path, log_path: Path) -> list[str]:
         return [
             *self.global_args(log_path),
+            *self.container_args(cid, bundle),
             "create",
             "--bundle",
             str(bundle),
@@ -206,7 +252,14 @@ class OciCliRuntime(Runtime):
 
     def run_argv(self, cid: str, bundle: Path) -> list[str]:
         """Foreground ``run`` of a bundle: the bare-runtime baseline of the benchmark."""
-        return [*self.global_args(), "run", "--bundle", str(bundle), cid]
+        return [
+            *self.global_args(),
+            *self.container_args(cid, bundle),
+            "run",
+            "--bundle",
+            str(bundle),
+            cid,
+        ]
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -214,7 +267,7 @@ class OciCliRuntime(Runtime):
         self, cid: str, verb: str, *args: str, input_bytes: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         done = proc.run(
-            [*self.global_args(), verb, *args],
+            [*self.global_args(), *self.container_args(cid), verb, *args],
             what=f"{self.name} {verb} {cid}",
             error=OciRuntimeError,
             timeout_s=COMMAND_TIMEOUT_S,
@@ -228,12 +281,16 @@ class OciCliRuntime(Runtime):
             low = msg.lower()
             # runc and crun keep <root>/<id> for every container they know; the message alone
             # is ambiguous (crun reports a missing exec.fifo of a started one the same way).
-            known = (self.root / cid).is_dir()
+            known = self.knows(cid)
             hint = ("does not exist", "not found", "no such file or directory")
             if not known and any(t in low for t in hint):
                 raise ContainerNotFoundError(f"{self.name}: container {cid} does not exist: {msg}")
             raise OciRuntimeError(f"{self.name} {verb} {cid} failed: {msg}")
         return done
+
+    def knows(self, cid: str) -> bool:
+        """Whether the runtime root holds state for ``cid`` (runc and crun: ``<root>/<id>/``)."""
+        return (self.root / cid).is_dir()
 
     def create(
         self,
@@ -301,7 +358,7 @@ class OciCliRuntime(Runtime):
         stdin: bytes | None = None,
         timeout_s: float = EXEC_TIMEOUT_S,
     ) -> ExecResult:
-        args = [*self.global_args(), "exec"]
+        args = [*self.global_args(), *self.container_args(cid), "exec"]
         for e in self._exec_env(cid, env or []):
             args += ["--env", e]
         if cwd:
@@ -351,18 +408,260 @@ class CrunRuntime(OciCliRuntime):
     capabilities = RuntimeCapabilities(update_pids=True, hybrid_cgroups_need_empty_v2=True)
 
 
-RUNTIME_CLASSES: dict[str, type[Runtime]] = {"runc": RuncRuntime, "crun": CrunRuntime}
+RUNSC_DEFAULT_OPTIONS = ("--platform=ptrace", "--overlay2=none", "--cpu-num-from-quota")
+"""runsc's global flags unless ``[engine] runsc_flags`` adds to them (see :class:`RunscRuntime`)."""
+POD_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+POD_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+"""The CRI annotations runsc reads to put a container into an existing sandbox."""
 
 
-def get_runtime(name: str, state_dir: Path) -> Runtime:
-    """The driver for ``name`` with its state under ``state_dir/runtime/<name>``."""
+class RunscRuntime(OciCliRuntime):
+    """gVisor's ``runsc``: the container's system calls meet gVisor's kernel, not the host's.
+
+    Flags, chosen by running Debian's runsc 0.0~20221219 on this kind of node (2 cores, a
+    virtual machine with cgroup v1 hierarchies and a cgroup2 mount beside them):
+
+    - ``--platform=ptrace``: the one platform that boots here. /dev/kvm exists, but the kvm
+      platform's sandbox spins at boot in this nested guest; systrap is newer than this
+      release. On bare metal add ``--platform=kvm`` to ``[engine] runsc_flags`` (a later flag
+      wins).
+    - ``--network`` per container, from its bundle: a new empty netns (``--network none``)
+      -> ``none`` (gVisor's netstack with loopback only); the engine's bridge netns (given by
+      path) -> ``host``: the sandbox joins that netns and its sockets are the host kernel's
+      inside it (the container still sees only its own veth and address). gVisor's own
+      netstack (``sandbox``) would keep TCP/IP out of the host kernel too, but this release
+      refuses every netns on kernels from about 6.10 on ("cannot run with network enabled in
+      root network namespace": its root-netns test looks for /proc/sys/net/core/rmem_default,
+      which such kernels show in every netns; google/gvisor#10704, fixed in later releases).
+      ``--network host`` of the engine -> ``host`` in the host's netns. runsc sets the network
+      up at ``start``, so every verb gets the flag the container was created with (read back
+      from runsc's state file).
+    - ``--overlay2=none``: the engine's rootfs is already an overlay whose upper layer lives
+      on the container's quota volume; gVisor's in-memory overlay would keep writes in the
+      sandbox's memory (charged to ``--memory``, lost at restart, outside ``--disk-quota``).
+    - ``--cpu-num-from-quota``: ``nproc`` and /proc/cpuinfo follow ``--cpus`` (rounded up;
+      gVisor shows at least 2). /proc/meminfo follows ``--memory`` on its own.
+    - cgroups: this runsc takes cgroup v2 only when /sys/fs/cgroup itself is cgroup2; on a
+      hybrid host it creates ``linux.cgroupsPath`` in every v1 hierarchy from mountinfo and
+      puts the sandbox and its gofer there, so ``--memory``/``--cpus``/``--pids-limit`` are
+      the host kernel's limits on the whole sandbox, and the v2 mount is left alone (no
+      crun-style host preparation). Neither ``--systemd-cgroup`` (the engine uses cgroupfs
+      paths) nor ``--ignore-cgroups`` (the limits would not hold).
+
+    Where it differs from runc, found by running it: no ``update`` verb; ``create`` builds the
+    sandbox and finds a missing executable only at ``start``; a second ``create`` of a known
+    id fails *and deletes the first one's state* (orphaning its sandbox), so the driver refuses
+    it first; the sandbox and gofer become children of the caller's subreaper (the monitor),
+    and ``delete`` waits for them to die, so the driver reaps them while it deletes.
+    """
+
+    name = "runsc"
+    capabilities = RuntimeCapabilities(
+        update_pids=False,
+        hybrid_cgroups_need_empty_v2=False,
+        update=False,
+        create_checks_executable=False,
+        own_proc_view=True,
+        pod_sandbox=True,
+    )
+
+    def __init__(
+        self, root: Path, binary: str | None = None, options: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(root, binary, options or RUNSC_DEFAULT_OPTIONS)
+        self._member_stdio: dict[str, tuple[int, int, Path]] = {}
+
+    def _state_file(self, cid: str) -> Path | None:
+        """runsc keeps ``<root>/<sandbox id>_sandbox:<container id>.state`` per container."""
+        if not cid or "/" in cid or "*" in cid:
+            return None
+        for path in self.root.glob(f"*_sandbox:{cid}.state"):
+            return path
+        return None
+
+    def _saved_state(self, cid: str) -> dict[str, Any]:
+        path = self._state_file(cid)
+        if path is None:
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def knows(self, cid: str) -> bool:
+        return self._state_file(cid) is not None
+
+    def container_args(self, cid: str, bundle: Path | None = None) -> list[str]:
+        if bundle is not None:
+            try:
+                config = json.loads((bundle / "config.json").read_text())
+            except (OSError, ValueError):
+                return []
+        else:
+            config = self._saved_state(cid).get("spec")
+            if not config:
+                return []  # unknown to runsc: it answers "does not exist" itself
+        return [f"--network={runsc_network(config)}"]
+
+    def create(
+        self,
+        cid: str,
+        bundle: Path,
+        *,
+        pid_file: Path,
+        log_path: Path,
+        stdout: int,
+        stderr: int,
+    ) -> None:
+        if self.knows(cid):
+            raise OciRuntimeError(f"runsc create failed: container {cid} already exists")
+        super().create(
+            cid, bundle, pid_file=pid_file, log_path=log_path, stdout=stdout, stderr=stderr
+        )
+        if _is_pod_member(bundle):
+            # A pod member's process gets the stdio of ``runsc start``, not of ``create``
+            # (the sandbox already runs): keep the caller's fds for our own start.
+            self._member_stdio[cid] = (os.dup(stdout), os.dup(stderr), log_path)
+
+    def start(self, cid: str) -> None:
+        held = self._member_stdio.pop(cid, None)
+        if held is None:
+            super().start(cid)
+            return
+        out, err, log_path = held
+        try:
+            done = proc.run(
+                [*self.global_args(log_path), *self.container_args(cid), "start", cid],
+                what=f"runsc start {cid}",
+                error=OciRuntimeError,
+                timeout_s=COMMAND_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                check=False,
+            )
+        finally:
+            os.close(out)
+            os.close(err)
+        if done.returncode != 0:
+            why = read_runtime_log(log_path) or f"exit status {done.returncode}"
+            raise OciRuntimeError(f"runsc start {cid} failed: {why}")
+
+    def wait_exit(self, cid: str, pid: int) -> int | None:
+        """A pod member's recorded pid is its pod's sandbox, which its own monitor did not
+        start: ``runsc wait`` answers for the member alone."""
+        if _parent_of(pid) == os.getpid():
+            return None
+        while True:
+            try:
+                done = self._run(cid, "wait", cid)
+            except ContainerNotFoundError:
+                return None
+            except OciRuntimeError:
+                st = self.state(cid)
+                if st is not None and st.status == "running":
+                    continue  # only the command's own timeout ran out
+                raise
+            try:
+                return int(json.loads(done.stdout)["exitStatus"])
+            except (ValueError, KeyError, TypeError):
+                return None
+
+    def delete(self, cid: str, *, force: bool = False) -> None:
+        held = self._member_stdio.pop(cid, None)  # created, never started
+        if held is not None:
+            os.close(held[0])
+            os.close(held[1])
+        self._reap_helpers(cid)
+        super().delete(cid, force=force)
+
+    def _reap_helpers(self, cid: str) -> None:
+        """Reap the sandbox and gofer if they are our children (we are the monitor, their
+        subreaper): ``runsc delete`` waits for them to be gone, and a zombie never is.
+
+        Only the pids runsc recorded are waited for, so no other child's status is taken."""
+        data = self._saved_state(cid)
+        sandbox = data.get("sandbox") or {}
+        me = os.getpid()
+        for pid in (data.get("goferPid"), sandbox.get("pid")):
+            if isinstance(pid, int) and pid > 0 and _parent_of(pid) == me:
+                threading.Thread(target=_reap, args=(pid,), daemon=True).start()
+
+    def update(self, cid: str, resources: dict[str, Any]) -> None:
+        if not self.knows(cid):
+            raise ContainerNotFoundError(f"runsc: container {cid} does not exist")
+        raise OciRuntimeError(
+            f"runsc cannot change the limits of running container {cid} (gVisor has no "
+            "update); stop it, update, and start it again"
+        )
+
+    def pod_annotations(self, sandbox_id: str, *, is_sandbox: bool) -> dict[str, str]:
+        """The CRI annotations runsc reads: the sandbox container starts a gVisor kernel, every
+        other member is created inside it (same kernel, network stack, IPC)."""
+        return {
+            POD_CONTAINER_TYPE: "sandbox" if is_sandbox else "container",
+            POD_SANDBOX_ID: sandbox_id,
+        }
+
+
+def _is_pod_member(bundle: Path) -> bool:
+    try:
+        config = json.loads((bundle / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("annotations") or {}).get(POD_CONTAINER_TYPE) == "container"
+
+
+def runsc_network(config: dict[str, Any]) -> str:
+    """runsc's ``--network`` for a bundle's config (see :class:`RunscRuntime`): ``none`` for
+    a new netns, ``host`` (the host kernel's sockets) in a netns given by path or the host's."""
+    for ns in (config.get("linux") or {}).get("namespaces") or ():
+        if isinstance(ns, dict) and ns.get("type") == "network" and not ns.get("path"):
+            return "none"
+    return "host"
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0)
+
+
+RUNTIME_CLASSES: dict[str, type[Runtime]] = {
+    "runc": RuncRuntime,
+    "crun": CrunRuntime,
+    "runsc": RunscRuntime,
+}
+
+
+def get_runtime(
+    name: str,
+    state_dir: Path,
+    *,
+    binary: str | None = None,
+    options: tuple[str, ...] = (),
+) -> Runtime:
+    """The driver for ``name`` with its state under ``state_dir/runtime/<name>``.
+
+    ``binary`` overrides the one found on PATH; ``options`` are extra global flags (runsc's are
+    added after its defaults, and a later flag wins)."""
     try:
         cls = RUNTIME_CLASSES[name]
     except KeyError:
         raise ConfigError(
             f"unknown runtime {name!r}; choose one of {', '.join(RUNTIME_CLASSES)}"
         ) from None
-    return cls(state_dir / "runtime" / name)
+    if cls is RunscRuntime and options:
+        options = (*RUNSC_DEFAULT_OPTIONS, *options)
+    return cls(state_dir / "runtime" / name, binary, options)
 
 
 def runtime_messages(text: str, *, errors_only: bool = False) -> str:
@@ -416,6 +715,7 @@ __all__ = [
     "ExecResult",
     "OciCliRuntime",
     "RuncRuntime",
+    "RunscRuntime",
     "Runtime",
     "RuntimeCapabilities",
     "RuntimeRef",

@@ -13,7 +13,10 @@ from tidal.errors import ConfigError
 from tidal.validation import NonNegativeFloat, NonNegativeInt, PositiveInt, check
 
 DEFAULT_RUNTIME: Final = "runc"
-"""runc is the single-tenant default named by the seeds; crun is the faster C alternative."""
+"""runc is the single-tenant default named by the seeds; crun is the faster C alternative;
+runsc (gVisor) the multi-tenant sandbox."""
+RUNSC_ENGINE_FLAGS = ("--root", "--network", "--log", "--log-format")
+"""runsc flags the driver sets per container or per runtime root; settings may not."""
 DEFAULT_DISK_QUOTA_BYTES = 10 * 1024**3
 """Each container's writable layer is an ext4 volume of this size unless ``--disk-quota`` says otherwise."""
 DEFAULT_BYTES_PER_INODE = 16 * 1024
@@ -35,7 +38,18 @@ DEFAULT_UPGRADE_PROBE_S = 1.0
 class EngineSettings:
     """Where the engine keeps its state and what it does by default."""
 
-    runtime: Literal["runc", "crun"] = DEFAULT_RUNTIME
+    runtime: Literal["runc", "crun", "runsc"] = DEFAULT_RUNTIME
+    """The runtime of containers whose spec names none (``tidal run --runtime``)."""
+    runc_binary: str | None = None
+    """Path of the runc binary; None: ``runc`` on PATH."""
+    crun_binary: str | None = None
+    """Path of the crun binary; None: ``crun`` on PATH."""
+    runsc_binary: str | None = None
+    """Path of the runsc binary; None: ``runsc`` on PATH."""
+    runsc_flags: tuple[str, ...] = ()
+    """Global runsc flags added after the driver's defaults (``--platform=ptrace
+    --overlay2=none --cpu-num-from-quota``; a later flag wins): e.g. ``--platform=kvm`` on bare
+    metal, ``--debug --debug-log=/tmp/runsc/`` to trace a sandbox."""
     state_dir: Path | None = None
     """Default ``$TIDAL_DATA_ROOT/engine``."""
     socket_path: Path | None = None
@@ -67,6 +81,12 @@ class EngineSettings:
             raise ConfigError(
                 f"{where} bridge {self.bridge!r}: an interface name of 1-15 characters"
             )
+        for flag in self.runsc_flags:
+            if not flag.startswith("--") or flag.split("=", 1)[0] in RUNSC_ENGINE_FLAGS:
+                raise ConfigError(
+                    f"{where} runsc_flags {flag!r}: give global flags as --name[=value]; "
+                    f"{', '.join(RUNSC_ENGINE_FLAGS)} are the engine's to set"
+                )
         if not re.fullmatch(r"[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+)*", self.cgroup_parent):
             raise ConfigError(
                 f"{where} cgroup_parent {self.cgroup_parent!r}: a relative path such as 'tidal'"
@@ -74,6 +94,15 @@ class EngineSettings:
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else data_root() / "engine"
+
+    def runtime_binary(self, name: str) -> str | None:
+        """The configured binary of runtime ``name`` (None: found on PATH)."""
+        return {"runc": self.runc_binary, "crun": self.crun_binary, "runsc": self.runsc_binary}.get(
+            name
+        )
+
+    def runtime_options(self, name: str) -> tuple[str, ...]:
+        return self.runsc_flags if name == "runsc" else ()
 
     def resolved_socket_path(self) -> Path:
         if self.socket_path is not None:

@@ -17,7 +17,7 @@ from typing import Any
 from tidal.errors import ConfigError, QuotaError
 from tidal.units import parse_cpus, parse_size
 
-RUNTIMES = ("runc", "crun")
+RUNTIMES = ("runc", "crun", "runsc")
 NETWORK_MODES = ("none", "host", "bridge")
 RESTART_POLICIES = ("no", "on-failure", "always")
 RICH_MODES = ("init", "systemd")
