@@ -43,7 +43,7 @@ def _file(name: str, data: bytes) -> Path:
 
 
 def _repair_zfile(data: bytes) -> bytes:
-    """Recompute each chunk crc32, the tail crc32 and the footer crc32 of a would-be ZFile."""
+    """Recompute each chunk's crc32 and sha256, the tail crc32 and the footer crc32."""
     from tidal.image import zfile as zf
 
     if len(data) < zf.HEADER_SIZE + zf.FOOTER_SIZE:
@@ -51,16 +51,19 @@ def _repair_zfile(data: bytes) -> bytes:
     buf = bytearray(data)
     foot_at = len(buf) - zf.FOOTER_SIZE
     fields = list(zf._FOOTER.unpack_from(buf, foot_at))
-    count, meta_size = fields[6], fields[7]
-    tail_size = meta_size + count * zf.TABLE_ENTRY_SIZE
+    version, count, meta_size = fields[1], fields[6], fields[7]
+    entry_size = zf.TABLE_ENTRY_SIZE if version >= zf.VERSION else zf.TABLE_ENTRY_SIZE_V1
+    tail_size = meta_size + count * entry_size
     tail_at = foot_at - tail_size
     if count < 1 << 20 and tail_at >= zf.HEADER_SIZE:
         off = zf.HEADER_SIZE
         for i in range(count):
-            entry = tail_at + meta_size + i * zf.TABLE_ENTRY_SIZE
+            entry = tail_at + meta_size + i * entry_size
             (size_word,) = struct.unpack_from("<I", buf, entry)
             stored = bytes(buf[off : off + (size_word & ~zf.RAW_FLAG)])
             struct.pack_into("<I", buf, entry + 4, zlib.crc32(stored))
+            if entry_size == zf.TABLE_ENTRY_SIZE:
+                buf[entry + 8 : entry + 40] = hashlib.sha256(stored).digest()
             off += size_word & ~zf.RAW_FLAG
         fields[8] = zlib.crc32(bytes(buf[tail_at:foot_at]))
         zf._FOOTER.pack_into(buf, foot_at, *fields)

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import os
 import struct
@@ -13,6 +14,8 @@ from tidal.image.zfile import (
     FOOTER_SIZE,
     HEADER_SIZE,
     MAGIC,
+    TABLE_ENTRY_SIZE,
+    VERSION,
     Codec,
     ZFileReader,
     ZFileWriter,
@@ -55,7 +58,7 @@ def test_header_is_final_on_seekable_output() -> None:
     magic, version, codec, flags, chunk, raw = struct.unpack_from("<8sHBBIQ", blob)
     assert (magic, version, codec, flags & 1, chunk, raw) == (
         MAGIC,
-        1,
+        VERSION,
         int(Codec.LZ4),
         1,
         CHUNK,
@@ -70,7 +73,7 @@ def test_reads_only_the_tail_and_the_touched_chunks(tmp_path) -> None:
     with FileSource(path) as src:
         r = ZFileReader(src, decoded_cache_chunks=0)
         opened = src.bytes_read
-        assert opened == FOOTER_SIZE + 64 * 8  # footer + chunk table, nothing else
+        assert opened == FOOTER_SIZE + 64 * TABLE_ENTRY_SIZE  # footer + chunk table, nothing else
         assert r.read(10 * CHUNK + 5, 100) == data[10 * CHUNK + 5 : 10 * CHUNK + 105]
         assert src.bytes_read - opened == CHUNK  # exactly one chunk
 
@@ -118,7 +121,7 @@ def test_corrupted_chunk_raises_checksum_error_naming_chunk() -> None:
     blob[HEADER_SIZE + 10] ^= 0xFF
     r = ZFileReader(BytesSource(bytes(blob), "layer.zf"))
     with pytest.raises(
-        ChecksumError, match=r"chunk 0 of layer.zf at offset 64 failed its checksum"
+        ChecksumError, match=r"chunk 0 of layer.zf at offset 64 failed its sha256 check"
     ):
         r.read(0, 100)
     with pytest.raises(ChecksumError):
@@ -170,3 +173,118 @@ def test_read_outside_contents() -> None:
     r = ZFileReader(BytesSource(compress_bytes(b"abc" * 100, chunk_size_bytes=CHUNK)))
     with pytest.raises(FormatError, match="outside"):
         r.read(290, 20)
+
+
+# --- authentication: sha256 per chunk, the table pinned by the manifest ----------------------
+
+
+def _tail_bounds(blob: bytes) -> tuple[int, int, int]:
+    """(table start, chunk count, footer start) of a version 2 blob without metadata."""
+    foot = len(blob) - FOOTER_SIZE
+    count = struct.unpack_from("<Q", blob, foot + 24)[0]
+    return foot - count * TABLE_ENTRY_SIZE, count, foot
+
+
+def _forge_keeping_crc32(stored: bytes) -> bytes:
+    """Change a chunk's bytes and adjust four others so that its crc32 still matches: what a
+    forging peer did against crc32-only tables (crc32 is linear, so four bytes suffice)."""
+    want = zlib.crc32(stored)
+    forged = bytearray(stored)
+    forged[0:4] = b"EVIL"
+    # brute-force 4 trailing bytes is too slow; use crc32's linearity instead: find the
+    # 32-bit patch p with crc(prefix + p) == want by solving over GF(2) bit by bit
+    base = bytearray(forged)
+    base[-4:] = b"\0\0\0\0"
+    c0 = zlib.crc32(bytes(base))
+    cols = []
+    for bit in range(32):
+        trial = bytearray(base)
+        trial[-4 + bit // 8] ^= 1 << (bit % 8)
+        cols.append(zlib.crc32(bytes(trial)) ^ c0)
+    target = want ^ c0
+    # Gaussian elimination over GF(2): find a subset of cols xoring to target
+    basis: list[tuple[int, int]] = []  # (vector, mask of bits used)
+    for bit, col in enumerate(cols):
+        v, m = col, 1 << bit
+        for bv, bm in basis:
+            if v ^ bv < v:
+                v, m = v ^ bv, m ^ bm
+        if v:
+            basis.append((v, m))
+            basis.sort(reverse=True)
+    v, m = target, 0
+    for bv, bm in basis:
+        if v ^ bv < v:
+            v, m = v ^ bv, m ^ bm
+    assert v == 0, "crc32 patch not solvable"
+    for bit in range(32):
+        if m >> bit & 1:
+            base[-4 + bit // 8] ^= 1 << (bit % 8)
+    assert zlib.crc32(bytes(base)) == want and bytes(base) != stored
+    return bytes(base)
+
+
+def test_a_chunk_forged_to_keep_its_crc32_is_refused_by_sha256() -> None:
+    data = os.urandom(CHUNK * 3)  # incompressible: chunks stored raw, so any bytes "decompress"
+    blob = bytearray(compress_bytes(data, chunk_size_bytes=CHUNK, codec="lz4"))
+    r = ZFileReader(BytesSource(bytes(blob)))
+    sp = r.span(1)
+    stored = bytes(blob[sp.stored_offset : sp.stored_offset + sp.stored_size])
+    forged = _forge_keeping_crc32(stored)
+    blob[sp.stored_offset : sp.stored_offset + sp.stored_size] = forged
+    reader = ZFileReader(BytesSource(bytes(blob), "forged.zf"))
+    assert reader.has_digests
+    assert not reader.verify_chunk_bytes(1, forged)
+    with pytest.raises(ChecksumError, match=r"chunk 1 of forged.zf .* sha256"):
+        reader.read(CHUNK, 10)
+
+
+def test_a_forged_table_is_refused_against_the_pinned_digest() -> None:
+    """Rewrite a chunk AND its table entry (sha256, crc32), fix every crc32: only the digest
+    the manifest pins tells the forgery."""
+    data = os.urandom(CHUNK * 2)
+    blob = bytearray(compress_bytes(data, chunk_size_bytes=CHUNK))
+    pinned = ZFileReader(BytesSource(bytes(blob))).index_sha256
+    table, _count, foot = _tail_bounds(bytes(blob))
+    forged = b"X" * CHUNK
+    blob[HEADER_SIZE : HEADER_SIZE + CHUNK] = forged
+    struct.pack_into(
+        "<II32s",
+        blob,
+        table,
+        CHUNK | 0x8000_0000,
+        zlib.crc32(forged),
+        hashlib.sha256(forged).digest(),
+    )
+    struct.pack_into("<I", blob, foot + 40, zlib.crc32(bytes(blob[table:foot])))
+    struct.pack_into("<I", blob, len(blob) - 4, zlib.crc32(bytes(blob[foot:-4])))
+    unpinned = ZFileReader(BytesSource(bytes(blob)))
+    assert unpinned.read(0, 4) == b"XXXX"  # self-consistent: only the pin can tell
+    with pytest.raises(ChecksumError, match="does not match the digest its manifest pins"):
+        ZFileReader(BytesSource(bytes(blob)), expected_index_sha256=pinned)
+    ok = ZFileReader(
+        BytesSource(compress_bytes(data, chunk_size_bytes=CHUNK)), expected_index_sha256=pinned
+    )
+    assert ok.read(0, CHUNK) == data[:CHUNK]
+
+
+def _as_version_1(blob: bytes) -> bytes:
+    """The same file in the crc32-only layout of version 1 (8-byte table entries)."""
+    table, count, foot = _tail_bounds(blob)
+    entries = b"".join(
+        blob[table + i * TABLE_ENTRY_SIZE : table + i * TABLE_ENTRY_SIZE + 8] for i in range(count)
+    )
+    footer = bytearray(blob[foot:])
+    struct.pack_into("<H", footer, 8, 1)
+    struct.pack_into("<I", footer, 40, zlib.crc32(entries))
+    struct.pack_into("<I", footer, FOOTER_SIZE - 4, zlib.crc32(bytes(footer[:-4])))
+    return blob[:table] + entries + bytes(footer)
+
+
+def test_version_1_files_are_still_read_by_crc32() -> None:
+    data = sample(20_000)
+    old = _as_version_1(compress_bytes(data, chunk_size_bytes=CHUNK))
+    r = ZFileReader(BytesSource(old, "old.zf"))
+    assert r.version == 1 and not r.has_digests and r.span(0).sha256 is None
+    assert r.read(0, len(data)) == data
+    assert r.verify() == r.chunk_count

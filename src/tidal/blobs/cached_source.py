@@ -8,7 +8,8 @@ one chunk's stored range; :class:`CachedRangeSource` answers it from the node's
 - **Integrity** stays with the format layer: the caller hands in a :data:`ChunkCheck`
   ``(stored_offset, bytes) -> bool``. A cached entry that fails it is dropped and refetched; a
   fetched range that fails it is refetched once and then refused (never cached).
-  :class:`ZFileChunkCheck` is the check for ZFile blobs (each chunk's crc32 in the blob's table).
+  :class:`ZFileChunkCheck` is the check for ZFile blobs (each chunk's sha256 in the blob's
+  table, the table pinned by the layer's manifest).
 - **Batching**: :meth:`CachedRangeSource.fetch_ranges` coalesces adjacent ranges into one
   request (up to ``max_request_bytes``) and keeps ``fetch_concurrency`` requests in flight.
 - **Prefetch**: :meth:`CachedRangeSource.prefetch` replays ranges (e.g. a start-up trace) in the
@@ -459,7 +460,8 @@ class Prefetch:
 
 
 class ZFileChunkCheck:
-    """The :data:`ChunkCheck` of a ZFile blob: a stored chunk must match its table crc32.
+    """The :data:`ChunkCheck` of a ZFile blob: a stored chunk must match its table sha256
+    (crc32 for a version 1 blob).
 
     Ranges that are not exactly one chunk (header, footer, table) pass: the reader checks
     those itself with the footer's checksums.
@@ -481,17 +483,27 @@ class ZFileChunkCheck:
 
 
 def lazy_source_factory(
-    source: BlobSource, cache: ChunkCache | None, settings: BlobSettings | None = None
+    source: BlobSource,
+    cache: ChunkCache | None,
+    settings: BlobSettings | None = None,
+    pinned: Callable[[Digest], str | None] | None = None,
 ) -> Callable[[Digest, int], CachedRangeSource]:
     """A ``source_factory`` for ``tidal.image.manifest.Image.open``: lazy, cached, checked.
 
     Each source opens the blob's ZFile tail once (into the cache, so the layer's own reader
-    gets it from there) to learn the chunk checksums its check needs.
+    gets it from there) to learn the chunk digests its check needs. ``pinned(digest)`` is the
+    layer's chunk-table digest from its manifest: the tail must match it, so the chunk digests
+    the check trusts are the publisher's (a forged tail is refused before any chunk is read).
     """
 
     def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
         src = CachedRangeSource(source, digest, size_bytes, cache=cache, settings=settings)
-        src.set_check(ZFileChunkCheck(ZFileReader(src, decoded_cache_chunks=0)))
+        expected = pinned(digest) if pinned is not None else None
+        src.set_check(
+            ZFileChunkCheck(
+                ZFileReader(src, decoded_cache_chunks=0, expected_index_sha256=expected)
+            )
+        )
         return src
 
     return factory

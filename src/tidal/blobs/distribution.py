@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +47,8 @@ from tidal.image.merged import resolve
 from tidal.image.oci import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
 from tidal.image.trace import Trace
 from tidal.units import SECTOR_BYTES
+
+log = logging.getLogger("tidal.blobs.distribution")
 
 
 @dataclass(frozen=True)
@@ -319,11 +322,37 @@ class LazyImage:
                 chain = FallbackBlobSource([p2p.link(digest), source])
                 self.chains[digest] = chain
                 layer_source = chain
-            src = lazy_source_factory(layer_source, cache, self.settings)(digest, size_bytes)
+            src = lazy_source_factory(layer_source, cache, self.settings, pinned)(
+                digest, size_bytes
+            )
             self.sources[digest] = src
             return src
 
+        def pinned(digest: Digest) -> str | None:
+            for rec in self.image.manifest.layers:
+                if rec.digest == digest:
+                    return rec.index_sha256
+            return None
+
         self.image = Image.open(path, source_factory=factory)
+        self._check_digest_policy()
+
+    def _check_digest_policy(self) -> None:
+        """Layers without chunk digests (built before them) are refused by ``[blobs]
+        require_digests``, else read with a warning: their chunks are checked by crc32 only,
+        which anyone between this node and the registry or a peer can forge."""
+        old = [r for r in self.image.manifest.data_layers if r.index_sha256 is None]
+        if not old:
+            return
+        what = (
+            f"{self.image.path}: {len(old)} layer(s) carry no chunk digests (built by an older "
+            "Tidal; crc32 only)"
+        )
+        if self.settings.require_digests:
+            raise FormatError(
+                f"{what}; refused by [blobs] require_digests: rebuild or re-convert the image"
+            )
+        log.warning("%s: their bytes are not authenticated; rebuild the image", what)
 
     @classmethod
     def open(

@@ -47,6 +47,9 @@ class BlobSettings:
     backoff_initial_s: NonNegativeFloat = DEFAULT_BACKOFF_INITIAL_S
     backoff_max_s: NonNegativeFloat = DEFAULT_BACKOFF_MAX_S
     request_timeout_s: PositiveFloat = DEFAULT_REQUEST_TIMEOUT_S
+    require_digests: bool = False
+    """Refuse lazy images whose layers carry no chunk digests (crc32 only, built by an older
+    Tidal); False reads them with a warning."""
     probe_interval_s: PositiveFloat = DEFAULT_PROBE_INTERVAL_S
     """While a registry is down, requests fail at once except one probe this often."""
     upload_chunk_bytes: PositiveInt = DEFAULT_UPLOAD_CHUNK_BYTES

@@ -58,6 +58,9 @@ class LayerRecord:
     source_digest: str | None = None
     """The OCI layer (compressed tar) this block layer was converted from, if any."""
     source_diff_id: str | None = None
+    index_sha256: str | None = None
+    """sha256 of the blob's chunk table, metadata and footer (ZFile version 2): pins every
+    chunk's sha256 to this manifest. None: an older layer, checked by crc32 only."""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -178,7 +181,9 @@ class Image:
             for rec in self.manifest.data_layers:
                 opened.append(
                     ReadOnlyLayer(
-                        self._factory(rec.digest, rec.size_bytes), expected_tail_crc=rec.tail_crc32
+                        self._factory(rec.digest, rec.size_bytes),
+                        expected_tail_crc=rec.tail_crc32,
+                        expected_index_sha256=rec.index_sha256,
                     )
                 )
             self._layers = opened
@@ -221,7 +226,10 @@ class Image:
                 with FileSource(path) as src:
                     try:
                         layer = ReadOnlyLayer(
-                            src, expected_tail_crc=rec.tail_crc32, decoded_cache_chunks=0
+                            src,
+                            expected_tail_crc=rec.tail_crc32,
+                            expected_index_sha256=rec.index_sha256,
+                            decoded_cache_chunks=0,
                         )
                         checked += layer.zfile.verify()
                     except (FormatError, ChecksumError) as exc:
@@ -262,6 +270,7 @@ class ImageWriter:
         with FileSource(blob_path(self.path, digest)) as src:
             layer = ReadOnlyLayer(src, decoded_cache_chunks=0)
             tail_crc = layer.zfile.tail_crc32
+            index_sha256 = layer.zfile.index_sha256 if layer.zfile.has_digests else None
         rec = LayerRecord(
             digest=digest,
             size_bytes=hw.size_bytes,
@@ -272,6 +281,7 @@ class ImageWriter:
             tail_crc32=tail_crc,
             source_digest=source_digest,
             source_diff_id=source_diff_id,
+            index_sha256=index_sha256,
         )
         self.records.append(rec)
         return rec, info

@@ -38,6 +38,9 @@ A_CHUNK = "io.tidal.layer.chunk-size-bytes"
 A_TAIL = "io.tidal.layer.tail-crc32"
 A_SOURCE = "io.tidal.layer.source-digest"
 A_SOURCE_DIFF = "io.tidal.layer.source-diff-id"
+A_INDEX_SHA256 = "io.tidal.layer.index-sha256"
+"""The layer's chunk-table digest: with the manifest pinned by its digest, every chunk's sha256
+is pinned too (see :mod:`tidal.image.zfile`)."""
 
 
 class Descriptor(TypedDict, total=False):
@@ -98,6 +101,8 @@ def to_oci(
             ann[A_SOURCE] = r.source_digest
         if r.source_diff_id:
             ann[A_SOURCE_DIFF] = r.source_diff_id
+        if r.index_sha256:
+            ann[A_INDEX_SHA256] = r.index_sha256
         media = TIDAL_TRACE_MEDIA_TYPE if r.kind == LAYER_KIND_TRACE else TIDAL_LAYER_MEDIA_TYPE
         layers.append(
             {"mediaType": media, "digest": r.digest, "size": r.size_bytes, "annotations": ann}
@@ -166,6 +171,7 @@ def _tidal_manifest(doc: dict[str, Any], cfg: dict[str, Any], name: str) -> Imag
                 kind=kind,
                 source_digest=la.get(A_SOURCE),
                 source_diff_id=la.get(A_SOURCE_DIFF),
+                index_sha256=la.get(A_INDEX_SHA256),
             )
         )
     extra = {k: v for k, v in ann.items() if not k.startswith("io.tidal.image.")}

@@ -10,10 +10,23 @@ Layout (all integers little-endian)::
                     raw_size u64 (final when flags has HEADER_FINAL), reserved
     chunks          chunk 0 .. n-1, stored back to back (compressed, or raw if it did not shrink)
     metadata        opaque bytes (may be empty)
-    table    8n B   per chunk: stored_size u32 (top bit set = stored raw), crc32 of stored bytes u32
+    table   40n B   per chunk: stored_size u32 (top bit set = stored raw), crc32 of stored bytes
+                    u32, sha256 of stored bytes 32 B (version 1: 8n B, no sha256)
     footer   64 B   magic "TIDALZT\\0", version u16, codec u8, flags u8, chunk_size u32,
                     raw_size u64, chunk_count u64, metadata_size u64, crc32(metadata+table) u32,
-                    crc32(footer[:-4]) u32
+                    zero padding, crc32(footer[:-4]) u32
+
+**Every byte is checked against a digest an attacker cannot forge** (version 2). Each chunk's
+sha256 is in the table; the table, the metadata and the footer together have a digest of their
+own, :attr:`ZFileReader.index_sha256`, which the image manifest records per layer (and the OCI
+manifest carries as an annotation, so the chain starts at a manifest pinned by its digest). A
+reader given that digest (``expected_index_sha256``) refuses a forged table; a chunk whose bytes
+do not hash to the table's entry is refused whichever source served it (registry, peer, cache).
+The crc32s stay: they are the cheap torn-write check of the node's own chunk cache and the
+only check of version 1 files, which are still read (the image layer decides the policy).
+Why sha256 and not BLAKE3: measured in ``benchmarks/bench_zfile.py`` (hashing one 64 KiB chunk
+is within a factor of ~2 of BLAKE3 with this CPU's SHA extensions, below the cost of
+decompressing it, and the rest of the OCI chain is sha256 already -- no new dependency).
 
 Chunk offsets are not stored: they are the prefix sums of stored sizes from the end of the
 header, so the table costs 8 bytes per chunk. A reader fetches the footer, then metadata and
@@ -27,6 +40,7 @@ read decompresses at most 64 KiB. The kernel's readahead through a loop device i
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import threading
 import zlib
@@ -44,10 +58,14 @@ from tidal.image.source import RandomAccessSource
 
 MAGIC = b"TIDALZF\0"
 FOOTER_MAGIC = b"TIDALZT\0"
-VERSION = 1
+VERSION = 2
+VERSION_CRC_ONLY = 1
+"""Tables without chunk digests (crc32 only): still read, flagged by :attr:`ZFileReader.has_digests`."""
 HEADER_SIZE = 64
 FOOTER_SIZE = 64
-TABLE_ENTRY_SIZE = 8
+TABLE_ENTRY_SIZE = 40
+TABLE_ENTRY_SIZE_V1 = 8
+DIGEST_SIZE = 32
 DEFAULT_CHUNK_SIZE_BYTES = 64 * 1024
 MIN_CHUNK_SIZE_BYTES = 4096
 MAX_CHUNK_SIZE_BYTES = 16 * 1024 * 1024
@@ -58,6 +76,13 @@ DEFAULT_DECODED_CACHE_CHUNKS = 32
 
 _HEADER = struct.Struct("<8sHBBIQ")  # 24 bytes used, rest reserved (zero)
 _FOOTER = struct.Struct("<8sHBBIQQQI")  # 44 bytes, then padding, then crc32 of footer[:-4]
+_ENTRY = struct.Struct("<II32s")
+_ENTRY_V1 = struct.Struct("<II")
+
+
+def index_digest(tail: bytes, footer: bytes) -> str:
+    """The digest a manifest pins for a ZFile: sha256 of metadata + table + footer."""
+    return "sha256:" + hashlib.sha256(tail + footer).hexdigest()
 
 
 class Codec(IntEnum):
@@ -90,6 +115,8 @@ class ChunkSpan:
     raw_size: int
     crc32: int
     is_raw: bool
+    sha256: bytes | None = None
+    """The stored bytes' sha256 (None in a version 1 file)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +128,9 @@ class ZFileInfo:
     chunk_count: int
     chunk_size_bytes: int
     codec: Codec
+    tail_crc32: int = 0
+    index_sha256: str = ""
+    """``sha256:<hex>`` of metadata + table + footer: what a manifest pins (see the module)."""
 
 
 def _compressor(codec: Codec, level: int | None) -> Callable[[bytes], bytes]:
@@ -144,7 +174,7 @@ def _decompress(codec: Codec, stored: bytes, raw_size: int) -> bytes:
 class ZFileWriter:
     """Streaming ZFile writer: memory is bounded by one chunk whatever the input size.
 
-    The chunk table grows by 8 bytes per chunk (0.012 % of the data at 64 KiB chunks).
+    The chunk table grows by 40 bytes per chunk (0.06 % of the data at 64 KiB chunks).
     """
 
     def __init__(
@@ -204,7 +234,7 @@ class ZFileWriter:
         else:
             size_word = len(packed)
         self._out.write(packed)
-        self._table += struct.pack("<II", size_word, zlib.crc32(packed))
+        self._table += _ENTRY.pack(size_word, zlib.crc32(packed), hashlib.sha256(packed).digest())
         self._raw_size += len(raw)
         self._stored += len(packed)
         self._count += 1
@@ -229,7 +259,8 @@ class ZFileWriter:
             len(self.metadata),
             zlib.crc32(tail),
         ).ljust(FOOTER_SIZE - 4, b"\0")
-        self._out.write(footer + struct.pack("<I", zlib.crc32(footer)))
+        footer += struct.pack("<I", zlib.crc32(footer))
+        self._out.write(footer)
         if self._start is not None and self._out.seekable():
             end = self._out.tell()
             self._out.seek(self._start)
@@ -241,6 +272,8 @@ class ZFileWriter:
             chunk_count=self._count,
             chunk_size_bytes=self._chunk,
             codec=self._codec,
+            tail_crc32=zlib.crc32(tail),
+            index_sha256=index_digest(tail, footer),
         )
 
     def __enter__(self) -> ZFileWriter:
@@ -276,7 +309,10 @@ class ZFileReader:
         *,
         decoded_cache_chunks: int = DEFAULT_DECODED_CACHE_CHUNKS,
         expected_tail_crc: int | None = None,
+        expected_index_sha256: str | None = None,
     ) -> None:
+        """``expected_index_sha256``: the layer's pinned :attr:`index_sha256` (from its
+        manifest); a table that does not match it is refused before any chunk is read."""
         self.source = source
         name = source.name
         size = source.size_bytes
@@ -298,10 +334,15 @@ class ZFileReader:
             raise ChecksumError(
                 f"{name}: ZFile footer at offset {size - FOOTER_SIZE} failed its checksum"
             )
-        if version != VERSION:
+        if version not in (VERSION, VERSION_CRC_ONLY):
             raise FormatError(
-                f"{name}: ZFile version {version} is not supported (this Tidal reads {VERSION})"
+                f"{name}: ZFile version {version} is not supported (this Tidal reads "
+                f"{VERSION_CRC_ONLY} and {VERSION})"
             )
+        self.version = version
+        self.has_digests = version >= VERSION
+        """Each chunk is checked by sha256 (False: a version 1 file, crc32 only)."""
+        entry = _ENTRY if self.has_digests else _ENTRY_V1
         try:
             self.codec = Codec(codec)
         except ValueError:
@@ -313,7 +354,7 @@ class ZFileReader:
         self.chunk_size_bytes = chunk
         self.raw_size_bytes = raw
         self.chunk_count = count
-        tail_size = meta_size + count * TABLE_ENTRY_SIZE
+        tail_size = meta_size + count * entry.size
         tail_start = size - FOOTER_SIZE - tail_size
         if tail_start < HEADER_SIZE:
             raise FormatError(f"{name}: ZFile table does not fit in {size} bytes (truncated?)")
@@ -324,18 +365,28 @@ class ZFileReader:
             raise ChecksumError(
                 f"{name}: ZFile metadata/chunk table at offset {tail_start} failed its checksum"
             )
+        self.index_sha256 = index_digest(tail, footer)
+        if expected_index_sha256 is not None and self.index_sha256 != expected_index_sha256:
+            raise ChecksumError(
+                f"{name}: ZFile chunk table does not match the digest its manifest pins "
+                f"({expected_index_sha256[:19]}...): forged or from another layer"
+            )
         self.tail_crc32 = tail_crc
         self.metadata = tail[:meta_size]
         table = memoryview(tail)[meta_size:]
         self._sizes: list[int] = []
         self._crcs: list[int] = []
+        self._digests: list[bytes] = []
         self._offsets: list[int] = []
         off = HEADER_SIZE
         for i in range(count):
-            size_word, crc = struct.unpack_from("<II", table, i * TABLE_ENTRY_SIZE)
+            fields = entry.unpack_from(table, i * entry.size)
+            size_word, crc = fields[0], fields[1]
             self._offsets.append(off)
             self._sizes.append(size_word)
             self._crcs.append(crc)
+            if self.has_digests:
+                self._digests.append(fields[2])
             off += size_word & ~RAW_FLAG
         if off != tail_start:
             raise FormatError(
@@ -357,6 +408,7 @@ class ZFileReader:
             raw_size=raw_size,
             crc32=self._crcs[index],
             is_raw=bool(size_word & RAW_FLAG),
+            sha256=self._digests[index] if self.has_digests else None,
         )
 
     def chunk_spans(self, offset: int, length: int) -> list[ChunkSpan]:
@@ -376,10 +428,20 @@ class ZFileReader:
             )
 
     def verify_chunk_bytes(self, index: int, stored: bytes) -> bool:
-        """Whether ``stored`` is chunk ``index`` as written (a cache uses this to vet entries)."""
-        return (
-            len(stored) == (self._sizes[index] & ~RAW_FLAG)
-            and zlib.crc32(stored) == self._crcs[index]
+        """Whether ``stored`` is chunk ``index`` as written: its sha256 (crc32 in version 1)."""
+        if len(stored) != (self._sizes[index] & ~RAW_FLAG):
+            return False
+        if self.has_digests:
+            return hashlib.sha256(stored).digest() == self._digests[index]
+        return zlib.crc32(stored) == self._crcs[index]
+
+    def _check_stored(self, sp: ChunkSpan, stored: bytes) -> None:
+        if self.verify_chunk_bytes(sp.index, stored):
+            return
+        what = "sha256" if self.has_digests else "crc32"
+        raise ChecksumError(
+            f"chunk {sp.index} of {self.source.name} at offset {sp.stored_offset} failed its "
+            f"{what} check (forged or corrupt)"
         )
 
     def chunk(self, index: int) -> bytes:
@@ -391,11 +453,7 @@ class ZFileReader:
                 return hit
         sp = self.span(index)
         stored = self.source.read_at(sp.stored_offset, sp.stored_size)
-        if zlib.crc32(stored) != sp.crc32:
-            raise ChecksumError(
-                f"chunk {index} of {self.source.name} at offset {sp.stored_offset} failed its "
-                f"checksum (expected {sp.crc32:08x}, got {zlib.crc32(stored):08x})"
-            )
+        self._check_stored(sp, stored)
         if sp.is_raw:
             raw = stored
         else:
@@ -441,10 +499,7 @@ class ZFileReader:
         for i in range(self.chunk_count):
             sp = self.span(i)
             stored = self.source.read_at(sp.stored_offset, sp.stored_size)
-            if zlib.crc32(stored) != sp.crc32:
-                raise ChecksumError(
-                    f"chunk {i} of {self.source.name} at offset {sp.stored_offset} failed its checksum"
-                )
+            self._check_stored(sp, stored)
             if not sp.is_raw:
                 try:
                     raw = _decompress(self.codec, stored, sp.raw_size)
