@@ -9,7 +9,6 @@ checked on a filesystem made by the real ``mkfs.ext4`` in a plain file (no root 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import struct
 import subprocess
@@ -23,44 +22,14 @@ from tidal.blockdev.ext4 import mkfs
 from tidal.blockdev.ext4_pins import pin_layer, read_geometry
 from tidal.blockdev.rawdisk import export_raw
 from tidal.errors import BuildError
-from tidal.testing.oci_builder import LayerTar, write_oci_layout
-
-
-def _tree(root: Path) -> None:
-    rng = random.Random(11)
-    for d in range(24):
-        sub = root / f"d{d:02}" / "sub"
-        sub.mkdir(parents=True)
-        for f in range(16):
-            (root / f"d{d:02}" / f"f{f}").write_bytes(rng.randbytes(rng.randint(0, 30_000)))
-        (sub / "x").write_bytes(rng.randbytes(100))
-    (root / "big").write_bytes(rng.randbytes(4 << 20))
-    os.link(root / "big", root / "big-link")
-    os.symlink("big", root / "big-sym")
-
-
-def _layouts(work: Path) -> tuple[Path, Path]:
-    root = work / "root"
-    root.mkdir(parents=True)
-    _tree(root)
-    base = LayerTar()
-    base.add_tree(root)
-    top = LayerTar()
-    top.whiteout("d03/f1")
-    top.opaque("d04")
-    top.add_raw("d05/new", data=b"x" * 5000)  # into a directory the tar does not time
-    top.add_raw("newdir/deep/file", data=b"y" * 100)  # parents made implicitly
-    base_tar, top_tar = base.bytes(), top.bytes()
-    write_oci_layout(work / "v1", [base_tar])
-    write_oci_layout(work / "v2", [base_tar, top_tar])
-    return work / "v1", work / "v2"
+from tidal.testing.oci_builder import base_and_update_layouts, make_varied_tree
 
 
 @pytest.mark.root
 @pytest.mark.fuse
 @pytest.mark.loop
 def test_same_layer_on_same_parent_converts_to_the_same_bytes(tmp_path: Path) -> None:
-    v1, v2 = _layouts(tmp_path / "src")
+    v1, v2 = base_and_update_layouts(tmp_path / "src")
     a = convert_oci(v2, tmp_path / "a").manifest
     b = convert_oci(v2, tmp_path / "b").manifest
     assert [r.digest for r in a.layers] == [r.digest for r in b.layers]
@@ -87,7 +56,7 @@ def test_same_layer_on_same_parent_converts_to_the_same_bytes(tmp_path: Path) ->
 def test_root_is_exactly_the_tree_and_dir_builds_repeat(tmp_path: Path) -> None:
     src = tmp_path / "root"
     src.mkdir()
-    _tree(src)
+    make_varied_tree(src)
     one = build_from_dir(src, tmp_path / "one").manifest
     two = build_from_dir(src, tmp_path / "two").manifest
     assert [r.digest for r in one.layers] == [r.digest for r in two.layers]
