@@ -222,6 +222,9 @@ def test_cli_pull_images_rmi(
         bad = tidal(*args)
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
         assert bad.stderr.startswith("error: ") and needle in bad.stderr, bad.stderr
+    bad_policy = tidal("run", "--pull", "sometimes", ref, "--", "true")
+    assert bad_policy.returncode == 1 and bad_policy.stderr.count("\n") == 1
+    assert "unknown pull policy 'sometimes'; use missing, always, never" in bad_policy.stderr
     removed = tidal("rmi", ref)
     assert removed.returncode == 0 and "removed" in removed.stdout, removed.stderr
     assert json.loads(tidal("images", "--json").stdout) == []

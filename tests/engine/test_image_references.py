@@ -1,0 +1,99 @@
+"""Containers run by registry reference (real runc, FUSE, loop, ext4 and the CNCF registry).
+
+``tidal run REF`` resolves the reference through the node's image store at the daemon,
+pulling what is missing; the mounted root is exactly the image's tree (no ``/lost+found``);
+``--pull never`` with the image absent is one error and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tidal.blobs.distribution import push_image
+from tidal.blobs.reference import ImageReference
+from tidal.blobs.registry_client import RegistryClient
+from tidal.blockdev.builder import build_from_dir
+from tidal.engine.client import EngineClient
+from tidal.engine.containers import IMAGE_REFERENCE_LABEL, Engine
+from tidal.engine.daemon import Daemon
+from tidal.engine.spec import ContainerSpec
+from tidal.errors import ImageReferenceNotFoundError
+from tidal.node.images import ImageStore
+from tidal.testing.registry_server import RegistryServer
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.runtime,
+    pytest.mark.cgroups,
+    pytest.mark.loop,
+    pytest.mark.fuse,
+    pytest.mark.registry,
+]
+
+
+@pytest.fixture
+def pushed(
+    busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, RegistryServer]]:
+    """A busybox image built by this builder (so without /lost+found), in a registry; the
+    node's data root (store, chunk cache, mounts) under ``tmp_path``."""
+    monkeypatch.setenv("TIDAL_DATA_ROOT", str(tmp_path / "data"))
+    image = build_from_dir(busybox_rootfs, tmp_path / "busybox").image_dir
+    with RegistryServer(access_log=True) as server, RegistryClient(server.address) as client:
+        ref = f"{server.address}/engine/busybox:v1"
+        push_image(image, ImageReference.parse(ref), client)
+        yield ref, server
+
+
+def _run_ls(engine: Engine, spec: ContainerSpec) -> list[str]:
+    rec = engine.run(spec)
+    try:
+        rec = engine.wait(rec.id, 30)
+        assert rec.status == "exited" and rec.exit_code == 0, (rec, engine.log_tail(rec.id))
+        return engine.logs(rec.id).data.decode().split()
+    finally:
+        with contextlib.suppress(Exception):
+            engine.remove(rec.id, force=True)
+
+
+def test_run_by_reference_pulls_once_and_the_root_is_exactly_the_tree(
+    engine: Engine, pushed: tuple[str, RegistryServer], busybox_rootfs: Path
+) -> None:
+    ref, server = pushed
+    listing = _run_ls(engine, ContainerSpec(image=ref, command=("ls", "-a", "/")))
+    assert "lost+found" not in listing
+    # the image's own entries, plus what the engine mounts over an empty root
+    expected = set(os.listdir(busybox_rootfs)) | {".", "..", "proc", "sys", "dev", "etc", "tmp"}
+    assert set(listing) <= expected and set(os.listdir(busybox_rootfs)) <= set(listing)
+    stored = ImageStore().get(ref)
+    manifests = sum(1 for m, p, _ in server.requests() if "/manifests/" in p and m == "GET")
+    # again: the store has it (missing), so no manifest is fetched; the label keeps the ref
+    rec = engine.create(ContainerSpec(image=ref, command=("true",)))
+    try:
+        assert rec.spec.image == str(stored.path)
+        assert dict(rec.spec.labels)[IMAGE_REFERENCE_LABEL] == ref
+    finally:
+        engine.remove(rec.id, force=True)
+    assert sum(1 for m, p, _ in server.requests() if "/manifests/" in p and m == "GET") == manifests
+
+
+def test_pull_never_without_the_image_is_one_error_through_the_daemon(
+    daemon: tuple[Daemon, EngineClient], pushed: tuple[str, RegistryServer]
+) -> None:
+    _, client = daemon
+    ref, _ = pushed
+    with pytest.raises(ImageReferenceNotFoundError, match="--pull never forbids pulling"):
+        client.run(ContainerSpec(image=ref, pull="never", command=("true",)))
+    assert client.list_all() == []
+    assert ImageStore().list() == []
+    rec = client.run(ContainerSpec(image=ref, pull="always", command=("true",)))
+    try:
+        assert client.wait(rec.id, 30).exit_code == 0
+        assert [i.reference for i in ImageStore().list()] == [ref]
+    finally:
+        client.remove(rec.id, force=True)
