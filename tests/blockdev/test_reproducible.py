@@ -17,12 +17,22 @@ from pathlib import Path
 import pytest
 
 from tidal.blockdev import mounts
-from tidal.blockdev.builder import build_from_dir, convert_oci, reproducible_format
-from tidal.blockdev.ext4 import mkfs
-from tidal.blockdev.ext4_pins import pin_layer, read_geometry
+from tidal.blockdev.builder import (
+    BUILD_FS_UUID,
+    BUILD_HASH_SEED,
+    build_from_dir,
+    choose_geometry,
+    choose_size,
+    convert_oci,
+    reproducible_format,
+)
+from tidal.blockdev.ext4 import Ext4Format, mkfs, mkfs_command
+from tidal.blockdev.ext4_pins import BUILD_TIME_S, pin_layer, read_geometry
 from tidal.blockdev.rawdisk import export_raw
+from tidal.blockdev.settings import BlockdevSettings
 from tidal.errors import BuildError
 from tidal.testing.oci_builder import base_and_update_layouts, make_varied_tree
+from tidal.units import MiB
 
 
 @pytest.mark.root
@@ -148,3 +158,24 @@ def test_pinning_refuses_a_filesystem_with_metadata_checksums(tmp_path: Path) ->
     subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "metadata_csum", str(disk)], check=True)
     with pytest.raises(BuildError, match="metadata_csum"):
         pin_layer(_FileDevice(disk), [(1024, 1024)])
+
+
+def test_geometry_is_a_power_of_two_step_that_a_small_layer_does_not_move() -> None:
+    s = BlockdevSettings()
+    size, inodes = choose_geometry(115 * MiB, 5_000, s)
+    assert size & (size - 1) == 0 and size >= choose_size(115 * MiB, 5_000, s)
+    assert inodes == size // s.bytes_per_inode
+    assert choose_geometry(125 * MiB, 5_200, s) == (size, inodes)  # v2: +10 MiB, +200 files
+    assert choose_geometry(0, 0, s)[0] == s.min_size_bytes
+    many = choose_geometry(MiB, 200_000, s)  # inodes, not bytes, set the step
+    assert many[1] >= 2 * 200_000 + 1024 and many[0] & (many[0] - 1) == 0
+
+
+def test_the_reproducible_format_pins_mkfs_inputs() -> None:
+    cmd = mkfs_command("/dev/loop9", reproducible_format(4096))
+    text = " ".join(cmd)
+    assert f"-U {BUILD_FS_UUID}" in text and f"hash_seed={BUILD_HASH_SEED}" in text
+    assert "^metadata_csum" in text and "uninit_bg" in text and "^has_journal" in text
+    assert reproducible_format(4096).fake_time_s == BUILD_TIME_S
+    plain = " ".join(mkfs_command("/dev/loop9", Ext4Format()))
+    assert "-U" not in plain and "metadata_csum" not in plain  # other users keep mkfs defaults

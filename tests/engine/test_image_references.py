@@ -8,7 +8,10 @@ pulling what is missing; the mounted root is exactly the image's tree (no ``/los
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,3 +100,37 @@ def test_pull_never_without_the_image_is_one_error_through_the_daemon(
         assert [i.reference for i in ImageStore().list()] == [ref]
     finally:
         client.remove(rec.id, force=True)
+
+
+def test_images_shows_users_and_rmi_refuses_while_a_container_uses_the_image(
+    engine: Engine, pushed: tuple[str, RegistryServer], tmp_path: Path
+) -> None:
+    ref, _ = pushed
+    env = {
+        **os.environ,
+        "TIDAL_ENGINE__STATE_DIR": str(engine.state_dir),
+        "TIDAL_BLOBS__CACHE_DIR": str(tmp_path / "chunks"),
+    }
+
+    def tidal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tidal.cli.main", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    rec = engine.create(ContainerSpec(image=ref, name="uses-it", command=("true",)))
+    try:
+        (row,) = json.loads(tidal("images", "--json").stdout)
+        assert row["reference"] == ref and row["used_by"] == ["uses-it"]
+        refused = tidal("rmi", ref)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+        assert "is used by container(s) uses-it" in refused.stderr
+        assert ImageStore().get(ref).path.is_dir()
+    finally:
+        engine.remove(rec.id, force=True)
+    removed = tidal("rmi", ref)
+    assert removed.returncode == 0, removed.stderr
+    assert ImageStore().list() == []

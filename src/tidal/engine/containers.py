@@ -85,11 +85,12 @@ IMAGE_REFERENCE_LABEL = "tidal.image.reference"
 def resolve_image(spec: ContainerSpec) -> ContainerSpec:
     """A spec whose image is a registry reference, turned into the node's pulled copy of it
     (pulled now if ``spec.pull`` says so); directories are returned as they are."""
-    from tidal.node.images import ImageStore  # the registry client loads only for references
     from tidal.node.references import looks_like_path
 
     if looks_like_path(spec.image):
         return spec
+    from tidal.node.images import ImageStore  # the registry client loads only for references
+
     stored = ImageStore().resolve(spec.image, spec.pull)
     labels = tuple(kv for kv in spec.labels if kv[0] != IMAGE_REFERENCE_LABEL)
     return spec.replace(
