@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tidal.engine.containers import IMAGE_REFERENCE_LABEL, Engine
 from tidal.engine.daemon import Daemon
 from tidal.engine.spec import ContainerSpec
 from tidal.errors import ImageReferenceNotFoundError
+from tidal.image.manifest import EXACT_ROOT_ANNOTATION
 from tidal.node.images import ImageStore
 from tidal.testing.registry_server import RegistryServer
 
@@ -134,3 +136,21 @@ def test_images_shows_users_and_rmi_refuses_while_a_container_uses_the_image(
     removed = tidal("rmi", ref)
     assert removed.returncode == 0, removed.stderr
     assert ImageStore().list() == []
+
+
+def test_an_image_built_before_exact_roots_does_not_show_its_lost_and_found(
+    engine: Engine, busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDAL_DATA_ROOT", str(tmp_path / "data"))
+    tree = tmp_path / "tree"
+    shutil.copytree(busybox_rootfs, tree, symlinks=True)
+    (tree / "lost+found").mkdir()  # the tree's own: an exact image shows it
+    exact = build_from_dir(tree, tmp_path / "exact").image_dir
+    assert "lost+found" in _run_ls(engine, ContainerSpec(image=str(exact), command=("ls", "/")))
+    # what the builder wrote before: mkfs's /lost+found and no exact-root annotation
+    old = tmp_path / "old"
+    shutil.copytree(exact, old)
+    doc = json.loads((old / "manifest.json").read_text())
+    del doc["annotations"][EXACT_ROOT_ANNOTATION]
+    (old / "manifest.json").write_text(json.dumps(doc))
+    assert "lost+found" not in _run_ls(engine, ContainerSpec(image=str(old), command=("ls", "/")))

@@ -237,3 +237,17 @@ def test_references_and_directories_are_told_apart(
     (tmp_path / "img").mkdir()
     assert looks_like_path("img") and looks_like_path("/no/such/dir") and looks_like_path("./x")
     assert not looks_like_path("127.0.0.1:5000/web:v1") and not looks_like_path("team/app:v1")
+
+
+def test_a_reference_without_a_registry_uses_the_node_s_embedded_store(
+    images: tuple[Path, Path], store: ImageStore
+) -> None:
+    from tidal.blobs.registries import LocalRegistry
+
+    with LocalRegistry(store.settings.resolved_store_dir()) as local:
+        push_image(images[0], ImageReference.parse("team/app:v1", default_registry="local"), local)
+    stored = store.pull("team/app:v1")
+    assert stored.reference == "local/team/app:v1"
+    assert store.resolve("team/app:v1", "never") == stored
+    assert store.fetched_bytes(stored) == 0  # its blobs are on the node already: no cache
+    assert store.remove("team/app:v1").directory_removed

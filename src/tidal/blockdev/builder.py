@@ -30,7 +30,14 @@ from tidal.blockdev.layer_tar import LayerScan, TreeWriter, extract, scan_layer
 from tidal.blockdev.oci_archive import SourceImage, SourceLayer, open_source_image
 from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.errors import BuildError, ImageNotFoundError, NotFoundError, TidalError
-from tidal.image.manifest import Image, ImageManifest, ImageWriter, LayerRecord, blob_path
+from tidal.image.manifest import (
+    EXACT_ROOT_ANNOTATION,
+    Image,
+    ImageManifest,
+    ImageWriter,
+    LayerRecord,
+    blob_path,
+)
 from tidal.image.zfile import Codec
 from tidal.units import SECTOR_BYTES, MiB
 
@@ -330,7 +337,7 @@ def _apply(
 
 
 def _annotations(source: SourceImage) -> dict[str, str]:
-    ann = {"io.tidal.source": source.name}
+    ann = {"io.tidal.source": source.name, EXACT_ROOT_ANNOTATION: "true"}
     if source.manifest_digest:
         ann["io.tidal.source.manifest-digest"] = source.manifest_digest
     for key in ("architecture", "os", "created"):
@@ -389,7 +396,8 @@ def build_from_dir(
         builder = _LayerBuilder(work, size, fmt, codec or settings.codec, settings, progress)
         builder.layer(f"{src}", copy)
         manifest = builder.writer.write_manifest(
-            config=dict(config or {}), annotations={"io.tidal.source": str(src.resolve())}
+            config=dict(config or {}),
+            annotations={"io.tidal.source": str(src.resolve()), EXACT_ROOT_ANNOTATION: "true"},
         )
     return BuildResult(Path(out_image), manifest, time.monotonic() - t0, content)
 

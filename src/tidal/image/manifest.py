@@ -36,6 +36,10 @@ LAYER_KIND_TRACE = "trace"
 
 SourceFactory = Callable[[Digest, int], RandomAccessSource]
 
+EXACT_ROOT_ANNOTATION = "io.tidal.build.exact-root"
+"""Set (``"true"``) by builders whose root holds exactly the image's tree: no ``/lost+found``
+left by mkfs. Images without it (built before) have one, which the engine hides."""
+
 
 @dataclass(frozen=True)
 class LayerRecord:
