@@ -265,7 +265,10 @@ class ImageStore:
             )
         with self._locked():
             refs = self._read_index()
-            refs.pop(image.reference, None)
+            if refs.pop(image.reference, None) is None and image.pulled_at:
+                raise ImageReferenceNotFoundError(
+                    f"image {image.reference} was removed meanwhile (another `tidal rmi`)"
+                )
             self._write_index(refs)
             if any(parse_digest(str(v["digest"])) == image.manifest_digest for v in refs.values()):
                 return RemoveResult(image, False, 0, 0)
