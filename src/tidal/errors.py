@@ -46,6 +46,9 @@ that every class of this module appears here with its parents::
     │   └── BuildError               building/converting an image (mkfs, copy, OCI archive)
     │       ├── ArchiveFormatError   an OCI layout / docker-archive that does not parse
     │       └── UnsafeArchiveError   a layer tar entry would escape the root (.., symlinked parent)
+    ├── ImageStoreError              tidal.node: the node's image store by reference
+    │   ├── ImageReferenceNotFoundError  (also a NotFoundError) not in its registry / on the node
+    │   └── ImageInUseError          removing an image that containers use (without --force)
     ├── EngineError                  tidal.engine
     │   ├── ContainerNotFoundError   (also a NotFoundError)
     │   ├── ContainerStateError
@@ -222,6 +225,21 @@ class ArchiveFormatError(BuildError):
 
 class UnsafeArchiveError(BuildError):
     """A layer tar entry that would write outside the root (``..``, absolute link, symlinked parent)."""
+
+
+# --- tidal.node ----------------------------------------------------------------------------
+
+
+class ImageStoreError(TidalError):
+    """The node-local image store (references -> pulled images)."""
+
+
+class ImageReferenceNotFoundError(ImageStoreError, NotFoundError):
+    """The registry has no image under this reference, or the node has not pulled it."""
+
+
+class ImageInUseError(ImageStoreError):
+    """An image that containers on this node use cannot be removed without ``--force``."""
 
 
 # --- tidal.engine --------------------------------------------------------------------------

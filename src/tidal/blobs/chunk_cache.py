@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,6 +330,34 @@ class ChunkCache:
 
     def clear(self) -> None:
         self.evict_to(0)
+
+    def _blob_entries(self, digest: Digest) -> list[_Entry]:
+        hexpart = parse_digest(digest).split(":", 1)[1]
+        out: list[_Entry] = []
+        with contextlib.suppress(FileNotFoundError):
+            for ent in os.scandir(self._entries / hexpart[:2]):
+                if ent.name.startswith(hexpart + "."):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = ent.stat()
+                        out.append(_Entry(Path(ent.path), st.st_size, st.st_mtime_ns))
+        return out
+
+    def blob_bytes(self, digest: Digest) -> int:
+        """Bytes cached of one blob (entries on disk now, headers included)."""
+        return sum(e.size_bytes for e in self._blob_entries(digest))
+
+    def drop_blobs(self, digests: Iterable[Digest]) -> tuple[int, int]:
+        """Remove every entry of these blobs (no image needs them any more): (entries, bytes)."""
+        removed = freed = 0
+        with self._exclusive():
+            for digest in digests:
+                for e in self._blob_entries(digest):
+                    with contextlib.suppress(FileNotFoundError):
+                        e.path.unlink()
+                        removed += 1
+                        freed += e.size_bytes
+            self._write_size(max(0, (self._read_size() or 0) - freed))
+        return removed, freed
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - STALE_TMP_S

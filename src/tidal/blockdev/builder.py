@@ -24,17 +24,69 @@ from typing import Any, Protocol
 
 from tidal import proc
 from tidal.blockdev import mounts
-from tidal.blockdev.ext4 import Ext4Format
+from tidal.blockdev.ext4 import READWRITE_OPTIONS, Ext4Format
+from tidal.blockdev.ext4_pins import BUILD_TIME_S, pin_layer
 from tidal.blockdev.layer_tar import LayerScan, TreeWriter, extract, scan_layer
 from tidal.blockdev.oci_archive import SourceImage, SourceLayer, open_source_image
 from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.errors import BuildError, ImageNotFoundError, NotFoundError, TidalError
-from tidal.image.manifest import Image, ImageManifest, ImageWriter, LayerRecord, blob_path
+from tidal.image.manifest import (
+    EXACT_ROOT_ANNOTATION,
+    Image,
+    ImageManifest,
+    ImageWriter,
+    LayerRecord,
+    blob_path,
+)
 from tidal.image.zfile import Codec
-from tidal.units import MiB
+from tidal.units import SECTOR_BYTES, MiB
 
 COPY_TIMEOUT_S = 24 * 3600.0
 """``cp -a`` of a root tree: bounded only so a wedged copy cannot hang a build forever."""
+
+# --- reproducible layers -------------------------------------------------------------------
+# The same OCI layer on the same parent must give the byte-identical block layer, so every
+# input of the bytes that is not the tar or the parent is pinned here (ext4_pins.py pins what
+# the kernel stamps). Each constant says which source of difference it removes.
+BUILD_FS_UUID = "7ddc0a7a-6e8b-4b38-9e53-0c2d6a1e4f10"
+"""mkfs picks a random UUID, which is in the superblock and seeds the group checksums. ext4
+does not need UUIDs to differ between filesystems (unlike xfs or btrfs)."""
+BUILD_HASH_SEED = "3c6f1d2e-8a49-4f0b-b1d5-6e2a9c7b8d01"
+"""mkfs picks a random directory-index hash seed; it orders large directories' index blocks
+and picks the block group of every top-level directory (the Orlov allocator)."""
+BUILD_MOUNT_OPTIONS = READWRITE_OPTIONS + ",nodelalloc"
+"""With delayed allocation the kernel's flusher threads place data blocks whenever they run
+(every few seconds, or under memory pressure), so placement depended on timing; without it
+each block is placed by the write that makes it, in the tar's order."""
+LOST_AND_FOUND = "lost+found"
+
+
+def reproducible_format(inode_count: int, *, journal: bool = False) -> Ext4Format:
+    """The builder's ext4: fixed UUID, hash seed and mkfs clock; no metadata checksums, since
+    a pinned inode generation would invalidate every checksum seeded with it (ext4_pins.py).
+    A journal (``[blockdev] ext4_journal``) holds commit times, so it is not reproducible."""
+    return Ext4Format(
+        inode_count=inode_count,
+        journal=journal,
+        uuid=BUILD_FS_UUID,
+        hash_seed=BUILD_HASH_SEED,
+        metadata_csum=False,
+        fake_time_s=BUILD_TIME_S,
+    )
+
+
+@contextlib.contextmanager
+def _one_cpu() -> Iterator[None]:
+    """Run the layer's writes on one CPU: ext4's allocator keeps per-CPU "locality groups"
+    for small files and reads per-CPU counters when it places directories, so a writer that
+    migrated between CPUs placed blocks differently from one that did not. Children (``cp``)
+    inherit the mask."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class BuildProgress(Protocol):
@@ -72,6 +124,22 @@ def choose_size(content_bytes: int, entries: int, settings: BlockdevSettings) ->
 
 def choose_inodes(entries: int, size_bytes: int, settings: BlockdevSettings) -> int:
     return max(size_bytes // settings.bytes_per_inode, 2 * entries + 1024)
+
+
+def choose_geometry(
+    content_bytes: int, entries: int, settings: BlockdevSettings
+) -> tuple[int, int]:
+    """(virtual disk bytes, inode count) of a build: a power of two at least
+    :func:`choose_size`, with the inode count that size gives by ``bytes_per_inode``.
+
+    The geometry is in every block of the first layer, so it must not move when a later
+    layer is added: a v2 image on the same base makes the same base layer as long as its total
+    stays inside the same power-of-two step (crossing a step makes every layer anew).
+    """
+    size = 1 << (choose_size(content_bytes, entries, settings) - 1).bit_length()
+    while size // settings.bytes_per_inode < 2 * entries + 1024:
+        size *= 2
+    return size, size // settings.bytes_per_inode
 
 
 @contextlib.contextmanager
@@ -137,11 +205,15 @@ class _LayerBuilder:
             writable_dir=self.wdir,
             format_ext4=self.fmt if first else None,
             settings=self.settings,
+            ext4_options=BUILD_MOUNT_OPTIONS,
         )
         try:
+            if first:
+                _clear_root(self.mnt)
             if self.progress:
                 self.progress.step(f"{name}: writing files", total_bytes)
-            fill(self.mnt)
+            with _one_cpu():
+                fill(self.mnt)
         except BaseException:
             mounts.unmount(self.mnt, force=True)
             raise
@@ -152,11 +224,27 @@ class _LayerBuilder:
             self.progress.step(f"{name}: committing ({self.codec})")
         image = Image.open(self.work)
         with image.writable(self.wdir, create=False) as wl:
+            pin_layer(
+                wl,
+                [
+                    (e.lba_sectors * SECTOR_BYTES, e.length_sectors * SECTOR_BYTES)
+                    for e in wl.index
+                    if not e.zeroed
+                ],
+            )
             self.writer.commit_layer(
                 wl, codec=self.codec, source_digest=source_digest, source_diff_id=source_diff_id
             )
         shutil.rmtree(self.wdir)
         self.writer.write_manifest()
+
+
+def _clear_root(root: Path) -> None:
+    """The image's root is exactly its tree: no ``/lost+found`` (mkfs makes one; e2fsck
+    recreates it if it ever needs it), and the root's times are the build clock's until a
+    tar entry for ``/`` sets them."""
+    (root / LOST_AND_FOUND).rmdir()
+    os.utime(root, ns=(BUILD_TIME_S * 10**9, BUILD_TIME_S * 10**9))
 
 
 def convert_oci(
@@ -200,10 +288,10 @@ def convert_source_image(
         scans.append(_scan(layer, i))
     content = sum(s.content_bytes for s in scans)
     entries = sum(s.entries for s in scans)
-    size = size_bytes or choose_size(content, entries, settings)
-    fmt = Ext4Format(
-        inode_count=choose_inodes(entries, size, settings), journal=settings.ext4_journal
-    )
+    size, inodes = choose_geometry(content, entries, settings)
+    if size_bytes:
+        size, inodes = size_bytes, choose_inodes(entries, size_bytes, settings)
+    fmt = reproducible_format(inodes, journal=settings.ext4_journal)
     out = Path(out_image)
     with _staging(out) as work:
         builder = _LayerBuilder(work, size, fmt, codec or settings.codec, settings, progress)
@@ -249,7 +337,7 @@ def _apply(
 
 
 def _annotations(source: SourceImage) -> dict[str, str]:
-    ann = {"io.tidal.source": source.name}
+    ann = {"io.tidal.source": source.name, EXACT_ROOT_ANNOTATION: "true"}
     if source.manifest_digest:
         ann["io.tidal.source.manifest-digest"] = source.manifest_digest
     for key in ("architecture", "os", "created"):
@@ -291,10 +379,10 @@ def build_from_dir(
     if progress:
         progress.step(f"measuring {src}")
     content, entries = _measure_tree(src)
-    size = size_bytes or choose_size(content, entries, settings)
-    fmt = Ext4Format(
-        inode_count=choose_inodes(entries, size, settings), journal=settings.ext4_journal
-    )
+    size, inodes = choose_geometry(content, entries, settings)
+    if size_bytes:
+        size, inodes = size_bytes, choose_inodes(entries, size_bytes, settings)
+    fmt = reproducible_format(inodes, journal=settings.ext4_journal)
 
     def copy(root: Path) -> None:
         proc.run(
@@ -308,7 +396,8 @@ def build_from_dir(
         builder = _LayerBuilder(work, size, fmt, codec or settings.codec, settings, progress)
         builder.layer(f"{src}", copy)
         manifest = builder.writer.write_manifest(
-            config=dict(config or {}), annotations={"io.tidal.source": str(src.resolve())}
+            config=dict(config or {}),
+            annotations={"io.tidal.source": str(src.resolve()), EXACT_ROOT_ANNOTATION: "true"},
         )
     return BuildResult(Path(out_image), manifest, time.monotonic() - t0, content)
 

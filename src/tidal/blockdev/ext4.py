@@ -11,6 +11,7 @@ tool's message. Tools run through :func:`tidal.proc.run`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,14 @@ class Ext4Format:
     journal: bool = False
     label: str = "tidal"
     block_size_bytes: int = 4096
+    uuid: str | None = None
+    """Fixed filesystem UUID (default: mkfs picks a random one)."""
+    hash_seed: str | None = None
+    """Fixed seed of the directory-index hash (default: random), a UUID."""
+    metadata_csum: bool = True
+    """``False``: no ext4 metadata checksums (``uninit_bg`` group checksums instead)."""
+    fake_time_s: int | None = None
+    """mkfs's clock (``E2FSPROGS_FAKE_TIME``): the times it writes into the new filesystem."""
 
 
 def mkfs_command(device: str, fmt: Ext4Format, *, size_bytes: int | None = None) -> list[str]:
@@ -44,9 +53,17 @@ def mkfs_command(device: str, fmt: Ext4Format, *, size_bytes: int | None = None)
     blocks (an image or a quota is all its user's). ``size_bytes`` sizes the filesystem when
     ``device`` is a file larger than wanted (default: the whole device)."""
     cmd = ["mkfs.ext4", "-F", "-q", "-m", "0", "-b", str(fmt.block_size_bytes), "-L", fmt.label]
-    cmd += ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
-    if not fmt.journal:
-        cmd += ["-O", "^has_journal"]
+    extended = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+    if fmt.hash_seed:
+        extended += f",hash_seed={fmt.hash_seed}"
+    cmd += ["-E", extended]
+    if fmt.uuid:
+        cmd += ["-U", fmt.uuid]
+    features = [] if fmt.journal else ["^has_journal"]
+    if not fmt.metadata_csum:
+        features += ["^metadata_csum", "uninit_bg"]  # lazy inode tables need a group checksum
+    if features:
+        cmd += ["-O", ",".join(features)]
     if fmt.inode_count:
         cmd += ["-N", str(fmt.inode_count)]
     cmd.append(device)
@@ -63,12 +80,16 @@ def mkfs(
     error: type[TidalError] = BuildError,
 ) -> None:
     """Format ``device`` (a block device or a plain file) as ext4."""
+    env = None
+    if fmt.fake_time_s is not None:
+        env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(fmt.fake_time_s)}
     proc.run(
         mkfs_command(str(device), fmt, size_bytes=size_bytes),
         what=f"formatting {device} as ext4",
         error=error,
         timeout_s=MKFS_TIMEOUT_S,
         install_hint=E2FSPROGS,
+        env=env,
     )
 
 

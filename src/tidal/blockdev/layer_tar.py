@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tidal.blockdev.ext4_pins import BUILD_TIME_NS
 from tidal.errors import ArchiveFormatError, UnsafeArchiveError
 
 WHITEOUT_PREFIX = ".wh."
@@ -117,6 +118,16 @@ class TreeWriter:
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs: OrderedDict[str, int] = OrderedDict()
         self._dir_times: dict[str, int] = {}
+        self._prior_times: dict[str, int] = {}
+        """Directories whose entries this layer changed but whose tar entry (if any) has not
+        given a time: restored at :meth:`finish` to what they had before (creating or
+        removing a child stamps the kernel's clock on the directory, which would make the
+        layer's bytes differ between two conversions)."""
+
+    def _note_dir(self, key: str, fd: int) -> None:
+        """Remember directory ``key``'s times before this layer first changes its entries."""
+        if key not in self._prior_times:
+            self._prior_times[key] = os.fstat(fd).st_mtime_ns
 
     def close(self) -> None:
         self._forget_all()
@@ -158,8 +169,10 @@ class TreeWriter:
             except FileNotFoundError:
                 if not create:
                     raise
+                self._note_dir("/".join(parts[:-1]), parent)
                 os.mkdir(parts[-1], 0o755, dir_fd=parent)
                 fd = os.open(parts[-1], flags, dir_fd=parent)
+                self._prior_times[key] = BUILD_TIME_NS  # no tar entry has timed it yet
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeArchiveError(
@@ -193,6 +206,7 @@ class TreeWriter:
             return None
 
     def _remove_entry(self, fd: int, name: str, st: os.stat_result, path: str) -> None:
+        self._note_dir(path.rpartition("/")[0], fd)
         if stat.S_ISDIR(st.st_mode):
             self._forget(path)
             shutil.rmtree(name, dir_fd=fd)
@@ -252,6 +266,7 @@ class TreeWriter:
             self._dir_times[""] = int(member.mtime * 1e9)
             return
         with self._parent(path, create=True) as (fd, name):
+            self._note_dir(path.rpartition("/")[0], fd)
             existing = self._lstat(fd, name)
             if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
                 self._remove_entry(fd, name, existing, path)
@@ -367,8 +382,10 @@ class TreeWriter:
                         self.stats.skipped.append(f"{member.name} xattr {attr}: {exc.strerror}")
 
     def finish(self) -> None:
-        """Directory mtimes last: creating their children changed them."""
-        for path, ns in sorted(self._dir_times.items(), key=lambda kv: -kv[0].count("/")):
+        """Directory mtimes last: creating their children changed them. A directory the tar
+        does not time gets back the time it had before the layer (see ``_prior_times``)."""
+        times = {**self._prior_times, **self._dir_times}
+        for path, ns in sorted(times.items(), key=lambda kv: -kv[0].count("/")):
             if not path:
                 os.utime(self._root_fd, ns=(ns, ns))
                 continue

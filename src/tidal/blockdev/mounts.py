@@ -149,12 +149,14 @@ def mount_image(
     format_ext4: Ext4Format | None = None,
     settings: BlockdevSettings | None = None,
     trace_out: str | os.PathLike[str] | None = None,
+    ext4_options: str | None = None,
 ) -> MountInfo:
     """Mount the image's ext4 at ``target``, read-only, or read-write over ``writable_dir``.
 
     A pulled image (``tidal image pull``) is served lazily from its registry. ``format_ext4``
     makes a fresh filesystem on the device first: only the builder does that. ``trace_out``
     records every range the mount reads into a trace file, written when it is unmounted.
+    ``ext4_options`` replace the default mount options (the builder adds ``nodelalloc``).
     On any failure every step already taken is undone before the error propagates.
     """
     settings = settings or load_settings()
@@ -231,7 +233,7 @@ def mount_image(
         _save(info)
         if format_ext4 is not None:
             ext4.mkfs(dev.device, format_ext4)
-        ext4.mount(dev.device, target_path, readonly=readonly)
+        ext4.mount(dev.device, target_path, readonly=readonly, options=ext4_options)
     except BaseException:
         with contextlib.suppress(TidalError):
             _teardown(info, force=True)

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -45,6 +46,13 @@ def _argv(command: list[str] | None) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _image_arg(image: str) -> str:
+    """A directory the user names relative to their cwd, made absolute for the daemon (whose
+    cwd differs); anything else is a registry reference, resolved by the daemon."""
+    path = Path(image).expanduser()
+    return str(path.resolve()) if path.exists() else image
+
+
 def _client() -> EngineClient:
     from tidal.engine.client import EngineClient
 
@@ -74,7 +82,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command(context_settings={"allow_interspersed_args": False})
     def run(
-        image: str = typer.Argument(..., help="Tidal image directory or rootfs directory"),
+        image: str = typer.Argument(
+            ..., help="registry reference (HOST:PORT/NAME:TAG), Tidal image dir or rootfs dir"
+        ),
         command: list[str] = typer.Argument(None, help="command (after --)"),
         name: str | None = typer.Option(None, "--name"),
         cpus: str | None = typer.Option(None, "--cpus", help="CPU limit, e.g. 0.5 or 500m"),
@@ -105,6 +115,9 @@ def register(app: typer.Typer) -> None:
         workdir: str = typer.Option("/", "--workdir", "-w"),
         detach: bool = typer.Option(False, "--detach", "-d"),
         rm: bool = typer.Option(False, "--rm", help="remove after it exits (foreground only)"),
+        pull: str = typer.Option(
+            "missing", "--pull", help="for a reference: missing | always | never"
+        ),
     ) -> None:
         """Run a container; in the foreground, stream its output and exit with its status."""
         settings = load_settings()
@@ -116,7 +129,8 @@ def register(app: typer.Typer) -> None:
             for q in parse_disk_quota(text, targets, settings.bytes_per_inode)
         )
         spec = ContainerSpec(
-            image=image,
+            image=_image_arg(image),
+            pull=pull,
             command=_argv(command),
             name=name,
             env=parse_env(env),

@@ -79,6 +79,26 @@ class LogChunk:
     running: bool
 
 
+IMAGE_REFERENCE_LABEL = "tidal.image.reference"
+"""Set on a container run from a registry reference: the reference, as the user gave it."""
+
+
+def resolve_image(spec: ContainerSpec) -> ContainerSpec:
+    """A spec whose image is a registry reference, turned into the node's pulled copy of it
+    (pulled now if ``spec.pull`` says so); directories are returned as they are."""
+    from tidal.node.references import looks_like_path
+
+    if looks_like_path(spec.image):
+        return spec
+    from tidal.node.images import ImageStore  # the registry client loads only for references
+
+    stored = ImageStore().resolve(spec.image, spec.pull)
+    labels = tuple(kv for kv in spec.labels if kv[0] != IMAGE_REFERENCE_LABEL)
+    return spec.replace(
+        image=str(stored.path), labels=(*labels, (IMAGE_REFERENCE_LABEL, stored.reference))
+    )
+
+
 class Engine:
     """Container lifecycle. Thread-safe: one lock per container, one for creation."""
 
@@ -253,6 +273,7 @@ class Engine:
         cid = ContainerId(secrets.token_hex(32))
         runtime_name = spec.runtime or self.settings.runtime
         self._check_runtime_fits(spec, self.runtime(runtime_name))  # fail early: no runtime
+        spec = resolve_image(spec)
         provider_for(spec.image)  # fail early on a missing image
         if spec.lxcfs and not lxcfs_available():
             raise ConfigError(
@@ -662,6 +683,7 @@ class Engine:
         self, ref: str, image: str, command: tuple[str, ...] | None = None
     ) -> ContainerRecord:
         """Swap the image under a container (see :func:`tidal.engine.upgrade.upgrade`)."""
+        image = resolve_image(ContainerSpec(image=image)).image
         return upgrade_mod.upgrade(self, ref, image, command)
 
     def log_tail(self, cid: str, n_bytes: int = 300) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidal.errors import ConfigError, QuotaError
+from tidal.node.references import check_pull_policy
 from tidal.units import parse_cpus, parse_size
 
 RUNTIMES = ("runc", "crun", "runsc")
@@ -105,6 +106,9 @@ class ContainerSpec:
     prestart_hooks: tuple[HookSpec, ...] = ()
     poststop_hooks: tuple[HookSpec, ...] = ()
     labels: tuple[tuple[str, str], ...] = field(default=())
+    pull: str = "missing"
+    """When ``image`` is a registry reference: pull it if the node lacks it (``missing``),
+    every time (``always``) or never (``never``); resolved by the engine before the rootfs."""
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -143,7 +147,11 @@ class ContainerSpec:
 def validate_spec(spec: ContainerSpec) -> None:
     """Reject specs that cannot run, with the field and the fix in the message."""
     if not spec.image:
-        raise ConfigError("container spec needs an image (a Tidal image directory or a rootfs dir)")
+        raise ConfigError(
+            "container spec needs an image (a registry reference, a Tidal image directory or "
+            "a rootfs directory)"
+        )
+    check_pull_policy(spec.pull)
     if spec.name is not None and not _NAME_RE.match(spec.name):
         raise ConfigError(
             f"container name {spec.name!r} is invalid; use letters, digits, '_', '.', '-' "

@@ -12,12 +12,15 @@ survives restarts, and released with the last user.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from tidal.engine.mounter import Mounter, sweep
 from tidal.engine.rootfs import (
+    TidalImageRootfsProvider,
     drop_layer_dirs,
     layer_plan,
     lower_mountpoint,
@@ -35,6 +38,7 @@ from tidal.engine.volume import (
     volume_from_pool_or_new,
 )
 from tidal.errors import ConfigError, TidalError
+from tidal.image.manifest import EXACT_ROOT_ANNOTATION, Image
 
 log = logging.getLogger(__name__)
 Record = Callable[[RootfsState], None]
@@ -126,6 +130,7 @@ class Storage:
         mp = lower_mountpoint(self.images_dir, image)
         layer = plan_layer(cdir, image, volume, mp, generation)
         make_layer_dirs(layer)
+        hide_mkfs_lost_found(layer)
         with self._image_lock(layer.lower_mountpoint):
             self.mounter.apply(layer_plan(layer))
         return layer
@@ -224,3 +229,21 @@ class Storage:
             log.warning("released image mount %s, which no container records", mp)
             released.append(str(mp))
         return released
+
+
+OVERLAY_WHITEOUT_DEV = 0
+"""overlayfs hides a lower entry behind a character device 0:0 of the same name in upper."""
+
+
+def hide_mkfs_lost_found(layer: LayerState) -> None:
+    """A container's root is exactly its image's tree: a Tidal image built before its
+    builder removed mkfs's ``/lost+found`` (no :data:`EXACT_ROOT_ANNOTATION`) still has one,
+    so the writable layer gets a whiteout for it. Decided from the manifest, because the
+    upper must be ready before the lower is mounted (one mount plan)."""
+    if layer.kind != TidalImageRootfsProvider.kind:
+        return
+    if Image.open(Path(layer.image)).manifest.annotations.get(EXACT_ROOT_ANNOTATION) == "true":
+        return
+    whiteout = Path(layer.upper) / "lost+found"
+    if not whiteout.exists() and not whiteout.is_symlink():
+        os.mknod(whiteout, stat.S_IFCHR | 0o000, os.makedev(OVERLAY_WHITEOUT_DEV, 0))

@@ -39,6 +39,10 @@ kind would show a different file system than the publisher built)."""
 
 SourceFactory = Callable[[Digest, int], RandomAccessSource]
 
+EXACT_ROOT_ANNOTATION = "io.tidal.build.exact-root"
+"""Set (``"true"``) by builders whose root holds exactly the image's tree: no ``/lost+found``
+left by mkfs. Images without it (built before) have one, which the engine hides."""
+
 
 @dataclass(frozen=True)
 class LayerRecord:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import stat
 import tarfile
 from dataclasses import dataclass, field
@@ -151,3 +152,38 @@ def tar_directory(src: Path, out: Path) -> None:
     with tarfile.open(out, "w") as tf:
         for entry in sorted(src.rglob("*")):
             tf.add(entry, arcname=str(entry.relative_to(src)), recursive=False)
+
+
+def make_varied_tree(root: Path, *, seed: int = 11) -> None:
+    """A tree that exercises the ext4 allocator: many small files in many directories, a
+    large file, a hard link and a symlink."""
+    rng = random.Random(seed)
+    for d in range(24):
+        sub = root / f"d{d:02}" / "sub"
+        sub.mkdir(parents=True)
+        for f in range(16):
+            (root / f"d{d:02}" / f"f{f}").write_bytes(rng.randbytes(rng.randint(0, 30_000)))
+        (sub / "x").write_bytes(rng.randbytes(100))
+    (root / "big").write_bytes(rng.randbytes(4 << 20))
+    os.link(root / "big", root / "big-link")
+    os.symlink("big", root / "big-sym")
+
+
+def base_and_update_layouts(work: Path) -> tuple[Path, Path]:
+    """Two OCI layouts on one base: ``v1`` = [base], ``v2`` = [base, update]. The update
+    whites out a file, makes a directory opaque, adds a file to a directory it does not time
+    and one below parents it does not name."""
+    root = work / "root"
+    root.mkdir(parents=True)
+    make_varied_tree(root)
+    base = LayerTar()
+    base.add_tree(root)
+    top = LayerTar()
+    top.whiteout("d03/f1")
+    top.opaque("d04")
+    top.add_raw("d05/new", data=b"x" * 5000)
+    top.add_raw("newdir/deep/file", data=b"y" * 100)
+    base_tar, top_tar = base.bytes(), top.bytes()
+    write_oci_layout(work / "v1", [base_tar])
+    write_oci_layout(work / "v2", [base_tar, top_tar])
+    return work / "v1", work / "v2"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -77,6 +78,10 @@ class TokenAuth:
     root_cert: Path
 
 
+_ACCESS_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3})')
+"""A request in the registry's access log (Apache combined format)."""
+
+
 class RegistryServer:
     """A CNCF registry child process; use as a context manager.
 
@@ -94,7 +99,10 @@ class RegistryServer:
         token_auth: TokenAuth | None = None,
         wrap: Sequence[str] = (),
         binary: str = REGISTRY_BINARY,
+        access_log: bool = False,
     ) -> None:
+        self.access_log = access_log
+        """Log every request (read back with :meth:`requests`): tests count blob transfers."""
         self.host = host
         self.port = port
         self._users = dict(users or {})
@@ -158,7 +166,7 @@ class RegistryServer:
         assert self.workdir is not None
         cfg: dict[str, object] = {
             "version": 0.1,
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "log": {"level": "warn", "accesslog": {"disabled": not self.access_log}},
             "storage": {
                 "filesystem": {"rootdirectory": str(self.storage_dir)},
                 "delete": {"enabled": True},
@@ -262,6 +270,35 @@ class RegistryServer:
         raise RegistryServerError(
             f"registry on {self.address} did not answer within {START_TIMEOUT_S:.0f} s: "
             f"{self._log_tail()}"
+        )
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """(method, path, status) of every request so far, from the access log (needs
+        ``access_log=True``): the registry's own count of what clients sent and fetched."""
+        if not self.access_log:
+            raise RegistryServerError("start the registry with access_log=True to count requests")
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            m = _ACCESS_RE.search(line)
+            if m:
+                found.append((m["method"], m["path"], int(m["status"])))
+        return found
+
+    def blob_uploads(self) -> int:
+        """Blob uploads completed (the final ``PUT .../blobs/uploads/...?digest=``)."""
+        return sum(
+            1 for m, p, st in self.requests() if m == "PUT" and "/blobs/uploads/" in p and st == 201
+        )
+
+    def blob_fetches(self, digest: str | None = None) -> int:
+        """``GET .../blobs/<digest>`` answered with data (ranges included)."""
+        return sum(
+            1
+            for m, p, st in self.requests()
+            if m == "GET"
+            and "/blobs/sha256:" in p
+            and st in (200, 206)
+            and (digest is None or p.endswith(digest.split(":")[-1]))
         )
 
     def _log_tail(self) -> str:
