@@ -36,6 +36,7 @@ from tidal.blobs.registry_client import RegistryClient  # noqa: E402
 from tidal.blobs.settings import BlobSettings  # noqa: E402
 from tidal.blockdev.builder import build_from_dir  # noqa: E402
 from tidal.cli.demo import make_sample_rootfs  # noqa: E402
+from tidal.service.auth import ClusterToken  # noqa: E402
 from tidal.testing.network import BridgeNetwork  # noqa: E402
 from tidal.testing.registry_server import RegistryServer  # noqa: E402
 
@@ -82,6 +83,7 @@ def run_case(
             }
             if roots:
                 env["TIDAL_BLOBS__P2P_ROOTS"] = roots
+                env["TIDAL_BLOBS__P2P_TOKEN_FILE"] = str(work / "cluster.token")
             tidal(ns, env, "image", "pull", ref, str(root / "pulled"))
             tidal(ns, env, "image", "mount", str(root / "pulled"), str(root / "mnt"))
             mounts.append((ns, env, root / "mnt"))
@@ -146,7 +148,10 @@ def main() -> int:
             reg_ns, reg_addr = net.add_host(rate_mbit=args.rate)
             hosts = [net.add_host()[0] for _ in range(args.hosts)]
             registry = RegistryServer(host=reg_addr, wrap=["ip", "netns", "exec", reg_ns]).start()
-            root = RootServer(net.gateway, 0).start()
+            token_file = work / "cluster.token"
+            token_file.write_text(ClusterToken.generate())
+            token_file.chmod(0o600)
+            root = RootServer(net.gateway, 0, token=ClusterToken.from_file(token_file)).start()
             try:
                 ref = f"{registry.address}/bench/p2p:v1"
                 insecure = BlobSettings(insecure_registries=(registry.address,))

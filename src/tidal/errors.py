@@ -16,6 +16,7 @@ that every class of this module appears here with its parents::
     ├── ConfigError                  bad settings or bad user input
     ├── RetryableError (mixin)       transient: a retry may succeed
     ├── NotFoundError                also a FileNotFoundError
+    ├── AuthenticationError          no valid cluster credentials (tidal.service.auth)
     ├── MissingExtraError            an optional dependency group is not installed (tidal.extras)
     ├── CgroupError                  core cgroupfs access (tidal.cgroups)
     │   └── CgroupNotFoundError      no such cgroup or knob (also a NotFoundError)
@@ -80,6 +81,10 @@ class TidalError(Exception):
 
 class ConfigError(TidalError, ValueError):
     """Settings or user input that cannot be used as given."""
+
+
+class AuthenticationError(TidalError):
+    """A request (or an answer) without valid credentials: not a member of this cluster."""
 
 
 class MissingExtraError(TidalError, ImportError):

@@ -16,7 +16,7 @@ from tidal.errors import MissingExtraError
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "sched": ("numpy", "kubernetes"),
-    "bench": ("numpy", "matplotlib"),
+    "bench": ("numpy", "matplotlib", "blake3"),
 }
 """Extra -> the top-level modules it brings (the same lists as ``pyproject.toml``)."""
 

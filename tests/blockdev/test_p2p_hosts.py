@@ -30,6 +30,7 @@ from tidal.blobs.p2p import RootServer
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registry_client import RegistryClient
 from tidal.blobs.settings import BlobSettings
+from tidal.service.auth import ClusterToken
 from tidal.testing.network import BridgeNetwork
 from tidal.testing.registry_server import RegistryServer
 
@@ -83,11 +84,19 @@ def image(tmp_path: Path) -> Path:
     return build_sample_image(tmp_path / "src", FILES)
 
 
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.token"
+    path.write_text(ClusterToken.generate() + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def test_hosts_share_chunks_through_the_layer_tree(
-    network: tuple[BridgeNetwork, list[Host]], image: Path
+    network: tuple[BridgeNetwork, list[Host]], image: Path, token_file: Path
 ) -> None:
     net, hosts = network
-    root = RootServer(net.gateway, 0).start()
+    root = RootServer(net.gateway, 0, token=ClusterToken.from_file(token_file)).start()
     registry = RegistryServer(host=net.gateway).start()
     targets: dict[str, Path] = {}
     try:
@@ -100,6 +109,7 @@ def test_hosts_share_chunks_through_the_layer_tree(
                 **os.environ,
                 "TIDAL_DATA_ROOT": str(h.root),
                 "TIDAL_BLOBS__P2P_ROOTS": root.url,
+                "TIDAL_BLOBS__P2P_TOKEN_FILE": str(token_file),
                 "TIDAL_BLOBS__INSECURE_REGISTRIES": registry.address,
             }
             h.tidal("image", "pull", ref, str(h.root / "pulled"))
@@ -127,7 +137,9 @@ def test_hosts_share_chunks_through_the_layer_tree(
             assert s["bytes_from_peers"] >= s1["bytes_from_registry"] * 0.9
             assert s["bytes_from_registry"] < s1["bytes_from_registry"] * 0.1
         assert first.p2p_stats(m1)["served_bytes"] >= 2 * s2["bytes_from_peers"] * 0.9
-        trees = json.loads(first.tidal("p2p", "trees", root.url, "--json"))
+        trees = json.loads(
+            first.tidal("p2p", "trees", root.url, "--token-file", str(token_file), "--json")
+        )
         assert [h.split("//")[1].split(":")[0] for h in next(iter(trees.values()))] == [
             h.address for h in hosts
         ]
@@ -146,5 +158,66 @@ def test_hosts_share_chunks_through_the_layer_tree(
             h = next(h for h in hosts if h.name == name)
             with contextlib.suppress(AssertionError):
                 h.tidal("image", "umount", "--force", str(target))
+        registry.stop()
+        root.stop()
+
+
+def test_a_forging_peer_gets_no_forged_byte_into_a_mount(
+    network: tuple[BridgeNetwork, list[Host]], image: Path, token_file: Path, tmp_path: Path
+) -> None:
+    """An insider with the token joins every tree first and serves each chunk with FORGED!
+    spliced in and its crc32 kept. The two hosts that take it as parent read only true bytes:
+    every forged chunk fails its sha256 and comes from the registry instead."""
+    net, hosts = network
+    forger_host, victims = hosts[0], hosts[1:]
+    root = RootServer(net.gateway, 0, token=ClusterToken.from_file(token_file)).start()
+    registry = RegistryServer(host=net.gateway).start()
+    forger = None
+    targets: dict[str, Path] = {}
+    try:
+        ref = f"{registry.address}/p2p/forged:v1"
+        insecure = BlobSettings(insecure_registries=(registry.address,))
+        with RegistryClient(registry.address, settings=insecure) as client:
+            push_image(image, ImageReference.parse(ref), client)
+        forger = subprocess.Popen(
+            [*BridgeNetwork.net_prefix(forger_host.netns), sys.executable, "-m",
+             "tidal.testing.forging_peer", "--root", root.url, "--token-file", str(token_file),
+             "--image", str(image), "--listen", forger_host.address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert forger.stdout is not None
+        line = forger.stdout.readline()
+        assert "joined" in line, (line, forger.stderr.read() if forger.poll() is not None else "")
+        for h in victims:
+            h.env = {
+                **os.environ,
+                "TIDAL_DATA_ROOT": str(h.root),
+                "TIDAL_BLOBS__P2P_ROOTS": root.url,
+                "TIDAL_BLOBS__P2P_TOKEN_FILE": str(token_file),
+                "TIDAL_BLOBS__INSECURE_REGISTRIES": registry.address,
+            }
+            h.tidal("image", "pull", ref, str(h.root / "pulled"))
+            target = h.root / "mnt"
+            h.tidal("image", "mount", str(h.root / "pulled"), str(target))
+            targets[h.name] = target
+        for h in victims:
+            for rel, data in FILES.items():
+                got = (targets[h.name] / rel.lstrip("/")).read_bytes()
+                assert b"FORGED!" not in got
+                assert got == data
+            stats = h.p2p_stats(targets[h.name])
+            assert stats["bytes_from_registry"] > 0
+            log = (h.root / "mounts").rglob("server.log")
+            text = "".join(p.read_text() for p in log)
+            assert "fail their checksum" in text, text[-2000:]
+    finally:
+        for name, target in targets.items():
+            h = next(h for h in hosts if h.name == name)
+            with contextlib.suppress(AssertionError):
+                h.tidal("image", "umount", "--force", str(target))
+        if forger is not None:
+            forger.terminate()
+            out, _ = forger.communicate(timeout=10)
+            assert "forged 0 chunk(s)" not in out, "the forger never got asked"
         registry.stop()
         root.stop()

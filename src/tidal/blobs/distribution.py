@@ -196,13 +196,24 @@ def _p2p_node(settings: BlobSettings) -> P2PNode | None:
     The peer server (and its HTTP kit, prometheus-client) is imported only then: a lazy
     mount without P2P does not load it before it reports ready."""
     from tidal.blobs.peer import P2PNode
+    from tidal.service.auth import token_from_settings
 
     if not settings.p2p_roots:
         return None
-    host, _, port = settings.p2p_listen.rpartition(":")
-    if not port.isdigit():
-        raise ConfigError(f"[blobs] p2p_listen {settings.p2p_listen!r}: expected host:port")
-    return P2PNode(list(settings.p2p_roots), host or "0.0.0.0", int(port), settings.p2p_advertise)
+    token = token_from_settings(settings.p2p_token_file)
+    if token is None:
+        raise ConfigError(
+            "[blobs] p2p_roots is set but p2p_token_file is not: P2P admits cluster members "
+            "only (make a token with `tidal p2p token > FILE; chmod 600 FILE` on one node and "
+            "give every node and root the same file)"
+        )
+    host, port = None, 0
+    if settings.p2p_listen is not None:
+        host_text, _, port_text = settings.p2p_listen.rpartition(":")
+        if not port_text.isdigit():
+            raise ConfigError(f"[blobs] p2p_listen {settings.p2p_listen!r}: expected host:port")
+        host, port = host_text or None, int(port_text)
+    return P2PNode(list(settings.p2p_roots), host, port, settings.p2p_advertise, token=token)
 
 
 def open_pulled_image(

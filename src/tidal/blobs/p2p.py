@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 from uhashring import HashRing
 
-from tidal.errors import ConfigError, NotFoundError, P2PError
+from tidal.errors import AuthenticationError, ConfigError, NotFoundError, P2PError
 from tidal.ids import Digest, parse_digest
+from tidal.service.auth import ClusterAuth, ClusterToken
 from tidal.service.client import plain_http_transport
 from tidal.service.server import Request, Route, Service, TcpServiceServer
 from tidal.service.wire import error_from_response
@@ -150,8 +151,15 @@ class RootServer(TcpServiceServer):
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, fanout: int = DEFAULT_FANOUT
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fanout: int = DEFAULT_FANOUT,
+        *,
+        token: ClusterToken | None = None,
     ) -> None:
+        """``token``: only members of the cluster may join or list (see
+        :mod:`tidal.service.auth`); None serves anyone (tests on loopback)."""
         from prometheus_client import Counter, Gauge  # here: nodes import this module too
 
         self.state = RootState(fanout)
@@ -162,6 +170,7 @@ class RootServer(TcpServiceServer):
                 Route("POST", "/v1/layers/{digest}/{verb}", self._change, "/v1/layers/{verb}"),
             ],
             error=P2PError,
+            auth=token,
         )
         self.changes = Counter(
             "tidal_p2p_root_changes",
@@ -209,9 +218,14 @@ class RootClient:
         timeout_s: float = ROOT_TIMEOUT_S,
         *,
         transport: httpx.BaseTransport | None = None,
+        token: ClusterToken | None = None,
     ) -> None:
         self.ring = ring
-        self._http = httpx.Client(timeout=timeout_s, transport=transport or plain_http_transport())
+        self._http = httpx.Client(
+            timeout=timeout_s,
+            transport=transport or plain_http_transport(),
+            auth=ClusterAuth(token) if token is not None else None,
+        )
 
     def _post(self, digest: Digest, verb: str, body: dict[str, str]) -> dict[str, Any]:
         root = self.ring.root_for(digest)
@@ -219,6 +233,8 @@ class RootClient:
             resp = self._http.post(f"{root}/v1/layers/{digest}/{verb}", json=body)
         except httpx.HTTPError as exc:
             raise P2PError(f"P2P root {root} did not answer {verb} for {digest}: {exc}") from None
+        except AuthenticationError as exc:
+            raise P2PError(f"P2P root {root} is not trusted: {exc}") from None
         refused = error_from_response(resp, fallback=P2PError, what=f"P2P root {root}")
         if refused is not None:  # still a P2PError: a root's refusal never fails a read
             raise P2PError(f"P2P root {root} refused {verb} for {digest}: {refused}") from None
@@ -237,6 +253,8 @@ class RootClient:
             resp = self._http.get(f"{root}/v1/layers")
         except httpx.HTTPError as exc:
             raise P2PError(f"P2P root {root} did not answer: {exc}") from None
+        except AuthenticationError as exc:
+            raise P2PError(f"P2P root {root} is not trusted: {exc}") from None
         refused = error_from_response(resp, fallback=P2PError, what=f"P2P root {root}")
         if refused is not None:
             raise P2PError(f"P2P root {root} refused to list its trees: {refused}") from None

@@ -15,6 +15,7 @@ it raises a retryable error and the chain behind it (the registry) answers.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import re
 import socket
@@ -28,6 +29,7 @@ from tidal.blobs.cached_source import CachedRangeSource
 from tidal.blobs.p2p import RootClient, RootRing
 from tidal.blobs.source import ByteRange
 from tidal.errors import (
+    AuthenticationError,
     BlobNotFoundError,
     ConfigError,
     P2PError,
@@ -36,6 +38,7 @@ from tidal.errors import (
 )
 from tidal.ids import Digest, short_digest
 from tidal.image.zfile import ZFileReader
+from tidal.service.auth import ClusterAuth, ClusterToken
 from tidal.service.client import plain_http_transport
 from tidal.service.server import Request, Response, Route, Service, TcpServiceServer
 
@@ -64,8 +67,14 @@ class PeerServer(TcpServiceServer):
     """
 
     def __init__(
-        self, sources: Mapping[Digest, CachedRangeSource], host: str = "0.0.0.0", port: int = 0
+        self,
+        sources: Mapping[Digest, CachedRangeSource],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: ClusterToken | None = None,
     ) -> None:
+        """``token``: serve members of the cluster only (:mod:`tidal.service.auth`)."""
         self.sources = sources
         self._indexes: dict[Digest, ChunkIndex] = {}
         self._lock = threading.Lock()
@@ -81,6 +90,7 @@ class PeerServer(TcpServiceServer):
                 Route("HEAD", "/v1/blobs/{digest}", self._head, "/v1/blobs"),
             ],
             error=P2PError,
+            auth=token,
         )
         self.served_by_layer: dict[Digest, tuple[int, int]] = {}
         """Requests and bytes served, per layer."""
@@ -235,9 +245,15 @@ class PeerBlobSource:
         timeout_s: float = PEER_TIMEOUT_S,
         *,
         transport: httpx.BaseTransport | None = None,
+        token: ClusterToken | None = None,
     ) -> None:
+        """``token``: sign requests and accept only answers proving the same cluster token."""
         self.url = url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout_s, transport=transport or plain_http_transport())
+        self._http = httpx.Client(
+            timeout=timeout_s,
+            transport=transport or plain_http_transport(),
+            auth=ClusterAuth(token) if token is not None else None,
+        )
 
     @property
     def name(self) -> str:
@@ -256,6 +272,8 @@ class PeerBlobSource:
             resp = self._http.head(f"{self.url}/v1/blobs/{digest}")
         except httpx.HTTPError as exc:
             raise self._unreachable("HEAD", exc) from None
+        except AuthenticationError as exc:
+            raise self._unavailable("HEAD", f"not trusted: {exc}") from None
         if resp.status_code == 404:
             raise BlobNotFoundError(f"{self.name} has no blob {short_digest(digest)}")
         if resp.status_code != 200:
@@ -282,6 +300,8 @@ class PeerBlobSource:
             )
         except httpx.HTTPError as exc:
             raise self._unreachable(f"GET [{start}, {end})", exc) from None
+        except AuthenticationError as exc:
+            raise self._unavailable(f"GET [{start}, {end})", f"not trusted: {exc}") from None
         if resp.status_code == 404:
             raise BlobNotFoundError(f"{self.name} has no blob {short_digest(digest)}")
         if resp.status_code != 206 or len(resp.content) != end - start:
@@ -414,15 +434,21 @@ class P2PNode:
     def __init__(
         self,
         roots: list[str],
-        listen_host: str = "0.0.0.0",
+        listen_host: str | None = None,
         listen_port: int = 0,
         advertise_host: str | None = None,
+        *,
+        token: ClusterToken | None = None,
     ) -> None:
-        self.roots = RootClient(RootRing(roots))
+        """``listen_host`` None: the advertised address (the interface towards the roots),
+        never every interface unless asked for; ``token``: the cluster's, for the roots, the
+        parents and this node's own server alike."""
+        self.roots = RootClient(RootRing(roots), token=token)
         self.sources: dict[Digest, CachedRangeSource] = {}
+        self._peer_factory = functools.partial(PeerBlobSource, token=token)
         try:
-            self.server = PeerServer(self.sources, listen_host, listen_port)
             host = advertised_host(roots, advertise_host)
+            self.server = PeerServer(self.sources, listen_host or host, listen_port, token=token)
         except BaseException:
             self.roots.close()
             raise
@@ -433,7 +459,7 @@ class P2PNode:
 
     def link(self, digest: Digest) -> PeerLink:
         if digest not in self.links:
-            self.links[digest] = PeerLink(digest, self.url, self.roots)
+            self.links[digest] = PeerLink(digest, self.url, self.roots, self._peer_factory)
         return self.links[digest]
 
     def stats_doc(self) -> dict[str, object]:

@@ -63,8 +63,12 @@ class BlobSettings:
     """The embedded local store; ``None`` means ``$TIDAL_DATA_ROOT/store``."""
     p2p_roots: tuple[str, ...] = ()
     """P2P root nodes (``http://host:port``); empty: no P2P, layers come from the registry."""
-    p2p_listen: str = "0.0.0.0:0"
-    """Where a mount's peer server listens (``host:port``; port 0 picks a free one)."""
+    p2p_listen: str | None = None
+    """Where a mount's peer server listens (``host:port``; port 0 picks a free one); None: the
+    advertised address on a free port (the interface towards the roots, not every one)."""
+    p2p_token_file: Path | None = None
+    """The cluster token (``tidal p2p token > FILE; chmod 600 FILE``): roots and peers admit and
+    trust only holders of it. Required when ``p2p_roots`` is set."""
     p2p_advertise: str | None = None
     """The address other nodes reach this one at; ``None``: the local address towards the
     first root."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,16 +20,37 @@ app = typer.Typer(
 )
 
 
+@app.command("token")
+def token_cmd() -> None:
+    """Print a new cluster token (32 random bytes). Store it with `> FILE; chmod 600 FILE` and
+    give the same file to every node ([blobs] p2p_token_file) and root (--token-file)."""
+    from tidal.service.auth import ClusterToken
+
+    out.print(ClusterToken.generate())
+
+
 @app.command("root")
 def root_cmd(
-    host: Annotated[str, typer.Option(help="listen address (0.0.0.0 for other hosts)")] = "0.0.0.0",
+    token_file: Annotated[
+        Path, typer.Option("--token-file", help="the cluster token (see `tidal p2p token`)")
+    ],
+    host: Annotated[
+        str, typer.Option(help="listen address: an internal address other nodes reach")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="listen port")] = 7480,
     fanout: Annotated[int, typer.Option(help="children per node in each layer's tree")] = 4,
 ) -> None:
-    """Serve a P2P root until SIGINT/SIGTERM (trees live in memory; nodes re-join after a restart)."""
-    from tidal.blobs.p2p import RootServer
+    """Serve a P2P root until SIGINT/SIGTERM (trees live in memory; nodes re-join after a restart).
 
-    server = RootServer(host, port, fanout)
+    Only holders of the cluster token may join or list trees, and nodes trust only a root that
+    proves it holds the token."""
+    from tidal.blobs.p2p import RootServer
+    from tidal.service.auth import ClusterToken
+
+    token = ClusterToken.from_file(token_file)
+    if host in ("0.0.0.0", "::"):
+        err.print(f"p2p root: listening on every interface ({host}); prefer an internal address")
+    server = RootServer(host, port, fanout, token=token)
     err.print(f"p2p root: {server.url} (fanout {fanout})")
 
     def _stop(signum: int, frame: object) -> None:
@@ -46,12 +68,16 @@ def root_cmd(
 @app.command("trees")
 def trees_cmd(
     root: Annotated[str, typer.Argument(help="root URL, e.g. http://10.0.0.1:7480")],
+    token_file: Annotated[
+        Path, typer.Option("--token-file", help="the cluster token (see `tidal p2p token`)")
+    ],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show the trees a root keeps: each layer's members in join order (first reads the registry)."""
     from tidal.blobs.p2p import RootClient, RootRing
+    from tidal.service.auth import ClusterToken
 
-    client = RootClient(RootRing([root]), timeout_s=5)
+    client = RootClient(RootRing([root]), timeout_s=5, token=ClusterToken.from_file(token_file))
     try:
         trees = client.layers(root)
     finally:

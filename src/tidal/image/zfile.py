@@ -441,7 +441,7 @@ class ZFileReader:
         what = "sha256" if self.has_digests else "crc32"
         raise ChecksumError(
             f"chunk {sp.index} of {self.source.name} at offset {sp.stored_offset} failed its "
-            f"{what} check (forged or corrupt)"
+            f"{what} checksum (forged or corrupt)"
         )
 
     def chunk(self, index: int) -> bytes:

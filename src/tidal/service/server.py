@@ -28,6 +28,7 @@ plumbing (about 300 lines of code); parsing HTTP stays the standard library's, e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -42,7 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tidal.errors import ConfigError, NotFoundError, TidalError
+from tidal.errors import AuthenticationError, ConfigError, NotFoundError, TidalError
+from tidal.service.auth import PROOF_HEADER
 from tidal.service.wire import (
     HEALTH_FAILING_STATUS,
     INTERNAL_ERROR_STATUS,
@@ -53,9 +55,13 @@ from tidal.service.wire import (
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
+    from tidal.service.auth import ClusterToken
+
 log = logging.getLogger("tidal.service")
 
 JSON = "application/json"
+OPEN_ROUTES = frozenset({"healthz", "metrics"})
+"""Answered without credentials even when a service has ``auth`` (probes and scrapers)."""
 HealthCheck = Callable[[], str | None]
 """Returns ``None`` when fine, else one line naming the problem."""
 ErrorFields = Callable[[BaseException, str], Mapping[str, Any]]
@@ -162,9 +168,14 @@ class Service:
         health_checks: Iterable[HealthCheck] = (),
         registry: CollectorRegistry | None = None,
         error_fields: ErrorFields | None = None,
+        auth: ClusterToken | None = None,
     ) -> None:
+        """``auth``: every route but ``/healthz`` and ``/metrics`` needs a request signed with
+        this cluster token, and every answer to a signed request carries its proof
+        (:mod:`tidal.service.auth`)."""
         self.name = name
         self.error = error
+        self.auth = auth
         self.routes: list[Route] = [
             *routes,
             Route("GET", "/healthz", lambda _: self.health(), "healthz"),
@@ -282,16 +293,24 @@ class Service:
         t0 = time.perf_counter()
         url = urlsplit(target)
         route_name = "unmatched"
+        nonce = None
         try:
             route, params = self._match(method, url.path)
             route_name = route.name
+            if self.auth is not None and route.name not in OPEN_ROUTES:
+                nonce = self.auth.check_request(method, url.path, dict(headers.items()))
             request = Request(method, url.path, params, dict(parse_qsl(url.query)), headers, body)
             result = route.handler(request)
             response = result if isinstance(result, Response) else Response.json(result)
         except Exception as exc:
             if not isinstance(exc, TidalError):
                 log.exception("%s: unhandled error in %s %s", self.name, method, url.path)
+            elif isinstance(exc, AuthenticationError):
+                log.warning("%s: refused %s %s: %s", self.name, method, url.path, exc)
             response = self.error_response(exc)
+        if nonce is not None and self.auth is not None:
+            proof = {PROOF_HEADER: self.auth.proof(nonce, response.status)}
+            response = dataclasses.replace(response, headers={**response.headers, **proof})
         self._observe(route_name, response.status, time.perf_counter() - t0)
         return response
 

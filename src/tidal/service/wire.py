@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidal import errors
 from tidal.errors import (
+    AuthenticationError,
     BlobRangeError,
     ConfigError,
     ContainerStateError,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import httpx
 
 ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (AuthenticationError, 401),
     (NotFoundError, 404),
     (ContainerStateError, 409),
     (BlobRangeError, 416),
