@@ -267,3 +267,34 @@ def test_convert_refuses_a_forged_layer_in_one_line(tmp_path: Path, case: str) -
     assert "Traceback" not in proc.stderr
     assert CASES[case][1] in proc.stderr.replace("\n", " ")
     assert not out.exists()
+
+
+def test_a_sparse_100_gb_file_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """GNU tar stores a 100 GB hole in a few bytes; the builder would write it out in full."""
+    import shutil
+    import subprocess
+
+    from tidal.blockdev.builder import convert_oci
+    from tidal.errors import BuildError
+
+    tar = shutil.which("tar")
+    assert tar is not None, "GNU tar is part of the base system"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with (tree / "huge.img").open("wb") as fh:
+        fh.truncate(100 * 10**9)
+    subprocess.run(
+        [tar, "--sparse", "--format=gnu", "-cf", str(tmp_path / "layer.tar"), "-C", str(tree), "."],
+        check=True,
+        capture_output=True,
+    )
+    layer = (tmp_path / "layer.tar").read_bytes()
+    assert len(layer) < 1 << 20  # really sparse in the tar
+    from tidal.testing.oci_builder import write_oci_layout
+
+    write_oci_layout(tmp_path / "oci", [layer], compress=[False])
+    out = tmp_path / "img"
+    with pytest.raises(BuildError, match=r"over \[blockdev\] max_content_bytes") as info:
+        convert_oci(tmp_path / "oci", out)
+    assert "93.1 GiB" in str(info.value) or "100" in str(info.value), str(info.value)
+    assert not out.exists()

@@ -39,7 +39,7 @@ from tidal.image.manifest import (
     blob_path,
 )
 from tidal.image.zfile import Codec
-from tidal.units import SECTOR_BYTES, MiB
+from tidal.units import SECTOR_BYTES, MiB, format_size
 
 COPY_TIMEOUT_S = 24 * 3600.0
 """``cp -a`` of a root tree: bounded only so a wedged copy cannot hang a build forever."""
@@ -286,6 +286,14 @@ def convert_source_image(
         if progress:
             progress.step(f"scanning layer {i + 1}/{len(source.layers)} ({layer.digest[:19]})")
         scans.append(_scan(layer, i))
+        declared = sum(s.file_bytes for s in scans)
+        if declared > settings.max_content_bytes:
+            raise BuildError(
+                f"{source.name}: layers 1-{i + 1} declare {format_size(declared)} of file "
+                f"content (largest file in layer {i + 1}: {format_size(scans[-1].largest_file_bytes)}), "
+                f"over [blockdev] max_content_bytes ({format_size(settings.max_content_bytes)}); "
+                "a sparse or lying tar? raise the limit if the image is really this big"
+            )
     content = sum(s.content_bytes for s in scans)
     entries = sum(s.entries for s in scans)
     size, inodes = choose_geometry(content, entries, settings)

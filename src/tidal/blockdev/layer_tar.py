@@ -62,7 +62,8 @@ class LayerScan:
     content_bytes: int
     """Sum of regular file sizes rounded up to 4 KiB blocks (for sizing the disk)."""
     file_bytes: int = 0
-    """Exact sum of regular file sizes (for progress)."""
+    """Exact sum of regular file sizes (for progress, and the content bound)."""
+    largest_file_bytes: int = 0
 
 
 def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> LayerScan:
@@ -72,6 +73,7 @@ def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> L
     entries = 0
     content = 0
     exact = 0
+    largest = 0
     for m in members:
         path = normalize(m.name, layer=layer)
         if m.islnk():
@@ -86,7 +88,8 @@ def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> L
             if m.isfile():
                 content += -(-m.size // 4096) * 4096
                 exact += m.size
-    return LayerScan(tuple(whiteouts), tuple(opaque), entries, content, exact)
+                largest = max(largest, m.size)
+    return LayerScan(tuple(whiteouts), tuple(opaque), entries, content, exact, largest)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from tidal.config import load_section
 from tidal.errors import ConfigError
 from tidal.image.zfile import Codec
-from tidal.units import MiB
+from tidal.units import GiB, MiB
 from tidal.validation import NonNegativeInt, PositiveFloat, PositiveInt, check
 
 DEFAULT_READY_TIMEOUT_S = 30.0
@@ -23,6 +23,9 @@ DEFAULT_SIZE_FACTOR = 2.0
 DEFAULT_RECORD_TIMEOUT_S = 60.0
 """``tidal image record`` stops the command after this long: a start-up trace, not a run."""
 DEFAULT_SLACK_BYTES = 64 * MiB
+DEFAULT_MAX_CONTENT_BYTES = 64 * GiB
+"""Largest image content a conversion accepts (file sizes as the layers declare them): a tar
+may declare a 100 GB sparse file in a few bytes, and the builder would write it out in full."""
 DEFAULT_BYTES_PER_INODE = 8192
 """Half mke2fs's default: root filesystems are full of small files."""
 
@@ -41,6 +44,9 @@ class BlockdevSettings:
     size_factor: PositiveFloat = DEFAULT_SIZE_FACTOR
     slack_bytes: NonNegativeInt = DEFAULT_SLACK_BYTES
     bytes_per_inode: PositiveInt = DEFAULT_BYTES_PER_INODE
+    max_content_bytes: PositiveInt = DEFAULT_MAX_CONTENT_BYTES
+    """Refuse a conversion whose layers declare more file content than this (any one file, or
+    all of them together): sparse files and lying headers would otherwise fill the disk."""
     ext4_journal: bool = False
     """Images are written by one builder and committed only after a clean unmount, so a journal
     would only add its own blocks to every layer. Turn on for long-lived read-write mounts."""
