@@ -206,6 +206,7 @@ class _LayerBuilder:
             format_ext4=self.fmt if first else None,
             settings=self.settings,
             ext4_options=BUILD_MOUNT_OPTIONS,
+            owner_pid=os.getpid(),
         )
         try:
             if first:

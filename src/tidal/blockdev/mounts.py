@@ -59,6 +59,10 @@ class MountInfo:
     loop_device: str | None
     created_at: float
     key: str
+    owner: str | None = None
+    """``PID:START`` of the process this mount serves (a build), or None (a user's mount,
+    which lives until unmounted). Its server exits when the owner dies, and gc tears down
+    what a dead owner left."""
 
     @property
     def disk_file(self) -> str:
@@ -125,6 +129,27 @@ def server_alive(info: MountInfo) -> bool:
     return _server_pid_alive(info.server_pid)
 
 
+def process_identity(pid: int) -> str | None:
+    """``PID:START`` (start time in clock ticks since boot, /proc/PID/stat field 22): names one
+    process even after its pid is reused; None if no such process (or a zombie)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line.rsplit(")", 1)[-1].split()
+    if not fields or fields[0] == "Z":
+        return None
+    return f"{pid}:{fields[19]}"
+
+
+def owner_alive(info: MountInfo) -> bool:
+    """Whether the process a build mount serves still runs (True for user mounts)."""
+    if info.owner is None:
+        return True
+    pid = int(info.owner.partition(":")[0])
+    return process_identity(pid) == info.owner
+
+
 def _server_pid_alive(pid: int) -> bool:
     proc = _SERVERS.get(pid)
     if proc is not None:
@@ -150,6 +175,7 @@ def mount_image(
     settings: BlockdevSettings | None = None,
     trace_out: str | os.PathLike[str] | None = None,
     ext4_options: str | None = None,
+    owner_pid: int | None = None,
 ) -> MountInfo:
     """Mount the image's ext4 at ``target``, read-only, or read-write over ``writable_dir``.
 
@@ -157,6 +183,8 @@ def mount_image(
     makes a fresh filesystem on the device first: only the builder does that. ``trace_out``
     records every range the mount reads into a trace file, written when it is unmounted.
     ``ext4_options`` replace the default mount options (the builder adds ``nodelalloc``).
+    ``owner_pid``: the mount serves that process only (a build): its server exits when the
+    owner dies, and :func:`cleanup_stale` tears down what is left.
     On any failure every step already taken is undone before the error propagates.
     """
     settings = settings or load_settings()
@@ -199,6 +227,7 @@ def mount_image(
     run_dir = state_dir() / key
     fuse_dir = run_dir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
+    owner = process_identity(owner_pid) if owner_pid is not None else None
     try:
         proc = _start_server(
             image_path,
@@ -208,6 +237,7 @@ def mount_image(
             settings,
             stats_file=run_dir / STATS_FILE,
             trace_out=Path(trace_out).resolve() if trace_out is not None else None,
+            owner=owner,
         )
     except BaseException:
         if not ext4.is_mountpoint(fuse_dir):
@@ -223,6 +253,7 @@ def mount_image(
         loop_device=None,
         created_at=time.time(),
         key=key,
+        owner=owner,
     )
     _save(info)
     try:
@@ -251,6 +282,7 @@ def _start_server(
     *,
     stats_file: Path | None = None,
     trace_out: Path | None = None,
+    owner: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``tidal.blockdev.serve`` in its own session and wait for its ready line."""
     r, w = os.pipe()
@@ -262,6 +294,8 @@ def _start_server(
         cmd += ["--trace-out", str(trace_out)]
     if writable_dir is not None:
         cmd += ["--writable", str(writable_dir)]
+    if owner is not None:
+        cmd += ["--owner", owner]
     try:
         with log_file.open("ab") as log_fh:
             # A long-lived child that must outlive this call: spawned, not run.
@@ -344,14 +378,14 @@ def _sweep_fuse_orphans() -> list[str]:
 
 
 def cleanup_stale() -> list[str]:
-    """Tear down every recorded mount whose server died; detach orphan loop devices and
-    unmount orphan FUSE servers.
+    """Tear down every recorded mount whose server died or whose owner (a build) died; detach
+    orphan loop devices and unmount orphan FUSE servers.
 
     Returns what was cleaned (targets, devices, FUSE dirs). Safe at any time, e.g. at boot.
     """
     cleaned = []
     for info in list_mounts():
-        if not server_alive(info):
+        if not server_alive(info) or not owner_alive(info):
             _teardown(info, force=True)
             cleaned.append(info.target)
     return cleaned + _sweep_orphans() + _sweep_fuse_orphans()

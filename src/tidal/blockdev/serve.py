@@ -21,8 +21,10 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -212,6 +214,26 @@ class StatsWriter(threading.Thread):
         self.write_metrics()
 
 
+OWNER_POLL_S = 0.5
+
+
+def _watch_owner(owner: str) -> None:
+    """Stop serving (as SIGTERM does) once the owner process is gone: a build's server must not
+    outlive the build. A poll, since the server runs in its own session (no parent-death
+    signal reaches it across ``setsid``) and pidfds cannot be waited on by threads portably."""
+    from tidal.blockdev.mounts import process_identity
+
+    pid = int(owner.partition(":")[0])
+
+    def watch() -> None:
+        while process_identity(pid) == owner:
+            time.sleep(OWNER_POLL_S)
+        log.warning("owner %s of this mount is gone; stopping", owner)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tidal.blockdev.serve", description=__doc__)
     parser.add_argument("image", type=Path, help="image directory (holds manifest.json)")
@@ -222,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats-file", type=Path, help="write I/O and fetch statistics here")
     parser.add_argument("--trace-out", type=Path, help="record the ranges read into this trace")
     parser.add_argument("--debug", action="store_true", help="libfuse debug output")
+    parser.add_argument(
+        "--owner", help="PID:START of the process this mount serves: exit when it is gone"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("TIDAL_LOG_LEVEL", "INFO").upper(),
@@ -267,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if stats is not None:
         stats.write()  # before "ready": `tidal image stats` right after the mount has figures
         stats.start()
+    if args.owner:
+        _watch_owner(args.owner)
     status = 0
     try:
         serve(fs, str(args.mountpoint), readonly=device.readonly, debug=args.debug)
