@@ -64,6 +64,9 @@ class RuntimeCapabilities:
     """The container gets its own namespaces and cgroup (False: a host process, tests only)."""
     reports_oom: bool = True
     """The container's memory cgroup counts OOM kills the monitor can read."""
+    pod_sandbox: bool = False
+    """Containers of one pod share one sandbox kernel (runsc); False: they join the sandbox
+    container's namespaces by path (runc, crun)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,14 @@ class Runtime(ABC):
     @abstractmethod
     def list_ids(self) -> list[str]:
         """Ids of every container this runtime root knows (for reconciliation)."""
+
+    def pod_annotations(self, sandbox_id: str, *, is_sandbox: bool) -> dict[str, str]:
+        """OCI annotations that put a container into the pod of ``sandbox_id``.
+
+        runc and crun need none (members join the sandbox's namespaces by path); a runtime
+        whose pods share one sandbox kernel (:attr:`RuntimeCapabilities.pod_sandbox`) says
+        here which sandbox a container belongs to and whether it is the sandbox itself."""
+        return {}
 
 
 class OciCliRuntime(Runtime):

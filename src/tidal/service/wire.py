@@ -22,6 +22,7 @@ from tidal.errors import (
     BlobRangeError,
     ConfigError,
     ContainerStateError,
+    InstanceStateError,
     NotFoundError,
     RetryableError,
     TidalError,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (NotFoundError, 404),
     (ContainerStateError, 409),
+    (InstanceStateError, 409),
     (BlobRangeError, 416),
     (ConfigError, 400),
     (RetryableError, 503),
