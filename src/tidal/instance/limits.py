@@ -16,8 +16,10 @@ write cgroupfs files and run ``tc`` through :func:`tidal.proc.run`.
   the kernel's words and shown by ``inspect`` (never silently dropped).
 - Disk: v1 ``blkio.throttle.*_device`` (v2 ``io.max``) on the pod's cgroup, for each block
   device the pod's containers use (their quota volumes' loop devices, the image's, the disk
-  holding the state directory). Throttling counts direct and synchronous I/O; buffered writes
-  are charged to the flusher in cgroup v1.
+  holding the state directory). v1's blk-throttle is not hierarchical, so there each member's
+  processes are moved into the pod's blkio cgroup once started (one shared budget) and the
+  same limits are written on the member's own cgroup for what ``exec`` starts there.
+  Throttling counts direct and synchronous I/O; v1 charges buffered writeback to the flusher.
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def apply_net(limits: Limits, host_dev: str, netns: str) -> list[str]:
             _tc_batch(lines, f"policing {name}", netns_)
         except LimitError as exc:
             # this kernel may lack act_police; say so rather than pretend
-            unenforced.append(f"{name}: {exc}")
+            why = str(exc).split(";")[0].removeprefix(f"policing {name}: ")
+            unenforced.append(f"{name}: the kernel refused the tc police action ({why})")
     return unenforced
 
 
@@ -234,9 +237,54 @@ class PodCgroup:
         for ctrl, name, value in cgroup_files(limits, v2=self.v2):
             self._write(ctrl, name, value)
 
-    def limit_devices(self, limits: Limits, devices: Iterable[tuple[int, int]]) -> None:
+    def limit_devices(
+        self, limits: Limits, devices: Iterable[tuple[int, int]], child: str | None = None
+    ) -> None:
+        """Throttle ``devices`` for the pod (or for its ``child`` container's own cgroup)."""
+        ctrl = "" if self.v2 else "blkio"
         for name, line in blkio_lines(limits, devices, v2=self.v2):
-            self._write("" if self.v2 else "blkio", name, line)
+            self._write(ctrl, f"{child}/{name}" if child else name, line)
+
+    def make_child(self, child: str) -> None:
+        """A member's blkio (v2: unified) cgroup, before its runtime creates the container."""
+        d = self._dir("" if self.v2 else "blkio") / child
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LimitError(f"creating cgroup {d} failed: {exc.strerror or exc}") from exc
+
+    def adopt_blkio(self, child: str, passes: int = 5) -> int:
+        """cgroup v1 only: move a member's processes into the pod's own blkio cgroup.
+
+        v1's blk-throttle is not hierarchical (a parent's limit does not cover its
+        children's I/O unless the kernel's development-only ``sane_behavior`` is on), so the
+        pod's members share one budget only by sitting in the pod's blkio cgroup itself;
+        their children follow them. Processes ``runc exec`` places in the member's own
+        cgroup later are held by the same limits written there (:meth:`limit_devices`).
+        Returns how many processes were moved."""
+        if self.v2:
+            return 0
+        src = self._dir("blkio") / child / "cgroup.procs"
+        dst = self._dir("blkio") / "cgroup.procs"
+        moved = 0
+        for _ in range(passes):  # a process may fork while we move its parent
+            try:
+                pids = src.read_text().split()
+            except OSError as exc:
+                raise LimitError(f"reading {src} failed: {exc.strerror or exc}") from exc
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    dst.write_text(pid)
+                    moved += 1
+                except ProcessLookupError:
+                    continue  # exited meanwhile
+                except OSError as exc:
+                    raise LimitError(
+                        f"moving pid {pid} into {dst} failed: {exc.strerror or exc}"
+                    ) from exc
+        return moved
 
     def read(self, controller: str, name: str) -> str:
         return (self._dir(controller) / name).read_text().strip()

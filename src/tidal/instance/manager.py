@@ -228,20 +228,27 @@ class InstanceManager:
         write_text_atomic(pod / "hostname", rec.name + "\n")
         main = MemberSpec(MAIN, rec.spec.image, rec.spec.command, restart=rec.spec.restart)
         devices = {d for d in (block_device_of(self.engine.state_dir),) if d}
+        lim = rec.limits
+        disk = any(
+            v is not None
+            for v in (
+                lim.disk_read_bps,
+                lim.disk_write_bps,
+                lim.disk_read_iops,
+                lim.disk_write_iops,
+            )
+        )
         for member, is_main in ((main, True), *((m, False) for m in rec.spec.members)):
             crec = self.engine.create(self._member_spec(rec, sandbox, member, is_main))
-            devices |= self._devices_of(crec)
-            if any(
-                v is not None
-                for v in (
-                    rec.limits.disk_read_bps,
-                    rec.limits.disk_write_bps,
-                    rec.limits.disk_read_iops,
-                    rec.limits.disk_write_iops,
-                )
-            ):
-                cg.limit_devices(rec.limits, devices)
+            if disk:
+                devices |= self._devices_of(crec)
+                cg.limit_devices(lim, devices)
+                # made ahead with its limits: the runtime joins it, so the first I/O is held
+                cg.make_child(crec.id)
+                cg.limit_devices(lim, devices, child=crec.id)
             self.engine.start(crec.id)
+            if disk:
+                cg.adopt_blkio(crec.id)
         return self.store.put(rec.replace(phase="running"))
 
     @staticmethod
