@@ -244,10 +244,20 @@ def rm(
     force: bool = typer.Option(False, "--force", "-f", help="stop running ones first"),
 ) -> None:
     """Remove instances and everything they hold (containers, netns, tc, cgroup)."""
+    from tidal.errors import TidalError
+
+    failed = False
     with _client() as client:
         for ref in instances:
-            client.remove_instance(ref, force=force)
+            try:
+                client.remove_instance(ref, force=force)
+            except TidalError as exc:  # go on with the others, as docker rm does
+                err.print(f"error: {exc}", markup=False)
+                failed = True
+                continue
             out.print(ref, markup=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -26,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 LABEL_ID = "tidal.instance.id"
 LABEL_NAME = "tidal.instance"
 LABEL_ROLE = "tidal.instance.role"
+POD_WARM_MONITORS = 3
+"""Container monitors the engine keeps started ahead: a sandbox and two containers."""
 
 
 def node_capacity(settings: InstanceSettings) -> Capacity:
@@ -86,6 +89,10 @@ class InstanceManager:
         self.dir = engine.state_dir / "instances"
         self.store = InstanceStore(self.dir / "records")
         self._create_lock = threading.Lock()
+        # a pod start takes a monitor per container at once; keep enough started ahead
+        engine.monitors.size = max(engine.monitors.size, POD_WARM_MONITORS)
+        for _ in range(POD_WARM_MONITORS):
+            engine.monitors.replenish()
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
 
@@ -214,40 +221,53 @@ class InstanceManager:
         )
 
     def _make(self, rec: InstanceRecord) -> InstanceRecord:
+        """Steps 2-6 of the module docstring. The sandbox starts while the members' storage is
+        made, and the members start together (each start is mostly waiting on the runtime)."""
         cg = self.cgroup(rec)
         cg.create(rec.limits)
-        sandbox = self.engine.run(self._sandbox_spec(rec))
-        unenforced: list[str] = []
-        if sandbox.ip is not None:
-            host_dev, _ = link_names(sandbox.id)
-            unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
-        rec = self.store.put(rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced)))
-        pod = self.pod_dir(rec)
-        pod.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))
-        write_text_atomic(pod / "hostname", rec.name + "\n")
-        main = MemberSpec(MAIN, rec.spec.image, rec.spec.command, restart=rec.spec.restart)
-        devices = {d for d in (block_device_of(self.engine.state_dir),) if d}
-        lim = rec.limits
-        disk = any(
-            v is not None
-            for v in (
-                lim.disk_read_bps,
-                lim.disk_write_bps,
-                lim.disk_read_iops,
-                lim.disk_write_iops,
+        sandbox = self.engine.create(self._sandbox_spec(rec))
+        with ThreadPoolExecutor(max_workers=1 + len(rec.spec.members) + 1) as pool:
+            sandbox_started = pool.submit(self.engine.start, sandbox.id)
+            unenforced: list[str] = []
+            if sandbox.ip is not None:
+                host_dev, _ = link_names(sandbox.id)
+                unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
+            rec = self.store.put(rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced)))
+            pod = self.pod_dir(rec)
+            pod.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))
+            write_text_atomic(pod / "hostname", rec.name + "\n")
+            main = MemberSpec(MAIN, rec.spec.image, rec.spec.command, restart=rec.spec.restart)
+            members = [(main, True), *((m, False) for m in rec.spec.members)]
+            created = [
+                self.engine.create(self._member_spec(rec, sandbox, m, is_main))
+                for m, is_main in members
+            ]
+            lim = rec.limits
+            disk = any(
+                v is not None
+                for v in (
+                    lim.disk_read_bps,
+                    lim.disk_write_bps,
+                    lim.disk_read_iops,
+                    lim.disk_write_iops,
+                )
             )
-        )
-        for member, is_main in ((main, True), *((m, False) for m in rec.spec.members)):
-            crec = self.engine.create(self._member_spec(rec, sandbox, member, is_main))
+            devices = {d for d in (block_device_of(self.engine.state_dir),) if d}
             if disk:
-                devices |= self._devices_of(crec)
+                for crec in created:
+                    devices |= self._devices_of(crec)
                 cg.limit_devices(lim, devices)
-                # made ahead with its limits: the runtime joins it, so the first I/O is held
-                cg.make_child(crec.id)
-                cg.limit_devices(lim, devices, child=crec.id)
-            self.engine.start(crec.id)
-            if disk:
+                for crec in created:
+                    # made ahead with its limits: the runtime joins it, so the first I/O is held
+                    cg.make_child(crec.id)
+                    cg.limit_devices(lim, devices, child=crec.id)
+            sandbox_started.result()  # members join its namespaces
+            starts = [pool.submit(self.engine.start, crec.id) for crec in created]
+            for started in starts:
+                started.result()
+        if disk:
+            for crec in created:
                 cg.adopt_blkio(crec.id)
         return self.store.put(rec.replace(phase="running"))
 
