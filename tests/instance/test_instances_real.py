@@ -338,3 +338,37 @@ def test_cli_help_explains_instances() -> None:
     for word in ("--container", "NAME=IMAGE[:COMMAND]", "--spec", "fallback", "--bandwidth",
                  "--runtime", "runsc", "--pull", "--rm", "prints its name and IP"):  # fmt: skip
         assert word in done.stdout, word
+
+
+def test_creation_cut_short_is_rolled_back_by_the_next_daemon(
+    engine_settings: EngineSettings, busybox_rootfs: Path
+) -> None:
+    """The record is written before the effects: a creation that stopped after the pod's
+    cgroup and sandbox were made (a daemon killed there) is undone by ``reconcile``."""
+    from tidal.ids import InstanceId
+    from tidal.instance.store import InstanceRecord
+
+    engine = Engine(engine_settings)
+    try:
+        mgr = InstanceManager(engine, InstanceSettings())
+        rec = mgr.store.put(
+            InstanceRecord(
+                id=InstanceId("c" * 32),
+                name="cut",
+                spec=InstanceSpec(image=str(busybox_rootfs), command=("sleep", "60")),
+                phase="creating",
+                runtime="runc",
+                cgroup=f"{engine_settings.cgroup_parent}/pod-{'c' * 12}",
+                created_at=time.time(),
+                limits=Limits(memory_bytes=64 * MiB, egress_bps=10**7),
+            )
+        )
+        mgr.cgroup(rec).create(rec.limits)
+        sandbox = engine.run(mgr._sandbox_spec(rec))  # ... and here the daemon died
+        assert sandbox.status == "running" and pod_cgroups(engine_settings)
+        counts = InstanceManager(engine, InstanceSettings()).reconcile()
+        assert counts == {}
+        assert not engine.store.list()
+        assert_nothing_left(engine_settings)
+    finally:
+        cleanup_engine(engine)
