@@ -282,6 +282,12 @@ def test_spec_fallback_takes_the_first_spec_that_fits_and_records_it(
     assert any(ln.startswith("a ") and " 2c2g " in ln for ln in shown.splitlines()), shown
     assert any(ln.startswith("b ") and " 1c1g " in ln for ln in shown.splitlines()), shown
     assert {d["name"] for d in client.instances()} == {"a", "b"}
+    # a stopped instance keeps its record but gives its share back
+    assert client.stop_instance("a", 0)["status"] == "stopped"
+    third = client.run_instance(
+        InstanceSpec(image=img, command=("sleep", "300"), name="c", specs=("2c2g",))
+    )
+    assert third["chosen"]["name"] == "2c2g"
 
 
 @pytest.mark.parametrize(

@@ -109,9 +109,12 @@ class InstanceManager:
     # --- choosing ------------------------------------------------------------------------------
 
     def reserved(self) -> Capacity:
-        """What live instances (creating or running) hold of the node."""
+        """What live instances hold of the node: those being created and those whose main
+        container runs (a stopped or finished instance keeps its record, not its share)."""
         return Capacity.total(
-            Capacity.of(r.limits) for r in self.store.list() if r.phase in ("creating", "running")
+            Capacity.of(r.limits)
+            for r in self.store.list()
+            if r.phase == "creating" or self.status(r) == "running"
         )
 
     def capacity(self) -> Capacity:
@@ -232,7 +235,7 @@ class InstanceManager:
             if sandbox.ip is not None:
                 host_dev, _ = link_names(sandbox.id)
                 unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
-            rec = self.store.put(rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced)))
+            rec = rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced))  # recorded at the end
             pod = self.pod_dir(rec)
             pod.mkdir(parents=True, exist_ok=True)
             write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))

@@ -107,7 +107,10 @@ class InstanceStore:
 
     def put(self, rec: InstanceRecord) -> InstanceRecord:
         with self._lock:
-            write_text_atomic(self._path(rec.id), json.dumps(rec.to_json(), indent=1), fsync=True)
+            # rename, no fsync: the record must survive a SIGKILLed daemon (the page cache
+            # does), as the engine's SQLite state does with synchronous=NORMAL; a host crash
+            # takes the containers with it anyway
+            write_text_atomic(self._path(rec.id), json.dumps(rec.to_json(), indent=1))
         return rec
 
     def delete(self, iid: str) -> None:
