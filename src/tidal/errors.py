@@ -55,7 +55,7 @@ that every class of this module appears here with its parents::
     ├── InstanceError                tidal.instance
     │   ├── InstanceNotFoundError    (also a NotFoundError) no instance with that name or id
     │   ├── InstanceStateError       the operation does not fit the instance's state
-    │   ├── NoCapacityError          no candidate spec fits the node's free capacity
+    │   ├── NoCapacityError (retryable)  no candidate spec fits the node's free capacity now
     │   └── LimitError               a pod-level limit could not be applied (cgroup, tc)
     ├── SchedError                   tidal.sched
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
@@ -270,7 +270,7 @@ class InstanceStateError(InstanceError):
     """The operation does not fit the instance's state (e.g. exec in a stopped one)."""
 
 
-class NoCapacityError(InstanceError):
+class NoCapacityError(InstanceError, RetryableError):
     """No candidate instance spec fits the node's free capacity; the message says what is short."""
 
 
