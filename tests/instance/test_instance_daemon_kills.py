@@ -73,8 +73,10 @@ def test_instances_survive_and_interrupted_creations_roll_back(
     try:
         # a running instance outlives the daemon: same containers, pids and address
         with InstanceClient(sock) as client:
+            t0 = time.monotonic()
             client_run = _instance_run(engine_settings, busybox_rootfs, "keep")
             assert client_run.wait(timeout=60) == 0
+            one_run_s = time.monotonic() - t0  # CLI start-up plus the creation itself
             before = client.instance("keep")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -92,7 +94,9 @@ def test_instances_survive_and_interrupted_creations_roll_back(
         started, rounds = time.monotonic(), 0
         while rounds < ROUNDS and time.monotonic() - started < BUDGET_S:
             calls = [_instance_run(engine_settings, busybox_rootfs, f"k{rounds}{x}") for x in "ab"]
-            time.sleep(rng.uniform(0.4, 2.5))  # the CLI starts in ~0.4 s, an instance in ~1 s
+            # kill while the creations are in flight: after the CLI's start-up (most of a run
+            # on a loaded machine), before they end
+            time.sleep(rng.uniform(0.55, 1.05) * one_run_s)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             for c in calls:
