@@ -52,6 +52,14 @@ def test_parse_member_splits_image_and_command(
     assert (m.image, m.command) == (image, command)
 
 
+def test_parse_member_restart_policy() -> None:
+    m = parse_member("side:on-failure=/img:sh -c 'exit 3'")
+    assert (m.name, m.restart, m.command) == ("side", "on-failure", ("sh", "-c", "exit 3"))
+    assert parse_member("side=/img").restart == "no"
+    with pytest.raises(ConfigError, match="unknown restart policy 'sometimes'"):
+        parse_member("side:sometimes=/img")
+
+
 @pytest.mark.parametrize("bad", ["side", "=img", "side=", "bad name=/img", "x=/img:sh -c 'open"])
 def test_parse_member_rejects_bad_text_in_one_line(bad: str) -> None:
     with pytest.raises(ConfigError) as info:

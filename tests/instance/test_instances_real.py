@@ -352,7 +352,7 @@ def test_cli_help_explains_instances() -> None:
         capture_output=True, text=True, timeout=30, check=True,
         env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
-    for word in ("--container", "NAME=IMAGE[:COMMAND]", "--spec", "fallback", "--bandwidth",
+    for word in ("--container", "NAME[:RESTART]=IMAGE[:COMMAND]", "--spec", "fallback", "--bandwidth",
                  "--runtime", "runsc", "--pull", "--rm", "prints its name and IP"):  # fmt: skip
         assert word in done.stdout, word
 
@@ -389,3 +389,32 @@ def test_creation_cut_short_is_rolled_back_by_the_next_daemon(
         assert_nothing_left(engine_settings)
     finally:
         cleanup_engine(engine)
+
+
+def test_each_container_keeps_its_own_restart_policy(
+    instance_daemon: Client, busybox_rootfs: Path
+) -> None:
+    _, client = instance_daemon
+    img = str(busybox_rootfs)
+    client.run_instance(
+        InstanceSpec(
+            image=img,
+            command=("sleep", "300"),
+            name="rs",
+            members=(
+                MemberSpec(
+                    "flaky", img, ("sh", "-c", "echo run; sleep 0.2; exit 1"), restart="always"
+                ),
+                MemberSpec("once", img, ("sh", "-c", "echo run; exit 1")),
+            ),
+        )
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if client.instance_logs("rs", "flaky")[0].count(b"run") >= 3:
+            break
+        time.sleep(0.2)
+    assert client.instance_logs("rs", "flaky")[0].count(b"run") >= 3
+    states = {c["member"]: c["status"] for c in client.instance("rs")["containers"]}
+    assert states == {"sandbox": "running", "main": "running", "flaky": "running", "once": "exited"}
+    assert client.instance_logs("rs", "once")[0] == b"run\n"

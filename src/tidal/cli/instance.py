@@ -65,8 +65,8 @@ def run(
         [],
         "--container",
         "-c",
-        help="another container of the pod: NAME=IMAGE[:COMMAND] (a one-word COMMAND: "
-        "its absolute path)",
+        help="another container of the pod: NAME[:RESTART]=IMAGE[:COMMAND] (RESTART: no, "
+        "on-failure, always; a one-word COMMAND: its absolute path)",
     ),
     spec: str | None = typer.Option(
         None,

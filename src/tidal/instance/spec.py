@@ -248,16 +248,17 @@ def parse_bytes_rate(text: str, what: str) -> int:
 
 
 def parse_member(text: str) -> MemberSpec:
-    """``NAME=IMAGE[:COMMAND]``.
+    """``NAME[:RESTART]=IMAGE[:COMMAND]`` (``RESTART``: no, on-failure, always).
 
     An image reference may hold ``:`` itself (``127.0.0.1:5000/web:v1``), so the command starts
     at the first ``:`` followed by what a port or tag cannot be: text holding a space before the
     next ``:``, or an absolute path (a one-word command is given by its absolute path). The
     command is split by shell rules.
     """
-    name, sep, rest = text.partition("=")
+    head, sep, rest = text.partition("=")
     if not sep or not rest:
-        raise ConfigError(f"--container {text!r}: expected NAME=IMAGE[:COMMAND]")
+        raise ConfigError(f"--container {text!r}: expected NAME[:RESTART]=IMAGE[:COMMAND]")
+    name, _, restart = head.partition(":")
     image, command = rest, ""
     for i, ch in enumerate(rest):
         if ch == ":" and i > 0:
@@ -270,7 +271,7 @@ def parse_member(text: str) -> MemberSpec:
         argv = tuple(shlex.split(command))
     except ValueError as exc:
         raise ConfigError(f"--container {text!r}: the command does not parse: {exc}") from None
-    return MemberSpec(name=name, image=image, command=argv)
+    return MemberSpec(name=name, image=image, command=argv, restart=restart or "no")
 
 
 def parse_spec_list(text: str | None) -> tuple[str, ...]:
