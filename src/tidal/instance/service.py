@@ -113,7 +113,8 @@ def instance_part(engine: Engine, settings: InstanceSettings | None = None) -> D
     def start() -> None:
         counts = manager.reconcile()
         log.info("instances: %s", counts or "none")
-        reaper.start()
+        if reaper.ident is None:  # a second reconcile does not start a second reaper
+            reaper.start()
 
     def close() -> None:
         stop.set()
