@@ -189,7 +189,19 @@ class InstanceManager:
             labels=self._labels(rec, SANDBOX),
             pod_sandbox=True,
             cgroup_parent=rec.cgroup,
+            **self._own_limits(rec),
         )
+
+    @staticmethod
+    def _own_limits(rec: InstanceRecord) -> dict[str, Any]:
+        """Each container also gets the pod's CPU, memory and pids as its own limits: the
+        pod's cgroup still caps their sum, and /proc views (lxcfs; gVisor's, where the
+        sandbox container's limits hold the whole sandbox) then show the pod's size."""
+        return {
+            "cpus": rec.limits.cpus,
+            "memory_bytes": rec.limits.memory_bytes,
+            "pids_limit": rec.limits.pids,
+        }
 
     def _member_spec(
         self, rec: InstanceRecord, sandbox: ContainerRecord, member: MemberSpec, main: bool
@@ -220,6 +232,7 @@ class InstanceManager:
             labels=self._labels(rec, MAIN if main else member.name),
             sandbox=sandbox.id,
             cgroup_parent=rec.cgroup,
+            **self._own_limits(rec),
             **extra,
         )
 
