@@ -57,6 +57,10 @@ that every class of this module appears here with its parents::
     │   ├── DaemonUnavailableError (retryable)  the engine daemon's socket does not answer
     │   └── QuotaError
     ├── InstanceError                tidal.instance
+    │   ├── InstanceNotFoundError    (also a NotFoundError) no instance with that name or id
+    │   ├── InstanceStateError       the operation does not fit the instance's state
+    │   ├── NoCapacityError (retryable)  no candidate spec fits the node's free capacity now
+    │   └── LimitError               a pod-level limit could not be applied (cgroup, tc)
     ├── SchedError                   tidal.sched
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
     │   ├── PlacementError
@@ -279,6 +283,22 @@ class QuotaError(EngineError):
 
 class InstanceError(TidalError):
     """Elastic container instances, pools and specs."""
+
+
+class InstanceNotFoundError(InstanceError, NotFoundError):
+    """No instance with this name or id."""
+
+
+class InstanceStateError(InstanceError):
+    """The operation does not fit the instance's state (e.g. exec in a stopped one)."""
+
+
+class NoCapacityError(InstanceError, RetryableError):
+    """No candidate instance spec fits the node's free capacity; the message says what is short."""
+
+
+class LimitError(InstanceError):
+    """A pod-level limit (cgroup, traffic control, block I/O) could not be applied."""
 
 
 # --- tidal.sched ---------------------------------------------------------------------------

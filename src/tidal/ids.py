@@ -12,6 +12,8 @@ Digest = NewType("Digest", str)
 """An OCI content digest, ``sha256:<64 hex>``."""
 
 ContainerId = NewType("ContainerId", str)
+InstanceId = NewType("InstanceId", str)
+"""An elastic instance (a pod: sandbox plus containers), 32 hex digits."""
 NodeName = NewType("NodeName", str)
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -302,9 +302,10 @@ def register(app: typer.Typer) -> None:
     def daemon() -> None:
         """Serve the engine API on its unix socket (foreground; SIGTERM/SIGINT stop it)."""
         from tidal.engine.daemon import Daemon
+        from tidal.instance.service import instance_part
 
         logging.getLogger("tidal").setLevel(logging.INFO)
-        d = Daemon()
+        d = Daemon(parts=[instance_part])  # the instance API on the same socket
         signal.signal(signal.SIGTERM, lambda *_: d.request_stop())
         signal.signal(signal.SIGINT, lambda *_: d.request_stop())
         err.print(

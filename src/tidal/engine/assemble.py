@@ -34,6 +34,11 @@ class HostView:
     netns_path: str | None
     lxcfs_proc_dir: str | None = None
     lxcfs_files: tuple[str, ...] = ()
+    ipc_ns_path: str | None = None
+    """Pod member: the sandbox's IPC and UTS namespaces (``/proc/PID/ns/...``)."""
+    uts_ns_path: str | None = None
+    annotations: tuple[tuple[str, str], ...] = ()
+    """The runtime's pod annotations."""
 
 
 def command_of(rec: ContainerRecord, image_cfg: ImageConfig) -> tuple[str, ...]:
@@ -79,6 +84,9 @@ def write_container_bundle(
         image_workdir=image_cfg.workdir,
         nofile_limit=nofile_hard_limit(),
         host_caps=host_bounding_caps(),
+        ipc_ns_path=host.ipc_ns_path,
+        uts_ns_path=host.uts_ns_path,
+        annotations=host.annotations,
     )
     bundle_dir = cdir / "bundle"
     write_bundle(bundle_dir, build_config(spec, inputs))

@@ -132,6 +132,12 @@ class BundleInputs:
     host_caps: frozenset[str] | None = None
     """The engine's own bounding set: a container cannot be granted more (None: no filter)."""
     """RLIMIT_NOFILE inside; the engine passes its own hard limit (a container may not exceed it)."""
+    ipc_ns_path: str | None = None
+    """Pod member: join this IPC namespace (the sandbox's ``/proc/PID/ns/ipc``)."""
+    uts_ns_path: str | None = None
+    """Pod member: join this UTS namespace (hostname shared with the sandbox)."""
+    annotations: tuple[tuple[str, str], ...] = ()
+    """Extra OCI annotations, e.g. the runtime's pod annotations (``Runtime.pod_annotations``)."""
 
 
 def resources(spec: ContainerSpec) -> dict[str, Any]:
@@ -230,13 +236,11 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
     caps = list(DEFAULT_CAPS) + (list(RICH_EXTRA_CAPS) if spec.rich else [])
     if inputs.host_caps is not None:
         caps = [c for c in caps if c in inputs.host_caps]
-    namespaces: list[dict[str, Any]] = [
-        {"type": "pid"},
-        {"type": "ipc"},
-        {"type": "uts"},
-        {"type": "mount"},
-    ]
-    if spec.network == "bridge" and inputs.netns_path:
+    namespaces: list[dict[str, Any]] = [{"type": "pid"}]
+    for kind, path in (("ipc", inputs.ipc_ns_path), ("uts", inputs.uts_ns_path)):
+        namespaces.append({"type": kind, "path": path} if path else {"type": kind})
+    namespaces.append({"type": "mount"})
+    if inputs.netns_path and (spec.network == "bridge" or spec.sandbox is not None):
         namespaces.append({"type": "network", "path": inputs.netns_path})
     elif spec.network != "host":
         namespaces.append({"type": "network"})
@@ -282,10 +286,13 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
         "mounts": [m.to_oci() for m in mounts],
         "linux": linux,
     }
+    if inputs.uts_ns_path:
+        del config["hostname"]  # the joined UTS namespace has the pod's hostname already
     hk = hooks(spec)
     if hk:
         config["hooks"] = hk
     config["annotations"] = {"org.tidal.container.id": inputs.container_id}
+    config["annotations"].update(dict(inputs.annotations))
     if spec.name:
         config["annotations"]["org.tidal.container.name"] = spec.name
     return config

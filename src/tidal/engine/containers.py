@@ -18,6 +18,7 @@ published ports in :mod:`tidal.engine.ports`, upgrade and rollback in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import shutil
@@ -205,8 +206,13 @@ class Engine:
     def cdir(self, cid: str) -> Path:
         return self.containers_dir / cid
 
-    def cgroups_path(self, cid: str) -> str:
-        return f"/{self.settings.cgroup_parent}/{cid}"
+    def cgroups_path(self, cid: str, parent: str | None = None) -> str:
+        """``/<parent>/<id>``: ``parent`` is a pod's cgroup (the spec's ``cgroup_parent``) or
+        ``[engine] cgroup_parent``."""
+        return f"/{parent or self.settings.cgroup_parent}/{cid}"
+
+    def cgroups_path_of(self, rec: ContainerRecord) -> str:
+        return self.cgroups_path(rec.id, rec.spec.cgroup_parent)
 
     def _lxcfs_wanted(self, spec: ContainerSpec, runtime: str | None = None) -> bool:
         if runtime is not None and self.runtime(runtime).capabilities.own_proc_view:
@@ -320,7 +326,7 @@ class Engine:
     def _root_quota(self, spec: ContainerSpec) -> QuotaSpec | None:
         for q in spec.disk_quotas:
             if q.target == "/":
-                return q
+                return q if q.size_bytes > 0 else None  # 0: no quota volume (a pod's sandbox)
         return self._root_quota_default()
 
     def _root_quota_default(self) -> QuotaSpec | None:
@@ -344,12 +350,43 @@ class Engine:
             self.lxcfs.ensure()
             lxcfs_dir, lxcfs_files = str(self.lxcfs.proc_dir), self.lxcfs.files()
         host = HostView(
-            cgroups_path=self.cgroups_path(rec.id),
+            cgroups_path=self.cgroups_path_of(rec),
             netns_path=self.network.netns_path(rec.id) if rec.spec.network == "bridge" else None,
             lxcfs_proc_dir=lxcfs_dir,
             lxcfs_files=lxcfs_files,
         )
+        if rec.spec.sandbox is not None or rec.spec.pod_sandbox:
+            host = self._pod_view(rec, host)
         return write_container_bundle(rec, self.cdir(rec.id), self.state_dir / "bin", host)
+
+    def _pod_view(self, rec: ContainerRecord, host: HostView) -> HostView:
+        """A pod member joins its sandbox: the runtime's pod annotations, and (where pods do
+        not share one sandbox kernel) the sandbox's net, IPC and UTS namespaces by path."""
+        rt = self.runtime(rec.runtime)
+        if rec.spec.pod_sandbox:
+            notes = rt.pod_annotations(rec.id, is_sandbox=True)
+            return dataclasses.replace(host, annotations=tuple(notes.items()))
+        assert rec.spec.sandbox is not None
+        sandbox = self.get(rec.spec.sandbox)
+        if sandbox.status != "running" or not sandbox.pid:
+            raise ContainerStateError(
+                f"container {rec.name} joins sandbox {sandbox.name}, which is {sandbox.status}; "
+                "start the sandbox first"
+            )
+        notes = rt.pod_annotations(sandbox.id, is_sandbox=False)
+        if rt.capabilities.pod_sandbox:
+            return dataclasses.replace(host, annotations=tuple(notes.items()))
+        ns = f"/proc/{sandbox.pid}/ns"
+        netns = (
+            self.network.netns_path(sandbox.id) if sandbox.spec.network == "bridge" else f"{ns}/net"
+        )
+        return dataclasses.replace(
+            host,
+            netns_path=netns,
+            ipc_ns_path=f"{ns}/ipc",
+            uts_ns_path=f"{ns}/uts",
+            annotations=tuple(notes.items()),
+        )
 
     def _monitor_conf(self, rec: ContainerRecord, bundle: Path) -> MonitorConfig:
         rt = self.runtime(rec.runtime)
@@ -363,7 +400,7 @@ class Engine:
             bundle=str(bundle),
             start_seq=rec.starts + 1,
             cdir=str(cdir),
-            cgroup=self.cgroups_path(rec.id),
+            cgroup=self.cgroups_path_of(rec),
             cgroup_root=str(self.cgroup_root),
             ports=tuple(
                 PortForward(p.host_ip, p.host_port, p.container_port, rec.ip)
@@ -522,7 +559,7 @@ class Engine:
         """The record as the API shows it, plus ``cgroup``: the path below each controller's
         mount (v1) or the unified root (v2), so node agents need not know the engine's layout."""
         out = rec.to_json()
-        out["cgroup"] = self.cgroups_path(rec.id)
+        out["cgroup"] = self.cgroups_path_of(rec)
         return out
 
     def inspect(self, ref: str) -> dict[str, Any]:

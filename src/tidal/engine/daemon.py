@@ -19,7 +19,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +34,14 @@ from tidal.errors import ConfigError, EngineError, TidalError
 from tidal.service.server import Request, Response, Route, Service, UnixServiceServer
 from tidal.service.wire import status_for
 
-__all__ = ["API_VERSION", "Daemon", "EngineMetrics", "engine_service", "status_for"]
+__all__ = [
+    "API_VERSION",
+    "Daemon",
+    "DaemonPart",
+    "EngineMetrics",
+    "engine_service",
+    "status_for",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,10 +223,27 @@ def engine_service(engine: Engine) -> Service:
     return service
 
 
+@dataclass(frozen=True)
+class DaemonPart:
+    """Another part served by the same daemon process on the engine (the instance API): its
+    routes, what it does once the engine has reconciled, and at close. The engine never
+    imports such a part; the entry point (``tidal daemon``) composes them."""
+
+    routes: tuple[Route, ...]
+    reconcile: Callable[[], object] = lambda: None
+    close: Callable[[], object] = lambda: None
+
+
+PartFactory = Callable[[Engine], DaemonPart]
+
+
 class Daemon:
     """Owns the engine, the socket, the single-instance lock and the lxcfs watchdog."""
 
-    def __init__(self, settings: EngineSettings | None = None) -> None:
+    def __init__(
+        self, settings: EngineSettings | None = None, *, parts: Sequence[PartFactory] = ()
+    ) -> None:
+        """``parts``: other parts' APIs on this engine, served from the same socket."""
         self.settings = settings or load_settings()
         self.socket_path = self.settings.resolved_socket_path()
         state_dir = self.settings.resolved_state_dir()
@@ -234,6 +259,9 @@ class Daemon:
         self.engine = Engine(self.settings)
         self.service = engine_service(self.engine)
         """Routes, ``/healthz``, ``/metrics``: usable without the socket (tests)."""
+        self.parts = [make(self.engine) for make in parts]
+        for part in self.parts:
+            self.service.routes[:0] = list(part.routes)
         self._stop = threading.Event()
         self._server: UnixServiceServer | None = None
         self._threads: list[threading.Thread] = []
@@ -244,6 +272,8 @@ class Daemon:
         if self.engine.lxcfs.mounted():
             with contextlib.suppress(TidalError):
                 self.engine.lxcfs.ensure()
+        for part in self.parts:
+            part.reconcile()
         return counts
 
     def _bind(self) -> UnixServiceServer:
@@ -296,6 +326,8 @@ class Daemon:
             t.join(timeout=10)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+        for part in self.parts:
+            part.close()
         self.engine.close()
         self._lock_fh.close()
 

@@ -23,6 +23,7 @@ NETWORK_MODES = ("none", "host", "bridge")
 RESTART_POLICIES = ("no", "on-failure", "always")
 RICH_MODES = ("init", "systemd")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_CGROUP_PARENT_RE = re.compile(r"[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+)*")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,15 @@ class ContainerSpec:
     pull: str = "missing"
     """When ``image`` is a registry reference: pull it if the node lacks it (``missing``),
     every time (``always``) or never (``never``); resolved by the engine before the rootfs."""
+    sandbox: str | None = None
+    """Pod member: id of the pod's sandbox (infra) container, whose network, IPC and UTS
+    namespaces this container joins (by path under runc/crun; through the runtime's pod
+    annotations where one sandbox kernel holds the pod). None: a container of its own."""
+    pod_sandbox: bool = False
+    """This container is a pod's sandbox (infra) container, the one members join."""
+    cgroup_parent: str | None = None
+    """Place the container's cgroup below this path (a pod's cgroup, which holds the pod-level
+    limits) instead of ``[engine] cgroup_parent``."""
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -161,6 +171,18 @@ def validate_spec(spec: ContainerSpec) -> None:
         raise ConfigError(f"unknown runtime {spec.runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if spec.network not in NETWORK_MODES:
         raise ConfigError(f"unknown network {spec.network!r}; choose one of {NETWORK_MODES}")
+    if spec.sandbox is not None:
+        if spec.network != "none" or spec.ports:
+            raise ConfigError(
+                "a pod member takes its network from its sandbox; give --network and "
+                "--publish to the pod (instance), not to the member"
+            )
+        if spec.pod_sandbox:
+            raise ConfigError("a pod's sandbox container cannot itself join another sandbox")
+    if spec.cgroup_parent is not None and not _CGROUP_PARENT_RE.fullmatch(spec.cgroup_parent):
+        raise ConfigError(
+            f"cgroup parent {spec.cgroup_parent!r}: a relative path such as 'tidal/pod-web'"
+        )
     if spec.ports and spec.network != "bridge":
         raise ConfigError("publishing ports needs --network bridge")
     if spec.restart not in RESTART_POLICIES:

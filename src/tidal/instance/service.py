@@ -1,0 +1,124 @@
+"""The instance API under ``/v1/instances``, served by the engine daemon's own process.
+
+:func:`instance_part` is a :class:`~tidal.engine.daemon.DaemonPart` factory: ``tidal daemon``
+composes it into the engine daemon (one socket, one process, one reconciliation on start), so
+the engine never imports this part. Requests map one-to-one onto :class:`InstanceManager`;
+errors answer with the service kit's table, so :class:`~tidal.instance.client.InstanceClient`
+re-raises the same class. A background thread removes ``--rm`` instances whose main
+container has exited.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from typing import Any
+
+from tidal.engine.containers import Engine
+from tidal.engine.daemon import API_VERSION, DaemonPart
+from tidal.errors import ConfigError, TidalError
+from tidal.instance.catalog import InstanceSettings
+from tidal.instance.manager import InstanceManager
+from tidal.instance.spec import InstanceSpec
+from tidal.service.server import Request, Response, Route
+
+log = logging.getLogger(__name__)
+REAP_INTERVAL_S = 1.0
+"""How often finished ``--rm`` instances are looked for."""
+
+
+def instance_routes(manager: InstanceManager) -> list[Route]:
+    base = f"/{API_VERSION}/instances"
+
+    def create(req: Request) -> Response:
+        spec = InstanceSpec.from_json(req.json_object().get("spec") or {})
+        rec = manager.run(spec)
+        return Response.json(manager.describe(rec), 201)
+
+    def remove(req: Request) -> dict[str, str]:
+        ref = req.params["ref"]
+        manager.remove(ref, force=req.query.get("force") in ("1", "true"))
+        return {"removed": ref}
+
+    def stop(req: Request) -> dict[str, Any]:
+        rec = manager.stop(req.params["ref"], req.json_object().get("timeout_s"))
+        return manager.describe(rec)
+
+    def logs(req: Request) -> Response:
+        raw = req.query.get("offset", "0")
+        if not raw.isdigit():
+            raise ConfigError(f"query parameter offset={raw!r} is not an integer")
+        chunk = manager.logs(req.params["ref"], req.query.get("container"), int(raw))
+        headers = {
+            "X-Tidal-Next-Offset": str(chunk.next_offset),
+            "X-Tidal-Running": "1" if chunk.running else "0",
+        }
+        return Response(chunk.data, 200, "application/octet-stream", headers)
+
+    def exec_(req: Request) -> dict[str, Any]:
+        body = req.json_object()
+        res = manager.exec(
+            req.params["ref"],
+            list(body.get("argv") or []),
+            container=body.get("container"),
+            env=list(body.get("env") or []),
+            stdin=base64.b64decode(body.get("stdin_b64") or ""),
+        )
+        return {
+            "exit_code": res.exit_code,
+            "stdout_b64": base64.b64encode(res.stdout).decode(),
+            "stderr_b64": base64.b64encode(res.stderr).decode(),
+        }
+
+    def capacity(req: Request) -> dict[str, Any]:
+        cap, used = manager.capacity(), manager.reserved()
+        return {
+            "cpus": cap.cpus,
+            "memory_bytes": cap.memory_bytes,
+            "reserved_cpus": used.cpus,
+            "reserved_memory_bytes": used.memory_bytes,
+            "types": {n: lim.to_json() for n, lim in sorted(manager.catalog.types.items())},
+        }
+
+    return [
+        Route("GET", f"/{API_VERSION}/node/capacity", capacity),
+        Route("GET", base, lambda _: [manager.describe(r) for r in manager.list_all()]),
+        Route("POST", base, create),
+        Route(
+            "GET", f"{base}/{{ref}}", lambda req: manager.describe(manager.get(req.params["ref"]))
+        ),
+        Route("DELETE", f"{base}/{{ref}}", remove),
+        Route("POST", f"{base}/{{ref}}/stop", stop),
+        Route("GET", f"{base}/{{ref}}/logs", logs),
+        Route("POST", f"{base}/{{ref}}/exec", exec_),
+    ]
+
+
+def instance_part(engine: Engine, settings: InstanceSettings | None = None) -> DaemonPart:
+    """The instance API on ``engine``, for :class:`~tidal.engine.daemon.Daemon`'s ``parts``
+    (``settings``: default ``[instance]`` from the settings file and environment)."""
+    manager = InstanceManager(engine, settings)
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.wait(REAP_INTERVAL_S):
+            try:
+                manager.remove_finished()
+            except TidalError as exc:
+                log.warning("removing finished instances: %s", exc)
+
+    reaper = threading.Thread(target=reap, name="tidal-instance-rm", daemon=True)
+
+    def start() -> None:
+        counts = manager.reconcile()
+        log.info("instances: %s", counts or "none")
+        if reaper.ident is None:  # a second reconcile does not start a second reaper
+            reaper.start()
+
+    def close() -> None:
+        stop.set()
+        if reaper.is_alive():
+            reaper.join(timeout=10)
+
+    return DaemonPart(tuple(instance_routes(manager)), reconcile=start, close=close)
