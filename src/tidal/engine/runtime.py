@@ -214,9 +214,9 @@ class OciCliRuntime(Runtime):
     ) -> None:
         found = binary or shutil.which(self.name)
         if not found or not (os.path.isfile(found) and os.access(found, os.X_OK)):
-            what = f"{binary!r} is not an executable" if binary else "is not installed"
+            what = f": {binary!r} is not an executable" if binary else " is not installed"
             raise ConfigError(
-                f"OCI runtime {self.name!r}: {what}; apt-get install {self.name}"
+                f"OCI runtime {self.name!r}{what}; apt-get install {self.name}"
                 + (f" or fix [engine] {self.name}_binary" if binary else "")
             )
         self.binary = found
