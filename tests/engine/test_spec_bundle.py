@@ -135,6 +135,9 @@ def test_rich_mode_init_conf_and_args() -> None:
         "source": "/host/init",
         "options": ["rbind", "ro"],
     } in cfg["mounts"]
+    dests = [m["destination"] for m in cfg["mounts"]]  # the state dir is bound after /.tidal
+    assert dests.index(f"{INIT_DIR}/state") > dests.index(INIT_DIR)
+    assert cfg["mounts"][dests.index(f"{INIT_DIR}/state")]["options"] == ["rbind", "rw"]
     assert "CAP_SYS_ADMIN" in cfg["process"]["capabilities"]["bounding"]
     plain = build_config(ContainerSpec(image="/i"), inputs())
     assert "CAP_SYS_ADMIN" not in plain["process"]["capabilities"]["bounding"]
@@ -183,6 +186,24 @@ def test_parsers() -> None:
         "cron", ("crond", "-f"), "on-failure"
     )
     assert parse_hook("/bin/echo hi").args == ("/bin/echo", "hi")
+
+
+def test_service_and_hook_commands_split_with_shell_rules() -> None:
+    svc = parse_service("""web=sh -c 'echo "a  b" > /tmp/x; sleep 1'""")
+    assert svc.argv == ("sh", "-c", 'echo "a  b" > /tmp/x; sleep 1')
+    assert parse_service(r"x=printf %s\ y").argv == ("printf", "%s y")
+    hook = parse_hook("/bin/sh -c 'cat > /run/state.json'")
+    assert (hook.path, hook.args) == ("/bin/sh", ("/bin/sh", "-c", "cat > /run/state.json"))
+    with pytest.raises(ConfigError, match=r"--service .*no closing quotation"):
+        parse_service("web=sh -c 'echo")
+    with pytest.raises(ConfigError, match=r"hook .*no closing quotation"):
+        parse_hook('/bin/sh -c "x')
+    with pytest.raises(ConfigError, match="expected NAME"):
+        parse_service("web=''")
+    assert parse_service("w:on-failure:3=true").max_restarts == 3
+    assert parse_service("w=true").max_restarts == 10
+    with pytest.raises(ConfigError, match="MAX restarts 'x'"):
+        parse_service("w:always:x=true")
 
 
 def test_disk_quota_forms() -> None:

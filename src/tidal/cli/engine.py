@@ -69,6 +69,19 @@ def _status_text(rec: ContainerRecord) -> str:
     return rec.status
 
 
+def _services_note(described: dict[str, object]) -> str:
+    """``ps``'s word on rich-mode services that gave up (their restart limit used up)."""
+    services = described.get("services")
+    if not isinstance(services, list):
+        return ""
+    notes = [
+        f"service {s['name']} gave up after {s['restarts']} restarts, last exit {s['last_exit']}"
+        for s in services
+        if isinstance(s, dict) and s.get("state") == "gave-up"
+    ]
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def register(app: typer.Typer) -> None:
     """Add the engine's top-level commands to the main app."""
 
@@ -94,7 +107,9 @@ def register(app: typer.Typer) -> None:
         lxcfs: bool | None = typer.Option(None, "--lxcfs/--no-lxcfs"),
         rich: bool = typer.Option(False, "--rich", help="Tidal's init as PID 1"),
         rich_mode: str = typer.Option("init", "--rich-mode", help="init | systemd"),
-        service: list[str] = typer.Option([], "--service", help="NAME[:POLICY]=COMMAND"),
+        service: list[str] = typer.Option(
+            [], "--service", help="NAME[:POLICY[:MAX]]=COMMAND (shell quoting)"
+        ),
         initscript: str | None = typer.Option(None, "--initscript"),
         restart: str = typer.Option("no", "--restart", help="rich mode: no|on-failure|always"),
         hook_prestart: list[str] = typer.Option([], "--hook-prestart"),
@@ -162,48 +177,56 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def ps(
         all_: bool = typer.Option(False, "--all", "-a", help="also exited containers"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="only ids, one per line"),
         as_json: bool = typer.Option(False, "--json"),
         label: list[str] = typer.Option(
             [], "--label", "-l", help="only containers with this KEY=VALUE label (repeatable)"
         ),
     ) -> None:
         """List containers (running ones unless --all)."""
+        from tidal.engine.store import ContainerRecord
+
         want = dict(parse_labels(label))
         with _client() as client:
-            recs = [
-                r
-                for r in client.list_all()
+            shown = [
+                (r, d)
+                for d in client.describe_all()
+                for r in (ContainerRecord.from_api(d),)
                 if (all_ or r.status == "running") and want.items() <= dict(r.spec.labels).items()
             ]
+        if quiet:  # short ids, as docker's: any unique prefix names a container
+            sys.stdout.write("".join(f"{r.id[:12]}\n" for r, _ in shown))
+            return
         if as_json:
-            out.print_json(json.dumps([r.to_json() for r in recs]))
+            out.print_json(json.dumps([d for _, d in shown]))
             return
         lines = [f"{'ID':<12}  {'NAME':<20}  {'IMAGE':<30}  {'RUNTIME':<7}  {'IP':<12}  STATUS"]
-        for r in recs:
+        for r, d in shown:
             lines.append(
                 f"{r.id[:12]:<12}  {r.name[:20]:<20}  {r.spec.image[-30:]:<30}  "
-                f"{r.runtime:<7}  {(r.ip or '-'):<12}  {_status_text(r)}"
+                f"{r.runtime:<7}  {(r.ip or '-'):<12}  {_status_text(r)}{_services_note(d)}"
             )
         sys.stdout.write("\n".join(lines) + "\n")
 
     @app.command()
     def logs(
         container: str,
-        follow: bool = typer.Option(False, "--follow", "-f"),
+        follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until it exits"),
+        tail: int | None = typer.Option(None, "--tail", "-n", help="only the last N lines"),
     ) -> None:
         """Print a container's output (stdout and stderr, as written)."""
+        if tail is not None and tail < 0:
+            raise typer.BadParameter(f"--tail {tail}: give a number of lines, 0 or more")
         with _client() as client:
             if follow:
-                for data in client.follow_logs(container):
+                for data in client.follow_logs(container, tail=tail):
                     sys.stdout.buffer.write(data)
                     sys.stdout.buffer.flush()
                 return
-            offset = 0
-            while True:
-                data, offset, _ = client.logs(container, offset)
-                if not data:
-                    break
+            data, offset, _ = client.logs(container, tail=tail)
+            while data:
                 sys.stdout.buffer.write(data)
+                data, offset, _ = client.logs(container, offset)
             sys.stdout.buffer.flush()
 
     @app.command("exec", context_settings={"allow_interspersed_args": False})
@@ -255,10 +278,16 @@ def register(app: typer.Typer) -> None:
         container: str,
         image: str,
         command: list[str] = typer.Argument(None, help="new command (after --)"),
+        timeout: float | None = typer.Option(
+            None,
+            "--timeout",
+            "-t",
+            help="seconds from SIGTERM to SIGKILL when stopping the old image (as stop -t)",
+        ),
     ) -> None:
         """Swap a container's image in place (same id, name, volumes, IP, quota, limits)."""
         with _client() as client:
-            rec = client.upgrade(container, image, _argv(command) or None)
+            rec = client.upgrade(container, image, _argv(command) or None, timeout_s=timeout)
         out.print(f"{rec.name}: now on {rec.spec.image}, {_status_text(rec)}", markup=False)
 
     @app.command()

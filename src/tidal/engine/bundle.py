@@ -22,6 +22,8 @@ CPU_PERIOD_US = 100_000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INIT_DIR = "/.tidal"
 """Where the rich-mode init binary and its configuration appear inside the container."""
+INIT_STATE_DIR = f"{INIT_DIR}/state"
+"""The one writable place below INIT_DIR: the init reports its services' states there."""
 LXCFS_PROC_FILES = ("meminfo", "cpuinfo", "stat", "uptime", "loadavg", "diskstats", "swaps")
 """/proc files lxcfs virtualises; each is bind-mounted over the container's own when present."""
 
@@ -253,6 +255,7 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
         mounts += lxcfs_mounts(inputs.lxcfs_proc_dir, inputs.lxcfs_files)
     if inputs.init_dir:
         mounts.append(bind(inputs.init_dir, INIT_DIR, readonly=True))
+        mounts.append(bind(f"{inputs.init_dir}/state", INIT_STATE_DIR))
     mounts += list(inputs.mounts)
 
     linux: dict[str, Any] = {

@@ -18,7 +18,9 @@ published ports in :mod:`tidal.engine.ports`, upgrade and rollback in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tidal.cgroups import CGROUP_ROOT
 from tidal.engine import upgrade as upgrade_mod
@@ -47,6 +49,7 @@ from tidal.engine.monitor import (
 from tidal.engine.mounter import HostMounter, Mounter
 from tidal.engine.network import BridgeNetwork, Network
 from tidal.engine.ports import check_ports
+from tidal.engine.richinit import read_service_states
 from tidal.engine.rootfs import RootfsState, provider_for
 from tidal.engine.runtime import ExecResult, Runtime, get_runtime, pid_alive
 from tidal.engine.settings import EngineSettings, load_settings
@@ -69,6 +72,34 @@ MONITOR_EXIT_WAIT_S = 10.0
 RECONCILE_WAIT_S = 60.0
 """How long a restarted daemon waits for starts still in flight to report."""
 RuntimeFactory = Callable[[str, Path], Runtime]
+
+
+def tail_offset(fh: BinaryIO, lines: int, block: int = 64 * 1024) -> int:
+    """Offset in ``fh`` where its last ``lines`` lines start (a last line without its
+    newline counts as a line, as ``tail -n`` counts it). Reads backwards block by block,
+    so a long log is not read whole."""
+    end = fh.seek(0, os.SEEK_END)
+    if lines <= 0:
+        return end
+    pos, want = end, lines
+    first = True
+    while pos > 0:
+        start = max(0, pos - block)
+        fh.seek(start)
+        data = fh.read(pos - start)
+        if first and data.endswith(b"\n"):
+            data = data[:-1]  # the final newline ends the last line; it does not start one
+        first = False
+        i = len(data)
+        while True:
+            i = data.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            want -= 1
+            if want == 0:
+                return start + i + 1
+        pos = start
+    return 0
 
 
 @dataclass(frozen=True)
@@ -468,9 +499,14 @@ class Engine:
 
     def describe(self, rec: ContainerRecord) -> dict[str, Any]:
         """The record as the API shows it, plus ``cgroup``: the path below each controller's
-        mount (v1) or the unified root (v2), so node agents need not know the engine's layout."""
+        mount (v1) or the unified root (v2), so node agents need not know the engine's layout.
+        A rich-mode container also has ``services``: what its init last reported of each
+        process (state, restarts, last exit), so a service that gave up is visible."""
         out = rec.to_json()
         out["cgroup"] = self.cgroups_path(rec.id)
+        if rec.spec.rich and rec.spec.rich_mode == "init":
+            states = read_service_states(self.cdir(rec.id) / "init")
+            out["services"] = [dataclasses.asdict(s) for s in states]
         return out
 
     def inspect(self, ref: str) -> dict[str, Any]:
@@ -483,11 +519,16 @@ class Engine:
                 out["disk"] = volume_usage(rec.rootfs.volume)
         return out
 
-    def logs(self, ref: str, offset: int = 0, limit: int = 1 << 20) -> LogChunk:
+    def logs(
+        self, ref: str, offset: int = 0, limit: int = 1 << 20, *, tail_lines: int | None = None
+    ) -> LogChunk:
+        """Log bytes from ``offset``, or (``tail_lines``) from where the last N lines start."""
         rec = self.get(ref)
         path = self.cdir(rec.id) / "container.log"
         try:
             with open(path, "rb") as fh:
+                if tail_lines is not None:
+                    offset = tail_offset(fh, tail_lines)
                 fh.seek(offset)
                 data = fh.read(limit)
         except FileNotFoundError:
@@ -627,10 +668,16 @@ class Engine:
             return self.store.update(rec.id, spec=spec)
 
     def upgrade(
-        self, ref: str, image: str, command: tuple[str, ...] | None = None
+        self,
+        ref: str,
+        image: str,
+        command: tuple[str, ...] | None = None,
+        *,
+        stop_timeout_s: float | None = None,
     ) -> ContainerRecord:
-        """Swap the image under a container (see :func:`tidal.engine.upgrade.upgrade`)."""
-        return upgrade_mod.upgrade(self, ref, image, command)
+        """Swap the image under a container (see :func:`tidal.engine.upgrade.upgrade`);
+        ``stop_timeout_s`` as in :meth:`stop`, for stopping the old image."""
+        return upgrade_mod.upgrade(self, ref, image, command, stop_timeout_s=stop_timeout_s)
 
     def log_tail(self, cid: str, n_bytes: int = 300) -> str:
         try:
