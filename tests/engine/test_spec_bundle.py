@@ -11,6 +11,7 @@ from tidal.engine.bundle import (
     INIT_DIR,
     BundleInputs,
     build_config,
+    cpuset_for,
     init_conf,
     resources_from,
     rich_args,
@@ -186,6 +187,21 @@ def test_parsers() -> None:
         "cron", ("crond", "-f"), "on-failure"
     )
     assert parse_hook("/bin/echo hi").args == ("/bin/echo", "hi")
+
+
+def test_cpuset_follows_the_cpus_limit() -> None:
+    assert cpuset_for(1.0, (0, 1), "00000000") == "0"
+    assert cpuset_for(1.0, (0, 1), "00000001") == "1"  # spread by container id
+    assert cpuset_for(0.5, (0, 1), "0" * 8) == "0"  # a fraction still needs one CPU
+    assert cpuset_for(1.5, (0, 2, 4, 6), "00000003") == "0,6"  # consecutive, wrapping
+    assert cpuset_for(2.0, (0, 1), "0" * 8) is None  # covers the host: no pinning
+    assert cpuset_for(None, (0, 1), "0" * 8) is None
+    assert cpuset_for(1.0, (), "0" * 8) is None
+    cfg = build_config(ContainerSpec(image="/i", cpus=1), inputs(host_cpus=(0, 1)))
+    assert cfg["linux"]["resources"]["cpu"]["cpus"] in ("0", "1")
+    assert cfg["linux"]["resources"]["cpu"]["quota"] == CPU_PERIOD_US
+    plain = build_config(ContainerSpec(image="/i"), inputs(host_cpus=(0, 1)))
+    assert "cpu" not in plain["linux"]["resources"]
 
 
 def test_service_and_hook_commands_split_with_shell_rules() -> None:

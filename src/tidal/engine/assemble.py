@@ -7,6 +7,7 @@ container's volumes and network namespace) and writes ``bundle/config.json``.
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ def write_container_bundle(
         image_workdir=image_cfg.workdir,
         nofile_limit=nofile_hard_limit(),
         host_caps=host_bounding_caps(),
+        host_cpus=host_cpus(),
     )
     bundle_dir = cdir / "bundle"
     write_bundle(bundle_dir, build_config(spec, inputs))
@@ -88,6 +90,11 @@ def write_container_bundle(
 def nofile_hard_limit() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return 1 << 20 if hard == resource.RLIM_INFINITY else int(hard)
+
+
+def host_cpus() -> tuple[int, ...]:
+    """The CPUs the engine itself may run on: what a pinned container picks from."""
+    return tuple(sorted(os.sched_getaffinity(0)))
 
 
 def host_bounding_caps() -> frozenset[str] | None:

@@ -32,8 +32,8 @@ from typing import Any, BinaryIO
 
 from tidal.cgroups import CGROUP_ROOT
 from tidal.engine import upgrade as upgrade_mod
-from tidal.engine.assemble import HostView, write_container_bundle
-from tidal.engine.bundle import resources_from
+from tidal.engine.assemble import HostView, host_cpus, write_container_bundle
+from tidal.engine.bundle import cpuset_for, resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
 from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
@@ -658,6 +658,10 @@ class Engine:
                 body = resources_from(cpus, memory_bytes, pids_limit)
                 if not body:
                     raise ConfigError("update needs --cpus, --memory or --pids-limit")
+                if cpus is not None:  # the pinning follows the limit (widened: every CPU)
+                    every = host_cpus()
+                    pinned = cpuset_for(cpus, every, rec.id)
+                    body["cpu"]["cpus"] = pinned or ",".join(str(c) for c in every)
                 rt = self.runtime(rec.runtime)
                 if pids_limit is not None and not rt.capabilities.update_pids:
                     raise ConfigError(
