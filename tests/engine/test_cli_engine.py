@@ -3,6 +3,7 @@ hook commands, services that give up, ``ps -q``, ``logs -f``/``--tail``, ``upgra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -206,3 +207,93 @@ def test_upgrade_timeout(
     assert "got-term" in cli(tidal_daemon, "logs", "up").stdout
     r = cli(tidal_daemon, "upgrade", "-t", "-1", "up", str(v2))
     assert r.returncode == 1 and "upgrade timeout -1" in r.stderr, r.stderr
+
+
+def test_stdin_forwarded_with_i_as_docker(
+    tidal_daemon: EngineSettings, busybox_rootfs: Path
+) -> None:
+    bb = str(busybox_rootfs)
+    r = cli(tidal_daemon, "run", "-i", bb, "--", "sh", "-c", "cat; echo done", input="hi\nthere\n")
+    assert (r.returncode, r.stdout) == (0, "hi\nthere\ndone\n"), r.stderr
+    r = cli(
+        tidal_daemon,
+        "run",
+        "-i",
+        "--rm",
+        bb,
+        "--",
+        "sh",
+        "-c",
+        "wc -c; exit 4",
+        input="x" * 300_000,
+    )
+    assert (r.returncode, r.stdout.strip()) == (4, "300000"), r.stderr
+    # without -i, as docker: the container's stdin is /dev/null, so cat ends at once
+    r = cli(tidal_daemon, "run", bb, "--", "sh", "-c", "cat; echo no-stdin", input="hi\n")
+    assert (r.returncode, r.stdout) == (0, "no-stdin\n"), r.stderr
+    r = cli(tidal_daemon, "run", "-i", "-t", bb, "--", "sh", input="")
+    assert r.returncode == 2 and "-i -t needs a terminal on stdin" in r.stderr, r.stderr
+
+
+def test_run_i_t_relays_a_terminal(tidal_daemon: EngineSettings, busybox_rootfs: Path) -> None:
+    """``tidal run -i -t IMAGE sh`` driven through a real pty: prompt, keys, window size at
+    start and after a resize, the container's exit status as the CLI's."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    def set_size(fd: int, rows: int, cols: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with the pty as its terminal
+        argv = [sys.executable, "-m", "tidal.cli.main", "run", "-i", "-t", "--name", "tty"]
+        os.execve(sys.executable, [*argv, str(busybox_rootfs), "sh"], daemon_env(tidal_daemon))
+    seen = b""
+
+    def read_until(pattern: bytes, timeout_s: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout_s
+        while pattern not in seen:
+            assert time.monotonic() < deadline, f"{pattern!r} not in {seen!r}"
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:  # EIO: the CLI exited
+                    break
+        assert pattern in seen, seen
+
+    try:
+        set_size(fd, 33, 101)
+        read_until(b"# ")  # the shell's prompt (printed before the CLI attached: replayed)
+        os.write(fd, b"stty size; tty; echo $((6*7))\r")
+        read_until(b"42")
+        assert b"33 101" in seen and b"/dev/pts/0" in seen
+        set_size(fd, 40, 120)
+        os.kill(pid, signal.SIGWINCH)
+        time.sleep(0.5)  # the relay looks at the flag a few times a second
+        os.write(fd, b"stty size\r")
+        read_until(b"40 120")
+        os.write(fd, b"exit 7\r")
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.monotonic() < deadline, seen
+            if select.select([fd], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(fd, 4096)
+        assert os.waitstatus_to_exitcode(status) == 7, seen
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(fd)
+    ps = cli(tidal_daemon, "ps", "-a").stdout
+    assert "exited (7)" in next(ln for ln in ps.splitlines() if " tty " in ln)
+    assert "42" in cli(tidal_daemon, "logs", "tty").stdout  # the terminal's output is logged

@@ -7,6 +7,7 @@ one line by ``tidal.cli.main``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -82,6 +83,34 @@ def _services_note(described: dict[str, object]) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
+def _attached(client: EngineClient, rec: ContainerRecord, *, interactive: bool, tty: bool) -> None:
+    """Show the container's output until it exits; with -i/-t through its attach socket."""
+    sock = None
+    if interactive or tty:
+        from tidal.engine import attach
+
+        path = client.inspect(rec.id).get("attach_socket")
+        with contextlib.suppress(OSError):  # gone already: it exited; its output is logged
+            sock = attach.connect(str(path)) if path else None
+    if sock is not None and tty:
+        from tidal.cli.terminal import relay_terminal
+
+        with sock:
+            relay_terminal(sock, sys.stdin.fileno(), sys.stdout.fileno(), forward_input=interactive)
+        return
+    if sock is not None:
+        from tidal.cli.terminal import forward_stdin
+
+        forward_stdin(sock, sys.stdin.buffer)
+    try:
+        for data in client.follow_logs(rec.id):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+    finally:
+        if sock is not None:
+            sock.close()
+
+
 def register(app: typer.Typer) -> None:
     """Add the engine's top-level commands to the main app."""
 
@@ -117,9 +146,20 @@ def register(app: typer.Typer) -> None:
         hostname: str | None = typer.Option(None, "--hostname"),
         workdir: str = typer.Option("/", "--workdir", "-w"),
         detach: bool = typer.Option(False, "--detach", "-d"),
+        interactive: bool = typer.Option(
+            False, "--interactive", "-i", help="forward stdin to the container (as docker's -i)"
+        ),
+        tty: bool = typer.Option(False, "--tty", "-t", help="give the container a terminal"),
         rm: bool = typer.Option(False, "--rm", help="remove after it exits (foreground only)"),
     ) -> None:
-        """Run a container; in the foreground, stream its output and exit with its status."""
+        """Run a container; in the foreground, stream its output and exit with its status.
+
+        stdin reaches the container only with -i, as with docker (without it the container's
+        stdin is /dev/null, so `echo hi | tidal run IMAGE cat` prints nothing; add -i)."""
+        if tty and interactive and not detach and not sys.stdin.isatty():
+            raise typer.BadParameter(
+                "-i -t needs a terminal on stdin; drop -t to pipe data in (-i alone)"
+            )
         settings = load_settings()
         volumes = tuple(parse_volume(v) for v in volume)
         targets = [v.target for v in volumes if v.source is None]  # .*= means engine volumes
@@ -152,6 +192,8 @@ def register(app: typer.Typer) -> None:
             prestart_hooks=tuple(parse_hook(h) for h in hook_prestart),
             poststop_hooks=tuple(parse_hook(h) for h in hook_poststop),
             labels=parse_labels(label),
+            interactive=interactive,
+            tty=tty,
         )
         with _client() as client:
             rec = client.run(spec)
@@ -159,9 +201,7 @@ def register(app: typer.Typer) -> None:
                 out.print(rec.id)
                 return
             try:
-                for data in client.follow_logs(rec.id):
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
+                _attached(client, rec, interactive=interactive, tty=tty)
             except KeyboardInterrupt:
                 # Ctrl-C stops the foreground container, as a terminal user expects.
                 err.print(f"stopping {rec.name} ...")

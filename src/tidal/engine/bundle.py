@@ -296,7 +296,7 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
     config: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {
-            "terminal": False,
+            "terminal": spec.tty,
             "user": {"uid": 0, "gid": 0},
             "args": list(inputs.args),
             "env": process_env(spec, inputs),

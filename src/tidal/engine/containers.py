@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 from tidal.cgroups import CGROUP_ROOT
 from tidal.engine import upgrade as upgrade_mod
 from tidal.engine.assemble import HostView, host_cpus, write_container_bundle
+from tidal.engine.attach import ATTACH_SOCKET
 from tidal.engine.bundle import cpuset_for, resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
 from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
@@ -358,6 +359,8 @@ class Engine:
                 PortForward(p.host_ip, p.host_port, p.container_port, rec.ip)
                 for p in rec.spec.ports
             ),
+            interactive=rec.spec.interactive,
+            tty=rec.spec.tty,
         )
 
     def start(self, ref: str, *, launch: MonitorLaunch | None = None) -> ContainerRecord:
@@ -507,6 +510,8 @@ class Engine:
         if rec.spec.rich and rec.spec.rich_mode == "init":
             states = read_service_states(self.cdir(rec.id) / "init")
             out["services"] = [dataclasses.asdict(s) for s in states]
+        if (rec.spec.interactive or rec.spec.tty) and rec.status == "running":
+            out["attach_socket"] = str(self.cdir(rec.id) / ATTACH_SOCKET)
         return out
 
     def inspect(self, ref: str) -> dict[str, Any]:

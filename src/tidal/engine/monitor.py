@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tidal.engine import attach
 from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
 from tidal.errors import CgroupError, TidalError
 from tidal.fsutil import write_json_atomic
@@ -63,6 +64,14 @@ class MonitorConfig:
     cgroup_root: str = "/sys/fs/cgroup"
     """The engine passes :data:`tidal.cgroups.CGROUP_ROOT` (not imported here: start path)."""
     ports: tuple[PortForward, ...] = ()
+    interactive: bool = False
+    """Keep the container's stdin open for attached clients (``tidal run -i``)."""
+    tty: bool = False
+    """The container has a terminal; the monitor relays it (``tidal run -t``)."""
+
+    @property
+    def attach_path(self) -> str:
+        return os.path.join(self.cdir, attach.ATTACH_SOCKET)
 
     @property
     def log_path(self) -> str:
@@ -273,6 +282,28 @@ def wait_for(pid: int) -> int:
             return status
 
 
+def _console_listener() -> tuple[str, socket.socket]:
+    """A socket for the runtime's ``--console-socket`` in a private directory of its own:
+    the runtime connects by path, and a container directory's path may be too long."""
+    import tempfile  # -t only: off the start path of every other container
+
+    d = tempfile.mkdtemp(prefix="tidal-console-")
+    path = os.path.join(d, "console.sock")
+    try:
+        return path, attach.listen(path)
+    except OSError:
+        os.rmdir(d)
+        raise
+
+
+def _drop_console_listener(path: str, sock: socket.socket) -> None:
+    sock.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
+
+
 def _force_delete(rt: Runtime, cid: str) -> None:
     try:
         rt.delete(cid, force=True)
@@ -301,7 +332,14 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
     except TidalError as exc:
         return failed(str(exc))
     log_fd = os.open(conf.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    stdin_r = stdin_w = -1
+    console: tuple[str, socket.socket] | None = None
+    master_fd = -1
     try:
+        if conf.tty:
+            console = _console_listener()
+        elif conf.interactive:
+            stdin_r, stdin_w = os.pipe()
         rt.create(
             conf.id,
             Path(conf.bundle),
@@ -309,23 +347,51 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
             log_path=Path(conf.runtime_log),
             stdout=log_fd,
             stderr=log_fd,
+            stdin=stdin_r if stdin_r >= 0 else None,
+            console_socket=Path(console[0]) if console else None,
         )
-    except TidalError as exc:
+        if console is not None:
+            master_fd = attach.receive_fd(console[1])
+    except (TidalError, OSError) as exc:
+        for fd in (log_fd, stdin_w, master_fd):
+            if fd >= 0:
+                os.close(fd)
         _force_delete(rt, conf.id)
         return failed(str(exc))
     finally:
-        os.close(log_fd)
+        if stdin_r >= 0:
+            os.close(stdin_r)
+        if console is not None:
+            _drop_console_listener(*console)
     with open(conf.pid_file) as fh:
         pid = int(fh.read().strip())
+    server: attach.AttachServer | None = None
     listeners: list[tuple[socket.socket, tuple[str, int]]] = []
     try:
         listeners = open_listeners(conf.ports)
+        if conf.tty or conf.interactive:
+            server = attach.AttachServer(
+                conf.attach_path,
+                master_fd=master_fd if master_fd >= 0 else None,
+                stdin_fd=stdin_w if stdin_w >= 0 else None,
+                log_fd=log_fd,
+            )
     except OSError as exc:
+        for sock, _ in listeners:
+            sock.close()
+        for fd in (log_fd, stdin_w, master_fd):
+            if fd >= 0:
+                os.close(fd)
         _force_delete(rt, conf.id)
         return failed(str(exc))
+    if server is None:
+        os.close(log_fd)
     try:
         rt.start(conf.id)
     except TidalError as exc:
+        if server is not None:
+            server.finish(None)
+            os.close(log_fd)
         _force_delete(rt, conf.id)
         return failed(f"{rt.name} start failed: {exc}")
     for sock, target in listeners:
@@ -347,7 +413,12 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
         exit_code = 128 + sig
     oom = rt.capabilities.reports_oom and _oom_kills(conf) > 0
     record = ExitRecord(exit_code, sig, oom, finished_at, pid)
+    if server is not None:  # the terminal's last output reaches the log before the record
+        server.drain()
     write_json_atomic(conf.exit_path, record.to_json(), fsync=True)
+    if server is not None:
+        server.finish(exit_code)
+        os.close(log_fd)
     # delete runs the poststop hooks and removes the cgroup.
     try:
         rt.delete(conf.id)

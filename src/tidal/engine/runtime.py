@@ -122,11 +122,16 @@ class Runtime(ABC):
         log_path: Path,
         stdout: int,
         stderr: int,
+        stdin: int | None = None,
+        console_socket: Path | None = None,
     ) -> None:
         """Create the container from ``bundle``; its init waits for :meth:`start`.
 
-        Its stdio are ``stdout``/``stderr`` (fds, e.g. a log file); its pid is written to
-        ``pid_file``. The init is re-parented to the nearest subreaper (the monitor), as runc's.
+        Its stdio are ``stdout``/``stderr`` (fds, e.g. a log file) and ``stdin`` (an fd, or
+        /dev/null); its pid is written to ``pid_file``. The init is re-parented to the nearest
+        subreaper (the monitor), as runc's. With ``process.terminal`` in the bundle the
+        runtime sends the pty master to the unix socket ``console_socket`` instead (OCI
+        runtime CLI's ``--console-socket``).
         """
 
     @abstractmethod
@@ -193,7 +198,15 @@ class OciCliRuntime(Runtime):
             args += ["--log", str(log_path), "--log-format", "json"]
         return args
 
-    def create_argv(self, cid: str, bundle: Path, pid_file: Path, log_path: Path) -> list[str]:
+    def create_argv(
+        self,
+        cid: str,
+        bundle: Path,
+        pid_file: Path,
+        log_path: Path,
+        console_socket: Path | None = None,
+    ) -> list[str]:
+        console = ["--console-socket", str(console_socket)] if console_socket else []
         return [
             *self.global_args(log_path),
             "create",
@@ -201,6 +214,7 @@ class OciCliRuntime(Runtime):
             str(bundle),
             "--pid-file",
             str(pid_file),
+            *console,
             cid,
         ]
 
@@ -244,13 +258,15 @@ class OciCliRuntime(Runtime):
         log_path: Path,
         stdout: int,
         stderr: int,
+        stdin: int | None = None,
+        console_socket: Path | None = None,
     ) -> None:
         done = proc.run(
-            self.create_argv(cid, bundle, pid_file, log_path),
+            self.create_argv(cid, bundle, pid_file, log_path, console_socket),
             what=f"{self.name} create {cid}",
             error=OciRuntimeError,
             timeout_s=COMMAND_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=stdout,
             stderr=stderr,
             check=False,

@@ -88,6 +88,10 @@ class ContainerSpec:
     env: tuple[tuple[str, str], ...] = ()
     workdir: str = "/"
     hostname: str | None = None
+    interactive: bool = False
+    """``-i``: the container's stdin stays open for an attached client (else /dev/null)."""
+    tty: bool = False
+    """``-t``: the container's stdio is a pseudo-terminal, relayed by its monitor."""
     cpus: float | None = None
     cpu_shares: int | None = None
     memory_bytes: int | None = None
