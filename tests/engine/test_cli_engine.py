@@ -297,3 +297,20 @@ def test_run_i_t_relays_a_terminal(tidal_daemon: EngineSettings, busybox_rootfs:
     ps = cli(tidal_daemon, "ps", "-a").stdout
     assert "exited (7)" in next(ln for ln in ps.splitlines() if " tty " in ln)
     assert "42" in cli(tidal_daemon, "logs", "tty").stdout  # the terminal's output is logged
+
+
+def test_attach_to_a_detached_interactive_container(
+    tidal_daemon: EngineSettings, busybox_rootfs: Path
+) -> None:
+    bb = str(busybox_rootfs)
+    script = "echo before; read line; echo got $line; exit 5"
+    r = cli(tidal_daemon, "run", "-d", "-i", "--name", "att", bb, "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: "before" in cli(tidal_daemon, "logs", "att").stdout)
+    r = cli(tidal_daemon, "attach", "att", input="typed\n")
+    assert (r.returncode, r.stdout) == (5, "got typed\n"), r.stderr  # output from now on
+    r = cli(tidal_daemon, "run", "-d", "--name", "plain", bb, "--", "sleep", "300")
+    r = cli(tidal_daemon, "attach", "plain")
+    assert r.returncode == 1 and "was not started with -i or -t" in r.stderr, r.stderr
+    r = cli(tidal_daemon, "attach", "att")
+    assert r.returncode == 1 and "att is exited" in r.stderr, r.stderr

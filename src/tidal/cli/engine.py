@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -83,13 +83,28 @@ def _services_note(described: dict[str, object]) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _attached(client: EngineClient, rec: ContainerRecord, *, interactive: bool, tty: bool) -> None:
-    """Show the container's output until it exits; with -i/-t through its attach socket."""
+def _attached(
+    client: EngineClient,
+    rec: ContainerRecord,
+    *,
+    interactive: bool,
+    tty: bool,
+    socket_path: str | None = None,
+    log_tail: int | None = None,
+) -> None:
+    """Show the container's output until it exits; with -i/-t through its attach socket
+    (``socket_path``, else asked of the daemon). ``log_tail``: without a terminal, the log
+    is followed from its last N lines (None: from its start)."""
     sock = None
+    offset = 0
+    if log_tail is not None and not tty:  # where "from now on" starts, before any input
+        data, offset, _ = client.logs(rec.id, tail=log_tail)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
     if interactive or tty:
         from tidal.engine import attach
 
-        path = client.inspect(rec.id).get("attach_socket")
+        path = socket_path or client.inspect(rec.id).get("attach_socket")
         with contextlib.suppress(OSError):  # gone already: it exited; its output is logged
             sock = attach.connect(str(path)) if path else None
     if sock is not None and tty:
@@ -103,12 +118,19 @@ def _attached(client: EngineClient, rec: ContainerRecord, *, interactive: bool, 
 
         forward_stdin(sock, sys.stdin.buffer)
     try:
-        for data in client.follow_logs(rec.id):
+        for data in client.follow_logs(rec.id, offset=offset):
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
     finally:
         if sock is not None:
             sock.close()
+
+
+def _exit_with(rec: ContainerRecord) -> NoReturn:
+    if rec.exit_code is None:
+        err.print(f"container {rec.name}: {rec.error or 'exit status unknown'}", markup=False)
+        raise typer.Exit(125)
+    raise typer.Exit(rec.exit_code)
 
 
 def register(app: typer.Typer) -> None:
@@ -209,10 +231,42 @@ def register(app: typer.Typer) -> None:
             rec = client.wait(rec.id)
             if rm:
                 client.remove(rec.id, force=True)
-        if rec.exit_code is None:
-            err.print(f"container {rec.name}: {rec.error or 'exit status unknown'}")
-            raise typer.Exit(125)
-        raise typer.Exit(rec.exit_code)
+        _exit_with(rec)
+
+    @app.command()
+    def attach(
+        container: str,
+        no_stdin: bool = typer.Option(False, "--no-stdin", help="only watch, send no input"),
+    ) -> None:
+        """Join a running container started with -i and/or -t: its terminal (or its stdin
+        and new output); exits with its status."""
+        from tidal.engine.store import ContainerRecord
+        from tidal.errors import ContainerStateError
+
+        with _client() as client:
+            info = client.inspect(container)
+            rec = ContainerRecord.from_api(info)
+            path = info.get("attach_socket")
+            if not path:
+                raise ContainerStateError(
+                    f"container {rec.name} is {rec.status} and was not started with -i or -t; "
+                    "there is nothing to attach to (tidal logs -f follows its output)"
+                )
+            interactive = rec.spec.interactive and not no_stdin
+            if rec.spec.tty and interactive and not sys.stdin.isatty():
+                raise typer.BadParameter(
+                    "attaching to a terminal needs one on stdin (or --no-stdin)"
+                )
+            _attached(
+                client,
+                rec,
+                interactive=interactive,
+                tty=rec.spec.tty,
+                socket_path=str(path),
+                log_tail=0,
+            )
+            rec = client.wait(rec.id)
+        _exit_with(rec)
 
     @app.command()
     def ps(

@@ -164,13 +164,14 @@ class EngineClient:
         )
 
     def follow_logs(
-        self, ref: str, *, poll_s: float = 0.05, tail: int | None = None
+        self, ref: str, *, poll_s: float = 0.05, tail: int | None = None, offset: int = 0
     ) -> Iterator[bytes]:
-        """Yield log data (from the last ``tail`` lines on, if given) until the container
-        has exited and everything was read."""
-        data, offset, running = self.logs(ref, tail=tail) if tail is not None else (b"", 0, True)
-        if data:
-            yield data
+        """Yield log data from ``offset`` (or from the last ``tail`` lines, if given) until
+        the container has exited and everything was read."""
+        if tail is not None:
+            data, offset, _ = self.logs(ref, tail=tail)
+            if data:
+                yield data
         while True:
             data, offset, running = self.logs(ref, offset)
             if data:
