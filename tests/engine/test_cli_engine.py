@@ -254,39 +254,52 @@ def test_run_i_t_relays_a_terminal(tidal_daemon: EngineSettings, busybox_rootfs:
         os.execve(sys.executable, [*argv, str(busybox_rootfs), "sh"], daemon_env(tidal_daemon))
     seen = b""
 
-    def read_until(pattern: bytes, timeout_s: float = 30) -> None:
+    def pump(wait_s: float) -> bool:
+        """Read what arrives within ``wait_s``; False once the CLI has gone (EIO)."""
         nonlocal seen
+        if select.select([fd], [], [], wait_s)[0]:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return False
+            seen += data
+            # busybox's line editor asks where the cursor is (after each prompt, a resize)
+            # and takes keys typed before the answer as part of it: answer as a terminal does
+            for _ in range(data.count(b"\x1b[6n")):
+                os.write(fd, b"\x1b[1;1R")
+        return True
+
+    def read_until(pattern: bytes, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
-        while pattern not in seen:
+        while pattern not in seen and pump(0.2):
             assert time.monotonic() < deadline, f"{pattern!r} not in {seen!r}"
-            if select.select([fd], [], [], 0.2)[0]:
-                try:
-                    seen += os.read(fd, 4096)
-                except OSError:  # EIO: the CLI exited
-                    break
         assert pattern in seen, seen
+
+    def type_keys(keys: bytes) -> None:
+        settle = time.monotonic() + 0.5  # the shell's prompt and its cursor query first
+        while time.monotonic() < settle and pump(0.05):
+            pass
+        os.write(fd, keys)
 
     try:
         set_size(fd, 33, 101)
         read_until(b"# ")  # the shell's prompt (printed before the CLI attached: replayed)
-        os.write(fd, b"stty size; tty; echo $((6*7))\r")
+        type_keys(b"stty size; tty; echo $((6*7))\r")
         read_until(b"42")
         assert b"33 101" in seen and b"/dev/pts/0" in seen
         set_size(fd, 40, 120)
         os.kill(pid, signal.SIGWINCH)
         time.sleep(0.5)  # the relay looks at the flag a few times a second
-        os.write(fd, b"stty size\r")
+        type_keys(b"stty size\r")
         read_until(b"40 120")
-        os.write(fd, b"exit 7\r")
+        type_keys(b"exit 7\r")
         deadline = time.monotonic() + 30
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
             assert time.monotonic() < deadline, seen
-            if select.select([fd], [], [], 0.2)[0]:
-                with contextlib.suppress(OSError):
-                    seen += os.read(fd, 4096)
+            pump(0.2)
         assert os.waitstatus_to_exitcode(status) == 7, seen
     finally:
         with contextlib.suppress(ChildProcessError):
