@@ -488,3 +488,48 @@ def test_upgrade_command_precedence(engine: Engine, busybox_rootfs: Path, tmp_pa
     engine.upgrade(rec.id, images["b"])  # the container's own command now wins
     wait_for(lambda: logs_of(engine, rec.id).count("explicit") == 2)
     assert "default-b" in logs_of(engine, rec.id)
+
+
+# --- interactive containers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_terminal_through_the_monitor_under_each_runtime(
+    engine: Engine, busybox_rootfs: Path, runtime: str
+) -> None:
+    """-i -t under runc and crun: the runtime's pty reaches the monitor's attach socket, which
+    a second engine (a restarted daemon) still names; keys in, output and the exit out."""
+    from tidal.engine import attach
+
+    if shutil.which(runtime) is None:
+        pytest.skip(f"needs {runtime}")
+    rec = engine.run(
+        ContainerSpec(
+            image=str(busybox_rootfs),
+            command=("sh", "-c", "read x; echo got $x; tty; exit 3"),
+            interactive=True,
+            tty=True,
+            runtime=runtime,
+        )
+    )
+    again = Engine(engine.settings)
+    try:
+        path = again.inspect(rec.id)["attach_socket"]
+    finally:
+        again.close()
+    out, exit_payload = b"", None
+    with attach.connect(path) as sock:
+        sock.sendall(attach.frame(attach.STDIN, b"hello\r"))
+        reader = attach.FrameReader()
+        while exit_payload is None:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for kind, payload in reader.feed(data):
+                if kind == attach.OUTPUT:
+                    out += payload
+                elif kind == attach.EXITED:
+                    exit_payload = payload
+    assert exit_payload == b"3" and b"got hello\r\n/dev/pts/0\r\n" in out, out
+    assert engine.wait(rec.id, 20).exit_code == 3
+    assert b"got hello" in engine.logs(rec.id).data
