@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,6 +307,8 @@ def parse_port(text: str) -> PortMapping:
 
 def _shell_words(text: str, what: str) -> tuple[str, ...]:
     """``text`` split as a POSIX shell would (quotes, backslashes), without running a shell."""
+    import shlex  # only with --service/--hook: every CLI command imports this module
+
     try:
         return tuple(shlex.split(text))
     except ValueError as exc:  # "No closing quotation", "No escaped character"
