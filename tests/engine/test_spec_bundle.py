@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +274,17 @@ def test_engine_settings_are_checked_at_load(changes: dict[str, object], message
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
         EngineSettings(**changes)  # type: ignore[arg-type]
     assert str(info.value).startswith("[engine]")
+
+
+def test_pinning_only_where_a_cpuset_controller_exists(tmp_path: Path) -> None:
+    from tidal.engine.assemble import host_cpus
+
+    mine = tuple(sorted(os.sched_getaffinity(0)))
+    v1, v2, none = tmp_path / "v1", tmp_path / "v2", tmp_path / "none"
+    (v1 / "cpuset").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids cpuset\n")
+    none.mkdir()
+    (none / "cgroup.controllers").write_text("cpu memory\n")
+    assert host_cpus(v1) == mine and host_cpus(v2) == mine
+    assert host_cpus(none) == () and host_cpus(tmp_path / "missing") == ()

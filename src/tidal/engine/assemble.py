@@ -35,6 +35,8 @@ class HostView:
     netns_path: str | None
     lxcfs_proc_dir: str | None = None
     lxcfs_files: tuple[str, ...] = ()
+    cpus: tuple[int, ...] = ()
+    """CPUs a ``--cpus`` container may be pinned to (empty: no pinning)."""
 
 
 def command_of(rec: ContainerRecord, image_cfg: ImageConfig) -> tuple[str, ...]:
@@ -80,7 +82,7 @@ def write_container_bundle(
         image_workdir=image_cfg.workdir,
         nofile_limit=nofile_hard_limit(),
         host_caps=host_bounding_caps(),
-        host_cpus=host_cpus(),
+        host_cpus=host.cpus,
     )
     bundle_dir = cdir / "bundle"
     write_bundle(bundle_dir, build_config(spec, inputs))
@@ -92,8 +94,16 @@ def nofile_hard_limit() -> int:
     return 1 << 20 if hard == resource.RLIM_INFINITY else int(hard)
 
 
-def host_cpus() -> tuple[int, ...]:
-    """The CPUs the engine itself may run on: what a pinned container picks from."""
+def host_cpus(cgroup_root: Path) -> tuple[int, ...]:
+    """The CPUs the engine itself may run on, what a pinned container picks from; empty
+    where no cpuset controller is mounted (v1) or enabled at the root (v2)."""
+    if not (cgroup_root / "cpuset").is_dir():
+        try:
+            controllers = (cgroup_root / "cgroup.controllers").read_text().split()
+        except OSError:
+            controllers = []
+        if "cpuset" not in controllers:
+            return ()
     return tuple(sorted(os.sched_getaffinity(0)))
 
 

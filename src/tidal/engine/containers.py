@@ -210,6 +210,9 @@ class Engine:
     def cgroups_path(self, cid: str) -> str:
         return f"/{self.settings.cgroup_parent}/{cid}"
 
+    def _pinnable_cpus(self) -> tuple[int, ...]:
+        return host_cpus(self.cgroup_root) if self.settings.pin_cpus else ()
+
     def _lxcfs_wanted(self, spec: ContainerSpec) -> bool:
         if spec.lxcfs is not None:
             return spec.lxcfs
@@ -338,6 +341,7 @@ class Engine:
             netns_path=self.network.netns_path(rec.id) if rec.spec.network == "bridge" else None,
             lxcfs_proc_dir=lxcfs_dir,
             lxcfs_files=lxcfs_files,
+            cpus=self._pinnable_cpus(),
         )
         return write_container_bundle(rec, self.cdir(rec.id), self.state_dir / "bin", host)
 
@@ -663,8 +667,8 @@ class Engine:
                 body = resources_from(cpus, memory_bytes, pids_limit)
                 if not body:
                     raise ConfigError("update needs --cpus, --memory or --pids-limit")
-                if cpus is not None:  # the pinning follows the limit (widened: every CPU)
-                    every = host_cpus()
+                every = self._pinnable_cpus()
+                if cpus is not None and every:  # the pinning follows the limit (or widens)
                     pinned = cpuset_for(cpus, every, rec.id)
                     body["cpu"]["cpus"] = pinned or ",".join(str(c) for c in every)
                 rt = self.runtime(rec.runtime)
