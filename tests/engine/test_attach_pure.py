@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import struct
+import termios
+import time
+import tty
 from pathlib import Path
 
 import pytest
@@ -50,3 +56,80 @@ def test_socket_below_a_path_too_long_for_sun_path(tmp_path: Path) -> None:
                 assert conn.recv(4) == b"ping"
     with pytest.raises(OSError):
         attach.connect(str(deep / "nothing.sock")).close()
+
+
+def _frames_until_exit(sock: socket.socket) -> list[tuple[bytes, bytes]]:
+    reader, got = attach.FrameReader(), []
+    while not got or got[-1][0] != attach.EXITED:
+        data = sock.recv(65536)
+        if not data:
+            break
+        got += reader.feed(data)
+    return got
+
+
+def test_server_relays_a_pty_with_replay_resize_and_exit(tmp_path: Path) -> None:
+    """The monitor's server over a real pty pair (no container, no root)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    log = tmp_path / "container.log"
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    server = attach.AttachServer(str(tmp_path / "attach.sock"), master_fd=master, log_fd=log_fd)
+    try:
+        os.write(slave, b"prompt> ")  # before any client: replayed to the first one
+        time.sleep(0.2)
+        with attach.connect(str(tmp_path / "attach.sock")) as sock:
+            sock.sendall(attach.frame(attach.STDIN, b"keys") + attach.resize_frame(30, 90))
+            assert os.read(slave, 4) == b"keys"
+            deadline = time.monotonic() + 5
+            while _size(slave) != (30, 90):
+                assert time.monotonic() < deadline, _size(slave)
+                time.sleep(0.02)
+            os.write(slave, b"bye")
+            os.close(slave)  # the container's side is gone: EIO on the master ends the pump
+            server.finish(0)
+            frames = _frames_until_exit(sock)
+    finally:
+        server.finish(None)
+        os.close(log_fd)
+    output = b"".join(p for k, p in frames if k == attach.OUTPUT)
+    assert output == b"prompt> bye" and frames[-1] == (attach.EXITED, b"0")
+    assert log.read_bytes() == b"prompt> bye"
+    assert not (tmp_path / "attach.sock").exists()
+
+
+def test_a_client_that_reads_nothing_does_not_stall_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attach, "CLIENT_SEND_TIMEOUT_S", 0.3)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    log = tmp_path / "container.log"
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    server = attach.AttachServer(str(tmp_path / "a.sock"), master_fd=master, log_fd=log_fd)
+    try:
+        with attach.connect(str(tmp_path / "a.sock")) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            time.sleep(0.1)
+            payload = b"x" * (4 << 20)
+            view, t0 = memoryview(payload), time.monotonic()
+            os.set_blocking(slave, False)  # a stalled relay fails the test, not hangs it
+            while view:  # the container writing: it must not block on the stuck client
+                assert time.monotonic() - t0 < 20, f"{len(view)} bytes never written"
+                try:
+                    view = view[os.write(slave, view[:65536]) :]
+                except BlockingIOError:
+                    time.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while log.stat().st_size < len(payload):
+                assert time.monotonic() < deadline, log.stat().st_size
+                time.sleep(0.05)
+        os.close(slave)
+    finally:
+        server.finish(None)
+        os.close(log_fd)
+
+
+def _size(fd: int) -> tuple[int, int]:
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    return rows, cols

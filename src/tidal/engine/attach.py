@@ -202,8 +202,9 @@ class AttachServer:
         try:
             while True:
                 try:
-                    conn.settimeout(None)
                     data = conn.recv(65536)
+                except TimeoutError:  # the timeout is for sends (one per socket): keep waiting
+                    continue
                 except OSError:
                     break
                 if not data:
