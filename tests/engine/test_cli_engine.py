@@ -17,7 +17,7 @@ import pytest
 from tidal.engine.client import EngineClient
 from tidal.engine.containers import Engine
 from tidal.engine.settings import EngineSettings
-from tidal.errors import DaemonUnavailableError
+from tidal.errors import ConfigError, DaemonUnavailableError
 from tidal.testing.daemon import daemon_env, start_daemon
 
 pytestmark = [pytest.mark.root, pytest.mark.runtime, pytest.mark.cgroups, pytest.mark.loop]
@@ -154,6 +154,10 @@ def test_ps_quiet_and_logs_tail_and_follow(
     assert cli(tidal_daemon, "logs", "--tail", "500", "lines").stdout.split()[0] == "1"
     r = cli(tidal_daemon, "logs", "--tail", "-2", "lines")
     assert r.returncode != 0 and "--tail -2" in r.stderr
+    with EngineClient(tidal_daemon.resolved_socket_path()) as c:
+        assert c.logs("lines", tail=2)[0] == b"49\n50\n"
+        with pytest.raises(ConfigError, match="tail=-1 must be 0 or more"):
+            c.logs("lines", tail=-1)
     # -f prints lines as they come and returns when the container exits
     r = cli(
         tidal_daemon,

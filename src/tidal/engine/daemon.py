@@ -144,10 +144,10 @@ def engine_service(engine: Engine) -> Service:
         return {"removed": ref}
 
     def logs(req: Request) -> Response:
-        tail = _int(req.query, "tail", -1)
-        chunk = engine.logs(
-            req.params["ref"], _int(req.query, "offset", 0), tail_lines=None if tail < 0 else tail
-        )
+        tail = _int(req.query, "tail", 0) if "tail" in req.query else None
+        if tail is not None and tail < 0:
+            raise ConfigError(f"query parameter tail={tail} must be 0 or more lines")
+        chunk = engine.logs(req.params["ref"], _int(req.query, "offset", 0), tail_lines=tail)
         headers = {
             "X-Tidal-Next-Offset": str(chunk.next_offset),
             "X-Tidal-Running": "1" if chunk.running else "0",
