@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import time
@@ -133,6 +134,55 @@ def test_free_shows_container_memory_with_lxcfs(engine: Engine, debian_rootfs: P
     plain = engine.wait(plain.id, 30)
     host_line = next(ln for ln in logs_of(engine, plain.id).splitlines() if ln.startswith("Mem:"))
     assert int(host_line.split()[1]) > 512
+
+
+@pytest.mark.fuse
+def test_cpu_view_follows_cpus_limit_with_lxcfs(engine: Engine, busybox_rootfs: Path) -> None:
+    """--cpus 1 on a multi-CPU host: nproc (the affinity mask), /proc/cpuinfo and /proc/stat
+    show one CPU and /proc/loadavg is the container's own; without a limit, every CPU."""
+    if shutil.which("lxcfs") is None:
+        pytest.skip("needs lxcfs (apt-get install lxcfs)")
+    host_cpus = len(os.sched_getaffinity(0))
+    if host_cpus < 2:
+        pytest.skip("needs a host with 2 or more CPUs to tell the views apart")
+    host_tasks = int(Path("/proc/loadavg").read_text().split()[3].split("/")[1])
+    script = (
+        "echo nproc=$(nproc); echo cpuinfo=$(grep -c ^processor /proc/cpuinfo); "
+        "echo stat=$(grep -c '^cpu[0-9]' /proc/stat); echo load=$(cat /proc/loadavg); "
+        "(while :; do :; done) & sleep 6; echo busy=$(cat /proc/loadavg); kill $!"
+    )
+
+    def view(cpus: float | None) -> dict[str, str]:
+        rec = engine.run(
+            ContainerSpec(
+                image=str(busybox_rootfs), command=("sh", "-c", script), cpus=cpus, lxcfs=True
+            )
+        )
+        rec = engine.wait(rec.id, 60)
+        out = logs_of(engine, rec.id)
+        assert rec.exit_code == 0, out
+        return dict(ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
+
+    one = view(1.0)
+    assert (one["nproc"], one["cpuinfo"], one["stat"]) == ("1", "1", "1"), one
+    tasks = int(one["load"].split()[3].split("/")[1])
+    assert tasks < 10 and tasks < host_tasks, one  # the container's tasks, not the host's
+    assert float(one["busy"].split()[0]) > 0, one  # its own busy loop raised its own load
+    assert view(0.5)["nproc"] == "1"
+    unlimited = view(None)
+    assert unlimited["nproc"] == unlimited["cpuinfo"] == unlimited["stat"] == str(host_cpus)
+    # tidal update --cpus moves the pinning with the limit
+    rec = engine.run(
+        ContainerSpec(image=str(busybox_rootfs), command=("sleep", "300"), cpus=1, lxcfs=True)
+    )
+    assert engine.exec(rec.id, ["nproc"]).stdout == b"1\n"
+    engine.update(rec.id, cpus=float(host_cpus))
+    assert engine.exec(rec.id, ["nproc"]).stdout == f"{host_cpus}\n".encode()
+    assert engine.exec(rec.id, ["grep", "-c", "^processor", "/proc/cpuinfo"]).stdout == (
+        f"{host_cpus}\n".encode()
+    )
+    engine.update(rec.id, cpus=1)
+    assert engine.exec(rec.id, ["nproc"]).stdout == b"1\n"
 
 
 # --- rich mode and hooks ----------------------------------------------------------------------
@@ -438,3 +488,48 @@ def test_upgrade_command_precedence(engine: Engine, busybox_rootfs: Path, tmp_pa
     engine.upgrade(rec.id, images["b"])  # the container's own command now wins
     wait_for(lambda: logs_of(engine, rec.id).count("explicit") == 2)
     assert "default-b" in logs_of(engine, rec.id)
+
+
+# --- interactive containers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_terminal_through_the_monitor_under_each_runtime(
+    engine: Engine, busybox_rootfs: Path, runtime: str
+) -> None:
+    """-i -t under runc and crun: the runtime's pty reaches the monitor's attach socket, which
+    a second engine (a restarted daemon) still names; keys in, output and the exit out."""
+    from tidal.engine import attach
+
+    if shutil.which(runtime) is None:
+        pytest.skip(f"needs {runtime}")
+    rec = engine.run(
+        ContainerSpec(
+            image=str(busybox_rootfs),
+            command=("sh", "-c", "read x; echo got $x; tty; exit 3"),
+            interactive=True,
+            tty=True,
+            runtime=runtime,
+        )
+    )
+    again = Engine(engine.settings)
+    try:
+        path = again.inspect(rec.id)["attach_socket"]
+    finally:
+        again.close()
+    out, exit_payload = b"", None
+    with attach.connect(path) as sock:
+        sock.sendall(attach.frame(attach.STDIN, b"hello\r"))
+        reader = attach.FrameReader()
+        while exit_payload is None:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for kind, payload in reader.feed(data):
+                if kind == attach.OUTPUT:
+                    out += payload
+                elif kind == attach.EXITED:
+                    exit_payload = payload
+    assert exit_payload == b"3" and b"got hello\r\n/dev/pts/0\r\n" in out, out
+    assert engine.wait(rec.id, 20).exit_code == 3
+    assert b"got hello" in engine.logs(rec.id).data

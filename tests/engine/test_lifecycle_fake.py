@@ -334,3 +334,27 @@ def test_monitor_pool_keeps_a_warm_monitor_and_ends_it_on_close(
     assert pool._ready == deque() and not spare.usable()
     rec = eng.run(spec(node, "true"))  # the engine's own pool serves starts
     assert eng.wait(rec.id, 10).exit_code == 0
+
+
+def test_interactive_stdin_reaches_the_container_through_its_monitor(
+    eng: Engine, node: dict[str, Any]
+) -> None:
+    """``-i``: the monitor holds the container's stdin and serves the attach socket; EOF from
+    the client closes it. A plain container's stdin is /dev/null."""
+    from tidal.engine import attach
+
+    rec = eng.run(
+        ContainerSpec(
+            image=str(node["image"]), command=("sh", "-c", "cat; echo eof"), interactive=True
+        )
+    )
+    path = eng.inspect(rec.id)["attach_socket"]
+    with attach.connect(path) as sock:
+        sock.sendall(attach.frame(attach.STDIN, b"to cat\n") + attach.frame(attach.STDIN_EOF))
+        rec = eng.wait(rec.id, 20)
+    assert rec.exit_code == 0 and eng.logs(rec.id).data == b"to cat\neof\n"
+    assert "attach_socket" not in eng.inspect(rec.id) and not Path(path).exists()
+    plain = eng.run(ContainerSpec(image=str(node["image"]), command=("sh", "-c", "cat; echo eof")))
+    assert eng.wait(plain.id, 20).exit_code == 0 and eng.logs(plain.id).data == b"eof\n"
+    with pytest.raises(OciRuntimeError, match="no terminals"):
+        eng.run(ContainerSpec(image=str(node["image"]), command=("sh",), tty=True))

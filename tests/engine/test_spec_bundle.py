@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from tidal.engine.bundle import (
     INIT_DIR,
     BundleInputs,
     build_config,
+    cpuset_for,
     init_conf,
     resources_from,
     rich_args,
@@ -135,6 +138,9 @@ def test_rich_mode_init_conf_and_args() -> None:
         "source": "/host/init",
         "options": ["rbind", "ro"],
     } in cfg["mounts"]
+    dests = [m["destination"] for m in cfg["mounts"]]  # the state dir is bound after /.tidal
+    assert dests.index(f"{INIT_DIR}/state") > dests.index(INIT_DIR)
+    assert cfg["mounts"][dests.index(f"{INIT_DIR}/state")]["options"] == ["rbind", "rw"]
     assert "CAP_SYS_ADMIN" in cfg["process"]["capabilities"]["bounding"]
     plain = build_config(ContainerSpec(image="/i"), inputs())
     assert "CAP_SYS_ADMIN" not in plain["process"]["capabilities"]["bounding"]
@@ -183,6 +189,39 @@ def test_parsers() -> None:
         "cron", ("crond", "-f"), "on-failure"
     )
     assert parse_hook("/bin/echo hi").args == ("/bin/echo", "hi")
+
+
+def test_cpuset_follows_the_cpus_limit() -> None:
+    assert cpuset_for(1.0, (0, 1), "00000000") == "0"
+    assert cpuset_for(1.0, (0, 1), "00000001") == "1"  # spread by container id
+    assert cpuset_for(0.5, (0, 1), "0" * 8) == "0"  # a fraction still needs one CPU
+    assert cpuset_for(1.5, (0, 2, 4, 6), "00000003") == "0,6"  # consecutive, wrapping
+    assert cpuset_for(2.0, (0, 1), "0" * 8) is None  # covers the host: no pinning
+    assert cpuset_for(None, (0, 1), "0" * 8) is None
+    assert cpuset_for(1.0, (), "0" * 8) is None
+    cfg = build_config(ContainerSpec(image="/i", cpus=1), inputs(host_cpus=(0, 1)))
+    assert cfg["linux"]["resources"]["cpu"]["cpus"] in ("0", "1")
+    assert cfg["linux"]["resources"]["cpu"]["quota"] == CPU_PERIOD_US
+    plain = build_config(ContainerSpec(image="/i"), inputs(host_cpus=(0, 1)))
+    assert "cpu" not in plain["linux"]["resources"]
+
+
+def test_service_and_hook_commands_split_with_shell_rules() -> None:
+    svc = parse_service("""web=sh -c 'echo "a  b" > /tmp/x; sleep 1'""")
+    assert svc.argv == ("sh", "-c", 'echo "a  b" > /tmp/x; sleep 1')
+    assert parse_service(r"x=printf %s\ y").argv == ("printf", "%s y")
+    hook = parse_hook("/bin/sh -c 'cat > /run/state.json'")
+    assert (hook.path, hook.args) == ("/bin/sh", ("/bin/sh", "-c", "cat > /run/state.json"))
+    with pytest.raises(ConfigError, match=r"--service .*no closing quotation"):
+        parse_service("web=sh -c 'echo")
+    with pytest.raises(ConfigError, match=r"hook .*no closing quotation"):
+        parse_hook('/bin/sh -c "x')
+    with pytest.raises(ConfigError, match="expected NAME"):
+        parse_service("web=''")
+    assert parse_service("w:on-failure:3=true").max_restarts == 3
+    assert parse_service("w=true").max_restarts == 10
+    with pytest.raises(ConfigError, match="MAX restarts 'x'"):
+        parse_service("w:always:x=true")
 
 
 def test_disk_quota_forms() -> None:
@@ -235,3 +274,17 @@ def test_engine_settings_are_checked_at_load(changes: dict[str, object], message
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
         EngineSettings(**changes)  # type: ignore[arg-type]
     assert str(info.value).startswith("[engine]")
+
+
+def test_pinning_only_where_a_cpuset_controller_exists(tmp_path: Path) -> None:
+    from tidal.engine.assemble import host_cpus
+
+    mine = tuple(sorted(os.sched_getaffinity(0)))
+    v1, v2, none = tmp_path / "v1", tmp_path / "v2", tmp_path / "none"
+    (v1 / "cpuset").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids cpuset\n")
+    none.mkdir()
+    (none / "cgroup.controllers").write_text("cpu memory\n")
+    assert host_cpus(v1) == mine and host_cpus(v2) == mine
+    assert host_cpus(none) == () and host_cpus(tmp_path / "missing") == ()

@@ -7,6 +7,7 @@ one line by ``tidal.cli.main``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -14,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -77,6 +78,69 @@ def _status_text(rec: ContainerRecord) -> str:
     return rec.status
 
 
+def _services_note(described: dict[str, object]) -> str:
+    """``ps``'s word on rich-mode services that gave up (their restart limit used up)."""
+    services = described.get("services")
+    if not isinstance(services, list):
+        return ""
+    notes = [
+        f"service {s['name']} gave up after {s['restarts']} restarts, last exit {s['last_exit']}"
+        for s in services
+        if isinstance(s, dict) and s.get("state") == "gave-up"
+    ]
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _attached(
+    client: EngineClient,
+    rec: ContainerRecord,
+    *,
+    interactive: bool,
+    tty: bool,
+    socket_path: str | None = None,
+    log_tail: int | None = None,
+) -> None:
+    """Show the container's output until it exits; with -i/-t through its attach socket
+    (``socket_path``, else asked of the daemon). ``log_tail``: without a terminal, the log
+    is followed from its last N lines (None: from its start)."""
+    sock = None
+    offset = 0
+    if log_tail is not None and not tty:  # where "from now on" starts, before any input
+        data, offset, _ = client.logs(rec.id, tail=log_tail)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    if interactive or tty:
+        from tidal.engine import attach
+
+        path = socket_path or client.inspect(rec.id).get("attach_socket")
+        with contextlib.suppress(OSError):  # gone already: it exited; its output is logged
+            sock = attach.connect(str(path)) if path else None
+    if sock is not None and tty:
+        from tidal.cli.terminal import relay_terminal
+
+        with sock:
+            relay_terminal(sock, sys.stdin.fileno(), sys.stdout.fileno(), forward_input=interactive)
+        return
+    if sock is not None:
+        from tidal.cli.terminal import forward_stdin
+
+        forward_stdin(sock, sys.stdin.buffer)
+    try:
+        for data in client.follow_logs(rec.id, offset=offset):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _exit_with(rec: ContainerRecord) -> NoReturn:
+    if rec.exit_code is None:
+        err.print(f"container {rec.name}: {rec.error or 'exit status unknown'}", markup=False)
+        raise typer.Exit(125)
+    raise typer.Exit(rec.exit_code)
+
+
 def register(app: typer.Typer) -> None:
     """Add the engine's top-level commands to the main app."""
 
@@ -106,7 +170,9 @@ def register(app: typer.Typer) -> None:
         lxcfs: bool | None = typer.Option(None, "--lxcfs/--no-lxcfs"),
         rich: bool = typer.Option(False, "--rich", help="Tidal's init as PID 1"),
         rich_mode: str = typer.Option("init", "--rich-mode", help="init | systemd"),
-        service: list[str] = typer.Option([], "--service", help="NAME[:POLICY]=COMMAND"),
+        service: list[str] = typer.Option(
+            [], "--service", help="NAME[:POLICY[:MAX]]=COMMAND (shell quoting)"
+        ),
         initscript: str | None = typer.Option(None, "--initscript"),
         restart: str = typer.Option("no", "--restart", help="rich mode: no|on-failure|always"),
         hook_prestart: list[str] = typer.Option([], "--hook-prestart"),
@@ -114,12 +180,23 @@ def register(app: typer.Typer) -> None:
         hostname: str | None = typer.Option(None, "--hostname"),
         workdir: str = typer.Option("/", "--workdir", "-w"),
         detach: bool = typer.Option(False, "--detach", "-d"),
+        interactive: bool = typer.Option(
+            False, "--interactive", "-i", help="forward stdin to the container (as docker's -i)"
+        ),
+        tty: bool = typer.Option(False, "--tty", "-t", help="give the container a terminal"),
         rm: bool = typer.Option(False, "--rm", help="remove after it exits (foreground only)"),
         pull: str = typer.Option(
             "missing", "--pull", help="for a reference: missing | always | never"
         ),
     ) -> None:
-        """Run a container; in the foreground, stream its output and exit with its status."""
+        """Run a container; in the foreground, stream its output and exit with its status.
+
+        stdin reaches the container only with -i, as with docker (without it the container's
+        stdin is /dev/null, so `echo hi | tidal run IMAGE cat` prints nothing; add -i)."""
+        if tty and interactive and not detach and not sys.stdin.isatty():
+            raise typer.BadParameter(
+                "-i -t needs a terminal on stdin; drop -t to pipe data in (-i alone)"
+            )
         settings = load_settings()
         volumes = tuple(parse_volume(v) for v in volume)
         targets = [v.target for v in volumes if v.source is None]  # .*= means engine volumes
@@ -153,6 +230,8 @@ def register(app: typer.Typer) -> None:
             prestart_hooks=tuple(parse_hook(h) for h in hook_prestart),
             poststop_hooks=tuple(parse_hook(h) for h in hook_poststop),
             labels=parse_labels(label),
+            interactive=interactive,
+            tty=tty,
         )
         with _client() as client:
             rec = client.run(spec)
@@ -160,9 +239,7 @@ def register(app: typer.Typer) -> None:
                 out.print(rec.id)
                 return
             try:
-                for data in client.follow_logs(rec.id):
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
+                _attached(client, rec, interactive=interactive, tty=tty)
             except KeyboardInterrupt:
                 # Ctrl-C stops the foreground container, as a terminal user expects.
                 err.print(f"stopping {rec.name} ...")
@@ -170,56 +247,96 @@ def register(app: typer.Typer) -> None:
             rec = client.wait(rec.id)
             if rm:
                 client.remove(rec.id, force=True)
-        if rec.exit_code is None:
-            err.print(f"container {rec.name}: {rec.error or 'exit status unknown'}")
-            raise typer.Exit(125)
-        raise typer.Exit(rec.exit_code)
+        _exit_with(rec)
+
+    @app.command()
+    def attach(
+        container: str,
+        no_stdin: bool = typer.Option(False, "--no-stdin", help="only watch, send no input"),
+    ) -> None:
+        """Join a running container started with -i and/or -t: its terminal (or its stdin
+        and new output); exits with its status."""
+        from tidal.engine.store import ContainerRecord
+        from tidal.errors import ContainerStateError
+
+        with _client() as client:
+            info = client.inspect(container)
+            rec = ContainerRecord.from_api(info)
+            path = info.get("attach_socket")
+            if not path:
+                raise ContainerStateError(
+                    f"container {rec.name} is {rec.status} and was not started with -i or -t; "
+                    "there is nothing to attach to (tidal logs -f follows its output)"
+                )
+            interactive = rec.spec.interactive and not no_stdin
+            if rec.spec.tty and interactive and not sys.stdin.isatty():
+                raise typer.BadParameter(
+                    "attaching to a terminal needs one on stdin (or --no-stdin)"
+                )
+            _attached(
+                client,
+                rec,
+                interactive=interactive,
+                tty=rec.spec.tty,
+                socket_path=str(path),
+                log_tail=0,
+            )
+            rec = client.wait(rec.id)
+        _exit_with(rec)
 
     @app.command()
     def ps(
         all_: bool = typer.Option(False, "--all", "-a", help="also exited containers"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="only ids, one per line"),
         as_json: bool = typer.Option(False, "--json"),
         label: list[str] = typer.Option(
             [], "--label", "-l", help="only containers with this KEY=VALUE label (repeatable)"
         ),
     ) -> None:
         """List containers (running ones unless --all)."""
+        from tidal.engine.store import ContainerRecord
+
         want = dict(parse_labels(label))
         with _client() as client:
-            recs = [
-                r
-                for r in client.list_all()
+            shown = [
+                (r, d)
+                for d in client.describe_all()
+                for r in (ContainerRecord.from_api(d),)
                 if (all_ or r.status == "running") and want.items() <= dict(r.spec.labels).items()
             ]
+        if quiet:  # short ids, as docker's: any unique prefix names a container
+            sys.stdout.write("".join(f"{r.id[:12]}\n" for r, _ in shown))
+            return
         if as_json:
-            out.print_json(json.dumps([r.to_json() for r in recs]))
+            out.print_json(json.dumps([d for _, d in shown]))
             return
         lines = [f"{'ID':<12}  {'NAME':<20}  {'IMAGE':<30}  {'RUNTIME':<7}  {'IP':<12}  STATUS"]
-        for r in recs:
+        for r, d in shown:
             lines.append(
                 f"{r.id[:12]:<12}  {r.name[:20]:<20}  {r.spec.image[-30:]:<30}  "
-                f"{r.runtime:<7}  {(r.ip or '-'):<12}  {_status_text(r)}"
+                f"{r.runtime:<7}  {(r.ip or '-'):<12}  {_status_text(r)}{_services_note(d)}"
             )
         sys.stdout.write("\n".join(lines) + "\n")
 
     @app.command()
     def logs(
         container: str,
-        follow: bool = typer.Option(False, "--follow", "-f"),
+        follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until it exits"),
+        tail: int | None = typer.Option(None, "--tail", "-n", help="only the last N lines"),
     ) -> None:
         """Print a container's output (stdout and stderr, as written)."""
+        if tail is not None and tail < 0:
+            raise typer.BadParameter(f"--tail {tail}: give a number of lines, 0 or more")
         with _client() as client:
             if follow:
-                for data in client.follow_logs(container):
+                for data in client.follow_logs(container, tail=tail):
                     sys.stdout.buffer.write(data)
                     sys.stdout.buffer.flush()
                 return
-            offset = 0
-            while True:
-                data, offset, _ = client.logs(container, offset)
-                if not data:
-                    break
+            data, offset, _ = client.logs(container, tail=tail)
+            while data:
                 sys.stdout.buffer.write(data)
+                data, offset, _ = client.logs(container, offset)
             sys.stdout.buffer.flush()
 
     @app.command("exec", context_settings={"allow_interspersed_args": False})
@@ -271,10 +388,16 @@ def register(app: typer.Typer) -> None:
         container: str,
         image: str,
         command: list[str] = typer.Argument(None, help="new command (after --)"),
+        timeout: float | None = typer.Option(
+            None,
+            "--timeout",
+            "-t",
+            help="seconds from SIGTERM to SIGKILL when stopping the old image (as stop -t)",
+        ),
     ) -> None:
         """Swap a container's image in place (same id, name, volumes, IP, quota, limits)."""
         with _client() as client:
-            rec = client.upgrade(container, image, _argv(command) or None)
+            rec = client.upgrade(container, image, _argv(command) or None, timeout_s=timeout)
         out.print(f"{rec.name}: now on {rec.spec.image}, {_status_text(rec)}", markup=False)
 
     @app.command()

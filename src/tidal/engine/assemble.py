@@ -7,6 +7,7 @@ container's volumes and network namespace) and writes ``bundle/config.json``.
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ class HostView:
     uts_ns_path: str | None = None
     annotations: tuple[tuple[str, str], ...] = ()
     """The runtime's pod annotations."""
+    cpus: tuple[int, ...] = ()
+    """CPUs a ``--cpus`` container may be pinned to (empty: no pinning)."""
 
 
 def command_of(rec: ContainerRecord, image_cfg: ImageConfig) -> tuple[str, ...]:
@@ -87,6 +90,7 @@ def write_container_bundle(
         ipc_ns_path=host.ipc_ns_path,
         uts_ns_path=host.uts_ns_path,
         annotations=host.annotations,
+        host_cpus=host.cpus,
     )
     bundle_dir = cdir / "bundle"
     write_bundle(bundle_dir, build_config(spec, inputs))
@@ -96,6 +100,19 @@ def write_container_bundle(
 def nofile_hard_limit() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return 1 << 20 if hard == resource.RLIM_INFINITY else int(hard)
+
+
+def host_cpus(cgroup_root: Path) -> tuple[int, ...]:
+    """The CPUs the engine itself may run on, what a pinned container picks from; empty
+    where no cpuset controller is mounted (v1) or enabled at the root (v2)."""
+    if not (cgroup_root / "cpuset").is_dir():
+        try:
+            controllers = (cgroup_root / "cgroup.controllers").read_text().split()
+        except OSError:
+            controllers = []
+        if "cpuset" not in controllers:
+            return ()
+    return tuple(sorted(os.sched_getaffinity(0)))
 
 
 def host_bounding_caps() -> frozenset[str] | None:

@@ -9,6 +9,7 @@ both read. Keeping it pure lets tests check limits, mounts, hooks and namespaces
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ CPU_PERIOD_US = 100_000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INIT_DIR = "/.tidal"
 """Where the rich-mode init binary and its configuration appear inside the container."""
+INIT_STATE_DIR = f"{INIT_DIR}/state"
+"""The one writable place below INIT_DIR: the init reports its services' states there."""
 LXCFS_PROC_FILES = ("meminfo", "cpuinfo", "stat", "uptime", "loadavg", "diskstats", "swaps")
 """/proc files lxcfs virtualises; each is bind-mounted over the container's own when present."""
 
@@ -129,6 +132,7 @@ class BundleInputs:
     image_env: tuple[tuple[str, str], ...] = ()
     image_workdir: str | None = None
     nofile_limit: int = 1024
+    """RLIMIT_NOFILE inside; the engine passes its own hard limit (a container may not exceed it)."""
     host_caps: frozenset[str] | None = None
     """The engine's own bounding set: a container cannot be granted more (None: no filter)."""
     """RLIMIT_NOFILE inside; the engine passes its own hard limit (a container may not exceed it)."""
@@ -138,6 +142,9 @@ class BundleInputs:
     """Pod member: join this UTS namespace (hostname shared with the sandbox)."""
     annotations: tuple[tuple[str, str], ...] = ()
     """Extra OCI annotations, e.g. the runtime's pod annotations (``Runtime.pod_annotations``)."""
+    host_cpus: tuple[int, ...] = ()
+    """CPUs the engine may use (its affinity); a ``--cpus`` limit below their number pins the
+    container to ``ceil(cpus)`` of them (:func:`cpuset_for`). Empty: no pinning."""
 
 
 def resources(spec: ContainerSpec) -> dict[str, Any]:
@@ -167,6 +174,26 @@ def resources_from(
     if pids_limit is not None:
         res["pids"] = {"limit": pids_limit}
     return res
+
+
+def cpuset_for(cpus: float | None, host_cpus: tuple[int, ...], container_id: str) -> str | None:
+    """``linux.resources.cpu.cpus`` for a ``--cpus`` limit: ``ceil(cpus)`` of the host's CPUs.
+
+    The CFS quota alone limits CPU *time*; programs that size thread pools by the CPUs they
+    may run on (``nproc``, ``os.sched_getaffinity``, the JVM, Go's GOMAXPROCS) read the
+    affinity mask, which only a cpuset narrows. Which CPUs: a run of consecutive ones starting
+    at an offset taken from the container id, so containers spread over the host's CPUs
+    without the engine keeping a ledger. None: no limit, or it covers every host CPU.
+    """
+    if cpus is None or not host_cpus:
+        return None
+    n = math.ceil(cpus)
+    if n >= len(host_cpus):
+        return None
+    cpus_sorted = sorted(host_cpus)
+    start = int(container_id[:8], 16) % len(cpus_sorted) if container_id else 0
+    chosen = sorted(cpus_sorted[(start + i) % len(cpus_sorted)] for i in range(n))
+    return ",".join(str(c) for c in chosen)
 
 
 def hooks(spec: ContainerSpec) -> dict[str, Any]:
@@ -257,10 +284,15 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
         mounts += lxcfs_mounts(inputs.lxcfs_proc_dir, inputs.lxcfs_files)
     if inputs.init_dir:
         mounts.append(bind(inputs.init_dir, INIT_DIR, readonly=True))
+        mounts.append(bind(f"{inputs.init_dir}/state", INIT_STATE_DIR))
     mounts += list(inputs.mounts)
 
+    res = resources(spec)
+    cpuset = cpuset_for(spec.cpus, inputs.host_cpus, inputs.container_id)
+    if cpuset is not None:
+        res.setdefault("cpu", {})["cpus"] = cpuset
     linux: dict[str, Any] = {
-        "resources": {"devices": [{"allow": False, "access": "rwm"}], **resources(spec)},
+        "resources": {"devices": [{"allow": False, "access": "rwm"}], **res},
         "cgroupsPath": inputs.cgroups_path,
         "namespaces": namespaces,
         "maskedPaths": list(MASKED_PATHS),
@@ -269,7 +301,7 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
     config: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {
-            "terminal": False,
+            "terminal": spec.tty,
             "user": {"uid": 0, "gid": 0},
             "args": list(inputs.args),
             "env": process_env(spec, inputs),

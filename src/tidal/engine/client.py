@@ -92,7 +92,12 @@ class EngineClient:
         return ContainerRecord.from_json(resp.json())
 
     def list_all(self) -> list[ContainerRecord]:
-        return [ContainerRecord.from_api(d) for d in self._request("GET", "/containers").json()]
+        return [ContainerRecord.from_api(d) for d in self.describe_all()]
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        """Every container as the API shows it (the record plus derived keys: ``services``)."""
+        data: list[dict[str, Any]] = self._request("GET", "/containers").json()
+        return data
 
     def inspect(self, ref: str) -> dict[str, Any]:
         data: dict[str, Any] = self._request("GET", f"/containers/{ref}").json()
@@ -132,9 +137,16 @@ class EngineClient:
         return self._post(ref, "update", body)
 
     def upgrade(
-        self, ref: str, image: str, command: tuple[str, ...] | None = None
+        self,
+        ref: str,
+        image: str,
+        command: tuple[str, ...] | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> ContainerRecord:
-        return self._post(ref, "upgrade", {"image": image, "command": list(command or ())})
+        """``timeout_s``: SIGTERM to SIGKILL when stopping the old image (None: the default)."""
+        body = {"image": image, "command": list(command or ()), "timeout_s": timeout_s}
+        return self._post(ref, "upgrade", body)
 
     def exec(
         self, ref: str, argv: list[str], *, env: list[str] | None = None, stdin: bytes = b""
@@ -149,17 +161,27 @@ class EngineClient:
             base64.b64decode(d["stderr_b64"]),
         )
 
-    def logs(self, ref: str, offset: int = 0) -> tuple[bytes, int, bool]:
-        resp = self._request("GET", f"/containers/{ref}/logs", params={"offset": offset})
+    def logs(
+        self, ref: str, offset: int = 0, *, tail: int | None = None
+    ) -> tuple[bytes, int, bool]:
+        """Log data from ``offset``, or from the start of the last ``tail`` lines."""
+        params = {"offset": offset} if tail is None else {"tail": tail}
+        resp = self._request("GET", f"/containers/{ref}/logs", params=params)
         return (
             resp.content,
             int(resp.headers["X-Tidal-Next-Offset"]),
             resp.headers.get("X-Tidal-Running") == "1",
         )
 
-    def follow_logs(self, ref: str, *, poll_s: float = 0.05) -> Iterator[bytes]:
-        """Yield log data until the container has exited and everything was read."""
-        offset = 0
+    def follow_logs(
+        self, ref: str, *, poll_s: float = 0.05, tail: int | None = None, offset: int = 0
+    ) -> Iterator[bytes]:
+        """Yield log data from ``offset`` (or from the last ``tail`` lines, if given) until
+        the container has exited and everything was read."""
+        if tail is not None:
+            data, offset, _ = self.logs(ref, tail=tail)
+            if data:
+                yield data
         while True:
             data, offset, running = self.logs(ref, offset)
             if data:

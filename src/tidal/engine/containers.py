@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -27,12 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tidal.cgroups import CGROUP_ROOT
 from tidal.engine import upgrade as upgrade_mod
-from tidal.engine.assemble import HostView, write_container_bundle
-from tidal.engine.bundle import resources_from
+from tidal.engine.assemble import HostView, host_cpus, write_container_bundle
+from tidal.engine.attach import ATTACH_SOCKET
+from tidal.engine.bundle import cpuset_for, resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
 from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
@@ -48,6 +50,7 @@ from tidal.engine.monitor import (
 from tidal.engine.mounter import HostMounter, Mounter
 from tidal.engine.network import BridgeNetwork, Network
 from tidal.engine.ports import check_ports
+from tidal.engine.richinit import read_service_states
 from tidal.engine.rootfs import provider_for
 from tidal.engine.runtime import ExecResult, Runtime, get_runtime, pid_alive
 from tidal.engine.settings import EngineSettings, load_settings
@@ -71,6 +74,34 @@ MONITOR_EXIT_WAIT_S = 10.0
 RECONCILE_WAIT_S = 60.0
 """How long a restarted daemon waits for starts still in flight to report."""
 RuntimeFactory = Callable[[str, Path], Runtime]
+
+
+def tail_offset(fh: BinaryIO, lines: int, block: int = 64 * 1024) -> int:
+    """Offset in ``fh`` where its last ``lines`` lines start (a last line without its
+    newline counts as a line, as ``tail -n`` counts it). Reads backwards block by block,
+    so a long log is not read whole."""
+    end = fh.seek(0, os.SEEK_END)
+    if lines <= 0:
+        return end
+    pos, want = end, lines
+    first = True
+    while pos > 0:
+        start = max(0, pos - block)
+        fh.seek(start)
+        data = fh.read(pos - start)
+        if first and data.endswith(b"\n"):
+            data = data[:-1]  # the final newline ends the last line; it does not start one
+        first = False
+        i = len(data)
+        while True:
+            i = data.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            want -= 1
+            if want == 0:
+                return start + i + 1
+        pos = start
+    return 0
 
 
 @dataclass(frozen=True)
@@ -214,6 +245,9 @@ class Engine:
     def cgroups_path_of(self, rec: ContainerRecord) -> str:
         return self.cgroups_path(rec.id, rec.spec.cgroup_parent)
 
+    def _pinnable_cpus(self) -> tuple[int, ...]:
+        return host_cpus(self.cgroup_root) if self.settings.pin_cpus else ()
+
     def _lxcfs_wanted(self, spec: ContainerSpec, runtime: str | None = None) -> bool:
         if runtime is not None and self.runtime(runtime).capabilities.own_proc_view:
             return False  # its kernel's /proc shows the limits (refused if asked: see _create)
@@ -354,6 +388,7 @@ class Engine:
             netns_path=self.network.netns_path(rec.id) if rec.spec.network == "bridge" else None,
             lxcfs_proc_dir=lxcfs_dir,
             lxcfs_files=lxcfs_files,
+            cpus=self._pinnable_cpus(),
         )
         if rec.spec.sandbox is not None or rec.spec.pod_sandbox:
             host = self._pod_view(rec, host)
@@ -406,6 +441,8 @@ class Engine:
                 PortForward(p.host_ip, p.host_port, p.container_port, rec.ip)
                 for p in rec.spec.ports
             ),
+            interactive=rec.spec.interactive,
+            tty=rec.spec.tty,
         )
 
     def start(self, ref: str, *, launch: MonitorLaunch | None = None) -> ContainerRecord:
@@ -557,9 +594,16 @@ class Engine:
 
     def describe(self, rec: ContainerRecord) -> dict[str, Any]:
         """The record as the API shows it, plus ``cgroup``: the path below each controller's
-        mount (v1) or the unified root (v2), so node agents need not know the engine's layout."""
+        mount (v1) or the unified root (v2), so node agents need not know the engine's layout.
+        A rich-mode container also has ``services``: what its init last reported of each
+        process (state, restarts, last exit), so a service that gave up is visible."""
         out = rec.to_json()
         out["cgroup"] = self.cgroups_path_of(rec)
+        if rec.spec.rich and rec.spec.rich_mode == "init":
+            states = read_service_states(self.cdir(rec.id) / "init")
+            out["services"] = [dataclasses.asdict(s) for s in states]
+        if (rec.spec.interactive or rec.spec.tty) and rec.status == "running":
+            out["attach_socket"] = str(self.cdir(rec.id) / ATTACH_SOCKET)
         return out
 
     def inspect(self, ref: str) -> dict[str, Any]:
@@ -572,11 +616,16 @@ class Engine:
                 out["disk"] = volume_usage(rec.rootfs.volume)
         return out
 
-    def logs(self, ref: str, offset: int = 0, limit: int = 1 << 20) -> LogChunk:
+    def logs(
+        self, ref: str, offset: int = 0, limit: int = 1 << 20, *, tail_lines: int | None = None
+    ) -> LogChunk:
+        """Log bytes from ``offset``, or (``tail_lines``) from where the last N lines start."""
         rec = self.get(ref)
         path = self.cdir(rec.id) / "container.log"
         try:
             with open(path, "rb") as fh:
+                if tail_lines is not None:
+                    offset = tail_offset(fh, tail_lines)
                 fh.seek(offset)
                 data = fh.read(limit)
         except FileNotFoundError:
@@ -702,6 +751,10 @@ class Engine:
                 body = resources_from(cpus, memory_bytes, pids_limit)
                 if not body:
                     raise ConfigError("update needs --cpus, --memory or --pids-limit")
+                every = self._pinnable_cpus()
+                if cpus is not None and every:  # the pinning follows the limit (or widens)
+                    pinned = cpuset_for(cpus, every, rec.id)
+                    body["cpu"]["cpus"] = pinned or ",".join(str(c) for c in every)
                 rt = self.runtime(rec.runtime)
                 if not rt.capabilities.update:
                     raise ConfigError(
@@ -717,11 +770,17 @@ class Engine:
             return self.store.update(rec.id, spec=spec)
 
     def upgrade(
-        self, ref: str, image: str, command: tuple[str, ...] | None = None
+        self,
+        ref: str,
+        image: str,
+        command: tuple[str, ...] | None = None,
+        *,
+        stop_timeout_s: float | None = None,
     ) -> ContainerRecord:
-        """Swap the image under a container (see :func:`tidal.engine.upgrade.upgrade`)."""
+        """Swap the image under a container (see :func:`tidal.engine.upgrade.upgrade`);
+        ``stop_timeout_s`` as in :meth:`stop`, for stopping the old image."""
         image = resolve_image(ContainerSpec(image=image)).image
-        return upgrade_mod.upgrade(self, ref, image, command)
+        return upgrade_mod.upgrade(self, ref, image, command, stop_timeout_s=stop_timeout_s)
 
     def log_tail(self, cid: str, n_bytes: int = 300) -> str:
         try:

@@ -152,7 +152,10 @@ def engine_service(engine: Engine) -> Service:
         return {"removed": ref}
 
     def logs(req: Request) -> Response:
-        chunk = engine.logs(req.params["ref"], _int(req.query, "offset", 0))
+        tail = _int(req.query, "tail", 0) if "tail" in req.query else None
+        if tail is not None and tail < 0:
+            raise ConfigError(f"query parameter tail={tail} must be 0 or more lines")
+        chunk = engine.logs(req.params["ref"], _int(req.query, "offset", 0), tail_lines=tail)
         headers = {
             "X-Tidal-Next-Offset": str(chunk.next_offset),
             "X-Tidal-Running": "1" if chunk.running else "0",
@@ -202,7 +205,15 @@ def engine_service(engine: Engine) -> Service:
         if "image" not in body:
             raise ConfigError('upgrade needs {"image": PATH}')
         cmd = body.get("command")
-        rec = engine.upgrade(req.params["ref"], str(body["image"]), tuple(cmd) if cmd else None)
+        timeout_s = body.get("timeout_s")
+        if timeout_s is not None and (not isinstance(timeout_s, int | float) or timeout_s < 0):
+            raise ConfigError(f"upgrade timeout {timeout_s!r}: give seconds, 0 or more")
+        rec = engine.upgrade(
+            req.params["ref"],
+            str(body["image"]),
+            tuple(cmd) if cmd else None,
+            stop_timeout_s=timeout_s,
+        )
         return rec.to_json()
 
     service.routes[:0] = [

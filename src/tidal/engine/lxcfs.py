@@ -27,6 +27,10 @@ from tidal.errors import EngineError
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 5.0
+LXCFS_OPTIONS = ("--enable-cfs", "--enable-loadavg")
+"""Without these lxcfs shows only memory limits: ``--enable-cfs`` makes /proc/cpuinfo and
+/proc/stat show the CPUs the CFS quota allows (on top of the cpuset it always honours),
+``--enable-loadavg`` makes /proc/loadavg the container's own (lxcfs 4.0 and later)."""
 
 
 def available() -> bool:
@@ -41,6 +45,7 @@ class LxcfsSupervisor:
         self.pid_file = mountpoint.parent / "lxcfs.pid"
         self.log_file = mountpoint.parent / "lxcfs.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._warned_pid = 0
 
     @property
     def proc_dir(self) -> Path:
@@ -73,6 +78,7 @@ class LxcfsSupervisor:
         """Start lxcfs unless a healthy one already serves the mountpoint."""
         self._reap()
         if self.healthy():
+            self._check_options()
             return
         if self._proc is not None:
             # ours, but no longer serving: make sure it is gone and reaped before replacing it
@@ -87,7 +93,7 @@ class LxcfsSupervisor:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as fh:
             self._proc = proc.spawn(
-                ["lxcfs", "-p", str(self.pid_file), str(self.mountpoint)],
+                ["lxcfs", *LXCFS_OPTIONS, "-p", str(self.pid_file), str(self.mountpoint)],
                 what=f"starting lxcfs at {self.mountpoint}",
                 error=EngineError,
                 install_hint="apt-get install lxcfs",
@@ -108,6 +114,30 @@ class LxcfsSupervisor:
             f"lxcfs did not come up at {self.mountpoint}: {'; '.join(tail) or 'no output'}; "
             f"run containers with --no-lxcfs or fix lxcfs (log: {self.log_file})"
         )
+
+    def _check_options(self) -> None:
+        """Warn (once) about a running lxcfs started without the CPU and loadavg views (an
+        older Tidal's): restarting it would break the views of the containers using it."""
+        pid = self.pid()
+        if pid <= 0 or pid == self._warned_pid:
+            return
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        missing = [o for o in LXCFS_OPTIONS if o.encode() not in argv]
+        if missing:
+            self._warned_pid = pid
+            log.warning(
+                "lxcfs (pid %d) at %s runs without %s, so containers see the host's CPUs "
+                "or load; once no container uses it, end it (kill %d; umount -l %s) and "
+                "the engine starts one with them",
+                pid,
+                self.mountpoint,
+                " ".join(missing),
+                pid,
+                self.mountpoint,
+            )
 
     def _reap(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:

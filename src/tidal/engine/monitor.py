@@ -7,7 +7,11 @@ subreaper, rebuilds the container's :class:`~tidal.engine.runtime.Runtime` from 
 file), ``start``. It records each step in ``start.json`` (a :class:`StartReport`: first
 "starting", then "running" with the pid or "failed" with the reason) *before* it reports the
 same on a pipe the daemon reads, so a daemon SIGKILLed in between finds the truth on restart.
-Then it forwards published ports and waits for the container's init. When it exits the monitor
+Then it forwards published ports and waits for the container's init. The container's stdout
+and stderr go to the log file; with ``-i`` the monitor holds the write end of its stdin, with
+``-t`` its pty master (sent by the runtime to a console socket), and serves both on
+``attach.sock`` (:mod:`tidal.engine.attach`), so an attached terminal does not depend on the
+daemon either. When it exits the monitor
 writes ``exit.json`` (an :class:`ExitRecord`: exit code, terminating signal, whether the
 memory cgroup OOM-killed anything) and runs the runtime's ``delete``, which runs the poststop
 hooks; so poststop runs after crashes too.
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tidal.engine import attach
 from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
 from tidal.errors import CgroupError, TidalError
 from tidal.fsutil import write_json_atomic
@@ -63,6 +68,14 @@ class MonitorConfig:
     cgroup_root: str = "/sys/fs/cgroup"
     """The engine passes :data:`tidal.cgroups.CGROUP_ROOT` (not imported here: start path)."""
     ports: tuple[PortForward, ...] = ()
+    interactive: bool = False
+    """Keep the container's stdin open for attached clients (``tidal run -i``)."""
+    tty: bool = False
+    """The container has a terminal; the monitor relays it (``tidal run -t``)."""
+
+    @property
+    def attach_path(self) -> str:
+        return os.path.join(self.cdir, attach.ATTACH_SOCKET)
 
     @property
     def log_path(self) -> str:
@@ -273,6 +286,88 @@ def wait_for(pid: int) -> int:
             return status
 
 
+class _Stdio:
+    """The container's stdio and who holds it: the log file always; with ``-i`` a stdin
+    pipe, with ``-t`` the pty master the runtime sends; then the attach server, which takes
+    over the pipe's write end and the master. :meth:`close` releases whatever is held."""
+
+    def __init__(self, conf: MonitorConfig) -> None:
+        self.conf = conf
+        self.log_fd = -1
+        self.stdin_r = self.stdin_w = self.master_fd = -1
+        self.console: tuple[str, socket.socket] | None = None
+        self.server: attach.AttachServer | None = None
+
+    def prepare(self) -> None:
+        """Before ``create``: the log, and the stdin pipe or the console socket."""
+        self.log_fd = os.open(self.conf.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if self.conf.tty:
+            self.console = _console_listener()
+        elif self.conf.interactive:
+            self.stdin_r, self.stdin_w = os.pipe()
+
+    def created(self) -> None:
+        """After ``create``: take the terminal; drop what only the runtime needed."""
+        if self.console is not None:
+            self.master_fd = attach.receive_fd(self.console[1])
+        self._drop_setup()
+
+    def serve(self) -> None:
+        """Serve the attach socket (``-i``/``-t``); else the log is the container's alone."""
+        if not (self.conf.tty or self.conf.interactive):
+            self._close_fd("log_fd")
+            return
+        self.server = attach.AttachServer(
+            self.conf.attach_path,
+            master_fd=self.master_fd if self.master_fd >= 0 else None,
+            stdin_fd=self.stdin_w if self.stdin_w >= 0 else None,
+            log_fd=self.log_fd,
+        )
+        self.master_fd = self.stdin_w = -1  # the server owns them now
+
+    def close(self, exit_status: int | None = None) -> None:
+        self._drop_setup()
+        if self.server is not None:
+            self.server.finish(exit_status)
+            self.server = None
+        for name in ("log_fd", "stdin_w", "master_fd"):
+            self._close_fd(name)
+
+    def _drop_setup(self) -> None:
+        self._close_fd("stdin_r")
+        if self.console is not None:
+            _drop_console_listener(*self.console)
+            self.console = None
+
+    def _close_fd(self, name: str) -> None:
+        fd = getattr(self, name)
+        if fd >= 0:
+            setattr(self, name, -1)
+            os.close(fd)
+
+
+def _console_listener() -> tuple[str, socket.socket]:
+    """A socket for the runtime's ``--console-socket`` in a private directory of its own:
+    the runtime connects by path, and a container directory's path may be too long."""
+    import tempfile  # -t only: off the start path of every other container
+
+    d = tempfile.mkdtemp(prefix="tidal-console-")
+    path = os.path.join(d, "console.sock")
+    try:
+        return path, attach.listen(path)
+    except OSError:
+        os.rmdir(d)
+        raise
+
+
+def _drop_console_listener(path: str, sock: socket.socket) -> None:
+    sock.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
+
+
 def _force_delete(rt: Runtime, cid: str) -> None:
     try:
         rt.delete(cid, force=True)
@@ -300,32 +395,40 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
         rt = open_runtime(conf.runtime)
     except TidalError as exc:
         return failed(str(exc))
-    log_fd = os.open(conf.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    stdio = _Stdio(conf)
     try:
+        stdio.prepare()
         rt.create(
             conf.id,
             Path(conf.bundle),
             pid_file=Path(conf.pid_file),
             log_path=Path(conf.runtime_log),
-            stdout=log_fd,
-            stderr=log_fd,
+            stdout=stdio.log_fd,
+            stderr=stdio.log_fd,
+            stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
+            console_socket=Path(stdio.console[0]) if stdio.console else None,
         )
-    except TidalError as exc:
+        stdio.created()
+    except (TidalError, OSError) as exc:
+        stdio.close()
         _force_delete(rt, conf.id)
         return failed(str(exc))
-    finally:
-        os.close(log_fd)
     with open(conf.pid_file) as fh:
         pid = int(fh.read().strip())
     listeners: list[tuple[socket.socket, tuple[str, int]]] = []
     try:
         listeners = open_listeners(conf.ports)
+        stdio.serve()
     except OSError as exc:
+        for sock, _ in listeners:
+            sock.close()
+        stdio.close()
         _force_delete(rt, conf.id)
         return failed(str(exc))
     try:
         rt.start(conf.id)
     except TidalError as exc:
+        stdio.close()
         _force_delete(rt, conf.id)
         return failed(f"{rt.name} start failed: {exc}")
     for sock, target in listeners:
@@ -348,7 +451,10 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
         exit_code = 128 + sig
     oom = rt.capabilities.reports_oom and _oom_kills(conf) > 0
     record = ExitRecord(exit_code, sig, oom, finished_at, pid)
+    if stdio.server is not None:  # the terminal's last output reaches the log before the record
+        stdio.server.drain()
     write_json_atomic(conf.exit_path, record.to_json(), fsync=True)
+    stdio.close(exit_code)
     # delete runs the poststop hooks and removes the cgroup.
     try:
         rt.delete(conf.id)

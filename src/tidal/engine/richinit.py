@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from tidal import proc
@@ -20,6 +21,48 @@ from tidal.errors import EngineError
 from tidal.fsutil import write_text_atomic
 
 SOURCE = Path(__file__).with_name("tidal_init.c")
+STATE_FILE = "state/services"
+"""Below the init directory: the init's report of each process (see tidal_init.c)."""
+SERVICE_STATES = ("running", "restarting", "exited", "gave-up", "stopped")
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the rich-mode init last reported about one of its processes (``main`` included)."""
+
+    name: str
+    state: str
+    """running | restarting | exited | gave-up (restart limit used up) | stopped."""
+    restarts: int
+    max_restarts: int
+    last_exit: int | None
+    """The last exit status as a shell reports it (128+n: signal n); None: not exited yet."""
+    pid: int = 0
+
+
+def parse_service_states(text: str) -> tuple[ServiceState, ...]:
+    """The init's state file: ``name state restarts max last_exit|- pid`` per line (tabs).
+
+    A malformed line is skipped: the file is written by a process inside the container."""
+    out = []
+    for line in text.splitlines():
+        f = line.split("\t")
+        if len(f) != 6 or f[1] not in SERVICE_STATES:
+            continue
+        try:
+            last = None if f[4] == "-" else int(f[4])
+            out.append(ServiceState(f[0], f[1], int(f[2]), int(f[3]), last, int(f[5])))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def read_service_states(init_dir: Path) -> tuple[ServiceState, ...]:
+    """The states the init of the container with ``init_dir`` reported (none: not rich)."""
+    try:
+        return parse_service_states((init_dir / STATE_FILE).read_text(errors="replace"))
+    except OSError:
+        return ()
 
 
 def init_binary(cache_dir: Path) -> Path:
@@ -53,8 +96,12 @@ def init_binary(cache_dir: Path) -> Path:
 def prepare_init_dir(
     init_dir: Path, cache_dir: Path, spec: ContainerSpec, main_argv: tuple[str, ...]
 ) -> Path:
-    """Fill ``init_dir`` (bound read-only at /.tidal) with the init and its conf."""
+    """Fill ``init_dir`` (bound read-only at /.tidal) with the init and its conf, and an
+    empty ``state`` directory (bound writable at /.tidal/state) for this start's report."""
     init_dir.mkdir(parents=True, exist_ok=True)
+    state = init_dir / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir()
     binary = init_binary(cache_dir)
     dest = init_dir / "init"
     tmp = init_dir / "init.tmp"

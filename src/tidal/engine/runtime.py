@@ -146,11 +146,16 @@ class Runtime(ABC):
         log_path: Path,
         stdout: int,
         stderr: int,
+        stdin: int | None = None,
+        console_socket: Path | None = None,
     ) -> None:
         """Create the container from ``bundle``; its init waits for :meth:`start`.
 
-        Its stdio are ``stdout``/``stderr`` (fds, e.g. a log file); its pid is written to
-        ``pid_file``. The init is re-parented to the nearest subreaper (the monitor), as runc's.
+        Its stdio are ``stdout``/``stderr`` (fds, e.g. a log file) and ``stdin`` (an fd, or
+        /dev/null); its pid is written to ``pid_file``. The init is re-parented to the nearest
+        subreaper (the monitor), as runc's. With ``process.terminal`` in the bundle the
+        runtime sends the pty master to the unix socket ``console_socket`` instead (OCI
+        runtime CLI's ``--console-socket``).
         """
 
     @abstractmethod
@@ -238,7 +243,15 @@ class OciCliRuntime(Runtime):
         """Global flags that depend on the container (runsc's ``--network``); none here."""
         return []
 
-    def create_argv(self, cid: str, bundle: Path, pid_file: Path, log_path: Path) -> list[str]:
+    def create_argv(
+        self,
+        cid: str,
+        bundle: Path,
+        pid_file: Path,
+        log_path: Path,
+        console_socket: Path | None = None,
+    ) -> list[str]:
+        console = ["--console-socket", str(console_socket)] if console_socket else []
         return [
             *self.global_args(log_path),
             *self.container_args(cid, bundle),
@@ -247,6 +260,7 @@ class OciCliRuntime(Runtime):
             str(bundle),
             "--pid-file",
             str(pid_file),
+            *console,
             cid,
         ]
 
@@ -301,13 +315,15 @@ class OciCliRuntime(Runtime):
         log_path: Path,
         stdout: int,
         stderr: int,
+        stdin: int | None = None,
+        console_socket: Path | None = None,
     ) -> None:
         done = proc.run(
-            self.create_argv(cid, bundle, pid_file, log_path),
+            self.create_argv(cid, bundle, pid_file, log_path, console_socket),
             what=f"{self.name} create {cid}",
             error=OciRuntimeError,
             timeout_s=COMMAND_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=stdout,
             stderr=stderr,
             check=False,
@@ -513,11 +529,20 @@ class RunscRuntime(OciCliRuntime):
         log_path: Path,
         stdout: int,
         stderr: int,
+        stdin: int | None = None,
+        console_socket: Path | None = None,
     ) -> None:
         if self.knows(cid):
             raise OciRuntimeError(f"runsc create failed: container {cid} already exists")
         super().create(
-            cid, bundle, pid_file=pid_file, log_path=log_path, stdout=stdout, stderr=stderr
+            cid,
+            bundle,
+            pid_file=pid_file,
+            log_path=log_path,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=stdin,
+            console_socket=console_socket,
         )
         if _is_pod_member(bundle):
             # A pod member's process gets the stdio of ``runsc start``, not of ``create``

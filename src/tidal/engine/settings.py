@@ -64,6 +64,9 @@ class EngineSettings:
     """``auto`` (use lxcfs when the binary exists), ``on`` or ``off``."""
     upgrade_probe_s: NonNegativeFloat = DEFAULT_UPGRADE_PROBE_S
     volume_pool_size: NonNegativeInt = DEFAULT_VOLUME_POOL_SIZE
+    pin_cpus: bool = True
+    """Pin a ``--cpus`` container to ``ceil(cpus)`` CPUs, so ``nproc`` and thread pools see the
+    limit (only where the cpuset controller exists); off: the CFS quota alone, as docker."""
 
     def __post_init__(self) -> None:
         """Reject a bad setting when the daemon starts, not at the first ``tidal run``."""

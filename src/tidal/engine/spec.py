@@ -22,6 +22,8 @@ RUNTIMES = ("runc", "crun", "runsc")
 NETWORK_MODES = ("none", "host", "bridge")
 RESTART_POLICIES = ("no", "on-failure", "always")
 RICH_MODES = ("init", "systemd")
+DEFAULT_SERVICE_RESTARTS = 10
+"""Restarts the rich-mode init makes of a failing service before it gives up (and says so)."""
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 _CGROUP_PARENT_RE = re.compile(r"[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+)*")
 
@@ -65,7 +67,7 @@ class ServiceSpec:
     name: str
     argv: tuple[str, ...]
     restart: str = "always"
-    max_restarts: int = 10
+    max_restarts: int = DEFAULT_SERVICE_RESTARTS
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class ContainerSpec:
     env: tuple[tuple[str, str], ...] = ()
     workdir: str = "/"
     hostname: str | None = None
+    interactive: bool = False
+    """``-i``: the container's stdin stays open for an attached client (else /dev/null)."""
+    tty: bool = False
+    """``-t``: the container's stdio is a pseudo-terminal, relayed by its monitor."""
     cpus: float | None = None
     cpu_shares: int | None = None
     memory_bytes: int | None = None
@@ -329,21 +335,44 @@ def parse_port(text: str) -> PortMapping:
     )
 
 
+def _shell_words(text: str, what: str) -> tuple[str, ...]:
+    """``text`` split as a POSIX shell would (quotes, backslashes), without running a shell."""
+    import shlex  # only with --service/--hook: every CLI command imports this module
+
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ConfigError(f"{what} {text!r}: {str(exc).lower()}") from None
+
+
 def parse_service(text: str) -> ServiceSpec:
-    """``NAME[:POLICY]=COMMAND ARGS`` as in ``--service cron:always=crond -f``."""
+    """``NAME[:POLICY[:MAX]]=COMMAND ARGS`` as in ``--service 'web:always:3=httpd -f -h
+    "/srv/my site"'``; the command is split with shell rules (quotes group words); MAX is how
+    many restarts the init makes before it gives up on the service (default 10)."""
     head, sep, cmd = text.partition("=")
     if not sep or not cmd.strip():
-        raise ConfigError(f"--service {text!r}: expected NAME[:POLICY]=COMMAND")
-    name, _, policy = head.partition(":")
-    return ServiceSpec(name=name, argv=tuple(cmd.split()), restart=policy or "always")
+        raise ConfigError(f"--service {text!r}: expected NAME[:POLICY[:MAX]]=COMMAND")
+    name, _, rest = head.partition(":")
+    policy, _, max_text = rest.partition(":")
+    if max_text and not max_text.isdigit():
+        raise ConfigError(f"--service {text!r}: MAX restarts {max_text!r} is not a number")
+    argv = _shell_words(cmd, "--service")
+    if not argv or not argv[0]:
+        raise ConfigError(f"--service {text!r}: expected NAME[:POLICY[:MAX]]=COMMAND")
+    return ServiceSpec(
+        name=name,
+        argv=argv,
+        restart=policy or "always",
+        max_restarts=int(max_text) if max_text else DEFAULT_SERVICE_RESTARTS,
+    )
 
 
 def parse_hook(text: str) -> HookSpec:
-    """A hook command line; the first word must be an absolute path."""
-    words = text.split()
-    if not words:
+    """A hook command line split with shell rules; the first word must be an absolute path."""
+    words = _shell_words(text, "hook")
+    if not words or not words[0]:
         raise ConfigError("empty hook command")
-    return HookSpec(path=words[0], args=tuple(words))
+    return HookSpec(path=words[0], args=words)
 
 
 def parse_memory(text: str | None) -> int | None:

@@ -14,6 +14,13 @@
  * here), forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the main command's process
  * group (and SIGTERM/SIGINT/SIGQUIT to the services), and when main is done stops the
  * services (SIGTERM, SIGKILL after 5 s) and exits with main's status (128+n for signal n).
+ *
+ * On every change it rewrites /.tidal/state/services (when that directory exists: the engine
+ * binds it writable), one tab-separated line per process, so the engine can show what became
+ * of each service without a protocol of its own:
+ *   <name> <state> <restarts> <max> <last exit or -> <pid>
+ * state is running | restarting | exited (done as its policy says) | gave-up (its policy wanted
+ * a restart but max restarts were used up) | stopped (ended by the container's stop).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,13 +48,18 @@ struct proc {
     pid_t pid;
     double restart_at; /* 0: none pending */
     int done;
-    int status; /* last exit status as a shell would report it */
+    int gave_up; /* the policy wanted a restart, but max_restarts were used up */
+    int stopped; /* ended (or its restart cancelled) by the container's stop */
+    int exited;  /* status below is valid */
+    int status;  /* last exit status as a shell would report it */
 };
 
 static struct proc procs[MAXPROCS];
 static int nprocs;
 static struct proc *mainp;
 static char *initscript;
+static const char *state_dir = "/.tidal/state";
+static void write_state(void);
 static int stopping;
 static long reaped_orphans;
 
@@ -168,6 +180,7 @@ static void start(struct proc *p) {
         int rc = run_initscript();
         if (rc != 0) {
             p->status = rc;
+            p->exited = 1;
             p->pid = 0;
             p->done = 1;
             return;
@@ -175,7 +188,8 @@ static void start(struct proc *p) {
     }
     p->pid = spawn(p->argv);
     p->done = p->pid <= 0;
-    if (p->pid <= 0) p->status = 127;
+    if (p->pid <= 0) p->status = 127, p->exited = 1;
+    write_state();
 }
 
 static int wants_restart(struct proc *p, int status) {
@@ -190,6 +204,8 @@ static void on_exit_of(pid_t pid, int st) {
         if (p->pid != pid) continue;
         p->pid = 0;
         p->status = shell_status(st);
+        p->exited = 1;
+        p->stopped = stopping;
         if (wants_restart(p, p->status)) {
             p->restarts++;
             double delay = 0.2 * p->restarts;
@@ -198,13 +214,45 @@ static void on_exit_of(pid_t pid, int st) {
                    p->restarts, p->max_restarts, delay);
             p->restart_at = now() + delay;
         } else {
-            if (p != mainp || p->status != 0)
+            int wanted = !stopping && (p->policy == P_ALWAYS ||
+                                       (p->policy == P_ON_FAILURE && p->status != 0));
+            if (wanted) {
+                p->gave_up = 1;
+                logmsg("%s gave up after %d restarts (last exit status %d)", p->name,
+                       p->restarts, p->status);
+            } else if (p != mainp || p->status != 0) {
                 logmsg("%s exited with status %d", p->name, p->status);
+            }
             p->done = 1;
         }
+        write_state();
         return;
     }
     reaped_orphans++;
+}
+
+static const char *state_of(const struct proc *p) {
+    if (p->pid > 0) return "running";
+    if (p->restart_at > 0) return "restarting";
+    if (p->gave_up) return "gave-up";
+    return p->stopped ? "stopped" : "exited";
+}
+
+/* Rewrite the state file (tmp + rename: a reader never sees half of it). */
+static void write_state(void) {
+    char path[256], tmp[256];
+    snprintf(path, sizeof path, "%s/services", state_dir);
+    snprintf(tmp, sizeof tmp, "%s/.services.tmp", state_dir);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return; /* no state directory: nobody asked */
+    for (int i = 0; i < nprocs; i++) {
+        struct proc *p = &procs[i];
+        char last[16] = "-";
+        if (p->exited) snprintf(last, sizeof last, "%d", p->status);
+        fprintf(f, "%s\t%s\t%d\t%d\t%s\t%d\n", p->name, state_of(p), p->restarts,
+                p->max_restarts, last, (int)(p->pid > 0 ? p->pid : 0));
+    }
+    if (fclose(f) == 0) rename(tmp, path);
 }
 
 static void signal_services(int sig) {
@@ -243,6 +291,8 @@ int main(int argc, char **argv) {
             } else if (p->restart_at > 0 && stopping) {
                 p->restart_at = 0;
                 p->done = 1;
+                p->stopped = 1;
+                write_state();
             }
         }
         if (mainp->done && mainp->restart_at == 0) {
@@ -281,6 +331,7 @@ int main(int argc, char **argv) {
             if (mainp->pid > 0) kill(-mainp->pid, sig);
         }
     }
+    write_state();
     if (reaped_orphans) logmsg("reaped %ld orphaned processes", reaped_orphans);
     return mainp->status;
 }

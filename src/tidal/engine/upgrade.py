@@ -24,11 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def upgrade(
-    engine: Engine, ref: str, image: str, command: tuple[str, ...] | None = None
+    engine: Engine,
+    ref: str,
+    image: str,
+    command: tuple[str, ...] | None = None,
+    *,
+    stop_timeout_s: float | None = None,
 ) -> ContainerRecord:
     """Swap the image under a container, keeping id, name, volumes, IP, quota, limits.
 
     Command precedence: ``command``, else the old container's own, else the new image's.
+    ``stop_timeout_s``: SIGTERM to SIGKILL for the old image, as ``stop -t`` (None: the
+    engine's default).
     """
     rec = engine.get(ref)
     provider_for(image)  # fail before stopping anything
@@ -36,7 +43,7 @@ def upgrade(
         rec = engine.get(rec.id)
         was_running = rec.status == "running"
         if was_running:
-            rec = engine.stop(rec.id)
+            rec = engine.stop(rec.id, stop_timeout_s)
         old_state, old_spec = rec.rootfs, rec.spec
         old_layer = old_state.layer
         if old_layer is None:

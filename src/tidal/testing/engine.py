@@ -44,11 +44,13 @@ from tidal.errors import ContainerNotFoundError, EngineError, OciRuntimeError, Q
 from tidal.fsutil import write_json_atomic
 
 _INIT = """fifo=$1; pidf=$2; shift 2
-( read _ < "$fifo"; exec "$@" ) &
+exec 3<&0
+( read _ < "$fifo"; exec "$@" <&3 3<&- ) &
 echo $! > "$pidf"
 """
 """The fake's init: a subshell that blocks on the FIFO, then becomes the user process. The outer
-shell exits at once, so the init is re-parented as runc's is."""
+shell exits at once, so the init is re-parented as runc's is. Its stdin goes through fd 3: a
+background job of a non-interactive shell gets /dev/null as its stdin."""
 START_WAIT_S = 5.0
 
 
@@ -94,7 +96,11 @@ class FakeRuntime(Runtime):
         log_path: Path,
         stdout: int,
         stderr: int,
+        stdin: int | None = None,
+        console_socket: Path | None = None,
     ) -> None:
+        if console_socket is not None:
+            raise OciRuntimeError("fake create failed: the fake runtime has no terminals (-t)")
         d = self._dir(cid)
         try:
             d.mkdir()
@@ -117,7 +123,7 @@ class FakeRuntime(Runtime):
             child_pid = d / "init.pid"
             outer = subprocess.Popen(
                 ["/bin/sh", "-c", _INIT, "fake-init", str(d / "exec.fifo"), str(child_pid), *args],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
                 stdout=stdout,
                 stderr=stderr,
                 env=env,
