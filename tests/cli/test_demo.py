@@ -10,7 +10,11 @@ import pytest
 @pytest.mark.root
 @pytest.mark.fuse
 @pytest.mark.loop
-def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.netns
+@pytest.mark.registry
+def test_demo_runs_an_instance_by_reference_at_its_shaped_rate_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
     env = {**os.environ, "TIDAL_DATA_ROOT": str(tmp_path / "data")}
     proc = subprocess.run(
         [sys.executable, "-m", "tidal.cli.main", "demo", "--workdir", str(tmp_path / "w")],
@@ -20,10 +24,15 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "hello from tidal-demo, a Tidal block image" in proc.stdout
-    assert "chunks ok" in proc.stdout
-    # the lazy mount fetched only what the command read: a fraction of the image
-    fetched = re.search(r"stored \((\d+) %\): only the blocks it read", proc.stdout)
+    text = " ".join(proc.stdout.split())  # the table wraps long cells
+    assert "hello from a Tidal instance" in text
+    assert "metadata pulled, image mounted lazily" in text
+    assert "chunks ok (sha256)" in text
+    rate = re.search(r"(\d+\.\d+) Mbit/s \(limit 5\); bytes identical", text)
+    assert rate is not None, proc.stdout
+    assert 3.0 < float(rate.group(1)) < 6.0, rate.group(0)
+    # the lazy mount fetched only what the instance read: a fraction of the image
+    fetched = re.search(r"stored \((\d+) %\): only the blocks it read", text)
     assert fetched is not None, proc.stdout
     assert 0 < int(fetched.group(1)) < 50
     # other tests may hold loop devices at the same time: look only for ours
@@ -32,6 +41,9 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
         not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     )
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "tidaldemo0" not in links
+    assert not list((tmp_path / "w" / "node" / "engine" / "containers").glob("*/"))
 
 
 def test_cli_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
 """``tidal demo``: Tidal's main job on embedded defaults, start to finish, with timings.
 
-Makes a small root filesystem on the spot (busybox-static from Debian plus a few files),
-builds a block image from it, pushes it to the CNCF registry started for the demo on a
-loopback port (or to the node's local store where the registry is not installed), pulls its
-metadata only, mounts it lazily (registry -> chunk cache -> FUSE block device -> loop ->
-ext4), runs a command from it with chroot, shows how little was fetched, verifies every
-checksum, and cleans everything up.
+Makes a small web root filesystem on the spot (busybox-static from Debian: its httpd), builds
+a block image from it, pushes it to the CNCF registry started for the demo on a loopback port,
+and runs it as an elastic instance by its reference on an engine daemon of the demo's own: the
+node pulls the metadata only and mounts the image lazily (registry -> chunk cache -> FUSE block
+device -> loop -> ext4), the instance serves through its published port at its shaped rate,
+and the demo shows how little was fetched, verifies every digest, and cleans everything up.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from rich.table import Table
 
 from tidal.cli.console import err, out
 from tidal.errors import ConfigError
-from tidal.proc import run
 from tidal.units import format_size
 
 if TYPE_CHECKING:  # the demo imports the image, blobs and blockdev parts when it runs
-    from tidal.blobs.registries import Registry
     from tidal.testing.registry_server import RegistryServer
 
 APPLETS = (
@@ -46,12 +44,7 @@ APPLETS = (
     "date",
     "sleep",
     "true",
-)
-DEMO_COMMAND = (
-    'echo "hello from $(cat /etc/hostname), a Tidal block image"; '
-    "cat /app/motd; "
-    'echo "files in image: $(find / -xdev | wc -l)"; '
-    "sha256sum /app/data.bin | head -c 16; echo ' = sha256 prefix of /app/data.bin'"
+    "httpd",
 )
 
 
@@ -91,6 +84,14 @@ def _step(
     timings.append((name, time.perf_counter() - t0, note[0]))
 
 
+DEMO_RATE_BPS = 5_000_000
+"""The instance's bandwidth in the demo: 5 Mbit/s, as in the issue's example."""
+DEMO_DOWNLOAD_BYTES = 1 << 20
+DEMO_BRIDGE = "tidaldemo0"
+DEMO_SUBNET = "10.249.249.0/24"
+"""The demo's own bridge and addresses, so that it never meets a node's real engine network."""
+
+
 def demo(
     keep: bool = typer.Option(
         False, help="Keep the work directory (image, rootfs) for a look afterwards."
@@ -99,91 +100,101 @@ def demo(
         None, help="Where to work (default: a new directory under /var/tmp)."
     ),
 ) -> None:
-    """Build, push, pull and lazily mount a busybox image; run a command from it.
+    """Tidal's main job end to end: an image by reference, run lazily as a shaped instance.
 
-    The image goes to a CNCF registry started on a loopback port, is pulled back (metadata
-    only) and mounted lazily; each step is printed with its time, and how much was fetched.
+    Builds a small web image (busybox httpd), pushes it to a CNCF registry started on a
+    loopback port, then runs it as an instance by its reference (`tidal instance run REF
+    --bandwidth 5M -p PORT:80`) on an engine daemon of its own: the node pulls metadata only
+    and mounts the image lazily. A download through the published port shows the shaped rate;
+    each step is printed with its time and what the lazy mount fetched. Everything is removed
+    at the end.
     """
-    from tidal.blobs.distribution import pull_image, push_image
+    from tidal.blobs.distribution import push_image
     from tidal.blobs.reference import ImageReference
-    from tidal.blobs.registries import LocalRegistry
     from tidal.blobs.registry_client import RegistryClient
     from tidal.blockdev.builder import build_from_dir
-    from tidal.blockdev.mounts import mount_image, unmount
     from tidal.image.manifest import Image
     from tidal.testing.registry_server import REGISTRY_BINARY, RegistryServer
 
     if os.geteuid() != 0:
-        raise ConfigError("the demo mounts a FUSE block device and a loop device: run it as root")
+        raise ConfigError("the demo runs containers on lazily mounted images: run it as root")
+    if shutil.which(REGISTRY_BINARY) is None:
+        raise ConfigError(
+            f"{REGISTRY_BINARY} not found: install the Debian package docker-registry "
+            "(make demo does)"
+        )
     work = workdir or Path(tempfile.mkdtemp(prefix="tidal-demo-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
+    # the demo's node: its own data root (image store, engine state, chunk cache)
+    os.environ["TIDAL_DATA_ROOT"] = str(work / "node")
     timings: list[tuple[str, float, str]] = []
-    rootfs, image_dir, target = work / "rootfs", work / "image", work / "mnt"
-    pulled = work / "pulled"
-    # the FUSE server reads the [blobs] settings from the environment: a fresh, cold cache
-    os.environ["TIDAL_BLOBS__CACHE_DIR"] = str(work / "chunk-cache")
+    rootfs, image_dir = work / "rootfs", work / "image"
     server: RegistryServer | None = None
-    mounted = False
+    node: _DemoNode | None = None
     try:
-        with _step("make a busybox root filesystem", timings) as note:
+        with _step("make a web root filesystem (busybox httpd)", timings) as note:
             size = make_sample_rootfs(rootfs)
-            note[0] = f"{format_size(size)} in {rootfs}"
+            (rootfs / "www").mkdir()
+            (rootfs / "www" / "index.html").write_text("hello from a Tidal instance\n")
+            (rootfs / "www" / "download.bin").write_bytes(os.urandom(DEMO_DOWNLOAD_BYTES))
+            note[0] = f"{format_size(size + DEMO_DOWNLOAD_BYTES)} in {rootfs}"
         with _step("build the block image", timings) as note:
-            result = build_from_dir(rootfs, image_dir)
+            config = {"Cmd": ["httpd", "-f", "-p", "80", "-h", "/www"], "WorkingDir": "/"}
+            result = build_from_dir(rootfs, image_dir, config=config)
             m = result.manifest
             note[0] = (
                 f"{len(m.layers)} layer, virtual disk {format_size(m.size_bytes)}, "
                 f"stored {format_size(result.stored_bytes)} ({m.layers[0].codec})"
             )
-        registry: Registry
-        with _step("start a registry", timings) as note:
-            if shutil.which(REGISTRY_BINARY):
-                server = RegistryServer().start()
-                registry = RegistryClient(server.address)
-                ref = ImageReference.parse(f"{server.address}/demo/busybox:v1")
-                note[0] = f"CNCF registry (docker-registry) at {server.address}"
-            else:
-                registry = LocalRegistry(work / "store")
-                ref = ImageReference.parse("demo/busybox:v1", default_registry="local")
-                note[0] = "docker-registry not installed: the node's local store"
-        with contextlib.closing(registry):
-            with _step("push the image", timings) as note:
+        with _step("start a registry and push the image", timings) as note:
+            server = RegistryServer().start()
+            ref = ImageReference.parse(f"{server.address}/demo/web:v1")
+            with contextlib.closing(RegistryClient(server.address)) as registry:
                 pushed = push_image(image_dir, ref, registry)
-                note[0] = f"{pushed.blobs_uploaded} blobs, {format_size(pushed.bytes_uploaded)}"
-            with _step("pull it: metadata only", timings) as note:
-                pull_image(ref, pulled, registry)
-                note[0] = f"{sum(p.stat().st_size for p in pulled.iterdir())} bytes on disk"
-        with _step("mount it lazily (registry -> FUSE -> loop -> ext4)", timings) as note:
-            info = mount_image(pulled, target)
-            mounted = True
-            note[0] = f"{info.loop_device} at {target}"
-        with _step("run a command from the image (chroot)", timings) as note:
-            done = run(
-                ["chroot", str(target), "/bin/sh", "-c", DEMO_COMMAND],
-                what="the command in the image failed",
-                timeout_s=60,
+            note[0] = (
+                f"{ref}: {pushed.blobs_uploaded} blobs, {format_size(pushed.bytes_uploaded)} "
+                "(CNCF docker-registry on loopback)"
             )
-            for line in done.stdout.splitlines():
-                out.print(f"   [cyan]|[/] {escape(line)}", markup=True)
-            note[0] = f"exit {done.returncode}, {len(done.stdout.splitlines())} lines"
-        with _step("what it fetched", timings) as note:
-            fetched = _fetched_bytes(target)
+        with _step("start the node's engine daemon (engine + instance API)", timings) as note:
+            node = _DemoNode(work / "node")
+            note[0] = f"socket {node.socket}"
+        port = _free_port()
+        command = f"tidal instance run {ref} --bandwidth 5M -p {port}:80"
+        with _step(command, timings) as note:
+            rec = node.run(str(ref), port)
+            note[0] = f"{rec['name']} at {rec['ip']}: metadata pulled, image mounted lazily"
+        with _step(f"GET http://127.0.0.1:{port}/ through the published port", timings) as note:
+            page = _get(port, "/index.html")
+            out.print(f"   [cyan]|[/] {escape(page.decode().strip())}", markup=True)
+            note[0] = f"{len(page)} bytes"
+        with _step(
+            f"download {format_size(DEMO_DOWNLOAD_BYTES)} at the shaped rate", timings
+        ) as note:
+            t0 = time.perf_counter()
+            body = _get(port, "/download.bin")
+            secs = time.perf_counter() - t0
+            if body != (rootfs / "www" / "download.bin").read_bytes():
+                raise ConfigError("the instance served different bytes than the image holds")
+            note[0] = (
+                f"{len(body) * 8 / secs / 1e6:.2f} Mbit/s (limit {DEMO_RATE_BPS / 1e6:.0f}); "
+                "bytes identical to the image's"
+            )
+        with _step("what the lazy mount fetched from the registry", timings) as note:
+            fetched = node.fetched_bytes(rec)
             stored = result.stored_bytes
             note[0] = (
                 f"{format_size(fetched)} of {format_size(stored)} stored "
                 f"({100 * fetched / max(stored, 1):.0f} %): only the blocks it read"
             )
-        with _step("unmount and detach", timings) as note:
-            unmount(target)
-            mounted = False
-            note[0] = "no mount, loop device or FUSE server left"
-        with _step("verify every chunk checksum and blob digest", timings) as note:
+        with _step("tidal instance rm -f", timings) as note:
+            node.remove(str(rec["name"]))
+            note[0] = "no container, mount, loop device, veth or cgroup left"
+        with _step("verify every chunk digest and blob digest", timings) as note:
             chunks = Image.open(image_dir).verify()
-            note[0] = f"{chunks} chunks ok"
+            note[0] = f"{chunks} chunks ok (sha256)"
     finally:
-        if mounted:
-            with contextlib.suppress(Exception):
-                unmount(target, force=True)
+        if node is not None:
+            node.close()
         if server is not None:
             server.stop()
         if not keep and workdir is None:
@@ -199,17 +210,86 @@ def demo(
         out.print(f"kept {work}")
 
 
-def _fetched_bytes(target: Path) -> int:
-    """Bytes the mount's server fetched so far, from statistics written after this call."""
-    from tidal.blockdev.mounts import STATS_FILE, find_mount, image_stats
+class _DemoNode:
+    """An engine daemon with the instance API, in this process, on the demo's own network."""
 
-    path = find_mount(target).run_dir / STATS_FILE
-    asked = time.time()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if path.stat().st_mtime > asked:
-                break
-        time.sleep(0.1)
-    lazy = image_stats(target).get("lazy") or {}
-    return int(lazy.get("total", {}).get("bytes_fetched", 0))
+    def __init__(self, data_root: Path) -> None:
+        from tidal.engine.daemon import Daemon
+        from tidal.engine.settings import EngineSettings
+        from tidal.instance.client import InstanceClient
+        from tidal.instance.service import instance_part
+
+        settings = EngineSettings(
+            state_dir=data_root / "engine", bridge=DEMO_BRIDGE, subnet=DEMO_SUBNET
+        )
+        self.settings = settings
+        self.daemon = Daemon(settings, parts=[instance_part])
+        self.daemon.start()
+        self.socket = settings.resolved_socket_path()
+        self.client = InstanceClient(self.socket)
+
+    def run(self, ref: str, port: int) -> dict[str, object]:
+        from tidal.engine.spec import PortMapping
+        from tidal.instance.spec import InstanceSpec, Limits
+
+        spec = InstanceSpec(
+            image=ref,
+            name="web",
+            limits=Limits(egress_bps=DEMO_RATE_BPS, ingress_bps=DEMO_RATE_BPS),
+            ports=(PortMapping(port, 80),),
+            pull="missing",
+        )
+        rec = self.client.run_instance(spec)
+        deadline = time.monotonic() + 20
+        while True:  # httpd listens a moment after its process starts
+            try:
+                _get(port, "/index.html")
+                return rec
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def fetched_bytes(self, rec: dict[str, object]) -> int:
+        from tidal.blockdev.mounts import image_stats
+
+        main = self.client.inspect(f"{rec['name']}.main")
+        lower = str(main["rootfs"]["lower_mountpoint"])
+        time.sleep(1.2)  # the mount's server rewrites its statistics every second
+        lazy = image_stats(lower).get("lazy") or {}
+        return int(lazy.get("total", {}).get("bytes_fetched", 0))
+
+    def remove(self, name: str) -> None:
+        self.client.remove_instance(name, force=True)
+
+    def close(self) -> None:
+        from tidal.engine.network import remove_bridge
+
+        with contextlib.suppress(Exception):
+            for item in self.client.instances():
+                self.client.remove_instance(str(item["id"]), force=True)
+        self.client.close()
+        lxcfs = self.daemon.engine.lxcfs
+        self.daemon.close()
+        with contextlib.suppress(Exception):
+            lxcfs.stop()  # a daemon leaves lxcfs to its containers; the demo's node is gone
+        remove_bridge(DEMO_BRIDGE)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(port: int, path: str) -> bytes:
+    import httpx
+
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=60)
+    except httpx.TransportError as exc:
+        raise OSError(str(exc)) from exc
+    resp.raise_for_status()
+    return resp.content
