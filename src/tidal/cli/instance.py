@@ -56,9 +56,11 @@ def _opt(text: str | None, parse: Any, *args: Any) -> Any:
     return None if text is None else parse(text, *args)
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command()  # options may follow IMAGE; the command is only what comes after --
 def run(
-    image: str = typer.Argument(..., help="main container's image (Tidal image or rootfs dir)"),
+    image: str = typer.Argument(
+        ..., help="main container's image: a registry reference, Tidal image or rootfs dir"
+    ),
     command: list[str] = typer.Argument(None, help="main container's command (after --)"),
     name: str | None = typer.Option(None, "--name", help="instance name (default i-<id8>)"),
     container: list[str] = typer.Option(
@@ -206,7 +208,7 @@ def logs(
         sys.stdout.buffer.flush()
 
 
-@app.command("exec", context_settings={"allow_interspersed_args": False})
+@app.command("exec")  # options may follow NAME; the command is only what comes after --
 def exec_(
     instance: str,
     command: list[str] = typer.Argument(..., help="command (after --)"),

@@ -245,7 +245,12 @@ class Engine:
     def cgroups_path_of(self, rec: ContainerRecord) -> str:
         return self.cgroups_path(rec.id, rec.spec.cgroup_parent)
 
-    def _pinnable_cpus(self) -> tuple[int, ...]:
+    def _pinnable_cpus(self, runtime: str | None = None) -> tuple[int, ...]:
+        """CPUs a ``--cpus`` container may be pinned to; none where the runtime's own /proc
+        already follows the limit (gVisor's ``--cpu-num-from-quota``; runsc also cannot
+        write a v1 cpuset below a parent it did not fill)."""
+        if runtime is not None and self.runtime(runtime).capabilities.own_proc_view:
+            return ()
         return host_cpus(self.cgroup_root) if self.settings.pin_cpus else ()
 
     def _lxcfs_wanted(self, spec: ContainerSpec, runtime: str | None = None) -> bool:
@@ -388,7 +393,7 @@ class Engine:
             netns_path=self.network.netns_path(rec.id) if rec.spec.network == "bridge" else None,
             lxcfs_proc_dir=lxcfs_dir,
             lxcfs_files=lxcfs_files,
-            cpus=self._pinnable_cpus(),
+            cpus=self._pinnable_cpus(rec.runtime),
         )
         if rec.spec.sandbox is not None or rec.spec.pod_sandbox:
             host = self._pod_view(rec, host)
@@ -751,7 +756,7 @@ class Engine:
                 body = resources_from(cpus, memory_bytes, pids_limit)
                 if not body:
                     raise ConfigError("update needs --cpus, --memory or --pids-limit")
-                every = self._pinnable_cpus()
+                every = self._pinnable_cpus(rec.runtime)
                 if cpus is not None and every:  # the pinning follows the limit (or widens)
                     pinned = cpuset_for(cpus, every, rec.id)
                     body["cpu"]["cpus"] = pinned or ",".join(str(c) for c in every)
