@@ -21,6 +21,7 @@ from tidal.image.zfile import (
     ZFileWriter,
     compress_bytes,
 )
+from tidal.testing.forging_peer import forge_keeping_crc32
 
 CHUNK = 4096
 
@@ -185,52 +186,14 @@ def _tail_bounds(blob: bytes) -> tuple[int, int, int]:
     return foot - count * TABLE_ENTRY_SIZE, count, foot
 
 
-def _forge_keeping_crc32(stored: bytes) -> bytes:
-    """Change a chunk's bytes and adjust four others so that its crc32 still matches: what a
-    forging peer did against crc32-only tables (crc32 is linear, so four bytes suffice)."""
-    want = zlib.crc32(stored)
-    forged = bytearray(stored)
-    forged[0:4] = b"EVIL"
-    # brute-force 4 trailing bytes is too slow; use crc32's linearity instead: find the
-    # 32-bit patch p with crc(prefix + p) == want by solving over GF(2) bit by bit
-    base = bytearray(forged)
-    base[-4:] = b"\0\0\0\0"
-    c0 = zlib.crc32(bytes(base))
-    cols = []
-    for bit in range(32):
-        trial = bytearray(base)
-        trial[-4 + bit // 8] ^= 1 << (bit % 8)
-        cols.append(zlib.crc32(bytes(trial)) ^ c0)
-    target = want ^ c0
-    # Gaussian elimination over GF(2): find a subset of cols xoring to target
-    basis: list[tuple[int, int]] = []  # (vector, mask of bits used)
-    for bit, col in enumerate(cols):
-        v, m = col, 1 << bit
-        for bv, bm in basis:
-            if v ^ bv < v:
-                v, m = v ^ bv, m ^ bm
-        if v:
-            basis.append((v, m))
-            basis.sort(reverse=True)
-    v, m = target, 0
-    for bv, bm in basis:
-        if v ^ bv < v:
-            v, m = v ^ bv, m ^ bm
-    assert v == 0, "crc32 patch not solvable"
-    for bit in range(32):
-        if m >> bit & 1:
-            base[-4 + bit // 8] ^= 1 << (bit % 8)
-    assert zlib.crc32(bytes(base)) == want and bytes(base) != stored
-    return bytes(base)
-
-
 def test_a_chunk_forged_to_keep_its_crc32_is_refused_by_sha256() -> None:
     data = os.urandom(CHUNK * 3)  # incompressible: chunks stored raw, so any bytes "decompress"
     blob = bytearray(compress_bytes(data, chunk_size_bytes=CHUNK, codec="lz4"))
     r = ZFileReader(BytesSource(bytes(blob)))
     sp = r.span(1)
     stored = bytes(blob[sp.stored_offset : sp.stored_offset + sp.stored_size])
-    forged = _forge_keeping_crc32(stored)
+    forged = forge_keeping_crc32(stored)
+    assert zlib.crc32(forged) == zlib.crc32(stored) and forged != stored
     blob[sp.stored_offset : sp.stored_offset + sp.stored_size] = forged
     reader = ZFileReader(BytesSource(bytes(blob), "forged.zf"))
     assert reader.has_digests

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-from tidal.cli.console import err, out
+from tidal.cli.console import command_argv, err, out, stdin_bytes, write_exec_result
 from tidal.engine.settings import load_settings
 from tidal.engine.spec import (
     ContainerSpec,
@@ -39,12 +39,7 @@ if TYPE_CHECKING:  # the client and the record types load with the first command
     from tidal.engine.store import ContainerRecord
 
 
-def _argv(command: list[str] | None) -> tuple[str, ...]:
-    """The command after ``--`` (click keeps the separator when interspersed args are off)."""
-    items = list(command or ())
-    if items and items[0] == "--":
-        items = items[1:]
-    return tuple(items)
+_argv = command_argv
 
 
 def _image_arg(image: str) -> str:
@@ -346,14 +341,9 @@ def register(app: typer.Typer) -> None:
         env: list[str] = typer.Option([], "--env", "-e"),
     ) -> None:
         """Run a command in a running container; exits with its status."""
-        stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
         with _client() as client:
-            res = client.exec(container, list(_argv(command)), env=env, stdin=stdin)
-        sys.stdout.buffer.write(res.stdout)
-        sys.stdout.buffer.flush()
-        sys.stderr.buffer.write(res.stderr)
-        sys.stderr.buffer.flush()
-        raise typer.Exit(res.exit_code)
+            res = client.exec(container, list(_argv(command)), env=env, stdin=stdin_bytes())
+        raise typer.Exit(write_exec_result(res))
 
     @app.command()
     def stop(

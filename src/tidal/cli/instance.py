@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from tidal.cli.console import err, out
+from tidal.cli.console import command_argv, err, out, stdin_bytes, write_exec_result
 from tidal.engine.settings import load_settings
 from tidal.engine.spec import parse_env, parse_labels, parse_port, parse_volume
 from tidal.instance.spec import (
@@ -45,11 +45,7 @@ def _client() -> InstanceClient:
     return InstanceClient(load_settings().resolved_socket_path())
 
 
-def _argv(command: list[str] | None) -> tuple[str, ...]:
-    items = list(command or ())
-    if items and items[0] == "--":
-        items = items[1:]
-    return tuple(items)
+_argv = command_argv
 
 
 def _opt(text: str | None, parse: Any, *args: Any) -> Any:
@@ -216,16 +212,11 @@ def exec_(
     env: list[str] = typer.Option([], "--env", "-e"),
 ) -> None:
     """Run a command in one of the instance's containers; exits with its status."""
-    stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
     with _client() as client:
         res = client.instance_exec(
-            instance, list(_argv(command)), container=container, env=env, stdin=stdin
+            instance, list(_argv(command)), container=container, env=env, stdin=stdin_bytes()
         )
-    sys.stdout.buffer.write(res.stdout)
-    sys.stdout.buffer.flush()
-    sys.stderr.buffer.write(res.stderr)
-    sys.stderr.buffer.flush()
-    raise typer.Exit(res.exit_code)
+    raise typer.Exit(write_exec_result(res))
 
 
 @app.command()
