@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -198,6 +199,12 @@ def cleanup_engine(eng: Engine) -> None:
     remove_bridge(eng.settings.bridge)
     state = eng.state_dir
     mounts, loops = _mounts_under(state), _loops_under(state)
+    deadline = time.monotonic() + 5
+    while loops and not mounts and time.monotonic() < deadline:
+        # a busy quota volume is unmounted lazily; its autoclear loop device detaches when the
+        # last user lets go, a moment later: wait for that rather than report a leak
+        time.sleep(0.1)
+        loops = _loops_under(state)
     cgroups = _cgroups_under(eng.settings.cgroup_parent)
     netns = [n for r in recs for n in _netns_with(netns_name(r.id))]
     for mp in reversed(mounts):
