@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from tidal.config import load_section
 from tidal.errors import ConfigError
-from tidal.image.zfile import Codec
 from tidal.units import GiB, MiB
 from tidal.validation import NonNegativeInt, PositiveFloat, PositiveInt, check
 
@@ -55,6 +54,8 @@ class BlockdevSettings:
 
     def __post_init__(self) -> None:
         check(self, "[blockdev]")
+        from tidal.image.zfile import Codec  # here: lz4 and zstd load with a codec's user
+
         try:
             Codec.parse(self.codec)
         except ConfigError as exc:

@@ -33,16 +33,6 @@ from tidal.cli.console import err, out
 from tidal.config import data_root
 from tidal.errors import ChecksumError, ConfigError, FormatError, ImageNotFoundError
 from tidal.ids import short_digest
-from tidal.image.layer import ReadOnlyLayer
-from tidal.image.manifest import (
-    LAYER_KIND_DATA,
-    LAYER_KIND_TRACE,
-    Image,
-    attach_trace,
-    blob_path,
-    sha256_file,
-)
-from tidal.image.source import FileSource
 from tidal.units import format_size, parse_size
 
 if TYPE_CHECKING:  # blobs (httpx) and blockdev (FUSE) are imported by the commands using them
@@ -184,6 +174,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print manifest.json as is."),
 ) -> None:
     """Show an image's layers: digests, sizes, extents, codec and the OCI layer each came from."""
+    from tidal.image.manifest import Image
+
     m = Image.open(image).manifest
     if as_json:
         typer.echo(m.to_json(), nl=False)  # raw JSON for pipes: no wrapping, no colour
@@ -289,6 +281,10 @@ def commit(
 def verify(image: Path = typer.Argument(..., help="Image directory.")) -> None:
     """Check every chunk (sha256, or crc32 in older images), then every blob digest; exit 1
     naming the bad layer/chunk. Says which kind of check each image got."""
+    from tidal.image.layer import ReadOnlyLayer
+    from tidal.image.manifest import LAYER_KIND_DATA, Image, blob_path, sha256_file
+    from tidal.image.source import FileSource
+
     img = Image.open(image)
     chunks = 0
     by_crc32 = 0
@@ -396,6 +392,7 @@ def pull(
     from tidal.blobs.distribution import pull_image
     from tidal.blobs.registries import LocalRegistry, connect, resolve_reference
     from tidal.blobs.settings import load_blob_settings
+    from tidal.image.manifest import LAYER_KIND_TRACE
 
     settings = load_blob_settings()
     reference = resolve_reference(ref, settings)
@@ -482,6 +479,7 @@ def record(
     with --ready-line or --timeout.
     """
     from tidal.blockdev import record as recording
+    from tidal.image.manifest import attach_trace
 
     if (Path(image) / "origin.json").exists():
         raise ConfigError(

@@ -15,15 +15,6 @@ import typer
 from tidal.cli.console import command_argv, err, out, stdin_bytes, write_exec_result
 from tidal.engine.settings import load_settings
 from tidal.engine.spec import parse_env, parse_labels, parse_port, parse_volume
-from tidal.instance.spec import (
-    InstanceSpec,
-    Limits,
-    parse_bytes_rate,
-    parse_count,
-    parse_member,
-    parse_rate,
-    parse_spec_list,
-)
 from tidal.units import format_size, parse_cpus, parse_size
 
 if TYPE_CHECKING:
@@ -100,6 +91,16 @@ def run(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create and start an instance; prints its name and IP."""
+    from tidal.instance.spec import (  # here: every other command's start-up skips it
+        InstanceSpec,
+        Limits,
+        parse_bytes_rate,
+        parse_count,
+        parse_member,
+        parse_rate,
+        parse_spec_list,
+    )
+
     limits = Limits(
         cpus=_opt(cpus, parse_cpus),
         memory_bytes=_opt(memory, parse_size),
