@@ -111,6 +111,12 @@ CLIENT_MUST_NOT_LOAD = (
     "tidal.blockdev.ext4",
     "tidal.blockdev.mounts",
     "tidal.service.server",
+    "tidal.image.zfile",
+    "tidal.image.manifest",
+    "tidal.instance.spec",
+    "tidal.blobs.registry_client",
+    "zstandard",
+    "lz4.block",
 )
 """Planners, host adapters and the server: each ``tidal`` command is a fresh process, so what
 ``tidal ps`` imports is paid on every call (benchmarks/bench_cli.py measures it)."""
