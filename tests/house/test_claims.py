@@ -115,7 +115,6 @@ CLIENT_MUST_NOT_LOAD = (
     "tidal.image.manifest",
     "tidal.instance.spec",
     "tidal.blobs.registry_client",
-    "zstandard",
     "lz4.block",
 )
 """Planners, host adapters and the server: each ``tidal`` command is a fresh process, so what
