@@ -5,16 +5,21 @@
 1. resolve the spec list, choose the first type the node's free capacity holds, write the
    record (phase ``creating``) — the intent, before anything is made;
 2. make the pod's cgroup and write its CPU, memory and pids limits;
-3. run the sandbox: an engine container from the pause rootfs on the bridge network holding
-   the published ports, with no quota volume, hostname = the instance's name;
-4. shape its veth (tc, both directions); write the pod's ``/etc/hosts``;
-5. create each container (main, then the others) joining the sandbox's namespaces, limit its
-   block devices, start it;
+3. create the sandbox: an engine container from the pause rootfs on the bridge network
+   holding the published ports, with no quota volume. Its create makes everything the pod
+   shares: the named netns and, under runc/crun, the pod's IPC and UTS namespaces as files in
+   its directory, the UTS one named after the instance (:mod:`tidal.engine.podns`);
+4. start the sandbox; meanwhile shape its veth (tc, both directions), write the pod's
+   ``/etc/hosts``, create each container (main, then the others) joining those namespaces by
+   path, limit its block devices;
+5. start the containers without waiting for the sandbox (runc/crun: nothing they join needs
+   its process), or once it runs (runsc: they run inside its gVisor kernel);
 6. record the IP and phase ``running``.
 
-A failure at any step undoes what was made (containers by their names, the cgroup, the
-record) and raises one error naming the cause; a daemon killed meanwhile leaves a
-``creating`` record that :meth:`InstanceManager.reconcile` rolls back the same way.
+A failure at any step undoes what was made (containers by their names, which takes the
+sandbox's netns and namespace files along, the cgroup, the record) and raises one error naming
+the cause; a daemon killed meanwhile leaves a ``creating`` record that
+:meth:`InstanceManager.reconcile` rolls back the same way.
 """
 
 from __future__ import annotations
@@ -238,10 +243,14 @@ class InstanceManager:
 
     def _make(self, rec: InstanceRecord) -> InstanceRecord:
         """Steps 2-6 of the module docstring. The sandbox starts while the members' storage is
-        made, and the members start together (each start is mostly waiting on the runtime)."""
+        made (each start is mostly waiting on the runtime). Under runc and crun the members
+        start with it: everything they join (the netns, the IPC and UTS namespace files) is
+        made by the sandbox's create, so an instance costs one container start, not two in a
+        row. Under runsc the members run inside the sandbox's kernel, which must run first."""
         cg = self.cgroup(rec)
         cg.create(rec.limits)
         sandbox = self.engine.create(self._sandbox_spec(rec))
+        one_kernel = self.engine.runtime(rec.runtime).capabilities.pod_sandbox
         with ThreadPoolExecutor(max_workers=1 + len(rec.spec.members) + 1) as pool:
             sandbox_started = pool.submit(self.engine.start, sandbox.id)
             unenforced: list[str] = []
@@ -278,8 +287,10 @@ class InstanceManager:
                     # made ahead with its limits: the runtime joins it, so the first I/O is held
                     cg.make_child(crec.id)
                     cg.limit_devices(lim, devices, child=crec.id)
-            sandbox_started.result()  # members join its namespaces
+            if one_kernel:
+                sandbox_started.result()  # runsc: the members run inside the sandbox's kernel
             starts = [pool.submit(self.engine.start, crec.id) for crec in created]
+            sandbox_started.result()
             for started in starts:
                 started.result()
         if disk:
