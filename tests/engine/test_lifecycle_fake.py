@@ -185,6 +185,37 @@ def test_volumes_quota_and_bridge_network(eng: Engine, node: dict[str, Any]) -> 
     assert other.ip != rec.ip
 
 
+def test_pod_members_join_namespace_files_and_start_before_their_sandbox(
+    eng: Engine, node: dict[str, Any]
+) -> None:
+    """Under runc/crun the sandbox's create makes the pod's IPC and UTS namespaces as files
+    (named after the pod), so a member starts without waiting for the sandbox to run, and
+    removing the sandbox removes them."""
+    sandbox = eng.create(
+        spec(node, "sleep", "30", network="bridge", hostname="pod1", pod_sandbox=True)
+    )
+    nsdir = eng.pod_ns_dir(sandbox.id)
+    assert eng.pod_namespaces.exists(nsdir)
+    assert (nsdir / "uts").read_text() == "pod1\n"
+    member = eng.create(spec(node, "sleep", "30", hostname="pod1", sandbox=sandbox.id))
+    assert eng.start(member.id).status == "running"  # the sandbox is still only created
+    assert eng.start(sandbox.id).status == "running"
+    for cid, netns in ((member.id, sandbox.id), (sandbox.id, sandbox.id)):
+        bundle = json.loads((eng.cdir(cid) / "bundle" / "config.json").read_text())
+        ns = {n["type"]: n.get("path") for n in bundle["linux"]["namespaces"]}
+        assert ns["ipc"] == str(nsdir / "ipc") and ns["uts"] == str(nsdir / "uts"), cid
+        assert ns["network"] == node["network"].netns_path(netns), cid
+        assert "hostname" not in bundle  # set once, in the namespace
+    eng.remove(member.id, force=True)
+    eng.remove(sandbox.id, force=True)
+    assert not nsdir.exists() and eng.pod_namespaces.destroyed == 1
+
+
+def test_a_container_of_its_own_makes_no_pod_namespaces(eng: Engine, node: dict[str, Any]) -> None:
+    rec = eng.create(spec(node, "true", network="bridge"))
+    assert not eng.pod_ns_dir(rec.id).exists() and eng.pod_namespaces.created == 0
+
+
 def test_upgrade_swaps_the_image_and_keeps_the_rest(eng: Engine, node: dict[str, Any]) -> None:
     v2 = fake_rootfs(node["root"] / "img-v2", [("etc/version", "2\n")])
     rec = eng.run(spec(node, "sleep", "30", network="bridge"))

@@ -44,8 +44,22 @@ def pod_cgroups(settings: EngineSettings) -> list[str]:
     return found
 
 
+def namespace_mounts(state: Path) -> list[str]:
+    """Namespace bind mounts (nsfs: a pod's IPC/UTS files, ``ip netns``) below ``state``,
+    and namespace files left there unmounted."""
+    with open("/proc/self/mountinfo") as fh:
+        found = [
+            f"{ln.split()[4]} ({ln.split()[3]})"
+            for ln in fh
+            if ln.split()[4].startswith(str(state)) and ln.split(" - ")[1].startswith("nsfs ")
+        ]
+    found += [str(p) for p in (state / "containers").glob("*/ns/*")]
+    return found
+
+
 def assert_nothing_left(settings: EngineSettings) -> None:
-    """No instance record, container, pod cgroup, netns or mount of this state directory."""
+    """No instance record, container, pod cgroup, netns, pod namespace file or mount of this
+    state directory."""
     state = settings.resolved_state_dir()
     records = list((state / "instances" / "records").glob("*.json"))
     assert not records, f"instance records left: {records}"
@@ -55,6 +69,8 @@ def assert_nothing_left(settings: EngineSettings) -> None:
     finally:
         eng.close()
     assert not pod_cgroups(settings), pod_cgroups(settings)
+    left_ns = namespace_mounts(state)
+    assert not left_ns, f"pod namespace bind mounts or files left: {left_ns}"
     with open("/proc/self/mountinfo") as fh:
         mounts = [ln.split()[4] for ln in fh if ln.split()[4].startswith(str(state))]
     assert not mounts, mounts

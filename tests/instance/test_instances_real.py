@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
 from tidal.engine.network import gateway
 from tidal.engine.settings import EngineSettings
-from tidal.engine.spec import PortMapping
-from tidal.errors import ConfigError, NoCapacityError
+from tidal.engine.spec import ContainerSpec, PortMapping, QuotaSpec
+from tidal.errors import ConfigError, NoCapacityError, OciRuntimeError
 from tidal.instance.catalog import InstanceSettings
 from tidal.instance.client import InstanceClient
 from tidal.instance.manager import InstanceManager
@@ -30,7 +31,7 @@ from tidal.instance.spec import InstanceSpec, Limits, MemberSpec
 from tidal.testing.daemon import daemon_env
 from tidal.units import GiB, MiB
 
-from .conftest import assert_nothing_left, cleanup_engine, pod_cgroups
+from .conftest import assert_nothing_left, cleanup_engine, namespace_mounts, pod_cgroups
 
 pytestmark = [
     pytest.mark.root,
@@ -50,6 +51,13 @@ def _sh(client: InstanceClient, ref: str, script: str, container: str | None = N
 
 def _pod_dir(settings: EngineSettings, rec: dict[str, object], ctrl: str) -> Path:
     return Path("/sys/fs/cgroup") / ctrl / str(rec["cgroup"])
+
+
+def _ns_inode(link: str) -> int:
+    """``ipc:[4026532280]`` -> 4026532280 (a namespace's inode, as ``readlink`` shows it)."""
+    m = re.fullmatch(r"\w+:\[(\d+)\]", link.strip())
+    assert m, link
+    return int(m.group(1))
 
 
 def test_pod_shares_network_ipc_uts_and_hosts_each_with_its_own_rootfs(
@@ -85,6 +93,12 @@ def test_pod_shares_network_ipc_uts_and_hosts_each_with_its_own_rootfs(
     assert main_ns[3:5] != side_ns[3:5], "each has its own pid and mount namespace"
     assert main_ns[5] == side_ns[5] == "web"
     assert f"{rec['ip']}\tweb" in main_ns and main_ns[6:] == side_ns[6:]
+    # ... and the sandbox's: all of them joined the pod's namespace files, made before any ran
+    sandbox = rec["containers"][0]
+    nsdir = engine_settings.resolved_state_dir() / "containers" / sandbox["id"] / "ns"
+    for i, kind in ((1, "ipc"), (2, "uts")):
+        assert _ns_inode(main_ns[i]) == (nsdir / kind).stat().st_ino, kind
+        assert os.readlink(f"/proc/{sandbox['pid']}/ns/{kind}") == main_ns[i], kind
     # every container sits below the pod's cgroup
     pod = _pod_dir(engine_settings, rec, "memory")
     kids = {p.name for p in pod.iterdir() if p.is_dir()}
@@ -386,6 +400,100 @@ def test_creation_cut_short_is_rolled_back_by_the_next_daemon(
         counts = InstanceManager(engine, InstanceSettings()).reconcile()
         assert counts == {}
         assert not engine.store.list()
+        assert_nothing_left(engine_settings)
+    finally:
+        cleanup_engine(engine)
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_members_start_before_their_sandbox_runs(
+    engine_settings: EngineSettings, busybox_rootfs: Path, runtime: str
+) -> None:
+    """Under runc and crun the pod's IPC and UTS namespaces are files made by the sandbox's
+    create: a member started while the sandbox is only created already has the pod's hostname
+    and namespaces, and the sandbox joins the same ones when it starts. (Instances take runc or
+    runsc; the engine's pods take crun too.)"""
+    if shutil.which(runtime) is None:
+        pytest.skip(f"needs {runtime}")
+    engine = Engine(engine_settings)
+    img = str(busybox_rootfs)
+    try:
+        sandbox = engine.create(
+            ContainerSpec(
+                image=img, command=("sleep", "300"), name="early.sandbox", hostname="early",
+                network="bridge", pod_sandbox=True, disk_quotas=(QuotaSpec("/", 0),),
+                runtime=runtime,
+            )
+        )  # fmt: skip
+        nsdir = engine.pod_ns_dir(sandbox.id)
+        assert len(namespace_mounts(engine_settings.resolved_state_dir())) == 4  # 2 files, mounted
+        member = engine.create(
+            ContainerSpec(image=img, command=("sleep", "300"), name="early.main",
+                          hostname="early", sandbox="early.sandbox", runtime=runtime)
+        )  # fmt: skip
+        assert engine.start(member.id).status == "running"
+        assert engine.get(sandbox.id).status == "created"
+        script = "hostname; for n in ipc uts net; do readlink /proc/self/ns/$n; done"
+        seen = engine.exec(member.id, ["sh", "-c", script]).stdout.decode().split()
+        assert seen[0] == "early"
+        assert _ns_inode(seen[1]) == (nsdir / "ipc").stat().st_ino
+        assert _ns_inode(seen[2]) == (nsdir / "uts").stat().st_ino
+        engine.start(sandbox.id)
+        assert engine.exec(sandbox.id, ["sh", "-c", script]).stdout.decode().split() == seen
+        engine.remove(member.id, force=True)
+        engine.remove(sandbox.id, force=True)
+        assert not nsdir.exists()
+        assert_nothing_left(engine_settings)
+    finally:
+        cleanup_engine(engine)
+
+
+def test_creation_cut_short_after_the_sandbox_create_is_rolled_back(
+    engine_settings: EngineSettings, busybox_rootfs: Path
+) -> None:
+    """A daemon killed after the sandbox's create (its namespace files are made, no process
+    holds them) and before any start: the next daemon's reconcile unmounts and removes them."""
+    from tidal.ids import InstanceId
+    from tidal.instance.store import InstanceRecord
+
+    engine = Engine(engine_settings)
+    try:
+        mgr = InstanceManager(engine, InstanceSettings())
+        rec = mgr.store.put(
+            InstanceRecord(
+                id=InstanceId("d" * 32),
+                name="half",
+                spec=InstanceSpec(image=str(busybox_rootfs), command=("sleep", "60")),
+                phase="creating",
+                runtime="runc",
+                cgroup=f"{engine_settings.cgroup_parent}/pod-{'d' * 12}",
+                created_at=time.time(),
+            )
+        )
+        mgr.cgroup(rec).create(rec.limits)
+        engine.create(mgr._sandbox_spec(rec))  # ... and here the daemon died
+        assert namespace_mounts(engine_settings.resolved_state_dir())
+        assert InstanceManager(engine, InstanceSettings()).reconcile() == {}
+        assert_nothing_left(engine_settings)
+    finally:
+        cleanup_engine(engine)
+
+
+def test_a_member_that_fails_to_start_rolls_the_pod_back(
+    engine_settings: EngineSettings, busybox_rootfs: Path
+) -> None:
+    """The members start alongside the sandbox; one failing takes all of it back, namespace
+    files included."""
+    engine = Engine(engine_settings)
+    try:
+        mgr = InstanceManager(engine, InstanceSettings())
+        with pytest.raises(OciRuntimeError, match="did not start"):
+            mgr.run(
+                InstanceSpec(
+                    image=str(busybox_rootfs), command=("/no/such/binary",), name="doomed",
+                    members=(MemberSpec("side", str(busybox_rootfs), ("sleep", "60")),),
+                )
+            )  # fmt: skip
         assert_nothing_left(engine_settings)
     finally:
         cleanup_engine(engine)

@@ -9,7 +9,8 @@ restarted daemon finds its containers again (:meth:`Engine.reconcile`).
 
 The engine reaches the host only through its adapters, each replaceable by a fake from
 :mod:`tidal.testing.engine`: a runtime factory (runc, crun), a :class:`Mounter` that executes
-the storage plans (:mod:`tidal.engine.storage`) and a :class:`Network`. Concerns live apart:
+the storage plans (:mod:`tidal.engine.storage`), a :class:`Network` and the
+:class:`~tidal.engine.podns.PodNamespaces` a pod's sandbox holds its IPC and UTS in. Concerns live apart:
 bundles in :mod:`tidal.engine.assemble`, monitor hand-over in :mod:`tidal.engine.launcher`,
 published ports in :mod:`tidal.engine.ports`, upgrade and rollback in
 :mod:`tidal.engine.upgrade`.
@@ -34,7 +35,7 @@ from tidal.cgroups import CGROUP_ROOT
 from tidal.engine import upgrade as upgrade_mod
 from tidal.engine.assemble import HostView, host_cpus, write_container_bundle
 from tidal.engine.attach import ATTACH_SOCKET
-from tidal.engine.bundle import cpuset_for, resources_from
+from tidal.engine.bundle import cpuset_for, hostname, resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
 from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
@@ -49,6 +50,7 @@ from tidal.engine.monitor import (
 )
 from tidal.engine.mounter import HostMounter, Mounter
 from tidal.engine.network import BridgeNetwork, Network
+from tidal.engine.podns import POD_NS_DIR, HostPodNamespaces, PodNamespacePaths, PodNamespaces
 from tidal.engine.ports import check_ports
 from tidal.engine.richinit import read_service_states
 from tidal.engine.rootfs import provider_for
@@ -141,6 +143,7 @@ class Engine:
         runtime_factory: RuntimeFactory | None = None,
         mounter: Mounter | None = None,
         network: Network | None = None,
+        pod_namespaces: PodNamespaces | None = None,
         cgroup_root: Path = CGROUP_ROOT,
     ) -> None:
         self.settings = settings or load_settings()
@@ -151,6 +154,7 @@ class Engine:
         self.lxcfs = LxcfsSupervisor(self.state_dir / "lxcfs" / "mnt")
         self.cgroup_root = cgroup_root
         self.network = network or BridgeNetwork(self.settings.bridge, self.settings.subnet)
+        self.pod_namespaces = pod_namespaces or HostPodNamespaces()
         self._runtime_factory = runtime_factory or self._configured_runtime
         self._create_lock = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
@@ -236,6 +240,15 @@ class Engine:
 
     def cdir(self, cid: str) -> Path:
         return self.containers_dir / cid
+
+    def pod_ns_dir(self, cid: str) -> Path:
+        """Where pod sandbox ``cid`` keeps its pod's IPC and UTS namespace files."""
+        return self.cdir(cid) / POD_NS_DIR
+
+    def _holds_pod_namespaces(self, spec: ContainerSpec, runtime: str) -> bool:
+        """A pod's sandbox under a runtime without one sandbox kernel per pod (runc, crun)
+        holds the pod's IPC and UTS namespaces as files (see :mod:`tidal.engine.podns`)."""
+        return spec.pod_sandbox and not self.runtime(runtime).capabilities.pod_sandbox
 
     def cgroups_path(self, cid: str, parent: str | None = None) -> str:
         """``/<parent>/<id>``: ``parent`` is a pod's cgroup (the spec's ``cgroup_parent``) or
@@ -350,6 +363,8 @@ class Engine:
                 ip = self.store.allocate_ip(cid, self.network.ip_candidates())
                 self.network.create_netns(cid, ip)
                 self.store.update(cid, ip=ip)
+            if self._holds_pod_namespaces(spec, runtime_name):
+                self.pod_namespaces.create(self.pod_ns_dir(cid), hostname(spec, cid))
         except BaseException:
             self._try(
                 f"undoing the creation of container {rec.name}",
@@ -381,6 +396,11 @@ class Engine:
             # after a host reboot: the same address again, on a recreated bridge
             self.network.ensure_bridge()
             self.network.create_netns(rec.id, rec.ip)
+        if self._holds_pod_namespaces(rec.spec, rec.runtime):
+            nsdir = self.pod_ns_dir(rec.id)
+            if not self.pod_namespaces.exists(nsdir):  # a host reboot, or made by an older Tidal
+                self.pod_namespaces.destroy(nsdir)
+                self.pod_namespaces.create(nsdir, hostname(rec.spec, rec.id))
 
     def _bundle(self, rec: ContainerRecord) -> Path:
         lxcfs_dir: str | None = None
@@ -401,21 +421,44 @@ class Engine:
 
     def _pod_view(self, rec: ContainerRecord, host: HostView) -> HostView:
         """A pod member joins its sandbox: the runtime's pod annotations, and (where pods do
-        not share one sandbox kernel) the sandbox's net, IPC and UTS namespaces by path."""
+        not share one sandbox kernel) the pod's net, IPC and UTS namespaces by path.
+
+        Those are the sandbox's named netns and the namespace files it holds from its create
+        on (:mod:`tidal.engine.podns`), so neither the sandbox nor the members wait for one
+        another. A sandbox without the files (made by an older Tidal) is joined through
+        ``/proc/<its pid>/ns``, which needs it running."""
         rt = self.runtime(rec.runtime)
         if rec.spec.pod_sandbox:
             notes = rt.pod_annotations(rec.id, is_sandbox=True)
-            return dataclasses.replace(host, annotations=tuple(notes.items()))
+            host = dataclasses.replace(host, annotations=tuple(notes.items()))
+            if self._holds_pod_namespaces(rec.spec, rec.runtime):
+                paths = PodNamespacePaths.under(self.pod_ns_dir(rec.id))
+                host = dataclasses.replace(
+                    host, ipc_ns_path=str(paths.ipc), uts_ns_path=str(paths.uts)
+                )
+            return host
         assert rec.spec.sandbox is not None
-        sandbox = self.get(rec.spec.sandbox)
+        # the record alone, not refreshed: the sandbox's own start may be folding it in now
+        sandbox = self.store.get(rec.spec.sandbox)
+        notes = rt.pod_annotations(sandbox.id, is_sandbox=False)
+        if rt.capabilities.pod_sandbox:
+            return dataclasses.replace(host, annotations=tuple(notes.items()))
+        nsdir = self.pod_ns_dir(sandbox.id)
+        if sandbox.spec.network == "bridge" and self.pod_namespaces.exists(nsdir):
+            paths = PodNamespacePaths.under(nsdir)
+            return dataclasses.replace(
+                host,
+                netns_path=self.network.netns_path(sandbox.id),
+                ipc_ns_path=str(paths.ipc),
+                uts_ns_path=str(paths.uts),
+                annotations=tuple(notes.items()),
+            )
+        sandbox = self.get(sandbox.id)
         if sandbox.status != "running" or not sandbox.pid:
             raise ContainerStateError(
                 f"container {rec.name} joins sandbox {sandbox.name}, which is {sandbox.status}; "
                 "start the sandbox first"
             )
-        notes = rt.pod_annotations(sandbox.id, is_sandbox=False)
-        if rt.capabilities.pod_sandbox:
-            return dataclasses.replace(host, annotations=tuple(notes.items()))
         ns = f"/proc/{sandbox.pid}/ns"
         netns = (
             self.network.netns_path(sandbox.id) if sandbox.spec.network == "bridge" else f"{ns}/net"
@@ -718,6 +761,11 @@ class Engine:
             log.warning("removing container %s: %s", rec.name, exc)
         except TidalError as exc:
             errors.append(f"runtime: {exc}")
+        if rec.spec.pod_sandbox:  # before the storage sweep, which would find them mounted
+            try:
+                self.pod_namespaces.destroy(self.pod_ns_dir(rec.id))
+            except (TidalError, OSError) as exc:
+                errors.append(f"pod namespaces: {exc}")
         errors += self.storage.destroy(rec.id, self.cdir(rec.id), rec.rootfs)
         if rec.spec.network == "bridge":
             try:

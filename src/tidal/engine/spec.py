@@ -117,9 +117,10 @@ class ContainerSpec:
     """When ``image`` is a registry reference: pull it if the node lacks it (``missing``),
     every time (``always``) or never (``never``); resolved by the engine before the rootfs."""
     sandbox: str | None = None
-    """Pod member: id of the pod's sandbox (infra) container, whose network, IPC and UTS
-    namespaces this container joins (by path under runc/crun; through the runtime's pod
-    annotations where one sandbox kernel holds the pod). None: a container of its own."""
+    """Pod member: id or name of the pod's sandbox (infra) container, whose network, IPC and
+    UTS namespaces this container joins (by path under runc/crun; through the runtime's pod
+    annotations where one sandbox kernel holds the pod). Looked up at start, so a member can
+    be created alongside its sandbox (by name). None: a container of its own."""
     pod_sandbox: bool = False
     """This container is a pod's sandbox (infra) container, the one members join."""
     cgroup_parent: str | None = None

@@ -5,16 +5,23 @@
 1. resolve the spec list, choose the first type the node's free capacity holds, write the
    record (phase ``creating``) — the intent, before anything is made;
 2. make the pod's cgroup and write its CPU, memory and pids limits;
-3. run the sandbox: an engine container from the pause rootfs on the bridge network holding
-   the published ports, with no quota volume, hostname = the instance's name;
-4. shape its veth (tc, both directions); write the pod's ``/etc/hosts``;
-5. create each container (main, then the others) joining the sandbox's namespaces, limit its
-   block devices, start it;
+3. create the sandbox and, alongside, each container (main, then the others). The sandbox
+   is an engine container from the pause rootfs on the bridge network holding the published
+   ports, with no quota volume; its create makes everything the pod shares: the named netns
+   and, under runc/crun, the pod's IPC and UTS namespaces as files in its directory, the UTS
+   one named after the instance (:mod:`tidal.engine.podns`). The containers name it as their
+   sandbox and will join those namespaces by path; the pod's ``/etc/hostname`` and
+   ``/etc/hosts`` are one file each, bound into every container;
+4. start the sandbox as soon as it is made; shape its veth (tc, both directions), write its
+   address into ``/etc/hosts``, limit the containers' block devices;
+5. start the containers without waiting for the sandbox (runc/crun: nothing they join needs
+   its process), or once it runs (runsc: they run inside its gVisor kernel);
 6. record the IP and phase ``running``.
 
-A failure at any step undoes what was made (containers by their names, the cgroup, the
-record) and raises one error naming the cause; a daemon killed meanwhile leaves a
-``creating`` record that :meth:`InstanceManager.reconcile` rolls back the same way.
+A failure at any step undoes what was made (containers by their names, which takes the
+sandbox's netns and namespace files along, the cgroup, the record) and raises one error naming
+the cause; a daemon killed meanwhile leaves a ``creating`` record that
+:meth:`InstanceManager.reconcile` rolls back the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import os
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +210,7 @@ class InstanceManager:
             "pids_limit": rec.limits.pids,
         }
 
-    def _member_spec(
-        self, rec: InstanceRecord, sandbox: ContainerRecord, member: MemberSpec, main: bool
-    ) -> ContainerSpec:
+    def _member_spec(self, rec: InstanceRecord, member: MemberSpec, main: bool) -> ContainerSpec:
         pod = self.pod_dir(rec)
         shared = (
             VolumeSpec("/etc/hosts", str(pod / "hosts"), readonly=True),
@@ -230,35 +235,50 @@ class InstanceManager:
             rich=member.restart != "no",
             restart=member.restart,
             labels=self._labels(rec, MAIN if main else member.name),
-            sandbox=sandbox.id,
+            sandbox=rec.container_name(SANDBOX),  # by name: made alongside, its id comes later
             cgroup_parent=rec.cgroup,
             **self._own_limits(rec),
             **extra,
         )
 
     def _make(self, rec: InstanceRecord) -> InstanceRecord:
-        """Steps 2-6 of the module docstring. The sandbox starts while the members' storage is
-        made, and the members start together (each start is mostly waiting on the runtime)."""
+        """Steps 2-6 of the module docstring. Under runc and crun nothing on the critical path
+        waits for the sandbox: everything the members join (the netns, the IPC and UTS
+        namespace files) is made by its create, which runs alongside the members' creates,
+        and the members start with it, so an instance costs about one container create and
+        one start. Under runsc the members run inside the sandbox's kernel, which must run
+        first. (Each step is mostly waiting on ``ip``, ``mount`` and the runtime.)"""
         cg = self.cgroup(rec)
         cg.create(rec.limits)
-        sandbox = self.engine.create(self._sandbox_spec(rec))
-        with ThreadPoolExecutor(max_workers=1 + len(rec.spec.members) + 1) as pool:
-            sandbox_started = pool.submit(self.engine.start, sandbox.id)
+        one_kernel = self.engine.runtime(rec.runtime).capabilities.pod_sandbox
+        pod = self.pod_dir(rec)
+        pod.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(pod / "hostname", rec.name + "\n")
+        write_text_atomic(pod / "hosts", hosts_file(rec.name, None))  # the address comes below
+        main = MemberSpec(MAIN, rec.spec.image, rec.spec.command, restart=rec.spec.restart)
+        members = [(main, True), *((m, False) for m in rec.spec.members)]
+        with ThreadPoolExecutor(max_workers=2 + len(members)) as pool:
+            started: list[Future[ContainerRecord]] = []
+
+            def make_sandbox() -> ContainerRecord:
+                sandbox = self.engine.create(self._sandbox_spec(rec))
+                started.append(pool.submit(self.engine.start, sandbox.id))
+                return sandbox
+
+            sandbox_made = pool.submit(make_sandbox)
+            try:
+                created = [
+                    self.engine.create(self._member_spec(rec, m, is_main)) for m, is_main in members
+                ]
+            finally:
+                sandbox = sandbox_made.result()  # its error, if both failed
+            sandbox_started = started[0]
             unenforced: list[str] = []
             if sandbox.ip is not None:
                 host_dev, _ = link_names(sandbox.id)
                 unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
             rec = rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced))  # recorded at the end
-            pod = self.pod_dir(rec)
-            pod.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))
-            write_text_atomic(pod / "hostname", rec.name + "\n")
-            main = MemberSpec(MAIN, rec.spec.image, rec.spec.command, restart=rec.spec.restart)
-            members = [(main, True), *((m, False) for m in rec.spec.members)]
-            created = [
-                self.engine.create(self._member_spec(rec, sandbox, m, is_main))
-                for m, is_main in members
-            ]
+            write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))  # before binds
             lim = rec.limits
             disk = any(
                 v is not None
@@ -278,10 +298,12 @@ class InstanceManager:
                     # made ahead with its limits: the runtime joins it, so the first I/O is held
                     cg.make_child(crec.id)
                     cg.limit_devices(lim, devices, child=crec.id)
-            sandbox_started.result()  # members join its namespaces
+            if one_kernel:
+                sandbox_started.result()  # runsc: the members run inside the sandbox's kernel
             starts = [pool.submit(self.engine.start, crec.id) for crec in created]
-            for started in starts:
-                started.result()
+            sandbox_started.result()
+            for member_started in starts:
+                member_started.result()
         if disk:
             for crec in created:
                 cg.adopt_blkio(crec.id)

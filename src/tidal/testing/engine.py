@@ -1,6 +1,7 @@
-"""Engine fakes: a runtime, a mounter and a network over a temp directory, no root needed.
+"""Engine fakes: a runtime, a mounter, a network and pod namespaces over a temp directory, no
+root needed.
 
-They are real implementations of the engine's three host adapters, with their state in files
+They are real implementations of the engine's four host adapters, with their state in files
 so that a container's monitor (another process) and a restarted engine see the same world:
 
 * :class:`FakeRuntime` runs a bundle's ``process.args`` as a plain host process (no
@@ -10,8 +11,10 @@ so that a container's monitor (another process) and a restarted engine see the s
   runc and crun (:mod:`tidal.testing.runtime_suite`).
 * :class:`FakeMounter` executes mount plans by recording them (``mounts.json``).
 * :class:`FakeNetwork` keeps network namespaces as files and addresses in ``netns.json``.
+* :class:`FakePodNamespaces` keeps a pod's IPC and UTS namespaces as plain files (the UTS
+  one holding the hostname) and counts what it made and removed.
 
-:func:`fake_engine` builds an :class:`~tidal.engine.containers.Engine` on all three.
+:func:`fake_engine` builds an :class:`~tidal.engine.containers.Engine` on all four.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from tidal.engine.mounter import Mounter
 from tidal.engine.network import Network, netns_name
+from tidal.engine.podns import PodNamespacePaths, PodNamespaces
 from tidal.engine.runtime import (
     EXEC_TIMEOUT_S,
     ExecResult,
@@ -369,11 +373,36 @@ class FakeNetwork(Network):
         return self.state.load()
 
 
+class FakePodNamespaces(PodNamespaces):
+    """Namespace files that are plain files: ``uts`` holds the hostname it was made with."""
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.destroyed = 0
+
+    def create(self, directory: Path, hostname: str) -> PodNamespacePaths:
+        paths = PodNamespacePaths.under(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths.ipc.write_text("ipc\n")
+        paths.uts.write_text(hostname + "\n")
+        self.created += 1
+        return paths
+
+    def exists(self, directory: Path) -> bool:
+        return all(f.is_file() for f in PodNamespacePaths.under(directory).files())
+
+    def destroy(self, directory: Path) -> None:
+        if directory.is_dir():
+            self.destroyed += 1
+            shutil.rmtree(directory)
+
+
 def fake_engine(
     root: Path,
     *,
     mounter: FakeMounter | None = None,
     network: FakeNetwork | None = None,
+    pod_namespaces: FakePodNamespaces | None = None,
     **settings: Any,
 ) -> Any:
     """An :class:`~tidal.engine.containers.Engine` under ``root`` on the three fakes.
@@ -396,6 +425,7 @@ def fake_engine(
         runtime_factory=fake_runtime_factory,
         mounter=mounter or FakeMounter(root / "host"),
         network=network or FakeNetwork(root / "host"),
+        pod_namespaces=pod_namespaces or FakePodNamespaces(),
     )
 
 
