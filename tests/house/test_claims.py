@@ -21,7 +21,12 @@ RUN_ONLY_IN = {
     "losetup": {"tidal/blockdev/loop.py"},
     "mkfs.ext4": {"tidal/blockdev/ext4.py"},
     "mount": {"tidal/blockdev/ext4.py", "tidal/engine/mounter.py", "tidal/engine/hostprep.py"},
-    "umount": {"tidal/blockdev/ext4.py", "tidal/engine/mounter.py", "tidal/engine/lxcfs.py"},
+    "umount": {
+        "tidal/blockdev/ext4.py",
+        "tidal/engine/mounter.py",
+        "tidal/engine/lxcfs.py",
+        "tidal/engine/podns.py",  # a pod's namespace files (bind mounts made by unshare)
+    },
 }
 
 SPAWNERS = {"run", "Popen", "call", "check_call", "check_output", "getoutput", "getstatusoutput"}
