@@ -105,3 +105,23 @@ def test_a_table_that_does_not_match_the_manifests_pin_is_refused(tmp_path: Path
     pinned = pytest.raises(ChecksumError, match="does not match the digest its manifest pins")
     with pinned, LazyImage.open(path, LocalBlobStore(path), None, BlobSettings()) as lazy:
         lazy.image.merged_view().read(0, 6)
+
+
+def test_verify_says_which_kind_of_check_each_image_got(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def verify(path: Path) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "tidal.cli.main", "image", "verify", str(path)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stdout.split())
+
+    image = _image(tmp_path / "new", tmp_path / "w1")
+    assert "by sha256, chunk tables pinned by the manifest" in verify(image.path)
+    old = _image(tmp_path / "old", tmp_path / "w2")
+    blob = blob_path(old.path, old.manifest.layers[0].digest).read_bytes()
+    path = _rewrite_layer(old, _v1_blob(blob), pin=None)
+    assert "1 data layer(s) by crc32 only" in verify(path)

@@ -85,6 +85,24 @@ def test_hot_reload_and_bad_edit_keeps_last_good(rules_path: Path) -> None:
     assert errors and "bogus" in errors[0] and rf.last_error
 
 
+def test_a_non_number_in_guards_is_one_line_and_a_running_agent_keeps_its_rules(
+    rules_path: Path,
+) -> None:
+    """Found by hand: ``guards: {drift_limit_s: abc}`` was a traceback in ``rules check`` and a
+    failing round in a running agent (whose status showed no rules error)."""
+    rf = RulesFile(rules_path)
+    good = rf.current
+    doc = yaml.safe_load(rules_path.read_text())
+    doc["guards"] = {"drift_limit_s": "abc"}
+    rules_path.write_text(yaml.safe_dump(doc))
+    os.utime(rules_path, ns=(3, 3))
+    with pytest.raises(RuleError, match=r"guards\.drift_limit_s: expected float, got 'abc'"):
+        load_rules(rules_path)
+    assert rf.poll() is False and rf.current is good
+    assert rf.last_error is not None and "guards.drift_limit_s" in rf.last_error
+    assert "\n" not in rf.last_error
+
+
 class _AlwaysNothing:
     name = "noop"
 
