@@ -125,3 +125,33 @@ def test_verify_says_which_kind_of_check_each_image_got(tmp_path: Path) -> None:
     blob = blob_path(old.path, old.manifest.layers[0].digest).read_bytes()
     path = _rewrite_layer(old, _v1_blob(blob), pin=None)
     assert "1 data layer(s) by crc32 only" in verify(path)
+
+
+def test_a_forged_table_is_not_kept_in_the_chunk_cache(tmp_path: Path) -> None:
+    """A man in the middle serves a consistent forgery (chunk, table entry, crc32s) under the
+    layer's real digest: the mount is refused, and once the honest source is back the same
+    node mounts the image (the forged table did not stay in its chunk cache)."""
+    from tidal.blobs.chunk_cache import ChunkCache
+
+    image = _image(tmp_path / "img", tmp_path / "w")
+    rec = image.manifest.layers[0]
+    blob = bytearray(blob_path(image.path, rec.digest).read_bytes())
+    foot = len(blob) - FOOTER_SIZE
+    count, meta = struct.unpack_from("<QQ", blob, foot + 24)
+    table = foot - count * TABLE_ENTRY_SIZE
+    size_word = struct.unpack_from("<I", blob, table)[0]
+    forged = bytes(blob[64 : 64 + (size_word & 0x7FFF_FFFF)]).replace(b"tidal", b"EVIL!", 1)
+    blob[64 : 64 + len(forged)] = forged
+    struct.pack_into("<II32s", blob, table, size_word, zlib.crc32(forged),
+                     hashlib.sha256(forged).digest())  # fmt: skip
+    struct.pack_into("<I", blob, foot + 40, zlib.crc32(bytes(blob[table - meta : foot])))
+    struct.pack_into("<I", blob, len(blob) - 4, zlib.crc32(bytes(blob[foot:-4])))
+    evil = tmp_path / "evil"
+    blob_path(evil, rec.digest).parent.mkdir(parents=True)
+    blob_path(evil, rec.digest).write_bytes(bytes(blob))  # the forgery under the real name
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    pinned = pytest.raises(ChecksumError, match="does not match the digest its manifest pins")
+    with pinned, LazyImage.open(image.path, LocalBlobStore(evil), cache, BlobSettings()) as lazy:
+        lazy.image.merged_view().read(0, 6)
+    with LazyImage.open(image.path, LocalBlobStore(image.path), cache, BlobSettings()) as lazy:
+        assert lazy.image.merged_view().read(0, 6) == b"tidal "

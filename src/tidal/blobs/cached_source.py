@@ -32,10 +32,10 @@ from typing import Protocol, runtime_checkable
 from tidal.blobs.chunk_cache import ChunkCache, ChunkKey
 from tidal.blobs.settings import BlobSettings
 from tidal.blobs.source import BlobSource, ByteRange
-from tidal.errors import BlobIntegrityError, CacheError, TidalError
+from tidal.errors import BlobIntegrityError, CacheError, ChecksumError, FormatError, TidalError
 from tidal.ids import Digest, short_digest
 from tidal.image.source import check_range
-from tidal.image.zfile import ZFileReader
+from tidal.image.zfile import FOOTER_SIZE, ZFileReader, zfile_tail_start
 
 log = logging.getLogger("tidal.blobs.cache")
 
@@ -160,6 +160,13 @@ class CachedRangeSource:
 
     def set_check(self, check: ChunkCheck | None) -> None:
         self._check = check
+
+    def drop_cached_ranges(self, ranges: Iterable[ByteRange]) -> int:
+        """Forget cached copies of ``ranges`` (a ZFile tail that failed its pin); returns how
+        many entries were dropped."""
+        if self.cache is None:
+            return 0
+        return sum(self.cache.drop(self._key(r)) for r in ranges)
 
     def read_at(self, offset: int, length: int) -> bytes:
         check_range(self.name, self._size, offset, length)
@@ -499,11 +506,41 @@ def lazy_source_factory(
     def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
         src = CachedRangeSource(source, digest, size_bytes, cache=cache, settings=settings)
         expected = pinned(digest) if pinned is not None else None
-        src.set_check(
-            ZFileChunkCheck(
-                ZFileReader(src, decoded_cache_chunks=0, expected_index_sha256=expected)
-            )
-        )
+        src.set_check(ZFileChunkCheck(_open_tail(src, expected)))
         return src
 
     return factory
+
+
+def _tail_ranges(src: CachedRangeSource) -> list[ByteRange]:
+    """The footer's range and the tail range each cached footer copy claims."""
+    size = src.size_bytes
+    footer = ByteRange(size - FOOTER_SIZE, size)
+    out = [footer]
+    if src.cache is not None:
+        data = src.cache.get(ChunkKey(src.digest, footer.start, footer.length))
+        if data is not None:
+            start = zfile_tail_start(data, size)
+            if start is not None:
+                out.append(ByteRange(start, footer.start))
+    return out
+
+
+def _open_tail(src: CachedRangeSource, expected: str | None) -> ZFileReader:
+    """The blob's ZFile reader, its tail checked against the manifest's pin. A tail that fails
+    it may be a forgery cached from an earlier read: its cached copies are dropped and the tail
+    is read once more from the source (a forgery there fails again, and nothing is kept)."""
+    try:
+        return ZFileReader(src, decoded_cache_chunks=0, expected_index_sha256=expected)
+    except (ChecksumError, FormatError) as exc:
+        dropped = src.drop_cached_ranges(_tail_ranges(src))
+        if not dropped:
+            raise
+        log.warning(
+            "%s: cached chunk table refused (%s); read again from the source", src.name, exc
+        )
+    try:
+        return ZFileReader(src, decoded_cache_chunks=0, expected_index_sha256=expected)
+    except (ChecksumError, FormatError):
+        src.drop_cached_ranges(_tail_ranges(src))  # keep no copy of what the source forged
+        raise

@@ -80,6 +80,20 @@ _ENTRY = struct.Struct("<II32s")
 _ENTRY_V1 = struct.Struct("<II")
 
 
+def zfile_tail_start(footer: bytes, blob_size: int) -> int | None:
+    """Where the metadata + table a ZFile footer describes would start (None: not a footer)."""
+    if len(footer) != FOOTER_SIZE:
+        return None
+    magic, version, _codec, _flags, _chunk, _raw, count, meta_size, _crc = _FOOTER.unpack_from(
+        footer
+    )
+    if magic != FOOTER_MAGIC or version not in (VERSION, VERSION_CRC_ONLY):
+        return None
+    entry = _ENTRY if version >= VERSION else _ENTRY_V1
+    start = blob_size - FOOTER_SIZE - meta_size - count * entry.size
+    return start if start >= HEADER_SIZE else None
+
+
 def index_digest(tail: bytes, footer: bytes) -> str:
     """The digest a manifest pins for a ZFile: sha256 of metadata + table + footer."""
     return "sha256:" + hashlib.sha256(tail + footer).hexdigest()
