@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from blockdev.conftest import leaked
-from tidal.blockdev import mounts
+from tidal.blockdev import loop, mounts
 from tidal.testing.oci_builder import LayerTar, write_oci_layout
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop]
@@ -66,3 +66,7 @@ def test_a_killed_convert_leaves_no_server_and_gc_cleans_up(
     assert "nothing to clean" not in gc.stdout + gc.stderr
     assert leaked(tmp_path) == []
     assert mounts.list_mounts() == []
+    # the loop device by its backing file's identity: once the FUSE server is gone its path
+    # shows as "/disk", which a by-path check (leaked()) cannot see
+    assert info.loop_backing_id
+    assert all(d.backing_id != info.loop_backing_id for d in loop.list_devices())

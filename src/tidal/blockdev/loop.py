@@ -30,6 +30,9 @@ class LoopDevice:
     backing_file: str
     readonly: bool
     direct_io: bool
+    backing_id: str = ""
+    """``MAJ:MIN:INODE`` of the backing file: names it even when its path no longer resolves
+    (a FUSE disk whose mount went away shows as ``/disk``)."""
 
 
 def _losetup(args: list[str], what: str) -> str:
@@ -75,7 +78,8 @@ def detach(device: str) -> None:
 def list_devices() -> list[LoopDevice]:
     """Every attached loop device."""
     out = _losetup(
-        ["--list", "--json", "--output", "NAME,BACK-FILE,RO,DIO"], "listing loop devices"
+        ["--list", "--json", "--output", "NAME,BACK-FILE,RO,DIO,BACK-INO,BACK-MAJ:MIN"],
+        "listing loop devices",
     )
     if not out.strip():
         return []
@@ -89,6 +93,7 @@ def list_devices() -> list[LoopDevice]:
             backing_file=(r.get("back-file") or "").removesuffix(" (deleted)"),
             readonly=_flag(r.get("ro")),
             direct_io=_flag(r.get("dio")),
+            backing_id=f"{str(r.get('back-maj:min') or '').strip()}:{r.get('back-ino') or ''}",
         )
         for r in rows
     ]

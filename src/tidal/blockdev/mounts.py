@@ -63,6 +63,10 @@ class MountInfo:
     """``PID:START`` of the process this mount serves (a build), or None (a user's mount,
     which lives until unmounted). Its server exits when the owner dies, and gc tears down
     what a dead owner left."""
+    loop_backing_id: str | None = None
+    """The loop device's backing file as ``MAJ:MIN:INODE`` (see ``LoopDevice.backing_id``):
+    after the FUSE server is gone the file's path no longer resolves, and this is how
+    teardown still knows the device is this mount's."""
 
     @property
     def disk_file(self) -> str:
@@ -260,7 +264,7 @@ def mount_image(
         dev = loop.attach(
             fuse_dir / DISK_NAME, readonly=readonly, direct_io=settings.loop_direct_io
         )
-        info = replace(info, loop_device=dev.device)
+        info = replace(info, loop_device=dev.device, loop_backing_id=dev.backing_id or None)
         _save(info)
         if format_ext4 is not None:
             ext4.mkfs(dev.device, format_ext4)
@@ -451,7 +455,10 @@ def _teardown(info: MountInfo, *, force: bool) -> None:
             ext4.umount(target, lazy=True)
     if info.loop_device:
         dev = loop.get(info.loop_device)
-        if dev is not None and dev.backing_file == info.disk_file:
+        if dev is not None and (
+            dev.backing_file == info.disk_file
+            or (info.loop_backing_id is not None and dev.backing_id == info.loop_backing_id)
+        ):
             loop.detach(info.loop_device)
     fuse_dir = Path(info.fuse_dir)
     if ext4.is_mountpoint(fuse_dir):
