@@ -13,7 +13,6 @@ token from the realm, then caches the token per scope until it expires.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 import re
@@ -74,7 +73,7 @@ def parse_auth_file(text: str, name: str) -> dict[str, Credentials]:
         if "auth" in entry:
             try:
                 decoded = base64.b64decode(entry["auth"], validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError, TypeError):
+            except (ValueError, TypeError):  # binascii.Error, UnicodeDecodeError, non-ASCII
                 raise ConfigError(
                     f"registry auth file {name}: the auth of {key!r} is not base64 of user:password"
                 ) from None
