@@ -22,6 +22,11 @@ sys.path.insert(0, str(FUZZ))
 import targets  # noqa: E402
 
 SHORT_RUN_S = 3
+SEED = 1
+"""A fixed seed: libFuzzer's mutations are then one sequence, of which a slower machine runs a
+shorter prefix, so a short run in CI finds only what a longer run here with the same seed found
+first (random seeds belong to the long runs in fuzz/README.md, whose findings get fixed and kept
+as regressions)."""
 
 
 @pytest.mark.parametrize("name", list(targets.TARGETS))
@@ -61,6 +66,7 @@ def test_short_fuzz_run_finds_nothing(name: str, tmp_path: Path) -> None:
             "--workdir",
             str(tmp_path),
             f"-max_total_time={SHORT_RUN_S}",
+            f"-seed={SEED}",
             "-print_final_stats=1",
         ],
         capture_output=True,
