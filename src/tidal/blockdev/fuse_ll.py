@@ -229,6 +229,8 @@ class FuseDisk:
         self.fdstore = fdstore
         self.counters = IoCounters()
         self.read_latency = ReadLatency()
+        self.resent = 0
+        """Requests the kernel resent after a takeover (a dead server had taken them)."""
         self._fds = fds
         self._lock = threading.Lock()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -435,6 +437,9 @@ class FuseDisk:
                     log.error("%s: reading %s failed, thread stops: %s", self.name, DEV_FUSE, exc)
                 return
             _len, opcode, unique, nodeid = IN_HEADER.unpack_from(mv)[:4]
+            if unique & UNIQUE_RESEND:
+                with self._lock:
+                    self.resent += 1
             op = ops.get(opcode)
             try:
                 if op is None:
