@@ -44,6 +44,7 @@ that every class of this module appears here with its parents::
     │   ├── MountError
     │   │   └── MountNotFoundError   (also a NotFoundError) no Tidal mount at that path
     │   ├── FuseServerError          the FUSE block device server did not start or died
+    │   ├── FdStoreError             the fd store's holder cannot be reached or refused
     │   └── BuildError               building/converting an image (mkfs, copy, OCI archive)
     │       ├── ArchiveFormatError   an OCI layout / docker-archive that does not parse
     │       └── UnsafeArchiveError   a layer tar entry would escape the root (.., symlinked parent)
@@ -222,6 +223,10 @@ class MountNotFoundError(MountError, NotFoundError):
 
 class FuseServerError(BlockDeviceError):
     """The FUSE block device server did not become ready, or died."""
+
+
+class FdStoreError(BlockDeviceError):
+    """The fd store's holder (``tidal.blockdev.fdstore``) cannot be reached or refused."""
 
 
 class BuildError(BlockDeviceError):

@@ -1,0 +1,117 @@
+"""A FuseDisk server in a process of its own, for the takeover tests (run as a script).
+
+``python fuse_ll_child.py IMAGE MNT SOCKET NAME [--writable W] [--resume] [--delay-s S]
+[--stats FILE]``: serves the image (or a writable layer on it) at ``MNT/disk``, its fds in
+the fd store at ``SOCKET``, and prints ``ready``. ``--delay-s`` makes every read sleep first
+(a slow lazy fetch), so requests are in flight when the test kills it. ``--stats`` gets the
+bytes read and requests resent every 20 ms. SIGTERM: unmount, close, print ``closed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tidal.blockdev.fdstore import FdStore
+from tidal.blockdev.fuse_ll import FuseDisk
+from tidal.image.device import BlockDevice
+from tidal.image.manifest import Image
+
+HERE = Path(__file__)
+
+
+class SlowDevice:
+    """``device`` whose reads take ``delay_s`` longer."""
+
+    def __init__(self, device: BlockDevice, delay_s: float) -> None:
+        self.device = device
+        self.delay_s = delay_s
+        self.size_bytes = device.size_bytes
+        self.readonly = device.readonly
+
+    def read(self, offset: int, length: int) -> bytes:
+        time.sleep(self.delay_s)
+        return self.device.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.device.write(offset, data)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.device.discard(offset, length)
+
+    def flush(self) -> None:
+        self.device.flush()
+
+
+@contextlib.contextmanager
+def holder() -> Iterator[FdStore]:
+    """An fd store of the test's own on a short socket path, its holder killed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="fds-", dir="/tmp"))
+    store = FdStore.ensure(work / "fds.sock")
+    pid = store.holder_pid()
+    try:
+        yield store
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("image", type=Path)
+    ap.add_argument("mnt", type=Path)
+    ap.add_argument("socket", type=Path)
+    ap.add_argument("name")
+    ap.add_argument("--writable", type=Path)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--delay-s", type=float, default=0.0)
+    ap.add_argument("--stats", type=Path)
+    args = ap.parse_args()
+    image = Image.open(args.image)
+    base = image.writable(args.writable) if args.writable else image.merged_view()
+    device: BlockDevice = SlowDevice(base, args.delay_s) if args.delay_s else base
+    store = FdStore(args.socket)
+    if args.resume:
+        fd = store.get(args.name)
+        if fd is None:
+            print(f"error: nothing held under {args.name}", flush=True)
+            return 1
+        disk = FuseDisk.resume(device, fd, args.mnt, name=args.name, fdstore=store)
+    else:
+        disk = FuseDisk.mount(device, args.mnt, name=args.name, fdstore=store)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def stats() -> None:
+        while not stop.is_set():
+            doc = {"bytes_read": disk.counters.bytes_read, "resent": disk.resent}
+            tmp = args.stats.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc))
+            tmp.rename(args.stats)
+            time.sleep(0.02)
+
+    if args.stats:
+        threading.Thread(target=stats, daemon=True).start()
+    print("ready", flush=True)
+    stop.wait()
+    disk.close(unmount=True)
+    close = getattr(base, "close", None)
+    if close is not None:
+        close()
+    print("closed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Takeover of a live FUSE connection: SIGKILL the server mid-read, resume in a new process.
+
+The server runs in a child process (``fuse_ll_child.py``) with a slowed device, so the kernel
+has requests in flight when it dies; the fd store keeps the connection open; a new server
+process takes the fds from the store and resumes (FUSE_NOTIFY_RESEND). A reader in a third
+process reads a file from ext4 on a loop device on the FUSE disk throughout, and must finish
+with the right bytes. Nothing may leak: loop devices, mounts (checked by conftest under
+``tmp_path``) and fd store entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tidal.blockdev import ext4, loop
+from tidal.blockdev.ext4 import Ext4Format
+from tidal.blockdev.fdstore import FdStore
+from tidal.errors import MountError
+from tidal.image.manifest import ImageWriter
+
+from .conftest import build_sample_image
+from .fuse_ll_child import HERE, holder
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.loop]
+
+READER = (
+    "import hashlib, sys\n"
+    "h = hashlib.sha256()\n"
+    "with open(sys.argv[1], 'rb') as f:\n"
+    "    for block in iter(lambda: f.read(1 << 20), b''):\n"
+    "        h.update(block)\n"
+    "print(h.hexdigest())\n"
+)
+WRITER = (
+    "import os, sys\n"
+    "with open(sys.argv[1], 'wb') as f:\n"
+    "    f.write(bytes.fromhex(sys.argv[2]) * 4096)\n"
+    "    f.flush()\n"
+    "    os.fsync(f.fileno())\n"
+)
+
+
+@pytest.fixture
+def store() -> Iterator[FdStore]:
+    with holder() as s:
+        yield s
+
+
+class Server:
+    """One child server process; ``stats()`` reads what it reports."""
+
+    def __init__(self, image: Path, mnt: Path, store: FdStore, *extra: str) -> None:
+        self.stats_path = mnt.parent / f"stats-{time.monotonic_ns()}.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), str(image), str(mnt), str(store.socket_path), "disk",
+             "--stats", str(self.stats_path), *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        assert line == "ready", f"server did not start: {line!r}"
+
+    def stats(self) -> dict[str, int]:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return dict(json.loads(self.stats_path.read_text()))
+        return {"bytes_read": 0, "resent": 0}
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM: the server unmounts its disk and drops its fd store entry."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0 and "closed" in out, out
+
+
+def _wait_for(cond: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def ext4_on(disk: Path, target: Path, *, readonly: bool) -> Iterator[str]:
+    lo = loop.attach(disk, readonly=readonly)
+    try:
+        assert lo.direct_io, "the loop device reads the FUSE file without a page cache"
+        yield lo.device
+    finally:
+        if ext4.is_mountpoint(target):
+            ext4.umount(target, lazy_fallback=True)
+        loop.detach(lo.device)
+
+
+def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
+    tmp_path: Path, store: FdStore
+) -> None:
+    payload = random.Random(16).randbytes(24 << 20)
+    image = build_sample_image(tmp_path / "build", {"big.bin": payload})
+    mnt, target = tmp_path / "fuse", tmp_path / "root"
+    mnt.mkdir()
+    target.mkdir()
+    first = Server(image, mnt, store, "--delay-s", "0.03")
+    second = None
+    try:
+        with ext4_on(mnt / "disk", target, readonly=True) as dev:
+            ext4.mount(dev, target, readonly=True)  # fresh mount: the file's pages are cold
+            before = first.stats()["bytes_read"]
+            reader = subprocess.Popen(
+                [sys.executable, "-c", READER, str(target / "big.bin")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            _wait_for(lambda: first.stats()["bytes_read"] > before + (4 << 20), 60, "reads")
+            first.kill()  # SIGKILL with reads in flight (each takes 30 ms in the device)
+            time.sleep(0.5)
+            assert reader.poll() is None, "the reader must wait for the new server, not fail"
+            assert ext4.is_mountpoint(mnt), "the fd store keeps the connection alive"
+            assert store.names() == ["disk"]
+            second = Server(image, mnt, store, "--resume")
+            out, err = reader.communicate(timeout=120)
+            assert reader.returncode == 0, err
+            assert out.strip() == hashlib.sha256(payload).hexdigest()
+            assert second.stats()["resent"] >= 1, "requests in flight were resent"
+            assert second.stats()["bytes_read"] > 0
+            ext4.umount(target)
+        second.stop()
+    finally:
+        for s in (first, second):
+            if s is not None and s.proc.poll() is None:
+                s.kill()
+            if s is not None and s.proc.stdout is not None:
+                s.proc.stdout.close()
+        if ext4.is_mountpoint(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert not ext4.is_mountpoint(mnt)
+    assert store.names() == [], "no fd store entry leaks"
+
+
+def test_flushed_writes_survive_the_kill_and_writes_in_flight_complete(
+    tmp_path: Path, store: FdStore
+) -> None:
+    image, wdir = tmp_path / "img", tmp_path / "w"
+    ImageWriter(image, 64 << 20).write_manifest()
+    mnt, target = tmp_path / "fuse", tmp_path / "root"
+    mnt.mkdir()
+    target.mkdir()
+    before_kill = random.Random(5).randbytes(3 << 20)
+    first = Server(image, mnt, store, "--writable", str(wdir))
+    second = None
+    try:
+        with ext4_on(mnt / "disk", target, readonly=False) as dev:
+            ext4.mkfs(dev, Ext4Format(), error=MountError)
+            ext4.mount(dev, target, readonly=False)
+            (target / "before.bin").write_bytes(before_kill)
+            os.sync()  # ext4 -> loop -> FUSE WRITE + FSYNC: in the writable layer's files
+            first.kill()
+            writer = subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(target / "during.bin"), "abcd"],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(0.5)
+            second = Server(image, mnt, store, "--resume", "--writable", str(wdir))
+            _out, err = writer.communicate(timeout=60)
+            assert writer.returncode == 0, err
+            ext4.umount(target)
+        with ext4_on(mnt / "disk", target, readonly=True) as dev:  # a fresh loop: no cache
+            ext4.mount(dev, target, readonly=True)
+            assert (target / "before.bin").read_bytes() == before_kill
+            assert (target / "during.bin").read_bytes() == bytes.fromhex("abcd") * 4096
+            ext4.umount(target)
+        second.stop()
+    finally:
+        for s in (first, second):
+            if s is not None and s.proc.poll() is None:
+                s.kill()
+            if s is not None and s.proc.stdout is not None:
+                s.proc.stdout.close()
+        if ext4.is_mountpoint(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert store.names() == []
