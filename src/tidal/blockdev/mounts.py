@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tidal.blockdev import ext4, loop
 from tidal.blockdev.ext4 import Ext4Format
@@ -35,6 +35,9 @@ from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalE
 from tidal.fsutil import read_line, write_text_atomic
 from tidal.image.manifest import Image
 from tidal.proc import run, spawn
+
+if TYPE_CHECKING:
+    from tidal.blockdev.fdstore import FdStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,15 @@ class MountInfo:
     """The loop device's backing file as ``MAJ:MIN:INODE`` (see ``LoopDevice.backing_id``):
     after the FUSE server is gone the file's path no longer resolves, and this is how
     teardown still knows the device is this mount's."""
+    server_id: str | None = None
+    """``PID:START`` of the process serving the FUSE disk when that is not a per-mount server
+    of its own (the node service, which serves many mounts): ``server_pid`` alone would not
+    tell a recycled pid from it."""
+    fd_name: str | None = None
+    """The mount's FUSE connection in the node's fd store (:mod:`tidal.blockdev.fdstore`):
+    set when the node service serves it. The connection then outlives the service: while the
+    service is down the mount is *suspended* (reads wait, nothing fails), and the next
+    service resumes it. Such a mount is torn down only by asking, never by gc."""
 
     @property
     def disk_file(self) -> str:
@@ -92,6 +104,19 @@ def state_dir() -> Path:
     return data_root() / "mounts"
 
 
+def fdstore_path() -> Path:
+    """The socket of the fd store that keeps node-served mounts' FUSE connections."""
+    return data_root() / "fdstore.sock"
+
+
+def running_fdstore() -> FdStore | None:
+    """The node's fd store if its holder runs (nothing is started)."""
+    from tidal.blockdev.fdstore import FdStore
+
+    store = FdStore(fdstore_path())
+    return store if store.alive() else None
+
+
 def mount_key(target: Path) -> str:
     return hashlib.sha256(str(target).encode()).hexdigest()[:16]
 
@@ -100,7 +125,8 @@ def _record_path(key: str) -> Path:
     return state_dir() / f"{key}.json"
 
 
-def _save(info: MountInfo) -> None:
+def save_record(info: MountInfo) -> None:
+    """Rewrite a mount's record (the node service moves a resumed mount onto itself)."""
     write_text_atomic(_record_path(info.key), info.to_json())
 
 
@@ -130,7 +156,18 @@ def list_mounts() -> list[MountInfo]:
 
 def server_alive(info: MountInfo) -> bool:
     """Whether the FUSE server of ``info`` still runs (a zombie counts as dead)."""
+    if info.server_id is not None:
+        return process_identity(info.server_pid) == info.server_id
     return _server_pid_alive(info.server_pid)
+
+
+def suspended(info: MountInfo) -> bool:
+    """A node-served mount whose service is down but whose FUSE connection the fd store keeps:
+    it resumes when the service starts again (so gc leaves it alone)."""
+    if info.fd_name is None or server_alive(info):
+        return False
+    store = running_fdstore()
+    return store is not None and info.fd_name in store.names()
 
 
 def process_identity(pid: int) -> str | None:
@@ -167,6 +204,72 @@ def _server_pid_alive(pid: int) -> bool:
     return stat_line.rsplit(")", 1)[-1].split()[0] != "Z" and b"tidal.blockdev.serve" in cmdline
 
 
+# --- who serves the FUSE disk ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerRef:
+    """The server of one mount's FUSE disk, as its record keeps it."""
+
+    pid: int
+    server_id: str | None = None
+    fd_name: str | None = None
+
+
+class FuseServing(Protocol):
+    """Who serves a mount's ``<fuse_dir>/disk``: a process per mount (:class:`ProcessServing`,
+    the default) or the node service's threads (:class:`tidal.node.mounts.NodeServing`)."""
+
+    def start(
+        self,
+        image_dir: Path,
+        fuse_dir: Path,
+        writable_dir: Path | None,
+        run_dir: Path,
+        settings: BlockdevSettings,
+        *,
+        trace_out: Path | None,
+        owner: str | None,
+    ) -> ServerRef:
+        """Serve the image's device at ``fuse_dir/disk``; return once it is served."""
+        ...
+
+    def stop(self, info: MountInfo, *, timeout_s: float) -> None:
+        """Stop serving ``info`` after its FUSE mount is gone (flushes a writable layer)."""
+        ...
+
+
+class ProcessServing:
+    """One ``python -m tidal.blockdev.serve`` per mount, in its own session (so the caller may
+    exit); a crash takes down one mount."""
+
+    def start(
+        self,
+        image_dir: Path,
+        fuse_dir: Path,
+        writable_dir: Path | None,
+        run_dir: Path,
+        settings: BlockdevSettings,
+        *,
+        trace_out: Path | None,
+        owner: str | None,
+    ) -> ServerRef:
+        proc = _start_server(
+            image_dir,
+            fuse_dir,
+            writable_dir,
+            run_dir / "server.log",
+            settings,
+            stats_file=run_dir / STATS_FILE,
+            trace_out=trace_out,
+            owner=owner,
+        )
+        return ServerRef(proc.pid)
+
+    def stop(self, info: MountInfo, *, timeout_s: float) -> None:
+        _stop_server(info.server_pid, timeout_s=timeout_s)
+
+
 # --- mount ---------------------------------------------------------------------------------
 
 
@@ -180,6 +283,7 @@ def mount_image(
     trace_out: str | os.PathLike[str] | None = None,
     ext4_options: str | None = None,
     owner_pid: int | None = None,
+    serving: FuseServing | None = None,
 ) -> MountInfo:
     """Mount the image's ext4 at ``target``, read-only, or read-write over ``writable_dir``.
 
@@ -188,7 +292,8 @@ def mount_image(
     records every range the mount reads into a trace file, written when it is unmounted.
     ``ext4_options`` replace the default mount options (the builder adds ``nodelalloc``).
     ``owner_pid``: the mount serves that process only (a build): its server exits when the
-    owner dies, and :func:`cleanup_stale` tears down what is left.
+    owner dies, and :func:`cleanup_stale` tears down what is left. ``serving``: who serves
+    the FUSE disk (default: a process of its own).
     On any failure every step already taken is undone before the error propagates.
     """
     settings = settings or load_settings()
@@ -206,6 +311,11 @@ def mount_image(
     key = mount_key(target_path)
     old = _load(key)
     if old is not None:
+        if suspended(old):
+            raise MountError(
+                f"{target_path} has image {old.image_dir} mounted, suspended until the node "
+                "service is back; start `tidal node serve`, or `tidal image umount --force` it"
+            )
         if ext4.is_mountpoint(target_path) and server_alive(old):
             raise MountError(
                 f"{target_path} already has image {old.image_dir} mounted; "
@@ -232,14 +342,14 @@ def mount_image(
     fuse_dir = run_dir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
     owner = process_identity(owner_pid) if owner_pid is not None else None
+    serving = serving or ProcessServing()
     try:
-        proc = _start_server(
+        server = serving.start(
             image_path,
             fuse_dir,
             wdir,
-            run_dir / "server.log",
+            run_dir,
             settings,
-            stats_file=run_dir / STATS_FILE,
             trace_out=Path(trace_out).resolve() if trace_out is not None else None,
             owner=owner,
         )
@@ -253,25 +363,29 @@ def mount_image(
         writable_dir=str(wdir) if wdir else None,
         readonly=readonly,
         fuse_dir=str(fuse_dir),
-        server_pid=proc.pid,
+        server_pid=server.pid,
         loop_device=None,
         created_at=time.time(),
         key=key,
         owner=owner,
+        server_id=server.server_id,
+        fd_name=server.fd_name,
     )
-    _save(info)
+    save_record(info)
     try:
         dev = loop.attach(
             fuse_dir / DISK_NAME, readonly=readonly, direct_io=settings.loop_direct_io
         )
         info = replace(info, loop_device=dev.device, loop_backing_id=dev.backing_id or None)
-        _save(info)
+        save_record(info)
         if format_ext4 is not None:
             ext4.mkfs(dev.device, format_ext4)
         ext4.mount(dev.device, target_path, readonly=readonly, options=ext4_options)
     except BaseException:
-        with contextlib.suppress(TidalError):
-            _teardown(info, force=True)
+        try:
+            _teardown(info, force=True, serving=serving)
+        except TidalError as exc:
+            log.warning("undoing the failed mount at %s: %s", target_path, exc)
         raise
     log.info("mounted %s at %s via %s", image_path, target_path, info.loop_device)
     return info
@@ -389,6 +503,8 @@ def cleanup_stale() -> list[str]:
     """
     cleaned = []
     for info in list_mounts():
+        if suspended(info):
+            continue  # the node service resumes it; `tidal image umount --force` ends it
         if not server_alive(info) or not owner_alive(info):
             _teardown(info, force=True)
             cleaned.append(info.target)
@@ -432,16 +548,32 @@ def image_stats(target: str | os.PathLike[str]) -> dict[str, Any]:
 # --- unmount -------------------------------------------------------------------------------
 
 
-def unmount(target: str | os.PathLike[str], force: bool = False) -> None:
+def unmount(
+    target: str | os.PathLike[str], force: bool = False, *, serving: FuseServing | None = None
+) -> None:
     """Unmount what :func:`mount_image` mounted at ``target`` and stop its server.
 
     Without ``force`` a busy filesystem is an error (nothing is changed); with ``force`` it is
-    detached lazily. A dead FUSE server is handled either way.
+    detached lazily. A dead FUSE server is handled either way. A mount the node service serves
+    is unmounted by the service (``serving``); from another process only when it is
+    suspended (the service is down) and ``force`` is given, which ends its connection.
     """
-    _teardown(find_mount(target), force=force)
+    info = find_mount(target)
+    if info.fd_name is not None and serving is None:
+        if server_alive(info):
+            raise MountError(
+                f"{info.target} is served by the node service (pid {info.server_pid}); "
+                "unmount it through the service (`tidal image umount` asks it)"
+            )
+        if not force:
+            raise MountError(
+                f"{info.target} is suspended: its node service is down and the mount waits for "
+                "it to come back; start `tidal node serve`, or unmount with --force"
+            )
+    _teardown(info, force=force, serving=serving)
 
 
-def _teardown(info: MountInfo, *, force: bool) -> None:
+def _teardown(info: MountInfo, *, force: bool, serving: FuseServing | None = None) -> None:
     target = Path(info.target)
     alive = server_alive(info)
     if ext4.is_mountpoint(target) and ext4.mount_points()[str(target)][1] == info.loop_device:
@@ -463,7 +595,15 @@ def _teardown(info: MountInfo, *, force: bool) -> None:
     fuse_dir = Path(info.fuse_dir)
     if ext4.is_mountpoint(fuse_dir):
         _fuse_unmount(fuse_dir, lazy=False)
-    _stop_server(info.server_pid, timeout_s=load_settings().stop_timeout_s)
+    timeout_s = load_settings().stop_timeout_s
+    if info.fd_name is None:
+        (serving or ProcessServing()).stop(info, timeout_s=timeout_s)
+    elif serving is not None:
+        serving.stop(info, timeout_s=timeout_s)
+    else:  # a suspended mount: its connection is gone with the FUSE mount; forget it
+        store = running_fdstore()
+        if store is not None:
+            store.drop(info.fd_name)
     _record_path(info.key).unlink(missing_ok=True)
     shutil.rmtree(info.run_dir, ignore_errors=True)
     log.info("unmounted %s", target)

@@ -28,10 +28,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tidal.blobs.pulled import is_pulled_image
-from tidal.blockdev.fuse_device import BlockDeviceFS, serve
+from tidal.blockdev.fuse_device import BlockDeviceFS, IoCounters, ReadLatency, serve
 from tidal.errors import TidalError
 from tidal.fsutil import write_bytes_atomic, write_json_atomic
 from tidal.image.device import BlockDevice
@@ -67,6 +67,14 @@ class _ReadyPipe:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+class Counted(Protocol):
+    """What serves a FUSE disk, as the stats writer and the metrics read it (mfusepy's
+    :class:`BlockDeviceFS` here, :class:`~tidal.blockdev.fuse_ll.FuseDisk` in the node service)."""
+
+    counters: IoCounters
+    read_latency: ReadLatency
 
 
 class Served:
@@ -110,7 +118,7 @@ def open_device(image_dir: Path, writable_dir: Path | None) -> Served:
     return Served(image.writable(writable_dir))
 
 
-def stats_doc(fs: BlockDeviceFS, served: Served) -> dict[str, object]:
+def stats_doc(fs: Counted, served: Served) -> dict[str, object]:
     """What ``tidal image stats`` shows: FUSE I/O counters, and the lazy image's figures."""
     return {
         "fuse": asdict(fs.counters),
@@ -129,7 +137,7 @@ class MountMetrics:
     server, a socket or an import before the mount is ready.
     """
 
-    def __init__(self, fs: BlockDeviceFS, served: Served, image: str) -> None:
+    def __init__(self, fs: Counted, served: Served, image: str) -> None:
         self.fs = fs
         self.served = served
         self.labels = {"image": image}
@@ -168,7 +176,7 @@ class StatsWriter(threading.Thread):
     def __init__(
         self,
         path: Path,
-        fs: BlockDeviceFS,
+        fs: Counted,
         served: Served,
         interval_s: float,
         metrics: MountMetrics | None = None,

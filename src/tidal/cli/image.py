@@ -212,11 +212,14 @@ def mount(
         None, "--writable-dir", help="Where the writable layer lives (default: TARGET.writable)."
     ),
 ) -> None:
-    """Mount IMAGE at DIR through the FUSE block device, a loop device and ext4."""
-    from tidal.blockdev import mounts
+    """Mount IMAGE at DIR through the FUSE block device, a loop device and ext4.
+
+    When the node service runs (`tidal node serve`) it serves the mount from its process;
+    otherwise the mount gets a FUSE server process of its own."""
+    from tidal.node import client as node
 
     wdir = writable_dir or (target.parent / f"{target.name}.writable" if rw else None)
-    info = mounts.mount_image(image, target, writable_dir=wdir)
+    info = node.mount_image(image, target, writable_dir=wdir)
     mode = f"read-write, writable layer {info.writable_dir}" if not info.readonly else "read-only"
     out.print(f"mounted {info.image_dir} at {info.target} ({mode}, {info.loop_device})")
 
@@ -227,9 +230,9 @@ def umount(
     force: bool = typer.Option(False, "--force", help="Detach lazily even if busy."),
 ) -> None:
     """Unmount an image; also cleans up after a FUSE server that died."""
-    from tidal.blockdev import mounts
+    from tidal.node import client as node
 
-    mounts.unmount(target, force=force)
+    node.unmount(target, force=force)
     out.print(f"unmounted {target.resolve()}")
 
 
@@ -246,7 +249,13 @@ def list_mounts(as_json: bool = typer.Option(False, "--json")) -> None:
     for col in ("target", "image", "mode", "loop", "server"):
         table.add_column(col)
     for m in found:
-        alive = "running" if mounts.server_alive(m) else "[red]dead[/]"
+        alive = (
+            ("node service" if m.fd_name else "running")
+            if mounts.server_alive(m)
+            else "[yellow]suspended[/]"
+            if mounts.suspended(m)
+            else "[red]dead[/]"
+        )
         mode = "ro" if m.readonly else f"rw ({m.writable_dir})"
         table.add_row(m.target, m.image_dir, mode, m.loop_device or "-", f"{m.server_pid} {alive}")
     out.print(table)

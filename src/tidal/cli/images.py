@@ -45,13 +45,25 @@ def _size(n_bytes: int) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def pull(reference: str = typer.Argument(..., help="HOST:PORT/NAME:TAG (or NAME:TAG)")) -> None:
-        """Pull an image's metadata into the node's store; its data comes lazily at run."""
-        from tidal.node.images import ImageStore
+        """Pull an image's metadata into the node's store; its data comes lazily at run.
+        By the node service when it runs."""
+        from tidal.node.client import running_node
 
-        image = ImageStore().pull(reference)
+        node = running_node()
+        if node is not None:
+            with node:
+                doc = node.pull(reference)
+            ref, digest, layers, stored = (
+                doc["reference"], doc["manifest_digest"], doc["layers"], doc["stored_bytes"]
+            )  # fmt: skip
+        else:
+            from tidal.node.images import ImageStore
+
+            image = ImageStore().pull(reference)
+            ref, digest = image.reference, image.manifest_digest
+            layers, stored = len(image.layers), image.stored_bytes
         out.print(
-            f"{image.reference}: {image.manifest_digest} ({len(image.layers)} layers, "
-            f"{_size(image.stored_bytes)} in the registry, none fetched yet)",
+            f"{ref}: {digest} ({layers} layers, {_size(stored)} in the registry, none fetched yet)",
             markup=False,
         )
 

@@ -8,7 +8,6 @@ so ``tidal rm web`` prints the daemon's message as if local: ``error: <message>`
 from __future__ import annotations
 
 import base64
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,8 @@ import httpx
 
 from tidal.engine.spec import ContainerSpec
 from tidal.engine.store import ContainerRecord
-from tidal.errors import DaemonUnavailableError, EngineError
-from tidal.service.client import plain_http_transport
-from tidal.service.wire import raise_for_error
+from tidal.errors import EngineError
+from tidal.service.client import SocketClient
 
 if TYPE_CHECKING:  # the runtime module (tool runner, drivers) loads only with an exec
     from tidal.engine.runtime import ExecResult
@@ -29,59 +27,19 @@ LONG_TIMEOUT_S = 600.0
 """Starts, stops and upgrades may take long (image mounts, stop timeouts)."""
 
 
-class EngineClient:
+class EngineClient(SocketClient):
     """Talks HTTP to ``tidal daemon`` over its unix socket."""
 
-    def __init__(self, socket_path: Path, *, transport: httpx.BaseTransport | None = None) -> None:
-        """``transport``: instead of the unix socket (``httpx.MockTransport`` in tests)."""
-        self.socket_path = socket_path
-        self._probed = transport is not None  # the socket probe is for the socket only
-        self._http = httpx.Client(
-            transport=transport or plain_http_transport(uds=str(socket_path)),
-            base_url="http://tidal/v1",
-            timeout=LONG_TIMEOUT_S,
-        )
+    what = "the engine daemon"
+    start_hint = "tidal daemon"
+    fallback = EngineError
+    timeout_s = LONG_TIMEOUT_S
 
-    def close(self) -> None:
-        self._http.close()
+    def __init__(self, socket_path: Path, *, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(socket_path, transport=transport)
 
     def __enter__(self) -> EngineClient:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _unavailable(self, why: object) -> DaemonUnavailableError:
-        return DaemonUnavailableError(
-            f"the engine daemon is not reachable at {self.socket_path} ({why}); "
-            "start it with 'tidal daemon'"
-        )
-
-    def _probe(self) -> None:
-        """Connect once with a plain socket first: httpx leaks the socket of a refused
-        unix-domain connect, and a stale socket file after a killed daemon is common."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(self.socket_path))
-            except OSError as exc:
-                raise self._unavailable(exc.strerror or exc) from exc
-        self._probed = True
-
-    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        if not self._probed:
-            self._probe()
-        try:
-            resp = self._http.request(method, path, **kw)
-        except httpx.TimeoutException as exc:
-            raise DaemonUnavailableError(
-                f"the engine daemon at {self.socket_path} did not answer {method} {path} in time "
-                f"({exc or type(exc).__name__})"
-            ) from exc
-        except (httpx.TransportError, FileNotFoundError) as exc:
-            # refused, reset or cut off mid-answer (the daemon died during the request)
-            raise self._unavailable(exc or type(exc).__name__) from exc
-        raise_for_error(resp, fallback=EngineError, what="the engine daemon")
-        return resp
 
     def ping(self) -> dict[str, Any]:
         data: dict[str, Any] = self._request("GET", "/ping").json()

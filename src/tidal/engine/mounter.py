@@ -4,7 +4,7 @@ As containerd's snapshotters return ``[]mount.Mount`` and one place mounts them,
 rootfs and volume code (:mod:`tidal.engine.rootfs`, :mod:`tidal.engine.volume`) only computes
 :class:`Mount` values; a :class:`Mounter` carries them out. :class:`HostMounter` is the real
 one (``mount``/``umount``/``mkfs.ext4`` through :func:`tidal.proc.run`, Tidal block images
-through :mod:`tidal.blockdev.mounts`); :class:`tidal.testing.engine.FakeMounter` records the
+through the node service when it runs, else :mod:`tidal.blockdev.mounts`); :class:`tidal.testing.engine.FakeMounter` records the
 same plans under a temp directory so that the engine's lifecycle is testable without root.
 """
 
@@ -81,12 +81,13 @@ class HostMounter(Mounter):
     def _mount(self, m: Mount) -> None:
         if m.type == TIDAL_IMAGE:
             from tidal.blockdev import mounts as blockdev_mounts
+            from tidal.node import client as node
 
             if any(
                 Path(x.target) == Path(m.target).resolve() for x in blockdev_mounts.list_mounts()
             ):
-                blockdev_mounts.unmount(m.target, force=True)  # a stale record of a dead mount
-            blockdev_mounts.mount_image(m.source, m.target)
+                node.unmount(m.target, force=True)  # a stale record of a dead mount
+            node.mount_image(m.source, m.target)  # by the node service when it runs
             return
         if m.type == OVERLAY:
             argv = ["mount", "-t", "overlay", "overlay", "-o", ",".join(m.options), m.target]
@@ -106,11 +107,12 @@ class HostMounter(Mounter):
         target = Path(m.target)
         if m.type == TIDAL_IMAGE:
             from tidal.blockdev import mounts as blockdev_mounts
+            from tidal.node import client as node
 
             if ext4.is_mountpoint(target) or any(
                 Path(x.target) == target.resolve() for x in blockdev_mounts.list_mounts()
             ):
-                blockdev_mounts.unmount(target, force=True)
+                node.unmount(target, force=True)
             return
         if not ext4.is_mountpoint(target):
             return
