@@ -156,3 +156,48 @@ def test_a_suspended_mount_is_kept_by_gc_and_ended_by_force(
         mounts.unmount(target)
     mounts.unmount(target, force=True)
     assert mounts.list_mounts() == []
+
+
+@pytest.mark.registry
+def test_a_lazy_mount_resumes_from_the_chunk_cache(tmp_path: Path, node: NodeProcess) -> None:
+    """A pulled image mounted by reference: chunks fetched before the kill stay in the cache,
+    the rest comes from the registry after the restart; the reader gets every byte."""
+    from tidal.blobs.distribution import push_image
+    from tidal.blobs.reference import ImageReference
+    from tidal.blobs.registry_client import RegistryClient
+    from tidal.testing.registry_server import RegistryServer
+
+    big = os.urandom(32 << 20)
+    image = build_sample_image(tmp_path / "img", {"data/big.bin": big})
+    node.env["TIDAL_BLOBS__CACHE_DIR"] = str(tmp_path / "chunks")
+    with RegistryServer() as server, RegistryClient(server.address) as client:
+        ref = f"{server.address}/node/lazy:v1"
+        push_image(image, ImageReference.parse(ref), client)
+        node.start()
+        node.cli("pull", ref)
+        target = tmp_path / "m"
+        with node.client() as c:
+            info = c.mount(ref, target)
+        assert info.server_pid == node.pid and "images/sha256" in info.image_dir
+        reader = subprocess.Popen(
+            [sys.executable, "-c",
+             "import hashlib, sys, time\n"
+             "h = hashlib.sha256()\n"
+             "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+             "    while b := f.read(1 << 20):\n"
+             "        h.update(b)\n"
+             "        time.sleep(0.02)\n"
+             "print(h.hexdigest())\n",
+             str(target / "data/big.bin")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(0.3)
+        assert reader.poll() is None
+        node.kill(signal.SIGKILL)
+        cached = sum(p.stat().st_size for p in (tmp_path / "chunks").rglob("*") if p.is_file())
+        assert cached > 0, "nothing was fetched before the kill"
+        node.start()
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err
+        assert out.strip() == hashlib.sha256(big).hexdigest()
+        node.cli("image", "umount", str(target))
