@@ -270,3 +270,15 @@ def test_unmount_while_a_loop_device_holds_the_disk_is_refused_and_serving_goes_
                 os.close(fd)
         finally:
             loop.detach(lo.device)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_close_after_someone_else_unmounted_is_quiet(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    disk = FuseDisk.mount(MemoryDevice(1 << 20), mnt, name="gone")
+    fuse_ll.umount(mnt, lazy=True)
+    disk.close()
+    assert not ext4.is_mountpoint(mnt)
+    assert not any(t.name.startswith("fuse-gone-") for t in threading.enumerate())

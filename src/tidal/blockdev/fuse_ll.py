@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tidal.blockdev import ext4
 from tidal.blockdev.fuse_device import DISK_NAME, IoCounters, ReadLatency, zero_range
 from tidal.errors import FuseServerError, MountError, TidalError
 from tidal.image.device import BlockDevice
@@ -412,7 +413,12 @@ class FuseDisk:
         if self._closed:
             return
         if unmount:
-            umount(self.mountpoint)
+            try:
+                umount(self.mountpoint)
+            except MountError:
+                if ext4.is_mountpoint(self.mountpoint):
+                    raise
+                # unmounted by someone else already (umount -l): nothing left to undo
         self._closed = True
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
