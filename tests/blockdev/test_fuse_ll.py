@@ -282,3 +282,22 @@ def test_close_after_someone_else_unmounted_is_quiet(tmp_path: Path) -> None:
     disk.close()
     assert not ext4.is_mountpoint(mnt)
     assert not any(t.name.startswith("fuse-gone-") for t in threading.enumerate())
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_resuming_a_connection_that_died_meanwhile_says_so_and_drops_it(tmp_path: Path) -> None:
+    from .fuse_ll_child import holder
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with holder() as store:
+        old = FuseDisk.mount(MemoryDevice(1 << 20), mnt, name="dead", fdstore=store)
+        old.close(unmount=False)
+        fuse_ll.umount(mnt)  # nobody uses it: the kernel ends the connection
+        fd = store.get("dead")
+        assert fd is not None
+        with pytest.raises(FuseServerError, match=r"is gone .* fd store entry was dropped"):
+            FuseDisk.resume(MemoryDevice(1 << 20), fd, mnt, name="dead", fdstore=store)
+        assert store.names() == []
+    assert not any(t.name.startswith("fuse-dead-") for t in threading.enumerate())

@@ -1,7 +1,7 @@
 """Takeover of a live FUSE connection: SIGKILL the server mid-read, resume in a new process.
 
-The server runs in a child process (``fuse_ll_child.py``) with a slowed device, so the kernel
-has requests in flight when it dies; the fd store keeps the connection open; a new server
+The server runs in a child process (``fuse_ll_child.py``) with a slowed device that stops
+answering just before the kill, so the kernel surely has requests in flight when it dies; the fd store keeps the connection open; a new server
 process takes the fds from the store and resumes (FUSE_NOTIFY_RESEND). A reader in a third
 process reads a file from ext4 on a loop device on the FUSE disk throughout, and must finish
 with the right bytes. Nothing may leak: loop devices, mounts (checked by conftest under
@@ -76,7 +76,7 @@ class Server:
     def stats(self) -> dict[str, int]:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return dict(json.loads(self.stats_path.read_text()))
-        return {"bytes_read": 0, "resent": 0}
+        return {"bytes_read": 0, "resent": 0, "stalled": 0}
 
     def kill(self) -> None:
         self.proc.kill()
@@ -117,7 +117,8 @@ def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
     mnt, target = tmp_path / "fuse", tmp_path / "root"
     mnt.mkdir()
     target.mkdir()
-    first = Server(image, mnt, store, "--delay-s", "0.03")
+    stall = tmp_path / "stall"
+    first = Server(image, mnt, store, "--delay-s", "0.01", "--stall-file", str(stall))
     second = None
     try:
         with ext4_on(mnt / "disk", target, readonly=True) as dev:
@@ -130,7 +131,9 @@ def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
                 text=True,
             )
             _wait_for(lambda: first.stats()["bytes_read"] > before + (4 << 20), 60, "reads")
-            first.kill()  # SIGKILL with reads in flight (each takes 30 ms in the device)
+            stall.touch()  # from now on the device never answers: requests stay in flight
+            _wait_for(lambda: first.stats()["stalled"] >= 1, 60, "a read in flight")
+            first.kill()
             time.sleep(0.5)
             assert reader.poll() is None, "the reader must wait for the new server, not fail"
             assert ext4.is_mountpoint(mnt), "the fd store keeps the connection alive"

@@ -186,6 +186,13 @@ def _open_dev_fuse() -> int:
         raise FuseServerError(f"cannot open {DEV_FUSE}: {exc.strerror}") from exc
 
 
+def _connected(fd: int) -> bool:
+    """Whether the connection of ``fd`` still stands (/dev/fuse polls POLLERR once aborted)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not any(ev & select.POLLERR for _fd, ev in poller.poll(0))
+
+
 def _clone(fd: int) -> int:
     new = _open_dev_fuse()
     try:
@@ -370,6 +377,14 @@ class FuseDisk:
                     f"{name}: this kernel (FUSE protocol 7.{negotiated.kernel_minor}) cannot "
                     "resend requests a dead server had taken (FUSE_NOTIFY_RESEND needs 7.40, "
                     f"Linux >= 6.9); the connection at {mountpoint} cannot be resumed safely"
+                )
+            if not _connected(fd):
+                if fdstore is not None:
+                    fdstore.drop(name)
+                raise FuseServerError(
+                    f"{name}: the FUSE connection of {mountpoint} is gone (unmounted or "
+                    "aborted while no server served it); nothing to resume"
+                    + ("; its fd store entry was dropped" if fdstore is not None else "")
                 )
             while len(fds) < threads:
                 fds.append(_clone(fd))
