@@ -78,6 +78,8 @@ INIT_TIMEOUT_S = 10.0
 MAX_BACKGROUND = 64
 """Async requests (readahead, async direct I/O from the loop driver) in flight at once;
 the kernel's default of 12 starves a multi-threaded server."""
+UNMOUNT_BUSY_S = 2.0
+"""How long an unmount retries while the disk is busy (a detached loop device letting go)."""
 MIN_KERNEL_MINOR = 31
 """7.31 (Linux 5.4): max_pages and the 64-byte init_out this server writes."""
 OUR_MINOR = 45
@@ -428,12 +430,7 @@ class FuseDisk:
         if self._closed:
             return
         if unmount:
-            try:
-                umount(self.mountpoint)
-            except MountError:
-                if ext4.is_mountpoint(self.mountpoint):
-                    raise
-                # unmounted by someone else already (umount -l): nothing left to undo
+            self._unmount()
         self._closed = True
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
@@ -445,6 +442,21 @@ class FuseDisk:
         os.close(self._stop_fd)
         with contextlib.suppress(Exception):
             self.device.flush()
+
+    def _unmount(self) -> None:
+        """Unmount, retried for a while on EBUSY: a loop device lets go of its backing file
+        a moment after ``losetup -d`` returns."""
+        deadline = time.monotonic() + UNMOUNT_BUSY_S
+        while True:
+            try:
+                umount(self.mountpoint)
+                return
+            except MountError:
+                if not ext4.is_mountpoint(self.mountpoint):
+                    return  # unmounted by someone else already (umount -l): nothing to undo
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> FuseDisk:
         return self
