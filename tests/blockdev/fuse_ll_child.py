@@ -1,10 +1,10 @@
 """A FuseDisk server in a process of its own, for the takeover tests (run as a script).
 
 ``python fuse_ll_child.py IMAGE MNT SOCKET NAME [--writable W] [--resume] [--delay-s S]
-[--stats FILE]``: serves the image (or a writable layer on it) at ``MNT/disk``, its fds in
-the fd store at ``SOCKET``, and prints ``ready``. ``--delay-s`` makes every read sleep first
-(a slow lazy fetch), so requests are in flight when the test kills it. ``--stats`` gets the
-bytes read and requests resent every 20 ms. SIGTERM: unmount, close, print ``closed``.
+[--stall-file F] [--stats FILE]``: serves the image (or a writable layer on it) at
+``MNT/disk``, its fds in the fd store at ``SOCKET``, and prints ``ready``. ``--delay-s``
+makes every read sleep first (a slow lazy fetch); once ``--stall-file`` exists, reads hang, so requests are surely in flight when the test kills it. ``--stats`` gets the
+bytes read, requests resent and reads stalled every 20 ms. SIGTERM: unmount, close, print ``closed``.
 """
 
 from __future__ import annotations
@@ -31,16 +31,25 @@ HERE = Path(__file__)
 
 
 class SlowDevice:
-    """``device`` whose reads take ``delay_s`` longer."""
+    """``device`` whose reads take ``delay_s`` longer; once ``stall_file`` exists, reads
+    never return (counted in ``stalled``): a server about to be killed with requests surely
+    in flight."""
 
-    def __init__(self, device: BlockDevice, delay_s: float) -> None:
+    def __init__(self, device: BlockDevice, delay_s: float, stall_file: Path | None) -> None:
         self.device = device
         self.delay_s = delay_s
+        self.stall_file = stall_file
         self.size_bytes = device.size_bytes
         self.readonly = device.readonly
+        self.stalled = 0
+        self._lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
         time.sleep(self.delay_s)
+        if self.stall_file is not None and self.stall_file.exists():
+            with self._lock:
+                self.stalled += 1
+            threading.Event().wait()  # until the test kills this process
         return self.device.read(offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -76,11 +85,13 @@ def main() -> int:
     ap.add_argument("--writable", type=Path)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--delay-s", type=float, default=0.0)
+    ap.add_argument("--stall-file", type=Path)
     ap.add_argument("--stats", type=Path)
     args = ap.parse_args()
     image = Image.open(args.image)
     base = image.writable(args.writable) if args.writable else image.merged_view()
-    device: BlockDevice = SlowDevice(base, args.delay_s) if args.delay_s else base
+    slow = SlowDevice(base, args.delay_s, args.stall_file)
+    device: BlockDevice = slow if args.delay_s or args.stall_file else base
     store = FdStore(args.socket)
     if args.resume:
         fd = store.get(args.name)
@@ -95,7 +106,11 @@ def main() -> int:
 
     def stats() -> None:
         while not stop.is_set():
-            doc = {"bytes_read": disk.counters.bytes_read, "resent": disk.resent}
+            doc = {
+                "bytes_read": disk.counters.bytes_read,
+                "resent": disk.resent,
+                "stalled": slow.stalled,
+            }
             tmp = args.stats.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc))
             tmp.rename(args.stats)

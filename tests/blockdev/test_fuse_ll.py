@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import random
 import stat
@@ -17,7 +18,7 @@ import pytest
 from tidal.blockdev import ext4, fuse_ll, loop
 from tidal.blockdev.ext4 import Ext4Format
 from tidal.blockdev.fuse_ll import FuseDisk, Negotiated
-from tidal.errors import FuseServerError
+from tidal.errors import FuseServerError, MountError
 from tidal.image.manifest import Image, ImageWriter
 
 from .test_fuse_device import MemoryDevice
@@ -213,3 +214,90 @@ def test_many_disks_in_one_process_at_once(tmp_path: Path) -> None:
         for disk in disks:
             disk.close()
     assert not any(ext4.is_mountpoint(tmp_path / f"m{i}") for i in range(len(devices)))
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_handoff_in_one_process_close_without_unmount_then_resume(tmp_path: Path) -> None:
+    """An upgrade's path: the old FuseDisk stops serving but leaves the connection to the
+    fd store; a new one resumes it (its negotiation from the store) and serves the same disk."""
+    from .fuse_ll_child import holder
+
+    dev = MemoryDevice(4 << 20)
+    dev.data[:] = random.Random(9).randbytes(4 << 20)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with holder() as store:
+        old = FuseDisk.mount(dev, mnt, name="handoff", fdstore=store, threads=3)
+        assert store.names() == ["handoff"]
+        entry = store.entry("handoff")
+        assert entry is not None and len(entry.fds) == 3
+        assert Negotiated.from_meta(entry.meta) == old.negotiated
+        entry.close()
+        old.close(unmount=False)
+        assert ext4.is_mountpoint(mnt), "the connection outlives the server that stopped"
+        fd = store.get("handoff")
+        assert fd is not None
+        new = FuseDisk.resume(dev, fd, mnt, name="handoff", fdstore=store, threads=2)
+        try:
+            assert new.negotiated == old.negotiated
+            assert new.disk_path.read_bytes() == bytes(dev.data)
+            assert new.counters.reads > 0 and old.counters.reads == 0
+        finally:
+            new.close()
+        assert store.names() == [], "unmounting drops the entry"
+    assert not ext4.is_mountpoint(mnt)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.loop
+def test_unmount_while_a_loop_device_holds_the_disk_is_refused_and_serving_goes_on(
+    tmp_path: Path,
+) -> None:
+    dev = MemoryDevice(4 << 20)
+    dev.data[:5] = b"still"
+    with served(dev, tmp_path / "mnt") as disk:
+        lo = loop.attach(disk.disk_path, readonly=True)
+        try:
+            with pytest.raises(MountError, match="detach the loop device on its disk first"):
+                disk.close()
+            fd = os.open(lo.device, os.O_RDONLY | os.O_DIRECT)
+            try:
+                aligned = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+                assert os.preadv(fd, [aligned], 0) == 4096 and bytes(aligned[:5]) == b"still"
+            finally:
+                os.close(fd)
+        finally:
+            loop.detach(lo.device)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_close_after_someone_else_unmounted_is_quiet(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    disk = FuseDisk.mount(MemoryDevice(1 << 20), mnt, name="gone")
+    fuse_ll.umount(mnt, lazy=True)
+    disk.close()
+    assert not ext4.is_mountpoint(mnt)
+    assert not any(t.name.startswith("fuse-gone-") for t in threading.enumerate())
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_resuming_a_connection_that_died_meanwhile_says_so_and_drops_it(tmp_path: Path) -> None:
+    from .fuse_ll_child import holder
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with holder() as store:
+        old = FuseDisk.mount(MemoryDevice(1 << 20), mnt, name="dead", fdstore=store)
+        old.close(unmount=False)
+        fuse_ll.umount(mnt)  # nobody uses it: the kernel ends the connection
+        fd = store.get("dead")
+        assert fd is not None
+        with pytest.raises(FuseServerError, match=r"is gone .* fd store entry was dropped"):
+            FuseDisk.resume(MemoryDevice(1 << 20), fd, mnt, name="dead", fdstore=store)
+        assert store.names() == []
+    assert not any(t.name.startswith("fuse-dead-") for t in threading.enumerate())

@@ -1,7 +1,7 @@
 """Takeover of a live FUSE connection: SIGKILL the server mid-read, resume in a new process.
 
-The server runs in a child process (``fuse_ll_child.py``) with a slowed device, so the kernel
-has requests in flight when it dies; the fd store keeps the connection open; a new server
+The server runs in a child process (``fuse_ll_child.py``) with a slowed device that stops
+answering just before the kill, so the kernel surely has requests in flight when it dies; the fd store keeps the connection open; a new server
 process takes the fds from the store and resumes (FUSE_NOTIFY_RESEND). A reader in a third
 process reads a file from ext4 on a loop device on the FUSE disk throughout, and must finish
 with the right bytes. Nothing may leak: loop devices, mounts (checked by conftest under
@@ -76,7 +76,7 @@ class Server:
     def stats(self) -> dict[str, int]:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return dict(json.loads(self.stats_path.read_text()))
-        return {"bytes_read": 0, "resent": 0}
+        return {"bytes_read": 0, "resent": 0, "stalled": 0}
 
     def kill(self) -> None:
         self.proc.kill()
@@ -109,45 +109,59 @@ def ext4_on(disk: Path, target: Path, *, readonly: bool) -> Iterator[str]:
         loop.detach(lo.device)
 
 
+@pytest.mark.parametrize("kills", [1, 3])
 def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
-    tmp_path: Path, store: FdStore
+    tmp_path: Path, store: FdStore, kills: int
 ) -> None:
+    """``kills`` servers in a row die mid-read; each next one resumes what the last left."""
     payload = random.Random(16).randbytes(24 << 20)
     image = build_sample_image(tmp_path / "build", {"big.bin": payload})
     mnt, target = tmp_path / "fuse", tmp_path / "root"
     mnt.mkdir()
     target.mkdir()
-    first = Server(image, mnt, store, "--delay-s", "0.03")
-    second = None
+    servers: list[Server] = []
+
+    def slow(i: int, *extra: str) -> Server:
+        stall = str(tmp_path / f"stall-{i}")
+        return Server(image, mnt, store, "--delay-s", "0.01", "--stall-file", stall, *extra)
+
     try:
+        servers.append(slow(0))
         with ext4_on(mnt / "disk", target, readonly=True) as dev:
             ext4.mount(dev, target, readonly=True)  # fresh mount: the file's pages are cold
-            before = first.stats()["bytes_read"]
             reader = subprocess.Popen(
                 [sys.executable, "-c", READER, str(target / "big.bin")],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            _wait_for(lambda: first.stats()["bytes_read"] > before + (4 << 20), 60, "reads")
-            first.kill()  # SIGKILL with reads in flight (each takes 30 ms in the device)
-            time.sleep(0.5)
-            assert reader.poll() is None, "the reader must wait for the new server, not fail"
-            assert ext4.is_mountpoint(mnt), "the fd store keeps the connection alive"
-            assert store.names() == ["disk"]
-            second = Server(image, mnt, store, "--resume")
+            for i in range(kills):
+                doomed = servers[-1]
+                goal = doomed.stats()["bytes_read"] + (2 << 20)
+                _wait_for(lambda s=doomed, g=goal: s.stats()["bytes_read"] > g, 60, "reads")
+                (tmp_path / f"stall-{i}").touch()  # the device stops answering: in flight
+                _wait_for(lambda s=doomed: s.stats()["stalled"] >= 1, 60, "a read in flight")
+                doomed.kill()
+                time.sleep(0.3)
+                assert reader.poll() is None, "the reader must wait for the next server, not fail"
+                assert ext4.is_mountpoint(mnt), "the fd store keeps the connection alive"
+                assert store.names() == ["disk"]
+                last = i == kills - 1
+                servers.append(
+                    Server(image, mnt, store, "--resume") if last else slow(i + 1, "--resume")
+                )
+                _wait_for(lambda: servers[-1].stats()["resent"] >= 1, 60, "requests resent")
             out, err = reader.communicate(timeout=120)
             assert reader.returncode == 0, err
             assert out.strip() == hashlib.sha256(payload).hexdigest()
-            assert second.stats()["resent"] >= 1, "requests in flight were resent"
-            assert second.stats()["bytes_read"] > 0
+            assert servers[-1].stats()["bytes_read"] > 0
             ext4.umount(target)
-        second.stop()
+        servers[-1].stop()
     finally:
-        for s in (first, second):
-            if s is not None and s.proc.poll() is None:
+        for s in servers:
+            if s.proc.poll() is None:
                 s.kill()
-            if s is not None and s.proc.stdout is not None:
+            if s.proc.stdout is not None:
                 s.proc.stdout.close()
         if ext4.is_mountpoint(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -29,6 +29,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import select
 import stat
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tidal.blockdev import ext4
 from tidal.blockdev.fuse_device import DISK_NAME, IoCounters, ReadLatency, zero_range
 from tidal.errors import FuseServerError, MountError, TidalError
 from tidal.image.device import BlockDevice
@@ -54,9 +56,21 @@ FSTYPE = "fuse.tidal"
 SOURCE = "tidal"
 DEFAULT_THREADS = 4
 """Serving threads per disk: reads release the GIL in the kernel and in lz4/zstd, so a few
-threads keep a 2-core node's loop device busy; each holds a ``max_io_bytes`` buffer."""
-DEFAULT_MAX_IO_BYTES = 1 << 20
-"""1 MiB requests: the kernel's default ``fs.fuse.max_pages_limit`` (256 pages)."""
+threads keep a 2-core node's loop device busy; each holds a request-sized buffer."""
+MAX_PAGES_LIMIT = Path("/proc/sys/fs/fuse/max_pages_limit")
+"""How many pages one FUSE request may carry (Linux >= 6.13; 256 before, and by default)."""
+KERNEL_DEFAULT_MAX_PAGES = 256
+
+
+def kernel_max_io_bytes() -> int:
+    """The largest READ/WRITE this kernel allows: ``max_pages_limit`` pages (1 MiB default)."""
+    try:
+        pages = int(MAX_PAGES_LIMIT.read_text())
+    except (OSError, ValueError):
+        pages = KERNEL_DEFAULT_MAX_PAGES
+    return max(1, min(pages, 0xFFFF)) * mmap.PAGESIZE
+
+
 ATTR_TIMEOUT_S = 3600
 """The disk never changes size or identity behind the kernel's back."""
 INIT_TIMEOUT_S = 10.0
@@ -64,6 +78,8 @@ INIT_TIMEOUT_S = 10.0
 MAX_BACKGROUND = 64
 """Async requests (readahead, async direct I/O from the loop driver) in flight at once;
 the kernel's default of 12 starves a multi-threaded server."""
+UNMOUNT_BUSY_S = 2.0
+"""How long an unmount retries while the disk is busy (a detached loop device letting go)."""
 MIN_KERNEL_MINOR = 31
 """7.31 (Linux 5.4): max_pages and the 64-byte init_out this server writes."""
 OUR_MINOR = 45
@@ -172,6 +188,13 @@ def _open_dev_fuse() -> int:
         raise FuseServerError(f"cannot open {DEV_FUSE}: {exc.strerror}") from exc
 
 
+def _connected(fd: int) -> bool:
+    """Whether the connection of ``fd`` still stands (/dev/fuse polls POLLERR once aborted)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not any(ev & select.POLLERR for _fd, ev in poller.poll(0))
+
+
 def _clone(fd: int) -> int:
     new = _open_dev_fuse()
     try:
@@ -240,7 +263,7 @@ class FuseDisk:
         self._bufsize = negotiated.max_write + 4096
         now = time.time_ns()
         self._time = (now // 10**9, now % 10**9)
-        self._ops: dict[int, Callable[[memoryview, int], bytes | list[bytes] | None]] = {
+        self._ops: dict[int, Callable[[memoryview, int], bytes | None]] = {
             LOOKUP: self._lookup,
             FORGET: _no_reply,
             BATCH_FORGET: _no_reply,
@@ -282,10 +305,14 @@ class FuseDisk:
         name: str,
         fdstore: FdStore | None = None,
         threads: int = DEFAULT_THREADS,
-        max_io_bytes: int = DEFAULT_MAX_IO_BYTES,
+        max_io_bytes: int | None = None,
     ) -> FuseDisk:
-        """Mount a new connection at ``mountpoint`` (an existing directory) and serve it."""
+        """Mount a new connection at ``mountpoint`` (an existing directory) and serve it, in
+        requests of up to ``max_io_bytes`` (default: as large as the kernel allows)."""
         mountpoint = Path(mountpoint)
+        limit = kernel_max_io_bytes()
+        max_io_bytes = limit if max_io_bytes is None else min(max_io_bytes, limit)
+        max_io_bytes -= max_io_bytes % mmap.PAGESIZE
         if threads < 1:
             raise FuseServerError(f"{name}: threads must be >= 1, not {threads}")
         fd = _open_dev_fuse()
@@ -353,6 +380,14 @@ class FuseDisk:
                     "resend requests a dead server had taken (FUSE_NOTIFY_RESEND needs 7.40, "
                     f"Linux >= 6.9); the connection at {mountpoint} cannot be resumed safely"
                 )
+            if not _connected(fd):
+                if fdstore is not None:
+                    fdstore.drop(name)
+                raise FuseServerError(
+                    f"{name}: the FUSE connection of {mountpoint} is gone (unmounted or "
+                    "aborted while no server served it); nothing to resume"
+                    + ("; its fd store entry was dropped" if fdstore is not None else "")
+                )
             while len(fds) < threads:
                 fds.append(_clone(fd))
             disk = cls(device, fds, mountpoint, negotiated, name=name, fdstore=fdstore)
@@ -395,7 +430,7 @@ class FuseDisk:
         if self._closed:
             return
         if unmount:
-            umount(self.mountpoint)
+            self._unmount()
         self._closed = True
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
@@ -407,6 +442,21 @@ class FuseDisk:
         os.close(self._stop_fd)
         with contextlib.suppress(Exception):
             self.device.flush()
+
+    def _unmount(self) -> None:
+        """Unmount, retried for a while on EBUSY: a loop device lets go of its backing file
+        a moment after ``losetup -d`` returns."""
+        deadline = time.monotonic() + UNMOUNT_BUSY_S
+        while True:
+            try:
+                umount(self.mountpoint)
+                return
+            except MountError:
+                if not ext4.is_mountpoint(self.mountpoint):
+                    return  # unmounted by someone else already (umount -l): nothing to undo
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> FuseDisk:
         return self
@@ -447,9 +497,7 @@ class FuseDisk:
                 out = op(mv[:n], nodeid)
                 if out is None:
                     continue
-                parts = out if isinstance(out, list) else [out]
-                size = OUT_HEADER.size + sum(len(p) for p in parts)
-                self._reply(fd, [OUT_HEADER.pack(size, 0, unique), *parts])
+                self._reply(fd, [OUT_HEADER.pack(OUT_HEADER.size + len(out), 0, unique), out])
             except _Errno as e:
                 self._reply(fd, [OUT_HEADER.pack(OUT_HEADER.size, -e.code, unique)])
             except Exception:
@@ -525,7 +573,7 @@ class FuseDisk:
             out += rec
         return bytes(out)
 
-    def _read(self, req: memoryview, nodeid: int) -> bytes | list[bytes]:
+    def _read(self, req: memoryview, nodeid: int) -> bytes:
         _fh, offset, size = READ_IN.unpack_from(req, H)[:3]
         end = min(offset + size, self._size)
         if offset >= end:
@@ -635,7 +683,7 @@ def _handshake(fd: int, max_io_bytes: int, name: str) -> Negotiated:
         )
     offered = flags | (flags2 << 32 if flags & INIT_EXT else 0)
     want = WANTED_FLAGS & offered
-    pages = max_io_bytes // 4096
+    pages = max_io_bytes // mmap.PAGESIZE
     out = INIT_OUT.pack(
         7, min(minor, OUR_MINOR), min(max_readahead, max_io_bytes), want & 0xFFFFFFFF,
         MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, max_io_bytes, 1, pages, 0, want >> 32, 0,
