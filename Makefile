@@ -11,12 +11,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # What the real-component tests drive, by capability (tests/conftest.py) and tool:
-#   venv: python3-venv | fuse: fuse3 (fusermount3), libfuse3-3 (mfusepy) | loop: mount, util-linux
+#   venv: python3-venv | fuse: fuse3 (fusermount3) | loop: mount, util-linux
 #   (losetup, nsenter, unshare) | registry: docker-registry, apache2-utils (htpasswd), openssl
 #   (TLS, tokens), skopeo | runtime: runc, crun, gcc + libc6-dev (rich-mode init), lxcfs,
 #   busybox-static, debootstrap (Debian rootfs), runsc (gVisor), podman (benchmark baseline) | netns: iproute2 (ip, tc, bridge) | images:
 #   e2fsprogs (mkfs.ext4, e2fsck, debugfs), attr | others: kmod procps psmisc curl quota xfsprogs
-APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 libfuse3-3 docker-registry lxcfs skopeo \
+APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 docker-registry lxcfs skopeo \
 	busybox-static debootstrap iproute2 attr mount util-linux kmod psmisc procps curl quota \
 	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman
 PIP_EXTRAS := dev,sched,bench
@@ -43,7 +43,7 @@ $(STAMP_VENV): pyproject.toml
 	@mkdir -p .make
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PIP_EXTRAS)]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, mfusepy, httpx, hypothesis, numpy, matplotlib, kubernetes, atheris"
+	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, httpx, hypothesis, numpy, matplotlib, kubernetes, atheris"
 	@touch $@
 
 deps: $(STAMP_APT) $(STAMP_VENV)

@@ -21,7 +21,7 @@ from tidal.blockdev.fuse_ll import FuseDisk, Negotiated
 from tidal.errors import FuseServerError, MountError
 from tidal.image.manifest import Image, ImageWriter
 
-from .test_fuse_device import MemoryDevice
+from .test_serve import MemoryDevice
 
 
 def test_wire_structs_have_the_kernel_sizes() -> None:

@@ -1,7 +1,7 @@
 """Tidal's own FUSE server: one BlockDevice as ``<mountpoint>/disk``, spoken over /dev/fuse.
 
-Why hand-written, not libfuse (mfusepy, ``fuse_device.py``): a libfuse session insists on
-doing FUSE_INIT itself, so it cannot take over a live connection whose server died; and the
+Why hand-written, not libfuse (Tidal served through mfusepy before): a libfuse session
+insists on doing FUSE_INIT itself, so it cannot take over a live connection whose server died; and the
 filesystem here is one regular file in one directory, so the wire protocol it needs is a
 dozen opcodes of fixed-layout structs (``include/uapi/linux/fuse.h``), decoded with
 ``struct``. No Python library speaks the low-level protocol (pyfuse3 wraps libfuse's
@@ -17,17 +17,20 @@ low-level API, with the same INIT rule).
   and writes FUSE_NOTIFY_RESEND (Linux >= 6.9, protocol 7.40), which puts those requests
   back in the input queue: the reader sees a pause, not EIO.
 
-Behaviour is the mfusepy adapter's: device failures become EIO with a log line naming the
-byte range; counters and the read-latency histogram are ``fuse_device``'s own classes.
-errno appears only here and in ``fuse_device.py``.
+Behaviour is what the mfusepy adapter did: device failures become EIO with a log line naming
+the byte range; :class:`IoCounters` and :class:`ReadLatency` say what was served. Both the
+node service (many disks per process) and the per-mount server ``serve.py`` use it. errno
+values are raised only here.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import mmap
 import os
@@ -42,7 +45,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tidal.blockdev import ext4
-from tidal.blockdev.fuse_device import DISK_NAME, IoCounters, ReadLatency, zero_range
 from tidal.errors import FuseServerError, MountError, TidalError
 from tidal.image.device import BlockDevice
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DISK_NAME = "disk"
 DEV_FUSE = "/dev/fuse"
 FSTYPE = "fuse.tidal"
 SOURCE = "tidal"
@@ -169,6 +172,81 @@ class Negotiated:
             ) from exc
 
 
+# --- what the disk served -------------------------------------------------------------------
+
+
+@dataclass
+class IoCounters:
+    """What the adapter served; tests and benchmarks read these (not thread-exact, close enough)."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    flushes: int = 0
+    errors: int = 0
+
+
+READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+"""Upper bounds of the read-latency histogram: a page-cache-cold chunk decode takes ~0.3 ms,
+a lazy fetch 10-100 ms."""
+
+
+class ReadLatency:
+    """A histogram of read latency (fixed buckets), exported as Prometheus by the mount.
+
+    Hand-written rather than a ``prometheus_client.Histogram``: the FUSE server must not
+    import prometheus-client before it reports ready (the mount waits for it), and the
+    exporter reads these counts only when it runs, after ready.
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = READ_SECONDS_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum_s = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        i = bisect.bisect_left(self.bounds, seconds)  # first bound >= seconds ("le")
+        with self._lock:
+            self.counts[i] += 1
+            self.sum_s += seconds
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """``[(le, count), ..., ("+Inf", total)]`` and the sum, as Prometheus wants them."""
+        with self._lock:
+            counts, total_s = list(self.counts), self.sum_s
+        out, running = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out, total_s
+
+
+def zero_range(device: BlockDevice, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` read as zeros: discard whole sectors, write the edges."""
+    end = offset + length
+    first = -(-offset // 512) * 512
+    last = (end // 512) * 512
+    if first >= last:
+        device.write(offset, bytes(length))
+        return
+    if offset < first:
+        device.write(offset, bytes(first - offset))
+    device.discard(first, last - first)
+    if last < end:
+        device.write(last, bytes(end - last))
+
+
+def disk_inode(name: str) -> int:
+    """The disk's inode number, from its name: the same across a resume (the kernel keeps the
+    inode), different between disks. A loop device names its backing file by MAJ:MIN:INODE
+    (``LoopDevice.backing_id``), and FUSE's anonymous device numbers are reused once a mount
+    is gone, so a fixed inode would let a stale record's teardown match another mount's loop
+    device."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest(), "big") | 2
+
+
 # --- mount(2) and friends --------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -260,6 +338,7 @@ class FuseDisk:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._size = device.size_bytes
+        self._disk_ino = disk_inode(name)
         self._bufsize = negotiated.max_write + 4096
         now = time.time_ns()
         self._time = (now // 10**9, now % 10**9)
@@ -443,6 +522,14 @@ class FuseDisk:
         with contextlib.suppress(Exception):
             self.device.flush()
 
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the connection ends (the disk was unmounted: every serving thread saw
+        ENODEV) or ``timeout_s`` passes; True if it ended."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
     def _unmount(self) -> None:
         """Unmount, retried for a while on EBUSY: a loop device lets go of its backing file
         a moment after ``losetup -d`` returns."""
@@ -524,7 +611,8 @@ class FuseDisk:
             raise _Errno(errno.ENOENT)
         uid, gid = os.getuid(), os.getgid()
         blocks = (size + 511) // 512
-        return ATTR.pack(nodeid, size, blocks, s, s, s, ns, ns, ns, mode, nlink, uid, gid, 0,
+        ino = self._disk_ino if nodeid == DISK_ID else nodeid
+        return ATTR.pack(ino, size, blocks, s, s, s, ns, ns, ns, mode, nlink, uid, gid, 0,
                          4096, 0)  # fmt: skip
 
     def _lookup(self, req: memoryview, nodeid: int) -> bytes:
@@ -541,10 +629,10 @@ class FuseDisk:
     def _setattr(self, req: memoryview, nodeid: int) -> bytes:
         valid, _pad, _fh, size = SETATTR_IN.unpack_from(req, H)
         if valid & (FATTR_MODE | FATTR_UID | FATTR_GID):
-            raise _Errno(errno.EROFS)  # as mfusepy's chmod/chown
+            raise _Errno(errno.EROFS)  # chmod/chown of a disk: refused, as libfuse's default
         if valid & FATTR_SIZE and (nodeid != DISK_ID or size != self._size):
             raise _Errno(errno.EPERM)  # a disk does not change size
-        return self._getattr(req, nodeid)  # times: accepted, not kept (as mfusepy's utimens)
+        return self._getattr(req, nodeid)  # times: accepted, not kept
 
     def _open(self, req: memoryview, nodeid: int) -> bytes:
         (flags,) = U32.unpack_from(req, H)

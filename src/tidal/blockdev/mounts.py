@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tidal.blockdev import ext4, loop
 from tidal.blockdev.ext4 import Ext4Format
-from tidal.blockdev.fuse_device import DISK_NAME
+from tidal.blockdev.fuse_ll import DISK_NAME
 from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.config import data_root
 from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalError

@@ -4,7 +4,9 @@ One process per mounted image, so that a crash of one image's server takes down 
 and so that the process that asked for the mount (a CLI, the engine) may exit. It opens the
 image (and the writable layer, if any), serves ``MOUNTPOINT/disk`` in the foreground, and
 reports on ``--ready-fd``: one line, ``ready`` or ``error: <message>``. At unmount (or on
-SIGTERM, which libfuse turns into a clean exit) it flushes and closes the writable layer.
+SIGTERM/SIGINT/SIGHUP, a clean exit) it flushes and closes the writable layer. The disk is
+served by :class:`~tidal.blockdev.fuse_ll.FuseDisk` from this process's threads, as the node
+service serves many.
 
 A *pulled* image (``tidal image pull``: a manifest and ``origin.json``, no layer data) is
 served lazily: reads fetch the chunks they need from the registry through the node's chunk
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tidal.blobs.pulled import is_pulled_image
-from tidal.blockdev.fuse_device import BlockDeviceFS, IoCounters, ReadLatency, serve
+from tidal.blockdev.fuse_ll import FuseDisk, IoCounters, ReadLatency
 from tidal.errors import TidalError
 from tidal.fsutil import write_bytes_atomic, write_json_atomic
 from tidal.image.device import BlockDevice
@@ -70,8 +72,8 @@ class _ReadyPipe:
 
 
 class Counted(Protocol):
-    """What serves a FUSE disk, as the stats writer and the metrics read it (mfusepy's
-    :class:`BlockDeviceFS` here, :class:`~tidal.blockdev.fuse_ll.FuseDisk` in the node service)."""
+    """What serves a FUSE disk, as the stats writer and the metrics read it (a
+    :class:`~tidal.blockdev.fuse_ll.FuseDisk`, here or in the node service)."""
 
     counters: IoCounters
     read_latency: ReadLatency
@@ -251,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-io-bytes", type=int, default=1 << 20)
     parser.add_argument("--stats-file", type=Path, help="write I/O and fetch statistics here")
     parser.add_argument("--trace-out", type=Path, help="record the ranges read into this trace")
-    parser.add_argument("--debug", action="store_true", help="libfuse debug output")
     parser.add_argument(
         "--owner", help="PID:START of the process this mount serves: exit when it is gone"
     )
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     ready = _ReadyPipe(args.ready_fd)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         served = open_device(args.image, args.writable)
     except TidalError as exc:
@@ -268,12 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     device: BlockDevice = served.device
     recorder = TraceRecorder(device) if args.trace_out is not None else None
-    fs = BlockDeviceFS(
-        recorder or device,
-        name=str(args.image),
-        max_io_bytes=args.max_io_bytes,
-        on_ready=lambda: ready.send("ready"),
-    )
+    try:
+        disk = FuseDisk.mount(
+            recorder or device, args.mountpoint, name=str(args.image),
+            max_io_bytes=args.max_io_bytes,
+        )  # fmt: skip
+    except TidalError as exc:
+        log.error("FUSE server for %s could not mount: %s", args.image, exc)
+        ready.send(f"error: FUSE mount at {args.mountpoint} failed: {exc}")
+        served.close()
+        return 1
     log.info(
         "serving %s%s at %s/disk (%d bytes)",
         args.image,
@@ -281,14 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         args.mountpoint,
         device.size_bytes,
     )
-    metrics = MountMetrics(fs, served, str(args.image))
+    metrics = MountMetrics(disk, served, str(args.image))
     p2p = served.lazy.p2p if served.lazy is not None else None
     if p2p is not None:  # its peer server's /metrics shows the mount's figures too
         p2p.server.service.add_collector(metrics)
     stats = (
         StatsWriter(
             args.stats_file,
-            fs,
+            disk,
             served,
             STATS_INTERVAL_S,
             metrics,
@@ -302,22 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         stats.start()
     if args.owner:
         _watch_owner(args.owner)
-    status = 0
+    ready.send("ready")
     try:
-        serve(fs, str(args.mountpoint), readonly=device.readonly, debug=args.debug)
-    except RuntimeError as exc:
-        if ready.sent_ready:
-            # libfuse ends its loop with an error status when SIGTERM/SIGINT/SIGHUP stops it;
-            # the session was served and is unmounted: a normal stop
-            log.info("FUSE server for %s stopped by a signal (libfuse status %s)", args.image, exc)
+        while not stop.is_set() and not disk.wait(0.2):
+            pass  # served until unmounted (the threads see the connection end) or signalled
+        if stop.is_set():
+            log.info("FUSE server for %s stopping on a signal", args.image)
+            try:
+                disk.close(unmount=True)
+            except TidalError as exc:  # busy (a loop device still holds it): leave it
+                log.warning("could not unmount %s on stop: %s", args.mountpoint, exc)
+                disk.close(unmount=False)
         else:
-            log.error("FUSE server for %s could not mount: libfuse status %s", args.image, exc)
-            ready.send(f"error: FUSE mount at {args.mountpoint} failed (libfuse status {exc})")
-            status = 1
-    except Exception as exc:
-        log.error("FUSE server for %s stopped: %s", args.image, exc)
-        ready.send(f"error: FUSE mount at {args.mountpoint} failed: {exc}")
-        status = 1
+            disk.close(unmount=False)
     finally:
         if stats is not None:
             stats.stop()
@@ -331,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "stopped %s: %d reads (%d bytes), %d writes (%d bytes), %d errors",
             args.image,
-            fs.counters.reads,
-            fs.counters.bytes_read,
-            fs.counters.writes,
-            fs.counters.bytes_written,
-            fs.counters.errors,
+            disk.counters.reads,
+            disk.counters.bytes_read,
+            disk.counters.writes,
+            disk.counters.bytes_written,
+            disk.counters.errors,
         )
-    return status
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,17 @@
-"""The FUSE adapter against an in-memory device (no FUSE needed), then through real FUSE."""
+"""The per-mount FUSE server (``python -m tidal.blockdev.serve``) and what FuseDisk does with a
+device beyond reads and writes (fsync, fallocate), against an in-memory device and real FUSE."""
 
 from __future__ import annotations
 
-import errno
-import logging
 import os
 import random
-import stat
+import subprocess
 from pathlib import Path
 
-import mfusepy
 import pytest
 
 from tidal.blockdev import ext4
-from tidal.blockdev.fuse_device import BlockDeviceFS, zero_range
+from tidal.blockdev.fuse_ll import FuseDisk, zero_range
 from tidal.blockdev.mounts import _fuse_unmount, _start_server, _stop_server
 from tidal.blockdev.settings import BlockdevSettings
 from tidal.errors import ChecksumError, FuseServerError, LayerError
@@ -53,60 +51,6 @@ class MemoryDevice:
         self.flushes += 1
 
 
-def test_getattr_reports_one_file_of_the_device_size() -> None:
-    fs = BlockDeviceFS(MemoryDevice(1 << 20))
-    st = fs.getattr("/disk")
-    assert stat.S_ISREG(st["st_mode"]) and st["st_size"] == 1 << 20
-    assert stat.S_ISDIR(fs.getattr("/")["st_mode"])
-    assert fs.readdir("/", 0) == [".", "..", "disk"]
-    with pytest.raises(mfusepy.FuseOSError) as exc:
-        fs.getattr("/other")
-    assert exc.value.errno == errno.ENOENT
-
-
-def test_read_write_round_trip_and_clamp_at_the_end() -> None:
-    dev = MemoryDevice(8192)
-    fs = BlockDeviceFS(dev)
-    assert fs.write("/disk", b"abc", 8000, 0) == 3
-    assert fs.read("/disk", 4096, 7998, 0) == b"\0\0abc" + bytes(8192 - 8003)
-    assert fs.read("/disk", 10, 8192, 0) == b""
-    assert fs.counters.bytes_written == 3
-    assert (fs.counters.reads, fs.counters.bytes_read) == (1, 8192 - 7998)  # EOF read: no I/O
-    with pytest.raises(mfusepy.FuseOSError) as exc:
-        fs.write("/disk", b"x" * 10, 8190, 0)
-    assert exc.value.errno == errno.ENOSPC
-
-
-def test_readonly_device_refuses_writes_and_write_opens() -> None:
-    fs = BlockDeviceFS(MemoryDevice(4096, readonly=True))
-    for call in (lambda: fs.write("/disk", b"x", 0, 0), lambda: fs.open("/disk", os.O_RDWR)):
-        with pytest.raises(mfusepy.FuseOSError) as exc:
-            call()
-        assert exc.value.errno == errno.EROFS
-    assert fs.open("/disk", os.O_RDONLY) == 0
-
-
-def test_device_error_becomes_eio_with_a_log_line_naming_range_and_cause(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    dev = MemoryDevice(1 << 16)
-    dev.fail_at = 5000
-    fs = BlockDeviceFS(dev, name="img")
-    with caplog.at_level(logging.ERROR), pytest.raises(mfusepy.FuseOSError) as exc:
-        fs.read("/disk", 4096, 4096, 0)
-    assert exc.value.errno == errno.EIO
-    assert "[4096, 8192)" in caplog.text and "chunk 7" in caplog.text
-    assert fs.counters.errors == 1
-
-
-def test_fsync_flushes_and_destroy_flushes() -> None:
-    dev = MemoryDevice(4096)
-    fs = BlockDeviceFS(dev)
-    fs.fsync("/disk", 0, 0)
-    fs.destroy("/")
-    assert dev.flushes == 2
-
-
 @pytest.mark.parametrize("offset,length", [(0, 4096), (100, 3000), (511, 2), (1000, 5000)])
 def test_zero_range_zeroes_exactly_the_range(offset: int, length: int) -> None:
     rng = random.Random(offset)
@@ -118,16 +62,51 @@ def test_zero_range_zeroes_exactly_the_range(offset: int, length: int) -> None:
     assert dev.data == model
 
 
-def test_fallocate_punch_hole_goes_to_discard() -> None:
+@pytest.mark.root
+@pytest.mark.fuse
+def test_fsync_flushes_the_device_and_so_does_close(tmp_path: Path) -> None:
+    dev = MemoryDevice(1 << 16)
+    (tmp_path / "m").mkdir()
+    disk = FuseDisk.mount(dev, tmp_path / "m", name="mem")
+    try:
+        fd = os.open(disk.disk_path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x", 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert dev.flushes >= 1
+        before = dev.flushes
+    finally:
+        disk.close()
+    assert dev.flushes > before
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_fallocate_punch_hole_goes_to_discard_and_collapse_is_refused(tmp_path: Path) -> None:
     dev = MemoryDevice(8192)
     dev.data[:] = b"\xff" * 8192
-    fs = BlockDeviceFS(dev)
-    fs.fallocate("/disk", 0x01 | 0x02, 1024, 2048, 0)
-    assert dev.discards == [(1024, 2048)]
-    assert dev.data[1024:3072] == bytes(2048) and dev.data[1023] == 0xFF
-    with pytest.raises(mfusepy.FuseOSError) as exc:
-        fs.fallocate("/disk", 0x08, 0, 512, 0)  # COLLAPSE_RANGE makes no sense for a disk
-    assert exc.value.errno == errno.EOPNOTSUPP
+    (tmp_path / "m").mkdir()
+    disk = FuseDisk.mount(dev, tmp_path / "m", name="mem")
+    try:
+        punch = subprocess.run(
+            ["fallocate", "--punch-hole", "--keep-size", "-o", "1024", "-l", "2048",
+             str(disk.disk_path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert punch.returncode == 0, punch.stderr
+        assert dev.discards == [(1024, 2048)]
+        assert dev.data[1024:3072] == bytes(2048) and dev.data[1023] == 0xFF
+        assert dev.data[3072] == 0xFF
+        collapse = subprocess.run(
+            ["fallocate", "--collapse-range", "-o", "0", "-l", "4096", str(disk.disk_path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert collapse.returncode != 0  # a disk does not shrink from the middle
+        assert dev.data[3072] == 0xFF and len(dev.data) == 8192
+    finally:
+        disk.close()
 
 
 @pytest.mark.root
@@ -195,7 +174,7 @@ def test_sigterm_flushes_the_writable_layer_and_unmounts(tmp_path: Path) -> None
         if ext4.is_mountpoint(fuse_dir):
             _fuse_unmount(fuse_dir, lazy=True)
         _stop_server(proc.pid, timeout_s=5)
-    assert not ext4.is_mountpoint(fuse_dir), "libfuse unmounts on SIGTERM"
+    assert not ext4.is_mountpoint(fuse_dir), "the server unmounts on SIGTERM"
     with Image.open(img).writable(wdir, create=False) as wl:
         assert wl.read(4096, 20) == b"\0\0\0acknowledged\0\0\0\0\0"
     assert "stopped" in (tmp_path / "log").read_text()
