@@ -306,9 +306,11 @@ class FuseDisk:
         fdstore: FdStore | None = None,
         threads: int = DEFAULT_THREADS,
         max_io_bytes: int | None = None,
+        max_background: int = MAX_BACKGROUND,
     ) -> FuseDisk:
         """Mount a new connection at ``mountpoint`` (an existing directory) and serve it, in
-        requests of up to ``max_io_bytes`` (default: as large as the kernel allows)."""
+        requests of up to ``max_io_bytes`` (default: as large as the kernel allows), with up
+        to ``max_background`` async requests (readahead, async direct I/O) in flight."""
         mountpoint = Path(mountpoint)
         limit = kernel_max_io_bytes()
         max_io_bytes = limit if max_io_bytes is None else min(max_io_bytes, limit)
@@ -318,10 +320,11 @@ class FuseDisk:
         fd = _open_dev_fuse()
         fds = [fd]
         mounted = False
+        disk: FuseDisk | None = None
         try:
             _mount(fd, mountpoint, readonly=device.readonly, max_io_bytes=max_io_bytes)
             mounted = True
-            negotiated = _handshake(fd, max_io_bytes, name)
+            negotiated = _handshake(fd, max_io_bytes, max_background, name)
             fds += [_clone(fd) for _ in range(threads - 1)]
             disk = cls(device, fds, mountpoint, negotiated, name=name, fdstore=fdstore)
             if fdstore is not None:
@@ -333,6 +336,8 @@ class FuseDisk:
                     umount(mountpoint, lazy=True)
             for f in fds:
                 os.close(f)
+            if disk is not None:
+                os.close(disk._stop_fd)
             raise
         log.info(
             "%s: serving %d bytes at %s (%s, %d threads, protocol 7.%d, %d KiB requests)",
@@ -357,7 +362,9 @@ class FuseDisk:
 
         What INIT negotiated comes from ``negotiated`` or the fd store's entry ``name``; the
         clones held there are served too (their requests in flight are resent with the rest).
-        The FuseDisk owns ``fd`` from here on.
+        The FuseDisk owns ``fd`` from here on. Readers wait for the new server as long as it
+        takes, unless ``fs.fuse.default_request_timeout`` (Linux >= 6.14, 0 by default) is
+        set: then the kernel aborts the connection when a request waits longer.
         """
         mountpoint = Path(mountpoint)
         extra: list[int] = []
@@ -368,6 +375,7 @@ class FuseDisk:
             if negotiated is None:
                 negotiated = Negotiated.from_meta(entry.meta)
         fds = [fd, *extra]
+        disk: FuseDisk | None = None
         try:
             if negotiated is None:
                 raise FuseServerError(
@@ -397,6 +405,8 @@ class FuseDisk:
         except BaseException:
             for f in fds:
                 os.close(f)
+            if disk is not None:
+                os.close(disk._stop_fd)
             raise
         try:
             os.write(fd, OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0))
@@ -663,7 +673,7 @@ def _empty(req: memoryview, nodeid: int) -> bytes:
     return b""
 
 
-def _handshake(fd: int, max_io_bytes: int, name: str) -> Negotiated:
+def _handshake(fd: int, max_io_bytes: int, max_background: int, name: str) -> Negotiated:
     """Answer the kernel's INIT on a freshly mounted ``fd``."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -686,7 +696,7 @@ def _handshake(fd: int, max_io_bytes: int, name: str) -> Negotiated:
     pages = max_io_bytes // mmap.PAGESIZE
     out = INIT_OUT.pack(
         7, min(minor, OUR_MINOR), min(max_readahead, max_io_bytes), want & 0xFFFFFFFF,
-        MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, max_io_bytes, 1, pages, 0, want >> 32, 0,
+        max_background, max_background * 3 // 4, max_io_bytes, 1, pages, 0, want >> 32, 0,
     )  # fmt: skip
     os.write(fd, OUT_HEADER.pack(OUT_HEADER.size + len(out), 0, unique) + out)
     return Negotiated(
