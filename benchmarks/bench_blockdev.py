@@ -44,10 +44,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tidal.blockdev import ext4, loop, mounts
+from tidal.blockdev import ext4, fuse_ll, loop, mounts
 from tidal.blockdev.builder import build_from_dir
 from tidal.blockdev.fuse_ll import FuseDisk
 from tidal.blockdev.rawdisk import export_raw
+from tidal.errors import MountError
 from tidal.image.manifest import Image
 from tidal.units import SECTOR_BYTES
 
@@ -124,7 +125,12 @@ def serve_fuse_ll(image: Path, mnt: Path, options: dict[str, int]) -> int:
     disk = FuseDisk.mount(Image.open(image).merged_view(), mnt, name="bench", **options)
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM})
-    disk.close()
+    try:
+        disk.close()
+    except MountError as exc:  # leave nothing mounted behind a benchmark
+        print(f"{exc}; unmounting lazily", file=sys.stderr)
+        fuse_ll.umount(mnt, lazy=True)
+        disk.close(unmount=False)
     return 0
 
 
@@ -205,8 +211,7 @@ def served(server: str, image: Path, work: Path) -> Iterator[tuple[str, str, int
         finally:
             mounts.unmount(target)
         return
-    mnt = work / "fuse-ll"
-    mnt.mkdir(exist_ok=True)
+    mnt = Path(tempfile.mkdtemp(prefix="fuse-ll-", dir=work))
     options = server.partition(" ")[2]  # "fuse_ll threads=2,max_background=12"
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve-fuse-ll", str(image), str(mnt), options],
@@ -226,6 +231,11 @@ def served(server: str, image: Path, work: Path) -> Iterator[tuple[str, str, int
                 ext4.umount(target)
         finally:
             loop.detach(lo.device)
+            deadline = time.monotonic() + 30  # the loop device lets go when udev is done
+            while time.monotonic() < deadline and any(
+                d.backing_file == str(mnt / "disk") for d in loop.list_devices()
+            ):
+                time.sleep(0.1)
     finally:
         child.terminate()
         child.wait(30)

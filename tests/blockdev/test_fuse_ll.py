@@ -262,7 +262,7 @@ def test_unmount_while_a_loop_device_holds_the_disk_is_refused_and_serving_goes_
         lo = loop.attach(disk.disk_path, readonly=True)
         try:
             with pytest.raises(MountError, match="detach the loop device on its disk first"):
-                disk.close()
+                disk.close(busy_timeout_s=0.5)
             fd = os.open(lo.device, os.O_RDONLY | os.O_DIRECT)
             try:
                 aligned = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants

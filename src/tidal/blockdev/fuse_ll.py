@@ -78,8 +78,9 @@ INIT_TIMEOUT_S = 10.0
 MAX_BACKGROUND = 64
 """Async requests (readahead, async direct I/O from the loop driver) in flight at once;
 the kernel's default of 12 starves a multi-threaded server."""
-UNMOUNT_BUSY_S = 2.0
-"""How long an unmount retries while the disk is busy (a detached loop device letting go)."""
+UNMOUNT_BUSY_S = 10.0
+"""How long an unmount retries while the disk is busy: a detached loop device lets go of the
+disk when udev's probe of it ends, which took over 2 s on the loaded 2-core machine."""
 MIN_KERNEL_MINOR = 31
 """7.31 (Linux 5.4): max_pages and the 64-byte init_out this server writes."""
 OUR_MINOR = 45
@@ -433,14 +434,15 @@ class FuseDisk:
             t.start()
             self._threads.append(t)
 
-    def close(self, unmount: bool = True) -> None:
-        """Stop serving. ``unmount``: unmount the disk (MountError if busy, still serving)
-        and drop the fd store's entry; else leave the connection to the fd store (or, with
-        none, to the kernel, which fails its requests once the last fd is closed)."""
+    def close(self, unmount: bool = True, *, busy_timeout_s: float = UNMOUNT_BUSY_S) -> None:
+        """Stop serving. ``unmount``: unmount the disk (MountError if still busy after
+        ``busy_timeout_s``; it goes on serving then) and drop the fd store's entry; else
+        leave the connection to the fd store (or, with none, to the kernel, which fails its
+        requests once the last fd is closed)."""
         if self._closed:
             return
         if unmount:
-            self._unmount()
+            self._unmount(busy_timeout_s)
         self._closed = True
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
@@ -453,10 +455,10 @@ class FuseDisk:
         with contextlib.suppress(Exception):
             self.device.flush()
 
-    def _unmount(self) -> None:
-        """Unmount, retried for a while on EBUSY: a loop device lets go of its backing file
-        a moment after ``losetup -d`` returns."""
-        deadline = time.monotonic() + UNMOUNT_BUSY_S
+    def _unmount(self, busy_timeout_s: float) -> None:
+        """Unmount, retried for a while on EBUSY: a detached loop device lets go of its
+        backing file only when its last opener (udev's probe, say) closes it."""
+        deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
                 umount(self.mountpoint)
