@@ -44,10 +44,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tidal.blockdev import ext4, loop, mounts
+from tidal.blockdev import ext4, fuse_ll, loop, mounts
 from tidal.blockdev.builder import build_from_dir
 from tidal.blockdev.fuse_ll import FuseDisk
 from tidal.blockdev.rawdisk import export_raw
+from tidal.errors import MountError
 from tidal.image.manifest import Image
 from tidal.units import SECTOR_BYTES
 
@@ -118,13 +119,18 @@ SERVERS_TREE = CACHE / "rootfs-bookworm-lazy"
 SERVERS_IMAGE = CACHE / "fuse" / "image-bookworm-lz4"
 
 
-def serve_fuse_ll(image: Path, mnt: Path) -> int:
+def serve_fuse_ll(image: Path, mnt: Path, options: dict[str, int]) -> int:
     """The FuseDisk side of ``--servers``: serve ``image`` at ``mnt`` until SIGTERM."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the threads inherit it
-    disk = FuseDisk.mount(Image.open(image).merged_view(), mnt, name="bench")
+    disk = FuseDisk.mount(Image.open(image).merged_view(), mnt, name="bench", **options)
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM})
-    disk.close()
+    try:
+        disk.close()
+    except MountError as exc:  # leave nothing mounted behind a benchmark
+        print(f"{exc}; unmounting lazily", file=sys.stderr)
+        fuse_ll.umount(mnt, lazy=True)
+        disk.close(unmount=False)
     return 0
 
 
@@ -196,7 +202,7 @@ def read_tree(root: Path) -> float:
 @contextlib.contextmanager
 def served(server: str, image: Path, work: Path) -> Iterator[tuple[str, str, int, Path]]:
     """(disk file, loop device, server pid, ext4 mount) of ``image`` behind ``server``."""
-    target = work / f"root-{server}"
+    target = work / f"root-{server.split()[0]}"
     target.mkdir(exist_ok=True)
     if server == "mfusepy":
         info = mounts.mount_image(image, target)
@@ -205,10 +211,10 @@ def served(server: str, image: Path, work: Path) -> Iterator[tuple[str, str, int
         finally:
             mounts.unmount(target)
         return
-    mnt = work / "fuse-ll"
-    mnt.mkdir(exist_ok=True)
+    mnt = Path(tempfile.mkdtemp(prefix="fuse-ll-", dir=work))
+    options = server.partition(" ")[2]  # "fuse_ll threads=2,max_background=12"
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve-fuse-ll", str(image), str(mnt)],
+        [sys.executable, __file__, "--serve-fuse-ll", str(image), str(mnt), options],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -225,6 +231,11 @@ def served(server: str, image: Path, work: Path) -> Iterator[tuple[str, str, int
                 ext4.umount(target)
         finally:
             loop.detach(lo.device)
+            deadline = time.monotonic() + 30  # the loop device lets go when udev is done
+            while time.monotonic() < deadline and any(
+                d.backing_file == str(mnt / "disk") for d in loop.list_devices()
+            ):
+                time.sleep(0.1)
     finally:
         child.terminate()
         child.wait(30)
@@ -249,7 +260,7 @@ def measure(server: str, image: Path, work: Path, ranges: list[tuple[int, int]],
         return row
 
 
-def compare_servers(rounds: int, random_reads: int) -> int:
+def compare_servers(rounds: int, random_reads: int, variants: list[str]) -> int:
     if not (SERVERS_IMAGE / "manifest.json").exists():
         print(f"building {SERVERS_IMAGE} from {SERVERS_TREE} (lz4) ...", flush=True)
         build_from_dir(SERVERS_TREE, SERVERS_IMAGE, codec="lz4")
@@ -264,6 +275,7 @@ def compare_servers(rounds: int, random_reads: int) -> int:
         for a, b in rnd.choices(ranges, weights=[b - a for a, b in ranges], k=random_reads)
     ]
     runs: dict[str, list[dict[str, float]]] = {"mfusepy": [], "fuse_ll": []}
+    runs.update({f"fuse_ll {v}": [] for v in variants})
     with tempfile.TemporaryDirectory(prefix="tidal-bench-servers-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         os.environ["TIDAL_DATA_ROOT"] = str(work / "data")
@@ -282,11 +294,14 @@ def compare_servers(rounds: int, random_reads: int) -> int:
     ratios = {k: best["fuse_ll"][k] / best["mfusepy"][k] for k in best["fuse_ll"]}
     print(f"input: {SERVERS_TREE.name} as a Tidal image (lz4), {data_bytes / 1e6:.0f} MB of "
           f"data extents; best of {rounds} rounds")  # fmt: skip
-    print(f"{'':28}{'mfusepy (libfuse)':>20}{'fuse_ll (FuseDisk)':>20}{'ratio':>10}")
+    print(f"{'':28}" + "".join(f"{s:>24}" for s in best) + f"{'fuse_ll / mfusepy':>20}")
     for k in best["fuse_ll"]:
-        print(f"{k:28}{best['mfusepy'][k]:20.1f}{best['fuse_ll'][k]:20.1f}{ratios[k]:10.2f}")
-    SERVERS_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    SERVERS_RESULTS.write_text(
+        print(f"{k:28}" + "".join(f"{b[k]:24.1f}" for b in best.values()) + f"{ratios[k]:20.2f}")
+    out = (
+        SERVERS_RESULTS.with_name("blockdev_servers_variants.json") if variants else SERVERS_RESULTS
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "benchmark": "blockdev_servers",
@@ -301,7 +316,7 @@ def compare_servers(rounds: int, random_reads: int) -> int:
         )
         + "\n"
     )
-    print(f"wrote {SERVERS_RESULTS}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -310,15 +325,23 @@ def main() -> int:
     ap.add_argument("--random-reads", type=int, default=4000)
     ap.add_argument("--servers", action="store_true", help="mfusepy vs FuseDisk, same device")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--serve-fuse-ll", nargs=2, type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--fuse-ll-variants",
+        default="",
+        help="more FuseDisk rows, ';'-separated, e.g. 'threads=1;threads=8;max_background=12'",
+    )
+    ap.add_argument("--serve-fuse-ll", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_fuse_ll:
-        return serve_fuse_ll(*args.serve_fuse_ll)
+        image, mnt, opts = args.serve_fuse_ll
+        options = {k: int(v) for k, _, v in (o.partition("=") for o in opts.split(",") if o)}
+        return serve_fuse_ll(Path(image), Path(mnt), options)
     if os.geteuid() != 0:
         print("bench_blockdev needs root (FUSE, loop devices, drop_caches)", file=sys.stderr)
         return 1
     if args.servers:
-        return compare_servers(args.rounds, min(args.random_reads, 3000))
+        variants = [v.strip() for v in args.fuse_ll_variants.split(";") if v.strip()]
+        return compare_servers(args.rounds, min(args.random_reads, 3000), variants)
     tree, what = ensure_rootfs()
     with tempfile.TemporaryDirectory(prefix="tidal-bench-blockdev-", dir="/var/tmp") as tmp:
         work = Path(tmp)

@@ -9,6 +9,7 @@ import mmap
 import os
 import random
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,7 +262,7 @@ def test_unmount_while_a_loop_device_holds_the_disk_is_refused_and_serving_goes_
         lo = loop.attach(disk.disk_path, readonly=True)
         try:
             with pytest.raises(MountError, match="detach the loop device on its disk first"):
-                disk.close()
+                disk.close(busy_timeout_s=0.5)
             fd = os.open(lo.device, os.O_RDONLY | os.O_DIRECT)
             try:
                 aligned = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
@@ -301,3 +302,78 @@ def test_resuming_a_connection_that_died_meanwhile_says_so_and_drops_it(tmp_path
             FuseDisk.resume(MemoryDevice(1 << 20), fd, mnt, name="dead", fdstore=store)
         assert store.names() == []
     assert not any(t.name.startswith("fuse-dead-") for t in threading.enumerate())
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_random_reads_and_writes_match_a_model(tmp_path: Path) -> None:
+    """Unaligned reads and writes of every size, buffered and O_DIRECT, from four threads at
+    once on disjoint quarters, against a bytearray model of what the disk must hold."""
+    size = 8 << 20
+    dev = MemoryDevice(size)
+    model = bytearray(size)
+    quarter = size // 4
+    failures: list[str] = []
+
+    def worker(q: int, disk: Path) -> None:
+        rnd = random.Random(q)
+        lo, hi = q * quarter, (q + 1) * quarter
+        fd = os.open(disk, os.O_RDWR)
+        dfd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+        buf = mmap.mmap(-1, 1 << 20)
+        try:
+            for step in range(150):
+                off = rnd.randrange(lo, hi - 1)
+                n = rnd.choice([1, 511, 4096, 70_000, 1 << 20, 3 << 20])
+                n = min(n, hi - off)
+                if rnd.random() < 0.5:
+                    data = rnd.randbytes(n)
+                    os.pwrite(fd, data, off)
+                    model[off : off + n] = data
+                    if rnd.random() < 0.2:
+                        os.fsync(fd)
+                elif rnd.random() < 0.5:
+                    if os.pread(fd, n, off) != model[off : off + n]:
+                        failures.append(f"q{q} step {step}: buffered read [{off}, {off + n})")
+                else:
+                    a = off - off % 4096
+                    m = min(1 << 20, hi - a)
+                    os.fsync(fd)  # O_DIRECT reads see what the page cache wrote back
+                    got = os.preadv(dfd, [memoryview(buf)[:m]], a)
+                    if buf[:got] != model[a : a + got] or got != m:
+                        failures.append(f"q{q} step {step}: direct read [{a}, {a + m})")
+        finally:
+            os.close(fd)
+            os.close(dfd)
+            buf.close()
+
+    with served(dev, tmp_path / "mnt") as disk:
+        workers = [threading.Thread(target=worker, args=(q, disk.disk_path)) for q in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert not failures, failures[:5]
+        assert disk.disk_path.read_bytes() == bytes(model)
+    assert bytes(dev.data) == bytes(model)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.loop
+def test_discard_through_the_loop_device_zeroes_the_range(tmp_path: Path) -> None:
+    dev = MemoryDevice(16 << 20)
+    dev.data[:] = b"\xff" * (16 << 20)
+    with served(dev, tmp_path / "mnt") as disk:
+        lo = loop.attach(disk.disk_path, readonly=False)
+        try:
+            subprocess.run(
+                ["blkdiscard", "-o", str(1 << 20), "-l", str(2 << 20), lo.device],
+                check=True,
+                capture_output=True,
+            )
+        finally:
+            loop.detach(lo.device)
+    assert dev.discards, "the loop driver's DISCARD arrived as FALLOCATE punch-hole"
+    assert bytes(dev.data[1 << 20 : 3 << 20]) == bytes(2 << 20)
+    assert dev.data[(1 << 20) - 1] == 0xFF and dev.data[3 << 20] == 0xFF

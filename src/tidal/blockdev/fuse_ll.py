@@ -81,8 +81,9 @@ INIT_TIMEOUT_S = 10.0
 MAX_BACKGROUND = 64
 """Async requests (readahead, async direct I/O from the loop driver) in flight at once;
 the kernel's default of 12 starves a multi-threaded server."""
-UNMOUNT_BUSY_S = 2.0
-"""How long an unmount retries while the disk is busy (a detached loop device letting go)."""
+UNMOUNT_BUSY_S = 10.0
+"""How long an unmount retries while the disk is busy: a detached loop device lets go of the
+disk when udev's probe of it ends, which took over 2 s on the loaded 2-core machine."""
 MIN_KERNEL_MINOR = 31
 """7.31 (Linux 5.4): max_pages and the 64-byte init_out this server writes."""
 OUR_MINOR = 45
@@ -385,9 +386,11 @@ class FuseDisk:
         fdstore: FdStore | None = None,
         threads: int = DEFAULT_THREADS,
         max_io_bytes: int | None = None,
+        max_background: int = MAX_BACKGROUND,
     ) -> FuseDisk:
         """Mount a new connection at ``mountpoint`` (an existing directory) and serve it, in
-        requests of up to ``max_io_bytes`` (default: as large as the kernel allows)."""
+        requests of up to ``max_io_bytes`` (default: as large as the kernel allows), with up
+        to ``max_background`` async requests (readahead, async direct I/O) in flight."""
         mountpoint = Path(mountpoint)
         limit = kernel_max_io_bytes()
         max_io_bytes = limit if max_io_bytes is None else min(max_io_bytes, limit)
@@ -397,10 +400,11 @@ class FuseDisk:
         fd = _open_dev_fuse()
         fds = [fd]
         mounted = False
+        disk: FuseDisk | None = None
         try:
             _mount(fd, mountpoint, readonly=device.readonly, max_io_bytes=max_io_bytes)
             mounted = True
-            negotiated = _handshake(fd, max_io_bytes, name)
+            negotiated = _handshake(fd, max_io_bytes, max_background, name)
             fds += [_clone(fd) for _ in range(threads - 1)]
             disk = cls(device, fds, mountpoint, negotiated, name=name, fdstore=fdstore)
             if fdstore is not None:
@@ -412,6 +416,8 @@ class FuseDisk:
                     umount(mountpoint, lazy=True)
             for f in fds:
                 os.close(f)
+            if disk is not None:
+                os.close(disk._stop_fd)
             raise
         log.info(
             "%s: serving %d bytes at %s (%s, %d threads, protocol 7.%d, %d KiB requests)",
@@ -436,7 +442,9 @@ class FuseDisk:
 
         What INIT negotiated comes from ``negotiated`` or the fd store's entry ``name``; the
         clones held there are served too (their requests in flight are resent with the rest).
-        The FuseDisk owns ``fd`` from here on.
+        The FuseDisk owns ``fd`` from here on. Readers wait for the new server as long as it
+        takes, unless ``fs.fuse.default_request_timeout`` (Linux >= 6.14, 0 by default) is
+        set: then the kernel aborts the connection when a request waits longer.
         """
         mountpoint = Path(mountpoint)
         extra: list[int] = []
@@ -447,6 +455,7 @@ class FuseDisk:
             if negotiated is None:
                 negotiated = Negotiated.from_meta(entry.meta)
         fds = [fd, *extra]
+        disk: FuseDisk | None = None
         try:
             if negotiated is None:
                 raise FuseServerError(
@@ -476,6 +485,8 @@ class FuseDisk:
         except BaseException:
             for f in fds:
                 os.close(f)
+            if disk is not None:
+                os.close(disk._stop_fd)
             raise
         try:
             os.write(fd, OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0))
@@ -502,14 +513,15 @@ class FuseDisk:
             t.start()
             self._threads.append(t)
 
-    def close(self, unmount: bool = True) -> None:
-        """Stop serving. ``unmount``: unmount the disk (MountError if busy, still serving)
-        and drop the fd store's entry; else leave the connection to the fd store (or, with
-        none, to the kernel, which fails its requests once the last fd is closed)."""
+    def close(self, unmount: bool = True, *, busy_timeout_s: float = UNMOUNT_BUSY_S) -> None:
+        """Stop serving. ``unmount``: unmount the disk (MountError if still busy after
+        ``busy_timeout_s``; it goes on serving then) and drop the fd store's entry; else
+        leave the connection to the fd store (or, with none, to the kernel, which fails its
+        requests once the last fd is closed)."""
         if self._closed:
             return
         if unmount:
-            self._unmount()
+            self._unmount(busy_timeout_s)
         self._closed = True
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
@@ -530,10 +542,10 @@ class FuseDisk:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
-    def _unmount(self) -> None:
-        """Unmount, retried for a while on EBUSY: a loop device lets go of its backing file
-        a moment after ``losetup -d`` returns."""
-        deadline = time.monotonic() + UNMOUNT_BUSY_S
+    def _unmount(self, busy_timeout_s: float) -> None:
+        """Unmount, retried for a while on EBUSY: a detached loop device lets go of its
+        backing file only when its last opener (udev's probe, say) closes it."""
+        deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
                 umount(self.mountpoint)
@@ -751,7 +763,7 @@ def _empty(req: memoryview, nodeid: int) -> bytes:
     return b""
 
 
-def _handshake(fd: int, max_io_bytes: int, name: str) -> Negotiated:
+def _handshake(fd: int, max_io_bytes: int, max_background: int, name: str) -> Negotiated:
     """Answer the kernel's INIT on a freshly mounted ``fd``."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -774,7 +786,7 @@ def _handshake(fd: int, max_io_bytes: int, name: str) -> Negotiated:
     pages = max_io_bytes // mmap.PAGESIZE
     out = INIT_OUT.pack(
         7, min(minor, OUR_MINOR), min(max_readahead, max_io_bytes), want & 0xFFFFFFFF,
-        MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, max_io_bytes, 1, pages, 0, want >> 32, 0,
+        max_background, max_background * 3 // 4, max_io_bytes, 1, pages, 0, want >> 32, 0,
     )  # fmt: skip
     os.write(fd, OUT_HEADER.pack(OUT_HEADER.size + len(out), 0, unique) + out)
     return Negotiated(

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from tidal.blobs.distribution import LazyImage
 
 STATS_INTERVAL_S = 1.0
+STOP_BUSY_TIMEOUT_S = 2.0
+"""On a signal the server unmounts its disk if it can; one still in use (a loop device on it,
+after its owner died) is left to teardown, which detaches the loop device first."""
 METRICS_FILE = "metrics.prom"
 """Beside ``--stats-file``: the mount's Prometheus metrics in the textfile format."""
 
@@ -316,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             pass  # served until unmounted (the threads see the connection end) or signalled
         if stop.is_set():
             log.info("FUSE server for %s stopping on a signal", args.image)
-            try:
-                disk.close(unmount=True)
+            try:  # a loop device still on the disk keeps it busy: do not wait long for it
+                disk.close(unmount=True, busy_timeout_s=STOP_BUSY_TIMEOUT_S)
             except TidalError as exc:  # busy (a loop device still holds it): leave it
                 log.warning("could not unmount %s on stop: %s", args.mountpoint, exc)
                 disk.close(unmount=False)
