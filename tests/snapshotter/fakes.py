@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from tidal.errors import ImageReferenceNotFoundError
@@ -17,6 +18,10 @@ class FakeBackend:
         self.pulls: list[str] = []
         self.mounted: dict[Path, RemoteImage] = {}
         self.unmounts: list[Path] = []
+        self.mount_error: Exception | None = None
+        self.mount_gate: threading.Event | None = None
+        """When set, :meth:`mount` waits for it (a slow mount, for concurrency tests)."""
+        self.mount_started = threading.Event()
 
     def pull(self, reference: str) -> PulledImage:
         self.pulls.append(reference)
@@ -27,6 +32,11 @@ class FakeBackend:
 
     def mount(self, image: RemoteImage, target: Path) -> None:
         assert target not in self.mounted, f"{target} mounted twice"
+        self.mount_started.set()
+        if self.mount_gate is not None:
+            assert self.mount_gate.wait(10), "the test never opened the gate"
+        if self.mount_error is not None:
+            raise self.mount_error
         (target / MARKER).write_text(image.manifest_digest)
         self.mounted[target] = image
 

@@ -12,6 +12,7 @@ removing containers and images leaves no snapshot, directory, mount or loop devi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -73,6 +74,17 @@ def _wait_for(path: Path, what: str, log: Path, timeout_s: float = 20.0) -> None
         time.sleep(0.05)
 
 
+def _answers(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 def _free_port() -> int:
     import socket
 
@@ -126,6 +138,33 @@ class Node:
     snap_root: Path
     snap_log: Path
     data_root: Path
+    snap_proc: subprocess.Popen[bytes] | None = None
+
+    def start_snapshotter(self) -> None:
+        """``tidal snapshotter serve`` on the node's socket and root, logging to snap_log."""
+        with open(self.snap_log, "ab") as fh:
+            self.snap_proc = subprocess.Popen(
+                [
+                    *_tidal_cmd(),
+                    "snapshotter",
+                    "serve",
+                    "--socket",
+                    str(self.work / "tidal.sock"),
+                    "--root",
+                    str(self.snap_root),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while not _answers(self.work / "tidal.sock"):
+            if time.monotonic() > deadline or self.snap_proc.poll() is not None:
+                raise AssertionError(
+                    f"snapshotter did not start: {self.snap_log.read_text()[-1500:]}"
+                )
+            time.sleep(0.05)
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = ["ctr", "--address", str(self.address), "--namespace", NAMESPACE, *args]
@@ -251,26 +290,10 @@ def node(images: dict[str, str]) -> Iterator[Node]:
     work = Path(tempfile.mkdtemp(prefix="snap-ctd-", dir="/tmp"))
     data_root = Path(os.environ["TIDAL_DATA_ROOT"])
     (work / "config.toml").write_text(CONFIG.format(work=work))
-    snap_log = work / "tidal.log"
-    with open(snap_log, "wb") as fh:
-        snap = subprocess.Popen(
-            [
-                *_tidal_cmd(),
-                "snapshotter",
-                "serve",
-                "--socket",
-                str(work / "tidal.sock"),
-                "--root",
-                str(work / "snap-root"),
-                "--log-level",
-                "DEBUG",
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+    n = Node(work, work / "containerd.sock", work / "snap-root", work / "tidal.log", data_root)
     ctd_log = work / "containerd.log"
     try:
-        _wait_for(work / "tidal.sock", "tidal snapshotter serve", snap_log)
+        n.start_snapshotter()
         with open(ctd_log, "wb") as fh:
             ctd = subprocess.Popen(
                 ["containerd", "--config", str(work / "config.toml")],
@@ -279,7 +302,6 @@ def node(images: dict[str, str]) -> Iterator[Node]:
             )
         try:
             _wait_for(work / "containerd.sock", "containerd", ctd_log)
-            n = Node(work, work / "containerd.sock", work / "snap-root", snap_log, data_root)
             yield n
             for ref in (images["tidal"], images["plain"]):
                 n.ctr("images", "rm", ref, check=False)
@@ -287,9 +309,9 @@ def node(images: dict[str, str]) -> Iterator[Node]:
         finally:
             _stop(ctd, "containerd")
     finally:
-        _stop(snap, "tidal snapshotter")
-    leaked = Node(work, work, work, snap_log, data_root)
-    assert leaked.mounts() == [] and leaked.loops() == []
+        if n.snap_proc is not None:
+            _stop(n.snap_proc, "tidal snapshotter")
+    assert n.mounts() == [] and n.loops() == []
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -342,8 +364,8 @@ def test_snapshot_ls_and_rm_and_image_removal_leave_nothing_behind(
 ) -> None:
     node.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "tidal", images["tidal"])
     key = f"snap-view-{secrets.token_hex(3)}"
-    top = node.snapshots()
-    parent = next(s for s in top if s in _chain_tops(node))
+    parent = _chain_id(images["tidal_layers"].split(","))  # the Tidal image's top snapshot
+    assert parent in node.snapshots()
     node.ctr("snapshot", "--snapshotter", "tidal", "view", key, parent)
     assert key in node.snapshots()
     assert any(m.startswith(str(node.snap_root)) for m in node.mounts())  # the image, mounted
@@ -354,16 +376,55 @@ def test_snapshot_ls_and_rm_and_image_removal_leave_nothing_behind(
     assert key not in node.snapshots() and node.mounts() == [] and node.loops() == []
     for ref in (images["tidal"], images["plain"]):
         node.ctr("images", "rm", ref, check=False)
-    deadline = time.monotonic() + 15
-    while node.snapshots() and time.monotonic() < deadline:
+    # containerd forgets the snapshots at once; its garbage collector then removes them from
+    # the snapshotter one by one
+    deadline = time.monotonic() + 30
+    dirs = node.snap_root / "snapshots"
+    while (node.snapshots() or list(dirs.iterdir())) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert node.snapshots() == []
+    left = node.ctr("snapshot", "--snapshotter", "tidal", "ls").stdout
+    leases = node.ctr("leases", "ls").stdout
+    images_left = node.ctr("images", "ls", "-q").stdout
+    errors = [ln for ln in node.snap_log.read_text().splitlines() if " ERROR " in ln]
+    assert node.snapshots() == [], f"{left}\nleases: {leases}\nimages: {images_left}\n{errors}"
     assert list((node.snap_root / "snapshots").iterdir()) == []
 
 
-def _chain_tops(node: Node) -> set[str]:
-    """Committed snapshots that are no other snapshot's parent (the images' top layers)."""
-    lines = node.ctr("snapshot", "--snapshotter", "tidal", "ls").stdout.splitlines()[1:]
-    rows = [line.split() for line in lines if line.strip()]
-    parents = {r[1] for r in rows if len(r) == 3}
-    return {r[0] for r in rows if r[0] not in parents}
+def _chain_id(diff_ids: list[str]) -> str:
+    """containerd's identity.ChainID: sha256 of "<parent chain> <diff id>", layer by layer."""
+    chain = diff_ids[0]
+    for d in diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
+    return chain
+
+
+def test_a_killed_snapshotter_restarts_under_a_running_container(
+    node: Node, images: dict[str, str]
+) -> None:
+    node.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "tidal", images["tidal"])
+    cid = f"snap-{secrets.token_hex(3)}"
+    node.ctr(
+        "run", "-d", "--snapshotter", "tidal", images["tidal"], cid, "/bin/busybox", "sleep", "600"
+    )
+    try:
+        assert node.snap_proc is not None
+        node.snap_proc.kill()  # SIGKILL: no clean-up of any kind
+        node.snap_proc.wait(10)
+        node.start_snapshotter()
+        out = node.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/cat", "/etc/greeting")
+        assert out.stdout.strip() == GREETING  # the image mount outlived the server
+        # containerd redials a proxy plugin with backoff capped at 3 s (services/server)
+        deadline = time.monotonic() + 10
+        while (ls := node.ctr("snapshot", "--snapshotter", "tidal", "ls", check=False)).returncode:
+            assert time.monotonic() < deadline, f"containerd did not reconnect: {ls.stderr}"
+            time.sleep(0.3)
+        assert len(node.snapshots()) >= 2  # the image's layer and the container's snapshot
+    finally:
+        node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
+        deadline = time.monotonic() + 15
+        while node.ctr("task", "delete", cid, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the task did not exit"
+            time.sleep(0.2)
+        node.ctr("container", "rm", cid)
+    node.settle()
+    assert node.mounts() == [] and node.loops() == []

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from tidal.errors import (
+    MountError,
     SnapshotArgumentError,
     SnapshotError,
     SnapshotExistsError,
@@ -194,3 +196,36 @@ def test_restart_remounts_recorded_mounts_and_cleanup_removes_orphans(
     sn2.remove("ctr")
     assert not backend.mounted
     sn2.close()
+
+
+def test_a_failed_mount_leaves_no_row_and_no_directory(
+    sn: Snapshotter, backend: FakeBackend
+) -> None:
+    with pytest.raises(SnapshotExistsError):
+        sn.prepare("x", "", _labels("c1", "sha256:l1"))
+    backend.mount_error = MountError("loop device: none free")
+    with pytest.raises(MountError, match="none free"):
+        sn.prepare("ctr", "c1")
+    with pytest.raises(SnapshotNotFoundError):
+        sn.stat("ctr")
+    assert [d.name for d in (sn.root / "snapshots").iterdir()] == []
+
+
+def test_other_calls_are_answered_while_an_image_mounts(
+    sn: Snapshotter, backend: FakeBackend
+) -> None:
+    with pytest.raises(SnapshotExistsError):
+        sn.prepare("x", "", _labels("c1", "sha256:l1"))
+    backend.mount_gate = threading.Event()
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(sn.prepare("ctr", "c1")))
+    t.start()
+    try:
+        assert backend.mount_started.wait(5)
+        assert sn.stat("c1").kind == Kind.COMMITTED  # not held up by the mount in progress
+        sn.prepare("other")
+        assert sn.walk(["kind==active"])[0].key == "ctr"
+    finally:
+        backend.mount_gate.set()
+        t.join(10)
+    assert result and result[0][0].type == "overlay"  # type: ignore[index]

@@ -152,41 +152,52 @@ class Snapshotter:
     ) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, validate_labels(labels or {}))
 
+    def _check_new(self, key: str, parent: str) -> None:
+        if self.meta.find(key) is not None:
+            raise SnapshotExistsError(f"snapshot {key!r} already exists")
+        if parent:
+            p = self.meta.find(parent)
+            if p is None:
+                raise SnapshotNotFoundError(f"parent snapshot {parent!r} does not exist")
+            if p.kind != Kind.COMMITTED:
+                raise SnapshotStateError(
+                    f"parent {parent!r} is {KIND_NAMES.get(p.kind, '?')}, not committed; "
+                    "commit it before preparing on it"
+                )
+
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        """The lock covers the metadata only: pulling an image's metadata and mounting it
+        (a second or more) run outside it, so other calls are not held up meanwhile."""
         if not key:
             raise SnapshotError("a snapshot needs a key")
         with self._lock:
-            if self.meta.find(key) is not None:
-                raise SnapshotExistsError(f"snapshot {key!r} already exists")
-            if parent:
-                p = self.meta.find(parent)
-                if p is None:
-                    raise SnapshotNotFoundError(f"parent snapshot {parent!r} does not exist")
-                if p.kind != Kind.COMMITTED:
-                    raise SnapshotStateError(
-                        f"parent {parent!r} is {KIND_NAMES.get(p.kind, '?')}, not committed; "
-                        "commit it before preparing on it"
-                    )
-            layer = remote_layer(labels) if kind == Kind.ACTIVE else None
-            if layer is not None and self.backend is not None:
-                self._remote(layer.target, layer.image_ref, layer.layer_digest, parent, labels)
+            self._check_new(key, parent)
+        layer = remote_layer(labels) if kind == Kind.ACTIVE else None
+        if layer is not None and self.backend is not None:
+            self._remote(layer.target, layer.image_ref, layer.layer_digest, parent, labels)
+        with self._lock:
+            self._check_new(key, parent)
             chain = [self.meta.get(parent), *self.meta.ancestors(parent)] if parent else []
             _, image = lower_chain(chain)
-            state = MOUNTING if image is not None else None
             with self.meta.tx():
-                snap = self.meta.insert(key, parent, kind, labels, mount_state=state)
+                snap = self.meta.insert(
+                    key, parent, kind, labels, mount_state=MOUNTING if image else None
+                )
                 d = self.snapshot_dir(snap)
                 if d.exists():  # an orphan of a crash before its row committed
                     shutil.rmtree(d)
                 (d / "fs").mkdir(parents=True)
                 if kind == Kind.ACTIVE:
                     (d / "work").mkdir()
-            if image is not None:
-                try:
-                    self._mount_image(snap, image)
-                except BaseException:
+        if image is not None:
+            try:
+                self._mount_image(snap, image)
+            except BaseException:
+                with self._lock:
+                    self._unmount_image(snap)
                     self._drop(snap)
-                    raise
+                raise
+        with self._lock:
             return self._plan(snap)
 
     def _remote(
@@ -195,8 +206,9 @@ class Snapshotter:
         """Record the committed snapshot of a Tidal layer and raise "already exists", or return
         (having logged why) when the layer turns out not to be one the image has."""
         assert self.backend is not None
-        if self.meta.find(target) is not None:
-            raise SnapshotExistsError(f"target snapshot {target!r} already exists")
+        with self._lock:
+            if self.meta.find(target) is not None:
+                raise SnapshotExistsError(f"target snapshot {target!r} already exists")
         try:
             pulled = self.backend.pull(ref)
         except TidalError as exc:
@@ -213,13 +225,15 @@ class Snapshotter:
             )
             return
         remote = RemoteImage(ref, pulled.manifest_digest, layer_digest)
-        self.meta.insert(target, parent, Kind.COMMITTED, labels, remote=remote)
+        with self._lock:
+            self.meta.insert(target, parent, Kind.COMMITTED, labels, remote=remote)
         log.info("layer %s of %s: remote snapshot %s (not downloaded)", layer_digest, ref, target)
         raise SnapshotExistsError(
             f"target snapshot {target!r} exists: layer {layer_digest} is served lazily by Tidal"
         )
 
     def _mount_image(self, snap: Snapshot, image: RemoteImage) -> None:
+        """Intent (``mounting`` in the row), then the mount, then the record (``mounted``)."""
         if self.backend is None:
             raise SnapshotError(
                 f"snapshot {snap.key!r} sits on Tidal image {image.reference}, but this "
@@ -227,9 +241,11 @@ class Snapshotter:
             )
         target = self.image_target(snap)
         target.mkdir(parents=True, exist_ok=True)
-        self.meta.set_mount_state(snap.key, MOUNTING)
+        with self._lock:
+            self.meta.set_mount_state(snap.key, MOUNTING)
         self.backend.mount(image, target)
-        self.meta.set_mount_state(snap.key, MOUNTED)
+        with self._lock:
+            self.meta.set_mount_state(snap.key, MOUNTED)
 
     # --- commit, update, remove ---------------------------------------------------------------
 
