@@ -103,3 +103,14 @@ def test_a_second_server_on_the_same_root_or_socket_is_refused(
         SnapshotterServer(tmp_path / "other.sock", server.root).start()
     with pytest.raises(ConfigError, match="is in use by another server"):
         SnapshotterServer(server.socket_path, tmp_path / "root2").start()
+
+
+def test_bad_paths_are_one_line_naming_them(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match=r"--root .*afile is not a directory"):
+        SnapshotterServer(tmp_path / "s.sock", afile).start()
+    with pytest.raises(ConfigError, match=r"--socket's directory .*afile/sub: cannot create"):
+        SnapshotterServer(afile / "sub" / "s.sock", tmp_path / "root").start()
+    with pytest.raises(ConfigError, match="holds at most 107"):
+        SnapshotterServer(tmp_path / ("a" * 120), tmp_path / "root").start()

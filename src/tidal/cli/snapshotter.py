@@ -63,5 +63,6 @@ def serve_cmd(
     from tidal.snapshotter.service import SnapshotterServer
 
     server = SnapshotterServer(socket, root, LocalBackend())
-    err.print(f"tidal snapshotter: serving {socket.resolve()} (root {root.resolve()})")
-    server.serve_forever()
+    server.serve_forever(
+        lambda: err.print(f"tidal snapshotter: serving {server.socket_path} (root {server.root})")
+    )

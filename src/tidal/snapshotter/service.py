@@ -184,9 +184,29 @@ def _socket_in_use(path: Path) -> bool:
         return True
 
 
+SOCKET_PATH_MAX_BYTES = 107
+"""``sun_path`` holds 108 bytes with the terminating NUL."""
+
+
+def _check_paths(socket_path: Path, root: Path) -> None:
+    """One line naming the bad path, before anything is created."""
+    size = len(os.fsencode(socket_path))
+    if size > SOCKET_PATH_MAX_BYTES:
+        raise ConfigError(
+            f"--socket {socket_path} is {size} bytes; a unix socket path holds at most "
+            f"{SOCKET_PATH_MAX_BYTES}: choose a shorter one"
+        )
+    for what, path in (("--root", root), ("--socket's directory", socket_path.parent)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{what} {path} is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: cannot create it ({exc.strerror})") from None
+
+
 @contextlib.contextmanager
 def _root_lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -221,6 +241,7 @@ class SnapshotterServer:
         self._stack = contextlib.ExitStack()
 
     def start(self) -> SnapshotterServer:
+        _check_paths(self.socket_path, self.root)
         self._stack.enter_context(_root_lock(self.root))
         try:
             if self.socket_path.exists():
@@ -230,7 +251,6 @@ class SnapshotterServer:
                         "another --socket"
                     )
                 self.socket_path.unlink()
-            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
             sn = Snapshotter(self.root, self.backend)
             self._stack.callback(sn.close)
             self.snapshotter = sn
@@ -239,8 +259,13 @@ class SnapshotterServer:
                 log.warning("reconciled: remounted %d snapshot(s)", len(remounted))
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers))
             snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(sn), server)
-            if server.add_insecure_port(f"unix:{self.socket_path}") == 0:
-                raise ConfigError(f"cannot listen on {self.socket_path}")
+            try:
+                bound = server.add_insecure_port(f"unix:{self.socket_path}")
+            except RuntimeError:
+                bound = 0
+            if bound == 0:
+                server.stop(None)
+                raise ConfigError(f"cannot listen on {self.socket_path} (gRPC could not bind it)")
             server.start()
             os.chmod(self.socket_path, 0o600)
             self._server = server
@@ -265,10 +290,12 @@ class SnapshotterServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def serve_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
+    def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT (``on_ready`` runs once the socket listens)."""
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
         with self:
+            if on_ready is not None:
+                on_ready()
             done.wait()
