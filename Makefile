@@ -16,14 +16,21 @@ BIN := $(VENV)/bin
 #   (TLS, tokens), skopeo | runtime: runc, crun, gcc + libc6-dev (rich-mode init), lxcfs,
 #   busybox-static, debootstrap (Debian rootfs), runsc (gVisor), podman (benchmark baseline) | netns: iproute2 (ip, tc, bridge) | images:
 #   e2fsprogs (mkfs.ext4, e2fsck, debugfs), attr | others: kmod procps psmisc curl quota xfsprogs
+#   | snapshotter: containerd (containerd, ctr), stargz-snapshotter (ctr-remote rpull),
+#   golang-github-containerd-containerd-dev (the snapshots API's .proto files the stubs are
+#   generated from)
 APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 docker-registry lxcfs skopeo \
 	busybox-static debootstrap iproute2 attr mount util-linux kmod psmisc procps curl quota \
-	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman
-PIP_EXTRAS := dev,sched,bench
+	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman \
+	containerd stargz-snapshotter golang-github-containerd-containerd-dev
+PIP_EXTRAS := dev,sched,bench,snapshotter
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp
+# containerd's snapshots API as Python stubs, generated from the Debian .proto files (git-ignored)
+PROTO_OUT := src/tidal/snapshotter/_proto
+STAMP_PROTO := $(PROTO_OUT)/snapshots_pb2_grpc.py
 
-.PHONY: all deps demo test lint typecheck contracts unit bench clean
+.PHONY: all deps demo test lint typecheck contracts unit bench clean protos
 
 all: test
 
@@ -43,10 +50,15 @@ $(STAMP_VENV): pyproject.toml
 	@mkdir -p .make
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PIP_EXTRAS)]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, httpx, hypothesis, numpy, matplotlib, kubernetes, atheris"
+	@$(BIN)/python -c "import tidal, typer, lz4, zstandard, httpx, hypothesis, numpy, matplotlib, kubernetes, atheris, grpc, grpc_tools"
 	@touch $@
 
-deps: $(STAMP_APT) $(STAMP_VENV)
+$(STAMP_PROTO): $(STAMP_APT) $(STAMP_VENV) src/tidal/snapshotter/protogen.py
+	@$(BIN)/python -m tidal.snapshotter.protogen >/dev/null
+
+protos: $(STAMP_PROTO)
+
+deps: $(STAMP_APT) $(STAMP_VENV) $(STAMP_PROTO)
 
 demo: deps
 	$(BIN)/tidal demo
@@ -71,4 +83,4 @@ bench: deps
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf .make $(VENV) build *.egg-info src/*.egg-info
+	rm -rf .make $(VENV) build *.egg-info src/*.egg-info $(PROTO_OUT)

@@ -62,6 +62,11 @@ that every class of this module appears here with its parents::
     │   ├── InstanceStateError       the operation does not fit the instance's state
     │   ├── NoCapacityError (retryable)  no candidate spec fits the node's free capacity now
     │   └── LimitError               a pod-level limit could not be applied (cgroup, tc)
+    ├── SnapshotError                tidal.snapshotter: containerd's snapshots API
+    │   ├── SnapshotNotFoundError    (also a NotFoundError) no snapshot with that key
+    │   ├── SnapshotExistsError      the key (or a remote snapshot's target name) exists already
+    │   ├── SnapshotStateError       wrong kind for the call (commit a view, remove a parent)
+    │   └── SnapshotArgumentError    a label too long, an unknown field path, a bad filter
     ├── SchedError                   tidal.sched
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
     │   ├── PlacementError
@@ -281,6 +286,30 @@ class DaemonUnavailableError(EngineError, RetryableError):
 
 class QuotaError(EngineError):
     """Disk quota could not be set up or parsed."""
+
+
+# --- tidal.snapshotter ---------------------------------------------------------------------
+
+
+class SnapshotError(TidalError):
+    """containerd's snapshots API served by Tidal: each subclass is one gRPC status code."""
+
+
+class SnapshotNotFoundError(SnapshotError, NotFoundError):
+    """No snapshot with this key (containerd's ErrNotFound, gRPC NOT_FOUND)."""
+
+
+class SnapshotExistsError(SnapshotError, FileExistsError):
+    """The key or target name exists already (ErrAlreadyExists, gRPC ALREADY_EXISTS); for a
+    remote snapshot this is the answer that tells containerd to skip the layer's download."""
+
+
+class SnapshotStateError(SnapshotError):
+    """The snapshot's kind or children forbid the call (ErrFailedPrecondition)."""
+
+
+class SnapshotArgumentError(SnapshotError, ValueError):
+    """A label, field path or filter that is not valid (ErrInvalidArgument)."""
 
 
 # --- tidal.instance ------------------------------------------------------------------------

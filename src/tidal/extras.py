@@ -17,8 +17,12 @@ from tidal.errors import MissingExtraError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "sched": ("numpy", "kubernetes"),
     "bench": ("numpy", "matplotlib", "blake3"),
+    "snapshotter": ("grpc", "grpc_tools"),
 }
 """Extra -> the top-level modules it brings (the same lists as ``pyproject.toml``)."""
+
+DIST_MODULES: dict[str, str] = {"grpcio": "grpc", "grpcio-tools": "grpc_tools"}
+"""A distribution's top-level module where the two names differ."""
 
 
 def _error(module: str, extra: str, needed_by: str | None) -> MissingExtraError:

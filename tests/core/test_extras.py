@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tidal.errors import MissingExtraError, TidalError
-from tidal.extras import EXTRAS, missing_extra_error, require_extra
+from tidal.extras import DIST_MODULES, EXTRAS, missing_extra_error, require_extra
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -18,7 +18,8 @@ def test_extras_match_pyproject() -> None:
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     declared = project["optional-dependencies"]
     for extra, modules in EXTRAS.items():
-        names = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0] for req in declared[extra]}
+        dists = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0] for req in declared[extra]}
+        names = {DIST_MODULES.get(d, d) for d in dists}
         assert names == set(modules), extra
     core = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0] for req in project["dependencies"]}
     assert not core & {m for ms in EXTRAS.values() for m in ms}, "an extra's module is in core"

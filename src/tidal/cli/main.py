@@ -23,6 +23,7 @@ from tidal.cli import node as node_cli
 from tidal.cli import p2p as p2p_cli
 from tidal.cli import qos as qos_cli
 from tidal.cli import sched as sched_cli
+from tidal.cli import snapshotter as snapshotter_cli
 from tidal.cli.console import err
 from tidal.errors import TidalError
 from tidal.extras import missing_extra_error
@@ -40,6 +41,7 @@ app.add_typer(qos_cli.app, name="qos")
 app.add_typer(p2p_cli.app, name="p2p")
 app.add_typer(instance_cli.app, name="instance")
 app.add_typer(node_cli.app, name="node")
+app.add_typer(snapshotter_cli.app, name="snapshotter")
 engine_cli.register(app)
 images_cli.register(app)
 app.command(name="demo")(demo_cli.demo)

@@ -23,8 +23,18 @@ OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
-TIDAL_LAYER_MEDIA_TYPE = "application/vnd.tidal.image.layer.v1.zfile"
-TIDAL_TRACE_MEDIA_TYPE = "application/vnd.tidal.image.trace.v1"
+TIDAL_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.tidal.zfile.v1"
+TIDAL_TRACE_MEDIA_TYPE = "application/vnd.oci.image.layer.tidal.trace.v1"
+"""Under the OCI layer prefix (as nydus's ``application/vnd.oci.image.layer.nydus.blob.v1``):
+containerd's unpacker treats only ``application/vnd.oci.image.layer.*`` (and Docker's) as
+layers. Any other type it downloads as a plain child and never hands to a snapshotter, so a
+remote snapshotter could not serve it lazily and the layer count would not match
+``rootfs.diff_ids``."""
+LEGACY_LAYER_MEDIA_TYPES = (
+    "application/vnd.tidal.image.layer.v1.zfile",
+    "application/vnd.tidal.image.trace.v1",
+)
+"""What images pushed before the change carry; still pulled."""
 TIDAL_FORMAT_VERSION = "1"
 
 A_FORMAT = "io.tidal.image.format"
@@ -38,6 +48,10 @@ A_CHUNK = "io.tidal.layer.chunk-size-bytes"
 A_TAIL = "io.tidal.layer.tail-crc32"
 A_SOURCE = "io.tidal.layer.source-digest"
 A_SOURCE_DIFF = "io.tidal.layer.source-diff-id"
+A_SNAPSHOT_LAYER = "containerd.io/snapshot/tidal.layer-kind"
+"""The layer's kind again, under containerd's inherited label prefix: containerd's unpacker
+passes ``containerd.io/snapshot/*`` annotations of a layer to the snapshotter's Prepare, which
+is how Tidal's containerd snapshotter knows a Tidal layer (``tidal.snapshotter.model``)."""
 A_INDEX_SHA256 = "io.tidal.layer.index-sha256"
 """The layer's chunk-table digest: with the manifest pinned by its digest, every chunk's sha256
 is pinned too (see :mod:`tidal.image.zfile`)."""
@@ -90,6 +104,7 @@ def to_oci(
     for r in manifest.layers:
         ann = {
             A_KIND: r.kind,
+            A_SNAPSHOT_LAYER: r.kind,
             A_FORMAT: TIDAL_FORMAT_VERSION,
             A_RAW: str(r.raw_data_bytes),
             A_EXTENTS: str(r.extent_count),
@@ -127,7 +142,8 @@ def to_oci(
 
 
 def is_tidal_manifest(doc: dict[str, Any]) -> bool:
-    return any(layer.get("mediaType") == TIDAL_LAYER_MEDIA_TYPE for layer in doc.get("layers", []))
+    tidal = (TIDAL_LAYER_MEDIA_TYPE, LEGACY_LAYER_MEDIA_TYPES[0])
+    return any(layer.get("mediaType") in tidal for layer in doc.get("layers", []))
 
 
 def from_oci(manifest_bytes: bytes, config_bytes: bytes, name: str = "manifest") -> ImageManifest:
