@@ -139,24 +139,25 @@ class Node:
     snap_log: Path
     data_root: Path
     snap_proc: subprocess.Popen[bytes] | None = None
+    in_node_service: bool = False
+    """Serve the snapshots API from ``tidal node serve --snapshotter-socket`` (the node
+    service's own process, which then mounts the images) instead of ``tidal snapshotter
+    serve``."""
 
     def start_snapshotter(self) -> None:
-        """``tidal snapshotter serve`` on the node's socket and root, logging to snap_log."""
+        """The snapshotter on the node's socket and root, logging to snap_log."""
+        sock, root = str(self.work / "tidal.sock"), str(self.snap_root)
+        argv = (
+            ["node", "serve", "--snapshotter-socket", sock, "--snapshotter-root", root]
+            if self.in_node_service
+            else ["snapshotter", "serve", "--socket", sock, "--root", root, "--log-level", "DEBUG"]
+        )
         with open(self.snap_log, "ab") as fh:
             self.snap_proc = subprocess.Popen(
-                [
-                    *_tidal_cmd(),
-                    "snapshotter",
-                    "serve",
-                    "--socket",
-                    str(self.work / "tidal.sock"),
-                    "--root",
-                    str(self.snap_root),
-                    "--log-level",
-                    "DEBUG",
-                ],
+                [*_tidal_cmd(), *argv],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, "TIDAL_DATA_ROOT": str(self.data_root)},
             )
         deadline = time.monotonic() + 20
         while not _answers(self.work / "tidal.sock"):
@@ -311,6 +312,13 @@ def node(images: dict[str, str]) -> Iterator[Node]:
     finally:
         if n.snap_proc is not None:
             _stop(n.snap_proc, "tidal snapshotter")
+        from tidal.blockdev.fdstore import FdStore
+
+        store = FdStore(data_root / "fdstore.sock")  # the node service's, if it ran
+        if store.alive():
+            held = store.names()
+            os.kill(store.holder_pid(), signal.SIGTERM)
+            assert held == [], f"the fd store still held {held}"
     assert n.mounts() == [] and n.loops() == []
     shutil.rmtree(work, ignore_errors=True)
 
@@ -419,6 +427,48 @@ def test_a_killed_snapshotter_restarts_under_a_running_container(
             assert time.monotonic() < deadline, f"containerd did not reconnect: {ls.stderr}"
             time.sleep(0.3)
         assert len(node.snapshots()) >= 2  # the image's layer and the container's snapshot
+    finally:
+        node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
+        deadline = time.monotonic() + 15
+        while node.ctr("task", "delete", cid, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the task did not exit"
+            time.sleep(0.2)
+        node.ctr("container", "rm", cid)
+    node.settle()
+    assert node.mounts() == [] and node.loops() == []
+
+
+def test_in_the_node_service_a_sigkill_under_a_running_container_is_a_pause(
+    node: Node, images: dict[str, str]
+) -> None:
+    """The same containerd, its snapshotter now served by the node service: the container's
+    image is mounted by the service (no FUSE server process of its own), the service is
+    SIGKILLed while the container reads, and after the restart the reads go on."""
+    assert node.snap_proc is not None
+    _stop(node.snap_proc, "tidal snapshotter")
+    node.in_node_service = True
+    node.start_snapshotter()
+    node.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "tidal", images["tidal"])
+    cid = f"snap-{secrets.token_hex(3)}"
+    node.ctr(
+        "run", "-d", "--snapshotter", "tidal", images["tidal"], cid, "/bin/busybox", "sleep", "600"
+    )
+    try:
+        from tidal.blockdev import mounts
+
+        served = [m for m in mounts.list_mounts() if m.fd_name is not None]
+        assert served and {m.server_pid for m in served} == {node.snap_proc.pid}
+        node.snap_proc.kill()
+        node.snap_proc.wait(10)
+        assert all(mounts.suspended(m) for m in served)
+        node.start_snapshotter()
+        deadline = time.monotonic() + 10
+        while (ls := node.ctr("snapshot", "--snapshotter", "tidal", "ls", check=False)).returncode:
+            assert time.monotonic() < deadline, f"containerd did not reconnect: {ls.stderr}"
+            time.sleep(0.3)
+        out = node.ctr("task", "exec", "--exec-id", "e2", cid, "/bin/cat", "/etc/greeting")
+        assert out.stdout.strip() == GREETING
+        assert {m.server_pid for m in mounts.list_mounts() if m.fd_name} == {node.snap_proc.pid}
     finally:
         node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
         deadline = time.monotonic() + 15

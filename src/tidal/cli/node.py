@@ -23,6 +23,18 @@ app = typer.Typer(
 @app.command()
 def serve(
     socket: Path = typer.Option(None, help="Unix socket (default: $TIDAL_DATA_ROOT/node.sock)."),
+    snapshotter_socket: Path = typer.Option(
+        None,
+        "--snapshotter-socket",
+        help="Also serve containerd's snapshots API here, from this process (containerd's "
+        "[proxy_plugins.tidal] address): containers' images are then mounted by the node "
+        "service and survive its restart.",
+    ),
+    snapshotter_root: Path = typer.Option(
+        Path("/var/lib/tidal/snapshotter"),
+        "--snapshotter-root",
+        help="The snapshotter's metadata and snapshot directories.",
+    ),
 ) -> None:
     """Run the node service in the foreground (SIGTERM stops it; its mounts stay, suspended,
     and the next start resumes them)."""
@@ -33,6 +45,18 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     daemon = NodeDaemon(socket)
+    if snapshotter_socket is not None:
+        from tidal.extras import require_extra
+
+        require_extra("snapshotter", "tidal node serve --snapshotter-socket", ("grpc",))
+        from tidal.snapshotter.backend import LocalBackend
+        from tidal.snapshotter.service import SnapshotterServer
+
+        snap = SnapshotterServer(
+            snapshotter_socket, snapshotter_root, LocalBackend(node=daemon.node)
+        )
+        daemon.on_start.append(snap.start)
+        daemon.on_close.append(snap.stop)
     out.print(f"node service on {daemon.socket_path}", markup=False)
     daemon.serve_forever()
 

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,11 @@ class NodeDaemon:
         self.service = Service("the node service", node_routes(self.node), error=MountError)
         self._server: UnixServiceServer | None = None
         self._stop = threading.Event()
+        self.on_start: list[Callable[[], object]] = []
+        """Run after the service resumed its mounts and listens (parts served from this
+        process: the containerd snapshotter, ``tidal node serve --snapshotter-socket``)."""
+        self.on_close: list[Callable[[], object]] = []
+        """Run first at close, newest first."""
 
     def start(self) -> dict[str, list[str]]:
         done = self.node.start()
@@ -174,6 +180,8 @@ class NodeDaemon:
         threading.Thread(
             target=self._server.serve_forever, name="tidal-node-api", daemon=True
         ).start()
+        for start in self.on_start:
+            start()
         return done
 
     def serve_forever(self) -> None:
@@ -187,6 +195,8 @@ class NodeDaemon:
 
     def close(self) -> None:
         self._stop.set()
+        for close in reversed(self.on_close):
+            close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -1,7 +1,11 @@
 """Where the snapshotter gets Tidal images and their mounts: one small protocol, so that the
-node service can stand behind it later (the lead points it there) without touching the gRPC
-service. :class:`LocalBackend` implements it in-process over :class:`~tidal.node.images.
-ImageStore` (metadata-only pulls) and :mod:`tidal.blockdev.mounts` (FUSE -> loop -> ext4).
+gRPC service does not care who mounts. :class:`LocalBackend` implements it over
+:class:`~tidal.node.images.ImageStore` (metadata-only pulls) and the node's mounts (FUSE ->
+loop -> ext4): given the :class:`~tidal.node.service.NodeService` it runs in (``tidal node
+serve --snapshotter-socket``), it mounts through it in-process, so every container's image is
+served from the node service's threads and survives its restart; standalone (``tidal
+snapshotter serve``) it asks the node service over its socket when one runs, else mounts with
+a FUSE server process per mount.
 """
 
 from __future__ import annotations
@@ -9,12 +13,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tidal.blockdev import ext4, mounts
 from tidal.errors import MountNotFoundError
+from tidal.node import client as node_client
 from tidal.node.images import ImageStore
 from tidal.snapshotter.model import RemoteImage
+
+if TYPE_CHECKING:
+    from tidal.node.service import NodeService
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +59,9 @@ class ImageBackend(Protocol):
 class LocalBackend:
     """:class:`ImageBackend` in this process: the node's image store and Tidal's mounts."""
 
-    def __init__(self, store: ImageStore | None = None) -> None:
-        self.store = store or ImageStore()
+    def __init__(self, store: ImageStore | None = None, node: NodeService | None = None) -> None:
+        self.node = node
+        self.store = store or (node.images if node is not None else ImageStore())
 
     def pull(self, reference: str) -> PulledImage:
         stored = self.store.pull(reference)
@@ -70,11 +79,17 @@ class LocalBackend:
         return path
 
     def mount(self, image: RemoteImage, target: Path) -> None:
-        mounts.mount_image(self._image_dir(image), target)
+        if self.node is not None:
+            self.node.mount(str(self._image_dir(image)), str(target))
+        else:
+            node_client.mount_image(self._image_dir(image), target)
 
     def unmount(self, target: Path) -> None:
         try:
-            mounts.unmount(target, force=True)
+            if self.node is not None:
+                self.node.unmount(str(target), force=True)
+            else:
+                node_client.unmount(target, force=True)
         except MountNotFoundError:
             if ext4.is_mountpoint(target):
                 raise
