@@ -239,3 +239,12 @@ def test_other_calls_are_answered_while_an_image_mounts(
         backend.mount_gate.set()
         t.join(10)
     assert result and result[0][0].type == "overlay"  # type: ignore[index]
+
+
+def test_a_tidal_layer_without_reference_fails_before_containerd_downloads_it(
+    sn: Snapshotter, backend: FakeBackend
+) -> None:
+    labels = {SNAPSHOT_REF_LABEL: "c1", TIDAL_LAYER_LABEL: "data"}
+    with pytest.raises(SnapshotStateError, match="ctr-remote images rpull --snapshotter tidal"):
+        sn.prepare("default/1/extract", "", labels)
+    assert sn.walk() == [] and backend.pulls == []

@@ -46,6 +46,7 @@ from tidal.errors import (
 from tidal.snapshotter.backend import ImageBackend
 from tidal.snapshotter.model import (
     KIND_NAMES,
+    SNAPSHOT_REF_LABEL,
     Kind,
     Mount,
     RemoteImage,
@@ -55,6 +56,7 @@ from tidal.snapshotter.model import (
     parse_filter,
     plan_mounts,
     remote_layer,
+    unreferenced_tidal_layer,
     updated_labels,
     validate_labels,
 )
@@ -191,6 +193,13 @@ class Snapshotter:
             raise SnapshotError("a snapshot needs a key")
         with self._lock:
             self._check_new(key, parent)
+        if kind == Kind.ACTIVE and unreferenced_tidal_layer(labels):
+            raise SnapshotStateError(
+                f"layer {labels[SNAPSHOT_REF_LABEL]} is a Tidal block layer, which containerd "
+                "cannot unpack; pull the image lazily with `ctr-remote images rpull "
+                "--snapshotter tidal REF` (or through the CRI plugin with "
+                "disable_snapshot_annotations = false)"
+            )
         layer = remote_layer(labels) if kind == Kind.ACTIVE else None
         if layer is not None and self.backend is not None:
             self._remote(layer.target, layer.image_ref, layer.layer_digest, parent, labels)
