@@ -305,7 +305,7 @@ def node(images: dict[str, str]) -> Iterator[Node]:
             _wait_for(work / "containerd.sock", "containerd", ctd_log)
             yield n
             for ref in (images["tidal"], images["plain"]):
-                n.ctr("images", "rm", ref, check=False)
+                n.ctr("images", "rm", "--sync", ref, check=False)
             n.settle()
         finally:
             _stop(ctd, "containerd")
@@ -383,7 +383,7 @@ def test_snapshot_ls_and_rm_and_image_removal_leave_nothing_behind(
     node.settle()
     assert key not in node.snapshots() and node.mounts() == [] and node.loops() == []
     for ref in (images["tidal"], images["plain"]):
-        node.ctr("images", "rm", ref, check=False)
+        node.ctr("images", "rm", "--sync", ref, check=False)
     # containerd forgets the snapshots at once; its garbage collector then removes them from
     # the snapshotter one by one
     deadline = time.monotonic() + 30
@@ -427,6 +427,23 @@ def test_a_killed_snapshotter_restarts_under_a_running_container(
             assert time.monotonic() < deadline, f"containerd did not reconnect: {ls.stderr}"
             time.sleep(0.3)
         assert len(node.snapshots()) >= 2  # the image's layer and the container's snapshot
+        # a second container of the image shares the first one's mount of it
+        image_mounts = [m for m in node.mounts() if m.startswith(f"{node.snap_root}/images/")]
+        assert len(image_mounts) == 1
+        out = node.ctr(
+            "run",
+            "--rm",
+            "--snapshotter",
+            "tidal",
+            images["tidal"],
+            cid + "b",
+            "/bin/cat",
+            "/etc/greeting",
+        )
+        assert out.stdout.strip() == GREETING
+        assert [
+            m for m in node.mounts() if m.startswith(f"{node.snap_root}/images/")
+        ] == image_mounts
     finally:
         node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
         deadline = time.monotonic() + 15

@@ -22,6 +22,7 @@ from tidal.snapshotter.model import (
     parse_filter,
     plan_mounts,
     remote_layer,
+    unreferenced_tidal_layer,
     updated_labels,
     validate_labels,
 )
@@ -97,3 +98,13 @@ def test_filters_as_containerds_metadata_layer_sends_them() -> None:
         parse_filter("size==3")
     with pytest.raises(SnapshotArgumentError, match="cannot parse"):
         parse_filter("==x")
+
+
+def test_a_tidal_layer_unpacked_without_a_reference_is_recognised() -> None:
+    marker = {SNAPSHOT_REF_LABEL: "sha256:c1", TIDAL_LAYER_LABEL: "data"}
+    assert unreferenced_tidal_layer(marker)
+    assert not unreferenced_tidal_layer(
+        {**marker, STARGZ_REF_LABEL: "r", STARGZ_DIGEST_LABEL: "sha256:l"}
+    )
+    assert not unreferenced_tidal_layer({SNAPSHOT_REF_LABEL: "sha256:c1"})  # ordinary layer
+    assert not unreferenced_tidal_layer({TIDAL_LAYER_LABEL: "data"})  # not an unpack

@@ -135,22 +135,24 @@ def test_tidal_layers_are_committed_remotely_and_mounted_only_for_a_container(
         sn.prepare("default/3/extract-1", "", _labels("c1", "sha256:l1"))
 
     m = sn.prepare("default/9/ctr1", "c2")
-    snap = sn.stat("default/9/ctr1")
-    d = sn.snapshot_dir(snap)
+    d = sn.snapshot_dir(sn.stat("default/9/ctr1"))
+    img = sn.image_target(c2.remote)
     assert m == [
-        Mount(
-            "overlay",
-            "overlay",
-            (f"workdir={d}/work", f"upperdir={d}/fs", f"lowerdir={d}/image"),
-        )
+        Mount("overlay", "overlay", (f"workdir={d}/work", f"upperdir={d}/fs", f"lowerdir={img}"))
     ]
-    assert (d / "image" / MARKER).read_text() == IMAGE.manifest_digest
+    assert (img / MARKER).read_text() == IMAGE.manifest_digest
+    # a second container and a view share the one mount (the fake refuses a second)
+    m2 = sn.prepare("default/11/ctr2", "c2")
+    assert m2[0].options[-1] == f"lowerdir={img}"
     v = sn.view("default/10/view", "c2")
     vd = sn.snapshot_dir(sn.stat("default/10/view"))
-    assert v == [Mount("bind", str(vd / "image"), ("ro", "rbind"))]
+    assert v == [Mount("bind", str(img), ("ro", "rbind"))]
+    assert list(backend.mounted) == [img]
     sn.remove("default/9/ctr1")
     sn.remove("default/10/view")
-    assert backend.mounted == {} and not d.exists() and not vd.exists()
+    assert list(backend.mounted) == [img] and not d.exists() and not vd.exists()
+    sn.remove("default/11/ctr2")  # the last user: now it goes
+    assert backend.mounted == {} and not img.exists()
     with pytest.raises(SnapshotStateError):
         sn.remove("c1")  # c2 still sits on it
     sn.remove("c2")
@@ -181,17 +183,23 @@ def test_restart_remounts_recorded_mounts_and_cleanup_removes_orphans(
     with pytest.raises(SnapshotExistsError):
         sn.prepare("x", "", _labels("c1", "sha256:l1"))
     sn.prepare("ctr", "c1")
-    target = sn.image_target(sn.stat("ctr"))
+    remote = sn.stat("c1").remote
+    assert remote is not None
+    target = sn.image_target(remote)
     sn.close()
     backend.mounted.clear()  # the node rebooted, or the FUSE server died with the service
     (target / MARKER).unlink()
     orphan = root / "snapshots" / "999"
     (orphan / "fs").mkdir(parents=True)  # a crash between mkdir and the row's commit
+    stale = root / "images" / "ab12"
+    stale.mkdir()  # an image dir whose last user's row went before its unmount
+    backend.mount(remote, stale)
 
     sn2 = Snapshotter(root, backend)
     assert sn2.reconcile() == ["ctr"]
     assert backend.is_mounted(target) and sn2.reconcile() == []
-    assert sn2.cleanup() == [str(orphan)] and not orphan.exists()
+    assert sn2.cleanup() == [str(orphan), str(stale)] and not orphan.exists()
+    assert stale not in backend.mounted and target in backend.mounted
     assert sn2.stat("ctr").kind == Kind.ACTIVE
     sn2.remove("ctr")
     assert not backend.mounted
@@ -209,6 +217,8 @@ def test_a_failed_mount_leaves_no_row_and_no_directory(
     with pytest.raises(SnapshotNotFoundError):
         sn.stat("ctr")
     assert [d.name for d in (sn.root / "snapshots").iterdir()] == []
+    backend.mount_error = None
+    assert sn.prepare("ctr", "c1")[0].type == "overlay"  # and the next try mounts
 
 
 def test_other_calls_are_answered_while_an_image_mounts(
@@ -229,3 +239,12 @@ def test_other_calls_are_answered_while_an_image_mounts(
         backend.mount_gate.set()
         t.join(10)
     assert result and result[0][0].type == "overlay"  # type: ignore[index]
+
+
+def test_a_tidal_layer_without_reference_fails_before_containerd_downloads_it(
+    sn: Snapshotter, backend: FakeBackend
+) -> None:
+    labels = {SNAPSHOT_REF_LABEL: "c1", TIDAL_LAYER_LABEL: "data"}
+    with pytest.raises(SnapshotStateError, match="ctr-remote images rpull --snapshotter tidal"):
+        sn.prepare("default/1/extract", "", labels)
+    assert sn.walk() == [] and backend.pulls == []

@@ -8,6 +8,7 @@ imported only when the command runs.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -66,3 +67,8 @@ def serve_cmd(
     server.serve_forever(
         lambda: err.print(f"tidal snapshotter: serving {server.socket_path} (root {server.root})")
     )
+    # A call still running after the grace period (an unmount waiting for a FUSE server) is
+    # abandoned as a crash would abandon it: every change is recorded before it is made, and
+    # the next start reconciles. Without this, interpreter exit would join its thread first.
+    logging.shutdown()
+    os._exit(0)

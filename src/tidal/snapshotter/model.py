@@ -125,6 +125,17 @@ def remote_layer(labels: Mapping[str, str]) -> RemoteLayer | None:
     return None
 
 
+def unreferenced_tidal_layer(labels: Mapping[str, str]) -> bool:
+    """An unpack of a Tidal layer that names no image reference (containerd's unpacker, e.g.
+    the CRI plugin with ``disable_snapshot_annotations = true``): applying it would download
+    the block layer and then fail, as containerd cannot untar it."""
+    return (
+        bool(labels.get(SNAPSHOT_REF_LABEL))
+        and TIDAL_LAYER_LABEL in labels
+        and remote_layer(labels) is None
+    )
+
+
 def updated_labels(
     current: Mapping[str, str], given: Mapping[str, str], fieldpaths: Sequence[str]
 ) -> dict[str, str]:

@@ -8,8 +8,9 @@ Layout under ``root``::
     snapshots/<id>/fs         an active snapshot's upper dir (or a bind mount's source);
                               after Commit, a lower dir of its children
     snapshots/<id>/work       overlayfs's work dir
-    snapshots/<id>/image      where the whole Tidal image is mounted read-only, for an active
-                              snapshot or view whose ancestors include a Tidal image
+    images/<manifest hex>/    where a Tidal image is mounted read-only, once for all the
+                              active snapshots and views on it (the overlays' shared lowerdir);
+                              unmounted when the last of them is removed or committed
     lock                      flock held by the one server on this root
 
 Ordinary layers work as in containerd's overlayfs snapshotter: containerd applies each tar
@@ -45,6 +46,7 @@ from tidal.errors import (
 from tidal.snapshotter.backend import ImageBackend
 from tidal.snapshotter.model import (
     KIND_NAMES,
+    SNAPSHOT_REF_LABEL,
     Kind,
     Mount,
     RemoteImage,
@@ -54,6 +56,7 @@ from tidal.snapshotter.model import (
     parse_filter,
     plan_mounts,
     remote_layer,
+    unreferenced_tidal_layer,
     updated_labels,
     validate_labels,
 )
@@ -92,6 +95,7 @@ class Snapshotter:
         (self.root / "snapshots").mkdir(parents=True, exist_ok=True)
         self.meta = MetaStore(self.root / "metadata.db")
         self._lock = threading.RLock()
+        self._image_locks: dict[str, threading.Lock] = {}
 
     def close(self) -> None:
         self.meta.close()
@@ -102,8 +106,25 @@ class Snapshotter:
         rid = snap if isinstance(snap, int) else snap.id
         return self.root / "snapshots" / str(rid)
 
-    def image_target(self, snap: Snapshot) -> Path:
-        return self.snapshot_dir(snap) / "image"
+    def image_target(self, image: RemoteImage) -> Path:
+        return self.root / "images" / image.manifest_digest.partition(":")[2]
+
+    def _image_of(self, key: str) -> RemoteImage | None:
+        return lower_chain(self.meta.ancestors(key))[1]
+
+    def _users(self, image: RemoteImage) -> list[str]:
+        """Keys of the snapshots whose rows need ``image`` mounted (or are mounting it)."""
+        users = []
+        for snap in self.meta.all():
+            if snap.kind != Kind.COMMITTED and self.meta.mount_state(snap.key) is not None:
+                mine = self._image_of(snap.key)
+                if mine is not None and mine.manifest_digest == image.manifest_digest:
+                    users.append(snap.key)
+        return users
+
+    def _image_lock(self, image: RemoteImage) -> threading.Lock:
+        with self._lock:
+            return self._image_locks.setdefault(image.manifest_digest, threading.Lock())
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -136,7 +157,7 @@ class Snapshotter:
         stack, image = lower_chain(self.meta.ancestors(snap.key))
         lowers = [str(self.snapshot_dir(s) / "fs") for s in stack]
         if image is not None:
-            lowers.append(str(self.image_target(snap)))
+            lowers.append(str(self.image_target(image)))
         d = self.snapshot_dir(snap)
         return plan_mounts(snap.kind, fs_dir=str(d / "fs"), work_dir=str(d / "work"), lowers=lowers)
 
@@ -172,6 +193,13 @@ class Snapshotter:
             raise SnapshotError("a snapshot needs a key")
         with self._lock:
             self._check_new(key, parent)
+        if kind == Kind.ACTIVE and unreferenced_tidal_layer(labels):
+            raise SnapshotStateError(
+                f"layer {labels[SNAPSHOT_REF_LABEL]} is a Tidal block layer, which containerd "
+                "cannot unpack; pull the image lazily with `ctr-remote images rpull "
+                "--snapshotter tidal REF` (or through the CRI plugin with "
+                "disable_snapshot_annotations = false)"
+            )
         layer = remote_layer(labels) if kind == Kind.ACTIVE else None
         if layer is not None and self.backend is not None:
             self._remote(layer.target, layer.image_ref, layer.layer_digest, parent, labels)
@@ -233,19 +261,36 @@ class Snapshotter:
         )
 
     def _mount_image(self, snap: Snapshot, image: RemoteImage) -> None:
-        """Intent (``mounting`` in the row), then the mount, then the record (``mounted``)."""
+        """Intent (``mounting`` in the row), then the mount unless another snapshot's is there
+        already, then the record (``mounted``)."""
         if self.backend is None:
             raise SnapshotError(
                 f"snapshot {snap.key!r} sits on Tidal image {image.reference}, but this "
                 "snapshotter has no image backend"
             )
-        target = self.image_target(snap)
-        target.mkdir(parents=True, exist_ok=True)
+        target = self.image_target(image)
         with self._lock:
             self.meta.set_mount_state(snap.key, MOUNTING)
-        self.backend.mount(image, target)
+        with self._image_lock(image):
+            if not self.backend.is_mounted(target):
+                if ext4.is_mountpoint(target):  # a dead server's leftovers
+                    with contextlib.suppress(TidalError):
+                        self.backend.unmount(target)
+                target.mkdir(parents=True, exist_ok=True)
+                self.backend.mount(image, target)
         with self._lock:
             self.meta.set_mount_state(snap.key, MOUNTED)
+
+    def _release_image(self, image: RemoteImage | None) -> None:
+        """Unmount ``image`` if no row needs it any more (called with the lock held)."""
+        if image is None or self.backend is None or self._users(image):
+            return
+        target = self.image_target(image)
+        with self._image_lock(image):
+            if ext4.is_mountpoint(target) or self.backend.is_mounted(target):
+                self.backend.unmount(target)
+            with contextlib.suppress(OSError):
+                target.rmdir()
 
     # --- commit, update, remove ---------------------------------------------------------------
 
@@ -261,8 +306,9 @@ class Snapshotter:
             if self.meta.find(name) is not None:
                 raise SnapshotExistsError(f"snapshot {name!r} already exists")
             size, inodes = disk_usage(self.snapshot_dir(snap) / "fs")
-            done = self.meta.commit(key, name, given, size, inodes)
-            self._unmount_image(snap)
+            image = self._image_of(key)
+            done = self.meta.commit(key, name, given, size, inodes)  # clears its mount state
+            self._release_image(image)
             shutil.rmtree(self.snapshot_dir(snap) / "work", ignore_errors=True)
             return done
 
@@ -289,57 +335,70 @@ class Snapshotter:
             self._remove_dir(d)
 
     def _unmount_image(self, snap: Snapshot) -> None:
-        target = self.image_target(snap)
-        if self.backend is not None and (
-            ext4.is_mountpoint(target) or self.meta.mount_state(snap.key)
-        ):
-            self.backend.unmount(target)
-        if self.meta.find(snap.key) is not None:
-            self.meta.set_mount_state(snap.key, None)
+        """``snap`` no longer needs its image: clear its row's mount state, and unmount the
+        image if it was the last user (called with the lock held)."""
+        if self.meta.find(snap.key) is None or snap.kind == Kind.COMMITTED:
+            return
+        image = self._image_of(snap.key)
+        self.meta.set_mount_state(snap.key, None)
+        self._release_image(image)
 
     def _remove_dir(self, d: Path) -> None:
-        image = d / "image"
-        if ext4.is_mountpoint(image):
-            raise SnapshotError(f"{image} is still mounted; not removing {d}")
+        inside = [m for m in ext4.mount_points() if m.startswith(f"{d}/")]
+        if inside:
+            raise SnapshotError(f"{inside[0]} is still mounted; not removing {d}")
         shutil.rmtree(d)
 
     # --- start and clean-up -------------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
-        """At start: remount the image of every active snapshot or view whose row says it is
-        (or was being) mounted but whose mount is gone. Returns the keys remounted."""
+        """At start: remount each image that rows say is (or was being) mounted but whose
+        mount is gone. Returns the keys of the snapshots whose image was remounted."""
         done = []
         with self._lock:
+            by_image: dict[str, tuple[RemoteImage, list[str]]] = {}
             for snap in self.meta.all():
                 if snap.kind == Kind.COMMITTED or self.meta.mount_state(snap.key) is None:
                     continue
-                target = self.image_target(snap)
-                if self.backend is not None and self.backend.is_mounted(target):
-                    continue
-                _, image = lower_chain(self.meta.ancestors(snap.key))
+                image = self._image_of(snap.key)
                 if image is None:
                     self.meta.set_mount_state(snap.key, None)
                     continue
-                log.warning("remounting Tidal image %s for snapshot %s", image.reference, snap.key)
-                if self.backend is not None:
-                    with contextlib.suppress(TidalError):
-                        self.backend.unmount(target)  # a dead server's leftovers
-                self._mount_image(snap, image)
-                done.append(snap.key)
+                by_image.setdefault(image.manifest_digest, (image, []))[1].append(snap.key)
+            for image, keys in by_image.values():
+                if self.backend is not None and self.backend.is_mounted(self.image_target(image)):
+                    continue
+                log.warning("remounting Tidal image %s for %s", image.reference, ", ".join(keys))
+                for key in keys:
+                    self._mount_image(self.meta.get(key), image)
+                done += keys
         return done
 
     def cleanup(self) -> list[str]:
-        """containerd's ``Cleaner``: remove snapshot directories (and their mounts) that no row
-        claims, e.g. after a crash between creating a directory and recording it."""
+        """containerd's ``Cleaner``: remove snapshot directories that no row claims (e.g. after
+        a crash between creating a directory and recording it) and image mounts no row needs."""
         removed = []
         with self._lock:
             known = {str(s.id) for s in self.meta.all()}
             for d in sorted((self.root / "snapshots").iterdir()):
-                if d.name in known:
+                if d.name not in known:
+                    self._remove_dir(d)
+                    removed.append(str(d))
+            needed = set()
+            for snap in self.meta.all():
+                if snap.kind != Kind.COMMITTED and self.meta.mount_state(snap.key) is not None:
+                    image = self._image_of(snap.key)
+                    if image is not None:
+                        needed.add(self.image_target(image).name)
+            images = self.root / "images"
+            for d in sorted(images.iterdir()) if images.is_dir() else []:
+                if d.name in needed:
                     continue
-                image = d / "image"
-                if self.backend is not None and ext4.is_mountpoint(image):
-                    self.backend.unmount(image)
-                self._remove_dir(d)
-                removed.append(str(d))
+                if self.backend is not None and (
+                    ext4.is_mountpoint(d) or self.backend.is_mounted(d)
+                ):
+                    self.backend.unmount(d)
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+                    removed.append(str(d))
         return removed
