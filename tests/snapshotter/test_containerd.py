@@ -201,6 +201,15 @@ class Node:
             time.sleep(0.2)
 
 
+def _remove_container(node: Node, cid: str) -> None:
+    node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
+    deadline = time.monotonic() + 15
+    while node.ctr("task", "delete", cid, check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the task did not exit"
+        time.sleep(0.2)
+    node.ctr("container", "rm", cid)
+
+
 @pytest.fixture(scope="module")
 def registry() -> Iterator[RegistryServer]:
     with RegistryServer(port=_free_port(), access_log=True) as server:
@@ -445,12 +454,7 @@ def test_a_killed_snapshotter_restarts_under_a_running_container(
             m for m in node.mounts() if m.startswith(f"{node.snap_root}/images/")
         ] == image_mounts
     finally:
-        node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
-        deadline = time.monotonic() + 15
-        while node.ctr("task", "delete", cid, check=False).returncode != 0:
-            assert time.monotonic() < deadline, "the task did not exit"
-            time.sleep(0.2)
-        node.ctr("container", "rm", cid)
+        _remove_container(node, cid)
     node.settle()
     assert node.mounts() == [] and node.loops() == []
 
@@ -487,11 +491,6 @@ def test_in_the_node_service_a_sigkill_under_a_running_container_is_a_pause(
         assert out.stdout.strip() == GREETING
         assert {m.server_pid for m in mounts.list_mounts() if m.fd_name} == {node.snap_proc.pid}
     finally:
-        node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
-        deadline = time.monotonic() + 15
-        while node.ctr("task", "delete", cid, check=False).returncode != 0:
-            assert time.monotonic() < deadline, "the task did not exit"
-            time.sleep(0.2)
-        node.ctr("container", "rm", cid)
+        _remove_container(node, cid)
     node.settle()
     assert node.mounts() == [] and node.loops() == []

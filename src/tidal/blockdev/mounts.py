@@ -216,22 +216,25 @@ class ServerRef:
     fd_name: str | None = None
 
 
+@dataclass(frozen=True)
+class ServeRequest:
+    """What to serve at a mount's ``fuse_dir/disk``: the image, over a writable layer or not."""
+
+    image_dir: Path
+    fuse_dir: Path
+    writable_dir: Path | None
+    run_dir: Path
+    settings: BlockdevSettings
+    trace_out: Path | None = None
+    owner: str | None = None
+
+
 class FuseServing(Protocol):
     """Who serves a mount's ``<fuse_dir>/disk``: a process per mount (:class:`ProcessServing`,
     the default) or the node service's threads (:class:`tidal.node.mounts.NodeServing`)."""
 
-    def start(
-        self,
-        image_dir: Path,
-        fuse_dir: Path,
-        writable_dir: Path | None,
-        run_dir: Path,
-        settings: BlockdevSettings,
-        *,
-        trace_out: Path | None,
-        owner: str | None,
-    ) -> ServerRef:
-        """Serve the image's device at ``fuse_dir/disk``; return once it is served."""
+    def start(self, req: ServeRequest) -> ServerRef:
+        """Serve the image's device at ``req.fuse_dir/disk``; return once it is served."""
         ...
 
     def stop(self, info: MountInfo, *, timeout_s: float) -> None:
@@ -243,26 +246,16 @@ class ProcessServing:
     """One ``python -m tidal.blockdev.serve`` per mount, in its own session (so the caller may
     exit); a crash takes down one mount."""
 
-    def start(
-        self,
-        image_dir: Path,
-        fuse_dir: Path,
-        writable_dir: Path | None,
-        run_dir: Path,
-        settings: BlockdevSettings,
-        *,
-        trace_out: Path | None,
-        owner: str | None,
-    ) -> ServerRef:
+    def start(self, req: ServeRequest) -> ServerRef:
         proc = _start_server(
-            image_dir,
-            fuse_dir,
-            writable_dir,
-            run_dir / "server.log",
-            settings,
-            stats_file=run_dir / STATS_FILE,
-            trace_out=trace_out,
-            owner=owner,
+            req.image_dir,
+            req.fuse_dir,
+            req.writable_dir,
+            req.run_dir / "server.log",
+            req.settings,
+            stats_file=req.run_dir / STATS_FILE,
+            trace_out=req.trace_out,
+            owner=req.owner,
         )
         return ServerRef(proc.pid)
 
@@ -345,13 +338,15 @@ def mount_image(
     serving = serving or ProcessServing()
     try:
         server = serving.start(
-            image_path,
-            fuse_dir,
-            wdir,
-            run_dir,
-            settings,
-            trace_out=Path(trace_out).resolve() if trace_out is not None else None,
-            owner=owner,
+            ServeRequest(
+                image_path,
+                fuse_dir,
+                wdir,
+                run_dir,
+                settings,
+                trace_out=Path(trace_out).resolve() if trace_out is not None else None,
+                owner=owner,
+            )
         )
     except BaseException:
         if not ext4.is_mountpoint(fuse_dir):

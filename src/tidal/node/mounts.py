@@ -28,7 +28,7 @@ from pathlib import Path
 from tidal.blockdev import mounts as blockdev_mounts
 from tidal.blockdev.fdstore import FdStore
 from tidal.blockdev.fuse_ll import FuseDisk
-from tidal.blockdev.mounts import STATS_FILE, MountInfo, ServerRef
+from tidal.blockdev.mounts import STATS_FILE, MountInfo, ServeRequest, ServerRef
 from tidal.blockdev.serve import (
     METRICS_FILE,
     STATS_INTERVAL_S,
@@ -37,7 +37,6 @@ from tidal.blockdev.serve import (
     StatsWriter,
     open_device,
 )
-from tidal.blockdev.settings import BlockdevSettings
 from tidal.errors import MountError, TidalError
 
 log = logging.getLogger(__name__)
@@ -69,24 +68,14 @@ class NodeServing:
 
     # --- FuseServing ----------------------------------------------------------------------
 
-    def start(
-        self,
-        image_dir: Path,
-        fuse_dir: Path,
-        writable_dir: Path | None,
-        run_dir: Path,
-        settings: BlockdevSettings,
-        *,
-        trace_out: Path | None,
-        owner: str | None,
-    ) -> ServerRef:
-        if trace_out is not None or owner is not None:
+    def start(self, req: ServeRequest) -> ServerRef:
+        if req.trace_out is not None or req.owner is not None:
             raise MountError(
                 "the node service serves user and container mounts; recording a trace or a "
                 "build's mount runs its own server (mount without the node service)"
             )
-        name = fd_name(run_dir)
-        self._serve(image_dir, fuse_dir, writable_dir, run_dir, name, fd=None)
+        name = fd_name(req.run_dir)
+        self._serve(req.image_dir, req.fuse_dir, req.writable_dir, req.run_dir, name, fd=None)
         return ServerRef(os.getpid(), self._identity, name if self.fdstore is not None else None)
 
     def stop(self, info: MountInfo, *, timeout_s: float) -> None:
