@@ -24,6 +24,17 @@ def plain_http_transport(uds: str | None = None) -> httpx.HTTPTransport:
     return httpx.HTTPTransport(uds=uds, verify=False)
 
 
+def socket_reachable(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (a stale socket file
+    of a killed daemon does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class SocketClient:
     """A client of one daemon's unix-socket API (the engine daemon, the node service).
 

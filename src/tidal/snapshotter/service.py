@@ -13,7 +13,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -33,6 +32,7 @@ from tidal.errors import (
     SnapshotStateError,
     TidalError,
 )
+from tidal.service.client import socket_reachable
 from tidal.snapshotter.backend import ImageBackend
 from tidal.snapshotter.model import Mount, Snapshot
 from tidal.snapshotter.snapshotter import Snapshotter
@@ -175,15 +175,6 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[m
 # --- the server ----------------------------------------------------------------------------
 
 
-def _socket_in_use(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
 SOCKET_PATH_MAX_BYTES = 107
 """``sun_path`` holds 108 bytes with the terminating NUL."""
 
@@ -245,7 +236,7 @@ class SnapshotterServer:
         self._stack.enter_context(_root_lock(self.root))
         try:
             if self.socket_path.exists():
-                if _socket_in_use(self.socket_path):
+                if socket_reachable(self.socket_path):
                     raise ConfigError(
                         f"{self.socket_path} is in use by another server; stop it or choose "
                         "another --socket"
