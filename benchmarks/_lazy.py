@@ -190,7 +190,10 @@ def wait_ready(
 
 
 def run(cmd: list[str], what: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what} did not finish within {exc.timeout:.0f} s") from exc
     if proc.returncode != 0:
         raise BenchError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     return proc
