@@ -414,8 +414,9 @@ def stargz_command(binary: Path, plain_http: str) -> list[str]:
 
 
 def tidal_snapshotter_command() -> list[str]:
-    """The snap branch's ``tidal snapshotter serve`` (its flags to be checked at merge)."""
-    return [tidal_cli(), "snapshotter", "serve", "--address", "{socket}"]
+    """``tidal snapshotter serve`` (branch h-snap) with its socket and root in our home."""
+    return [tidal_cli(), "snapshotter", "serve", "--socket", "{socket}",
+            "--root", "{home}/tidal-snapshotter", "--log-level", "WARNING"]  # fmt: skip
 
 
 # --- the eStargz images -------------------------------------------------------------------
