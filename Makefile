@@ -79,7 +79,16 @@ unit: deps
 test: export TIDAL_REQUIRE_ALL := 1
 test: lint contracts typecheck unit
 
+# only the benchmarks need these: Debian's Go and stargz-snapshotter's library, to build the
+# stargz daemon bench_peers measures Tidal against (../shared/peers/stargz-grpc)
+BENCH_APT_PACKAGES := golang-go golang-github-containerd-stargz-snapshotter-dev
+
 bench: deps
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "apt-get install:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
