@@ -36,8 +36,10 @@ from tidal.blobs.settings import BlobSettings
 from tidal.blockdev import builder, mounts
 from tidal.blockdev.builder import build_from_dir
 from tidal.blockdev.record import record_trace
+from tidal.config import data_root
 from tidal.image.manifest import Image, attach_trace
 from tidal.testing.network import ThrottledLink
+from tidal.testing.node import NodeProcess
 from tidal.testing.registry_server import RegistryServer, free_port
 
 CACHE = Path("/var/cache/tidal-bench")
@@ -533,24 +535,39 @@ def fresh_stats(target: Path) -> dict[str, Any]:
     return mounts.image_stats(target)
 
 
-def case_tidal(env: Env, app: App, image_tag: str, cache_dir: Path, label: str) -> Row:
-    """Pull (metadata), mount lazily over ``cache_dir``, run until ready, unmount."""
+def case_tidal(
+    env: Env, app: App, image_tag: str, cache_dir: Path, label: str, *, via_node: bool = False
+) -> Row:
+    """Pull (metadata), mount lazily over ``cache_dir``, run until ready, unmount.
+
+    ``via_node``: as a node runs it, through a long-lived ``tidal node serve`` (started before
+    the clock, with ``cache_dir`` as its chunk cache): the pull and the mount are requests on
+    its socket and the image's FUSE disk is served from its process. Otherwise in this
+    process, with a FUSE server process of the mount's own.
+    """
     os.environ["TIDAL_BLOBS__CACHE_DIR"] = str(cache_dir)
     work = env.work / f"tidal-{label}"
     work.mkdir()
     target = work / "mnt"
     row = Row()
     port = free_port()
+    node = NodeProcess(data_root()).start() if via_node else None
     drop_caches()
     rx0 = env.rx_bytes()
     t0 = time.monotonic()
     mounted = False
     try:
-        with env.client() as client:
-            ref = ImageReference.parse(f"{env.address}/{TIDAL_REPO}:{image_tag}")
-            pull_image(ref, work / "pulled", client)
-        t1 = time.monotonic()
-        mounts.mount_image(work / "pulled", target)
+        ref = ImageReference.parse(f"{env.address}/{TIDAL_REPO}:{image_tag}")
+        if node is not None:
+            with node.client() as c:
+                c.pull(str(ref))
+                t1 = time.monotonic()
+                c.mount(str(ref), target, pull="never")
+        else:
+            with env.client() as client:
+                pull_image(ref, work / "pulled", client)
+            t1 = time.monotonic()
+            mounts.mount_image(work / "pulled", target)
         mounted = True
         t2 = time.monotonic()
         log = work / "app.log"
@@ -571,13 +588,16 @@ def case_tidal(env: Env, app: App, image_tag: str, cache_dir: Path, label: str) 
             lazy = stats.get("lazy") or {}
         row.wire_bytes_total = env.rx_bytes() - rx0
         row.extra = {
+            "via": "node service" if node is not None else "server process per mount",
             "total_after_prefetch": lazy.get("total", {}),
             "prefetch": lazy.get("prefetch", {}),
             "fuse": stats.get("fuse", {}),
         }
         return row
     finally:
-        if mounted:
+        if node is not None:
+            node.close()  # unmounts what it served, stops the service and its fd store
+        elif mounted:
             mounts.unmount(target, force=True)
         if not leftover_mounts(work):  # never walk into a mounted image
             shutil.rmtree(work, ignore_errors=True)

@@ -29,8 +29,9 @@ under the bench's work directory) with a fresh stargz daemon, a fresh Tidal chun
                 "lazy cold")
   tidal+trace   as tidal, on the image carrying the application's trace ("lazy+trace")
   tidal ctr     Tidal through containerd: ``ctr-remote images rpull --snapshotter tidal`` +
-                ``ctr run --snapshotter tidal`` via ``tidal snapshotter serve``; skipped with the
-                reason when this Tidal has no ``tidal snapshotter``
+                ``ctr run --snapshotter tidal`` via ``tidal node serve --snapshotter-socket``
+                (the snapshots API served by the node service); skipped with the reason when
+                this Tidal has no snapshotter
 
 Time runs from the start of the pull to the application's first output (the line ``ready``).
 Bytes before ready are counted on the link for all cases alike: what the host side of the veth
@@ -94,6 +95,8 @@ from _lazy import (
     wait_ready,
     work_dir,
 )
+from tidal.blockdev import mounts
+from tidal.blockdev.fdstore import FdStore
 from tidal.cli.console import out as stdout_console
 from tidal.testing.network import ThrottledLink
 from tidal.testing.registry_server import RegistryServer
@@ -414,9 +417,20 @@ def stargz_command(binary: Path, plain_http: str) -> list[str]:
 
 
 def tidal_snapshotter_command() -> list[str]:
-    """``tidal snapshotter serve`` (branch h-snap) with its socket and root in our home."""
-    return [tidal_cli(), "snapshotter", "serve", "--socket", "{socket}",
-            "--root", "{home}/tidal-snapshotter", "--log-level", "WARNING"]  # fmt: skip
+    """``tidal node serve --snapshotter-socket``: the snapshots API served by the node service,
+    which mounts the images from its process; its own socket, snapshot root and (cold) chunk
+    cache in our home."""
+    return ["env", "TIDAL_BLOBS__CACHE_DIR={home}/tidal-chunks", tidal_cli(), "node", "serve",
+            "--socket", "{home}/tidal-node.sock", "--snapshotter-socket", "{socket}",
+            "--snapshotter-root", "{home}/tidal-snapshotter"]  # fmt: skip
+
+
+def stop_tidal_fdstore() -> None:
+    """The node service leaves its fd store's holder running by design (it keeps mounts alive
+    across restarts); a bench case ends it."""
+    store = FdStore(mounts.fdstore_path())
+    if store.alive():
+        os.kill(store.holder_pid(), signal.SIGTERM)
 
 
 # --- the eStargz images -------------------------------------------------------------------
@@ -560,6 +574,8 @@ def case_containerd(env: Env, app: App, case: str, tag: str, stargz: Path | None
             ctrd.stop(cid, proc)
         row.time_s, row.fetch_s, row.run_s = t_ready - t0, t1 - t0, t_ready - t1
         row.wire_bytes_total = env.rx_bytes() - rx0
+    if case == "tidal ctr":
+        stop_tidal_fdstore()
     return row
 
 
@@ -586,7 +602,7 @@ def measure(
             try:
                 image_tag = "plain" if case == "tidal" else app.name
                 label = f"{tag}-{case.replace('+', '-')}"
-                rows[case] = case_tidal(env, app, image_tag, cache, label)
+                rows[case] = case_tidal(env, app, image_tag, cache, label, via_node=True)
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
         except BenchError as exc:
