@@ -38,6 +38,7 @@ from tidal.errors import BlobError, ConfigError, FormatError, ImageNotFoundError
 from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest
 from tidal.image.device import BlockDevice
+from tidal.image.extents import ExtentMap
 
 if TYPE_CHECKING:
     from tidal.blobs.peer import P2PNode
@@ -46,6 +47,7 @@ from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageManifest
 from tidal.image.merged import resolve
 from tidal.image.oci import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
 from tidal.image.trace import Trace
+from tidal.image.zfile import VERSION, VERSION_CRC_ONLY, zfile_tail_size
 from tidal.units import SECTOR_BYTES
 
 log = logging.getLogger("tidal.blobs.distribution")
@@ -333,7 +335,7 @@ class LazyImage:
                 chain = FallbackBlobSource([p2p.link(digest), source])
                 self.chains[digest] = chain
                 layer_source = chain
-            src = lazy_source_factory(layer_source, cache, self.settings, pinned)(
+            src = lazy_source_factory(layer_source, cache, self.settings, pinned, tail_size)(
                 digest, size_bytes
             )
             self.sources[digest] = src
@@ -343,6 +345,20 @@ class LazyImage:
             for rec in self.image.manifest.layers:
                 if rec.digest == digest:
                     return rec.index_sha256
+            return None
+
+        def tail_size(digest: Digest) -> int | None:
+            """The layer's ZFile tail size from its record: one request opens the layer."""
+            if not self.settings.tail_in_one_request:
+                return None
+            for rec in self.image.manifest.data_layers:
+                if rec.digest == digest and rec.chunk_size_bytes > 0:
+                    return zfile_tail_size(
+                        rec.raw_data_bytes,
+                        rec.chunk_size_bytes,
+                        ExtentMap.serialized_size(rec.extent_count),
+                        version=VERSION if rec.index_sha256 else VERSION_CRC_ONLY,
+                    )
             return None
 
         self.image = Image.open(path, source_factory=factory)

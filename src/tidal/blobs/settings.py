@@ -47,6 +47,10 @@ class BlobSettings:
     backoff_initial_s: NonNegativeFloat = DEFAULT_BACKOFF_INITIAL_S
     backoff_max_s: NonNegativeFloat = DEFAULT_BACKOFF_MAX_S
     request_timeout_s: PositiveFloat = DEFAULT_REQUEST_TIMEOUT_S
+    tail_in_one_request: bool = True
+    """Open a lazy layer with one ranged request for its ZFile footer and tail (their size
+    follows from the layer's manifest record) instead of two in a row: one round trip less
+    per layer before a mount is ready. False: footer first, then the tail it points at."""
     require_digests: bool = False
     """Refuse lazy images whose layers carry no chunk digests (crc32 only, built by an older
     Tidal); False reads them with a warning."""
