@@ -94,7 +94,10 @@ def run_variant(
                 ["unshare", "--mount", "--pid", "--fork", "chroot", str(target), *command],
                 check=True,
                 capture_output=True,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                env={
+                    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "LANG": "C.UTF-8",
+                },
             )
             run_s = time.monotonic() - t1
     finally:

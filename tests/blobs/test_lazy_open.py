@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import LazyImage
 from tidal.blobs.local_store import LocalBlobStore
 from tidal.blobs.settings import BlobSettings
+from tidal.ids import Digest
 from tidal.image.extents import ExtentMap
-from tidal.image.manifest import Image, ImageWriter
+from tidal.image.manifest import Image, ImageWriter, attach_trace, blob_path
+from tidal.image.trace import Trace, TraceRange
 from tidal.image.writable import WritableLayer
 from tidal.image.zfile import FOOTER_SIZE, zfile_tail_size
 from tidal.testing.memory_store import MemoryBlobStore
@@ -98,3 +101,45 @@ def test_a_wrong_tail_size_costs_one_range_and_still_opens(image: Image, tmp_pat
         lazy.image.layers()  # the reader reads the true tail itself
         assert lazy.image.merged_view().read(0, 4096) == image.merged_view().read(0, 4096)
     assert not prime_tail(src, rec.size_bytes)  # implausible: larger than the blob
+
+
+class MeetingStore(MemoryBlobStore):
+    """Its first two reads must be in flight together: each waits for the other (a barrier),
+    so a caller that sends them one after the other fails with BrokenBarrierError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=5)
+        self.met = 0
+
+    def read(self, digest: Digest, start: int, end: int) -> bytes:
+        if self.met < 2:
+            self.met += 1
+            self.barrier.wait()
+        return super().read(digest, start, end)
+
+
+def test_the_trace_comes_while_the_layer_opens_not_after(image: Image, tmp_path: Path) -> None:
+    """One layer and a trace: the layer's tail and the trace blob are fetched together, so
+    the mount waits one round trip for its metadata (before: footer, tail, then trace)."""
+    trace = Trace((TraceRange(0, 64), TraceRange(4096, 8)))
+    one_layer = tmp_path / "one"
+    writer = ImageWriter(one_layer, SIZE)
+    rec = image.manifest.data_layers[0]
+    blob_path(one_layer, rec.digest).write_bytes(blob_path(image.path, rec.digest).read_bytes())
+    writer.add_record(rec)
+    writer.write_manifest()
+    attach_trace(one_layer, trace.serialize())
+    store = MeetingStore()
+    local = LocalBlobStore(one_layer)
+    manifest = Image.open(one_layer).manifest
+    for r in manifest.layers:
+        store.put_bytes(local.read(r.digest, 0, r.size_bytes), r.digest)
+    pulled = tmp_path / "pulled"  # what a pull leaves: the manifest, no blobs
+    pulled.mkdir()
+    (pulled / "manifest.json").write_text(manifest.to_json())
+    with LazyImage.open(pulled, store, ChunkCache(tmp_path / "cache", 64 << 20)) as lazy:
+        lazy.open_layers()  # BrokenBarrierError if the two fetches were sequential
+        assert store.met == 2
+        assert lazy.prefetches and all(p.wait(10) for p in lazy.prefetches)
+        assert lazy.stats.prefetched_chunks > 0
