@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -38,6 +39,7 @@ from tidal.errors import BlobError, ConfigError, FormatError, ImageNotFoundError
 from tidal.fsutil import write_text_atomic
 from tidal.ids import Digest, parse_digest
 from tidal.image.device import BlockDevice
+from tidal.image.extents import ExtentMap
 
 if TYPE_CHECKING:
     from tidal.blobs.peer import P2PNode
@@ -46,6 +48,7 @@ from tidal.image.manifest import LAYER_KIND_TRACE, Image, ImageManifest
 from tidal.image.merged import resolve
 from tidal.image.oci import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, from_oci, to_oci
 from tidal.image.trace import Trace
+from tidal.image.zfile import VERSION, VERSION_CRC_ONLY, zfile_tail_size
 from tidal.units import SECTOR_BYTES
 
 log = logging.getLogger("tidal.blobs.distribution")
@@ -246,9 +249,7 @@ def open_pulled_image(
                 Path(image_dir), client.blob_store(origin.repository), cache, settings, p2p
             )
             lazy.owned_client = client
-            lazy.image.layers()
-            if prefetch and cache is not None:
-                lazy.prefetch_trace()
+            lazy.open_layers(prefetch=prefetch and cache is not None)
         except BaseException:
             if p2p is not None:
                 p2p.close()
@@ -333,7 +334,7 @@ class LazyImage:
                 chain = FallbackBlobSource([p2p.link(digest), source])
                 self.chains[digest] = chain
                 layer_source = chain
-            src = lazy_source_factory(layer_source, cache, self.settings, pinned)(
+            src = lazy_source_factory(layer_source, cache, self.settings, pinned, tail_size)(
                 digest, size_bytes
             )
             self.sources[digest] = src
@@ -343,6 +344,20 @@ class LazyImage:
             for rec in self.image.manifest.layers:
                 if rec.digest == digest:
                     return rec.index_sha256
+            return None
+
+        def tail_size(digest: Digest) -> int | None:
+            """The layer's ZFile tail size from its record: one request opens the layer."""
+            if not self.settings.tail_in_one_request:
+                return None
+            for rec in self.image.manifest.data_layers:
+                if rec.digest == digest and rec.chunk_size_bytes > 0:
+                    return zfile_tail_size(
+                        rec.raw_data_bytes,
+                        rec.chunk_size_bytes,
+                        ExtentMap.serialized_size(rec.extent_count),
+                        version=VERSION if rec.index_sha256 else VERSION_CRC_ONLY,
+                    )
             return None
 
         self.image = Image.open(path, source_factory=factory)
@@ -439,6 +454,20 @@ class LazyImage:
                         local.put_bytes(data, rec.digest)
                 return Trace.deserialize(data, name=f"trace layer of {self.image.path}")
         return None
+
+    def open_layers(self, *, prefetch: bool = True) -> None:
+        """Open every layer (its tail: what a mount needs before it can serve a read) and, with
+        ``prefetch``, start replaying the image's trace. The trace blob is fetched while the
+        layers open, not after them: one round trip fewer before the mount is ready."""
+        if not prefetch or not any(r.kind == LAYER_KIND_TRACE for r in self.image.manifest.layers):
+            self.image.layers()
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="tidal-trace") as pool:
+            pending = pool.submit(self.trace)
+            self.image.layers()
+            trace = pending.result()
+        if trace is not None:
+            self.prefetch_trace(trace)
 
     def plan_prefetch(self, trace: Trace) -> dict[Digest, list[ByteRange]]:
         """The stored chunk ranges, per layer blob, that the trace's device ranges read.

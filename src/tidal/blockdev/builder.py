@@ -165,6 +165,16 @@ def _staging(out_image: Path) -> Iterator[Path]:
         raise
 
 
+def layer_codec(
+    codec: Codec | str | None, settings: BlockdevSettings
+) -> tuple[Codec | str, int | None]:
+    """The codec and level a new layer is committed with: the caller's codec at its own
+    default level, else ``[blockdev] codec`` at ``[blockdev] codec_level``."""
+    if codec is not None:
+        return codec, None
+    return settings.codec, settings.codec_level
+
+
 class _LayerBuilder:
     """Makes one block layer per call to :meth:`layer`, on top of the previous ones."""
 
@@ -173,7 +183,7 @@ class _LayerBuilder:
         work: Path,
         size_bytes: int,
         fmt: Ext4Format,
-        codec: Codec | str,
+        codec: Codec | str | None,
         settings: BlockdevSettings,
         progress: BuildProgress | None,
     ) -> None:
@@ -181,7 +191,7 @@ class _LayerBuilder:
         self.writer = ImageWriter(work, size_bytes)
         self.writer.write_manifest()
         self.fmt = fmt
-        self.codec = codec
+        self.codec, self.level = layer_codec(codec, settings)
         self.settings = settings
         self.progress = progress
         self.mnt = work / ".mnt"
@@ -234,7 +244,12 @@ class _LayerBuilder:
                 ],
             )
             self.writer.commit_layer(
-                wl, codec=self.codec, source_digest=source_digest, source_diff_id=source_diff_id
+                wl,
+                codec=self.codec,
+                level=self.level,
+                chunk_size_bytes=self.settings.chunk_size_bytes,
+                source_digest=source_digest,
+                source_diff_id=source_diff_id,
             )
         shutil.rmtree(self.wdir)
         self.writer.write_manifest()
@@ -303,7 +318,7 @@ def convert_source_image(
     fmt = reproducible_format(inodes, journal=settings.ext4_journal)
     out = Path(out_image)
     with _staging(out) as work:
-        builder = _LayerBuilder(work, size, fmt, codec or settings.codec, settings, progress)
+        builder = _LayerBuilder(work, size, fmt, codec, settings, progress)
         for i, (layer, scan) in enumerate(zip(source.layers, scans, strict=True)):
             builder.layer(
                 f"layer {i + 1}/{len(source.layers)}",
@@ -402,7 +417,7 @@ def build_from_dir(
         )
 
     with _staging(Path(out_image)) as work:
-        builder = _LayerBuilder(work, size, fmt, codec or settings.codec, settings, progress)
+        builder = _LayerBuilder(work, size, fmt, codec, settings, progress)
         builder.layer(f"{src}", copy)
         manifest = builder.writer.write_manifest(
             config=dict(config or {}),
@@ -416,7 +431,8 @@ def commit_writable(
     writable_dir: str | os.PathLike[str],
     out_image: str | os.PathLike[str] | None = None,
     *,
-    codec: Codec | str = Codec.LZ4,
+    codec: Codec | str | None = None,
+    settings: BlockdevSettings | None = None,
 ) -> LayerRecord:
     """Turn a writable layer into a new top layer: of ``out_image`` (a copy) or in place.
 
@@ -441,7 +457,11 @@ def commit_writable(
     for rec in image.manifest.layers:
         writer.add_record(rec)
     with image.writable(writable_dir, create=False) as wl:
-        rec, _ = writer.commit_layer(wl, codec=codec)
+        settings = settings or load_settings()
+        chosen, level = layer_codec(codec, settings)
+        rec, _ = writer.commit_layer(
+            wl, codec=chosen, level=level, chunk_size_bytes=settings.chunk_size_bytes
+        )
     writer.write_manifest(
         config=image.manifest.config,
         annotations=image.manifest.annotations,

@@ -373,6 +373,8 @@ def mount_image(
         )
         info = replace(info, loop_device=dev.device, loop_backing_id=dev.backing_id or None)
         save_record(info)
+        if settings.loop_read_ahead_kb is not None:
+            loop.set_read_ahead(dev.device, settings.loop_read_ahead_kb)
         if format_ext4 is not None:
             ext4.mkfs(dev.device, format_ext4)
         ext4.mount(dev.device, target_path, readonly=readonly, options=ext4_options)

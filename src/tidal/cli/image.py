@@ -93,7 +93,9 @@ def _print_result(res: builder.BuildResult) -> None:
 def build(
     src_dir: Path = typer.Argument(..., help="Root directory tree to put in the image."),
     output: Path = typer.Option(..., "-o", "--output", help="Image directory to create."),
-    codec: str = typer.Option(None, help="Layer compression: lz4 (default), zstd, gzip, none."),
+    codec: str = typer.Option(
+        None, help="Layer compression: zstd, lz4, gzip, none (default: [blockdev] codec, zstd)."
+    ),
     size: str = typer.Option(
         None, help="Virtual disk size, e.g. 2G (default: 2x content + slack)."
     ),
@@ -124,7 +126,9 @@ def convert(
         "reference in a registry (e.g. docker://127.0.0.1:5000/app:v1).",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Image directory to create."),
-    codec: str = typer.Option(None, help="Layer compression: lz4 (default), zstd, gzip, none."),
+    codec: str = typer.Option(
+        None, help="Layer compression: zstd, lz4, gzip, none (default: [blockdev] codec, zstd)."
+    ),
     size: str = typer.Option(
         None, help="Virtual disk size, e.g. 2G (default: 2x content + slack)."
     ),
@@ -275,7 +279,9 @@ def commit(
     image: Path = typer.Argument(..., help="Image the writable layer was mounted over."),
     writable_dir: Path = typer.Argument(..., help="Writable layer directory (unmounted)."),
     output: Path = typer.Option(None, "-o", "--output", help="New image (default: in place)."),
-    codec: str = typer.Option("lz4", help="Layer compression: lz4, zstd, gzip, none."),
+    codec: str = typer.Option(
+        None, help="Layer compression: zstd, lz4, gzip, none (default: [blockdev] codec, zstd)."
+    ),
 ) -> None:
     """Commit a writable layer into a new read-only top layer."""
     from tidal.blockdev import builder

@@ -155,6 +155,12 @@ class ExtentMap:
             out.append(e)
         return ExtentMap(out)
 
+    @staticmethod
+    def serialized_size(count: int) -> int:
+        """Bytes :meth:`serialize` writes for ``count`` extents (a reader can know a layer's
+        index size from its manifest record before fetching it)."""
+        return _HEAD.size + count * RECORD.size
+
     def serialize(self) -> bytes:
         records = b"".join(
             RECORD.pack(

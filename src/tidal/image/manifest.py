@@ -263,13 +263,14 @@ class ImageWriter:
         *,
         codec: Codec | str = Codec.LZ4,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+        level: int | None = None,
         source_digest: str | None = None,
         source_diff_id: str | None = None,
     ) -> tuple[LayerRecord, CommitInfo]:
         """Commit ``writable`` into a new top layer blob of this image."""
         place = functools.partial(blob_path, self.path)
         with write_by_digest(self.path / "blobs", place, prefix=".layer-") as hw:
-            info = writable.commit(hw, chunk_size_bytes=chunk_size_bytes, codec=codec)  # type: ignore[arg-type]
+            info = writable.commit(hw, chunk_size_bytes=chunk_size_bytes, codec=codec, level=level)  # type: ignore[arg-type]
         digest = hw.digest
         with FileSource(blob_path(self.path, digest)) as src:
             layer = ReadOnlyLayer(src, decoded_cache_chunks=0)

@@ -227,6 +227,7 @@ class WritableLayer:
         *,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
         codec: Codec | str = Codec.LZ4,
+        level: int | None = None,
     ) -> CommitInfo:
         """Write this layer's live sectors as a read-only layer blob to ``out``.
 
@@ -246,7 +247,11 @@ class WritableLayer:
                     cursor += e.length_sectors
             new_index = ExtentMap(packed).compacted()
             writer = ZFileWriter(
-                out, chunk_size_bytes=chunk_size_bytes, codec=codec, metadata=new_index.serialize()
+                out,
+                chunk_size_bytes=chunk_size_bytes,
+                codec=codec,
+                level=level,
+                metadata=new_index.serialize(),
             )
             step = 1 << 20
             for e in live:

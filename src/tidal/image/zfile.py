@@ -94,6 +94,18 @@ def zfile_tail_start(footer: bytes, blob_size: int) -> int | None:
     return start if start >= HEADER_SIZE else None
 
 
+def zfile_tail_size(
+    raw_size_bytes: int, chunk_size_bytes: int, metadata_size_bytes: int, *, version: int = VERSION
+) -> int:
+    """Bytes of metadata + chunk table (footer excluded) of a ZFile with these sizes, so a
+    reader that knows them (a layer's manifest record) fetches tail and footer in one request."""
+    if chunk_size_bytes <= 0:
+        raise ValueError(f"chunk size {chunk_size_bytes} is not positive")
+    entry = _ENTRY if version >= VERSION else _ENTRY_V1
+    count = (raw_size_bytes + chunk_size_bytes - 1) // chunk_size_bytes
+    return metadata_size_bytes + count * entry.size
+
+
 def index_digest(tail: bytes, footer: bytes) -> str:
     """The digest a manifest pins for a ZFile: sha256 of metadata + table + footer."""
     return "sha256:" + hashlib.sha256(tail + footer).hexdigest()
