@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import bench_lazy_start as bls
+import _lazy as bls  # what bench_lazy_start is built from (benchmarks/_lazy.py)
 from tidal.blobs.cached_source import coalesce, coalesce_by_need
 from tidal.blobs.chunk_cache import ChunkCache
 from tidal.blobs.distribution import LazyImage
