@@ -350,7 +350,7 @@ def ensure_artifacts(rootfs: Path, rebuild: bool, console: Console) -> Artifacts
         build_oci_layout(rootfs, partial / "oci")
         gzip_s = time.monotonic() - t0
         res = build_from_dir(
-            rootfs, partial / "tidal", codec="lz4", config={"Env": [f"PATH={PATH_ENV}"]}
+            rootfs, partial / "tidal", config={"Env": [f"PATH={PATH_ENV}"]}
         )
         meta = {
             "rootfs": str(rootfs),
