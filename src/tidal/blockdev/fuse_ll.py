@@ -54,9 +54,11 @@ log = logging.getLogger(__name__)
 DEV_FUSE = "/dev/fuse"
 FSTYPE = "fuse.tidal"
 SOURCE = "tidal"
-DEFAULT_THREADS = 4
-"""Serving threads per disk: reads release the GIL in the kernel and in lz4/zstd, so a few
-threads keep a 2-core node's loop device busy; each holds a request-sized buffer."""
+DEFAULT_THREADS = 2
+"""Serving threads per disk (each holds a request-sized buffer): reads release the GIL in the
+kernel and in lz4/zstd/sha256. On the 2-core machine 2 threads beat 4 on sequential reads
+(loop device 169 vs 117 MB/s, ``bench_blockdev.py --servers --fuse-ll-variants``) with the
+same 4 KiB IOPS and less CPU; 1 thread halves the IOPS, 8 gained nothing."""
 MAX_PAGES_LIMIT = Path("/proc/sys/fs/fuse/max_pages_limit")
 """How many pages one FUSE request may carry (Linux >= 6.13; 256 before, and by default)."""
 KERNEL_DEFAULT_MAX_PAGES = 256
@@ -76,8 +78,9 @@ ATTR_TIMEOUT_S = 3600
 INIT_TIMEOUT_S = 10.0
 """The kernel queues INIT inside mount(2); it is there at once or never."""
 MAX_BACKGROUND = 64
-"""Async requests (readahead, async direct I/O from the loop driver) in flight at once;
-the kernel's default of 12 starves a multi-threaded server."""
+"""Async requests (readahead, async direct I/O from the loop driver) queued at once; the
+kernel's default of 12 measured within the noise of this (``--fuse-ll-variants``), so this
+only keeps the queue from being the limit on a node with more cores."""
 UNMOUNT_BUSY_S = 10.0
 """How long an unmount retries while the disk is busy: a detached loop device lets go of the
 disk when udev's probe of it ends, which took over 2 s on the loaded 2-core machine."""
