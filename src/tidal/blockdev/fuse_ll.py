@@ -82,8 +82,10 @@ MAX_BACKGROUND = 64
 kernel's default of 12 measured within the noise of this (``--fuse-ll-variants``), so this
 only keeps the queue from being the limit on a node with more cores."""
 UNMOUNT_BUSY_S = 10.0
-"""How long an unmount retries while the disk is busy: a detached loop device lets go of the
-disk when udev's probe of it ends, which took over 2 s on the loaded 2-core machine."""
+"""How long an unmount retries while the disk is busy: ``losetup -d`` only marks a loop
+device for autoclear, and it lets go of the disk when its last opener does (a probe, or a
+copy of the ext4 mount in a mount namespace made meanwhile); that took over 2 s here, and
+in two bench runs on the loaded machine over 30 s (the bench then unmounts lazily)."""
 MIN_KERNEL_MINOR = 31
 """7.31 (Linux 5.4): max_pages and the 64-byte init_out this server writes."""
 OUR_MINOR = 45
@@ -459,8 +461,7 @@ class FuseDisk:
             self.device.flush()
 
     def _unmount(self, busy_timeout_s: float) -> None:
-        """Unmount, retried for a while on EBUSY: a detached loop device lets go of its
-        backing file only when its last opener (udev's probe, say) closes it."""
+        """Unmount, retried for a while on EBUSY (see ``UNMOUNT_BUSY_S``)."""
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
