@@ -120,7 +120,9 @@ def main() -> int:
         threading.Thread(target=stats, daemon=True).start()
     print("ready", flush=True)
     stop.wait()
-    disk.close(unmount=True)
+    # other runs on this machine unshare mount namespaces, and their copy of the ext4 mount
+    # keeps our detached loop device (and so the disk) busy until they end
+    disk.close(unmount=True, busy_timeout_s=60)
     close = getattr(base, "close", None)
     if close is not None:
         close()

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -90,10 +90,11 @@ class Server:
         assert self.proc.returncode == 0 and "closed" in out, out
 
 
-def _wait_for(cond: object, timeout_s: float, what: str) -> None:
+def _wait_for(cond: object, timeout_s: float, what: str | Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.01)
 
 
@@ -120,6 +121,7 @@ def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
     mnt.mkdir()
     target.mkdir()
     servers: list[Server] = []
+    reader: subprocess.Popen[str] | None = None
 
     def slow(i: int, *extra: str) -> Server:
         stall = str(tmp_path / f"stall-{i}")
@@ -140,7 +142,14 @@ def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
                 goal = doomed.stats()["bytes_read"] + (2 << 20)
                 _wait_for(lambda s=doomed, g=goal: s.stats()["bytes_read"] > g, 60, "reads")
                 (tmp_path / f"stall-{i}").touch()  # the device stops answering: in flight
-                _wait_for(lambda s=doomed: s.stats()["stalled"] >= 1, 60, "a read in flight")
+                _wait_for(
+                    lambda s=doomed: s.stats()["stalled"] >= 1,
+                    60,
+                    lambda r=reader, k=i: (
+                        f"a read in flight at kill {k} (servers: "
+                        f"{[x.stats() for x in servers]}, reader exit {r.poll()})"
+                    ),
+                )
                 doomed.kill()
                 time.sleep(0.3)
                 assert reader.poll() is None, "the reader must wait for the next server, not fail"
@@ -158,6 +167,9 @@ def test_sigkill_mid_read_then_resume_the_reader_gets_the_right_bytes(
             ext4.umount(target)
         servers[-1].stop()
     finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.communicate(timeout=30)
         for s in servers:
             if s.proc.poll() is None:
                 s.kill()

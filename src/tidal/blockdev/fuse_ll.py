@@ -383,6 +383,12 @@ class FuseDisk:
         fds = [fd, *extra]
         disk: FuseDisk | None = None
         try:
+            stored_at = entry.meta.get("mountpoint") if entry is not None else None
+            if stored_at is not None and Path(stored_at) != mountpoint:
+                raise FuseServerError(
+                    f"{name}: the fd store holds the connection of {stored_at}, not of "
+                    f"{mountpoint}; resume it there"
+                )
             if negotiated is None:
                 raise FuseServerError(
                     f"{name}: no record of what the connection at {mountpoint} negotiated "
