@@ -128,10 +128,27 @@ def serve_fuse_ll(image: Path, mnt: Path, options: dict[str, int]) -> int:
     try:
         disk.close()
     except MountError as exc:  # leave nothing mounted behind a benchmark
-        print(f"{exc}; unmounting lazily", file=sys.stderr)
+        print(f"{exc} (held by: {holders(mnt) or 'no open file found'}); unmounting lazily",
+              file=sys.stderr)  # fmt: skip
         fuse_ll.umount(mnt, lazy=True)
         disk.close(unmount=False)
     return 0
+
+
+def holders(mnt: Path) -> list[str]:
+    """Processes with a file open below ``mnt`` and loop devices backed there (what makes an
+    unmount busy)."""
+    found = [f"{d.device} -> {d.backing_file}" for d in loop.list_devices()
+             if d.backing_file.startswith(str(mnt))]  # fmt: skip
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            for fd in (proc_dir / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith(str(mnt)):
+                        found.append(
+                            f"pid {proc_dir.name} ({(proc_dir / 'comm').read_text().strip()})"
+                        )
+    return found
 
 
 def cpu_s(pid: int) -> float:

@@ -1,9 +1,9 @@
 """A FuseDisk server in a process of its own, for the takeover tests (run as a script).
 
 ``python fuse_ll_child.py IMAGE MNT SOCKET NAME [--writable W] [--resume] [--delay-s S]
-[--stall-file F] [--stats FILE]``: serves the image (or a writable layer on it) at
+[--stall-after-bytes N] [--stats FILE]``: serves the image (or a writable layer on it) at
 ``MNT/disk``, its fds in the fd store at ``SOCKET``, and prints ``ready``. ``--delay-s``
-makes every read sleep first (a slow lazy fetch); once ``--stall-file`` exists, reads hang, so requests are surely in flight when the test kills it. ``--stats`` gets the
+makes every read sleep first (a slow lazy fetch); after ``--stall-after-bytes``, reads hang, so requests are surely in flight when the test kills it. ``--stats`` gets the
 bytes read, requests resent and reads stalled every 20 ms. SIGTERM: unmount, close, print ``closed``.
 """
 
@@ -31,24 +31,27 @@ HERE = Path(__file__)
 
 
 class SlowDevice:
-    """``device`` whose reads take ``delay_s`` longer; once ``stall_file`` exists, reads
-    never return (counted in ``stalled``): a server about to be killed with requests surely
-    in flight."""
+    """``device`` whose reads take ``delay_s`` longer; once it served ``stall_after_bytes``,
+    reads never return (counted in ``stalled``): a server about to be killed with requests
+    surely in flight, decided here rather than by a test that may be scheduled late."""
 
-    def __init__(self, device: BlockDevice, delay_s: float, stall_file: Path | None) -> None:
+    def __init__(self, device: BlockDevice, delay_s: float, stall_after_bytes: int | None) -> None:
         self.device = device
         self.delay_s = delay_s
-        self.stall_file = stall_file
+        self.stall_after_bytes = stall_after_bytes
         self.size_bytes = device.size_bytes
         self.readonly = device.readonly
+        self.bytes_read = 0
         self.stalled = 0
         self._lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
         time.sleep(self.delay_s)
-        if self.stall_file is not None and self.stall_file.exists():
-            with self._lock:
-                self.stalled += 1
+        with self._lock:
+            stall = self.stall_after_bytes is not None and self.bytes_read >= self.stall_after_bytes
+            self.stalled += stall
+            self.bytes_read += 0 if stall else length
+        if stall:
             threading.Event().wait()  # until the test kills this process
         return self.device.read(offset, length)
 
@@ -85,13 +88,13 @@ def main() -> int:
     ap.add_argument("--writable", type=Path)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--delay-s", type=float, default=0.0)
-    ap.add_argument("--stall-file", type=Path)
+    ap.add_argument("--stall-after-bytes", type=int)
     ap.add_argument("--stats", type=Path)
     args = ap.parse_args()
     image = Image.open(args.image)
     base = image.writable(args.writable) if args.writable else image.merged_view()
-    slow = SlowDevice(base, args.delay_s, args.stall_file)
-    device: BlockDevice = slow if args.delay_s or args.stall_file else base
+    slow = SlowDevice(base, args.delay_s, args.stall_after_bytes)
+    device: BlockDevice = slow if args.delay_s or args.stall_after_bytes is not None else base
     store = FdStore(args.socket)
     if args.resume:
         fd = store.get(args.name)
@@ -120,7 +123,9 @@ def main() -> int:
         threading.Thread(target=stats, daemon=True).start()
     print("ready", flush=True)
     stop.wait()
-    disk.close(unmount=True)
+    # other runs on this machine unshare mount namespaces, and their copy of the ext4 mount
+    # keeps our detached loop device (and so the disk) busy until they end
+    disk.close(unmount=True, busy_timeout_s=60)
     close = getattr(base, "close", None)
     if close is not None:
         close()

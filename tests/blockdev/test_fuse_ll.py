@@ -239,6 +239,10 @@ def test_handoff_in_one_process_close_without_unmount_then_resume(tmp_path: Path
         assert ext4.is_mountpoint(mnt), "the connection outlives the server that stopped"
         fd = store.get("handoff")
         assert fd is not None
+        with pytest.raises(FuseServerError, match=r"holds the connection of .*mnt, not of"):
+            FuseDisk.resume(dev, fd, tmp_path, name="handoff", fdstore=store)
+        fd = store.get("handoff")
+        assert fd is not None
         new = FuseDisk.resume(dev, fd, mnt, name="handoff", fdstore=store, threads=2)
         try:
             assert new.negotiated == old.negotiated

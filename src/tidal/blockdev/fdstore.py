@@ -40,6 +40,9 @@ MAX_FDS_PER_ENTRY = 64
 MAX_MESSAGE_BYTES = 64 * 1024
 START_TIMEOUT_S = 10.0
 """The holder is a bare interpreter with the standard library: it answers in ~50 ms."""
+OOM_SCORE_ADJ = -1000
+"""The holder is a few MB; if the OOM killer took it, every FUSE connection it holds would
+end with it."""
 REQUEST_TIMEOUT_S = 10.0
 """One request is one message each way; a client silent that long is stuck."""
 
@@ -219,6 +222,10 @@ def serve(socket_path: Path) -> int:
     except BlockingIOError:
         print(f"fd store: another holder serves {socket_path}", file=sys.stderr)
         return 0
+    try:  # the OOM killer must pick anyone else (root only; some sandboxes refuse even root)
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n")
+    except OSError as exc:
+        print(f"fd store: the OOM killer may pick this holder ({exc})", file=sys.stderr)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()  # stale: its holder is gone (we hold the lock)
     holder = _Holder()

@@ -57,9 +57,11 @@ DISK_NAME = "disk"
 DEV_FUSE = "/dev/fuse"
 FSTYPE = "fuse.tidal"
 SOURCE = "tidal"
-DEFAULT_THREADS = 4
-"""Serving threads per disk: reads release the GIL in the kernel and in lz4/zstd, so a few
-threads keep a 2-core node's loop device busy; each holds a request-sized buffer."""
+DEFAULT_THREADS = 2
+"""Serving threads per disk (each holds a request-sized buffer): reads release the GIL in the
+kernel and in lz4/zstd/sha256. On the 2-core machine 2 threads beat 4 on sequential reads
+(loop device 169 vs 117 MB/s, ``bench_blockdev.py --servers --fuse-ll-variants``) with the
+same 4 KiB IOPS and less CPU; 1 thread halves the IOPS, 8 gained nothing."""
 MAX_PAGES_LIMIT = Path("/proc/sys/fs/fuse/max_pages_limit")
 """How many pages one FUSE request may carry (Linux >= 6.13; 256 before, and by default)."""
 KERNEL_DEFAULT_MAX_PAGES = 256
@@ -79,11 +81,14 @@ ATTR_TIMEOUT_S = 3600
 INIT_TIMEOUT_S = 10.0
 """The kernel queues INIT inside mount(2); it is there at once or never."""
 MAX_BACKGROUND = 64
-"""Async requests (readahead, async direct I/O from the loop driver) in flight at once;
-the kernel's default of 12 starves a multi-threaded server."""
+"""Async requests (readahead, async direct I/O from the loop driver) queued at once; the
+kernel's default of 12 measured within the noise of this (``--fuse-ll-variants``), so this
+only keeps the queue from being the limit on a node with more cores."""
 UNMOUNT_BUSY_S = 10.0
-"""How long an unmount retries while the disk is busy: a detached loop device lets go of the
-disk when udev's probe of it ends, which took over 2 s on the loaded 2-core machine."""
+"""How long an unmount retries while the disk is busy: ``losetup -d`` only marks a loop
+device for autoclear, and it lets go of the disk when its last opener does (a probe, or a
+copy of the ext4 mount in a mount namespace made meanwhile); that took over 2 s here, and
+in two bench runs on the loaded machine over 30 s (the bench then unmounts lazily)."""
 MIN_KERNEL_MINOR = 31
 """7.31 (Linux 5.4): max_pages and the 64-byte init_out this server writes."""
 OUR_MINOR = 45
@@ -457,6 +462,12 @@ class FuseDisk:
         fds = [fd, *extra]
         disk: FuseDisk | None = None
         try:
+            stored_at = entry.meta.get("mountpoint") if entry is not None else None
+            if stored_at is not None and Path(stored_at) != mountpoint:
+                raise FuseServerError(
+                    f"{name}: the fd store holds the connection of {stored_at}, not of "
+                    f"{mountpoint}; resume it there"
+                )
             if negotiated is None:
                 raise FuseServerError(
                     f"{name}: no record of what the connection at {mountpoint} negotiated "
@@ -543,8 +554,7 @@ class FuseDisk:
         return not any(t.is_alive() for t in self._threads)
 
     def _unmount(self, busy_timeout_s: float) -> None:
-        """Unmount, retried for a while on EBUSY: a detached loop device lets go of its
-        backing file only when its last opener (udev's probe, say) closes it."""
+        """Unmount, retried for a while on EBUSY (see ``UNMOUNT_BUSY_S``)."""
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
