@@ -12,9 +12,11 @@ use ``POSIX_FADV_RANDOM`` (no readahead) on both sides. Run as root.
 
     .venv/bin/python benchmarks/bench_blockdev.py [--random-reads 4000]
 
-``--servers``: the two FUSE servers side by side on the same device in the same run: the
-mfusepy/libfuse server (``serve.py``, one process per mount) and Tidal's own
-(``fuse_ll.FuseDisk``, here in a process of its own too). The device is the merged view of a
+``--servers``: two FUSE servers side by side on the same device in the same run: the per-mount
+server process (``serve.py``, the row still named ``mfusepy``: it served through mfusepy/libfuse
+until commit 14c2970, when the figures in the README and ``results/blockdev_servers.json``
+were measured; it now serves a FuseDisk too, so today both rows measure FuseDisk) and
+``fuse_ll.FuseDisk`` in a process of the bench's own. The device is the merged view of a
 Tidal image of the 1.3 GB Debian/python root filesystem (``rootfs-bookworm-lazy``, lz4),
 its blob files warm in the page cache, so what differs is the FUSE server alone. Reads
 bypass every cache above the server: O_DIRECT on ``<mnt>/disk`` and on the loop device

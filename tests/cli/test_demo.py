@@ -76,7 +76,7 @@ def test_cli_start_imports_no_heavy_part() -> None:
     are imported by the commands that use them, not by the CLI's entry point."""
     code = (
         "import sys, tidal.cli.main\n"
-        "heavy = ['numpy', 'mfusepy', 'kubernetes', 'tidal.blobs.distribution',\n"
+        "heavy = ['numpy', 'tidal.blockdev.fuse_ll', 'grpc', 'kubernetes', 'tidal.blobs.distribution',\n"
         "         'tidal.blockdev.mounts', 'tidal.sched.simulator', 'matplotlib']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )

@@ -133,7 +133,7 @@ def stats_doc(fs: Counted, served: Served) -> dict[str, object]:
 
 class MountMetrics:
     """A Prometheus collector over one mount's counters, read when scraped: reads, bytes read,
-    read latency (the FUSE adapter's :class:`~tidal.blockdev.fuse_device.ReadLatency`) and,
+    read latency (the FUSE adapter's :class:`~tidal.blockdev.fuse_ll.ReadLatency`) and,
     for a lazy image, bytes fetched, cache hits and P2P bytes by source.
 
     Exported where it costs the mount nothing: into ``<run>/metrics.prom`` (node_exporter's
