@@ -349,9 +349,7 @@ def ensure_artifacts(rootfs: Path, rebuild: bool, console: Console) -> Artifacts
         t0 = time.monotonic()
         build_oci_layout(rootfs, partial / "oci")
         gzip_s = time.monotonic() - t0
-        res = build_from_dir(
-            rootfs, partial / "tidal", config={"Env": [f"PATH={PATH_ENV}"]}
-        )
+        res = build_from_dir(rootfs, partial / "tidal", config={"Env": [f"PATH={PATH_ENV}"]})
         meta = {
             "rootfs": str(rootfs),
             "rootfs_bytes": du_bytes(rootfs),
