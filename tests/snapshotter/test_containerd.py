@@ -201,6 +201,14 @@ class Node:
             time.sleep(0.2)
 
 
+def _wait_for_containerd_to_redial(node: Node) -> None:
+    """containerd redials a restarted proxy plugin with backoff capped at 3 s (services/server)."""
+    deadline = time.monotonic() + 15
+    while (ls := node.ctr("snapshot", "--snapshotter", "tidal", "ls", check=False)).returncode:
+        assert time.monotonic() < deadline, f"containerd did not reconnect: {ls.stderr}"
+        time.sleep(0.3)
+
+
 def _remove_container(node: Node, cid: str) -> None:
     node.ctr("task", "kill", "--signal", "SIGKILL", cid, check=False)
     deadline = time.monotonic() + 15
@@ -469,6 +477,7 @@ def test_in_the_node_service_a_sigkill_under_a_running_container_is_a_pause(
     _stop(node.snap_proc, "tidal snapshotter")
     node.in_node_service = True
     node.start_snapshotter()
+    _wait_for_containerd_to_redial(node)
     node.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "tidal", images["tidal"])
     cid = f"snap-{secrets.token_hex(3)}"
     node.ctr(
@@ -483,10 +492,7 @@ def test_in_the_node_service_a_sigkill_under_a_running_container_is_a_pause(
         node.snap_proc.wait(10)
         assert all(mounts.suspended(m) for m in served)
         node.start_snapshotter()
-        deadline = time.monotonic() + 10
-        while (ls := node.ctr("snapshot", "--snapshotter", "tidal", "ls", check=False)).returncode:
-            assert time.monotonic() < deadline, f"containerd did not reconnect: {ls.stderr}"
-            time.sleep(0.3)
+        _wait_for_containerd_to_redial(node)
         out = node.ctr("task", "exec", "--exec-id", "e2", cid, "/bin/cat", "/etc/greeting")
         assert out.stdout.strip() == GREETING
         assert {m.server_pid for m in mounts.list_mounts() if m.fd_name} == {node.snap_proc.pid}
