@@ -474,6 +474,30 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def run_to_ready(
+    env: Env,
+    app: App,
+    root: Path,
+    port: int,
+    log: Path,
+    row: Row,
+    rx0: int,
+    started: tuple[float, float],
+) -> None:
+    """Run ``app`` in ``root`` until its first useful output and fill ``row``'s times (from
+    ``started``: the pull's start and end) and the bytes on the link until ready."""
+    t0, t1 = started
+    t2 = time.monotonic()
+    proc = start_app(root, app, port, log)
+    try:
+        t_ready = wait_ready(proc, app, port, env.timeout_s, log)
+        row.wire_bytes_ready = env.rx_bytes() - rx0
+    finally:
+        stop_app(proc)
+    row.time_s, row.fetch_s, row.prepare_s = t_ready - t0, t1 - t0, t2 - t1
+    row.run_s = t_ready - t2
+
+
 def case_baseline(env: Env, app: App, tag: str) -> Row:
     work = env.work / f"baseline-{tag}"
     work.mkdir()
@@ -504,16 +528,7 @@ def case_baseline(env: Env, app: App, tag: str) -> Row:
                 "unpacking the layer",
                 timeout=env.timeout_s,
             )  # fmt: skip
-        t2 = time.monotonic()
-        log = work / "app.log"
-        proc = start_app(root, app, port, log)
-        try:
-            t_ready = wait_ready(proc, app, port, env.timeout_s, log)
-            row.wire_bytes_ready = env.rx_bytes() - rx0
-        finally:
-            stop_app(proc)
-        row.time_s, row.fetch_s, row.prepare_s = t_ready - t0, t1 - t0, t2 - t1
-        row.run_s = t_ready - t2
+        run_to_ready(env, app, root, port, work / "app.log", row, rx0, (t0, t1))
         row.payload_bytes = sum(p.stat().st_size for p in (oci / "blobs" / "sha256").iterdir())
         row.wire_bytes_total = env.rx_bytes() - rx0
         return row
@@ -567,16 +582,7 @@ def case_tidal(
             t1 = time.monotonic()
             mounts.mount_image(work / "pulled", target)
         mounted = True
-        t2 = time.monotonic()
-        log = work / "app.log"
-        proc = start_app(target, app, port, log)
-        try:
-            t_ready = wait_ready(proc, app, port, env.timeout_s, log)
-            row.wire_bytes_ready = env.rx_bytes() - rx0
-        finally:
-            stop_app(proc)
-        row.time_s, row.fetch_s, row.prepare_s = t_ready - t0, t1 - t0, t2 - t1
-        row.run_s = t_ready - t2
+        run_to_ready(env, app, target, port, work / "app.log", row, rx0, (t0, t1))
         stats = fresh_stats(target)
         lazy = stats.get("lazy") or {}
         row.payload_bytes = int(lazy.get("total", {}).get("bytes_fetched", 0))
