@@ -24,9 +24,6 @@ from typing import BinaryIO
 
 from tidal.engine import attach
 
-POLL_S = 0.2
-"""How often the relay looks at a window-size change (a SIGWINCH only sets a flag)."""
-
 
 def window_size(fd: int) -> tuple[int, int] | None:
     """(rows, columns) of the terminal ``fd``, or None when it is not a terminal."""
@@ -53,23 +50,34 @@ def raw_mode(fd: int) -> Iterator[None]:
 
 
 def relay_terminal(sock: socket.socket, in_fd: int, out_fd: int, *, forward_input: bool) -> None:
-    """Relay until the container exits (its ``x`` frame, or the socket closing)."""
-    resized = threading.Event()
-    resized.set()
+    """Relay until the container exits (its ``x`` frame, or the socket closing).
+
+    A SIGWINCH only writes a byte to a wakeup pipe (``signal.set_wakeup_fd``) that the select
+    watches: the handler itself does nothing, so it takes no lock. (A handler setting a
+    ``threading.Event`` deadlocked when a second SIGWINCH arrived while the first handler held
+    the event's lock: handlers nest, and the kernel sends one per resize besides any kill.)"""
     size_fd = in_fd if os.isatty(in_fd) else out_fd
-    previous = signal.signal(signal.SIGWINCH, lambda *_: resized.set())
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous_handler = signal.signal(signal.SIGWINCH, lambda *_: None)
+    previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     reader = attach.FrameReader()
     reading_input = forward_input
     try:
         with raw_mode(in_fd) if forward_input else contextlib.nullcontext():
+            resized = True  # the size at start
             while True:
-                if resized.is_set():
-                    resized.clear()
+                if resized:
+                    resized = False
                     size = window_size(size_fd)
                     if size is not None:
                         sock.sendall(attach.resize_frame(*size))
-                watch = [sock.fileno(), in_fd] if reading_input else [sock.fileno()]
-                ready, _, _ = select.select(watch, [], [], POLL_S)
+                watch = [sock.fileno(), wake_r] + ([in_fd] if reading_input else [])
+                ready, _, _ = select.select(watch, [], [])
+                if wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(wake_r, 512):
+                            pass
+                    resized = True
                 if in_fd in ready:
                     data = os.read(in_fd, 65536)
                     sock.sendall(
@@ -86,7 +94,10 @@ def relay_terminal(sock: socket.socket, in_fd: int, out_fd: int, *, forward_inpu
                         elif kind == attach.EXITED:
                             return
     finally:
-        signal.signal(signal.SIGWINCH, previous)
+        signal.set_wakeup_fd(previous_wakeup)
+        signal.signal(signal.SIGWINCH, previous_handler)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def forward_stdin(sock: socket.socket, stdin: BinaryIO) -> threading.Thread:
