@@ -196,6 +196,8 @@ def cleanup_engine(eng: Engine) -> None:
             leftovers_errors.append(str(exc))
     with contextlib.suppress(TidalError):
         eng.lxcfs.stop()
+        # hot image mounts no container uses are the engine's cache, which its close releases
+        eng.storage.trim_hot_images(keep=0)
     remove_bridge(eng.settings.bridge)
     state = eng.state_dir
     mounts, loops = _mounts_under(state), _loops_under(state)

@@ -41,13 +41,17 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def pushed(
-    busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[str, RegistryServer]]:
-    """A busybox image built by this builder (so without /lost+found), in a registry; the
-    node's data root (store, chunk cache, mounts) under ``tmp_path``."""
+@pytest.fixture(autouse=True)
+def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's data root (store, chunk cache, mount records) under ``tmp_path``; autouse,
+    so it is set before the engine or daemon fixture starts and stays until they are torn
+    down (their close releases hot image mounts, which are recorded there)."""
     monkeypatch.setenv("TIDAL_DATA_ROOT", str(tmp_path / "data"))
+
+
+@pytest.fixture
+def pushed(busybox_rootfs: Path, tmp_path: Path) -> Iterator[tuple[str, RegistryServer]]:
+    """A busybox image built by this builder (so without /lost+found), in a registry."""
     image = build_from_dir(busybox_rootfs, tmp_path / "busybox").image_dir
     with RegistryServer(access_log=True) as server, RegistryClient(server.address) as client:
         ref = f"{server.address}/engine/busybox:v1"
@@ -133,9 +137,13 @@ def test_images_shows_users_and_rmi_refuses_while_a_container_uses_the_image(
         assert ImageStore().get(ref).path.is_dir()
     finally:
         engine.remove(rec.id, force=True)
+    lower = Path(rec.rootfs.layer.lower_mountpoint) if rec.rootfs.layer else None
+    assert lower is not None and lower.is_mount()  # hot: the engine's image cache
     removed = tidal("rmi", ref)
     assert removed.returncode == 0, removed.stderr
     assert ImageStore().list() == []
+    assert not lower.is_mount()  # rmi released the hot mount of the image it removed
+    assert engine.storage.trim_hot_images(keep=0) == [str(lower)]  # a stale entry: harmless
 
 
 def test_an_image_built_before_exact_roots_does_not_show_its_lost_and_found(

@@ -193,6 +193,8 @@ def test_tidal_image_rootfs(engine: Engine, busybox_image: Path) -> None:
     lower = Path(rec.rootfs.layer.lower_mountpoint)
     assert lower.is_mount()
     engine.remove(rec.id)
+    assert lower.is_mount() == (engine.settings.hot_images > 0)  # kept hot, or released
+    engine.storage.trim_hot_images(keep=0)
     assert not lower.is_mount()
 
 
@@ -221,9 +223,11 @@ def test_debian_tidal_image_with_lxcfs(engine: Engine, debian_image: Path) -> No
 
 
 @pytest.mark.fuse
-def test_image_mount_is_shared_and_released_with_last_user(
+def test_image_mount_is_shared_kept_hot_after_its_last_user_and_released(
     engine: Engine, busybox_image: Path
 ) -> None:
+    """One mount per image for all its containers; after the last one it stays hot (the next
+    container mounts nothing) until the engine releases it."""
     from tidal.blockdev.mounts import list_mounts
 
     a = engine.run(ContainerSpec(image=str(busybox_image), command=("sleep", "300")))
@@ -235,6 +239,13 @@ def test_image_mount_is_shared_and_released_with_last_user(
     assert lower.is_mount()  # b still uses it
     assert engine.exec(b.id, ["cat", "/etc/group"]).stdout == b"root:x:0:\n"
     engine.remove(b.id, force=True)
+    assert lower.is_mount() and engine.storage.hot_image_mounts() == [str(lower)]
+    c = engine.run(ContainerSpec(image=str(busybox_image), command=("cat", "/etc/group")))
+    assert engine.wait(c.id, 20).exit_code == 0
+    assert engine.logs(c.id).data == b"root:x:0:\n"  # read through the same, still hot mount
+    assert [m.target for m in list_mounts()].count(str(lower)) == 1
+    engine.remove(c.id, force=True)
+    assert engine.storage.trim_hot_images(keep=0) == [str(lower)]
     assert not lower.is_mount()
     assert str(lower) not in [m.target for m in list_mounts()]
 

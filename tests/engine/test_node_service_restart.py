@@ -67,5 +67,8 @@ def test_a_container_reads_through_a_node_service_restart(
         assert out and out[0] == hashlib.sha256(big).hexdigest()
     finally:
         engine.remove(rec.id, force=True)
+    # the image stays hot (the engine's image cache) until released: then its mount goes
+    assert [m.server_pid for m in mounts.list_mounts() if m.image_dir == str(image)] == [node.pid]
+    engine.storage.trim_hot_images(keep=0)
     assert not [m for m in mounts.list_mounts() if m.image_dir == str(image)]
     assert not leaked(tmp_path)

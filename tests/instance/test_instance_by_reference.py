@@ -99,4 +99,8 @@ def test_instance_run_by_reference_serves_on_the_published_port_at_the_shaped_ra
         )  # fmt: skip
         assert rm.returncode == 0, rm.stderr
     assert started_s < 60
+    # the image stays mounted, hot, for the next instance; released, nothing is left
+    storage = instance_daemon[0].engine.storage
+    assert len(storage.hot_image_mounts()) == 1
+    storage.trim_hot_images(keep=0)
     assert_nothing_left(engine_settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import typer
 
@@ -31,6 +32,17 @@ def _users() -> dict[str, list[str]]:
         return dict(found)
     finally:
         store.close()
+
+
+def _release_hot_mounts(image_dir: Path) -> None:
+    """Unmount the engine's hot mounts of an image no container uses (its image cache) before
+    the image goes; the engine mounts it afresh if the image comes back."""
+    from tidal.blockdev.mounts import list_mounts
+    from tidal.node import client as node
+
+    for info in list_mounts():
+        if Path(info.image_dir).resolve() == image_dir.resolve():
+            node.unmount(info.target, force=True)
 
 
 def _size(n_bytes: int) -> str:
@@ -126,7 +138,10 @@ def register(app: typer.Typer) -> None:
         users = _users()
         for ref in reference:
             image = store.get(ref)
-            res = store.remove(ref, users=users.get(str(image.path), []), force=force)
+            used_by = users.get(str(image.path), [])
+            if not used_by:
+                _release_hot_mounts(image.path)
+            res = store.remove(ref, users=used_by, force=force)
             what = (
                 f"removed, {res.cache_entries_removed} cached chunks "
                 f"({_size(res.cache_bytes_removed)}) collected"

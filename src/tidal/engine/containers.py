@@ -176,6 +176,8 @@ class Engine:
             self.images_dir,
             self.volume_pool,
             self.settings.bytes_per_inode,
+            hot_images=self.settings.hot_images,
+            hot_image_idle_s=self.settings.hot_image_idle_s,
         )
         self._refill_wanted = threading.Event()
         self._closing = threading.Event()
@@ -184,7 +186,9 @@ class Engine:
         self.monitors = MonitorPool()
 
     def close(self) -> None:
-        """Stop the pools and close the database (containers keep running)."""
+        """Stop the pools, release the hot image mounts no container uses, close the database
+        (containers keep running, and so do the image mounts they use)."""
+        self.storage.trim_hot_images(keep=0)
         self.monitors.close()
         self._closing.set()
         self._refill_wanted.set()

@@ -296,7 +296,12 @@ class Daemon:
         return server
 
     def _watch_lxcfs(self) -> None:
+        """lxcfs's watchdog; on the same beat, hot image mounts idle for too long go."""
         while not self._stop.wait(LXCFS_CHECK_INTERVAL_S):
+            try:
+                self.engine.storage.trim_hot_images()
+            except TidalError as exc:
+                log.error("releasing idle image mounts: %s", exc)
             if self.engine.lxcfs.mounted() or self.engine.lxcfs.pid():
                 try:
                     self.engine.lxcfs.ensure()

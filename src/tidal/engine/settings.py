@@ -29,6 +29,8 @@ DEFAULT_BRIDGE = "tidal0"
 DEFAULT_CGROUP_PARENT = "tidal"
 """Containers' cgroups live under ``/<parent>/<id>`` in every v1 hierarchy."""
 DEFAULT_VOLUME_POOL_SIZE = 2
+DEFAULT_HOT_IMAGES = 8
+DEFAULT_HOT_IMAGE_IDLE_S = 1800.0
 """Quota volumes of the default shape kept formatted ahead of time (0: format at each start)."""
 DEFAULT_UPGRADE_PROBE_S = 1.0
 """After an upgrade the container must stay up (or exit 0) this long, else it is rolled back."""
@@ -64,6 +66,12 @@ class EngineSettings:
     """``auto`` (use lxcfs when the binary exists), ``on`` or ``off``."""
     upgrade_probe_s: NonNegativeFloat = DEFAULT_UPGRADE_PROBE_S
     volume_pool_size: NonNegativeInt = DEFAULT_VOLUME_POOL_SIZE
+    hot_images: NonNegativeInt = DEFAULT_HOT_IMAGES
+    """Image mounts kept after their last container went (the node's image cache: the next
+    container of a hot image starts without a mount); the least recently used beyond this
+    many are released. 0: released with the last user."""
+    hot_image_idle_s: NonNegativeFloat = DEFAULT_HOT_IMAGE_IDLE_S
+    """A hot image mount unused for longer than this is released."""
     pin_cpus: bool = True
     """Pin a ``--cpus`` container to ``ceil(cpus)`` CPUs, so ``nproc`` and thread pools see the
     limit (only where the cpuset controller exists); off: the CFS quota alone, as docker."""

@@ -6,7 +6,11 @@ the moment it is done (so a failure in a later step, or a SIGKILL, leaves a
 :class:`~tidal.engine.rootfs.RootfsState` that :meth:`Storage.destroy` can undo), and has the
 engine's one :class:`~tidal.engine.mounter.Mounter` execute the plans. Image mounts are shared:
 one per image for all its containers, counted from the state database so that the count
-survives restarts, and released with the last user.
+survives restarts. When the last user goes, the mount stays *hot* (the node's image cache: the
+next container of that image starts without mounting anything) until more than
+``hot_images`` are idle (least recently used first), it is idle for ``hot_image_idle_s``, or
+the engine closes. Whether a hot mount is still unused is decided from the database at the
+moment it is released, so a container created meanwhile keeps it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,14 +59,23 @@ class Storage:
         images_dir: Path,
         pool: VolumePool,
         bytes_per_inode: int,
+        *,
+        hot_images: int = 0,
+        hot_image_idle_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.mounter = mounter
         self.images_dir = images_dir
         self.pool = pool
         self.bytes_per_inode = bytes_per_inode
+        self.hot_images = hot_images
+        self.hot_image_idle_s = hot_image_idle_s
+        self._clock = clock
         self._image_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._idle: dict[str, tuple[tuple[Mount, ...], float]] = {}
+        """Hot image mounts no container uses: lower mount point -> (its mounts, idle since)."""
 
     def _image_lock(self, mountpoint: str) -> threading.Lock:
         """Serialises mounting and releasing one shared image mount."""
@@ -132,6 +146,8 @@ class Storage:
         make_layer_dirs(layer)
         hide_mkfs_lost_found(layer)
         with self._image_lock(layer.lower_mountpoint):
+            with self._guard:
+                self._idle.pop(layer.lower_mountpoint, None)  # in use again
             self.mounter.apply(layer_plan(layer))
         return layer
 
@@ -156,23 +172,72 @@ class Storage:
         if drop:
             drop_layer_dirs(layer)
 
+    def _users(self, mountpoint: str, except_id: str | None = None) -> bool:
+        return any(
+            other.id != except_id
+            and other.rootfs.layer is not None
+            and other.rootfs.layer.lower_mountpoint == mountpoint
+            for other in self.store.list()
+        )
+
     def release_lower_if_unused(self, layer: LayerState, except_id: str | None) -> None:
-        """Unmount a shared image mount when no container in the database still uses it."""
-        if not lower_mounts(layer):
+        """The last container of an image went: keep its mount hot, or release it."""
+        mounts = lower_mounts(layer)
+        if not mounts:
             return
         with self._image_lock(layer.lower_mountpoint):
-            for other in self.store.list():
-                if (
-                    other.id != except_id
-                    and other.rootfs.layer is not None
-                    and other.rootfs.layer.lower_mountpoint == layer.lower_mountpoint
-                ):
-                    return
-            self.mounter.release(lower_mounts(layer))
-            try:
-                Path(layer.lower_mountpoint).rmdir()
-            except OSError as exc:
-                log.warning("image mount point %s stays: %s", layer.lower_mountpoint, exc)
+            if self._users(layer.lower_mountpoint, except_id):
+                return
+            if self.hot_images > 0:
+                with self._guard:
+                    self._idle[layer.lower_mountpoint] = (mounts, self._clock())
+            else:
+                self._release(layer.lower_mountpoint, mounts)
+        self.trim_hot_images()
+
+    def _release(self, mountpoint: str, mounts: tuple[Mount, ...]) -> None:
+        """Unmount an unused image mount (the caller holds its image lock)."""
+        self.mounter.release(mounts)
+        try:
+            Path(mountpoint).rmdir()
+        except OSError as exc:
+            log.warning("image mount point %s stays: %s", mountpoint, exc)
+
+    def hot_image_mounts(self) -> list[str]:
+        """The hot image mounts that no container uses, least recently used first."""
+        with self._guard:
+            return sorted(self._idle, key=lambda mp: self._idle[mp][1])
+
+    def trim_hot_images(self, *, keep: int | None = None) -> list[str]:
+        """Release hot mounts beyond ``keep`` (default ``hot_images``), least recently used
+        first, and those idle for longer than ``hot_image_idle_s``; returns the released."""
+        keep = self.hot_images if keep is None else keep
+        now = self._clock()
+        order = self.hot_image_mounts()
+        released = []
+        for i, mp in enumerate(order):
+            with self._guard:
+                entry = self._idle.get(mp)
+            if entry is None:
+                continue
+            mounts, since = entry
+            expired = self.hot_image_idle_s > 0 and now - since > self.hot_image_idle_s
+            if i >= len(order) - keep and not expired:
+                continue
+            with self._image_lock(mp):
+                with self._guard:
+                    if self._idle.get(mp) is not entry:  # a container took it meanwhile
+                        continue
+                    del self._idle[mp]
+                if self._users(mp):
+                    continue
+                try:
+                    self._release(mp, mounts)
+                except TidalError as exc:
+                    log.warning("hot image mount %s could not be released: %s", mp, exc)
+                    continue
+            released.append(mp)
+        return released
 
     def destroy(self, cid: str, cdir: Path, state: RootfsState) -> list[str]:
         """Undo everything ``state`` records, then anything still mounted under ``cdir``.
@@ -206,23 +271,35 @@ class Storage:
         return errors
 
     def release_unused_images(self) -> list[str]:
-        """Unmount image mounts no container records (a daemon killed mid-create); on start."""
+        """On start: image mounts no container records (hot ones of the engine before, or one
+        a daemon killed mid-create made) are kept hot up to ``hot_images``, most recently
+        mounted first; the rest are unmounted. Returns the unmounted."""
         used = {
             r.rootfs.layer.lower_mountpoint for r in self.store.list() if r.rootfs.layer is not None
         }
-        released = []
         try:
-            candidates = sorted(p for p in self.images_dir.iterdir() if p.is_dir())
+            candidates = sorted(
+                (p for p in self.images_dir.iterdir() if p.is_dir()),
+                key=lambda p: p.stat().st_mtime,  # the mount point's: when it was made
+                reverse=True,
+            )
         except FileNotFoundError:
             return []
+        kept = 0
+        released = []
         for mp in candidates:
-            if str(mp) in used or not self.mounter.mounted(str(mp)):
+            if str(mp) in used or str(mp) in self._idle or not self.mounter.mounted(str(mp)):
                 continue
-
+            mounts = (Mount(TIDAL_IMAGE, "", str(mp), shared=True),)
+            if kept < self.hot_images:
+                with self._guard:
+                    self._idle[str(mp)] = (mounts, self._clock())
+                kept += 1
+                log.info("image mount %s kept hot (no container uses it)", mp)
+                continue
             with self._image_lock(str(mp)):
                 try:
-                    self.mounter.unmount(Mount(TIDAL_IMAGE, "", str(mp), shared=True))
-                    mp.rmdir()
+                    self._release(str(mp), mounts)
                 except (TidalError, OSError) as exc:
                     log.warning("unused image mount %s could not be released: %s", mp, exc)
                     continue
