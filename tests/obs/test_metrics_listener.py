@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from email.message import Message
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tidal.engine.client import EngineClient
 from tidal.engine.settings import EngineSettings
 from tidal.errors import ConfigError
 from tidal.node.settings import NodeSettings
 from tidal.service.server import MetricsListener, Route, Service, parse_listen
+from tidal.testing.daemon import daemon_env
 
 
 @pytest.mark.parametrize(
@@ -62,3 +69,59 @@ def test_listener_serves_metrics_and_health_but_not_the_api() -> None:
     assert calls == ["api", "cadvisor"]
     # the service's own registry, counting what its socket answered
     assert 'route="/v1/containers"' in text
+
+
+@pytest.mark.root
+@pytest.mark.cgroups
+def test_tidal_daemon_serves_its_metrics_on_the_port_it_is_given(
+    engine_settings: EngineSettings, tmp_path: Path
+) -> None:
+    port = 15898
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tidal.cli.main", "daemon", "--metrics-listen", str(port)],
+            env=daemon_env(engine_settings),
+            stdout=fh,
+            stderr=fh,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                resp = httpx.get(f"{url}/metrics", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        assert "tidal_engine_containers" in resp.text
+        cadvisor = httpx.get(f"{url}/metrics/cadvisor", timeout=5)
+        assert cadvisor.status_code == 200
+        assert "# TYPE container_cpu_usage_seconds_total counter" in cadvisor.text
+        assert httpx.get(f"{url}/v1/containers", timeout=5).status_code == 404
+        with EngineClient(engine_settings.resolved_socket_path()) as client:
+            assert client.ping()["ok"]
+        assert f"metrics on {port}" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert proc.returncode == 0, log.read_text()
+
+
+def test_a_bad_metrics_address_stops_the_daemon_with_one_line(
+    engine_settings: EngineSettings,
+) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "tidal.cli.main", "daemon", "--metrics-listen", "web:"],
+        env=daemon_env(engine_settings),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [
+        "error: [engine] metrics_listen 'web:': give HOST:PORT or PORT with a port from 1 to "
+        "65535 (without a host it listens on 127.0.0.1)"
+    ]
