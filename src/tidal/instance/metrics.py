@@ -27,7 +27,6 @@ scraped: no thread polls, and a scrape costs a few file reads per container.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -114,20 +113,23 @@ class CadvisorCollector:
         return self._fs
 
     def targets(self) -> Iterator[Target]:
+        """The live pods (their cgroup, then each running container's) and the engine's other
+        running containers, from one listing of the engine's records."""
         engine = self.manager.engine
+        by_name = {c.name: c for c in engine.list_all()}
         seen: set[str] = set()
         for rec in self.manager.list_all():
             if rec.phase != "running":
                 continue
             who = PodIdentity.of(rec)
             members: list[tuple[str, ContainerRecord]] = []
-            for item in self.manager.describe(rec)["containers"]:
-                seen.add(item["id"])
-                if item["status"] != "running":
+            for member in rec.member_names():
+                crec = by_name.get(rec.container_name(member))
+                if crec is None:
                     continue
-                with contextlib.suppress(TidalError):
-                    member = SANDBOX_CONTAINER if item["member"] == SANDBOX else item["member"]
-                    members.append((member, engine.get(item["id"])))
+                seen.add(crec.id)
+                if crec.status == "running":
+                    members.append((SANDBOX_CONTAINER if member == SANDBOX else member, crec))
             if not members:
                 continue
             net_pid = next((c.pid for m, c in members if m == SANDBOX_CONTAINER), 0)
@@ -145,14 +147,13 @@ class CadvisorCollector:
                     crec.started_at,
                     net_pid if member == SANDBOX_CONTAINER else 0,
                 )
-        for crec in engine.list_all():
+        for crec in by_name.values():
             if crec.id in seen or crec.status != "running" or LABEL_ID in dict(crec.spec.labels):
                 continue
             cgroup = engine.cgroups_path_of(crec)
             net = crec.pid if crec.spec.network == "bridge" else 0
-            yield Target(
-                (crec.name, cgroup, crec.spec.image, crec.id, "", ""), cgroup, crec.started_at, net
-            )
+            labels = (crec.name, cgroup, crec.spec.image, crec.id, "", "")
+            yield Target(labels, cgroup, crec.started_at, net)
 
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
