@@ -3,6 +3,7 @@ busy container and not for an idle one, the pod's limits, its netns counters."""
 
 from __future__ import annotations
 
+import os
 import time
 from email.message import Message
 from pathlib import Path
@@ -64,7 +65,10 @@ def test_pod_and_container_series_under_cadvisor_names(
         )
     )
     ids = {c["member"]: c["id"] for c in rec["containers"]}
+    dd = "dd if=/dev/zero of=/dd.out bs=64k count=32 oflag=direct 2>&1; sync"
     first = scrape(d)
+    res = client.instance_exec("busy", ["sh", "-c", dd])
+    assert res.exit_code == 0, res.stdout
     time.sleep(1.5)
     second = scrape(d)
     cpu = "container_cpu_usage_seconds_total"
@@ -89,6 +93,14 @@ def test_pod_and_container_series_under_cadvisor_names(
     level = dict(next(iter(pick(second, cpu, container="", **pod))))
     assert level["id"] == "/" + rec["cgroup"] and level["image"] == level["name"] == ""
     assert one(second, cpu, container="POD", **pod) >= 0
+    # the quota throttles the busy loop; the direct writes are counted on their device
+    assert one(second, "container_cpu_cfs_throttled_periods_total", container="", **pod) > 0
+    assert one(second, "container_cpu_cfs_throttled_seconds_total", container="", **pod) > 0
+    written = pick(second, "container_fs_writes_bytes_total", container="main", **pod)
+    before = pick(first, "container_fs_writes_bytes_total", container="main", **pod)
+    grew = {dict(k)["device"]: v - before.get(k, 0) for k, v in written.items()}
+    assert any(v >= 2 * MiB for v in grew.values()), grew
+    assert one(second, "machine_cpu_cores") == os.cpu_count()
     # the pod's limits, and the memory figures
     assert one(second, "container_spec_cpu_quota", container="", **pod) == 50_000
     assert one(second, "container_spec_cpu_period", container="", **pod) == 100_000

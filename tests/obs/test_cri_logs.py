@@ -45,7 +45,7 @@ def test_instance_containers_log_in_the_kubelet_layout(
     engine_settings: EngineSettings,
     instance_settings: InstanceSettings,
 ) -> None:
-    _, client = instance_daemon
+    d, client = instance_daemon
     img = str(busybox_rootfs)
     rec = client.run_instance(
         InstanceSpec(
@@ -89,6 +89,13 @@ def test_instance_containers_log_in_the_kubelet_layout(
     data, _, _ = client.instance_logs("logger")
     assert data.startswith(b"out-1\n") and b"err-1\n" in data and b"err-2\n" in data
     assert data.endswith(b"no-newline") and b"x" * LONG + b"\n" in data
+    # a start after the exit is the kubelet's next restart: a new file, the link follows
+    d.engine.start(ids["main"])
+    _wait_exited(client, "logger")
+    assert sorted(os.listdir(pod_dir / "main")) == ["0.log", "1.log"]
+    link = links / f"web-7d9f_shop_main-{ids['main']}.log"
+    assert os.readlink(link) == str(pod_dir / "main" / "1.log")
+    assert (pod_dir / "main" / "1.log").read_bytes().count(b" stderr F err-") == 2
     client.remove_instance("logger", force=True)
     assert not pod_dir.exists() and not os.listdir(links), "removed with the instance"
     assert_nothing_left(engine_settings)

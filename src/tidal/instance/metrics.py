@@ -8,7 +8,9 @@ alerts and the HPA's queries work on Tidal's instances unchanged:
   cAdvisor names containerd's), ``namespace``, ``pod``; the pod-level series (the pod's own
   cgroup) have ``container=""``, ``image=""``, ``name=""``, the sandbox is ``container="POD"``;
   pod identity from :mod:`tidal.instance.identity`;
-- ``container_cpu_usage_seconds_total``, ``container_memory_usage_bytes``,
+- ``machine_cpu_cores``, ``machine_memory_bytes`` (what dashboards divide by);
+- ``container_cpu_usage_seconds_total``, ``container_cpu_cfs_{periods,throttled_periods,
+  throttled_seconds}_total`` (where a quota applies), ``container_memory_usage_bytes``,
   ``container_memory_working_set_bytes`` (usage less inactive file pages, the kubelet's
   eviction figure), ``container_spec_cpu_quota``/``_period``/``_shares``,
   ``container_spec_memory_limit_bytes`` (0: unlimited), ``container_start_time_seconds``;
@@ -27,7 +29,9 @@ scraped: no thread polls, and a scrape costs a few file reads per container.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -105,6 +109,7 @@ class CadvisorCollector:
         self.manager = manager
         self._fs = fs
         self.proc_root = Path("/proc")
+        self._machine: tuple[tuple[str, ...], int, int] | None = None
 
     @property
     def fs(self) -> CgroupFs:
@@ -155,6 +160,38 @@ class CadvisorCollector:
             labels = (crec.name, cgroup, crec.spec.image, crec.id, "", "")
             yield Target(labels, cgroup, crec.started_at, net)
 
+    def machine(self) -> Iterator[Metric]:
+        """``machine_cpu_cores`` and ``machine_memory_bytes``, which dashboards divide by,
+        labelled as cAdvisor labels them (``boot_id``, ``machine_id``, ``system_uuid``)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        if self._machine is None:
+            ids = []
+            for path in (
+                "/proc/sys/kernel/random/boot_id",
+                "/etc/machine-id",
+                "/sys/class/dmi/id/product_uuid",
+            ):
+                try:
+                    ids.append(Path(path).read_text().strip())
+                except OSError:
+                    ids.append("")
+            mem = 0
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for line in (self.proc_root / "meminfo").read_text().splitlines():
+                    if line.startswith("MemTotal:"):
+                        mem = int(line.split()[1]) * 1024
+            self._machine = (tuple(ids), os.cpu_count() or 0, mem)
+        ids_t, cores, mem = self._machine
+        names = ["boot_id", "machine_id", "system_uuid"]
+        for name, doc, value in (
+            ("machine_cpu_cores", "Number of logical CPU cores.", cores),
+            ("machine_memory_bytes", "Amount of memory installed on the machine.", mem),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=names)
+            family.add_metric(list(ids_t), value)
+            yield family
+
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -166,6 +203,16 @@ class CadvisorCollector:
 
         cpu = counter(
             "container_cpu_usage_seconds_total", "Cumulative cpu time consumed in seconds."
+        )
+        periods = counter(
+            "container_cpu_cfs_periods_total", "Number of elapsed enforcement period intervals."
+        )
+        throttled = counter(
+            "container_cpu_cfs_throttled_periods_total", "Number of throttled period intervals."
+        )
+        throttled_s = counter(
+            "container_cpu_cfs_throttled_seconds_total",
+            "Total time duration the container has been throttled.",
         )
         mem = gauge(
             "container_memory_usage_bytes",
@@ -206,19 +253,22 @@ class CadvisorCollector:
         for t in self.targets():
             labels = list(t.labels)
             try:
-                usage = fs.cpu_stats(t.cgroup).usage_ns
+                cpu_stats = fs.cpu_stats(t.cgroup)
                 limits = fs.read_cpu(t.cgroup)
                 memory = fs.memory_stats(t.cgroup)
                 io = fs.io_stats(t.cgroup)
             except (TidalError, OSError, ValueError) as exc:  # exited between list and read
                 log.debug("cadvisor: skipping %s: %s", t.cgroup, exc)
                 continue
-            cpu.add_metric(labels, usage / 1e9)
+            cpu.add_metric(labels, cpu_stats.usage_ns / 1e9)
             mem.add_metric(labels, memory.usage_bytes)
             wss.add_metric(labels, memory.working_set_bytes)
             mem_limit.add_metric(labels, memory.limit_bytes or 0)
-            if limits.quota_us is not None:
+            if limits.quota_us is not None:  # CFS figures: only where a quota applies
                 quota.add_metric(labels, limits.quota_us)
+                periods.add_metric(labels, cpu_stats.nr_periods)
+                throttled.add_metric(labels, cpu_stats.nr_throttled)
+                throttled_s.add_metric(labels, cpu_stats.throttled_ns / 1e9)
             period.add_metric(labels, limits.period_us)
             shares.add_metric(labels, limits.shares)
             if t.started_at:
@@ -239,8 +289,12 @@ class CadvisorCollector:
                 for iface, values in sorted(ifaces.items()):
                     for field, col in NET_FIELDS:
                         net[field].add_metric([*labels, iface], values[col])
+        yield from self.machine()
         yield from (
             cpu,
+            periods,
+            throttled,
+            throttled_s,
             mem,
             wss,
             mem_limit,
