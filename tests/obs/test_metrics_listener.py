@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -125,3 +126,20 @@ def test_a_bad_metrics_address_stops_the_daemon_with_one_line(
         "error: [engine] metrics_listen 'web:': give HOST:PORT or PORT with a port from 1 to "
         "65535 (without a host it listens on 127.0.0.1)"
     ]
+
+
+def test_a_bad_metrics_address_stops_the_node_service_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "TIDAL_DATA_ROOT": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-m", "tidal.cli.main", "node", "serve", "--metrics-listen", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [
+        "error: [node] metrics_listen '0': give HOST:PORT or PORT with a port from 1 to 65535 "
+        "(without a host it listens on 127.0.0.1)"
+    ]
+    assert not list(tmp_path.iterdir()), "refused before anything was made"

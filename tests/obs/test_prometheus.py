@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -19,20 +21,18 @@ import pytest
 
 from tidal.blobs.p2p import RootServer
 from tidal.blobs.peer import PeerServer
+from tidal.blockdev.fdstore import FdStore
 from tidal.engine.daemon import Daemon
 from tidal.engine.settings import EngineSettings
-from tidal.errors import MountError
 from tidal.ids import Digest
 from tidal.instance.catalog import InstanceSettings
 from tidal.instance.client import InstanceClient
 from tidal.instance.service import instance_part
 from tidal.instance.spec import InstanceSpec, Limits
-from tidal.node.images import ImageStore
-from tidal.node.service import NodeService, node_routes
+from tidal.node.service import NodeDaemon
 from tidal.qos.api import ApiServer
 from tidal.qos.metrics import QosMetrics
 from tidal.sched.extender import ExtenderServer, ViewStore
-from tidal.service.server import MetricsListener, Service
 
 from .conftest import assert_nothing_left
 from .fakes import FakeAgent, Layer
@@ -84,7 +84,10 @@ def _wait(what: str, check: Any, timeout_s: float = 20.0) -> Any:
 
 @pytest.fixture
 def services(
-    tmp_path: Path, engine_settings: EngineSettings, instance_settings: InstanceSettings
+    tmp_path: Path,
+    engine_settings: EngineSettings,
+    instance_settings: InstanceSettings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[dict[str, tuple[str, str]]]:
     """Every Tidal service, each as it serves metrics in production: the two that live on a
     unix socket through their ``--metrics-listen`` port. Name -> (host:port, metrics path)."""
@@ -93,12 +96,15 @@ def services(
     daemon = Daemon(settings, parts=[lambda e: instance_part(e, instance_settings)])
     daemon.start()
     assert daemon.metrics_server is not None
-    node = Service(
-        "the node service",
-        node_routes(NodeService(images=ImageStore(tmp_path / "img"))),
-        error=MountError,
+    monkeypatch.setenv("TIDAL_DATA_ROOT", str(tmp_path / "data"))  # the node's images
+    node = NodeDaemon(
+        tmp_path / "node.sock",
+        fdstore=tmp_path / "fds.sock",
+        metrics_listen=f"127.0.0.1:{free_port(taken)}",
     )
-    node_metrics = MetricsListener(str(free_port(taken)), node).start()
+    fd_holder = FdStore(tmp_path / "fds.sock").holder_pid()
+    node.start()
+    assert node.metrics_server is not None
     qos = ApiServer(FakeAgent(), "127.0.0.1", free_port(taken), QosMetrics().registry)
     qos.start()
     extender = ExtenderServer(ViewStore(), "127.0.0.1", free_port(taken)).start()
@@ -113,7 +119,7 @@ def services(
     targets = {
         "engine": (engine_at, "/metrics"),
         "engine-cadvisor": (engine_at, "/metrics/cadvisor"),
-        "node": (at(node_metrics.url), "/metrics"),
+        "node": (at(node.metrics_server.url), "/metrics"),
         "qos": ("{}:{}".format(*qos.address), "/metrics"),
         "extender": (at(extender.url), "/metrics"),
         "p2p-root": (at(root.url), "/metrics"),
@@ -122,10 +128,12 @@ def services(
     try:
         yield targets
     finally:
-        for s in (node_metrics, extender, root, peer):
+        for s in (extender, root, peer):
             s.stop()
         qos.stop()
+        node.close()
         daemon.close()
+        os.kill(fd_holder, signal.SIGTERM)  # the fd store holder this test's node started
 
 
 def test_prometheus_scrapes_every_service_and_an_instance(
