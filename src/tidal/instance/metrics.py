@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,20 +308,105 @@ class CadvisorCollector:
         )
 
 
+class ResourceCollector:
+    """The kubelet's ``/metrics/resource`` (what metrics-server scrapes for ``kubectl top``
+    and the HPA): ``node_``, ``pod_`` and ``container_cpu_usage_seconds_total`` and
+    ``..._memory_working_set_bytes``, ``container_start_time_seconds`` and ``scrape_error``,
+    labelled ``namespace``, ``pod`` (and ``container``), the sandbox left out as the kubelet
+    does, from the same cgroup reads as :class:`CadvisorCollector`. Every sample carries the
+    time it was read, as the kubelet's do (metrics-server takes its windows from them)."""
+
+    def __init__(self, cadvisor: CadvisorCollector) -> None:
+        self.cadvisor = cadvisor
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        fs = self.cadvisor.fs
+        error = 0
+        now = time.time()
+        node_cpu = CounterMetricFamily(
+            "node_cpu_usage_seconds_total",
+            "Cumulative cpu time consumed by the node in core-seconds",
+        )
+        node_mem = GaugeMetricFamily(
+            "node_memory_working_set_bytes", "Current working set of the node in bytes"
+        )
+        try:
+            node_cpu.add_metric([], fs.cpu_stats("/").usage_ns / 1e9, timestamp=now)
+            node_mem.add_metric([], fs.memory_stats("/").working_set_bytes, timestamp=now)
+        except (TidalError, OSError, ValueError):
+            error = 1
+        pod_labels, ctr_labels = ["namespace", "pod"], ["container", "namespace", "pod"]
+        pod_cpu = CounterMetricFamily(
+            "pod_cpu_usage_seconds_total",
+            "Cumulative cpu time consumed by the pod in core-seconds",
+            labels=pod_labels,
+        )
+        pod_mem = GaugeMetricFamily(
+            "pod_memory_working_set_bytes",
+            "Current working set of the pod in bytes",
+            labels=pod_labels,
+        )
+        ctr_cpu = CounterMetricFamily(
+            "container_cpu_usage_seconds_total",
+            "Cumulative cpu time consumed by the container in core-seconds",
+            labels=ctr_labels,
+        )
+        ctr_mem = GaugeMetricFamily(
+            "container_memory_working_set_bytes",
+            "Current working set of the container in bytes",
+            labels=ctr_labels,
+        )
+        ctr_start = GaugeMetricFamily(
+            "container_start_time_seconds",
+            "Start time of the container since unix epoch in seconds",
+            labels=ctr_labels,
+        )
+        for t in self.cadvisor.targets():
+            container, _, _, _, namespace, pod = t.labels
+            if not pod or container == SANDBOX_CONTAINER:
+                continue
+            now = time.time()
+            try:
+                usage_s = fs.cpu_stats(t.cgroup).usage_ns / 1e9
+                working_set = fs.memory_stats(t.cgroup).working_set_bytes
+            except (TidalError, OSError, ValueError):  # exited between list and read
+                continue
+            if not container:
+                pod_cpu.add_metric([namespace, pod], usage_s, timestamp=now)
+                pod_mem.add_metric([namespace, pod], working_set, timestamp=now)
+                continue
+            ctr_cpu.add_metric([container, namespace, pod], usage_s, timestamp=now)
+            ctr_mem.add_metric([container, namespace, pod], working_set, timestamp=now)
+            if t.started_at:
+                ctr_start.add_metric([container, namespace, pod], t.started_at, timestamp=now)
+        scrape = GaugeMetricFamily(
+            "scrape_error", "1 if there was an error while getting container metrics, 0 otherwise"
+        )
+        scrape.add_metric([], error, timestamp=now)
+        yield from (node_cpu, node_mem, pod_cpu, pod_mem, ctr_cpu, ctr_mem, ctr_start, scrape)
+
+
 def metrics_routes(manager: InstanceManager) -> list[Route]:
-    """``GET /metrics/cadvisor`` from its own registry (the service's ``/metrics`` keeps
-    Tidal's own figures, as the kubelet keeps ``/metrics`` apart from ``/metrics/cadvisor``)."""
-    registry: Any = None
+    """``GET /metrics/cadvisor`` and ``GET /metrics/resource``, each from its own registry
+    (the service's ``/metrics`` keeps Tidal's own figures, as the kubelet keeps its three
+    endpoints apart)."""
+    cadvisor = CadvisorCollector(manager)
+    registries: dict[str, Any] = {}
     lock = threading.Lock()
 
-    def cadvisor(_: object) -> Response:
-        nonlocal registry
+    def serve(which: str) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
         with lock:
-            if registry is None:
-                registry = CollectorRegistry(auto_describe=False)
-                registry.register(CadvisorCollector(manager))
-        return Response(generate_latest(registry), 200, CONTENT_TYPE_LATEST)
+            if which not in registries:
+                registries[which] = CollectorRegistry(auto_describe=False)
+                collector = cadvisor if which == "cadvisor" else ResourceCollector(cadvisor)
+                registries[which].register(collector)
+        return Response(generate_latest(registries[which]), 200, CONTENT_TYPE_LATEST)
 
-    return [Route("GET", "/metrics/cadvisor", cadvisor, "metrics_cadvisor")]
+    return [
+        Route("GET", "/metrics/cadvisor", lambda _: serve("cadvisor"), "metrics_cadvisor"),
+        Route("GET", "/metrics/resource", lambda _: serve("resource"), "metrics_resource"),
+    ]

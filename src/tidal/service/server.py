@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidal.service")
 
 JSON = "application/json"
-OPEN_ROUTES = frozenset({"healthz", "metrics", "metrics_cadvisor"})
+OPEN_ROUTES = frozenset({"healthz", "metrics", "metrics_cadvisor", "metrics_resource"})
 """Answered without credentials even when a service has ``auth`` (probes and scrapers)."""
 HealthCheck = Callable[[], str | None]
 """Returns ``None`` when fine, else one line naming the problem."""
