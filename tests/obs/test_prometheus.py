@@ -119,6 +119,7 @@ def services(
     targets = {
         "engine": (engine_at, "/metrics"),
         "engine-cadvisor": (engine_at, "/metrics/cadvisor"),
+        "engine-resource": (engine_at, "/metrics/resource"),
         "node": (at(node.metrics_server.url), "/metrics"),
         "qos": ("{}:{}".format(*qos.address), "/metrics"),
         "extender": (at(extender.url), "/metrics"),
@@ -224,6 +225,10 @@ def test_prometheus_scrapes_every_service_and_an_instance(
             ("", "eth0"),
             ("POD", "eth0"),
         }
+        pod_cpu = (
+            'pod_cpu_usage_seconds_total{job="engine-resource",pod="prom-pod",namespace="obs"}'
+        )
+        assert _wait("the pod's resource series", lambda: _query(api, pod_cpu))
         # cpu seconds increase from one scrape to the next
         v0 = float(first[0]["value"][1])
         grown = _wait(
