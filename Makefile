@@ -22,7 +22,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 docker-registry lxcfs skopeo \
 	busybox-static debootstrap iproute2 attr mount util-linux kmod psmisc procps curl quota \
 	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman \
-	containerd stargz-snapshotter golang-github-containerd-containerd-dev
+	containerd stargz-snapshotter golang-github-containerd-containerd-dev prometheus
 PIP_EXTRAS := dev,sched,bench,snapshotter
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp

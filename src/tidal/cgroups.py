@@ -88,6 +88,16 @@ class MemoryStats:
 
 
 @dataclass(frozen=True)
+class IoStats:
+    """Bytes and operations a cgroup read and wrote on one block device (``MAJ:MIN``)."""
+
+    read_bytes: int = 0
+    write_bytes: int = 0
+    reads: int = 0
+    writes: int = 0
+
+
+@dataclass(frozen=True)
 class Pressure:
     """PSI ``some avg10`` (percent of time at least one task stalled) per resource."""
 
@@ -238,6 +248,10 @@ class CgroupFs(ABC):
     @abstractmethod
     def memory_stats(self, cgroup: str) -> MemoryStats: ...
 
+    def io_stats(self, cgroup: str) -> dict[str, IoStats]:
+        """Block I/O per device ``MAJ:MIN``; empty where the hierarchy does not count it."""
+        return {}
+
     @abstractmethod
     def write_memory_limit(self, cgroup: str, limit_bytes: int | None) -> None: ...
 
@@ -381,6 +395,28 @@ class CgroupV1Fs(CgroupFs):
     def memory_events_file(self, cgroup: str) -> Path:
         return self._dir("memory", cgroup) / "memory.oom_control"
 
+    def io_stats(self, cgroup: str) -> dict[str, IoStats]:
+        """Per device, from blk-throttle's ``blkio.throttle.io_service_bytes`` and
+        ``..._serviced`` (counted whether or not a limit is set); empty without blkio."""
+        d = self.root / "blkio" / cgroup.strip("/")
+        if not (d / "blkio.throttle.io_service_bytes").exists():
+            return {}
+        rows: dict[str, dict[str, int]] = {}
+        for name, suffix in (("io_service_bytes", "bytes"), ("io_serviced", "ops")):
+            for line in self._read(d / f"blkio.throttle.{name}").splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[1] in ("Read", "Write") and parts[2].isdigit():
+                    rows.setdefault(parts[0], {})[f"{parts[1]}_{suffix}"] = int(parts[2])
+        return {
+            dev: IoStats(
+                r.get("Read_bytes", 0),
+                r.get("Write_bytes", 0),
+                r.get("Read_ops", 0),
+                r.get("Write_ops", 0),
+            )
+            for dev, r in rows.items()
+        }
+
 
 class CgroupV2Fs(CgroupFs):
     """The unified hierarchy: one directory per cgroup, ``cpu.max``, ``cpu.weight``, PSI files."""
@@ -471,6 +507,20 @@ class CgroupV2Fs(CgroupFs):
 
     def memory_events_file(self, cgroup: str) -> Path:
         return self._d(cgroup) / "memory.events"
+
+    def io_stats(self, cgroup: str) -> dict[str, IoStats]:
+        """Per device, from ``io.stat`` (``MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=..``)."""
+        f = self._d(cgroup) / "io.stat"
+        if not f.exists():
+            return {}
+        out: dict[str, IoStats] = {}
+        for line in self._read(f).splitlines():
+            dev, *kvs = line.split()
+            kv = {k: int(v) for k, _, v in (p.partition("=") for p in kvs) if v.isdigit()}
+            out[dev] = IoStats(
+                kv.get("rbytes", 0), kv.get("wbytes", 0), kv.get("rios", 0), kv.get("wios", 0)
+            )
+        return out
 
     def pressure(self, cgroup: str) -> Pressure | None:
         d = self._d(cgroup)

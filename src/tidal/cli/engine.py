@@ -412,18 +412,32 @@ def register(app: typer.Typer) -> None:
         )
 
     @app.command()
-    def daemon() -> None:
+    def daemon(
+        metrics_listen: str | None = typer.Option(
+            None,
+            "--metrics-listen",
+            help="Also serve /metrics and /metrics/cadvisor on TCP HOST:PORT (PORT alone: "
+            "127.0.0.1), for Prometheus; [engine] metrics_listen in the settings file.",
+        ),
+    ) -> None:
         """Serve the engine API on its unix socket (foreground; SIGTERM/SIGINT stop it)."""
+        import dataclasses
+
         from tidal.engine.daemon import Daemon
+        from tidal.engine.settings import load_settings
         from tidal.instance.service import instance_part
 
         logging.getLogger("tidal").setLevel(logging.INFO)
-        d = Daemon(parts=[instance_part])  # the instance API on the same socket
+        settings = load_settings()
+        if metrics_listen is not None:
+            settings = dataclasses.replace(settings, metrics_listen=metrics_listen)
+        d = Daemon(settings, parts=[instance_part])  # the instance API on the same socket
         signal.signal(signal.SIGTERM, lambda *_: d.request_stop())
         signal.signal(signal.SIGINT, lambda *_: d.request_stop())
+        metrics = f", metrics on {settings.metrics_listen}" if settings.metrics_listen else ""
         err.print(
-            f"tidal engine daemon: pid {__import__('os').getpid()}, socket {d.socket_path}, "
-            f"started {datetime.datetime.now().isoformat(timespec='seconds')}"
+            f"tidal engine daemon: pid {__import__('os').getpid()}, socket {d.socket_path}"
+            f"{metrics}, started {datetime.datetime.now().isoformat(timespec='seconds')}"
         )
         t0 = time.monotonic()
         d.serve_forever()

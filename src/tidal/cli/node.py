@@ -35,16 +35,26 @@ def serve(
         "--snapshotter-root",
         help="The snapshotter's metadata and snapshot directories.",
     ),
+    metrics_listen: str | None = typer.Option(
+        None,
+        "--metrics-listen",
+        help="Also serve /metrics on TCP HOST:PORT (PORT alone: 127.0.0.1), for Prometheus; "
+        "[node] metrics_listen in the settings file.",
+    ),
 ) -> None:
     """Run the node service in the foreground (SIGTERM stops it; its mounts stay, suspended,
     and the next start resumes them)."""
     from tidal.node.service import NodeDaemon
+    from tidal.node.settings import NodeSettings, load_node_settings
 
     logging.basicConfig(
         level=os.environ.get("TIDAL_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    daemon = NodeDaemon(socket)
+    settings = load_node_settings()
+    if metrics_listen is not None:
+        settings = NodeSettings(metrics_listen=metrics_listen)
+    daemon = NodeDaemon(socket, metrics_listen=settings.metrics_listen)
     if snapshotter_socket is not None:
         from tidal.extras import require_extra
 

@@ -36,6 +36,7 @@ from tidal.engine import upgrade as upgrade_mod
 from tidal.engine.assemble import HostView, host_cpus, write_container_bundle
 from tidal.engine.attach import ATTACH_SOCKET
 from tidal.engine.bundle import cpuset_for, hostname, resources_from
+from tidal.engine.crilog import remove_logs as remove_cri_logs
 from tidal.engine.hostprep import prepare_hybrid_cgroups
 from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
@@ -495,6 +496,7 @@ class Engine:
             ),
             interactive=rec.spec.interactive,
             tty=rec.spec.tty,
+            cri_log=rec.spec.cri_log,
         )
 
     def start(self, ref: str, *, launch: MonitorLaunch | None = None) -> ContainerRecord:
@@ -771,6 +773,8 @@ class Engine:
             except (TidalError, OSError) as exc:
                 errors.append(f"pod namespaces: {exc}")
         errors += self.storage.destroy(rec.id, self.cdir(rec.id), rec.rootfs)
+        if rec.spec.cri_log is not None:
+            remove_cri_logs(rec.spec.cri_log, rec.id)
         if rec.spec.network == "bridge":
             try:
                 self.network.destroy_netns(rec.id)

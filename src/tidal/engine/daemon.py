@@ -29,7 +29,14 @@ from tidal.engine.containers import Engine
 from tidal.engine.settings import EngineSettings, load_settings
 from tidal.engine.spec import ContainerSpec
 from tidal.errors import ConfigError, EngineError, TidalError
-from tidal.service.server import Request, Response, Route, Service, UnixServiceServer
+from tidal.service.server import (
+    MetricsListener,
+    Request,
+    Response,
+    Route,
+    Service,
+    UnixServiceServer,
+)
 from tidal.service.wire import status_for
 
 __all__ = [
@@ -273,6 +280,8 @@ class Daemon:
             self.service.routes[:0] = list(part.routes)
         self._stop = threading.Event()
         self._server: UnixServiceServer | None = None
+        self.metrics_server: MetricsListener | None = None
+        """``[engine] metrics_listen``: the metrics on TCP, once started."""
         self._threads: list[threading.Thread] = []
 
     def reconcile(self) -> dict[str, int]:
@@ -313,6 +322,10 @@ class Daemon:
         counts = self.reconcile()
         log.info("engine state: %s", counts or "no containers")
         self._server = self._bind()
+        if self.settings.metrics_listen:
+            self.metrics_server = MetricsListener(self.settings.metrics_listen, self.service)
+            self.metrics_server.start()
+            log.info("metrics on %s", self.metrics_server.url)
         t = threading.Thread(target=self._server.serve_forever, name="tidal-api", daemon=True)
         t.start()
         w = threading.Thread(target=self._watch_lxcfs, name="tidal-lxcfs-watch", daemon=True)
@@ -332,6 +345,9 @@ class Daemon:
     def close(self) -> None:
         """Stop serving. Containers keep running; lxcfs keeps serving them."""
         self._stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -27,21 +27,27 @@ import contextlib
 import ctypes
 import json
 import os
+import selectors
 import signal
 import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tidal.engine import attach
+from tidal.engine import attach, crilog
 from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
 from tidal.errors import CgroupError, TidalError
 from tidal.fsutil import write_json_atomic
 
 PR_SET_CHILD_SUBREAPER = 36
+RELAY_DRAIN_S = 2.0
+"""How long an exited container's output relays may take to reach EOF."""
+PARTIAL_FLUSH_S = 0.05
+"""Output without a newline reaches ``container.log`` once its stream is this quiet."""
+PARTIAL_FLUSH_BYTES = 65536
 START_FILE = "start.json"
 EXIT_FILE = "exit.json"
 
@@ -72,6 +78,10 @@ class MonitorConfig:
     """Keep the container's stdin open for attached clients (``tidal run -i``)."""
     tty: bool = False
     """The container has a terminal; the monitor relays it (``tidal run -t``)."""
+    cri_log: crilog.CriLogSpec | None = None
+    """Also write the output in the kubelet's layout (:mod:`tidal.engine.crilog`); the
+    container's stdout and stderr are then two pipes the monitor relays, told apart there
+    (without it both are the log file itself). Not with ``tty`` (a terminal has one stream)."""
 
     @property
     def attach_path(self) -> str:
@@ -111,6 +121,8 @@ class MonitorConfig:
         d = dict(data)
         d["runtime"] = RuntimeRef.from_json(d["runtime"])
         d["ports"] = tuple(PortForward(**p) for p in d.get("ports") or ())
+        if d.get("cri_log"):
+            d["cri_log"] = crilog.CriLogSpec(**d["cri_log"])
         return cls(**d)
 
 
@@ -289,14 +301,27 @@ def wait_for(pid: int) -> int:
 class _Stdio:
     """The container's stdio and who holds it: the log file always; with ``-i`` a stdin
     pipe, with ``-t`` the pty master the runtime sends; then the attach server, which takes
-    over the pipe's write end and the master. :meth:`close` releases whatever is held."""
+    over the pipe's write end and the master. With a CRI log, stdout and stderr are two pipes
+    relayed by two threads into the log file (as before: ``tidal logs`` reads it) and, told
+    apart, into the CRI file. :meth:`close` releases whatever is held."""
 
     def __init__(self, conf: MonitorConfig) -> None:
         self.conf = conf
         self.log_fd = -1
         self.stdin_r = self.stdin_w = self.master_fd = -1
+        self.out_w = self.err_w = self.cri_fd = -1
         self.console: tuple[str, socket.socket] | None = None
         self.server: attach.AttachServer | None = None
+        self.relays: list[threading.Thread] = []
+        self._relay_fds: list[int] = []
+
+    @property
+    def stdout(self) -> int:
+        return self.out_w if self.out_w >= 0 else self.log_fd
+
+    @property
+    def stderr(self) -> int:
+        return self.err_w if self.err_w >= 0 else self.log_fd
 
     def prepare(self) -> None:
         """Before ``create``: the log, and the stdin pipe or the console socket."""
@@ -305,17 +330,97 @@ class _Stdio:
             self.console = _console_listener()
         elif self.conf.interactive:
             self.stdin_r, self.stdin_w = os.pipe()
+        if self.conf.cri_log is not None and not self.conf.tty:
+            self.cri_fd = crilog.open_log(self.conf.cri_log, self.conf.start_seq - 1, self.conf.id)
+            out_r, self.out_w = os.pipe()
+            err_r, self.err_w = os.pipe()
+            self._relay_fds = [out_r, err_r]
+
+    def _relay(self, fds: list[int], log_fd: int, cri_fd: int) -> None:
+        """Both streams, in one thread, until the container's last holder closes them: CRI
+        lines to the CRI file, and the raw bytes to the log file in whole lines, so that the
+        two streams interleave there by lines, as they did when both were the log file itself
+        (a rest without a newline goes out once its stream has been quiet for
+        :data:`PARTIAL_FLUSH_S`, or has :data:`PARTIAL_FLUSH_BYTES`). The fds are copies of
+        its own, so :meth:`close` never leaves it writing to a number reused meanwhile."""
+        sel = selectors.DefaultSelector()
+        for fd, stream in zip(fds, crilog.STREAMS, strict=True):
+            sel.register(fd, selectors.EVENT_READ, _Stream(crilog.CriLogWriter(cri_fd, stream)))
+
+        def flush(st: _Stream) -> None:
+            if st.rest:
+                with contextlib.suppress(OSError):
+                    _write_all(log_fd, bytes(st.rest))
+                st.rest.clear()
+
+        try:
+            while sel.get_map():
+                streams = [key.data for key in sel.get_map().values()]
+                waiting = any(st.rest for st in streams)
+                for key, _ in sel.select(PARTIAL_FLUSH_S if waiting else None):
+                    st = key.data
+                    try:
+                        data = os.read(key.fd, 65536)
+                    except InterruptedError:
+                        continue
+                    if not data:
+                        sel.unregister(key.fd)
+                        os.close(key.fd)
+                        flush(st)
+                        with contextlib.suppress(OSError):
+                            st.writer.close()
+                        continue
+                    st.last = time.monotonic()
+                    st.rest += data
+                    cut = st.rest.rfind(b"\n") + 1
+                    if cut:
+                        with contextlib.suppress(OSError):
+                            _write_all(log_fd, bytes(st.rest[:cut]))
+                        del st.rest[:cut]
+                    with contextlib.suppress(OSError):
+                        st.writer.write(data)
+                now = time.monotonic()
+                for st in streams:
+                    if len(st.rest) >= PARTIAL_FLUSH_BYTES or now - st.last >= PARTIAL_FLUSH_S:
+                        flush(st)
+        finally:
+            for key in list(sel.get_map().values()):
+                os.close(key.fd)
+            sel.close()
+            os.close(log_fd)
+            os.close(cri_fd)
+
+    def start_relays(self) -> None:
+        """After ``create``: the container holds the pipes' write ends; ours go."""
+        self._close_fd("out_w")
+        self._close_fd("err_w")
+        own = (os.dup(self.log_fd), os.dup(self.cri_fd))
+        t = threading.Thread(target=self._relay, args=(self._relay_fds, *own), daemon=True)
+        t.start()
+        self.relays.append(t)
+        self._relay_fds = []
+
+    def drain(self, timeout_s: float = RELAY_DRAIN_S) -> None:
+        """After the container's exit: its last output reaches both logs (a process it left
+        holding a pipe open is not waited for longer than ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        for t in self.relays:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def created(self) -> None:
         """After ``create``: take the terminal; drop what only the runtime needed."""
         if self.console is not None:
             self.master_fd = attach.receive_fd(self.console[1])
         self._drop_setup()
+        if self._relay_fds:
+            self.start_relays()
 
     def serve(self) -> None:
-        """Serve the attach socket (``-i``/``-t``); else the log is the container's alone."""
+        """Serve the attach socket (``-i``/``-t``); else the log is the container's alone
+        (or its relays')."""
         if not (self.conf.tty or self.conf.interactive):
-            self._close_fd("log_fd")
+            if not self.relays:
+                self._close_fd("log_fd")
             return
         self.server = attach.AttachServer(
             self.conf.attach_path,
@@ -330,7 +435,12 @@ class _Stdio:
         if self.server is not None:
             self.server.finish(exit_status)
             self.server = None
-        for name in ("log_fd", "stdin_w", "master_fd"):
+        for name in ("out_w", "err_w"):  # a failed start: the relays see EOF
+            self._close_fd(name)
+        for fd in self._relay_fds:
+            os.close(fd)
+        self._relay_fds = []
+        for name in ("log_fd", "stdin_w", "master_fd", "cri_fd"):
             self._close_fd(name)
 
     def _drop_setup(self) -> None:
@@ -344,6 +454,21 @@ class _Stdio:
         if fd >= 0:
             setattr(self, name, -1)
             os.close(fd)
+
+
+@dataclass
+class _Stream:
+    """One relayed stream: its CRI writer, and what it wrote since its last newline."""
+
+    writer: crilog.CriLogWriter
+    rest: bytearray = field(default_factory=bytearray)
+    last: float = 0.0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _console_listener() -> tuple[str, socket.socket]:
@@ -403,8 +528,8 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
             Path(conf.bundle),
             pid_file=Path(conf.pid_file),
             log_path=Path(conf.runtime_log),
-            stdout=stdio.log_fd,
-            stderr=stdio.log_fd,
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
             stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
             console_socket=Path(stdio.console[0]) if stdio.console else None,
         )
@@ -453,6 +578,7 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
     record = ExitRecord(exit_code, sig, oom, finished_at, pid)
     if stdio.server is not None:  # the terminal's last output reaches the log before the record
         stdio.server.drain()
+    stdio.drain()
     write_json_atomic(conf.exit_path, record.to_json(), fsync=True)
     stdio.close(exit_code)
     # delete runs the poststop hooks and removes the cgroup.

@@ -56,6 +56,9 @@ class EngineSettings:
     """Default ``$TIDAL_DATA_ROOT/engine``."""
     socket_path: Path | None = None
     """Default ``<state_dir>/engine.sock``."""
+    metrics_listen: str = ""
+    """Also serve ``/metrics`` and ``/metrics/cadvisor`` (only those, and ``/healthz``) on
+    TCP ``HOST:PORT`` (``PORT`` alone: loopback), for Prometheus; empty: the socket only."""
     default_disk_quota_bytes: NonNegativeInt = DEFAULT_DISK_QUOTA_BYTES
     bytes_per_inode: PositiveInt = DEFAULT_BYTES_PER_INODE
     stop_timeout_s: NonNegativeFloat = DEFAULT_STOP_TIMEOUT_S
@@ -98,6 +101,10 @@ class EngineSettings:
                     f"{where} runsc_flags {flag!r}: give global flags as --name[=value]; "
                     f"{', '.join(RUNSC_ENGINE_FLAGS)} are the engine's to set"
                 )
+        if self.metrics_listen:
+            from tidal.service.server import parse_listen  # not on the monitor's imports
+
+            parse_listen(self.metrics_listen, f"{where} metrics_listen")
         if not re.fullmatch(r"[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+)*", self.cgroup_parent):
             raise ConfigError(
                 f"{where} cgroup_parent {self.cgroup_parent!r}: a relative path such as 'tidal'"

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidal.engine.crilog import CriLogSpec
 from tidal.errors import ConfigError, QuotaError
 from tidal.node.references import check_pull_policy
 from tidal.units import parse_cpus, parse_size
@@ -126,6 +127,9 @@ class ContainerSpec:
     cgroup_parent: str | None = None
     """Place the container's cgroup below this path (a pod's cgroup, which holds the pod-level
     limits) instead of ``[engine] cgroup_parent``."""
+    cri_log: CriLogSpec | None = None
+    """Also write the container's output as the kubelet lays it out (an instance member's,
+    under ``[instance] pod_log_dir``); its monitor then tells stdout from stderr."""
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -150,6 +154,8 @@ class ContainerSpec:
         d["services"] = tuple(
             ServiceSpec(**{**s, "argv": tuple(s["argv"])}) for s in d.get("services", ())
         )
+        if d.get("cri_log"):
+            d["cri_log"] = CriLogSpec(**d["cri_log"])
         for key in ("prestart_hooks", "poststop_hooks"):
             d[key] = tuple(HookSpec(**{**h, "args": tuple(h["args"])}) for h in d.get(key, ()))
         try:

@@ -26,6 +26,10 @@ from tidal.units import GiB, MiB
 from tidal.validation import check
 
 MBIT = 1_000_000
+DEFAULT_POD_LOG_DIR = "/var/log/pods"
+"""The kubelet's root of container logs: a node's log shipper already reads it."""
+DEFAULT_CONTAINER_LOG_DIR = "/var/log/containers"
+"""The kubelet's directory of links to the current log of each container."""
 
 
 def _shape(cpus: float, memory_gib: float) -> Limits:
@@ -82,6 +86,11 @@ class InstanceSettings:
     """``[instance]``: extra or replaced types, the node capacity, the default type."""
 
     types: dict[str, TypeSettings] = field(default_factory=dict)
+    pod_log_dir: str = DEFAULT_POD_LOG_DIR
+    """Where each instance container's output is also written as the kubelet lays it out,
+    ``<dir>/<namespace>_<pod>_<uid>/<container>/<restart>.log`` (empty: not written)."""
+    container_log_dir: str = DEFAULT_CONTAINER_LOG_DIR
+    """Where the ``<pod>_<namespace>_<container>-<id>.log`` links go (empty: none)."""
     capacity_cpus: float | None = None
     """CPUs instances may reserve on this node (default: all of the node's)."""
     capacity_memory_bytes: int | None = None

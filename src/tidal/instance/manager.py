@@ -53,6 +53,7 @@ from tidal.fsutil import write_text_atomic
 from tidal.ids import InstanceId
 from tidal.instance.capacity import Capacity, choose
 from tidal.instance.catalog import Catalog, InstanceSettings, load_instance_settings
+from tidal.instance.identity import cri_log_spec
 from tidal.instance.limits import PodCgroup, apply_net, block_device_of
 from tidal.instance.pause import PAUSE_PATH, pause_rootfs
 from tidal.instance.spec import MAIN, InstanceSpec, MemberSpec
@@ -237,6 +238,7 @@ class InstanceManager:
             labels=self._labels(rec, MAIN if main else member.name),
             sandbox=rec.container_name(SANDBOX),  # by name: made alongside, its id comes later
             cgroup_parent=rec.cgroup,
+            cri_log=cri_log_spec(rec, member.name, self.settings),
             **self._own_limits(rec),
             **extra,
         )

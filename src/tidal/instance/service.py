@@ -20,6 +20,7 @@ from tidal.engine.daemon import API_VERSION, DaemonPart
 from tidal.errors import ConfigError, TidalError
 from tidal.instance.catalog import InstanceSettings
 from tidal.instance.manager import InstanceManager
+from tidal.instance.metrics import metrics_routes
 from tidal.instance.spec import InstanceSpec
 from tidal.service.server import Request, Response, Route
 
@@ -121,4 +122,5 @@ def instance_part(engine: Engine, settings: InstanceSettings | None = None) -> D
         if reaper.is_alive():
             reaper.join(timeout=10)
 
-    return DaemonPart(tuple(instance_routes(manager)), reconcile=start, close=close)
+    routes = (*instance_routes(manager), *metrics_routes(manager))
+    return DaemonPart(routes, reconcile=start, close=close)

@@ -31,7 +31,14 @@ from tidal.errors import ConfigError, DaemonUnavailableError, MountError
 from tidal.node.client import socket_path
 from tidal.node.images import ImageStore, StoredImage
 from tidal.node.mounts import NodeServing
-from tidal.service.server import Request, Response, Route, Service, UnixServiceServer
+from tidal.service.server import (
+    MetricsListener,
+    Request,
+    Response,
+    Route,
+    Service,
+    UnixServiceServer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +154,13 @@ def node_routes(node: NodeService) -> list[Route]:
 class NodeDaemon:
     """``tidal node serve``: the service on its socket, one per node (an flock says so)."""
 
-    def __init__(self, path: Path | None = None, *, fdstore: Path | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, *, fdstore: Path | None = None, metrics_listen: str = ""
+    ) -> None:
+        """``metrics_listen``: also serve ``/metrics`` on this TCP ``HOST:PORT`` (``[node]
+        metrics_listen``, ``tidal node serve --metrics-listen``)."""
+        self.metrics_listen = metrics_listen
+        self.metrics_server: MetricsListener | None = None
         self.socket_path = path or socket_path()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fh = (self.socket_path.parent / "node.lock").open("a")
@@ -177,6 +190,9 @@ class NodeDaemon:
             self.socket_path.unlink()
         self._server = UnixServiceServer(str(self.socket_path), self.service)
         os.chmod(self.socket_path, 0o660)
+        if self.metrics_listen:
+            self.metrics_server = MetricsListener(self.metrics_listen, self.service)
+            self.metrics_server.start()
         threading.Thread(
             target=self._server.serve_forever, name="tidal-node-api", daemon=True
         ).start()
@@ -197,6 +213,9 @@ class NodeDaemon:
         self._stop.set()
         for close in reversed(self.on_close):
             close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

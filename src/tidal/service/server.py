@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidal.service")
 
 JSON = "application/json"
-OPEN_ROUTES = frozenset({"healthz", "metrics"})
+OPEN_ROUTES = frozenset({"healthz", "metrics", "metrics_cadvisor", "metrics_resource"})
 """Answered without credentials even when a service has ``auth`` (probes and scrapers)."""
 HealthCheck = Callable[[], str | None]
 """Returns ``None`` when fine, else one line naming the problem."""
@@ -482,3 +482,47 @@ def counter_families(
         family = CounterMetricFamily(name, doc, labels=names)
         family.add_metric(values, value)
         yield family
+
+
+# --- metrics over TCP for services on a unix socket ------------------------------------------
+
+METRICS_HOST = "127.0.0.1"
+"""Where ``--metrics-listen PORT`` binds when given without a host: loopback, so a scrape
+endpoint is never exposed to the network unless asked for."""
+
+
+def parse_listen(value: str, what: str = "--metrics-listen") -> tuple[str, int]:
+    """``PORT``, ``:PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; loopback when
+    no host is given. Bad input is a :class:`ConfigError` naming it."""
+    raw = value.strip()
+    host, sep, port_s = raw.rpartition(":")
+    if not sep:
+        host, port_s = "", raw
+    host = host.removeprefix("[").removesuffix("]") or METRICS_HOST
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(
+            f"{what} {value!r}: give HOST:PORT or PORT with a port from 1 to 65535 "
+            f"(without a host it listens on {METRICS_HOST})"
+        )
+    return host, int(port_s)
+
+
+def metrics_service(service: Service) -> Service:
+    """What a TCP metrics listener serves for ``service``: only its ``GET /healthz`` and its
+    ``GET /metrics...`` routes (the cAdvisor ones too), answered by ``service`` itself. The
+    rest of its API stays on its unix socket, whose file mode is its access control."""
+    routes = [
+        r
+        for r in service.routes
+        if r.method == "GET" and (r.pattern == "/healthz" or r.pattern.startswith("/metrics"))
+    ]
+    return Service(f"{service.name} metrics", routes, error=service.error)
+
+
+class MetricsListener(TcpServiceServer):
+    """``--metrics-listen``: a service's metrics on TCP, for a scraper that cannot reach its
+    unix socket (Prometheus). Served from a thread until :meth:`stop`."""
+
+    def __init__(self, listen: str, service: Service) -> None:
+        host, port = parse_listen(listen)
+        super().__init__(host, port, metrics_service(service))
