@@ -23,7 +23,7 @@ APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 docker-registry lxcfs sko
 	busybox-static debootstrap iproute2 attr mount util-linux kmod psmisc procps curl quota \
 	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman \
 	containerd stargz-snapshotter golang-github-containerd-containerd-dev
-PIP_EXTRAS := dev,sched,bench,snapshotter
+PIP_EXTRAS := dev,sched,vnode,bench,snapshotter
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp
 # containerd's snapshots API as Python stubs, generated from the Debian .proto files (git-ignored)

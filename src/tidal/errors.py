@@ -62,6 +62,8 @@ that every class of this module appears here with its parents::
     │   ├── InstanceStateError       the operation does not fit the instance's state
     │   ├── NoCapacityError (retryable)  no candidate spec fits the node's free capacity now
     │   └── LimitError               a pod-level limit could not be applied (cgroup, tc)
+    ├── VirtualNodeError             tidal.vnode: the Kubernetes virtual node
+    │   └── PodRefusedError          (also a ConfigError) a pod this node cannot run as an instance
     ├── SnapshotError                tidal.snapshotter: containerd's snapshots API
     │   ├── SnapshotNotFoundError    (also a NotFoundError) no snapshot with that key
     │   ├── SnapshotExistsError      the key (or a remote snapshot's target name) exists already
@@ -333,6 +335,18 @@ class NoCapacityError(InstanceError, RetryableError):
 
 class LimitError(InstanceError):
     """A pod-level limit (cgroup, traffic control, block I/O) could not be applied."""
+
+
+# --- tidal.vnode ---------------------------------------------------------------------------
+
+
+class VirtualNodeError(TidalError):
+    """The Kubernetes virtual node (``tidal virtual-node``)."""
+
+
+class PodRefusedError(VirtualNodeError, ConfigError):
+    """A pod the virtual node cannot run as an instance (valueFrom env, init containers, ...);
+    the pod gets phase Failed with this message."""
 
 
 # --- tidal.sched ---------------------------------------------------------------------------
