@@ -230,10 +230,13 @@ class FakeKube:
             self._delete(resource, namespace, name, {"gracePeriodSeconds": grace_s})
 
     def compact(self) -> None:
-        """Forget the watch history: a watch from an older resourceVersion gets 410."""
+        """Forget the watch history: a watch from an older resourceVersion gets 410, and so
+        does an open watch that had not yet sent every change (as the API server's watch cache
+        does when a watcher falls behind its window)."""
         with self.lock:
             self.history.clear()
             self.oldest_rv = self.resource_version
+            self.lock.notify_all()
 
     def wait_for(self, predicate: Any, timeout_s: float) -> bool:
         """Block until ``predicate(self)`` holds (checked on every write) or the timeout."""
@@ -357,7 +360,20 @@ class FakeKube:
         pos = since
         while True:
             with self.lock:
-                pending = [e for e in self.history if e.rv > pos]
+                if pos < self.oldest_rv:  # compacted under an open watch: it must relist
+                    expired = self.oldest_rv
+                    pending = None
+                else:
+                    pending = [e for e in self.history if e.rv > pos]
+            if pending is None:
+                yield {
+                    "type": "ERROR",
+                    "object": status_obj(
+                        410, "Expired", f"too old resource version: {pos} ({expired})"
+                    ),
+                }
+                return
+            with self.lock:
                 if not pending:
                     if self.closed or until.is_set():
                         return
