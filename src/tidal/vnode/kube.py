@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +59,11 @@ class NodeApi(Protocol):
 
     def delete_pod(self, namespace: str, name: str, uid: str, grace_s: int) -> None: ...
 
+    def abort_watches(self) -> None:
+        """End the open watches now and any opened later (a stopping node does not wait out
+        ``timeoutSeconds``)."""
+        ...
+
 
 class KubernetesNodeApi:
     """:class:`NodeApi` over the official client."""
@@ -68,6 +74,9 @@ class KubernetesNodeApi:
         self._client = api_client
         self._core = client.CoreV1Api(api_client)
         self._coord = client.CoordinationV1Api(api_client)
+        self._watches: set[Any] = set()
+        self._watch_lock = threading.Lock()
+        self._watches_aborted = False
 
     @classmethod
     def from_kubeconfig(cls, path: Path | None, context: str | None = None) -> KubernetesNodeApi:
@@ -202,6 +211,11 @@ class KubernetesNodeApi:
             watch=True,
             _preload_content=False,
         )
+        with self._watch_lock:
+            self._watches.add(resp)
+            if self._watches_aborted:  # opened while the node was stopping
+                with contextlib.suppress(Exception):
+                    resp.shutdown()
         try:
             for line in iter_resp_lines(resp):
                 if not line.strip():
@@ -221,13 +235,25 @@ class KubernetesNodeApi:
                         f"{obj.get('message') or obj.get('reason') or 'ERROR event'}",
                     )
                 yield event
-        except HTTPError as exc:
+        except (HTTPError, OSError) as exc:
             raise KubeApiUnavailableError(
                 f"Kubernetes API connection lost during watch pods: {exc}"
             ) from exc
         finally:
+            with self._watch_lock:
+                self._watches.discard(resp)
             with contextlib.suppress(Exception):
                 resp.release_conn()
+
+    def abort_watches(self) -> None:
+        """Shut the open watch responses' sockets: their readers return at once; a watch
+        opened after this is shut as it opens (the node is stopping)."""
+        with self._watch_lock:
+            self._watches_aborted = True
+            open_ = list(self._watches)
+        for resp in open_:
+            with contextlib.suppress(Exception):
+                resp.shutdown()
 
     def patch_pod_status(self, namespace: str, name: str, patch: Obj) -> Obj:
         return self._raw(

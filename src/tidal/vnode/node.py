@@ -361,6 +361,8 @@ class VirtualNode:
                 log.info("watch of pods expired (%s); listing again", exc)
                 rv = ""
             except TidalError as exc:
+                if stop.is_set():
+                    break  # the watch was aborted to stop
                 log.warning("pods of node %s: %s", self.name, exc)
                 stop.wait(self.settings.retry_s)
 
@@ -436,6 +438,7 @@ class VirtualNode:
         try:
             stop.wait()
         finally:
+            self.kube.abort_watches()
             for t in threads:
                 t.join()
             self._pool.shutdown(wait=True)
