@@ -53,7 +53,31 @@ def pod(
             "volumes": [
                 {
                     "name": "kube-api-access-7x2lq",
-                    "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},
+                    "projected": {
+                        "defaultMode": 420,
+                        "sources": [
+                            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                            {
+                                "configMap": {
+                                    "name": "kube-root-ca.crt",
+                                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                                }
+                            },
+                            {
+                                "downwardAPI": {
+                                    "items": [
+                                        {
+                                            "fieldRef": {
+                                                "apiVersion": "v1",
+                                                "fieldPath": "metadata.namespace",
+                                            },
+                                            "path": "namespace",
+                                        }
+                                    ]
+                                }
+                            },
+                        ],
+                    },
                 }
             ],
             "containers": containers

@@ -56,7 +56,7 @@ def test_status_subresource_and_the_object_each_change_only_their_part(
     fake_kube: FakeKube, node_api: KubernetesNodeApi
 ) -> None:
     created = fake_kube.create("pods", pod(node="n1"))
-    assert created["status"] == {"phase": "Pending", "qosClass": "BestEffort"}  # reset on create
+    assert created["status"] == {"phase": "Pending", "qosClass": "Burstable"}  # reset on create
     rv = int(created["metadata"]["resourceVersion"])
     out = node_api.patch_pod_status(
         "shop",
@@ -175,3 +175,44 @@ def test_unknown_field_selector_and_patch_type_are_refused(fake_kube: FakeKube) 
         assert info.value.status == 415
     finally:
         core.api_client.close()
+
+
+def test_a_created_pod_gets_the_api_servers_defaults(fake_kube: FakeKube) -> None:
+    created = fake_kube.create(
+        "pods",
+        {
+            "metadata": {"name": "p", "namespace": "d"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "a",
+                        "image": "web",
+                        "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+                    },
+                    {"name": "b", "image": "web:1.2"},
+                ]
+            },
+        },
+    )
+    spec = created["spec"]
+    assert spec["restartPolicy"] == "Always" and spec["terminationGracePeriodSeconds"] == 30
+    a, b = spec["containers"]
+    assert a["resources"]["requests"] == {"cpu": "1", "memory": "1Gi"}  # from the limits
+    assert a["imagePullPolicy"] == "Always" and b["imagePullPolicy"] == "IfNotPresent"
+    assert created["status"] == {"phase": "Pending", "qosClass": "Burstable"}
+    only = fake_kube.create(
+        "pods",
+        {
+            "metadata": {"name": "q", "namespace": "d"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "a",
+                        "image": "w",
+                        "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+                    }
+                ]
+            },
+        },
+    )
+    assert only["status"]["qosClass"] == "Guaranteed"

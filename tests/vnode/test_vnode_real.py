@@ -1,10 +1,16 @@
 """End to end with the real daemon and runc: a pod bound to the virtual node in the fake API
 server becomes a running instance whose HTTP server answers on the pod IP, its status reaches
-Running with that IP, the node's Lease is renewed, and deleting the pod removes the instance
-(the instance fixture then checks that no container, cgroup, netns or mount is left)."""
+Running with that IP, the node's Lease is renewed, kubectl (Go's typed client, so the JSON must
+decode into the real types) describes the pod and node as a kubelet would have left them, and
+``kubectl delete`` removes the instance (the instance fixture then checks that no container,
+cgroup, netns or mount is left)."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from instance.conftest import (  # the instance tests' daemon, trees and leak checks
     assert_nothing_left,
@@ -68,6 +75,38 @@ def vnode(
         assert not t.is_alive()
 
 
+@pytest.fixture
+def kubeconfig(fake_kube: FakeKube, tmp_path: Path) -> Path:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (Debian package kubernetes-client)")
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": fake_kube.url}}],
+                "users": [{"name": "t", "user": {"token": "t"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "t"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return path
+
+
+def _kubectl(kubeconfig: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={"PATH": os.environ["PATH"], "HOME": str(kubeconfig.parent)},
+    )
+    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
 def _status(kube: FakeKube, name: str) -> dict[str, Any]:
     p = kube.get("pods", name, "shop")
     return {} if p is None else dict(p.get("status") or {})
@@ -79,6 +118,7 @@ def test_a_bound_pod_runs_as_a_runc_instance_and_goes_with_its_deletion(
     instance_daemon: tuple[Daemon, InstanceClient],
     busybox_rootfs: Path,
     engine_settings: EngineSettings,
+    kubeconfig: Path,
 ) -> None:
     _, client = instance_daemon
     node = fake_kube.get("nodes", NODE)
@@ -130,7 +170,22 @@ def test_a_bound_pod_runs_as_a_runc_instance_and_goes_with_its_deletion(
         lambda k: k.get("leases", NODE, "kube-node-lease")["spec"]["renewTime"] != lease_before, 10
     )
 
-    fake_kube.delete("pods", "web", "shop")  # kubectl delete: marked, the node finishes it
-    assert fake_kube.wait_for(lambda k: k.get("pods", "web", "shop") is None, 60)
+    # kubectl (Go's typed client) reads the node, its lease and the pod as a kubelet wrote them
+    desc = _kubectl(kubeconfig, "describe", "pod", "-n", "shop", "web")
+    assert re.search(r"^Status:\s+Running$", desc, re.M), desc
+    assert re.search(rf"^IP:\s+{re.escape(st['podIP'])}$", desc, re.M), desc
+    assert f"Container ID:  tidal://{by_member['main']}" in desc, desc
+    assert re.search(r"^\s+Ready:\s+True\s*$", desc, re.M) and "Restart Count:  0" in desc, desc
+    assert re.search(r"^\s+Ready\s+True\s*$", desc, re.M), desc  # the pod's condition
+    assert "QoS Class:                   Burstable" in desc, desc
+    desc = _kubectl(kubeconfig, "describe", "node", NODE)
+    assert "Taints:             virtual-kubelet.io/provider=tidal:NoSchedule" in desc, desc
+    assert re.search(r"HolderIdentity:\s+tidal-e2e", desc) and "RenewTime:" in desc, desc
+    assert re.search(r"shop\s+web\s+500m \(\d+%\)", desc), desc  # the pod, on the node
+
+    # kubectl delete: the server marks it, the node removes the instance and then the pod;
+    # kubectl returns once it watched the pod go
+    _kubectl(kubeconfig, "delete", "pod", "-n", "shop", "web", "--timeout=60s")
+    assert fake_kube.get("pods", "web", "shop") is None
     assert client.instances() == []
     assert_nothing_left(engine_settings)

@@ -62,12 +62,56 @@ KINDS: dict[str, tuple[str, str, bool]] = {
 }
 """The resources the fake serves; any other path is a 404 ``NotFound`` Status."""
 
-_FIELDS = {
-    "metadata.name": lambda o: o["metadata"].get("name", ""),
-    "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
-    "spec.nodeName": lambda o: (o.get("spec") or {}).get("nodeName", ""),
-    "status.phase": lambda o: (o.get("status") or {}).get("phase", ""),
+
+def _path(*keys: str) -> Any:
+    def get(obj: Obj) -> str:
+        cur: Any = obj
+        for k in keys:
+            cur = (cur or {}).get(k) if isinstance(cur, dict) else None
+        if isinstance(cur, bool):
+            return "true" if cur else "false"
+        return "" if cur is None else str(cur)
+
+    return get
+
+
+_META_FIELDS = {
+    "metadata.name": _path("metadata", "name"),
+    "metadata.namespace": _path("metadata", "namespace"),
 }
+FIELDS: dict[str, dict[str, Any]] = {
+    "pods": _META_FIELDS
+    | {
+        f: _path(*f.split("."))
+        for f in (
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        )
+    },
+    "nodes": _META_FIELDS | {"spec.unschedulable": _path("spec", "unschedulable")},
+    "events": _META_FIELDS
+    | {
+        f: _path(*f.split("."))
+        for f in (
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "type",
+        )
+    },
+}
+"""Per resource, the field labels its field selectors take (the API server's lists; any other
+is a 400)."""
 
 
 def now_rfc3339() -> str:
@@ -117,7 +161,9 @@ def not_found(resource: str, name: str) -> ApiFailure:
     )
 
 
-def _parse_selector(text: str, fields: bool) -> list[tuple[str, str, str | None]]:
+def _parse_selector(
+    text: str, fields: bool, resource: str = ""
+) -> list[tuple[str, str, str | None]]:
     """``a=b,c!=d,e,!f`` -> [(key, op, value)]; ops: ``=``, ``!=``, ``exists``, ``!exists``."""
     terms: list[tuple[str, str, str | None]] = []
     for raw in filter(None, (t.strip() for t in text.split(","))):
@@ -135,7 +181,7 @@ def _parse_selector(text: str, fields: bool) -> list[tuple[str, str, str | None]
             terms.append((raw[1:].strip(), "!exists", None))
         else:
             terms.append((raw, "exists", None))
-        if fields and terms[-1][0] not in _FIELDS:
+        if fields and terms[-1][0] not in FIELDS.get(resource, _META_FIELDS):
             raise ApiFailure(
                 status_obj(
                     400,
@@ -146,7 +192,7 @@ def _parse_selector(text: str, fields: bool) -> list[tuple[str, str, str | None]
     return terms
 
 
-def _selected(obj: Obj, labels: list[Any], fields: list[Any]) -> bool:
+def _selected(obj: Obj, labels: list[Any], fields: list[Any], resource: str = "") -> bool:
     have = (obj.get("metadata") or {}).get("labels") or {}
     for k, op, v in labels:
         if (
@@ -157,7 +203,7 @@ def _selected(obj: Obj, labels: list[Any], fields: list[Any]) -> bool:
         ):
             return False
     for k, op, v in fields:
-        value = _FIELDS[k](obj)
+        value = FIELDS.get(resource, _META_FIELDS)[k](obj)
         if (op == "=" and value != v) or (op == "!=" and value == v):
             return False
     return True
@@ -283,7 +329,8 @@ class FakeKube:
         meta["creationTimestamp"] = now_rfc3339()
         meta["generation"] = 1
         if resource == "pods":
-            obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+            _default_pod_spec(obj.setdefault("spec", {}))
+            obj["status"] = {"phase": "Pending", "qosClass": _qos_class(obj["spec"])}
         meta["resourceVersion"] = str(self._bump())
         self.objects[key] = obj
         self._record_event("ADDED", obj, None)
@@ -384,8 +431,8 @@ class FakeKube:
                 r, ns, _ = _key_of(ev.obj, resource)
                 if r != resource or (namespace is not None and ns != namespace):
                     continue
-                now_in = _selected(ev.obj, labels, fields) and ev.type != "DELETED"
-                was_in = ev.old is not None and _selected(ev.old, labels, fields)
+                now_in = _selected(ev.obj, labels, fields, resource) and ev.type != "DELETED"
+                was_in = ev.old is not None and _selected(ev.old, labels, fields, resource)
                 if ev.type == "DELETED":
                     type_ = "DELETED" if was_in else None
                 elif now_in and was_in:
@@ -398,6 +445,47 @@ class FakeKube:
                     type_ = None
                 if type_:
                     yield {"type": type_, "object": copy.deepcopy(ev.obj)}
+
+
+def _default_pod_spec(spec: Obj) -> None:
+    """The API server's defaulting of a created pod (``SetDefaults_Pod`` and friends) that the
+    virtual node and kubectl see: restart policy, grace period, DNS policy, scheduler, per
+    container the pull policy (Always for ``:latest`` or no tag), termination message, and
+    requests taken from limits where a container gives only limits."""
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("terminationGracePeriodSeconds", 30)
+    spec.setdefault("dnsPolicy", "ClusterFirst")
+    spec.setdefault("schedulerName", "default-scheduler")
+    spec.setdefault("securityContext", {})
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        image = str(c.get("image", ""))
+        tag = image.rsplit("/", 1)[-1].partition("@")[0]
+        latest = ":" not in tag or tag.endswith(":latest")
+        c.setdefault("imagePullPolicy", "Always" if latest else "IfNotPresent")
+        c.setdefault("terminationMessagePath", "/dev/termination-log")
+        c.setdefault("terminationMessagePolicy", "File")
+        res = c.setdefault("resources", {})
+        for k, v in (res.get("limits") or {}).items():
+            res.setdefault("requests", {}).setdefault(k, v)
+
+
+def _qos_class(spec: Obj) -> str:
+    """The API server's QoS class: Guaranteed when every container limits cpu and memory with
+    requests equal (or unset), BestEffort when none sets any, else Burstable."""
+    containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+    requests = [((c.get("resources") or {}).get("requests") or {}) for c in containers]
+    limits = [((c.get("resources") or {}).get("limits") or {}) for c in containers]
+    if not any(
+        r.get(k) or lim.get(k)
+        for r, lim in zip(requests, limits, strict=True)
+        for k in ("cpu", "memory")
+    ):
+        return "BestEffort"
+    for r, lim in zip(requests, limits, strict=True):
+        for k in ("cpu", "memory"):
+            if k not in lim or (k in r and str(r[k]) != str(lim[k])):
+                return "Burstable"
+    return "Guaranteed"
 
 
 def _conflict(resource: str, name: str) -> ApiFailure:
@@ -484,6 +572,73 @@ def parse_path(path: str) -> Route:
     return Route(rest[0], namespace, name, sub)
 
 
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+_SHORT = {"pods": ["po"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"]}
+
+
+def discovery(path: str) -> Obj | None:
+    """The legacy discovery documents (``/api``, ``/apis``, ``/api/v1``, ``/apis/G/V``,
+    ``/version``) a Go client such as kubectl reads before it builds its REST mapping; None for
+    any other path."""
+    group_versions: dict[str, list[str]] = {}
+    for resource, (_, api_version, _) in KINDS.items():
+        group_versions.setdefault(api_version, []).append(resource)
+    if path == "/version":
+        return {
+            "major": "1",
+            "minor": "30",
+            "gitVersion": "v1.30.0-tidal-fake",
+            "platform": "linux/amd64",
+        }
+    if path == "/api":
+        return {
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}],
+        }
+    if path == "/apis":
+        groups = []
+        for gv in group_versions:
+            if "/" not in gv:
+                continue
+            group, version = gv.split("/")
+            ver = {"groupVersion": gv, "version": version}
+            groups.append({"name": group, "versions": [ver], "preferredVersion": ver})
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+    gv = path.removeprefix("/api/").removeprefix("/apis/")
+    if path.startswith(("/api/", "/apis/")) and gv in group_versions:
+        resources = []
+        for r in group_versions[gv]:
+            kind, _, namespaced = KINDS[r]
+            resources.append(
+                {
+                    "name": r,
+                    "singularName": kind.lower(),
+                    "namespaced": namespaced,
+                    "kind": kind,
+                    "verbs": _VERBS,
+                    "shortNames": _SHORT.get(r, []),
+                }
+            )
+            if r in ("pods", "nodes", "deployments"):
+                resources.append(
+                    {
+                        "name": f"{r}/status",
+                        "singularName": "",
+                        "namespaced": namespaced,
+                        "kind": kind,
+                        "verbs": ["get", "patch", "update"],
+                    }
+                )
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": gv,
+            "resources": resources,
+        }
+    return None
+
+
 def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -519,6 +674,10 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                     if url.path.startswith(prefix) and queue:
                         code, reason = queue.pop(0)
                         raise ApiFailure(status_obj(code, reason, f"{reason} (injected)"))
+                doc = discovery(url.path.rstrip("/")) if self.command == "GET" else None
+                if doc is not None:
+                    self._send(200, doc)
+                    return
                 route = parse_path(url.path)
                 if self.command == "GET" and route.name is None:
                     self._list_or_watch(route, q)
@@ -532,7 +691,9 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
 
         def _list_or_watch(self, route: Route, q: dict[str, list[str]]) -> None:
             labels = _parse_selector((q.get("labelSelector") or [""])[0], fields=False)
-            fields = _parse_selector((q.get("fieldSelector") or [""])[0], fields=True)
+            fields = _parse_selector(
+                (q.get("fieldSelector") or [""])[0], fields=True, resource=route.resource
+            )
             kind, api_version, _ = KINDS[route.resource]
             if (q.get("watch") or ["false"])[0] in ("true", "1"):
                 with kube.lock:
@@ -546,7 +707,7 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                     for (r, ns, _), o in sorted(kube.objects.items())
                     if r == route.resource
                     and (route.namespace is None or ns == route.namespace)
-                    and _selected(o, labels, fields)
+                    and _selected(o, labels, fields, route.resource)
                 ]
                 rv = str(kube.resource_version)
             self._send(
