@@ -216,3 +216,28 @@ def test_a_created_pod_gets_the_api_servers_defaults(fake_kube: FakeKube) -> Non
         },
     )
     assert only["status"]["qosClass"] == "Guaranteed"
+
+
+def test_a_watch_event_reaches_the_client_as_it_happens(
+    fake_kube: FakeKube, node_api: KubernetesNodeApi
+) -> None:
+    """Chunked, as the API server streams: a client reads each event on arrival, not when
+    64 KiB have gathered or the watch ends."""
+    _, rv = node_api.list_pods("spec.nodeName=n1")
+    got: list[float] = []
+
+    def watch() -> None:
+        for ev in node_api.watch_pods("spec.nodeName=n1", rv, 20):
+            got.append(time.monotonic())
+            assert ev["type"] == "ADDED"
+            node_api.abort_watches()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    time.sleep(0.3)
+    made = time.monotonic()
+    fake_kube.create("pods", pod(name="a", node="n1"))
+    t.join(timeout=15)
+    assert got and got[0] - made < 3.0, got
+    fake_kube_req = [r for r in fake_kube.requests if r.query.get("watch") == ["true"]]
+    assert fake_kube_req and fake_kube_req[0].query["timeoutSeconds"] == ["20"]

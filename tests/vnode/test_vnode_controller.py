@@ -228,6 +228,9 @@ def test_pods_that_cannot_run_fail_with_reason_and_the_node_goes_on(
     assert full_st["reason"] == "OutOfCapacity" and "2 CPUs (free 0)" in full_st["message"]
     good_uid = _pod(fake_kube, "good")["metadata"]["uid"]  # type: ignore[index]
     assert [dict(i["spec"]["labels"])[LABEL_POD_UID] for i in instances.instances()] == [good_uid]
+    # a failed pod is still deleted as a kubelet would: no instance to remove, then grace 0
+    fake_kube.delete("pods", "bad", "shop")
+    assert fake_kube.wait_for(lambda k: _pod(k, "bad") is None, 10)
 
 
 def test_start_reconciles_stale_instances_and_pods_without_one(

@@ -644,13 +644,20 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:
             pass
 
+        # HTTP/1.1 for the watches' chunked streams (a client reads each event as its chunk
+        # arrives; without chunks urllib3 waits for 64 KiB or the end); one request per
+        # connection, so that closing the server never waits on an idle keep-alive
+        protocol_version = "HTTP/1.1"
+
         def _send(self, code: int, body: Obj) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
+            self.close_connection = True
 
         def _body(self) -> Any:
             length = int(self.headers.get("Content-Length") or 0)
@@ -723,11 +730,14 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
         def _watch(
             self, route: Route, since: int, labels: list[Any], fields: list[Any], timeout_s: float
         ) -> None:
-            # HTTP/1.0 without a length: the stream ends when the server closes the connection
+            # as the API server: 200, chunked, one JSON event per line and chunk
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.flush()
+            self.close_connection = True
             deadline = threading.Event()
             timer = threading.Timer(timeout_s, deadline.set)
             timer.daemon = True
@@ -737,8 +747,11 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
             )
             try:
                 for ev in stream:
-                    self.wfile.write(json.dumps(ev).encode() + b"\n")
+                    line = json.dumps(ev).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 pass
             finally:

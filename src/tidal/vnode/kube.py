@@ -236,6 +236,8 @@ class KubernetesNodeApi:
                     )
                 yield event
         except (HTTPError, OSError) as exc:
+            if self._watches_aborted:
+                return  # ended by abort_watches: the caller is stopping
             raise KubeApiUnavailableError(
                 f"Kubernetes API connection lost during watch pods: {exc}"
             ) from exc

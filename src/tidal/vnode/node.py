@@ -262,6 +262,7 @@ class VirtualNode:
         """One watch event (or a listed pod as ADDED)."""
         pod = event.get("object") or {}
         key = mapping.pod_key(pod)
+        log.debug("pod %s: %s", key, event.get("type"))
         if event.get("type") == "DELETED":
             self._forget(key.uid)
             self._submit(key.uid, self._remove_for, key)
@@ -299,6 +300,7 @@ class VirtualNode:
 
     def _create(self, pod: Obj) -> None:
         key = mapping.pod_key(pod)
+        log.debug("pod %s: creating its instance", key)
         try:
             spec = mapping.pod_to_spec(pod, self.name)
             inst = self.instances.run_instance(spec)
@@ -317,6 +319,7 @@ class VirtualNode:
         log.info("pod %s runs as instance %s (%s)", key, inst["name"], inst.get("ip"))
         with self._lock:
             self._by_uid[key.uid] = inst
+            self._busy.discard(key.uid)  # made: its status goes out now, not a poll later
         self.update_statuses()
 
     def _remove_instance(self, uid: str, name: str) -> None:
@@ -369,6 +372,7 @@ class VirtualNode:
     # --- status --------------------------------------------------------------------------------
 
     def _send_status(self, key: PodKey, status: Obj) -> None:
+        log.debug("pod %s: status %s", key, status.get("phase"))
         try:
             pod = self.kube.patch_pod_status(key.namespace, key.name, {"status": status})
         except KubeApiNotFoundError:
