@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tidal.errors import ConfigError, InstanceNotFoundError, NoCapacityError
+from tidal.errors import ConfigError, InstanceError, InstanceNotFoundError, NoCapacityError
 from tidal.instance.spec import InstanceSpec
 from tidal.testing.fake_kube import FakeKube
 from tidal.vnode.kube import KubernetesNodeApi
@@ -38,6 +38,7 @@ class MemoryInstances:
         self.ips = itertools.count(2)
         self.lock = threading.Lock()
         self.removed: list[str] = []
+        self.fail_removes = 0
 
     def run_instance(self, spec: InstanceSpec) -> dict[str, Any]:
         assert spec.name
@@ -78,6 +79,9 @@ class MemoryInstances:
             return [dict(i) for i in self.items.values()]
 
     def remove_instance(self, ref: str, *, force: bool = False) -> None:
+        if self.fail_removes:
+            self.fail_removes -= 1
+            raise InstanceError(f"removing instance {ref} left work undone: (injected)")
         with self.lock:
             if ref not in self.items:
                 raise InstanceNotFoundError(f"no instance {ref!r}")
@@ -290,3 +294,14 @@ def test_a_410_gone_watch_relists_and_reconciles(
         ]
     )
     assert lists_after > lists_before
+
+
+def test_a_deletion_whose_instance_removal_failed_is_tried_again(
+    fake_kube: FakeKube, running: VirtualNode, instances: MemoryInstances
+) -> None:
+    fake_kube.create("pods", pod(name="web", node=NODE))
+    assert fake_kube.wait_for(lambda k: _phase(k, "web") == "Running", 10)
+    instances.fail_removes = 2
+    fake_kube.delete("pods", "web", "shop")
+    assert fake_kube.wait_for(lambda k: _pod(k, "web") is None, 10)
+    assert instances.instances() == [] and instances.fail_removes == 0

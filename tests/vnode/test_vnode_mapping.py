@@ -110,7 +110,11 @@ def test_a_pod_the_instance_api_cannot_express_is_refused_in_one_line(
     assert isinstance(info.value, ConfigError)
 
 
-def test_init_containers_and_reserved_names_are_refused() -> None:
+def test_init_containers_host_namespaces_and_reserved_names_are_refused() -> None:
+    p = pod()
+    p["spec"]["hostNetwork"] = True
+    with pytest.raises(PodRefusedError, match="hostNetwork, hostPID and hostIPC are not supported"):
+        mapping.pod_to_spec(p, "vn")
     p = pod()
     p["spec"]["initContainers"] = [container("init", "img", command=["true"])]
     with pytest.raises(PodRefusedError, match="init containers are not supported"):

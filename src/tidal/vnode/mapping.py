@@ -207,6 +207,10 @@ def pod_to_spec(pod: Mapping[str, Any], node_name: str) -> InstanceSpec:
         raise _refuse(key, "init containers are not supported")
     if spec.get("ephemeralContainers"):
         raise _refuse(key, "ephemeral containers are not supported")
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        raise _refuse(
+            key, "hostNetwork, hostPID and hostIPC are not supported (a pod is a sandbox)"
+        )
     for c in containers:
         for vm in c.get("volumeMounts") or []:
             if vm.get("mountPath") != SERVICE_ACCOUNT_MOUNT:

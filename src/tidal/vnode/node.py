@@ -389,12 +389,16 @@ class VirtualNode:
         views = {str(c["id"]): ContainerView.from_api(c) for c in self.instances.describe_all()}
         now = self.clock()
         with self._lock:
+            live = [(uid, p) for uid, p in self._pods.items() if uid not in self._busy]
+            # a deletion whose instance removal failed is tried again here
+            deleting = {
+                uid for uid, p in live if (p.get("metadata") or {}).get("deletionTimestamp")
+            }
+            keys = [mapping.pod_key(p) for uid, p in live if uid in deleting]
             pods = [
                 (uid, p, self._by_uid.get(uid))
-                for uid, p in self._pods.items()
-                if uid not in self._failed
-                and uid not in self._busy
-                and not (p.get("metadata") or {}).get("deletionTimestamp")
+                for uid, p in live
+                if uid not in self._failed and uid not in deleting
             ]
             orphans: list[Obj] = []
             changed: list[tuple[PodKey, Obj]] = []
@@ -405,6 +409,8 @@ class VirtualNode:
                 status = mapping.pod_status(pod, inst, views, self.ident.internal_ip, now)
                 if status != self._sent.get(uid):
                     changed.append((mapping.pod_key(pod), status))
+        for key in keys:
+            self._submit(key.uid, self._terminate, key)
         for pod in orphans:  # its instance was removed behind the node's back: make another
             if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
                 self._submit(mapping.pod_key(pod).uid, self._create, pod)
