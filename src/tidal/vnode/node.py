@@ -319,8 +319,7 @@ class VirtualNode:
         log.info("pod %s runs as instance %s (%s)", key, inst["name"], inst.get("ip"))
         with self._lock:
             self._by_uid[key.uid] = inst
-            self._busy.discard(key.uid)  # made: its status goes out now, not a poll later
-        self.update_statuses()
+        self.update_statuses(made=key.uid)  # its status goes out now, not a poll later
 
     def _remove_instance(self, uid: str, name: str) -> None:
         with contextlib.suppress(NotFoundError):
@@ -380,16 +379,22 @@ class VirtualNode:
             return
         with self._lock:
             self._sent[key.uid] = status
-            if key.uid in self._pods:
-                self._pods[key.uid] = pod
+            cached = self._pods.get(key.uid)
+            if cached is not None:
+                # only the status: the rest of the answer may be older than what the watch
+                # delivered meanwhile (a deletionTimestamp set while this patch was in flight)
+                self._pods[key.uid] = {**cached, "status": pod.get("status", status)}
 
-    def update_statuses(self) -> None:
-        """Read every instance and container once; send the statuses that changed."""
+    def update_statuses(self, made: str | None = None) -> None:
+        """Read every instance and container once; send the statuses that changed (of pods
+        no worker holds, and of ``made``, the pod whose instance the caller just made)."""
         self._refresh_instances()
         views = {str(c["id"]): ContainerView.from_api(c) for c in self.instances.describe_all()}
         now = self.clock()
         with self._lock:
-            live = [(uid, p) for uid, p in self._pods.items() if uid not in self._busy]
+            live = [
+                (uid, p) for uid, p in self._pods.items() if uid not in self._busy or uid == made
+            ]
             # a deletion whose instance removal failed is tried again here
             deleting = {
                 uid for uid, p in live if (p.get("metadata") or {}).get("deletionTimestamp")
