@@ -305,3 +305,21 @@ def test_a_deletion_whose_instance_removal_failed_is_tried_again(
     fake_kube.delete("pods", "web", "shop")
     assert fake_kube.wait_for(lambda k: _pod(k, "web") is None, 10)
     assert instances.instances() == [] and instances.fail_removes == 0
+
+
+def test_a_create_that_raced_a_finished_one_is_not_a_failure(
+    fake_kube: FakeKube, node_api: KubernetesNodeApi, instances: MemoryInstances
+) -> None:
+    from tidal.vnode.mapping import pod_to_spec
+
+    fake_kube.create("pods", pod(name="web", node=NODE))
+    live = fake_kube.get("pods", "web", "shop")
+    assert live is not None
+    instances.run_instance(pod_to_spec(live, NODE))  # made by a create the node did not see end
+    vn = VirtualNode(node_api, instances, FAST)
+    # its instance list was never read (stale): the create finds "already exists"
+    vn.handle({"type": "ADDED", "object": live})
+    vn.close()  # waits for the create
+    vn.update_statuses()
+    st = fake_kube.get("pods", "web", "shop")["status"]  # type: ignore[index]
+    assert st["phase"] == "Running" and len(instances.instances()) == 1, st

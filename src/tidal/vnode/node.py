@@ -305,11 +305,12 @@ class VirtualNode:
             spec = mapping.pod_to_spec(pod, self.name)
             inst = self.instances.run_instance(spec)
         except TidalError as exc:
-            with self._lock:
-                self._failed.add(key.uid)
-            # a create that failed may still have raced a finished one (a second node process)
+            # it may have raced one that succeeded (a create from an event that found a stale
+            # instance list, a second node process): then the pod has its instance
             if key.uid in {labels_of(i).get(LABEL_POD_UID) for i in self._refresh_instances()}:
                 return
+            with self._lock:
+                self._failed.add(key.uid)
             log.warning("pod %s failed: %s", key, exc)
             status = mapping.failed_status(
                 pod, failure_reason(exc), str(exc), self.ident.internal_ip, self.clock()
