@@ -228,6 +228,9 @@ def test_pods_that_cannot_run_fail_with_reason_and_the_node_goes_on(
         "pod shop/bad cannot run on this virtual node: env 'K' of container 'web' uses "
         "valueFrom; only literal values are supported"
     )
+    (ev,) = [e for e in fake_kube.items("events") if e["involvedObject"]["name"] == "bad"]
+    assert ev["type"] == "Warning" and ev["reason"] == "UnsupportedPodSpec"
+    assert ev["message"] == bad_st["message"] and ev["involvedObject"]["kind"] == "Pod"
     full_st = _pod(fake_kube, "full")["status"]  # type: ignore[index]
     assert full_st["reason"] == "OutOfCapacity" and "2 CPUs (free 0)" in full_st["message"]
     good_uid = _pod(fake_kube, "good")["metadata"]["uid"]  # type: ignore[index]

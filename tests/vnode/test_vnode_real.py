@@ -178,6 +178,9 @@ def test_a_bound_pod_runs_as_a_runc_instance_and_goes_with_its_deletion(
     assert re.search(r"^\s+Ready:\s+True\s*$", desc, re.M) and "Restart Count:  0" in desc, desc
     assert re.search(r"^\s+Ready\s+True\s*$", desc, re.M), desc  # the pod's condition
     assert "QoS Class:                   Burstable" in desc, desc
+    assert re.search(
+        r"Normal\s+Started\s+.*instance \S+ running, IP " + re.escape(st["podIP"]), desc
+    ), desc
     desc = _kubectl(kubeconfig, "describe", "node", NODE)
     assert "Taints:             virtual-kubelet.io/provider=tidal:NoSchedule" in desc, desc
     assert re.search(r"HolderIdentity:\s+tidal-e2e", desc) and "RenewTime:" in desc, desc

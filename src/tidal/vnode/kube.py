@@ -59,6 +59,8 @@ class NodeApi(Protocol):
 
     def delete_pod(self, namespace: str, name: str, uid: str, grace_s: int) -> None: ...
 
+    def create_event(self, namespace: str, body: Obj) -> None: ...
+
     def abort_watches(self) -> None:
         """End the open watches now and any opened later (a stopping node does not wait out
         ``timeoutSeconds``)."""
@@ -246,6 +248,15 @@ class KubernetesNodeApi:
                 self._watches.discard(resp)
             with contextlib.suppress(Exception):
                 resp.release_conn()
+
+    def create_event(self, namespace: str, body: Obj) -> None:
+        self._call(
+            f"record event in {namespace}",
+            self._core.create_namespaced_event,
+            namespace,
+            body,
+            _preload_content=False,
+        )
 
     def abort_watches(self) -> None:
         """Shut the open watch responses' sockets: their readers return at once; a watch

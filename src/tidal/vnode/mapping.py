@@ -473,6 +473,37 @@ def failed_status(
     }
 
 
+def pod_event(
+    pod: Mapping[str, Any], node_name: str, type_: str, reason: str, message: str, now: float
+) -> Obj:
+    """A core/v1 ``Event`` about ``pod``, as a kubelet records one (``kubectl describe pod``
+    lists them)."""
+    meta = pod.get("metadata") or {}
+    stamp = rfc3339(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "reason": reason,
+        "message": message,
+        "type": type_,
+        "source": {"component": "tidal-virtual-node", "host": node_name},
+        "reportingComponent": "tidal-virtual-node",
+        "reportingInstance": node_name,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
 def qos_class(spec: Mapping[str, Any]) -> str:
     """Guaranteed (every container limits cpu and memory equal to its requests), BestEffort
     (none sets any), else Burstable: the API server's rule."""

@@ -312,15 +312,28 @@ class VirtualNode:
             with self._lock:
                 self._failed.add(key.uid)
             log.warning("pod %s failed: %s", key, exc)
+            reason = failure_reason(exc)
             status = mapping.failed_status(
-                pod, failure_reason(exc), str(exc), self.ident.internal_ip, self.clock()
+                pod, reason, str(exc), self.ident.internal_ip, self.clock()
             )
             self._send_status(key, status)
+            self._event(pod, "Warning", reason, str(exc))
             return
         log.info("pod %s runs as instance %s (%s)", key, inst["name"], inst.get("ip"))
+        self._event(
+            pod, "Normal", "Started", f"instance {inst['name']} running, IP {inst.get('ip')}"
+        )
         with self._lock:
             self._by_uid[key.uid] = inst
         self.update_statuses(made=key.uid)  # its status goes out now, not a poll later
+
+    def _event(self, pod: Obj, type_: str, reason: str, message: str) -> None:
+        """Record an Event on the pod; a failure to record is logged, not raised."""
+        ev = mapping.pod_event(pod, self.name, type_, reason, message, self.clock())
+        try:
+            self.kube.create_event(str(ev["metadata"]["namespace"]), ev)
+        except KubeApiError as exc:
+            log.warning("recording event %s of pod %s: %s", reason, mapping.pod_key(pod), exc)
 
     def _remove_instance(self, uid: str, name: str) -> None:
         with contextlib.suppress(NotFoundError):
