@@ -228,7 +228,12 @@ def test_pods_that_cannot_run_fail_with_reason_and_the_node_goes_on(
         "pod shop/bad cannot run on this virtual node: env 'K' of container 'web' uses "
         "valueFrom; only literal values are supported"
     )
-    (ev,) = [e for e in fake_kube.items("events") if e["involvedObject"]["name"] == "bad"]
+
+    def bad_events(k: FakeKube) -> list[dict[str, Any]]:
+        return [e for e in k.items("events") if e["involvedObject"]["name"] == "bad"]
+
+    assert fake_kube.wait_for(bad_events, 10)  # recorded just after the status
+    (ev,) = bad_events(fake_kube)
     assert ev["type"] == "Warning" and ev["reason"] == "UnsupportedPodSpec"
     assert ev["message"] == bad_st["message"] and ev["involvedObject"]["kind"] == "Pod"
     full_st = _pod(fake_kube, "full")["status"]  # type: ignore[index]

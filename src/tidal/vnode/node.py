@@ -316,8 +316,8 @@ class VirtualNode:
             status = mapping.failed_status(
                 pod, reason, str(exc), self.ident.internal_ip, self.clock()
             )
+            self._event(pod, "Warning", reason, str(exc))  # before the status, as a kubelet
             self._send_status(key, status)
-            self._event(pod, "Warning", reason, str(exc))
             return
         log.info("pod %s runs as instance %s (%s)", key, inst["name"], inst.get("ip"))
         self._event(
