@@ -167,7 +167,7 @@ def test_a_bound_pod_runs_as_a_runc_instance_and_goes_with_its_deletion(
             threading.Event().wait(0.1)
     assert body == "hello-from-vnode\n"
     assert fake_kube.wait_for(
-        lambda k: k.get("leases", NODE, "kube-node-lease")["spec"]["renewTime"] != lease_before, 10
+        lambda k: k.get("leases", NODE, "kube-node-lease")["spec"]["renewTime"] != lease_before, 30
     )
 
     # kubectl (Go's typed client) reads the node, its lease and the pod as a kubelet wrote them
