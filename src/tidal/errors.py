@@ -72,7 +72,7 @@ that every class of this module appears here with its parents::
     ├── SchedError                   tidal.sched
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
     │   ├── PlacementError
-    │   └── KubeApiError             the Kubernetes API refused a request (controller)
+    │   └── KubeApiError             the Kubernetes API refused a request (controller, virtual node)
     │       ├── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
     │       ├── KubeApiForbiddenError    401/403: RBAC or credentials
     │       ├── KubeApiNotFoundError     404: the object is gone (also a FileNotFoundError)
@@ -365,7 +365,8 @@ class PlacementError(SchedError):
 
 
 class KubeApiError(SchedError):
-    """The Kubernetes API server refused a request of the controller (4xx, bad kubeconfig)."""
+    """The Kubernetes API server refused a request of the controller or the virtual node (4xx,
+    bad kubeconfig)."""
 
 
 class KubeApiUnavailableError(KubeApiError, RetryableError):
