@@ -23,7 +23,11 @@ APT_PACKAGES := python3-venv runc crun e2fsprogs fuse3 docker-registry lxcfs sko
 	busybox-static debootstrap iproute2 attr mount util-linux kmod psmisc procps curl quota \
 	xfsprogs apache2-utils gcc libc6-dev openssl runsc podman \
 	containerd stargz-snapshotter golang-github-containerd-containerd-dev prometheus
-PIP_EXTRAS := dev,sched,bench,snapshotter
+# vnode: kubectl reads the fake API server's objects with Go's typed client (tests/vnode);
+# Debian's kubernetes-client, unless a kubectl is installed already (another package's
+# /usr/bin/kubectl would conflict with it)
+KUBECTL_PACKAGE := kubernetes-client
+PIP_EXTRAS := dev,sched,vnode,bench,snapshotter
 STAMP_APT := .make/apt.stamp
 STAMP_VENV := .make/venv.stamp
 # containerd's snapshots API as Python stubs, generated from the Debian .proto files (git-ignored)
@@ -39,6 +43,7 @@ $(STAMP_APT): Makefile
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	command -v kubectl >/dev/null || missing="$$missing $(KUBECTL_PACKAGE)"; \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install:$$missing"; \
 		if [ "$$(id -u)" != 0 ]; then echo "run as root to install Debian packages:$$missing" >&2; exit 1; fi; \
@@ -87,6 +92,7 @@ bench: deps
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	command -v kubectl >/dev/null || missing="$$missing $(KUBECTL_PACKAGE)"; \
 	if [ -n "$$missing" ]; then echo "apt-get install:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

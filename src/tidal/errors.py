@@ -62,6 +62,8 @@ that every class of this module appears here with its parents::
     │   ├── InstanceStateError       the operation does not fit the instance's state
     │   ├── NoCapacityError (retryable)  no candidate spec fits the node's free capacity now
     │   └── LimitError               a pod-level limit could not be applied (cgroup, tc)
+    ├── VirtualNodeError             tidal.vnode: the Kubernetes virtual node
+    │   └── PodRefusedError          (also a ConfigError) a pod this node cannot run as an instance
     ├── SnapshotError                tidal.snapshotter: containerd's snapshots API
     │   ├── SnapshotNotFoundError    (also a NotFoundError) no snapshot with that key
     │   ├── SnapshotExistsError      the key (or a remote snapshot's target name) exists already
@@ -70,7 +72,7 @@ that every class of this module appears here with its parents::
     ├── SchedError                   tidal.sched
     │   ├── StockError               a virtual spec (and every allowed upgrade) is sold out
     │   ├── PlacementError
-    │   └── KubeApiError             the Kubernetes API refused a request (controller)
+    │   └── KubeApiError             the Kubernetes API refused a request (controller, virtual node)
     │       ├── KubeApiUnavailableError (retryable)  unreachable, 5xx, 429
     │       ├── KubeApiForbiddenError    401/403: RBAC or credentials
     │       ├── KubeApiNotFoundError     404: the object is gone (also a FileNotFoundError)
@@ -335,6 +337,18 @@ class LimitError(InstanceError):
     """A pod-level limit (cgroup, traffic control, block I/O) could not be applied."""
 
 
+# --- tidal.vnode ---------------------------------------------------------------------------
+
+
+class VirtualNodeError(TidalError):
+    """The Kubernetes virtual node (``tidal virtual-node``)."""
+
+
+class PodRefusedError(VirtualNodeError, ConfigError):
+    """A pod the virtual node cannot run as an instance (valueFrom env, init containers, ...);
+    the pod gets phase Failed with this message."""
+
+
 # --- tidal.sched ---------------------------------------------------------------------------
 
 
@@ -351,7 +365,8 @@ class PlacementError(SchedError):
 
 
 class KubeApiError(SchedError):
-    """The Kubernetes API server refused a request of the controller (4xx, bad kubeconfig)."""
+    """The Kubernetes API server refused a request of the controller or the virtual node (4xx,
+    bad kubeconfig)."""
 
 
 class KubeApiUnavailableError(KubeApiError, RetryableError):

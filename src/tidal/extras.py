@@ -16,6 +16,7 @@ from tidal.errors import MissingExtraError
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "sched": ("numpy", "kubernetes"),
+    "vnode": ("kubernetes",),
     "bench": ("numpy", "matplotlib", "blake3"),
     "snapshotter": ("grpc", "grpc_tools"),
 }

@@ -123,6 +123,7 @@ def test_ps_without_a_daemon_is_one_line_not_an_import_error(node_env: dict[str,
         (["sched", "simulate", "--days", "8"], "sched", "numpy"),
         (["sched", "cordon", "--site", "cloud-a"], "sched", "numpy"),
         (["qos", "experiment", "--duration", "10"], "bench", "matplotlib"),
+        (["virtual-node", "--node-name", "vn-1"], "vnode", "kubernetes"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else v,
 )

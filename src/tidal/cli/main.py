@@ -24,6 +24,7 @@ from tidal.cli import p2p as p2p_cli
 from tidal.cli import qos as qos_cli
 from tidal.cli import sched as sched_cli
 from tidal.cli import snapshotter as snapshotter_cli
+from tidal.cli import vnode as vnode_cli
 from tidal.cli.console import err
 from tidal.errors import TidalError
 from tidal.extras import missing_extra_error
@@ -45,6 +46,7 @@ app.add_typer(snapshotter_cli.app, name="snapshotter")
 engine_cli.register(app)
 images_cli.register(app)
 app.command(name="demo")(demo_cli.demo)
+app.command(name="virtual-node")(vnode_cli.virtual_node)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def init_binary(cache_dir: Path) -> Path:
             f"libc6-dev, or place a static build of {SOURCE.name} at {target}"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    # per thread, not only per process: the members of a pod are created at once, and two
+    # builds sharing one temporary file made the second's rename fail
+    tmp = target.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     done = proc.run(
         [cc, "-static", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)],
         what="building the rich-mode init",

@@ -35,7 +35,6 @@ from tidal.errors import (
     ConfigError,
     KubeApiConflictError,
     KubeApiError,
-    KubeApiForbiddenError,
     KubeApiGoneError,
     KubeApiNotFoundError,
     KubeApiUnavailableError,
@@ -44,6 +43,7 @@ from tidal.fsutil import write_json_atomic
 from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore, free_capacity
+from tidal.sched.kube_status import api_error as api_error  # re-exported
 from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
 from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
 from tidal.sched.policy import TidalPolicy
@@ -303,23 +303,6 @@ class KubernetesApi:
 
 
 # --- pure part -------------------------------------------------------------------------------
-
-_STATUS_ERRORS: dict[int, type[KubeApiError]] = {
-    401: KubeApiForbiddenError,
-    403: KubeApiForbiddenError,
-    404: KubeApiNotFoundError,
-    409: KubeApiConflictError,
-    410: KubeApiGoneError,
-    429: KubeApiUnavailableError,
-}
-
-
-def api_error(status: int, message: str) -> KubeApiError:
-    """The most specific :class:`KubeApiError` for an HTTP status (the one status table)."""
-    cls = _STATUS_ERRORS.get(status)
-    if cls is None:
-        cls = KubeApiUnavailableError if status >= 500 or status == 0 else KubeApiError
-    return cls(message)
 
 
 def _epoch(ts: str | None) -> float:
