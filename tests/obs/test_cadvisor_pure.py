@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tidal.cgroups import CgroupV1Fs, CgroupV2Fs, IoStats
 from tidal.instance.catalog import InstanceSettings
-from tidal.instance.identity import PodIdentity, cri_log_spec
+from tidal.instance.identity import PodIdentity, container_name, cri_log_spec
 from tidal.instance.metrics import device_name, parse_net_dev
 from tidal.instance.spec import InstanceSpec, Limits
 from tidal.instance.store import InstanceRecord
@@ -79,3 +79,14 @@ def test_pod_identity_from_the_virtual_nodes_labels_or_the_instance() -> None:
     assert spec is not None and spec.directory == "/p/shop_web-5f7_u-1/side"
     assert spec.link_path("cid") == "/c/web-5f7_shop_side-cid.log"
     assert cri_log_spec(_record(), "main", InstanceSettings(pod_log_dir="")) is None
+
+
+def test_main_carries_the_pods_first_container_name_when_the_virtual_node_set_it() -> None:
+    kube = (("io.kubernetes.pod.name", "web-5f7"), ("io.kubernetes.container.main", "app"))
+    settings = InstanceSettings(pod_log_dir="/p", container_log_dir="/c")
+    assert container_name(_record(kube), "main") == "app"
+    assert container_name(_record(kube), "side") == "side"
+    assert container_name(_record(), "main") == "main"  # an instance run by hand
+    spec = cri_log_spec(_record(kube), "main", settings)
+    assert spec is not None and spec.directory.endswith("/app")
+    assert spec.link_path("cid") == "/c/web-5f7_tidal_app-cid.log"

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidal.cgroups import CgroupFs, detect_cgroupfs
 from tidal.errors import TidalError
-from tidal.instance.identity import SANDBOX_CONTAINER, PodIdentity
+from tidal.instance.identity import SANDBOX_CONTAINER, PodIdentity, container_name
 from tidal.instance.manager import LABEL_ID
 from tidal.instance.store import SANDBOX
 from tidal.service.server import Response, Route
@@ -135,7 +135,12 @@ class CadvisorCollector:
                     continue
                 seen.add(crec.id)
                 if crec.status == "running":
-                    members.append((SANDBOX_CONTAINER if member == SANDBOX else member, crec))
+                    members.append(
+                        (
+                            SANDBOX_CONTAINER if member == SANDBOX else container_name(rec, member),
+                            crec,
+                        )
+                    )
             if not members:
                 continue
             net_pid = next((c.pid for m, c in members if m == SANDBOX_CONTAINER), 0)

@@ -31,15 +31,17 @@ from typing import Any
 
 from tidal.engine.spec import PortMapping
 from tidal.errors import ConfigError, PodRefusedError
+from tidal.instance.identity import (
+    LABEL_MAIN_CONTAINER,
+    LABEL_POD_NAME,
+    LABEL_POD_NAMESPACE,
+    LABEL_POD_UID,
+)
 from tidal.instance.spec import InstanceSpec, Limits, MemberSpec, parse_rate, parse_spec_list
 from tidal.sched.quantity import parse_quantity
 
 Obj = dict[str, Any]
 
-LABEL_POD_NAME = "io.kubernetes.pod.name"
-LABEL_POD_NAMESPACE = "io.kubernetes.pod.namespace"
-LABEL_POD_UID = "io.kubernetes.pod.uid"
-LABEL_MAIN_CONTAINER = "io.kubernetes.container.main"
 """The Kubernetes name of the pod's first container (the instance calls it ``main``)."""
 LABEL_NODE = "tidal.io/virtual-node"
 """Which virtual node made the instance (reconcile removes only its own)."""
