@@ -760,6 +760,9 @@ class InstanceManager:
         def count(what: str) -> None:
             counts[what] = counts.get(what, 0) + 1
 
+        if self.pools.enabled:
+            self.pools.load_state()
+
         recs = self.store.list()
         owned = {r.pool_member for r in recs if r.pool_member}
         members = self.pool_store.list()
@@ -785,7 +788,7 @@ class InstanceManager:
         for m in members:
             if m.id in owned:
                 continue
-            if self._member_whole(m):
+            if self.pools.enabled and self._member_whole(m):  # pools since turned off: none kept
                 self.pools.add_ready(m)
                 kept.add(m.id)
                 count("pool_ready")

@@ -164,6 +164,25 @@ class PoolStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
+    @property
+    def state_path(self) -> Path:
+        """Each pool's shape, prewarm floor and learned size, for a restarted daemon."""
+        return self.dir.parent / "pools.json"
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            write_text_atomic(self.state_path, json.dumps(state, sort_keys=True))
+
+    def load_state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("pool state %s is unreadable (%s); starting empty", self.state_path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def put(self, member: PoolMember) -> PoolMember:
         with self._lock:
             write_text_atomic(self.dir / f"{member.id}.json", json.dumps(member.to_json()))
@@ -238,6 +257,7 @@ class Pools:
         self._closing = threading.Event()
         self._paused = False
         self._thread: threading.Thread | None = None
+        self._saved: dict[str, Any] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -257,6 +277,49 @@ class Pools:
     def target(self, key: PoolKey) -> int:
         with self._cond:
             return self._target(self._pool(key), self.clock())
+
+    # --- what a restarted daemon needs --------------------------------------------------------
+
+    def _state_locked(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            k: {
+                "key": p.key.to_json(),
+                "pinned": p.pinned,
+                "learned": self.model.learned(k, now),
+                "refill_s": round(p.refill_s, 3),
+            }
+            for k, p in self._pools.items()
+        }
+
+    def save_state(self) -> None:
+        """Write each pool's shape, floor and learned size when they changed."""
+        with self._cond:
+            state = self._state_locked()
+            if state == self._saved:
+                return
+            self._saved = state
+        self.store.save_state(state)
+
+    def load_state(self) -> None:
+        """On daemon start: the pools the last daemon had, with their floors, and their
+        learned sizes seeded as one burst each (so they refill, then fade if idle)."""
+        state = self.store.load_state()
+        with self._cond:
+            now = self.clock()
+            for k, entry in state.items():
+                try:
+                    key = PoolKey.from_json(entry["key"])
+                    pinned, learned = int(entry.get("pinned", 0)), int(entry.get("learned", 0))
+                    refill_s = float(entry.get("refill_s", DEFAULT_REFILL_S))
+                except (KeyError, TypeError, ValueError, ConfigError) as exc:
+                    log.warning("dropping unreadable pool state for %s: %s", k, exc)
+                    continue
+                p = self._pool(key)
+                p.pinned = min(max(p.pinned, pinned), self.pool_max)
+                p.refill_s = refill_s
+                self.model.seed(key.id, learned, now)
+            self._saved = self._state_locked()
 
     # --- hand-out and return ---------------------------------------------------------------------
 
@@ -348,6 +411,7 @@ class Pools:
             self._paused = False
             p = self._pool(key)
             p.pinned = max(p.pinned, count)
+        self.save_state()
         while True:
             with self._cond:
                 if len(p.ready) + p.making >= count:
@@ -411,6 +475,8 @@ class Pools:
             doomed = [m for p in self._pools.values() for m in p.ready]
             for p in self._pools.values():
                 p.ready.clear()
+            self._saved = None
+        self.store.save_state({})  # a restarted daemon does not refill drained pools
         while True:
             with self._cond:
                 if not any(p.making for p in self._pools.values()):
@@ -511,6 +577,8 @@ class Pools:
         while not self._closing.is_set():
             try:
                 busy = self._step()
+                if not self._paused:
+                    self.save_state()
             except Exception as exc:  # the thread must outlive one bad member
                 log.exception("warm pool refill: %s", exc)
                 busy = False

@@ -94,6 +94,12 @@ class ReuseModel:
         h.bursts.append((now, burst))
         return burst
 
+    def seed(self, shape: str, burst: int, now: float) -> None:
+        """Start a shape's history with one burst seen ``now`` (a restarted daemon carries
+        its last learned size over; it fades from there like any burst)."""
+        if burst > 0:
+            self._history(shape).bursts.append((now, burst))
+
     def record_release(self, shape: str, now: float) -> None:
         h = self._history(shape)
         h.releases.append(now)
