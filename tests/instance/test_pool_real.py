@@ -4,9 +4,11 @@ instance with nothing of the last one visible; the API prewarms, reports and dra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -18,6 +20,7 @@ from tidal.engine.daemon import Daemon
 from tidal.engine.network import link_names
 from tidal.engine.settings import EngineSettings
 from tidal.engine.spec import PortMapping
+from tidal.errors import TidalError
 from tidal.instance.catalog import InstanceSettings
 from tidal.instance.client import InstanceClient
 from tidal.instance.manager import InstanceManager
@@ -215,18 +218,51 @@ def test_the_api_prewarms_reports_and_drains_and_the_refill_follows_demand(
         (listed,) = client.pools()
         assert listed["shape"]["runtime"] == "runc" and listed["shape"]["limits"]["cpus"] == 0.5
         a = client.run_instance(dataclasses.replace(spec, name="a"))
+        assert a["pool_member"] and "cgroup" not in a["timings"]  # prewarmed: a hit
+        # the refill makes a member again at once; b takes it or misses and makes its own
         b = client.run_instance(dataclasses.replace(spec, name="b"))
-        assert a["pool_member"] and not b["pool_member"]  # one hit, then a miss
-        assert "cgroup" in b["timings"] and "cgroup" not in a["timings"]
-        # two creates within one refill time: the learned target is 2; the refill fills it
+        assert ("cgroup" in b["timings"]) == (not b["pool_member"])
         (st,) = client.wait_pools_ready(60)
-        assert (st["target"], st["ready"], st["hits"], st["misses"]) == (2, 2, 1, 1)
+        assert st["hits"] + st["misses"] == 2 and st["hits"] >= 1
+        assert st["ready"] >= st["target"] >= 1 and st["in_use"] == 1 + bool(b["pool_member"])
         client.remove_instance("a", force=True)
         client.remove_instance("b", force=True)
-        assert client.drain_pools() >= 2
+        assert client.drain_pools() >= 1
         assert client.pools()[0]["ready"] == 0
     finally:
+        with contextlib.suppress(TidalError):
+            for item in client.instances():
+                client.remove_instance(item["id"], force=True)
+            client.drain_pools()
         client.close()
         d.close()
         cleanup_engine(Engine(engine_settings))
+    assert_nothing_left(engine_settings)
+
+
+def test_a_runsc_hit_runs_the_members_in_the_warm_gvisor_sandbox(
+    pooled: InstanceManager, busybox_rootfs: Path, engine_settings: EngineSettings
+) -> None:
+    from .test_instances_runsc import _need_runsc
+
+    _need_runsc()
+    mgr = pooled
+    img = str(busybox_rootfs)
+    spec = InstanceSpec(image=img, command=("sleep", "300"), runtime="runsc", limits=SHAPE)
+    mgr.prewarm(spec, 1)
+    (warm,) = mgr.pool_store.list()
+    time.sleep(1.0)  # an idle warm gVisor sandbox stays up
+    assert mgr.engine.get(warm.sandbox_id or "").status == "running"
+    rec = mgr.run(
+        dataclasses.replace(
+            spec, name="gvhit", members=(MemberSpec("side", img, ("sleep", "300")),)
+        )
+    )
+    assert rec.sandbox_id == warm.sandbox_id and rec.ip == warm.ip
+    for member in ("main", "side"):
+        assert "gVisor" in _sh(mgr, "gvhit", "dmesg", member)
+        assert _sh(mgr, "gvhit", "hostname", member) == "gvhit\n"
+    mgr.remove("gvhit", force=True)  # runsc: torn down, never reused
+    assert mgr.pool_store.list() == []
+    mgr.pools.drain()
     assert_nothing_left(engine_settings)

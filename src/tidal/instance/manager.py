@@ -45,9 +45,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tidal import proc
 from tidal.engine.containers import Engine, LogChunk
 from tidal.engine.network import link_names, netns_name
-from tidal.engine.runtime import ExecResult
+from tidal.engine.runtime import ExecResult, OciCliRuntime
 from tidal.engine.spec import ContainerSpec, QuotaSpec, VolumeSpec
 from tidal.engine.store import ContainerRecord
 from tidal.errors import (
@@ -424,9 +425,39 @@ class InstanceManager:
             labels=self._labels(rec, SANDBOX),
         )
         self.engine.store.update(sandbox.id, name=spec.name, spec=spec)
-        if not one_kernel:
+        if one_kernel:
+            self._set_sandbox_kernel_hostname(sandbox, rec.name)
+        else:
             self.engine.pod_namespaces.set_hostname(self.engine.pod_ns_dir(sandbox.id), rec.name)
         return self.engine.get(sandbox.id)
+
+    def _set_sandbox_kernel_hostname(self, sandbox: ContainerRecord, hostname: str) -> None:
+        """Under runsc the members share the gVisor kernel's UTS namespace, which the host
+        cannot enter: the pause binary sets it from inside (``pause -n NAME``), run by the
+        runtime's ``exec`` with ``CAP_SYS_ADMIN`` (the sandbox itself keeps the default
+        capabilities). The engine's ``exec`` takes no capabilities, hence the runtime's CLI."""
+        rt = self.engine.runtime(sandbox.runtime)
+        if not isinstance(rt, OciCliRuntime):
+            raise InstanceError(
+                f"runtime {sandbox.runtime} has no CLI to rename a warm sandbox with; "
+                "turn pools off ([instance] pool_max = 0) for it"
+            )
+        proc.run(
+            [
+                *rt.global_args(),
+                *rt.container_args(sandbox.id),
+                "exec",
+                "--cap",
+                "CAP_SYS_ADMIN",
+                sandbox.id,
+                PAUSE_PATH,
+                "-n",
+                hostname,
+            ],
+            what=f"setting hostname {hostname!r} in warm sandbox {sandbox.name}",
+            error=InstanceError,
+            timeout_s=30,
+        )
 
     @staticmethod
     def _devices_of(crec: ContainerRecord) -> set[tuple[int, int]]:
