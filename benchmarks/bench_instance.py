@@ -241,6 +241,7 @@ def main() -> None:
         phases[name] = []
         configs.append((name, pool_hit(pclient, img_of, rt, phases[name])))
     samples: dict[str, list[float]] = {name: [] for name, _ in configs}
+    load_before = os.getloadavg()[0]
     try:
         for _, once in configs:
             once()  # warm-up: page cache, pools, the pause rootfs
@@ -268,6 +269,7 @@ def main() -> None:
                 parent.rmdir()
         shutil.rmtree(work, ignore_errors=True)
 
+    load_after = os.getloadavg()[0]
     bare = statistics.median(samples["bare runc run (baseline)"])
     print(f"instance start latency (command -> first process running), {n} starts per row")
     print(f"{'configuration':<44} {'p50 ms':>8} {'p99 ms':>8} {'vs bare runc p50':>17}")
@@ -314,7 +316,8 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {"benchmark": "instance_start_latency", "rows": rows, "targets": verdicts,
-             "runsc": "runsc" in runtimes},
+             "runsc": "runsc" in runtimes,
+             "loadavg_1m": {"start": load_before, "end": load_after}},
             indent=1,
         ) + "\n"
     )  # fmt: skip

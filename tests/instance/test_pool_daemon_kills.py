@@ -30,7 +30,7 @@ from tidal.units import MiB
 
 from .conftest import assert_nothing_left, cleanup_engine, namespace_mounts, pod_cgroups
 
-ROUNDS = 4
+ROUNDS = 3
 POOL_MAX = 3
 SHAPE = Limits(cpus=0.25, memory_bytes=32 * MiB, egress_bps=20_000_000)
 

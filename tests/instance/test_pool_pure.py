@@ -12,7 +12,7 @@ import pytest
 from tidal.errors import ConfigError, InstanceError, NoCapacityError, TidalError
 from tidal.instance.capacity import Capacity
 from tidal.instance.pool import PoolKey, PoolMember, Pools, PoolStore
-from tidal.instance.spec import Limits
+from tidal.instance.spec import InstanceSpec, Limits
 from tidal.units import MiB
 
 SMALL = PoolKey("runc", Limits(cpus=0.5, memory_bytes=64 * MiB))
@@ -51,6 +51,9 @@ class FakeFactory:
         need = key.limits.cpus or 0.0
         return self.live + pooled.cpus + need <= self.cpus + 1e-9
 
+    def key_of(self, spec: InstanceSpec) -> PoolKey:
+        return PoolKey(spec.runtime or "runc", spec.limits)
+
 
 def make(tmp_path: Path, cpus: float = 4.0, **kw: int) -> tuple[Pools, FakeFactory]:
     store = PoolStore(tmp_path / "pool")
@@ -74,6 +77,13 @@ def test_prewarm_fills_records_ready_members_and_take_hands_them_out(tmp_path: P
     assert (big["misses"], big["ready"]) == (1, 0)
 
 
+def test_prewarm_takes_a_spec_as_the_agreed_interface_says(tmp_path: Path) -> None:
+    pools, _ = make(tmp_path)
+    pools.prewarm(InstanceSpec(image="/img", command=("true",), limits=SMALL.limits), 2)
+    pools.wait_ready(timeout_s=1.0)
+    assert pools.take(SMALL) is not None and pools.target(SMALL) == 2
+
+
 def test_prewarm_beyond_pool_max_or_capacity_is_refused(tmp_path: Path) -> None:
     pools, _ = make(tmp_path, cpus=1.0)
     with pytest.raises(ConfigError, match=r"outside 0\.\.\[instance\] pool_max"):
@@ -95,12 +105,12 @@ def test_refill_keeps_pools_within_the_node_and_learns_from_creates(tmp_path: Pa
     pools.start()
     try:
         with pytest.raises(InstanceError, match="not filled within"):
-            pools.wait_ready(timeout_s=2.0)  # room for only 4 x 0.5 CPUs
+            pools.wait_ready(timeout_s=1.5)  # room for only 4 x 0.5 CPUs
         (st,) = pools.status()
         assert st["ready"] == 4
         assert pools.pooled().cpus == pytest.approx(2.0)
         factory.live = 1.0  # instances now hold one CPU: no new member, the 4 stay
-        time.sleep(1.5)
+        time.sleep(1.2)  # more than one refill tick
         assert pools.pooled().cpus == pytest.approx(2.0)
     finally:
         pools.close()

@@ -187,15 +187,15 @@ def test_misses_evict_idle_members_rather_than_overbook_the_node(
     engine_settings: EngineSettings, busybox_rootfs: Path
 ) -> None:
     engine = Engine(engine_settings)
-    mgr = InstanceManager(engine, InstanceSettings(pool_max=4, capacity_cpus=2.0))
+    mgr = InstanceManager(engine, InstanceSettings(pool_max=2, capacity_cpus=1.0))
     img = str(busybox_rootfs)
     try:
-        mgr.prewarm(InstanceSpec(image=img, command=("true",), limits=SHAPE), 4)  # 2 CPUs
-        assert mgr.pools.pooled().cpus == pytest.approx(2.0)
-        big = Limits(cpus=1.0, memory_bytes=64 * MiB)
-        mgr.run(InstanceSpec(image=img, command=("sleep", "300"), name="big", limits=big))
-        assert mgr.reserved().cpus + mgr.pools.pooled().cpus <= 2.0 + 1e-9
-        assert len(mgr.pool_store.list()) == 2  # two 0.5-CPU members made room for 1 CPU
+        mgr.prewarm(InstanceSpec(image=img, command=("true",), limits=SHAPE), 2)  # 1 CPU
+        assert mgr.pools.pooled().cpus == pytest.approx(1.0)
+        other = Limits(cpus=0.5, memory_bytes=48 * MiB)  # another shape: a miss
+        mgr.run(InstanceSpec(image=img, command=("sleep", "300"), name="big", limits=other))
+        assert mgr.reserved().cpus + mgr.pools.pooled().cpus <= 1.0 + 1e-9
+        assert len(mgr.pool_store.list()) == 1  # one 0.5-CPU member made room
         mgr.remove("big", force=True)
         mgr.pools.drain()
         assert_nothing_left(engine_settings)
@@ -251,7 +251,7 @@ def test_a_runsc_hit_runs_the_members_in_the_warm_gvisor_sandbox(
     spec = InstanceSpec(image=img, command=("sleep", "300"), runtime="runsc", limits=SHAPE)
     mgr.prewarm(spec, 1)
     (warm,) = mgr.pool_store.list()
-    time.sleep(1.0)  # an idle warm gVisor sandbox stays up
+    time.sleep(0.5)  # an idle warm gVisor sandbox stays up
     assert mgr.engine.get(warm.sandbox_id or "").status == "running"
     rec = mgr.run(
         dataclasses.replace(

@@ -671,9 +671,8 @@ class InstanceManager:
         free = self.capacity().minus(self.reserved()).minus(pooled)
         return not shortfall(Capacity.of(key.limits), free)
 
-    def prewarm(self, spec: InstanceSpec, count: int) -> dict[str, Any]:
-        """Fill the pool of the spec's shape (the type its fallback would choose now) to at
-        least ``count`` ready sandboxes; returns that pool's status."""
+    def key_of(self, spec: InstanceSpec) -> PoolKey:
+        """The pool shape of ``spec``: its runtime and the type its fallback chooses now."""
         if spec.ports:
             raise ConfigError(
                 "instances that publish ports make their own sandbox (pools skip them); "
@@ -683,7 +682,12 @@ class InstanceManager:
         self.engine.runtime(runtime)
         candidates = self.catalog.resolve(spec.specs)
         choice = choose(candidates, spec.limits, self.capacity(), self.reserved())
-        key = PoolKey(runtime, choice.limits)
+        return PoolKey(runtime, choice.limits)
+
+    def prewarm(self, spec: InstanceSpec, count: int) -> dict[str, Any]:
+        """Fill the pool of the spec's shape (the type its fallback would choose now) to at
+        least ``count`` ready sandboxes; returns that pool's status."""
+        key = self.key_of(spec)
         self.pools.prewarm(key, count)
         return next(p for p in self.pools.status() if p["id"] == key.id)
 

@@ -58,7 +58,7 @@ from tidal.errors import ConfigError, InstanceError, NoCapacityError, TidalError
 from tidal.fsutil import write_text_atomic
 from tidal.instance.capacity import Capacity
 from tidal.instance.reuse import DEFAULT_REFILL_S, ReuseModel
-from tidal.instance.spec import Limits
+from tidal.instance.spec import InstanceSpec, Limits
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,9 @@ class SandboxFactory(Protocol):
     def room_for(self, key: PoolKey, pooled: Capacity) -> bool:
         """Whether the node's capacity holds one more member of ``key`` besides the live
         instances and the members counted by ``pooled`` (see :meth:`Pools.pooled`)."""
+
+    def key_of(self, spec: InstanceSpec) -> PoolKey:
+        """The shape an instance of ``spec`` would get now (its fallback's choice)."""
 
 
 @dataclass
@@ -398,9 +401,10 @@ class Pools:
 
     # --- prewarm, wait, status -------------------------------------------------------------------
 
-    def prewarm(self, key: PoolKey, count: int) -> None:
-        """Raise the pool's target to at least ``count`` and make members now, in this thread,
-        until it holds that many ready."""
+    def prewarm(self, spec: InstanceSpec | PoolKey, count: int) -> None:
+        """Raise the pool of the spec's shape (or of ``key``) to a target of at least
+        ``count`` and make members now, in this thread, until it holds that many ready."""
+        key = spec if isinstance(spec, PoolKey) else self.factory.key_of(spec)
         if not self.enabled:
             raise ConfigError("warm pools are off on this node; set [instance] pool_max above 0")
         if count < 0 or count > self.pool_max:
