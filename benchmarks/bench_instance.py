@@ -230,19 +230,25 @@ def main() -> None:
         ("tidal instance run (CLI), runc, dir", cli_instance(cli_env, str(rootfs), client))
     )
     phases: dict[str, list[dict[str, float]]] = {}
-    pool_holder = pclient.run_instance(InstanceSpec(image=str(image), command=CMD, name="holder"))
-    for rt, what, img_of in [
+    pool_rows = [
         ("runc", "dir rootfs", lambda: str(rootfs)),
         ("runc", "image warm", lambda: str(image)),
         *([("runsc", "image warm", lambda: str(image))] if "runsc" in runtimes else []),
-    ]:
-        pclient.prewarm_pool(InstanceSpec(image=img_of(), command=CMD, runtime=rt), 2)
+    ]
+    for rt, what, img_of in pool_rows:
         name = f"tidal instance {rt}, {what}, pool hit"
         phases[name] = []
         configs.append((name, pool_hit(pclient, img_of, rt, phases[name])))
     samples: dict[str, list[float]] = {name: [] for name, _ in configs}
     load_before = os.getloadavg()[0]
+    pool_holder: dict[str, object] = {}
     try:
+        # inside the try: a failure here still removes what the daemons made
+        pool_holder = pclient.run_instance(
+            InstanceSpec(image=str(image), command=CMD, name="holder")
+        )
+        for rt, _, img_of in pool_rows:
+            pclient.prewarm_pool(InstanceSpec(image=img_of(), command=CMD, runtime=rt), 2)
         for _, once in configs:
             once()  # warm-up: page cache, pools, the pause rootfs
             time.sleep(args.gap_s)
@@ -254,7 +260,9 @@ def main() -> None:
         with contextlib.suppress(Exception):
             client.remove_instance(holder["id"], force=True)
         with contextlib.suppress(Exception):
-            pclient.remove_instance(pool_holder["id"], force=True)
+            if pool_holder:
+                pclient.remove_instance(str(pool_holder["id"]), force=True)
+        with contextlib.suppress(Exception):
             pclient.drain_pools()
         client.close()
         daemon.close()
