@@ -6,12 +6,12 @@ file or mount); the restarted daemon refills the pools. The daemon harness is th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +33,43 @@ from .conftest import assert_nothing_left, cleanup_engine, namespace_mounts, pod
 ROUNDS = 3
 POOL_MAX = 3
 SHAPE = Limits(cpus=0.25, memory_bytes=32 * MiB, egress_bps=20_000_000)
+
+
+BURST = """
+import json, sys, threading
+from pathlib import Path
+from tidal.errors import TidalError
+from tidal.instance.client import InstanceClient
+from tidal.instance.spec import InstanceSpec
+sock, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+lock = threading.Lock()
+def say(line):
+    with lock:
+        print(line, flush=True)
+def create(name):
+    try:
+        with InstanceClient(sock) as c:
+            c.run_instance(InstanceSpec.from_json({**spec, "name": name}))
+    except (TidalError, OSError):
+        return
+    say("ok " + name)
+def remove(name):
+    try:
+        with InstanceClient(sock) as c:
+            c.remove_instance(name, force=True)
+    except (TidalError, OSError):
+        return
+    say("gone " + name)
+work = [threading.Thread(target=create, args=(n,)) for n in sys.argv[3].split(",") if n]
+work += [threading.Thread(target=remove, args=(n,)) for n in sys.argv[4].split(",") if n]
+say("go")
+for w in work:
+    w.start()
+for w in work:
+    w.join()
+"""
+"""A client process: creates and removes at once, printing ``ok NAME`` / ``gone NAME`` for
+each the daemon acknowledged."""
 
 
 def _member_records(settings: EngineSettings) -> list[dict[str, object]]:
@@ -109,40 +146,30 @@ def test_pools_survive_kills_during_a_burst(
         with InstanceClient(sock) as client:
             client.prewarm_pool(spec, POOL_MAX)
 
-        def create(name: str) -> None:
-            try:
-                with InstanceClient(sock) as c:
-                    c.run_instance(dataclasses.replace(spec, name=name))
-            except (TidalError, OSError):
-                return
-            with lock:
-                acked.add(name)
-
-        def remove(name: str, gone: set[str]) -> None:
-            with lock:
-                acked.discard(name)  # a removal in flight may or may not finish
-            try:
-                with InstanceClient(sock) as c:
-                    c.remove_instance(name, force=True)
-            except (TidalError, OSError):
-                return
-            with lock:
-                gone.add(name)
-
         for rnd in range(ROUNDS):
-            gone: set[str] = set()
             with lock:
                 old = sorted(acked)
-            workers = [threading.Thread(target=create, args=(f"r{rnd}n{i}",)) for i in range(4)] + [
-                threading.Thread(target=remove, args=(n, gone)) for n in old[:2]
-            ]
-            for w in workers:
-                w.start()
+                acked.difference_update(old[:2])  # a removal in flight may or may not finish
+            # the burst comes from one child process (its clients' sockets die with the
+            # daemon; httpx leaks the socket of a refused connect, which must not be ours)
+            burst = subprocess.Popen(
+                [sys.executable, "-c", BURST, str(sock), json.dumps(spec.to_json()),
+                 ",".join(f"r{rnd}n{i}" for i in range(4)), ",".join(old[:2])],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            assert burst.stdout is not None
+            assert burst.stdout.readline() == "go\n"  # its imports done: the burst starts now
             time.sleep(rng.uniform(0.05, 0.9))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            for w in workers:
-                w.join(timeout=60)
+            out, _ = burst.communicate(timeout=120)
+            gone: set[str] = set()
+            for line in out.splitlines():
+                verb, _, name = line.partition(" ")
+                if verb == "ok":
+                    acked.add(name)
+                elif verb == "gone":
+                    gone.add(name)
             proc = start_daemon(engine_settings, log, timeout_s=90)
             with InstanceClient(sock) as client:
                 (st,) = client.wait_pools_ready(90)  # the restarted daemon refills
