@@ -11,6 +11,11 @@ Rows, all measured in the same run on the same busybox tree, interleaved round-r
       - runc on a Tidal image cold from the registry: each start pulls the metadata into a
         fresh directory, mounts it lazily with an empty chunk cache (FUSE -> loop -> ext4),
       - the same two for runsc (gVisor) when its runtime driver is registered;
+      - a warm-pool hit (a second daemon with ``[instance] pool_max`` on, its pool of the
+        row's shape prewarmed; the wait for the pool to be full again is not timed, and a
+        sample that missed the pool fails the run): runc on the directory rootfs and on the
+        warm image, runsc on the warm image. Their rows also carry each phase's median
+        from ``InstanceRecord.timings``;
   * ``tidal instance run`` from the CLI (a new Python process), runc, directory rootfs.
 Removal is not timed; ``--gap-s`` idles after each sample so pool refills end first.
 
@@ -32,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +51,7 @@ from tidal.blobs.registry_client import RegistryClient  # noqa: E402
 from tidal.engine.daemon import Daemon  # noqa: E402
 from tidal.engine.runtime import RUNTIME_CLASSES  # noqa: E402
 from tidal.engine.settings import EngineSettings  # noqa: E402
+from tidal.instance.catalog import InstanceSettings  # noqa: E402
 from tidal.instance.client import InstanceClient  # noqa: E402
 from tidal.instance.service import instance_part  # noqa: E402
 from tidal.instance.spec import InstanceSpec  # noqa: E402
@@ -66,6 +73,28 @@ def api_instance(
         t1 = time.perf_counter()
         if d["status"] != "running":
             raise SystemExit(f"instance {d['name']} is {d['status']}")
+        client.remove_instance(d["id"], force=True)
+        return t1 - t0
+
+    return once
+
+
+def pool_hit(
+    client: InstanceClient, image: Callable[[], str], runtime: str, phases: list[dict[str, float]]
+) -> Callable[[], float]:
+    """One ``run_instance`` that takes a warm sandbox (the pool is full again before it)."""
+
+    def once() -> float:
+        client.wait_pools_ready(120)  # not timed: the refill after the last sample
+        img = image()
+        t0 = time.perf_counter()
+        d = client.run_instance(InstanceSpec(image=img, command=CMD, runtime=runtime))
+        t1 = time.perf_counter()
+        if d["status"] != "running" or not d.get("pool_member"):
+            raise SystemExit(
+                f"instance {d['name']} is {d['status']}, pool member {d.get('pool_member')}"
+            )
+        phases.append(dict(d.get("timings") or {}))
         client.remove_instance(d["id"], force=True)
         return t1 - t0
 
@@ -149,6 +178,21 @@ def main() -> None:
         "TIDAL_ENGINE__BRIDGE": settings.bridge,
         "TIDAL_ENGINE__SUBNET": settings.subnet,
     }
+    # the same engine with warm pools, for the pool-hit rows (its own state, bridge, cgroups)
+    ptag = uuid.uuid4().hex[:4]
+    pool_settings = EngineSettings(
+        state_dir=work / "engine-pools",
+        default_disk_quota_bytes=256 * 1024 * 1024,
+        cgroup_parent="tidal-bench-pool",
+        bridge=f"tdbp{ptag}",
+        subnet=f"10.{230 + int(ptag[:2], 16) % 20}.{int(ptag[2:], 16)}.0/24",
+        lxcfs="off",
+    )
+    pool_daemon = Daemon(
+        pool_settings, parts=[partial(instance_part, settings=InstanceSettings(pool_max=4))]
+    )
+    pool_daemon.start()
+    pclient = InstanceClient(pool_daemon.socket_path)
     registry = RegistryServer().start()
     reg_client = RegistryClient(registry.address)
     ref = ImageReference.parse(f"{registry.address}/bench/busybox:v1")
@@ -185,8 +229,26 @@ def main() -> None:
     configs.append(
         ("tidal instance run (CLI), runc, dir", cli_instance(cli_env, str(rootfs), client))
     )
+    phases: dict[str, list[dict[str, float]]] = {}
+    pool_rows = [
+        ("runc", "dir rootfs", lambda: str(rootfs)),
+        ("runc", "image warm", lambda: str(image)),
+        *([("runsc", "image warm", lambda: str(image))] if "runsc" in runtimes else []),
+    ]
+    for rt, what, img_of in pool_rows:
+        name = f"tidal instance {rt}, {what}, pool hit"
+        phases[name] = []
+        configs.append((name, pool_hit(pclient, img_of, rt, phases[name])))
     samples: dict[str, list[float]] = {name: [] for name, _ in configs}
+    load_before = os.getloadavg()[0]
+    pool_holder: dict[str, object] = {}
     try:
+        # inside the try: a failure here still removes what the daemons made
+        pool_holder = pclient.run_instance(
+            InstanceSpec(image=str(image), command=CMD, name="holder")
+        )
+        for rt, _, img_of in pool_rows:
+            pclient.prewarm_pool(InstanceSpec(image=img_of(), command=CMD, runtime=rt), 2)
         for _, once in configs:
             once()  # warm-up: page cache, pools, the pause rootfs
             time.sleep(args.gap_s)
@@ -197,16 +259,25 @@ def main() -> None:
     finally:
         with contextlib.suppress(Exception):
             client.remove_instance(holder["id"], force=True)
+        with contextlib.suppress(Exception):
+            if pool_holder:
+                pclient.remove_instance(str(pool_holder["id"]), force=True)
+        with contextlib.suppress(Exception):
+            pclient.drain_pools()
         client.close()
         daemon.close()
+        pclient.close()
+        pool_daemon.close()
         reg_client.close()
         registry.stop()
-        subprocess.run(["ip", "link", "del", settings.bridge], capture_output=True, check=False)
+        for bridge in (settings.bridge, pool_settings.bridge):
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
         for parent in Path("/sys/fs/cgroup").glob("*/tidal-bench*"):
             with contextlib.suppress(OSError):
                 parent.rmdir()
         shutil.rmtree(work, ignore_errors=True)
 
+    load_after = os.getloadavg()[0]
     bare = statistics.median(samples["bare runc run (baseline)"])
     print(f"instance start latency (command -> first process running), {n} starts per row")
     print(f"{'configuration':<44} {'p50 ms':>8} {'p99 ms':>8} {'vs bare runc p50':>17}")
@@ -215,18 +286,32 @@ def main() -> None:
         p50, p99 = statistics.median(values) * 1000, pct(values, 99) * 1000
         ratio = f"{p50 / (bare * 1000):.1f}x"
         print(f"{name:<44} {p50:>8.1f} {p99:>8.1f} {ratio:>17}")
-        rows.append(
-            {
-                "config": name,
-                "starts": len(values),
-                "p50_ms": p50,
-                "p99_ms": p99,
-                "vs_bare_p50": ratio,
+        row: dict[str, object] = {
+            "config": name,
+            "starts": len(values),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "vs_bare_p50": ratio,
+        }
+        if phases.get(name):
+            keys = list(phases[name][-1])
+            row["phases_p50_ms"] = {
+                k: round(statistics.median(t.get(k, 0.0) for t in phases[name]) * 1000, 1)
+                for k in keys
             }
-        )
-    targets = {"runc instance p50 <= 2x bare runc": samples["tidal instance runc, dir rootfs"]}
+            print(f"{'':<44} phases p50 ms: {row['phases_p50_ms']}")
+        rows.append(row)
+    targets = {
+        "runc instance p50 <= 2x bare runc": samples["tidal instance runc, dir rootfs"],
+        "runc instance p50 <= 2x bare runc, pool hit": samples[
+            "tidal instance runc, dir rootfs, pool hit"
+        ],
+    }
     if "runsc" in runtimes:
         targets["runsc p50 <= 400 ms, image warm"] = samples["tidal instance runsc, image warm"]
+        targets["runsc p50 <= 400 ms, image warm, pool hit"] = samples[
+            "tidal instance runsc, image warm, pool hit"
+        ]
     verdicts = {}
     for what, values in targets.items():
         p50 = statistics.median(values)
@@ -239,7 +324,8 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {"benchmark": "instance_start_latency", "rows": rows, "targets": verdicts,
-             "runsc": "runsc" in runtimes},
+             "runsc": "runsc" in runtimes,
+             "loadavg_1m": {"start": load_before, "end": load_after}},
             indent=1,
         ) + "\n"
     )  # fmt: skip

@@ -136,6 +136,13 @@ def destroy_netns(cid: str) -> None:
         raise EngineError(f"network namespace {ns} could not be deleted; see the daemon log")
 
 
+def flush_neighbours(cid: str) -> None:
+    """Forget the neighbour (ARP) entries of a container's netns: a reused pod sandbox must
+    not answer for the last pod's peers from cache. The address, routes and veth stay."""
+    ns = netns_name(cid)
+    _ip(["-n", ns, "neigh", "flush", "all"], f"flushing the neighbour table of {ns}")
+
+
 def host_port_free(host_ip: str, port: int) -> bool:
     """Whether a TCP listener could bind ``host_ip:port`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -181,6 +188,10 @@ class Network(ABC):
     @abstractmethod
     def host_port_free(self, host_ip: str, port: int) -> bool: ...
 
+    @abstractmethod
+    def flush_neighbours(self, cid: str) -> None:
+        """Forget the container netns's neighbour entries (a reused pod sandbox)."""
+
 
 class BridgeNetwork(Network):
     """The host: a Linux bridge, named network namespaces, veth pairs (``ip``)."""
@@ -202,3 +213,6 @@ class BridgeNetwork(Network):
 
     def host_port_free(self, host_ip: str, port: int) -> bool:
         return host_port_free(host_ip, port)
+
+    def flush_neighbours(self, cid: str) -> None:
+        flush_neighbours(cid)

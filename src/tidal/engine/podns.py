@@ -64,6 +64,16 @@ class PodNamespaces(ABC):
     def destroy(self, directory: Path) -> None:
         """Unmount and remove the files and the directory; nothing there is no error."""
 
+    @abstractmethod
+    def set_hostname(self, directory: Path, hostname: str) -> None:
+        """Rename the pod's UTS namespace (a warm sandbox handed to an instance, or back)."""
+
+    @abstractmethod
+    def renew_ipc(self, directory: Path) -> None:
+        """Replace the IPC namespace by a fresh one, so a reused sandbox's next pod sees none
+        of the last one's SysV objects or POSIX message queues (the pause process keeps the
+        old one, which it never uses; members join the file)."""
+
 
 def _is_mounted(path: Path) -> bool:
     """A namespace bind mount is on another device (nsfs) than the directory holding it."""
@@ -122,3 +132,33 @@ class HostPodNamespaces(PodNamespaces):
             f.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             directory.rmdir()
+
+    def set_hostname(self, directory: Path, hostname: str) -> None:
+        uts = PodNamespacePaths.under(directory).uts
+        proc.run(
+            ["nsenter", f"--uts={uts}", "hostname", hostname],
+            what=f"setting hostname {hostname!r} in the pod's UTS namespace {uts}",
+            error=EngineError,
+            timeout_s=30,
+            install_hint="apt-get install util-linux hostname",
+        )
+
+    def renew_ipc(self, directory: Path) -> None:
+        ipc = PodNamespacePaths.under(directory).ipc
+        for _ in range(UMOUNT_TRIES):
+            if not _is_mounted(ipc):
+                break
+            proc.run(
+                ["umount", ipc],
+                what=f"unmounting the pod IPC namespace {ipc}",
+                error=EngineError,
+                timeout_s=30,
+            )
+        ipc.touch()
+        proc.run(
+            ["unshare", f"--ipc={ipc}", "true"],
+            what=f"making a fresh pod IPC namespace on {ipc}",
+            error=EngineError,
+            timeout_s=30,
+            install_hint="apt-get install util-linux",
+        )

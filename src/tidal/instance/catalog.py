@@ -97,6 +97,13 @@ class InstanceSettings:
     """Memory instances may reserve (default: the node's MemTotal)."""
     default_spec: str = ""
     """Type of an instance run without ``--spec`` (empty: only its ad-hoc limits)."""
+    pool_max: int = 0
+    """Warm sandboxes per shape at most (:mod:`tidal.instance.pool`); 0 turns pools off. Off
+    by default: a warm member holds a running sandbox, an address and a share of the node's
+    capacity, which an operator should opt into."""
+    pool_min: int = 0
+    """Warm sandboxes a shape seen on this node keeps even when idle (the learned target's
+    floor, :mod:`tidal.instance.reuse`); 0: idle shapes give all their room back."""
 
     def __post_init__(self) -> None:
         check(self, "[instance]")
@@ -106,6 +113,16 @@ class InstanceSettings:
             )
         if self.capacity_memory_bytes is not None and self.capacity_memory_bytes <= 0:
             raise ConfigError("[instance] capacity_memory_bytes must be positive")
+        if self.pool_max < 0 or self.pool_min < 0:
+            raise ConfigError(
+                f"[instance] pool_max ({self.pool_max}) and pool_min ({self.pool_min}) "
+                "must be 0 or more"
+            )
+        if self.pool_min > self.pool_max:
+            raise ConfigError(
+                f"[instance] pool_min ({self.pool_min}) is above pool_max ({self.pool_max}); "
+                "raise pool_max or lower pool_min"
+            )
 
 
 def load_instance_settings() -> InstanceSettings:

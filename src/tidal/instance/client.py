@@ -34,6 +34,27 @@ class InstanceClient(EngineClient):
         ).json()
         return data
 
+    def prewarm_pool(self, spec: InstanceSpec, count: int) -> dict[str, Any]:
+        """Fill the pool of the spec's shape to at least ``count`` ready sandboxes."""
+        data: dict[str, Any] = self._request(
+            "POST", "/instances/pools", json={"spec": spec.to_json(), "count": count}
+        ).json()
+        return data
+
+    def pools(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request("GET", "/instances/pools").json()
+        return data
+
+    def wait_pools_ready(self, timeout_s: float) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request(
+            "POST", "/instances/pools/wait", json={"timeout_s": timeout_s}
+        ).json()
+        return data
+
+    def drain_pools(self) -> int:
+        """Tear down every idle warm sandbox and stop refilling until the next prewarm."""
+        return int(self._request("DELETE", "/instances/pools").json()["drained"])
+
     def instances(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = self._request("GET", "/instances").json()
         return data

@@ -294,6 +294,26 @@ class PodCgroup:
             return [self._dir("")] if self._dir("").exists() else []
         return [self._dir(c) for c in V1_ALL if self._dir(c).is_dir()]
 
+    def remove_children(self, keep: str) -> None:
+        """Remove every child cgroup but ``keep``'s (a reused pod keeps its sandbox's)."""
+        for d in self.dirs():
+            for child in sorted((p for p in d.rglob("*") if p.is_dir()), reverse=True):
+                if child.relative_to(d).parts[0] == keep:
+                    continue
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+
+    def processes(self, exclude_child: str) -> list[int]:
+        """Pids in the pod cgroup and its children, except those in ``exclude_child``."""
+        pids: set[int] = set()
+        for d in self.dirs():
+            for procs in d.rglob("cgroup.procs"):
+                if procs.parent != d and procs.relative_to(d).parts[0] == exclude_child:
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    pids |= {int(x) for x in procs.read_text().split()}
+        return sorted(pids)
+
     def remove(self) -> None:
         """Remove the (empty) pod cgroup everywhere; children a runtime left go first."""
         failed = []

@@ -22,6 +22,14 @@ A failure at any step undoes what was made (containers by their names, which tak
 sandbox's netns and namespace files along, the cgroup, the record) and raises one error naming
 the cause; a daemon killed meanwhile leaves a ``creating`` record that
 :meth:`InstanceManager.reconcile` rolls back the same way.
+
+With warm pools on (``[instance] pool_max`` > 0, :mod:`tidal.instance.pool`), step 1 also
+takes a ready pool member of the chosen shape when there is one and writes its id into the
+record (``pool_member``, ``sandbox_id``, its cgroup); steps 2 and 4's shaping are then done
+already, and step 3 hands the sandbox over (renamed ``<name>.sandbox``, its UTS hostname
+set) instead of creating it. ``rm`` puts a runc/crun sandbox back into its pool when the pool
+is below its target (:meth:`InstanceManager._return_to_pool`), else tears it down. Each
+phase's seconds are recorded (``InstanceRecord.timings``).
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tidal import proc
 from tidal.engine.containers import Engine, LogChunk
 from tidal.engine.network import link_names, netns_name
-from tidal.engine.runtime import ExecResult
+from tidal.engine.runtime import ExecResult, OciCliRuntime
 from tidal.engine.spec import ContainerSpec, QuotaSpec, VolumeSpec
 from tidal.engine.store import ContainerRecord
 from tidal.errors import (
@@ -51,11 +60,12 @@ from tidal.errors import (
 )
 from tidal.fsutil import write_text_atomic
 from tidal.ids import InstanceId
-from tidal.instance.capacity import Capacity, choose
+from tidal.instance.capacity import Capacity, choose, shortfall
 from tidal.instance.catalog import Catalog, InstanceSettings, load_instance_settings
 from tidal.instance.identity import cri_log_spec
 from tidal.instance.limits import PodCgroup, apply_net, block_device_of
 from tidal.instance.pause import PAUSE_PATH, pause_rootfs
+from tidal.instance.pool import PoolKey, PoolMember, Pools, PoolStore
 from tidal.instance.spec import MAIN, InstanceSpec, MemberSpec
 from tidal.instance.store import SANDBOX, InstanceRecord, InstanceStore
 
@@ -63,6 +73,10 @@ log = logging.getLogger(__name__)
 LABEL_ID = "tidal.instance.id"
 LABEL_NAME = "tidal.instance"
 LABEL_ROLE = "tidal.instance.role"
+LABEL_POOL = "tidal.pool"
+"""On a warm sandbox: its pool's shape id."""
+LABEL_POOL_MEMBER = "tidal.pool.member"
+"""On a warm sandbox: its pool member record's id."""
 POD_WARM_MONITORS = 3
 """Container monitors the engine keeps started ahead: a sandbox and two containers."""
 
@@ -79,6 +93,22 @@ def node_capacity(settings: InstanceSettings) -> Capacity:
                     mem = int(line.split()[1]) * 1024
                     break
     return Capacity(cpus, mem)
+
+
+class PhaseClock:
+    """Wall-clock seconds of each phase of ``run``, for ``InstanceRecord.timings``."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def timings(self) -> tuple[tuple[str, float], ...]:
+        return (*self.phases, ("total", time.monotonic() - self.t0))
 
 
 def hosts_file(name: str, ip: str | None) -> str:
@@ -103,6 +133,14 @@ class InstanceManager:
             engine.monitors.replenish()
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
+        self.pool_store = PoolStore(self.dir / "pool")
+        self.pools = Pools(
+            self.pool_store,
+            self,
+            pool_min=self.settings.pool_min,
+            pool_max=self.settings.pool_max,
+        )
+        self.pools.cgroup_parent = engine.settings.cgroup_parent
 
     def _lock(self, iid: str) -> threading.RLock:
         with self._guard:
@@ -131,12 +169,19 @@ class InstanceManager:
     # --- run -----------------------------------------------------------------------------------
 
     def run(self, spec: InstanceSpec) -> InstanceRecord:
-        """Create and start the instance; on failure nothing of it is left."""
+        """Create and start the instance; on failure nothing of it is left.
+
+        With pools on (``[instance] pool_max`` > 0), an instance without published ports
+        whose shape has a ready warm sandbox takes it (:mod:`tidal.instance.pool`) and makes
+        only its members; a miss makes room by evicting idle members if the node would
+        otherwise be overbooked, then takes today's path."""
+        clock = PhaseClock()
         runtime = spec.runtime or "runc"
         self.engine.runtime(runtime)  # a runtime that is not installed fails before any effect
         candidates = self.catalog.resolve(spec.specs)
         iid = InstanceId(secrets.token_hex(16))
         name = spec.name or f"i-{iid[:8]}"
+        member: PoolMember | None = None
         with self._create_lock:
             if any(r.name == name for r in self.store.list()):
                 raise ConfigError(
@@ -149,6 +194,11 @@ class InstanceManager:
             if clash:
                 raise ConfigError(f"containers named {clash} already exist; pick another --name")
             choice = choose(candidates, spec.limits, self.capacity(), self.reserved())
+            key = PoolKey(runtime, choice.limits)
+            if self._poolable(spec):
+                member = self.pools.take(key)
+                if member is None:
+                    self._make_room(choice.limits)
             rec = self.store.put(
                 InstanceRecord(
                     id=iid,
@@ -156,14 +206,21 @@ class InstanceManager:
                     spec=spec,
                     phase="creating",
                     runtime=runtime,
-                    cgroup=f"{self.engine.settings.cgroup_parent}/pod-{iid[:12]}",
+                    cgroup=member.cgroup
+                    if member
+                    else f"{self.engine.settings.cgroup_parent}/pod-{iid[:12]}",
                     created_at=time.time(),
                     chosen=choice.type,
                     limits=choice.limits,
+                    sandbox_id=member.sandbox_id if member else None,
+                    pool_member=member.id if member else None,
                 )
             )
+        if member is not None:
+            self.pool_store.delete(member.id)  # the instance's record owns the sandbox now
+        clock.mark("record")
         try:
-            rec = self._make(rec)
+            rec = self._make(rec, member, clock)
         except BaseException as exc:
             why = str(exc)
             try:
@@ -171,9 +228,35 @@ class InstanceManager:
             except TidalError as undo_exc:
                 log.error("rolling back instance %s: %s", name, undo_exc)
                 self.store.put(rec.replace(phase="removing", error=f"{why}; {undo_exc}"))
+            if member is not None:
+                self.pools.released(key, from_pool=True)
             raise
-        log.info("instance %s (%s) running, %s", rec.name, rec.id[:12], rec.ip)
+        log.info(
+            "instance %s (%s) running, %s%s",
+            rec.name,
+            rec.id[:12],
+            rec.ip,
+            " (warm sandbox)" if member else "",
+        )
         return rec
+
+    def _poolable(self, spec: InstanceSpec) -> bool:
+        """Published ports are bound by the sandbox's monitor when it starts, so such
+        instances make their own sandbox (see :mod:`tidal.instance.pool`)."""
+        return self.pools.enabled and not spec.ports
+
+    def _make_room(self, limits: Any) -> None:
+        """Evict idle warm sandboxes until live instances, this one and the pools fit the
+        node (the pools never overbook it; a create comes before a warm sandbox)."""
+        need = Capacity.of(limits)
+        while True:
+            free = self.capacity().minus(self.reserved()).minus(self.pools.pooled())
+            if not shortfall(need, free):
+                return
+            victim = self.pools.evict_one()
+            if victim is None:
+                return  # choose() already checked the instances alone; nothing more to give
+            self.pools.destroy(victim)
 
     def _labels(self, rec: InstanceRecord, role: str) -> tuple[tuple[str, str], ...]:
         return (
@@ -211,7 +294,9 @@ class InstanceManager:
             "pids_limit": rec.limits.pids,
         }
 
-    def _member_spec(self, rec: InstanceRecord, member: MemberSpec, main: bool) -> ContainerSpec:
+    def _member_spec(
+        self, rec: InstanceRecord, member: MemberSpec, main: bool, sandbox_ref: str | None = None
+    ) -> ContainerSpec:
         pod = self.pod_dir(rec)
         shared = (
             VolumeSpec("/etc/hosts", str(pod / "hosts"), readonly=True),
@@ -236,22 +321,30 @@ class InstanceManager:
             rich=member.restart != "no",
             restart=member.restart,
             labels=self._labels(rec, MAIN if main else member.name),
-            sandbox=rec.container_name(SANDBOX),  # by name: made alongside, its id comes later
+            # by name: made alongside, its id comes later (a warm one's by id: renamed meanwhile)
+            sandbox=sandbox_ref or rec.container_name(SANDBOX),
             cgroup_parent=rec.cgroup,
             cri_log=cri_log_spec(rec, member.name, self.settings),
             **self._own_limits(rec),
             **extra,
         )
 
-    def _make(self, rec: InstanceRecord) -> InstanceRecord:
+    def _make(
+        self, rec: InstanceRecord, member: PoolMember | None, clock: PhaseClock
+    ) -> InstanceRecord:
         """Steps 2-6 of the module docstring. Under runc and crun nothing on the critical path
         waits for the sandbox: everything the members join (the netns, the IPC and UTS
         namespace files) is made by its create, which runs alongside the members' creates,
         and the members start with it, so an instance costs about one container create and
         one start. Under runsc the members run inside the sandbox's kernel, which must run
-        first. (Each step is mostly waiting on ``ip``, ``mount`` and the runtime.)"""
+        first. (Each step is mostly waiting on ``ip``, ``mount`` and the runtime.)
+
+        With a warm ``member`` the cgroup, sandbox, netns and shaping exist already: the
+        sandbox is handed over (renamed, hostname set) alongside the members' creates."""
         cg = self.cgroup(rec)
-        cg.create(rec.limits)
+        if member is None:
+            cg.create(rec.limits)
+            clock.mark("cgroup")
         one_kernel = self.engine.runtime(rec.runtime).capabilities.pod_sandbox
         pod = self.pod_dir(rec)
         pod.mkdir(parents=True, exist_ok=True)
@@ -259,6 +352,7 @@ class InstanceManager:
         write_text_atomic(pod / "hosts", hosts_file(rec.name, None))  # the address comes below
         main = MemberSpec(MAIN, rec.spec.image, rec.spec.command, restart=rec.spec.restart)
         members = [(main, True), *((m, False) for m in rec.spec.members)]
+        sandbox_ref = member.sandbox_id if member else None
         with ThreadPoolExecutor(max_workers=2 + len(members)) as pool:
             started: list[Future[ContainerRecord]] = []
 
@@ -267,16 +361,21 @@ class InstanceManager:
                 started.append(pool.submit(self.engine.start, sandbox.id))
                 return sandbox
 
-            sandbox_made = pool.submit(make_sandbox)
+            if member is None:
+                sandbox_made = pool.submit(make_sandbox)
+            else:
+                sandbox_made = pool.submit(self._hand_over, rec, member, one_kernel)
             try:
                 created = [
-                    self.engine.create(self._member_spec(rec, m, is_main)) for m, is_main in members
+                    self.engine.create(self._member_spec(rec, m, is_main, sandbox_ref))
+                    for m, is_main in members
                 ]
             finally:
                 sandbox = sandbox_made.result()  # its error, if both failed
-            sandbox_started = started[0]
-            unenforced: list[str] = []
-            if sandbox.ip is not None:
+            clock.mark("create")
+            sandbox_started = started[0] if started else None
+            unenforced: list[str] = list(member.unenforced) if member else []
+            if sandbox.ip is not None and member is None:
                 host_dev, _ = link_names(sandbox.id)
                 unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
             rec = rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced))  # recorded at the end
@@ -300,16 +399,67 @@ class InstanceManager:
                     # made ahead with its limits: the runtime joins it, so the first I/O is held
                     cg.make_child(crec.id)
                     cg.limit_devices(lim, devices, child=crec.id)
-            if one_kernel:
+            clock.mark("limits")
+            if one_kernel and sandbox_started is not None:
                 sandbox_started.result()  # runsc: the members run inside the sandbox's kernel
             starts = [pool.submit(self.engine.start, crec.id) for crec in created]
-            sandbox_started.result()
+            if sandbox_started is not None:
+                sandbox_started.result()
             for member_started in starts:
                 member_started.result()
+            clock.mark("start")
         if disk:
             for crec in created:
                 cg.adopt_blkio(crec.id)
-        return self.store.put(rec.replace(phase="running"))
+        return self.store.put(rec.replace(phase="running", timings=clock.timings()))
+
+    def _hand_over(
+        self, rec: InstanceRecord, member: PoolMember, one_kernel: bool
+    ) -> ContainerRecord:
+        """A warm sandbox becomes the instance's: its name, labels and hostname. The engine
+        has no rename verb; the record's name and spec are the engine store's columns, and
+        nothing else keys on the name (directories, netns and cgroups go by id)."""
+        assert member.sandbox_id is not None
+        sandbox = self.engine.store.get(member.sandbox_id)
+        spec = sandbox.spec.replace(
+            name=rec.container_name(SANDBOX),
+            hostname=rec.name,
+            labels=self._labels(rec, SANDBOX),
+        )
+        self.engine.store.update(sandbox.id, name=spec.name, spec=spec)
+        if one_kernel:
+            self._set_sandbox_kernel_hostname(sandbox, rec.name)
+        else:
+            self.engine.pod_namespaces.set_hostname(self.engine.pod_ns_dir(sandbox.id), rec.name)
+        return self.engine.get(sandbox.id)
+
+    def _set_sandbox_kernel_hostname(self, sandbox: ContainerRecord, hostname: str) -> None:
+        """Under runsc the members share the gVisor kernel's UTS namespace, which the host
+        cannot enter: the pause binary sets it from inside (``pause -n NAME``), run by the
+        runtime's ``exec`` with ``CAP_SYS_ADMIN`` (the sandbox itself keeps the default
+        capabilities). The engine's ``exec`` takes no capabilities, hence the runtime's CLI."""
+        rt = self.engine.runtime(sandbox.runtime)
+        if not isinstance(rt, OciCliRuntime):
+            raise InstanceError(
+                f"runtime {sandbox.runtime} has no CLI to rename a warm sandbox with; "
+                "turn pools off ([instance] pool_max = 0) for it"
+            )
+        proc.run(
+            [
+                *rt.global_args(),
+                *rt.container_args(sandbox.id),
+                "exec",
+                "--cap",
+                "CAP_SYS_ADMIN",
+                sandbox.id,
+                PAUSE_PATH,
+                "-n",
+                hostname,
+            ],
+            what=f"setting hostname {hostname!r} in warm sandbox {sandbox.name}",
+            error=InstanceError,
+            timeout_s=30,
+        )
 
     @staticmethod
     def _devices_of(crec: ContainerRecord) -> set[tuple[int, int]]:
@@ -328,10 +478,15 @@ class InstanceManager:
         """The pod's containers that exist, in start order (by their derived names)."""
         out = []
         for member in rec.member_names():
-            try:
-                out.append(self.engine.get(rec.container_name(member)))
-            except ContainerNotFoundError:
-                continue
+            refs = [rec.container_name(member)]
+            if member == SANDBOX and rec.sandbox_id:
+                refs.append(rec.sandbox_id)  # a warm one: renamed at hand-out and back
+            for ref in refs:
+                try:
+                    out.append(self.engine.get(ref))
+                except ContainerNotFoundError:
+                    continue
+                break
         return out
 
     def _undo(self, rec: InstanceRecord) -> None:
@@ -359,6 +514,9 @@ class InstanceManager:
         self.store.delete(rec.id)
 
     def remove(self, ref: str, *, force: bool = False) -> None:
+        """Remove the instance; its sandbox goes back to its pool when the pool is below its
+        target (and the sandbox can be cleaned: see :meth:`_return_to_pool`), else it is
+        torn down with the rest."""
         rec = self.store.get(ref)
         with self._lock(rec.id):
             rec = self.store.get(rec.id)
@@ -368,8 +526,191 @@ class InstanceManager:
                     "'tidal instance rm --force'"
                 )
             rec = self.store.put(rec.replace(phase="removing"))
-            self._undo(rec)
-        log.info("removed instance %s", rec.name)
+            key = PoolKey(rec.runtime, rec.limits)
+            reused = False
+            if self._may_reuse(rec):
+                try:
+                    reused = self._return_to_pool(rec)
+                except TidalError as exc:
+                    log.warning(
+                        "the sandbox of instance %s could not be reused (%s); tearing it down",
+                        rec.name,
+                        exc,
+                    )
+                    rec = self.store.get(rec.id)
+            if not reused:
+                self._undo(rec)
+            if self.pools.enabled:
+                self.pools.released(key, from_pool=rec.pool_member is not None)
+        log.info("removed instance %s%s", rec.name, " (sandbox back in its pool)" if reused else "")
+
+    def _may_reuse(self, rec: InstanceRecord) -> bool:
+        """runc/crun pods only: under runsc the sandbox's gVisor kernel keeps the last pod's
+        state (its tmpfs, IPC, sockets' history), which no host-side step can clean."""
+        if not self._poolable(rec.spec):
+            return False
+        if self.engine.runtime(rec.runtime).capabilities.pod_sandbox:
+            return False
+        return self.pools.wants(PoolKey(rec.runtime, rec.limits))
+
+    def _return_to_pool(self, rec: InstanceRecord) -> bool:
+        """Clean a released instance's pod and put its sandbox back in its pool: members
+        gone, pod cgroup holding nothing but the sandbox, hostname and IPC namespace reset,
+        neighbours flushed, ``tc`` re-applied as the shape's. The instance record names the
+        new member before the member's record exists, so a crash anywhere here leaves the
+        instance owning (and its reconcile removing) the sandbox. False: nothing to reuse."""
+        found = self._containers(rec)
+        sandbox = next((c for c in found if c.spec.pod_sandbox), None)
+        if sandbox is None or sandbox.status != "running" or sandbox.ip is None:
+            return False
+        mid = secrets.token_hex(16)
+        rec = self.store.put(rec.replace(pool_member=mid, sandbox_id=sandbox.id))
+        for crec in reversed([c for c in found if c.id != sandbox.id]):
+            self.engine.remove(crec.id, force=True)
+        member = self.pool_store.put(
+            PoolMember(
+                id=mid,
+                key=PoolKey(rec.runtime, rec.limits),
+                phase="cleaning",
+                cgroup=rec.cgroup,
+                created_at=time.time(),
+                sandbox_id=sandbox.id,
+                ip=sandbox.ip,
+                unenforced=rec.unenforced,
+            )
+        )
+        self._clean(member)
+        ready = self.pool_store.put(member.replace(phase="ready"))
+        self.store.delete(rec.id)  # from here on the member is the pool's
+        for name in ("hosts", "hostname"):
+            (self.pod_dir(rec) / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.pod_dir(rec).rmdir()
+        self.pools.add_ready(ready)
+        return True
+
+    def _pool_hostname(self, member: PoolMember) -> str:
+        return f"pool-{member.id[:12]}"
+
+    def _pool_labels(self, member: PoolMember) -> tuple[tuple[str, str], ...]:
+        return (
+            (LABEL_POOL, member.key.id),
+            (LABEL_POOL_MEMBER, member.id),
+            (LABEL_ROLE, SANDBOX),
+        )
+
+    def _clean(self, member: PoolMember) -> None:
+        """What :meth:`_return_to_pool` resets (see there); raises if the pod is not empty."""
+        assert member.sandbox_id is not None
+        sandbox = self.engine.store.get(member.sandbox_id)
+        spec = sandbox.spec.replace(
+            name=member.sandbox_name,
+            hostname=self._pool_hostname(member),
+            labels=self._pool_labels(member),
+        )
+        self.engine.store.update(sandbox.id, name=spec.name, spec=spec)
+        nsdir = self.engine.pod_ns_dir(sandbox.id)
+        self.engine.pod_namespaces.set_hostname(nsdir, self._pool_hostname(member))
+        self.engine.pod_namespaces.renew_ipc(nsdir)
+        cg = PodCgroup(member.cgroup, self.engine.cgroup_root)
+        cg.remove_children(keep=sandbox.id)
+        left = cg.processes(exclude_child=sandbox.id)
+        if left:
+            raise InstanceError(
+                f"pod cgroup {member.cgroup} still holds processes {left[:10]} after its "
+                "members were removed"
+            )
+        self.engine.network.flush_neighbours(sandbox.id)
+        apply_net(member.key.limits, link_names(sandbox.id)[0], netns_name(sandbox.id))
+
+    # --- the pools' side (tidal.instance.pool.SandboxFactory) --------------------------------
+
+    def _member_sandbox_spec(self, member: PoolMember) -> ContainerSpec:
+        lim = member.key.limits
+        return ContainerSpec(
+            image=str(pause_rootfs(self.dir)),
+            command=(PAUSE_PATH,),
+            name=member.sandbox_name,
+            hostname=self._pool_hostname(member),
+            network="bridge",
+            runtime=member.key.runtime,
+            lxcfs=False,
+            disk_quotas=(QuotaSpec("/", 0),),
+            labels=self._pool_labels(member),
+            pod_sandbox=True,
+            cgroup_parent=member.cgroup,
+            cpus=lim.cpus,
+            memory_bytes=lim.memory_bytes,
+            pids_limit=lim.pids,
+        )
+
+    def make_member(self, member: PoolMember) -> PoolMember:
+        """A warm pod: cgroup with the shape's limits, sandbox created and started, tc on."""
+        PodCgroup(member.cgroup, self.engine.cgroup_root).create(member.key.limits)
+        sandbox = self.engine.create(self._member_sandbox_spec(member))
+        member = self.pool_store.put(member.replace(sandbox_id=sandbox.id))
+        self.engine.start(sandbox.id)
+        unenforced: list[str] = []
+        if sandbox.ip is not None:
+            host_dev, _ = link_names(sandbox.id)
+            unenforced = apply_net(member.key.limits, host_dev, netns_name(sandbox.id))
+        return member.replace(phase="ready", ip=sandbox.ip, unenforced=tuple(unenforced))
+
+    def destroy_member(self, member: PoolMember) -> None:
+        """The member's sandbox (by id, else by its pool name) and its cgroup."""
+        for ref in (member.sandbox_id, member.sandbox_name):
+            if not ref:
+                continue
+            try:
+                crec = self.engine.get(ref)
+            except ContainerNotFoundError:
+                continue
+            self.engine.remove(crec.id, force=True)
+            break
+        PodCgroup(member.cgroup, self.engine.cgroup_root).remove()
+
+    def room_for(self, key: PoolKey, pooled: Capacity) -> bool:
+        free = self.capacity().minus(self.reserved()).minus(pooled)
+        return not shortfall(Capacity.of(key.limits), free)
+
+    def key_of(self, spec: InstanceSpec) -> PoolKey:
+        """The pool shape of ``spec``: its runtime and the type its fallback chooses now."""
+        if spec.ports:
+            raise ConfigError(
+                "instances that publish ports make their own sandbox (pools skip them); "
+                "prewarm a spec without --publish"
+            )
+        runtime = spec.runtime or "runc"
+        self.engine.runtime(runtime)
+        candidates = self.catalog.resolve(spec.specs)
+        choice = choose(candidates, spec.limits, self.capacity(), self.reserved())
+        return PoolKey(runtime, choice.limits)
+
+    def prewarm(self, spec: InstanceSpec, count: int) -> dict[str, Any]:
+        """Fill the pool of the spec's shape (the type its fallback would choose now) to at
+        least ``count`` ready sandboxes; returns that pool's status."""
+        key = self.key_of(spec)
+        self.pools.prewarm(key, count)
+        return next(p for p in self.pools.status() if p["id"] == key.id)
+
+    def _member_whole(self, member: PoolMember) -> bool:
+        """A ready member survives a daemon restart if its sandbox runs with everything."""
+        if member.phase != "ready" or not member.sandbox_id:
+            return False
+        try:
+            sandbox = self.engine.get(member.sandbox_id)
+        except ContainerNotFoundError:
+            return False
+        if sandbox.status != "running" or sandbox.name != member.sandbox_name:
+            return False
+        if sandbox.ip is None or not self.engine.network.netns_exists(sandbox.id):
+            return False
+        one_kernel = self.engine.runtime(member.key.runtime).capabilities.pod_sandbox
+        if not one_kernel and not self.engine.pod_namespaces.exists(
+            self.engine.pod_ns_dir(sandbox.id)
+        ):
+            return False
+        return bool(PodCgroup(member.cgroup, self.engine.cgroup_root).dirs())
 
     def stop(self, ref: str, timeout_s: float | None = None) -> InstanceRecord:
         """Stop the containers (others first, then main, then the sandbox)."""
@@ -444,9 +785,28 @@ class InstanceManager:
     # --- daemon start, --rm --------------------------------------------------------------------
 
     def reconcile(self) -> dict[str, int]:
-        """After a daemon restart: roll back creations and finish removals it interrupted."""
+        """After a daemon restart: roll back creations and finish removals it interrupted;
+        keep whole warm sandboxes, tear down half-made ones (the refill rebuilds the pools).
+
+        A pool member named by an instance record belongs to that instance (it was being
+        handed out or returned): its member record is dropped first and the instance's own
+        reconcile decides. Then every other member is kept if ready and whole, else torn
+        down; last, a warm sandbox no record names at all (none should exist) is removed."""
         counts: dict[str, int] = {}
-        for rec in self.store.list():
+
+        def count(what: str) -> None:
+            counts[what] = counts.get(what, 0) + 1
+
+        if self.pools.enabled:
+            self.pools.load_state()
+
+        recs = self.store.list()
+        owned = {r.pool_member for r in recs if r.pool_member}
+        members = self.pool_store.list()
+        for m in members:
+            if m.id in owned:
+                self.pool_store.delete(m.id)
+        for rec in recs:
             if rec.phase in ("creating", "removing"):
                 log.warning(
                     "instance %s was %s when the daemon stopped; removing it", rec.name, rec.phase
@@ -455,10 +815,44 @@ class InstanceManager:
                     self._undo(rec.replace(phase="removing"))
                 except TidalError as exc:
                     log.error("%s", exc)
-                    counts["broken"] = counts.get("broken", 0) + 1
+                    count("broken")
                 continue
             status = self.status(rec)
-            counts[status] = counts.get(status, 0) + 1
+            count(status)
+            if rec.pool_member and status == "running":
+                self.pools.adopt_in_use(PoolKey(rec.runtime, rec.limits))
+        kept: set[str] = set()
+        for m in members:
+            if m.id in owned:
+                continue
+            if self.pools.enabled and self._member_whole(m):  # pools since turned off: none kept
+                self.pools.add_ready(m)
+                kept.add(m.id)
+                count("pool_ready")
+                continue
+            log.warning("warm sandbox %s was %s; tearing it down", m.sandbox_name, m.phase)
+            try:
+                self.destroy_member(m)
+            except TidalError as exc:
+                log.error("tearing down warm sandbox %s: %s", m.sandbox_name, exc)
+                count("pool_broken")
+                continue
+            self.pool_store.delete(m.id)
+            count("pool_torn_down")
+        claimed = {r.sandbox_id for r in self.store.list() if r.sandbox_id}
+        for crec in self.engine.store.list():
+            mid = dict(crec.spec.labels).get(LABEL_POOL_MEMBER)
+            if mid is None or mid in kept or crec.id in claimed:
+                continue
+            if not crec.name.startswith("pool."):
+                continue  # handed out: the instance's labels replaced these
+            log.warning("warm sandbox %s has no record; removing it", crec.name)
+            try:
+                self.engine.remove(crec.id, force=True)
+                if crec.spec.cgroup_parent:
+                    PodCgroup(crec.spec.cgroup_parent, self.engine.cgroup_root).remove()
+            except TidalError as exc:
+                log.error("removing stray warm sandbox %s: %s", crec.name, exc)
         return counts
 
     def remove_finished(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from tidal import proc
@@ -34,7 +35,8 @@ def pause_rootfs(cache_dir: Path) -> Path:
             f"apt-get install gcc libc6-dev, or place a static build of {SOURCE.name} at "
             f"{rootfs}/pause"
         )
-    tmp = cache_dir / f"pause-rootfs.tmp{os.getpid()}"
+    # per thread, not per process: the pools' refill thread may build it beside a create
+    tmp = cache_dir / f"pause-rootfs.tmp{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     done = proc.run(

@@ -29,6 +29,33 @@ REAP_INTERVAL_S = 1.0
 """How often finished ``--rm`` instances are looked for."""
 
 
+def pool_routes(manager: InstanceManager) -> list[Route]:
+    """``/v1/instances/pools``: each pool's shape, target, ready and in use (GET), prewarm a
+    spec's pool (POST ``{"spec": ..., "count": N}``), drain every idle member (DELETE)."""
+    base = f"/{API_VERSION}/instances/pools"
+
+    def prewarm(req: Request) -> dict[str, Any]:
+        body = req.json_object()
+        count = body.get("count")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ConfigError(f"prewarm count must be an integer, got {count!r}")
+        return manager.prewarm(InstanceSpec.from_json(body.get("spec") or {}), count)
+
+    def wait(req: Request) -> list[dict[str, Any]]:
+        raw = req.json_object().get("timeout_s", 60)
+        if not isinstance(raw, (int, float)) or isinstance(raw, bool) or raw <= 0:
+            raise ConfigError(f"timeout_s must be a positive number, got {raw!r}")
+        manager.pools.wait_ready(float(raw))
+        return manager.pools.status()
+
+    return [
+        Route("GET", base, lambda _: manager.pools.status()),
+        Route("POST", base, prewarm),
+        Route("POST", f"{base}/wait", wait),
+        Route("DELETE", base, lambda _: {"drained": manager.pools.drain()}),
+    ]
+
+
 def instance_routes(manager: InstanceManager) -> list[Route]:
     base = f"/{API_VERSION}/instances"
 
@@ -83,6 +110,7 @@ def instance_routes(manager: InstanceManager) -> list[Route]:
         }
 
     return [
+        *pool_routes(manager),  # before {ref}: "pools" is no instance
         Route("GET", f"/{API_VERSION}/node/capacity", capacity),
         Route("GET", base, lambda _: [manager.describe(r) for r in manager.list_all()]),
         Route("POST", base, create),
@@ -116,8 +144,10 @@ def instance_part(engine: Engine, settings: InstanceSettings | None = None) -> D
         log.info("instances: %s", counts or "none")
         if reaper.ident is None:  # a second reconcile does not start a second reaper
             reaper.start()
+        manager.pools.start()
 
     def close() -> None:
+        manager.pools.close()
         stop.set()
         if reaper.is_alive():
             reaper.join(timeout=10)

@@ -46,6 +46,14 @@ class InstanceRecord:
     unenforced: tuple[str, ...] = ()
     """Limits the kernel could not enforce here, each with the reason."""
     error: str | None = None
+    sandbox_id: str | None = None
+    """The sandbox container's id when it came from a warm pool (or goes back to one): it is
+    renamed at hand-out, so removal finds it by id whatever its name is at the time."""
+    pool_member: str | None = None
+    """The pool member record this instance's sandbox came from or returns to
+    (:mod:`tidal.instance.pool`): a record naming a member owns that member's sandbox."""
+    timings: tuple[tuple[str, float], ...] = ()
+    """Each phase of ``run`` and its wall-clock seconds, in order (``total`` last)."""
 
     def member_names(self) -> tuple[str, ...]:
         """The pod's containers by member name, sandbox first, in start order."""
@@ -68,6 +76,9 @@ class InstanceRecord:
             "ip": self.ip,
             "unenforced": list(self.unenforced),
             "error": self.error,
+            "sandbox_id": self.sandbox_id,
+            "pool_member": self.pool_member,
+            "timings": {phase: round(s, 6) for phase, s in self.timings},
         }
 
     @classmethod
@@ -86,6 +97,11 @@ class InstanceRecord:
                 ip=data.get("ip"),
                 unenforced=tuple(data.get("unenforced") or ()),
                 error=data.get("error"),
+                sandbox_id=data.get("sandbox_id"),
+                pool_member=data.get("pool_member"),
+                timings=tuple(
+                    (str(k), float(v)) for k, v in dict(data.get("timings") or {}).items()
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"instance record is malformed: {exc!r}") from exc

@@ -340,6 +340,7 @@ class FakeNetwork(Network):
         (root / "netns").mkdir(parents=True, exist_ok=True)
         self.taken_ports: set[int] = set()
         self.bridge_up = False
+        self.flushed: list[str] = []
 
     def ensure_bridge(self) -> None:
         self.bridge_up = True
@@ -365,6 +366,11 @@ class FakeNetwork(Network):
 
     def netns_exists(self, cid: str) -> bool:
         return Path(self.netns_path(cid)).exists()
+
+    def flush_neighbours(self, cid: str) -> None:
+        if not self.netns_exists(cid):
+            raise EngineError(f"no network namespace for container {cid[:12]}")
+        self.flushed.append(cid)
 
     def host_port_free(self, host_ip: str, port: int) -> bool:
         return port not in self.taken_ports
@@ -395,6 +401,14 @@ class FakePodNamespaces(PodNamespaces):
         if directory.is_dir():
             self.destroyed += 1
             shutil.rmtree(directory)
+
+    def set_hostname(self, directory: Path, hostname: str) -> None:
+        PodNamespacePaths.under(directory).uts.write_text(hostname + "\n")
+
+    def renew_ipc(self, directory: Path) -> None:
+        ipc = PodNamespacePaths.under(directory).ipc
+        generation = int(ipc.read_text().strip().removeprefix("ipc") or "0") + 1
+        ipc.write_text(f"ipc{generation}\n")
 
 
 def fake_engine(
