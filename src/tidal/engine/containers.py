@@ -182,6 +182,8 @@ class Engine:
         self._refiller: threading.Thread | None = None
         self._hostprep_done = False
         self.monitors = MonitorPool()
+        self._bridge_lock = threading.Lock()
+        self._bridge_ready = False
 
     def close(self) -> None:
         """Stop the pools and close the database (containers keep running)."""
@@ -359,7 +361,7 @@ class Engine:
                 lambda state: self._record_rootfs(cid, state),
             )
             if spec.network == "bridge":
-                self.network.ensure_bridge()
+                self._ensure_bridge()
                 ip = self.store.allocate_ip(cid, self.network.ip_candidates())
                 self.network.create_netns(cid, ip)
                 self.store.update(cid, ip=ip)
@@ -373,6 +375,17 @@ class Engine:
             raise
         log.info("created container %s (%s) from %s", rec.name, cid[:12], spec.image)
         return self.store.get(cid)
+
+    def _ensure_bridge(self) -> None:
+        """The bridge up and addressed: made once per engine under a lock (concurrent
+        creates raced to address it: "Address already assigned"), then only a sysfs look
+        per create instead of three ``ip`` processes (made again if it disappeared)."""
+        bridge = getattr(self.network, "bridge", None)
+        with self._bridge_lock:
+            if self._bridge_ready and bridge and Path("/sys/class/net", bridge).exists():
+                return
+            self.network.ensure_bridge()
+            self._bridge_ready = True
 
     def _record_rootfs(self, cid: str, state: RootfsState) -> None:
         self.store.update(cid, rootfs=state)
@@ -394,7 +407,7 @@ class Engine:
         self.storage.ensure(rec.rootfs)
         if rec.spec.network == "bridge" and rec.ip and not self.network.netns_exists(rec.id):
             # after a host reboot: the same address again, on a recreated bridge
-            self.network.ensure_bridge()
+            self._ensure_bridge()
             self.network.create_netns(rec.id, rec.ip)
         if self._holds_pod_namespaces(rec.spec, rec.runtime):
             nsdir = self.pod_ns_dir(rec.id)
