@@ -37,7 +37,7 @@ from tidal.engine.assemble import HostView, host_cpus, write_container_bundle
 from tidal.engine.attach import ATTACH_SOCKET
 from tidal.engine.bundle import cpuset_for, hostname, resources_from
 from tidal.engine.hostprep import prepare_hybrid_cgroups
-from tidal.engine.launcher import MonitorLaunch, MonitorPool, hand_over
+from tidal.engine.launcher import MonitorLaunch, MonitorPool, ZygoteLaunch, hand_over
 from tidal.engine.lxcfs import LxcfsSupervisor
 from tidal.engine.lxcfs import available as lxcfs_available
 from tidal.engine.monitor import (
@@ -506,7 +506,9 @@ class Engine:
             tty=rec.spec.tty,
         )
 
-    def start(self, ref: str, *, launch: MonitorLaunch | None = None) -> ContainerRecord:
+    def start(
+        self, ref: str, *, launch: MonitorLaunch | ZygoteLaunch | None = None
+    ) -> ContainerRecord:
         """Start a created or exited container through a new monitor."""
         rec = self.get(ref)
         with self._lock(rec.id):
