@@ -115,12 +115,13 @@ class InstanceManager:
 
     # --- choosing ------------------------------------------------------------------------------
 
-    def reserved(self) -> Capacity:
+    def reserved(self, records: list[InstanceRecord] | None = None) -> Capacity:
         """What live instances hold of the node: those being created and those whose main
-        container runs (a stopped or finished instance keeps its record, not its share)."""
+        container runs (a stopped or finished instance keeps its record, not its share).
+        ``records``: the store's list when the caller has just read it."""
         return Capacity.total(
             Capacity.of(r.limits)
-            for r in self.store.list()
+            for r in (self.store.list() if records is None else records)
             if r.phase == "creating" or self.status(r) == "running"
         )
 
@@ -137,17 +138,18 @@ class InstanceManager:
         iid = InstanceId(secrets.token_hex(16))
         name = spec.name or f"i-{iid[:8]}"
         with self._create_lock:
-            if any(r.name == name for r in self.store.list()):
+            records = self.store.list()  # once: each read parses every record's file
+            if any(r.name == name for r in records):
                 raise ConfigError(
                     f"an instance named {name!r} already exists; pick another --name or "
                     f"remove it with 'tidal instance rm {name}'"
                 )
-            taken = {c.name for c in self.engine.store.list()}
+            taken = self.engine.store.names()
             clash = [f"{name}.{m}" for m in (SANDBOX, MAIN, *(m.name for m in spec.members))]
             clash = [c for c in clash if c in taken]
             if clash:
                 raise ConfigError(f"containers named {clash} already exist; pick another --name")
-            choice = choose(candidates, spec.limits, self.capacity(), self.reserved())
+            choice = choose(candidates, spec.limits, self.capacity(), self.reserved(records))
             rec = self.store.put(
                 InstanceRecord(
                     id=iid,

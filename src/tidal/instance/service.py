@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -145,8 +146,7 @@ def parse_batch(body: dict[str, Any]) -> list[InstanceSpec]:
             raise ConfigError(f"batch spec {i}: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"batch spec {i} is not an instance spec: {exc!r}") from exc
-    names = [s.name for s in specs if s.name]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = sorted(n for n, k in Counter(s.name for s in specs if s.name).items() if k > 1)
     if dup:
         raise ConfigError(f"batch names instances more than once: {', '.join(dup)}")
     return specs
