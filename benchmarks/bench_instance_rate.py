@@ -6,7 +6,9 @@ alive until the case's burst is over (so N instances are live at once), removed 
     ``wait_ready``), and sustained with refill (a pool of ``--pool-max``, refilled while the
     burst runs) -- only once the pools branch provides ``InstanceSettings.pool_max`` and
     ``InstanceManager.pools``; until then both say "pools not available" and are skipped;
-  * Tidal without pools (``pool_max = 0`` where pools exist; the engine as it is otherwise);
+  * Tidal without pools (``pool_max = 0`` where pools exist; the engine as it is otherwise),
+    and the same with container monitors started as interpreters instead of forked from the
+    engine's zygote (the light path's "before", skipped with ``--skip interpreters``);
   * ``podman run -d --rootfs`` (runc, podman's bridge network);
   * bare ``runc create`` + ``runc start`` of prepared bundles (no engine at all);
   * beside them, the same Tidal and bare cases under runsc (gVisor) for ``--runsc-count``.
@@ -103,9 +105,11 @@ def burst(name: str, count: int, clients: int, make: Callable[[], Callable[[int]
     first: list[float] = []
     last = [0.0]
 
+    stop = threading.Event()
+
     def worker() -> None:
         one = make()
-        while True:
+        while not stop.is_set():
             with lock:
                 i = next_i[0]
                 next_i[0] += 1
@@ -127,8 +131,14 @@ def burst(name: str, count: int, clients: int, make: Callable[[], Callable[[int]
     threads = [threading.Thread(target=worker, name=f"rate-client-{k}") for k in range(clients)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:  # let the calls in flight finish, so clean-up finds them all
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
     out.wall_s = (last[0] or time.perf_counter()) - first[0]
     out.samples.sort()
     return out
@@ -275,8 +285,11 @@ def tidal_burst(
     clients: int,
     netns: list[str],
     prewarm: int = 0,
+    zygote: bool = True,
 ) -> Burst:
     case = TidalCase(settings, iset)
+    case.daemon.engine.monitors.use_zygote = zygote
+    left: list[str] = []
     try:
         warm = case.runner(spec, f"warm-{uuid.uuid4().hex[:4]}")()
         for i in range(2):  # page cache, the pause rootfs, the monitor pool
@@ -289,10 +302,11 @@ def tidal_burst(
         out = burst(name, count, clients, case.runner(spec, prefix))
         out.extra.update(monitor_memory(settings.resolved_state_dir() / "state.db"))
         out.extra["burst_memory_mib"] = round((mem0 - memory_available()) / 2**20, 1)
-        netns += [netns_name(cid) for cid in case.container_ids]
-        out.errors += case.remove_all(clients)
     finally:
+        netns += [netns_name(cid) for cid in case.container_ids]
+        left = case.remove_all(clients)  # also after an interrupted burst
         case.close()
+    out.errors += left
     return out
 
 
@@ -315,13 +329,15 @@ def podman_burst(rootfs: Path, count: int, clients: int, prefix: str) -> Burst:
         return one
 
     mem0 = memory_available()
-    out = burst("podman run -d --rootfs (runc)", count, clients, make)
-    out.extra["burst_memory_mib"] = round((mem0 - memory_available()) / 2**20, 1)
-    for first in range(0, len(names), 50):
-        subprocess.run(
-            ["podman", "rm", "-f", "-t", "0", *names[first : first + 50]],
-            capture_output=True, check=False,
-        )  # fmt: skip
+    try:
+        out = burst("podman run -d --rootfs (runc)", count, clients, make)
+        out.extra["burst_memory_mib"] = round((mem0 - memory_available()) / 2**20, 1)
+    finally:
+        for first in range(0, len(names), 50):
+            subprocess.run(
+                ["podman", "rm", "-f", "-t", "0", *names[first : first + 50]],
+                capture_output=True, check=False,
+            )  # fmt: skip
     return out
 
 
@@ -364,9 +380,16 @@ def bare_burst(
         return one
 
     mem0 = memory_available()
-    out = burst(f"bare {runtime} create+start", count, clients, make)
-    out.extra["burst_memory_mib"] = round((mem0 - memory_available()) / 2**20, 1)
-    out.errors += parallel(made, lambda cid: rt.delete(cid, force=True), clients)
+    left: list[str] = []
+    try:
+        out = burst(f"bare {runtime} create+start", count, clients, make)
+        out.extra["burst_memory_mib"] = round((mem0 - memory_available()) / 2**20, 1)
+    finally:
+        left = parallel(made, lambda cid: rt.delete(cid, force=True), clients)
+    out.errors += left
+    for d in Path("/sys/fs/cgroup").glob(f"*/{cgroup_parent}"):
+        with contextlib.suppress(OSError):  # the case's own parent; a non-empty one stays
+            d.rmdir()
     return out, rt.root
 
 
@@ -403,7 +426,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="concurrent client threads")
     ap.add_argument("--runsc-count", type=int, default=None, help="runsc cases (default: --count)")
     ap.add_argument("--pool-max", type=int, default=32, help="sustained case's pool size")
-    ap.add_argument("--skip", action="append", default=[], help="case to skip: podman, bare, runsc")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="case to skip: podman, bare, runsc, interpreters",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.count < 1 or args.clients < 1:
@@ -470,6 +498,14 @@ def main() -> None:
                     f"tidal {rt}, no pools", settings, no_pools, rspec, n, args.clients, netns
                 )
             )
+            if rt == "runc" and "interpreters" not in args.skip:
+                # the light path's before: monitors started as interpreters, not forked
+                name = f"tidal {rt}, no pools, monitors as interpreters (before)"
+                record(
+                    tidal_burst(
+                        name, settings, no_pools, rspec, n, args.clients, netns, zygote=False
+                    )
+                )
             if "bare" not in args.skip:
                 b, root = bare_burst(rt, rootfs, work, n, args.clients, f"{parent}/bare")
                 runtime_roots.append(root)

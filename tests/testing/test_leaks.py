@@ -41,6 +41,7 @@ def planted(tmp_path: Path, tag: str) -> Iterator[tuple[LeakScope, dict[str, str
     subprocess.run(["ip", "netns", "add", netns], check=True)
     runtime_root = tmp_path / "runc-root"
     (runtime_root / "ctr-1").mkdir(parents=True)
+    (runtime_root / "ctr-2_sandbox:ctr-2.state").write_text("{}")  # runsc keeps files
     records = tmp_path / "engine" / "instances" / "records"
     records.mkdir(parents=True)
     (records / "abc.json").write_text("{}")
@@ -73,15 +74,17 @@ def test_each_planted_leak_is_found_and_then_gone(
     assert f"cgroup {made['cgroup']}" in leaks, leaks
     assert f"network namespace {made['netns']}" in leaks, leaks
     assert f"runtime container ctr-1 in {tmp_path / 'runc-root'}" in leaks, leaks
+    assert any(ln.startswith("runtime container ctr-2_sandbox:ctr-2.state") for ln in leaks)
     assert any(ln.startswith("instance record ") for ln in leaks), leaks
     assert not any("never-made" in ln for ln in leaks), leaks
-    assert len(leaks) == 6, leaks
+    assert len(leaks) == 7, leaks
 
     subprocess.run(["umount", made["mount"]], check=True)
     subprocess.run(["losetup", "-d", made["loop"]], check=True)
     Path(made["cgroup"]).rmdir()
     subprocess.run(["ip", "netns", "del", made["netns"]], check=True)
     (tmp_path / "runc-root" / "ctr-1").rmdir()
+    (tmp_path / "runc-root" / "ctr-2_sandbox:ctr-2.state").unlink()
     (tmp_path / "engine" / "instances" / "records" / "abc.json").unlink()
     assert find_leaks(scope) == []
 

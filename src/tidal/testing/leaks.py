@@ -34,7 +34,8 @@ class LeakScope:
     bridge: str | None = None
     """A bridge of the run's own: any port (veth) still on it is a leak."""
     runtime_roots: tuple[Path, ...] = ()
-    """``runc --root`` state directories: a container directory left in one is a leak."""
+    """Runtime ``--root`` state directories: anything left in one is a container the runtime
+    still knows (runc and crun: a directory per container; runsc: ``.state``/``.lock`` files)."""
     podman_prefix: str | None = None
     """Podman containers whose name starts with it."""
 
@@ -122,7 +123,7 @@ def find_leaks(
             leaks += [f"veth {p.name} on bridge {scope.bridge}" for p in sorted(brif.iterdir())]
     for root in scope.runtime_roots:
         if root.is_dir():
-            leaks += [f"runtime container {d.name} in {root}" for d in root.iterdir() if d.is_dir()]
+            leaks += [f"runtime container {d.name} in {root}" for d in sorted(root.iterdir())]
     if scope.podman_prefix:
         leaks += _podman_left(scope.podman_prefix)
     return leaks
