@@ -47,6 +47,7 @@ from tidal.errors import (
     ContainerNotFoundError,
     InstanceError,
     InstanceStateError,
+    NoCapacityError,
     TidalError,
 )
 from tidal.fsutil import write_text_atomic
@@ -115,13 +116,27 @@ class InstanceManager:
 
     # --- choosing ------------------------------------------------------------------------------
 
-    def reserved(self, records: list[InstanceRecord] | None = None) -> Capacity:
+    def reserved(
+        self, records: list[InstanceRecord] | None = None, *, recorded: bool = False
+    ) -> Capacity:
         """What live instances hold of the node: those being created and those whose main
         container runs (a stopped or finished instance keeps its record, not its share).
-        ``records``: the store's list when the caller has just read it."""
+        ``records``: the store's list when the caller has just read it. ``recorded``: take
+        main's status as the engine recorded it (one query) instead of refreshing each
+        container (a read of its exit file, ~1-2 ms each): it can only count an instance
+        that exited unnoticed as running, never the other way round."""
+        recs = self.store.list() if records is None else records
+        if recorded:
+            running = self.engine.store.names_in("running")
+            return Capacity.total(
+                Capacity.of(r.limits)
+                for r in recs
+                if r.phase == "creating"
+                or (r.phase == "running" and r.container_name(MAIN) in running)
+            )
         return Capacity.total(
             Capacity.of(r.limits)
-            for r in (self.store.list() if records is None else records)
+            for r in recs
             if r.phase == "creating" or self.status(r) == "running"
         )
 
@@ -149,7 +164,12 @@ class InstanceManager:
             clash = [c for c in clash if c in taken]
             if clash:
                 raise ConfigError(f"containers named {clash} already exist; pick another --name")
-            choice = choose(candidates, spec.limits, self.capacity(), self.reserved(records))
+            try:  # the records' word first; refreshed only when that leaves no room
+                choice = choose(
+                    candidates, spec.limits, self.capacity(), self.reserved(records, recorded=True)
+                )
+            except NoCapacityError:
+                choice = choose(candidates, spec.limits, self.capacity(), self.reserved(records))
             rec = self.store.put(
                 InstanceRecord(
                     id=iid,
