@@ -242,11 +242,18 @@ class TidalCase:
         return make
 
     def remove_all(self, workers: int) -> list[str]:
+        """Every instance the daemon has (not only those whose call answered: one cut short
+        may exist all the same)."""
+
         def rm(iid: str) -> None:
             with InstanceClient(self.daemon.socket_path) as c:
                 c.remove_instance(iid, force=True)
 
-        errors = parallel(self.ids, rm, workers)
+        with InstanceClient(self.daemon.socket_path) as c:
+            listed = c.instances()
+        known = [d["id"] for d in listed]
+        self.container_ids += [x["id"] for d in listed for x in d["containers"]]
+        errors = parallel(sorted(set(self.ids) | set(known)), rm, workers)
         self.ids.clear()
         return errors
 
@@ -538,6 +545,8 @@ def main() -> None:
                 d.rmdir()
         if not leaks:
             shutil.rmtree(work, ignore_errors=True)
+        elif sys.exc_info()[0] is not None:  # interrupted: say so before the traceback
+            print(f"LEAKS (work dir {work} kept): {leaks}", file=sys.stderr)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot(bursts, png)
