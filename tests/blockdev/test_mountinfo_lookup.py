@@ -8,7 +8,13 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tidal.blockdev.ext4 import _escape, _unescape, is_mountpoint, mount_points
+from tidal.blockdev.ext4 import (
+    _escape,
+    _unescape,
+    is_mountpoint,
+    mount_points,
+    mount_points_under,
+)
 
 TABLE = (
     "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
@@ -34,3 +40,14 @@ def test_lookup_answers_as_the_full_parse(tmp_path: Path) -> None:
 def test_escape_is_the_inverse_of_unescape(name: str) -> None:
     assert _unescape(_escape(name)) == name
     assert not any(c in _escape(name) for c in " \t\n")
+
+
+def test_mount_points_under_answers_as_filtering_the_full_parse(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(TABLE)
+    table = mount_points(info)
+    for d in ("/var/tmp", "/var/tmp/", "/var/tmp/a b", "/var/tmp/sh", "/", "/var/tmp/x\\y\tz"):
+        base = d.rstrip("/") or "/"
+        want = sorted(m for m in table if m == base or m.startswith(base.rstrip("/") + "/"))
+        assert sorted(mount_points_under(Path(d), info)) == want, d
+    assert mount_points_under(Path("/var/tmp/sh"), info) == []  # /var/tmp/short is not below

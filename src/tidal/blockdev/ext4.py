@@ -167,6 +167,27 @@ def mount_points(mountinfo: Path = Path("/proc/self/mountinfo")) -> dict[str, tu
     return table
 
 
+def mount_points_under(
+    directory: Path, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> list[str]:
+    """Mount points at or below ``directory`` (as filtering :func:`mount_points`), parsing
+    only the table's lines that hold the escaped directory (see :func:`is_mountpoint`)."""
+    base = str(directory).rstrip("/") or "/"
+    prefix = base.rstrip("/") + "/"
+    needle = " " + _escape(base)
+    found = []
+    for line in mountinfo.read_text().splitlines():
+        if needle not in line:
+            continue
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) >= 5 and len(rfields) >= 2:
+            mp = _unescape(fields[4])
+            if mp == base or mp.startswith(prefix):
+                found.append(mp)
+    return found
+
+
 def _escape(path: str) -> str:
     """A path as the mount table writes it (the inverse of :func:`_unescape`)."""
     for ch, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):

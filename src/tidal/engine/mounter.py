@@ -128,9 +128,7 @@ class HostMounter(Mounter):
         return ext4.is_mountpoint(Path(target))
 
     def mounts_under(self, directory: Path) -> list[str]:
-        prefix = str(directory).rstrip("/") + "/"
-        found = [mp for mp in ext4.mount_points() if mp == str(directory) or mp.startswith(prefix)]
-        return sorted(found, key=len, reverse=True)
+        return sorted(ext4.mount_points_under(directory), key=len, reverse=True)
 
     def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
         proc.run(
