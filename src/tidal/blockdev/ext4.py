@@ -202,9 +202,18 @@ def is_mountpoint(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) ->
     lines holding it are parsed: with a few thousand mounts (hundreds of instances on a
     node) parsing the whole table in Python took most of each container's create and start,
     which check several mount points each."""
-    target = str(path)
-    needle = " " + _escape(target) + " "
+    return _in_table(str(path), mountinfo.read_text())
+
+
+def mounted_among(paths: list[str], mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
+    """Which of ``paths`` are mount points, from one read of the table (the kernel writes
+    the whole table on every read: with thousands of mounts that read is the cost)."""
     text = mountinfo.read_text()
+    return {p for p in paths if _in_table(p, text)}
+
+
+def _in_table(target: str, text: str) -> bool:
+    needle = " " + _escape(target) + " "
     at = text.find(needle)
     while at >= 0:
         start = text.rfind("\n", 0, at) + 1

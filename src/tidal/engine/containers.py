@@ -184,6 +184,9 @@ class Engine:
         self.monitors = MonitorPool()
         self._bridge_lock = threading.Lock()
         self._bridge_ready = False
+        self._fresh: set[str] = set()
+        """Containers this engine created and has not started yet: their mounts, netns and
+        namespace files were made moments ago, so their first start skips the re-check."""
 
     def close(self) -> None:
         """Stop the pools and close the database (containers keep running)."""
@@ -376,6 +379,7 @@ class Engine:
             )
             raise
         log.info("created container %s (%s) from %s", rec.name, cid[:12], spec.image)
+        self._fresh.add(cid)
         return self.store.get(cid)
 
     def _ensure_bridge(self) -> None:
@@ -518,7 +522,11 @@ class Engine:
             if rec.status == "running":
                 raise ContainerStateError(f"container {rec.name} is already running")
             self._await_monitor_exit(rec)
-            self._ensure_host(rec)
+            if rec.id in self._fresh and rec.starts == 0:
+                self._fresh.discard(rec.id)  # made by this engine just now: all in place
+            else:
+                # (a reboot or a lost mount since: each check reads the whole mount table)
+                self._ensure_host(rec)
             bundle = self._bundle(rec)
             try:
                 report = hand_over(self._monitor_conf(rec, bundle), launch or self.monitors.take())
@@ -770,6 +778,7 @@ class Engine:
             self._locks.pop(rec.id, None)
 
     def _destroy(self, rec: ContainerRecord) -> None:
+        self._fresh.discard(rec.id)
         errors: list[str] = []
         self._await_monitor_exit(rec)
         try:
