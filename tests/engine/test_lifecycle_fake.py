@@ -348,7 +348,7 @@ def test_monitor_pool_keeps_a_warm_monitor_and_ends_it_on_close(
     """Starts take an imported, waiting monitor (its start-up is off the start path)."""
     from tidal.engine.launcher import MonitorPool
 
-    pool = MonitorPool(size=1)
+    pool = MonitorPool(size=1, zygote=False)  # the interpreters-ahead mode
     first = pool.take()  # nothing ready yet: a fresh one
     assert not pool._ready
     pool.replenish()  # after the start: a spare, in the background
@@ -365,6 +365,34 @@ def test_monitor_pool_keeps_a_warm_monitor_and_ends_it_on_close(
     assert pool._ready == deque() and not spare.usable()
     rec = eng.run(spec(node, "true"))  # the engine's own pool serves starts
     assert eng.wait(rec.id, 10).exit_code == 0
+
+
+def test_monitors_forked_by_the_zygote_outlive_it_and_a_dead_zygote_is_replaced(
+    eng: Engine, node: dict[str, Any]
+) -> None:
+    """The default pool forks monitors from one imported process: a container it started
+    keeps running (and reports its exit) after the zygote is killed; the next start falls
+    back or starts a new zygote, and still starts; close ends the zygote."""
+
+    from tidal.engine.launcher import ZygoteLaunch
+
+    launch = eng.monitors.take()
+    assert isinstance(launch, ZygoteLaunch) and launch.usable()
+    zygote = launch.zygote
+    rec = eng.run(spec(node, "sh", "-c", "sleep 1; exit 7"))
+    assert eng.get(rec.id).status == "running"
+    monitor = eng.get(rec.id).monitor_pid
+    assert monitor and monitor != zygote.proc.pid
+    os.kill(zygote.proc.pid, signal.SIGKILL)
+    zygote.proc.wait()
+    assert not launch.usable()
+    again = eng.run(spec(node, "true"))  # a dead zygote: this start still goes through
+    assert eng.wait(again.id, 10).exit_code == 0
+    assert eng.wait(rec.id, 10).exit_code == 7  # its monitor outlived the zygote
+    fresh = eng.monitors.take()
+    assert isinstance(fresh, ZygoteLaunch) and fresh.zygote is not zygote
+    eng.monitors.close()
+    assert fresh.zygote.proc.poll() is not None and not fresh.usable()
 
 
 def test_interactive_stdin_reaches_the_container_through_its_monitor(

@@ -37,6 +37,10 @@ class Mounter(ABC):
     @abstractmethod
     def mounted(self, target: str) -> bool: ...
 
+    def mounted_among(self, targets: list[str]) -> set[str]:
+        """Which of ``targets`` are mounted (one look at the mount table where it can be)."""
+        return {t for t in targets if self.mounted(t)}
+
     @abstractmethod
     def mounts_under(self, directory: Path) -> list[str]:
         """Mount points at or below ``directory``, deepest first (for a last-resort sweep)."""
@@ -53,10 +57,11 @@ class Mounter(ABC):
         first, before the error propagates.
         """
         made: list[Mount] = []
+        present = self.mounted_among([m.target for m in plan])
         try:
             for m in plan:
                 Path(m.target).mkdir(parents=True, exist_ok=True)
-                if self.mounted(m.target):
+                if m.target in present:
                     continue
                 self._mount(m)
                 made.append(m)
@@ -127,10 +132,11 @@ class HostMounter(Mounter):
     def mounted(self, target: str) -> bool:
         return ext4.is_mountpoint(Path(target))
 
+    def mounted_among(self, targets: list[str]) -> set[str]:
+        return ext4.mounted_among(targets) if targets else set()
+
     def mounts_under(self, directory: Path) -> list[str]:
-        prefix = str(directory).rstrip("/") + "/"
-        found = [mp for mp in ext4.mount_points() if mp == str(directory) or mp.startswith(prefix)]
-        return sorted(found, key=len, reverse=True)
+        return sorted(ext4.mount_points_under(directory), key=len, reverse=True)
 
     def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
         proc.run(

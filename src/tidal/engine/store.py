@@ -201,6 +201,17 @@ class Store:
             )
         return _record(row)
 
+    def names_in(self, status: str) -> set[str]:
+        """Names of the containers recorded with ``status`` (the record, not refreshed)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name FROM containers WHERE status = ?", (status,))
+            return {r[0] for r in rows}
+
+    def names(self) -> set[str]:
+        """Every container's name, without decoding the records (a name check per create)."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT name FROM containers")}
+
     def list(self) -> list[ContainerRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM containers ORDER BY created_at").fetchall()

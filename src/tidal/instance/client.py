@@ -16,7 +16,9 @@ import httpx
 
 from tidal.engine.client import EngineClient
 from tidal.engine.runtime import ExecResult
+from tidal.errors import InstanceError, TidalError
 from tidal.instance.spec import InstanceSpec
+from tidal.service.wire import error_class
 
 
 class InstanceClient(EngineClient):
@@ -54,6 +56,16 @@ class InstanceClient(EngineClient):
     def drain_pools(self) -> int:
         """Tear down every idle warm sandbox and stop refilling until the next prewarm."""
         return int(self._request("DELETE", "/instances/pools").json()["drained"])
+
+    def run_instances(self, specs: list[InstanceSpec]) -> list[dict[str, Any] | TidalError]:
+        """Many instances in one request (``POST /v1/instances/batch``): per spec, in order,
+        the instance (as :meth:`run_instance` returns it) or the error that stopped it, as
+        the same :mod:`tidal.errors` class the daemon raised. One failure does not stop the
+        others; bad input (a malformed spec) raises before any instance is made."""
+        data = self._request(
+            "POST", "/instances/batch", json={"specs": [s.to_json() for s in specs]}
+        ).json()
+        return [batch_result(r) for r in data["results"]]
 
     def instances(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = self._request("GET", "/instances").json()
@@ -123,3 +135,12 @@ class InstanceClient(EngineClient):
             if not running:
                 return
             time.sleep(poll_s)
+
+
+def batch_result(item: dict[str, Any]) -> dict[str, Any] | TidalError:
+    """One entry of a batch answer: the instance, or its error rebuilt as its class."""
+    if "instance" in item:
+        inst: dict[str, Any] = item["instance"]
+        return inst
+    err = item.get("error") or {}
+    return error_class(err.get("type"), InstanceError)(str(err.get("message", "no message")))

@@ -56,6 +56,7 @@ from tidal.errors import (
     ContainerNotFoundError,
     InstanceError,
     InstanceStateError,
+    NoCapacityError,
     TidalError,
 )
 from tidal.fsutil import write_text_atomic
@@ -154,12 +155,27 @@ class InstanceManager:
 
     # --- choosing ------------------------------------------------------------------------------
 
-    def reserved(self) -> Capacity:
+    def reserved(
+        self, records: list[InstanceRecord] | None = None, *, recorded: bool = False
+    ) -> Capacity:
         """What live instances hold of the node: those being created and those whose main
-        container runs (a stopped or finished instance keeps its record, not its share)."""
+        container runs (a stopped or finished instance keeps its record, not its share).
+        ``records``: the store's list when the caller has just read it. ``recorded``: take
+        main's status as the engine recorded it (one query) instead of refreshing each
+        container (a read of its exit file, ~1-2 ms each): it can only count an instance
+        that exited unnoticed as running, never the other way round."""
+        recs = self.store.list() if records is None else records
+        if recorded:
+            running = self.engine.store.names_in("running")
+            return Capacity.total(
+                Capacity.of(r.limits)
+                for r in recs
+                if r.phase == "creating"
+                or (r.phase == "running" and r.container_name(MAIN) in running)
+            )
         return Capacity.total(
             Capacity.of(r.limits)
-            for r in self.store.list()
+            for r in recs
             if r.phase == "creating" or self.status(r) == "running"
         )
 
@@ -183,17 +199,23 @@ class InstanceManager:
         name = spec.name or f"i-{iid[:8]}"
         member: PoolMember | None = None
         with self._create_lock:
-            if any(r.name == name for r in self.store.list()):
+            records = self.store.list()  # once: each read parses every record's file
+            if any(r.name == name for r in records):
                 raise ConfigError(
                     f"an instance named {name!r} already exists; pick another --name or "
                     f"remove it with 'tidal instance rm {name}'"
                 )
-            taken = {c.name for c in self.engine.store.list()}
+            taken = self.engine.store.names()
             clash = [f"{name}.{m}" for m in (SANDBOX, MAIN, *(m.name for m in spec.members))]
             clash = [c for c in clash if c in taken]
             if clash:
                 raise ConfigError(f"containers named {clash} already exist; pick another --name")
-            choice = choose(candidates, spec.limits, self.capacity(), self.reserved())
+            try:  # the records' word first; refreshed only when that leaves no room
+                choice = choose(
+                    candidates, spec.limits, self.capacity(), self.reserved(records, recorded=True)
+                )
+            except NoCapacityError:
+                choice = choose(candidates, spec.limits, self.capacity(), self.reserved(records))
             key = PoolKey(runtime, choice.limits)
             if self._poolable(spec):
                 member = self.pools.take(key)
@@ -249,8 +271,11 @@ class InstanceManager:
         """Evict idle warm sandboxes until live instances, this one and the pools fit the
         node (the pools never overbook it; a create comes before a warm sandbox)."""
         need = Capacity.of(limits)
+        held = self.reserved(recorded=True)  # one query; refreshed only when short
+        if shortfall(need, self.capacity().minus(held).minus(self.pools.pooled())):
+            held = self.reserved()
         while True:
-            free = self.capacity().minus(self.reserved()).minus(self.pools.pooled())
+            free = self.capacity().minus(held).minus(self.pools.pooled())
             if not shortfall(need, free):
                 return
             victim = self.pools.evict_one()
@@ -670,7 +695,10 @@ class InstanceManager:
         PodCgroup(member.cgroup, self.engine.cgroup_root).remove()
 
     def room_for(self, key: PoolKey, pooled: Capacity) -> bool:
-        free = self.capacity().minus(self.reserved()).minus(pooled)
+        """Whether a member of ``key`` fits beside the live instances and ``pooled``. The
+        engine's recorded statuses (one query per refill step, not one read per instance):
+        an exit nobody looked at yet only makes the pool wait, never overbook."""
+        free = self.capacity().minus(self.reserved(recorded=True)).minus(pooled)
         return not shortfall(Capacity.of(key.limits), free)
 
     def key_of(self, spec: InstanceSpec) -> PoolKey:

@@ -20,6 +20,9 @@ from tidal.errors import InstanceError
 SOURCE = Path(__file__).with_name("pause.c")
 PAUSE_PATH = "/pause"
 """The sandbox's command inside its rootfs."""
+_BUILD_LOCK = threading.Lock()
+"""One build per process: a batch's first instances ask for the rootfs at once (their
+threads shared one temporary directory and removed it under each other)."""
 
 
 def pause_rootfs(cache_dir: Path) -> Path:
@@ -28,6 +31,13 @@ def pause_rootfs(cache_dir: Path) -> Path:
     rootfs = cache_dir / f"pause-rootfs-{digest}"
     if (rootfs / "pause").exists():
         return rootfs
+    with _BUILD_LOCK:
+        if (rootfs / "pause").exists():
+            return rootfs
+        return _build(cache_dir, rootfs)
+
+
+def _build(cache_dir: Path, rootfs: Path) -> Path:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise InstanceError(

@@ -117,6 +117,9 @@ class InstanceStore:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._parsed: dict[Path, tuple[tuple[int, int, int], InstanceRecord]] = {}
+        """Records already parsed, by file, with the file's (inode, mtime_ns, size) then (each
+        write renames a new file into place, so a rewrite also changes the inode)."""
 
     def _path(self, iid: str) -> Path:
         return self.dir / f"{iid}.json"
@@ -134,13 +137,28 @@ class InstanceStore:
             self._path(iid).unlink(missing_ok=True)
 
     def list(self) -> list[InstanceRecord]:
+        """Every record, from the files; a file unchanged since it was last read (same
+        inode, mtime and size) is not parsed again: with hundreds of live instances, parsing them
+        all cost ~1.6 ms each on every create and removal."""
         with self._lock:
             recs = []
+            seen = set()
             for p in self.dir.glob("*.json"):
                 try:
-                    recs.append(InstanceRecord.from_json(json.loads(p.read_text())))
+                    st = p.stat()
+                    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                    cached = self._parsed.get(p)
+                    if cached is not None and cached[0] == key:
+                        rec = cached[1]
+                    else:
+                        rec = InstanceRecord.from_json(json.loads(p.read_text()))
+                        self._parsed[p] = (key, rec)
                 except (OSError, ValueError):
                     continue  # removed meanwhile
+                seen.add(p)
+                recs.append(rec)
+            for gone in set(self._parsed) - seen:
+                del self._parsed[gone]
         return sorted(recs, key=lambda r: r.created_at)
 
     def get(self, ref: str) -> InstanceRecord:

@@ -360,6 +360,12 @@ class _TcpKitHandler(_KitHandler):
     disable_nagle_algorithm = True  # TCP_NODELAY: answers go out at once
 
 
+LISTEN_BACKLOG = 128
+"""Connections waiting to be accepted (socketserver's default is 5). A unix socket refuses
+the sixth at once with EAGAIN instead of letting it wait, so a few busy clients of a loaded
+daemon (a burst of instance starts) met "Resource temporarily unavailable"."""
+
+
 class _Serving:
     """``start()`` in a daemon thread, ``stop()`` (also when never started).
 
@@ -369,6 +375,7 @@ class _Serving:
     """
 
     service: Service
+    request_queue_size = LISTEN_BACKLOG
     _thread: threading.Thread | None = None
     _conns: set[socket.socket]
     _conns_lock: threading.Lock

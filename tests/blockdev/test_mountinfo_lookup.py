@@ -1,0 +1,53 @@
+"""``is_mountpoint`` searches the mount table for the escaped path before parsing: it must
+answer exactly as the full parse (``str(path) in mount_points()``) does, escapes included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tidal.blockdev.ext4 import (
+    _escape,
+    _unescape,
+    is_mountpoint,
+    mount_points,
+    mount_points_under,
+)
+
+TABLE = (
+    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+    "40 22 0:35 / /var/tmp/a\\040b rw - tmpfs tmpfs rw\n"
+    "41 22 0:36 /var/tmp/src /var/tmp/bind rw - ext4 /dev/sda1 rw\n"
+    "42 22 0:37 / /var/tmp/x\\134y\\011z rw - overlay overlay rw,lowerdir=/l\n"
+    "43 22 0:38 / /var/tmp/short rw - tmpfs tmpfs rw\n"
+)
+
+
+def test_lookup_answers_as_the_full_parse(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(TABLE)
+    table = mount_points(info)
+    for p in ("/", "/var/tmp/a b", "/var/tmp/bind", "/var/tmp/x\\y\tz", "/var/tmp/short"):
+        assert is_mountpoint(Path(p), info) and p in table
+    # the bind's source root (field 4) is not a mount point; nor a prefix of one, nor a longer path
+    for p in ("/var/tmp/src", "/var/tmp/a", "/var/tmp/sho", "/var/tmp/short/x", "/var/tmp/a\\040b"):
+        assert not is_mountpoint(Path(p), info) and p not in table
+
+
+@given(st.text(alphabet=st.sampled_from("ab \\\t\n/0"), min_size=1, max_size=12))
+def test_escape_is_the_inverse_of_unescape(name: str) -> None:
+    assert _unescape(_escape(name)) == name
+    assert not any(c in _escape(name) for c in " \t\n")
+
+
+def test_mount_points_under_answers_as_filtering_the_full_parse(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(TABLE)
+    table = mount_points(info)
+    for d in ("/var/tmp", "/var/tmp/", "/var/tmp/a b", "/var/tmp/sh", "/", "/var/tmp/x\\y\tz"):
+        base = d.rstrip("/") or "/"
+        want = sorted(m for m in table if m == base or m.startswith(base.rstrip("/") + "/"))
+        assert sorted(mount_points_under(Path(d), info)) == want, d
+    assert mount_points_under(Path("/var/tmp/sh"), info) == []  # /var/tmp/short is not below
