@@ -44,6 +44,7 @@ from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore, free_capacity
 from tidal.sched.kube_status import api_error as api_error  # re-exported
+from tidal.sched.kube_status import call, call_raw, load_api_client
 from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
 from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
 from tidal.sched.policy import TidalPolicy
@@ -118,50 +119,13 @@ class KubernetesApi:
 
     @classmethod
     def from_kubeconfig(cls, path: Path | None, context: str | None = None) -> KubernetesApi:
-        import yaml
-        from kubernetes import config
-
-        try:
-            if path is None:
-                try:
-                    config.load_incluster_config()
-                    from kubernetes import client
-
-                    return cls(client.ApiClient())
-                except config.ConfigException:
-                    pass
-            return cls(
-                config.new_client_from_config(
-                    config_file=str(path) if path else None, context=context
-                )
-            )
-        except (config.ConfigException, OSError, TypeError, ValueError, yaml.YAMLError) as exc:
-            raise KubeApiError(
-                f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}; pass --kubeconfig "
-                "or run inside the cluster with a service account"
-            ) from exc
+        return cls(load_api_client(path, context))
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            return fn(*args, **kwargs)
-        except ApiException as exc:
-            status = exc.status or 0
-            detail = (exc.reason or "").strip()
-            with contextlib.suppress(ValueError, AttributeError):
-                detail = json.loads(exc.body or "{}").get("message", detail)
-            raise api_error(status, f"Kubernetes API: {what} failed ({status}): {detail}") from exc
-        except HTTPError as exc:
-            raise KubeApiUnavailableError(
-                f"Kubernetes API unreachable during {what}: {exc}"
-            ) from exc
+        return call(what, fn, *args, **kwargs)
 
     def _raw(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
-        resp = self._call(what, fn, *args, _preload_content=False, **kwargs)
-        doc: Obj = json.loads(resp.data)
-        return doc
+        return call_raw(what, fn, *args, **kwargs)
 
     def list_deployments(self, namespace: str | None, selector: str) -> tuple[list[Obj], str]:
         if namespace:

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from tidal.errors import KubeApiError, KubeApiUnavailableError
-from tidal.sched.kube_status import api_error
+from tidal.errors import KubeApiUnavailableError
+from tidal.sched.kube_status import api_error, call, call_raw, load_api_client
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -83,26 +83,7 @@ class KubernetesNodeApi:
     @classmethod
     def from_kubeconfig(cls, path: Path | None, context: str | None = None) -> KubernetesNodeApi:
         """``path`` or ``~/.kube/config``; with neither given, the in-cluster service account."""
-        import yaml
-        from kubernetes import client, config
-
-        try:
-            if path is None:
-                try:
-                    config.load_incluster_config()
-                    return cls(client.ApiClient())
-                except config.ConfigException:
-                    pass
-            return cls(
-                config.new_client_from_config(
-                    config_file=str(path) if path else None, context=context
-                )
-            )
-        except (config.ConfigException, OSError, TypeError, ValueError, yaml.YAMLError) as exc:
-            raise KubeApiError(
-                f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}; pass --kubeconfig "
-                "or run inside the cluster with a service account"
-            ) from exc
+        return cls(load_api_client(path, context))
 
     @classmethod
     def for_url(cls, url: str) -> KubernetesNodeApi:
@@ -115,31 +96,10 @@ class KubernetesNodeApi:
         self._client.close()
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            return fn(*args, **kwargs)
-        except ApiException as exc:
-            status = exc.status or 0
-            detail = (exc.reason or "").strip()
-            with contextlib.suppress(ValueError, AttributeError):
-                detail = json.loads(exc.body or "{}").get("message", detail)
-            raise api_error(status, f"Kubernetes API: {what} failed ({status}): {detail}") from exc
-        except HTTPError as exc:
-            raise KubeApiUnavailableError(
-                f"Kubernetes API unreachable during {what}: {exc}"
-            ) from exc
+        return call(what, fn, *args, **kwargs)
 
     def _raw(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
-        resp = self._call(what, fn, *args, _preload_content=False, **kwargs)
-        try:
-            doc: Obj = json.loads(resp.data)
-        except ValueError as exc:
-            raise KubeApiUnavailableError(
-                f"Kubernetes API: {what} answered non-JSON: {exc}"
-            ) from exc
-        return doc
+        return call_raw(what, fn, *args, **kwargs)
 
     def get_node(self, name: str) -> Obj:
         return self._raw(f"get node {name}", self._core.read_node, name)
