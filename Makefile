@@ -79,7 +79,7 @@ typecheck: deps
 	$(BIN)/mypy
 
 unit: deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS)
 
 test: export TIDAL_REQUIRE_ALL := 1
 test: lint contracts typecheck unit

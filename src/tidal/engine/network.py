@@ -16,6 +16,7 @@ the host through one adapter, :class:`Network` (:class:`BridgeNetwork` runs ``ip
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from tidal import proc
 from tidal.errors import ConfigError, EngineError
+
+log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/var/run/netns")
 
@@ -131,7 +134,10 @@ def destroy_netns(cid: str) -> None:
     if (NETNS_DIR / ns).exists():
         proc.run_logged(["ip", "netns", "del", ns], what=f"deleting network namespace {ns}")
     if _link_exists(host):
-        proc.run_logged(["ip", "link", "del", host], what=f"deleting veth {host}")
+        done = proc.run(["ip", "link", "del", host], what=f"deleting veth {host}", check=False)
+        # the namespace's delete takes the pair along a moment later: gone is not a failure
+        if done.returncode != 0 and _link_exists(host):
+            log.warning("deleting veth %s: %s", host, done.stderr.strip())
     if (NETNS_DIR / ns).exists():
         raise EngineError(f"network namespace {ns} could not be deleted; see the daemon log")
 
