@@ -44,7 +44,7 @@ from tidal.ids import NodeName
 from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.extender import ExtenderView, NodeInfo, ViewStore, free_capacity
 from tidal.sched.kube_status import api_error as api_error  # re-exported
-from tidal.sched.kube_status import call, call_raw, load_api_client
+from tidal.sched.kube_status import call, call_raw, load_api_client, watch_events
 from tidal.sched.model import ClusterSnapshot, OwnedNode, Pod, Resources, VirtualPool, VirtualSpec
 from tidal.sched.placement import DELETION_COST_ANNOTATION, deletion_costs
 from tidal.sched.policy import TidalPolicy
@@ -152,7 +152,6 @@ class KubernetesApi:
         fails on the server's ``ERROR`` events (it reads a key only deserialised events have)
         and it retries a 410 itself; here an ``ERROR`` event becomes the error of its status
         code (410: :class:`KubeApiGoneError`, the caller relists)."""
-        from kubernetes.watch.watch import iter_resp_lines
         from urllib3.exceptions import HTTPError
 
         fn = (
@@ -172,24 +171,7 @@ class KubernetesApi:
             _preload_content=False,
         )
         try:
-            for line in iter_resp_lines(resp):
-                if not line.strip():
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError as exc:
-                    raise KubeApiUnavailableError(
-                        f"Kubernetes API: watch deployments sent a line that is not JSON: {exc}"
-                    ) from exc
-                if event.get("type") == "ERROR":
-                    obj = event.get("object") or {}
-                    code = int(obj.get("code") or 500)
-                    raise api_error(
-                        code,
-                        f"Kubernetes API: watch deployments failed ({code}): "
-                        f"{obj.get('message') or obj.get('reason') or 'ERROR event'}",
-                    )
-                yield event
+            yield from watch_events("watch deployments", resp)
         except HTTPError as exc:
             raise KubeApiUnavailableError(
                 f"Kubernetes API connection lost during watch deployments: {exc}"

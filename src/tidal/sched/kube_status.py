@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +92,28 @@ def call_raw(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> di
     except ValueError as exc:
         raise KubeApiUnavailableError(f"Kubernetes API: {what} answered non-JSON: {exc}") from exc
     return doc
+
+
+def watch_events(what: str, resp: Any) -> Iterator[dict[str, Any]]:
+    """The events of a raw watch response (one JSON object a line); an ``ERROR`` event is
+    the error of its status code (410: :class:`KubeApiGoneError`, the caller relists)."""
+    from kubernetes.watch.watch import iter_resp_lines
+
+    for line in iter_resp_lines(resp):
+        if not line.strip():
+            continue
+        try:
+            event: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise KubeApiUnavailableError(
+                f"Kubernetes API: {what} sent a line that is not JSON: {exc}"
+            ) from exc
+        if event.get("type") == "ERROR":
+            obj = event.get("object") or {}
+            code = int(obj.get("code") or 500)
+            raise api_error(
+                code,
+                f"Kubernetes API: {what} failed ({code}): "
+                f"{obj.get('message') or obj.get('reason') or 'ERROR event'}",
+            )
+        yield event

@@ -11,14 +11,13 @@ found, 409 conflict, 410 gone).
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from tidal.errors import KubeApiUnavailableError
-from tidal.sched.kube_status import api_error, call, call_raw, load_api_client
+from tidal.sched.kube_status import call, call_raw, load_api_client, watch_events
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -160,7 +159,6 @@ class KubernetesNodeApi:
     ) -> Iterator[Obj]:
         """Raw watch lines. The client's ``Watch`` is not used: with raw JSON it fails on
         ``ERROR`` events and retries a 410 itself, where the caller must relist."""
-        from kubernetes.watch.watch import iter_resp_lines
         from urllib3.exceptions import HTTPError
 
         resp = self._call(
@@ -179,24 +177,7 @@ class KubernetesNodeApi:
                 with contextlib.suppress(Exception):
                     resp.shutdown()
         try:
-            for line in iter_resp_lines(resp):
-                if not line.strip():
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError as exc:
-                    raise KubeApiUnavailableError(
-                        f"Kubernetes API: watch pods sent a line that is not JSON: {exc}"
-                    ) from exc
-                if event.get("type") == "ERROR":
-                    obj = event.get("object") or {}
-                    code = int(obj.get("code") or 500)
-                    raise api_error(
-                        code,
-                        f"Kubernetes API: watch pods failed ({code}): "
-                        f"{obj.get('message') or obj.get('reason') or 'ERROR event'}",
-                    )
-                yield event
+            yield from watch_events("watch pods", resp)
         except (HTTPError, OSError) as exc:
             if self._watches_aborted:
                 return  # ended by abort_watches: the caller is stopping
