@@ -417,3 +417,34 @@ def test_interactive_stdin_reaches_the_container_through_its_monitor(
     assert eng.wait(plain.id, 20).exit_code == 0 and eng.logs(plain.id).data == b"eof\n"
     with pytest.raises(OciRuntimeError, match="no terminals"):
         eng.run(ContainerSpec(image=str(node["image"]), command=("sh",), tty=True))
+
+
+def test_listing_during_a_start_folds_nothing_in(
+    eng: Engine,
+    node: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The monitor records ``start.json`` before this engine records the start; a listing in
+    between is normal operation, not a start no daemon recorded (that fold warns)."""
+    import threading
+
+    rec = eng.create(spec(node, "sleep", "30"))
+    reported = threading.Event()
+    real_fold = eng._fold_start
+
+    def slow_fold(r: Any, report: Any) -> Any:
+        reported.set()  # the monitor's start.json says running; the store does not yet
+        time.sleep(0.3)
+        return real_fold(r, report)
+
+    monkeypatch.setattr(eng, "_fold_start", slow_fold)
+    started = threading.Thread(target=eng.start, args=(rec.id,))
+    with caplog.at_level(logging.WARNING, logger="tidal.engine.containers"):
+        started.start()
+        assert reported.wait(10)
+        seen = {r.id: r.status for r in eng.list_all()}
+        started.join(10)
+    assert seen[rec.id] == "created"
+    assert eng.get(rec.id).status == "running"
+    assert not [r for r in caplog.records if "folded in" in r.getMessage()]

@@ -162,3 +162,22 @@ def test_member_records_round_trip_and_reject_bad_phases(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="pool member record is malformed"):
         PoolMember.from_json(bad)
     assert SMALL.id != BIG.id and SMALL.id == PoolKey.from_json(SMALL.to_json()).id
+
+
+def test_refill_waits_for_the_creates_in_flight(tmp_path: Path) -> None:
+    """A hit's start must not share the CPUs with the refill of the member it just took."""
+    pools, factory = make(tmp_path, pool_min=1)
+    pools.prewarm(SMALL, 1)
+    made_before = len(factory.made)
+    pools.start()
+    try:
+        with pools.creating():
+            assert pools.take(SMALL) is not None
+            time.sleep(0.5)  # the refill was woken by the take; it waits for this create
+            assert len(factory.made) == made_before
+        deadline = time.monotonic() + 5
+        while len(factory.made) == made_before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(factory.made) == made_before + 1, "refilled once the create was done"
+    finally:
+        pools.close()

@@ -190,7 +190,12 @@ class InstanceManager:
         With pools on (``[instance] pool_max`` > 0), an instance without published ports
         whose shape has a ready warm sandbox takes it (:mod:`tidal.instance.pool`) and makes
         only its members; a miss makes room by evicting idle members if the node would
-        otherwise be overbooked, then takes today's path."""
+        otherwise be overbooked, then takes today's path. While it runs, the pools' refill
+        waits (:meth:`Pools.creating`)."""
+        with self.pools.creating():
+            return self._run(spec)
+
+    def _run(self, spec: InstanceSpec) -> InstanceRecord:
         clock = PhaseClock()
         runtime = spec.runtime or "runc"
         self.engine.runtime(runtime)  # a runtime that is not installed fails before any effect
