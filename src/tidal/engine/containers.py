@@ -752,11 +752,15 @@ class Engine:
             self._try(f"SIGTERM to container {rec.name}", lambda: rt.kill(rec.id, "TERM"))
             rec = self.wait(rec.id, timeout)
             if rec.status == "running":
-                self._try(
-                    f"SIGKILL to container {rec.name}",
-                    lambda: rt.kill(rec.id, "KILL", all_processes=True),
-                )
+                refused: TidalError | None = None
+                try:
+                    rt.kill(rec.id, "KILL", all_processes=True)
+                except TidalError as exc:
+                    refused = exc
                 rec = self.wait(rec.id, 30)
+                if refused is not None:  # a warning only if it did not end by itself meanwhile
+                    level = logging.WARNING if rec.status == "running" else logging.DEBUG
+                    log.log(level, "SIGKILL to container %s: %s", rec.name, refused)
             if rec.status == "running":
                 raise EngineError(f"container {rec.name} did not die after SIGKILL")
             return rec
