@@ -627,6 +627,8 @@ class Pools:
         """Stop the refill thread; members stay (a restarted daemon keeps the whole ones)."""
         self._closing.set()
         self._wake.set()
+        with self._cond:
+            self._cond.notify_all()  # a refill yielding to creates in flight stops waiting
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
