@@ -238,6 +238,8 @@ class _Pool:
     misses: int = 0
     failed_at: float = 0.0
     last_error: str | None = None
+    no_room: bool = False
+    """The last refill found no room in the node's capacity for another member."""
 
 
 class Pools:
@@ -443,6 +445,7 @@ class Pools:
                 short = [
                     f"{p.key.describe()}: {len(p.ready)} of {self._target(p, now)}"
                     + (f" (last error: {p.last_error})" if p.last_error else "")
+                    + (" (held back: no room left in the node's capacity)" if p.no_room else "")
                     for k, p in self._pools.items()
                     if (keys is None or k in keys) and len(p.ready) < self._target(p, now)
                 ]
@@ -471,6 +474,7 @@ class Pools:
                     "refill_s": round(p.refill_s, 4),
                     "releases_in_window": self.model.releases_in(k, now),
                     "last_error": p.last_error,
+                    "no_room": p.no_room,
                 }
                 for k, p in sorted(self._pools.items())
             ]
@@ -514,7 +518,8 @@ class Pools:
         """Make one member of ``p`` if the node has room; False: no room."""
         with self._cond:
             pooled = self.pooled_limits_locked()
-            if not self.factory.room_for(p.key, Capacity.total(map(Capacity.of, pooled))):
+            p.no_room = not self.factory.room_for(p.key, Capacity.total(map(Capacity.of, pooled)))
+            if p.no_room:
                 return False
             p.making += 1
         member = PoolMember(
