@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import select
 import tempfile
@@ -169,12 +170,13 @@ def read_line(fd: int, timeout_s: float) -> str:
     timeout or EOF; never blocks longer than ``timeout_s``. Bytes after the line are dropped."""
     deadline = time.monotonic() + timeout_s
     buf = b""
+    poller = select.poll()  # not select(): a daemon's fds can be numbered past 1024
+    poller.register(fd, select.POLLIN)
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        if not poller.poll(max(1, math.ceil(left * 1000))):
             break
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -54,6 +55,23 @@ def test_read_line_returns_the_first_line_or_what_came_before_timeout_or_eof() -
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_read_line_takes_an_fd_numbered_past_1024() -> None:
+    """A daemon holding many instances has fds past select()'s 1024 limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    r, w = os.pipe()
+    high = os.dup2(r, 1100)
+    try:
+        os.write(w, b"far\n")
+        assert read_line(high, 1.0) == "far"
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_bytes_and_streamed_writes_are_atomic_too(tmp_path: Path) -> None:

@@ -74,8 +74,9 @@ class MonitorLaunch:
         """Not yet used, and its monitor still waiting (a dead one has closed the pipe)."""
         if not self._fd_open or self.proc.stdin is None or self.proc.stdin.closed:
             return False
-        readable, _, _ = select.select([self.ready_fd], [], [], 0)
-        return not readable
+        poller = select.poll()  # not select(): the daemon's fds can be numbered past 1024
+        poller.register(self.ready_fd, select.POLLIN)
+        return not poller.poll(0)
 
 
 class MonitorZygote:
