@@ -4,7 +4,8 @@ The daemon starts one monitor per container start (``python -m tidal.engine.moni
 a session of its own and sends it a :class:`MonitorConfig`. The monitor makes itself a child
 subreaper, rebuilds the container's :class:`~tidal.engine.runtime.Runtime` from the config's
 :class:`~tidal.engine.runtime.RuntimeRef` and drives it: ``create`` (container stdio = the log
-file), ``start``. It records each step in ``start.json`` (a :class:`StartReport`: first
+file), ``start``; or both in one runtime command (``run --detach``) when there is no terminal
+to receive and no port to open between them, one runtime start-up fewer. It records each step in ``start.json`` (a :class:`StartReport`: first
 "starting", then "running" with the pid or "failed" with the reason) *before* it reports the
 same on a pipe the daemon reads, so a daemon SIGKILLed in between finds the truth on restart.
 Then it forwards published ports and waits for the container's init. The container's stdout
@@ -33,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -521,6 +523,8 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
     except TidalError as exc:
         return failed(str(exc))
     stdio = _Stdio(conf)
+    if not (conf.tty or conf.ports):
+        return _run_in_one_step(conf, ready_fd, rt, stdio, failed)
     try:
         stdio.prepare()
         rt.create(
@@ -559,7 +563,51 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
     for sock, target in listeners:
         threading.Thread(target=_serve_port, args=(sock, target), daemon=True).start()
     _report(conf, ready_fd, StartReport("running", conf.start_seq, me, pid, time.time()))
+    return _wait_and_record(conf, rt, stdio, pid, listeners)
 
+
+def _run_in_one_step(
+    conf: MonitorConfig,
+    ready_fd: int,
+    rt: Runtime,
+    stdio: _Stdio,
+    failed: Callable[[str], int],
+) -> int:
+    """Create and start in one runtime command (:meth:`Runtime.run_detached`) when nothing
+    must be set up between the two: no terminal to receive and no port to open. The stdin
+    pipe (``-i``) and the relays take the process's output as well after it runs as before:
+    what it writes meanwhile waits in the pipes."""
+    try:
+        stdio.prepare()
+        rt.run_detached(
+            conf.id,
+            Path(conf.bundle),
+            pid_file=Path(conf.pid_file),
+            log_path=Path(conf.runtime_log),
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
+            stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
+        )
+        stdio.created()
+        stdio.serve()
+        with open(conf.pid_file) as fh:
+            pid = int(fh.read().strip())
+    except (TidalError, OSError, ValueError) as exc:
+        stdio.close()
+        _force_delete(rt, conf.id)
+        return failed(str(exc))
+    _report(conf, ready_fd, StartReport("running", conf.start_seq, os.getpid(), pid, time.time()))
+    return _wait_and_record(conf, rt, stdio, pid, [])
+
+
+def _wait_and_record(
+    conf: MonitorConfig,
+    rt: Runtime,
+    stdio: _Stdio,
+    pid: int,
+    listeners: list[tuple[socket.socket, tuple[str, int]]],
+) -> int:
+    """Wait for the container's exit, write its record, and delete it from the runtime."""
     by_id = rt.wait_exit(conf.id, pid)  # a runsc pod member: its pid is the pod's sandbox
     status = wait_for(pid) if by_id is None else -1
     finished_at = time.time()

@@ -162,6 +162,33 @@ class Runtime(ABC):
     def start(self, cid: str) -> None:
         """Run the user process of a created container."""
 
+    def run_detached(
+        self,
+        cid: str,
+        bundle: Path,
+        *,
+        pid_file: Path,
+        log_path: Path,
+        stdout: int,
+        stderr: int,
+        stdin: int | None = None,
+    ) -> None:
+        """:meth:`create` then :meth:`start`, for a container nothing must be set up for in
+        between (no terminal to receive, no port to open). A runtime that can do both in one
+        command overrides this: each runtime command is a process start-up on the path of
+        every container start. On a failed start the container is left for the caller to
+        delete, as after a failed :meth:`start`."""
+        self.create(
+            cid,
+            bundle,
+            pid_file=pid_file,
+            log_path=log_path,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=stdin,
+        )
+        self.start(cid)
+
     @abstractmethod
     def state(self, cid: str) -> RuntimeState | None:
         """The runtime's view, or None if it does not know the container."""
@@ -264,6 +291,23 @@ class OciCliRuntime(Runtime):
             cid,
         ]
 
+    def run_detached_argv(
+        self, cid: str, bundle: Path, pid_file: Path, log_path: Path
+    ) -> list[str]:
+        """``run --detach``: create and start in one runtime process, which returns once the
+        user process runs (re-parented to the caller's subreaper, as after ``create``)."""
+        return [
+            *self.global_args(log_path),
+            *self.container_args(cid, bundle),
+            "run",
+            "--detach",
+            "--bundle",
+            str(bundle),
+            "--pid-file",
+            str(pid_file),
+            cid,
+        ]
+
     def run_argv(self, cid: str, bundle: Path) -> list[str]:
         """Foreground ``run`` of a bundle: the bare-runtime baseline of the benchmark."""
         return [
@@ -331,6 +375,34 @@ class OciCliRuntime(Runtime):
         if done.returncode != 0:
             why = read_runtime_log(log_path) or f"exit status {done.returncode}"
             prefix = f"{self.name} create failed: "
+            raise OciRuntimeError(prefix + why.removeprefix(prefix))
+
+    def run_detached(
+        self,
+        cid: str,
+        bundle: Path,
+        *,
+        pid_file: Path,
+        log_path: Path,
+        stdout: int,
+        stderr: int,
+        stdin: int | None = None,
+    ) -> None:
+        """One ``run --detach`` instead of ``create`` and ``start``: one Go start-up (about
+        8 ms of a pool hit's 86) fewer."""
+        done = proc.run(
+            self.run_detached_argv(cid, bundle, pid_file, log_path),
+            what=f"{self.name} run {cid}",
+            error=OciRuntimeError,
+            timeout_s=COMMAND_TIMEOUT_S,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=stdout,
+            stderr=stderr,
+            check=False,
+        )
+        if done.returncode != 0:
+            why = read_runtime_log(log_path) or f"exit status {done.returncode}"
+            prefix = f"{self.name} run failed: "
             raise OciRuntimeError(prefix + why.removeprefix(prefix))
 
     def start(self, cid: str) -> None:
@@ -548,6 +620,30 @@ class RunscRuntime(OciCliRuntime):
             # A pod member's process gets the stdio of ``runsc start``, not of ``create``
             # (the sandbox already runs): keep the caller's fds for our own start.
             self._member_stdio[cid] = (os.dup(stdout), os.dup(stderr), log_path)
+
+    def run_detached(
+        self,
+        cid: str,
+        bundle: Path,
+        *,
+        pid_file: Path,
+        log_path: Path,
+        stdout: int,
+        stderr: int,
+        stdin: int | None = None,
+    ) -> None:
+        """``create`` then ``start``: this driver's create refuses a known id before runsc
+        can delete its state, and a pod member gets its stdio at start (see above)."""
+        Runtime.run_detached(
+            self,
+            cid,
+            bundle,
+            pid_file=pid_file,
+            log_path=log_path,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=stdin,
+        )
 
     def start(self, cid: str) -> None:
         held = self._member_stdio.pop(cid, None)

@@ -75,6 +75,24 @@ class RuntimeHarness:
             os.close(fd)
         return cid
 
+    def run_detached(self, *args: str) -> str:
+        """Create and start in one call (:meth:`Runtime.run_detached`); returns the id."""
+        cid = f"conf-{uuid.uuid4().hex[:12]}"
+        self.made.append(cid)
+        fd = os.open(self.log_path(cid), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            self.runtime.run_detached(
+                cid,
+                self.bundle(cid, args),
+                pid_file=self.work / f"{cid}.pid",
+                log_path=self.work / f"{cid}.runtime.log",
+                stdout=fd,
+                stderr=fd,
+            )
+        finally:
+            os.close(fd)
+        return cid
+
     def log_path(self, cid: str) -> Path:
         return self.work / f"{cid}.log"
 
@@ -174,6 +192,29 @@ def check_missing_executable_fails_create(h: RuntimeHarness) -> None:
     cid = h.create("/no/such/binary")  # the sandbox is built; the exec happens at start
     with expect(OciRuntimeError):
         h.runtime.start(cid)
+
+
+def check_run_detached_runs_the_process(h: RuntimeHarness) -> None:
+    """Create and start in one call: the process runs, its pid is in the pid file, and its
+    init is not the caller's child (the monitor is its subreaper)."""
+    cid = h.run_detached("sh", "-c", "echo in-one-step; sleep 30")
+    assert h.wait_output(cid) == b"in-one-step\n"
+    st = h.runtime.state(cid)
+    assert st is not None and st.status == "running", st
+    assert int((h.work / f"{cid}.pid").read_text()) == st.pid
+    with open(f"/proc/{st.pid}/stat") as fh:
+        assert int(fh.read().rsplit(")", 1)[1].split()[1]) != os.getpid()
+    h.runtime.kill(cid, "KILL")
+    assert h.wait_status(cid, "stopped") == "stopped"
+
+
+def check_run_detached_of_a_missing_executable_fails(h: RuntimeHarness) -> None:
+    """A process that cannot run is an error of the call, whichever step finds out."""
+    with expect(OciRuntimeError):
+        h.run_detached("/no/such/binary")
+    cid = h.made[-1]
+    h.runtime.delete(cid, force=True)
+    assert h.runtime.state(cid) is None
 
 
 def check_kill_delivers_the_signal(h: RuntimeHarness) -> None:
@@ -286,6 +327,8 @@ CHECKS: tuple[Callable[[RuntimeHarness], None], ...] = (
     check_start_twice_is_refused,
     check_duplicate_id_is_refused,
     check_missing_executable_fails_create,
+    check_run_detached_runs_the_process,
+    check_run_detached_of_a_missing_executable_fails,
     check_kill_delivers_the_signal,
     check_kill_all_reaches_every_process,
     check_delete_refuses_running_unless_forced,
