@@ -417,3 +417,62 @@ def test_interactive_stdin_reaches_the_container_through_its_monitor(
     assert eng.wait(plain.id, 20).exit_code == 0 and eng.logs(plain.id).data == b"eof\n"
     with pytest.raises(OciRuntimeError, match="no terminals"):
         eng.run(ContainerSpec(image=str(node["image"]), command=("sh",), tty=True))
+
+
+def test_listing_during_a_start_folds_nothing_in(
+    eng: Engine,
+    node: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The monitor records ``start.json`` before this engine records the start; a listing in
+    between is normal operation, not a start no daemon recorded (that fold warns)."""
+    import threading
+
+    rec = eng.create(spec(node, "sleep", "30"))
+    reported = threading.Event()
+    real_fold = eng._fold_start
+
+    def slow_fold(r: Any, report: Any) -> Any:
+        reported.set()  # the monitor's start.json says running; the store does not yet
+        time.sleep(0.3)
+        return real_fold(r, report)
+
+    monkeypatch.setattr(eng, "_fold_start", slow_fold)
+    started = threading.Thread(target=eng.start, args=(rec.id,))
+    with caplog.at_level(logging.WARNING, logger="tidal.engine.containers"):
+        started.start()
+        assert reported.wait(10)
+        seen = {r.id: r.status for r in eng.list_all()}
+        started.join(10)
+    assert seen[rec.id] == "created"
+    assert eng.get(rec.id).status == "running"
+    assert not [r for r in caplog.records if "folded in" in r.getMessage()]
+
+
+def test_a_refused_sigkill_to_a_container_that_ended_meanwhile_is_no_warning(
+    eng: Engine,
+    node: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """runsc refuses a kill to a sandbox that stopped since the TERM wait ("sandbox is not
+    running"): the wait after it decides, and only a container still running is a warning."""
+    slow = eng.run(
+        spec(node, "sh", "-c", "trap 'sleep 0.6; exit 0' TERM; while :; do sleep 0.05; done")
+    )
+    time.sleep(0.2)  # let the trap be installed
+    rt = eng.runtime("runc")
+    real_kill = rt.kill
+
+    def kill(cid: str, signal: str = "TERM", *, all_processes: bool = False) -> None:
+        if signal == "KILL":
+            raise OciRuntimeError(f"runsc kill {cid} failed: sandbox is not running")
+        real_kill(cid, signal, all_processes=all_processes)
+
+    monkeypatch.setattr(rt, "kill", kill)
+    with caplog.at_level(logging.DEBUG, logger="tidal.engine.containers"):
+        rec = eng.stop(slow.id, timeout_s=0.2)
+    assert rec.status == "exited" and rec.exit_code == 0
+    said = [r for r in caplog.records if "SIGKILL" in r.getMessage()]
+    assert said and all(r.levelno == logging.DEBUG for r in said)

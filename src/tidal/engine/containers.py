@@ -190,6 +190,9 @@ class Engine:
         self._fresh: set[str] = set()
         """Containers this engine created and has not started yet: their mounts, netns and
         namespace files were made moments ago, so their first start skips the re-check."""
+        self._starting: set[str] = set()
+        """Containers whose start this engine has handed to a monitor and not yet recorded:
+        their ``start.json`` is ahead of the store by design, not because a daemon died."""
 
     def close(self) -> None:
         """Stop the pools, release the hot image mounts no container uses, close the database
@@ -534,12 +537,14 @@ class Engine:
                 # (a reboot or a lost mount since: each check reads the whole mount table)
                 self._ensure_host(rec)
             bundle = self._bundle(rec)
+            self._starting.add(rec.id)
             try:
                 report = hand_over(self._monitor_conf(rec, bundle), launch or self.monitors.take())
+                rec = self._fold_start(rec, report)
             finally:
+                self._starting.discard(rec.id)
                 if launch is None:  # run() replenishes after its own start
                     self.monitors.replenish()
-            rec = self._fold_start(rec, report)
             if rec.status != "running":
                 raise OciRuntimeError(f"container {rec.name} did not start: {rec.error}")
             return rec
@@ -585,6 +590,8 @@ class Engine:
         """
         cdir = self.cdir(rec.id)
         if rec.status != "running":
+            if rec.id in self._starting:
+                return rec  # this engine records that start itself, in a moment
             report = read_start_report(cdir)
             if report is None or report.start_seq <= rec.starts:
                 return rec
@@ -745,11 +752,15 @@ class Engine:
             self._try(f"SIGTERM to container {rec.name}", lambda: rt.kill(rec.id, "TERM"))
             rec = self.wait(rec.id, timeout)
             if rec.status == "running":
-                self._try(
-                    f"SIGKILL to container {rec.name}",
-                    lambda: rt.kill(rec.id, "KILL", all_processes=True),
-                )
+                refused: TidalError | None = None
+                try:
+                    rt.kill(rec.id, "KILL", all_processes=True)
+                except TidalError as exc:
+                    refused = exc
                 rec = self.wait(rec.id, 30)
+                if refused is not None:  # a warning only if it did not end by itself meanwhile
+                    level = logging.WARNING if rec.status == "running" else logging.DEBUG
+                    log.log(level, "SIGKILL to container %s: %s", rec.name, refused)
             if rec.status == "running":
                 raise EngineError(f"container {rec.name} did not die after SIGKILL")
             return rec
