@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tidal.engine.network import gateway, ip_candidates, link_names, parse_subnet
+from tidal.engine.network import gateway, host_link, ip_candidates, parse_subnet
 from tidal.engine.spec import ContainerSpec
 from tidal.engine.state import LayerState, QuotaVolume, RootfsState, VolumeState
 from tidal.engine.store import ContainerRecord, Store
@@ -118,5 +118,5 @@ def test_subnet_helpers() -> None:
     assert len(list(ip_candidates("10.88.0.0/24"))) == 253
     with pytest.raises(ConfigError):
         parse_subnet("10.88.0.1/24")
-    host, peer = link_names("0123456789abcdef")
-    assert len(host) <= 15 and len(peer) <= 15 and host != peer
+    assert len(host_link("0123456789abcdef")) <= 15
+    assert host_link("0123456789abcdef") != host_link("0123456789abcdeg"[::-1])

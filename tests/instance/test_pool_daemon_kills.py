@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tidal.engine.containers import Engine
-from tidal.engine.network import link_names
+from tidal.engine.network import host_link
 from tidal.engine.settings import EngineSettings
 from tidal.errors import DaemonUnavailableError, TidalError
 from tidal.instance.client import InstanceClient
@@ -111,7 +111,7 @@ def _consistent(client: InstanceClient, settings: EngineSettings, acked: set[str
     bad += [f"pod cgroup {p} belongs to nothing" for p in sorted(pods - known)]
     brif = Path("/sys/class/net") / settings.bridge / "brif"
     veths = set(os.listdir(brif)) if brif.is_dir() else set()
-    mine = {link_names(rec.id)[0] for rec in containers}
+    mine = {host_link(rec.id) for rec in containers}
     bad += [f"veth {v} belongs to no container" for v in sorted(veths - mine)]
     state = settings.resolved_state_dir()
     cids = {rec.id for rec in containers}

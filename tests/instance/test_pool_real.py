@@ -17,7 +17,7 @@ import pytest
 
 from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
-from tidal.engine.network import link_names
+from tidal.engine.network import host_link
 from tidal.engine.settings import EngineSettings
 from tidal.engine.spec import PortMapping
 from tidal.errors import TidalError
@@ -77,7 +77,7 @@ def test_a_hit_hands_out_the_warm_sandbox_and_starts_only_the_members(
     assert (status["ready"], status["target"]) == (1, 1)
     (warm,) = mgr.pool_store.list()
     assert warm.phase == "ready" and warm.sandbox_id
-    host_dev, _ = link_names(warm.sandbox_id)
+    host_dev = host_link(warm.sandbox_id)
     assert "rate 30Mbit" in _tc(host_dev)  # shaped before any instance asked for it
     rec = mgr.run(
         InstanceSpec(
@@ -154,7 +154,7 @@ def test_a_released_sandbox_is_cleaned_and_serves_the_next_instance(
     assert second.sandbox_id == first.sandbox_id and second.ip == first.ip
     ns_second = _sh(mgr, "second", "readlink /proc/self/ns/net; readlink /proc/self/ns/ipc")
     assert ns_second.splitlines()[0] == ns_first.splitlines()[0]
-    host_dev, _ = link_names(second.sandbox_id or "")
+    host_dev = host_link(second.sandbox_id or "")
     assert Path("/sys/class/net", host_dev).exists() and "rate 30Mbit" in _tc(host_dev)
     # ... and nothing of the first instance: processes, listener, SysV IPC, name, hosts
     assert ns_second.splitlines()[1] != ns_first.splitlines()[1], "a fresh IPC namespace"

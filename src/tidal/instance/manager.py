@@ -47,7 +47,7 @@ from typing import Any
 
 from tidal import proc
 from tidal.engine.containers import Engine, LogChunk
-from tidal.engine.network import link_names, netns_name
+from tidal.engine.network import host_link, netns_name
 from tidal.engine.runtime import ExecResult, OciCliRuntime
 from tidal.engine.spec import ContainerSpec, QuotaSpec, VolumeSpec
 from tidal.engine.store import ContainerRecord
@@ -406,7 +406,7 @@ class InstanceManager:
             sandbox_started = started[0] if started else None
             unenforced: list[str] = list(member.unenforced) if member else []
             if sandbox.ip is not None and member is None:
-                host_dev, _ = link_names(sandbox.id)
+                host_dev = host_link(sandbox.id)
                 unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
             rec = rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced))  # recorded at the end
             write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))  # before binds
@@ -651,7 +651,7 @@ class InstanceManager:
                 "members were removed"
             )
         self.engine.network.flush_neighbours(sandbox.id)
-        apply_net(member.key.limits, link_names(sandbox.id)[0], netns_name(sandbox.id))
+        apply_net(member.key.limits, host_link(sandbox.id), netns_name(sandbox.id))
 
     # --- the pools' side (tidal.instance.pool.SandboxFactory) --------------------------------
 
@@ -682,7 +682,7 @@ class InstanceManager:
         self.engine.start(sandbox.id)
         unenforced: list[str] = []
         if sandbox.ip is not None:
-            host_dev, _ = link_names(sandbox.id)
+            host_dev = host_link(sandbox.id)
             unenforced = apply_net(member.key.limits, host_dev, netns_name(sandbox.id))
         return member.replace(phase="ready", ip=sandbox.ip, unenforced=tuple(unenforced))
 
