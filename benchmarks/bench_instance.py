@@ -62,7 +62,10 @@ CMD = ("sleep", "300")
 
 
 def api_instance(
-    client: InstanceClient, image: Callable[[], str], runtime: str
+    client: InstanceClient,
+    image: Callable[[], str],
+    runtime: str,
+    phases: list[dict[str, float]] | None = None,
 ) -> Callable[[], float]:
     """One ``run_instance`` through the daemon's socket; returns once main is running."""
 
@@ -73,6 +76,8 @@ def api_instance(
         t1 = time.perf_counter()
         if d["status"] != "running":
             raise SystemExit(f"instance {d['name']} is {d['status']}")
+        if phases is not None:
+            phases.append(dict(d.get("timings") or {}))
         client.remove_instance(d["id"], force=True)
         return t1 - t0
 
@@ -215,8 +220,14 @@ def main() -> None:
     ]
     if shutil.which("podman"):
         configs.append(("podman run -d --rootfs (runc)", podman_run(podman_tree)))
+    phases: dict[str, list[dict[str, float]]] = {"tidal instance runc, dir rootfs": []}
     configs.append(
-        ("tidal instance runc, dir rootfs", api_instance(client, lambda: str(rootfs), "runc"))
+        (
+            "tidal instance runc, dir rootfs",
+            api_instance(
+                client, lambda: str(rootfs), "runc", phases["tidal instance runc, dir rootfs"]
+            ),
+        )
     )
     holder = client.run_instance(InstanceSpec(image=str(image), command=CMD, name="holder"))
     for rt in runtimes:
@@ -229,7 +240,6 @@ def main() -> None:
     configs.append(
         ("tidal instance run (CLI), runc, dir", cli_instance(cli_env, str(rootfs), client))
     )
-    phases: dict[str, list[dict[str, float]]] = {}
     pool_rows = [
         ("runc", "dir rootfs", lambda: str(rootfs)),
         ("runc", "image warm", lambda: str(image)),
@@ -254,6 +264,9 @@ def main() -> None:
             time.sleep(args.gap_s)
         for _ in range(n):  # round-robin: load from elsewhere hits every row alike
             for name, once in configs:
+                # not timed: no row shares the CPUs with the pool daemon's refill of the
+                # member the last pool hit took
+                pclient.wait_pools_ready(120)
                 samples[name].append(once())
                 time.sleep(args.gap_s)
     finally:
