@@ -1,16 +1,19 @@
-"""HostMounter against the real kernel: an overlay by mount(2), read back through the mount
-table, and a bad plan's one-line error."""
+"""HostMounter against the real kernel: an overlay and a loop-mounted quota volume by mount(2),
+read back through the mount table and sysfs, and a bad plan's one-line error."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from tidal import proc
 from tidal.engine.mounter import HostMounter
-from tidal.engine.state import overlay_mount
-from tidal.errors import EngineError
+from tidal.engine.state import QuotaVolume, overlay_mount
+from tidal.errors import EngineError, QuotaError
 
 
 @pytest.mark.root
@@ -48,3 +51,63 @@ def test_a_bad_overlay_plan_is_one_line_naming_the_target(tmp_path: Path) -> Non
     assert "\n" not in msg and f"overlay mount at {target} failed" in msg, msg
     assert "No such file or directory" in msg, msg
     assert not HostMounter().mounted(str(target))
+
+
+def _loops_of(path: Path) -> list[str]:
+    """Loop devices bound to ``path`` (sysfs: what losetup reads)."""
+    out = []
+    for d in Path("/sys/block").glob("loop*"):
+        with contextlib.suppress(OSError):
+            if (d / "loop" / "backing_file").read_text().strip() == str(path):
+                out.append(d.name)
+    return out
+
+
+@pytest.mark.root
+@pytest.mark.loop
+def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    image, target = tmp_path / "disk.img", tmp_path / "disk"
+    with open(image, "wb") as fh:
+        fh.truncate(16 << 20)
+    proc.run(["mkfs.ext4", "-q", "-F", str(image)], what="mkfs")
+    vol = QuotaVolume(str(image), str(target), 16 << 20, 1024)
+    mounter = HostMounter()
+    mounter.apply([vol.mount])
+    try:
+        assert mounter.mounted(str(target))
+        (loop,) = _loops_of(image)
+        assert (Path("/sys/block") / loop / "loop" / "autoclear").read_text().strip() == "1"
+        (target / "f").write_bytes(b"x" * 4096)
+        with open("/proc/self/mountinfo") as fh:
+            line = next(ln for ln in fh if f" {target} " in ln)
+        assert "noatime" in line.split(" - ")[0] and " ext4 " in line, line
+    finally:
+        mounter.release([vol.mount])
+    assert not mounter.mounted(str(target))
+    deadline = time.monotonic() + 5
+    while _loops_of(image) and time.monotonic() < deadline:
+        time.sleep(0.05)  # autoclear runs as the last reference goes
+    assert _loops_of(image) == []
+
+
+@pytest.mark.root
+@pytest.mark.loop
+def test_a_volume_that_is_not_ext4_is_one_line_and_leaves_no_loop_device(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    image, target = tmp_path / "junk.img", tmp_path / "disk"
+    image.write_bytes(b"\0" * (4 << 20))
+    vol = QuotaVolume(str(image), str(target), 4 << 20, 64)
+    with pytest.raises(QuotaError) as info:
+        HostMounter().apply([vol.mount])
+    msg = str(info.value)
+    assert "\n" not in msg and f"mounting quota volume {image} at {target}" in msg, msg
+    assert not HostMounter().mounted(str(target))
+    deadline = time.monotonic() + 5
+    while _loops_of(image) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _loops_of(image) == []
+    with pytest.raises(QuotaError, match="No such file"):
+        HostMounter().apply([QuotaVolume(str(tmp_path / "none"), str(target), 1, 1).mount])

@@ -3,7 +3,7 @@
 As containerd's snapshotters return ``[]mount.Mount`` and one place mounts them, Tidal's
 rootfs and volume code (:mod:`tidal.engine.rootfs`, :mod:`tidal.engine.volume`) only computes
 :class:`Mount` values; a :class:`Mounter` carries them out. :class:`HostMounter` is the real
-one (overlays by mount(2), ``mount``/``umount``/``mkfs.ext4`` through :func:`tidal.proc.run`, Tidal block images
+one (overlays and loop-mounted quota volumes by mount(2), ``umount``/``mkfs.ext4`` through :func:`tidal.proc.run`, Tidal block images
 through the node service when it runs, else :mod:`tidal.blockdev.mounts`); :class:`tidal.testing.engine.FakeMounter` records the
 same plans under a temp directory so that the engine's lifecycle is testable without root.
 """
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import logging
 import os
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,8 +86,7 @@ class Mounter(ABC):
 
 
 class HostMounter(Mounter):
-    """The real kernel: mount(2) for overlays, mount(8) for loop devices, umount(8),
-    mkfs.ext4, Tidal block images."""
+    """The real kernel: mount(2) and loop ioctls, umount(8), mkfs.ext4, Tidal block images."""
 
     def _mount(self, m: Mount) -> None:
         if m.type == TIDAL_IMAGE:
@@ -100,13 +102,7 @@ class HostMounter(Mounter):
         if m.type == OVERLAY:
             _mount_overlay(",".join(m.options), m.target)
         elif m.type == EXT4_LOOP:
-            opts = ",".join(("loop", *m.options))
-            proc.run(
-                ["mount", "-t", "ext4", "-o", opts, m.source, m.target],
-                what=f"mounting quota volume {m.source} at {m.target}",
-                error=QuotaError,
-                timeout_s=60,
-            )
+            _mount_loop_ext4(m.source, m.target, m.options)
         else:
             raise EngineError(f"unknown mount type {m.type!r} for {m.target}")
 
@@ -156,13 +152,80 @@ def _mount_overlay(options: str, target: str) -> None:
     """mount(2) of an overlay, called directly: mount(8) adds a process start (3.7 ms against
     0.4 ms measured here) to every container create, and does nothing an overlay needs
     (no helper, no utab entry: the engine keeps its own records)."""
+    try:
+        _sys_mount("overlay", target, "overlay", 0, options)
+    except OSError as exc:
+        raise EngineError(f"overlay mount at {target} failed: {exc.strerror} ({options})") from None
+
+
+_LOOP_CTL_GET_FREE = 0x4C82
+_LOOP_CONFIGURE = 0x4C0A  # Linux >= 5.8: attach and set the flags in one call
+_LO_FLAGS_AUTOCLEAR = 4
+_LOOP_INFO64 = "=QQQQQIIII64s64s32sQQ"
+_MS_FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024}
+
+
+def _mount_loop_ext4(source: str, target: str, options: tuple[str, ...]) -> None:
+    """What ``mount -o loop`` does, by ioctl and mount(2): a free loop device bound to
+    ``source`` with autoclear (it detaches when unmounted, or at once if the mount fails),
+    then the ext4 mount. Why not mount(8): it reads the whole mount table first, which
+    grows by every live container's mounts; in a burst of instances that was 10 % of the
+    node's CPU (profiled with perf), on every container create."""
+    flags = 0
+    data: list[str] = []
+    for opt in options:
+        if opt in _MS_FLAGS:
+            flags |= _MS_FLAGS[opt]
+        else:
+            data.append(opt)
+    what = f"mounting quota volume {source} at {target}"
+    try:
+        backing = os.open(source, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise QuotaError(f"{what}: {exc.strerror}") from None
+    try:
+        with open("/dev/loop-control", "rb", buffering=0) as ctl:
+            for _ in range(16):  # another process may take the free device first
+                n = fcntl.ioctl(ctl.fileno(), _LOOP_CTL_GET_FREE)
+                try:
+                    loop = os.open(f"/dev/loop{n}", os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # its node not made yet
+                info = struct.pack(
+                    _LOOP_INFO64, 0, 0, 0, 0, 0, 0, 0, 0, _LO_FLAGS_AUTOCLEAR,
+                    os.fsencode(source)[-63:], b"", b"", 0, 0,
+                )  # fmt: skip
+                config = struct.pack("=II", backing, 0) + info + bytes(64)
+                try:
+                    fcntl.ioctl(loop, _LOOP_CONFIGURE, config)
+                except OSError as exc:
+                    os.close(loop)
+                    if exc.errno == errno.EBUSY:
+                        continue
+                    raise QuotaError(f"{what}: loop device: {exc.strerror}") from None
+                try:
+                    _sys_mount(f"/dev/loop{n}", target, "ext4", flags, ",".join(data))
+                except OSError as exc:
+                    raise QuotaError(f"{what}: {exc.strerror}") from None
+                finally:
+                    os.close(loop)  # autoclear: the mount holds the device, or nothing does
+                return
+    except OSError as exc:
+        raise QuotaError(f"{what}: loop devices: {exc.strerror}") from None
+    finally:
+        os.close(backing)
+    raise QuotaError(f"{what}: no free loop device after 16 tries")
+
+
+def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, os.fsencode(options)) != 0:
+    args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
+    if _libc.mount(*args) != 0:
         err = ctypes.get_errno()
-        raise EngineError(f"overlay mount at {target} failed: {os.strerror(err)} ({options})")
+        raise OSError(err, os.strerror(err))
 
 
 def sweep(mounter: Mounter, directory: Path) -> list[str]:
