@@ -256,6 +256,10 @@ class TidalCase:
         return errors
 
     def close(self) -> None:
+        """Drain the pools first: a stopped daemon's warm members live on by design (the
+        next daemon takes them back), so without it a pooled case would leave them."""
+        with contextlib.suppress(TidalError, OSError), InstanceClient(self.daemon.socket_path) as c:
+            c.drain_pools()
         for c in self.clients:
             c.close()
         self.daemon.close()
