@@ -10,7 +10,10 @@ on raw demand: a minute is violated when some service needs more replicas (``cei
 than it has ready, or pods could not be placed at all (stock, a failed site).
 
 Every policy is fitted on the *training* days (another part of the trace or another file) and
-evaluated on days it never saw. Policies, each a per-service replica target plus a rule for
+evaluated on days it had not seen when it decided: with ``refit_daily`` (the default, what the
+controller does with the history it records) the fitted policies refit their reserve every
+midnight on the days recorded so far and raise it the minute after a shortfall; the owned fleet
+stays as fitted on the training days. Policies, each a per-service replica target plus a rule for
 where the replicas run:
 
 - ``all-owned``: every replica on owned nodes, the fleet sized in hindsight for the peak of
@@ -143,8 +146,8 @@ class SimConfig:
     """Tidal extrapolates the last minute's rise over the lead time by this share."""
     reserve_return_period_days: float = DEFAULT_RETURN_PERIOD_DAYS
     """Tidal's reserve is the Gumbel level of its daily maximum misses exceeded once in this
-    many days per service. Chosen on synthetic seeds 1-5 (cost at or below reactive-reserve
-    with zero SLO minutes); the tests check it on other seeds and scenarios."""
+    many days per service. Chosen on synthetic seeds 1-5 only (see
+    :data:`tidal.sched.policy.DEFAULT_RETURN_PERIOD_DAYS`)."""
     refit_daily: bool = True
     """reactive-reserve, cluster-autoscaler and Tidal refit their reserve (Tidal: and floor)
     every midnight on the days recorded so far, as the controller refits on its history; the
