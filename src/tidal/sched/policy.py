@@ -23,9 +23,12 @@ from tidal.sched.predictor import gumbel_return_level, optimal_threshold
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
 
-DEFAULT_RETURN_PERIOD_DAYS = 5.0
-"""Chosen on synthetic seeds 1-5 (cost at or below reactive-reserve with zero SLO minutes);
-the tests and the benchmark check it on other seeds and scenarios."""
+DEFAULT_RETURN_PERIOD_DAYS = 70.0
+"""Chosen on synthetic seeds 1-5 only: the smallest of 5, 7, 10, 15, 20, 30, 40, 50, 70, 100
+and 200 days with zero SLO minutes and cost at or below reactive-reserve on all five, with the
+level turned into ``floor(level)`` replicas and the daily refit (it was 5 days when the level
+was rounded up, which held an extra replica). The tests and the benchmark check it on other
+seeds and scenarios."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ def fit_reserve(
     level = None
     if return_period is not None and days >= 3 and float(np.std(daily)) > 0:
         level = max(0.0, gumbel_return_level(daily, return_period))
-    return max(top, math.ceil((level or 0.0) - 1e-9)), top, level, days
+    # need <= ceil(base) + r for every fractional miss need - base <= level: r = floor(level)
+    return max(top, math.floor((level or 0.0) + 1e-9)), top, level, days
 
 
 @dataclass(frozen=True)
@@ -190,3 +194,94 @@ class TidalPolicy:
             self.trend_gain,
             self.manual_threshold is not None,
         )
+
+    def online(
+        self,
+        history: FloatArray,
+        demand: FloatArray,
+        *,
+        window_days: int | None = None,
+        react: bool = True,
+    ) -> OnlinePlan:
+        """Targets for ``demand`` (evaluated days, raw, whole days after ``history``) as a
+        controller decides them: refitted every midnight on the days recorded so far
+        (:func:`refit_windows`), and with ``react`` raising the reserve the minute after a
+        shortfall (:func:`react_to_misses`). The decision at minute ``t`` rests on
+        ``demand[:t]`` and the observation of minute ``t`` only."""
+        h = np.asarray(history, dtype=np.float64)
+        h = h[h.size % MINUTES_PER_DAY :]
+        ev = np.asarray(demand, dtype=np.float64)
+        whole = np.concatenate([h, ev])
+        obs = observe(whole, self.smoothing_minutes)
+        fits = []
+        base = np.zeros(ev.size)
+        daily = np.zeros(math.ceil(ev.size / MINUTES_PER_DAY), dtype=np.int64)
+        for d, (lo, start) in enumerate(refit_windows(h.size, ev.size, window_days)):
+            fit = self.fit(whole[lo:start])
+            fits.append(fit)
+            a, b = d * MINUTES_PER_DAY, (d + 1) * MINUTES_PER_DAY
+            base[a:b] = tidal_base(
+                obs[start : start + MINUTES_PER_DAY],
+                fit.floor,
+                self.lead_minutes,
+                self.trend_gain,
+                float(obs[start - 1]),
+            )
+            daily[d] = fit.reserve.replicas
+        if not fits:
+            raise ConfigError("Tidal's online plan needs at least one whole evaluated day")
+        need = ceil_replicas(ev)
+        reserves = (
+            react_to_misses(base, need, self.lead_minutes, daily)
+            if react
+            else np.repeat(daily, MINUTES_PER_DAY)[: ev.size]
+        )
+        return OnlinePlan(ceil_replicas(base) + reserves, reserves, tuple(fits))
+
+
+def refit_windows(
+    history_minutes: int, evaluated_minutes: int, window_days: int | None
+) -> list[tuple[int, int]]:
+    """For each evaluated day, the slice ``[lo, start)`` of history + evaluated minutes that a
+    controller refitting at that midnight has recorded: every whole day before it (``None``),
+    or only the last ``window_days``. Never a minute at or after ``start``."""
+    out = []
+    for d in range(evaluated_minutes // MINUTES_PER_DAY):
+        start = history_minutes + d * MINUTES_PER_DAY
+        days = start // MINUTES_PER_DAY
+        if window_days is not None:
+            days = min(days, window_days)
+        out.append((start - days * MINUTES_PER_DAY, start))
+    return out
+
+
+def react_to_misses(base: FloatArray, need: IntArray, lead: int, daily: IntArray) -> IntArray:
+    """Per minute, the reserve a controller holds: the one refitted at midnight
+    (``daily[d]``), raised the minute after a shortfall to the largest miss of
+    ``ceil(base)`` seen since then, so one burst is not missed twice in a day. Minute ``t``
+    uses only ``need[:t]`` and ``base[:t]``; the raise lasts until the next refit, which has
+    the missed minutes in its history."""
+    n = base.size
+    miss = np.full(n, -np.inf)
+    if lead == 0:
+        miss[:] = need - ceil_replicas(base)
+    elif n > lead:
+        miss[lead:] = need[lead:] - ceil_replicas(base[:-lead])
+    out = np.repeat(np.asarray(daily, dtype=np.int64), MINUTES_PER_DAY)[:n]
+    for d in range(math.ceil(n / MINUTES_PER_DAY)):
+        a, b = d * MINUTES_PER_DAY, min((d + 1) * MINUTES_PER_DAY, n)
+        # reserve at t: max(daily, misses of minutes a .. t-1)
+        seen = np.maximum.accumulate(np.concatenate([[-np.inf], miss[a : b - 1]]))
+        out[a:b] = np.maximum(out[a:b], np.ceil(seen - 1e-9).clip(min=0).astype(np.int64))
+    return out
+
+
+@dataclass(frozen=True)
+class OnlinePlan:
+    """Tidal's targets on evaluated days when the controller refits every midnight."""
+
+    targets: IntArray = field(repr=False)
+    reserves: IntArray = field(repr=False)
+    """The reserve held at each evaluated minute."""
+    fits: tuple[TidalFit, ...] = field(repr=False)
+    """One per evaluated day; ``fits[0]`` is the fit on the training days alone."""

@@ -10,7 +10,10 @@ on raw demand: a minute is violated when some service needs more replicas (``cei
 than it has ready, or pods could not be placed at all (stock, a failed site).
 
 Every policy is fitted on the *training* days (another part of the trace or another file) and
-evaluated on days it never saw. Policies, each a per-service replica target plus a rule for
+evaluated on days it had not seen when it decided: with ``refit_daily`` (the default, what the
+controller does with the history it records) the fitted policies refit their reserve every
+midnight on the days recorded so far and raise it the minute after a shortfall; the owned fleet
+stays as fitted on the training days. Policies, each a per-service replica target plus a rule for
 where the replicas run:
 
 - ``all-owned``: every replica on owned nodes, the fleet sized in hindsight for the peak of
@@ -56,15 +59,19 @@ from numpy.typing import NDArray
 
 from tidal.errors import ConfigError
 from tidal.ids import NodeName
+from tidal.sched.autoscale import MINUTES_PER_DAY
 from tidal.sched.cost import ResourcePrices
 from tidal.sched.model import Resources, VirtualPool, VirtualSpec
 from tidal.sched.packing import ffd_nodes, fits
 from tidal.sched.policy import (
+    DEFAULT_RETURN_PERIOD_DAYS,
     Reserve,
     TidalPolicy,
     ceil_replicas,
     fit_reserve,
     observe,
+    react_to_misses,
+    refit_windows,
 )
 from tidal.sched.predictor import optimal_threshold
 from tidal.sched.settings import POLICIES
@@ -137,10 +144,19 @@ class SimConfig:
     site_outages: tuple[SiteOutage, ...] = ()
     trend_gain: float = 1.0
     """Tidal extrapolates the last minute's rise over the lead time by this share."""
-    reserve_return_period_days: float = 5.0
+    reserve_return_period_days: float = DEFAULT_RETURN_PERIOD_DAYS
     """Tidal's reserve is the Gumbel level of its daily maximum misses exceeded once in this
-    many days per service. Chosen on synthetic seeds 1-5 (cost at or below reactive-reserve
-    with zero SLO minutes); the tests check it on other seeds and scenarios."""
+    many days per service. Chosen on synthetic seeds 1-5 only (see
+    :data:`tidal.sched.policy.DEFAULT_RETURN_PERIOD_DAYS`)."""
+    refit_daily: bool = True
+    """reactive-reserve, cluster-autoscaler and Tidal refit their reserve (Tidal: and floor)
+    every midnight on the days recorded so far, as the controller refits on its history; the
+    owned fleet stays as fitted on the training days. False: the training days only."""
+    refit_window_days: int | None = None
+    """How many recorded days a refit uses (None: all of them)."""
+    react_to_misses: bool = True
+    """With ``refit_daily``: the reserve rises the minute after a shortfall to the largest
+    miss since midnight (:func:`tidal.sched.policy.react_to_misses`)."""
     autoscaler_startup_s: float = 180.0
     autoscaler_scale_down_s: float = 600.0
     """cluster-autoscaler's ``scale-down-unneeded-time`` default (10 min)."""
@@ -462,6 +478,8 @@ def simulate(
             elif name in ("reactive-reserve", "cluster-autoscaler"):
                 reserve = fit_reserve(obs_tr, svc.train, lead, None)[0]
                 plan.targets[i] = ceil_replicas(obs) + reserve
+                if config.refit_daily:
+                    plan.targets[i] = ceil_replicas(obs) + _reactive_online(svc, lead, config)
                 plan.fitted[i] = ceil_replicas(obs_tr) + reserve
                 plan.thresholds[i] = _threshold(plan.fitted[i], svc)
             elif name in ("tidal", "tidal-hindsight"):
@@ -476,6 +494,14 @@ def simulate(
                     svc.train, hindsight_on=svc.demand if name == "tidal-hindsight" else None
                 )
                 plan.targets[i] = fit.targets(obs, float(obs_tr[-1]))
+                if name == "tidal" and config.refit_daily:
+                    online = policy.online(
+                        svc.train,
+                        svc.demand,
+                        window_days=config.refit_window_days,
+                        react=config.react_to_misses,
+                    )
+                    plan.targets[i] = online.targets
                 plan.fitted[i] = fit.history_targets
                 plan.thresholds[i] = fit.threshold_replicas
                 if name == "tidal":
@@ -513,6 +539,22 @@ def simulate(
         series=series,
         warnings=tuple(warnings),
     )
+
+
+def _reactive_online(svc: _Service, lead: int, config: SimConfig) -> IntArray:
+    """reactive-reserve's reserve per evaluated minute when it is refitted like Tidal's: every
+    midnight on the days recorded so far, raised the minute after a shortfall."""
+    whole = np.concatenate([svc.train, svc.demand])
+    obs = observe(whole, config.smoothing_minutes)
+    windows = refit_windows(svc.train.size, svc.demand.size, config.refit_window_days)
+    daily = np.array(
+        [fit_reserve(obs[lo:start], whole[lo:start], lead, None)[0] for lo, start in windows],
+        dtype=np.int64,
+    )
+    if not config.react_to_misses:
+        return np.repeat(daily, MINUTES_PER_DAY)[: svc.demand.size]
+    ev_obs = obs[svc.train.size :]
+    return react_to_misses(ev_obs, ceil_replicas(svc.demand), lead, daily)
 
 
 def _spec_price(config: SimConfig, req: Resources) -> float:
