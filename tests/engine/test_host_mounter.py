@@ -63,6 +63,15 @@ def _loops_of(path: Path) -> list[str]:
     return out
 
 
+def _loops_left(path: Path, timeout_s: float = 5.0) -> list[str]:
+    """Loop devices still bound to ``path`` once autoclear (run as the last reference goes)
+    has had ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while _loops_of(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _loops_of(path)
+
+
 @pytest.mark.root
 @pytest.mark.loop
 def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_path: Path) -> None:
@@ -86,10 +95,7 @@ def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_pat
     finally:
         mounter.release([vol.mount])
     assert not mounter.mounted(str(target))
-    deadline = time.monotonic() + 5
-    while _loops_of(image) and time.monotonic() < deadline:
-        time.sleep(0.05)  # autoclear runs as the last reference goes
-    assert _loops_of(image) == []
+    assert _loops_left(image) == []
 
 
 @pytest.mark.root
@@ -105,9 +111,6 @@ def test_a_volume_that_is_not_ext4_is_one_line_and_leaves_no_loop_device(tmp_pat
     msg = str(info.value)
     assert "\n" not in msg and f"mounting quota volume {image} at {target}" in msg, msg
     assert not HostMounter().mounted(str(target))
-    deadline = time.monotonic() + 5
-    while _loops_of(image) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _loops_of(image) == []
+    assert _loops_left(image) == []
     with pytest.raises(QuotaError, match="No such file"):
         HostMounter().apply([QuotaVolume(str(tmp_path / "none"), str(target), 1, 1).mount])

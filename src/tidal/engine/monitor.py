@@ -34,8 +34,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -523,11 +523,19 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
     except TidalError as exc:
         return failed(str(exc))
     stdio = _Stdio(conf)
-    if not (conf.tty or conf.ports):
-        return _run_in_one_step(conf, ready_fd, rt, stdio, failed)
+    # nothing to set up between create and start (no pty to receive, no port to bind): both
+    # in one runtime command (Runtime.run_detached), one runtime start-up fewer
+    one_step = not (conf.tty or conf.ports)
     try:
         stdio.prepare()
-        rt.create(
+        first_step = (
+            rt.run_detached
+            if one_step
+            else partial(
+                rt.create, console_socket=Path(stdio.console[0]) if stdio.console else None
+            )
+        )
+        first_step(
             conf.id,
             Path(conf.bundle),
             pid_file=Path(conf.pid_file),
@@ -535,7 +543,6 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
             stdout=stdio.stdout,
             stderr=stdio.stderr,
             stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
-            console_socket=Path(stdio.console[0]) if stdio.console else None,
         )
         stdio.created()
     except (TidalError, OSError) as exc:
@@ -554,60 +561,17 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
         stdio.close()
         _force_delete(rt, conf.id)
         return failed(str(exc))
-    try:
-        rt.start(conf.id)
-    except TidalError as exc:
-        stdio.close()
-        _force_delete(rt, conf.id)
-        return failed(f"{rt.name} start failed: {exc}")
+    if not one_step:
+        try:
+            rt.start(conf.id)
+        except TidalError as exc:
+            stdio.close()
+            _force_delete(rt, conf.id)
+            return failed(f"{rt.name} start failed: {exc}")
     for sock, target in listeners:
         threading.Thread(target=_serve_port, args=(sock, target), daemon=True).start()
     _report(conf, ready_fd, StartReport("running", conf.start_seq, me, pid, time.time()))
-    return _wait_and_record(conf, rt, stdio, pid, listeners)
 
-
-def _run_in_one_step(
-    conf: MonitorConfig,
-    ready_fd: int,
-    rt: Runtime,
-    stdio: _Stdio,
-    failed: Callable[[str], int],
-) -> int:
-    """Create and start in one runtime command (:meth:`Runtime.run_detached`) when nothing
-    must be set up between the two: no terminal to receive and no port to open. The stdin
-    pipe (``-i``) and the relays take the process's output as well after it runs as before:
-    what it writes meanwhile waits in the pipes."""
-    try:
-        stdio.prepare()
-        rt.run_detached(
-            conf.id,
-            Path(conf.bundle),
-            pid_file=Path(conf.pid_file),
-            log_path=Path(conf.runtime_log),
-            stdout=stdio.stdout,
-            stderr=stdio.stderr,
-            stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
-        )
-        stdio.created()
-        stdio.serve()
-        with open(conf.pid_file) as fh:
-            pid = int(fh.read().strip())
-    except (TidalError, OSError, ValueError) as exc:
-        stdio.close()
-        _force_delete(rt, conf.id)
-        return failed(str(exc))
-    _report(conf, ready_fd, StartReport("running", conf.start_seq, os.getpid(), pid, time.time()))
-    return _wait_and_record(conf, rt, stdio, pid, [])
-
-
-def _wait_and_record(
-    conf: MonitorConfig,
-    rt: Runtime,
-    stdio: _Stdio,
-    pid: int,
-    listeners: list[tuple[socket.socket, tuple[str, int]]],
-) -> int:
-    """Wait for the container's exit, write its record, and delete it from the runtime."""
     by_id = rt.wait_exit(conf.id, pid)  # a runsc pod member: its pid is the pod's sandbox
     status = wait_for(pid) if by_id is None else -1
     finished_at = time.time()

@@ -58,30 +58,18 @@ class RuntimeHarness:
 
     def create(self, *args: str) -> str:
         """Create a container running ``args``; returns its id (deleted by :meth:`cleanup`)."""
-        cid = f"conf-{uuid.uuid4().hex[:12]}"
-        self.made.append(cid)
-        log = self.log_path(cid)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        try:
-            self.runtime.create(
-                cid,
-                self.bundle(cid, args),
-                pid_file=self.work / f"{cid}.pid",
-                log_path=self.work / f"{cid}.runtime.log",
-                stdout=fd,
-                stderr=fd,
-            )
-        finally:
-            os.close(fd)
-        return cid
+        return self._make(self.runtime.create, args)
 
     def run_detached(self, *args: str) -> str:
         """Create and start in one call (:meth:`Runtime.run_detached`); returns the id."""
+        return self._make(self.runtime.run_detached, args)
+
+    def _make(self, step: Callable[..., None], args: tuple[str, ...]) -> str:
         cid = f"conf-{uuid.uuid4().hex[:12]}"
         self.made.append(cid)
         fd = os.open(self.log_path(cid), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
-            self.runtime.run_detached(
+            step(
                 cid,
                 self.bundle(cid, args),
                 pid_file=self.work / f"{cid}.pid",
