@@ -69,6 +69,33 @@ def write_json_atomic(
     write_text_atomic(path, json.dumps(doc, indent=indent, sort_keys=sort_keys) + "\n", fsync=fsync)
 
 
+def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
+    """Copy ``src`` to a new file ``dst`` of the same size, only its data (SEEK_DATA /
+    SEEK_HOLE), in the kernel (``copy_file_range``): the holes stay holes. Returns the bytes
+    copied. Why by hand: shutil copies every byte of a hole as zeros, which turns a sparse
+    10 GiB volume file into 10 GiB of disk."""
+    copied = 0
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        off = 0
+        while off < size:
+            try:
+                start = os.lseek(fin.fileno(), off, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole from here on
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            pos = start
+            while pos < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
+                if n == 0:
+                    break
+                pos += n
+            copied += pos - start
+            off = end
+    return copied
+
+
 class HashingWriter:
     """A write-only file wrapper that computes the sha256 and size of what passes through."""
 

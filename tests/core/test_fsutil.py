@@ -12,6 +12,7 @@ import pytest
 
 from tidal.fsutil import (
     atomic_file,
+    copy_sparse,
     read_line,
     write_by_digest,
     write_bytes_atomic,
@@ -117,3 +118,20 @@ def test_write_by_digest_names_the_file_by_its_content_or_leaves_nothing(tmp_pat
     ):
         w.write(b"other bytes")
     assert sorted(p.name for p in tmp_path.iterdir()) == [place(sha256_digest(b"hello world")).name]
+
+
+def test_copy_sparse_copies_the_data_and_keeps_the_holes(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    size = 64 << 20
+    with open(src, "wb") as fh:
+        fh.truncate(size)
+        for off in (0, 5 << 20, size - 4096):
+            fh.seek(off)
+            fh.write(bytes([off % 251 + 1]) * 4096)
+    copied = copy_sparse(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_size == size
+    assert copied < 1 << 20  # the data extents, not the 64 MiB of holes
+    assert dst.stat().st_blocks * 512 < 1 << 20  # and the copy stays sparse
+    with pytest.raises(FileExistsError):
+        copy_sparse(src, dst)  # never over an existing file

@@ -131,3 +131,38 @@ def test_volume_pool_refill_and_take(tmp_path: Path) -> None:
     assert len(pool.ready()) == 1
     assert pool.refill() == 1
     assert not VolumePool(tmp_path / "p2", 16 << 20, 256, target=0).matches(16 << 20, 256)
+
+
+@pytest.mark.root
+@pytest.mark.loop
+def test_volumes_from_a_template_are_separate_sparse_filesystems(tmp_path: Path) -> None:
+    """A quota volume copied from its shape's template mounts as a filesystem of the asked
+    size and inode count, holds only metadata on disk, and shares nothing with its twin."""
+    import os
+
+    from tidal.engine.mounter import HostMounter
+    from tidal.engine.volume import VolumeTemplates, create_volume, destroy_volume
+
+    mounter = HostMounter()
+    templates = VolumeTemplates(tmp_path / "templates", mounter)
+    vols = []
+    try:
+        for name in ("a", "b"):
+            vols.append(
+                create_volume(
+                    mounter, tmp_path / f"{name}.img", tmp_path / name, 64 << 20, 512, templates
+                )
+            )
+        assert len(list((tmp_path / "templates").glob("*.img"))) == 1  # one mkfs for both
+        for v in vols:
+            st = os.statvfs(v.mountpoint)
+            assert st.f_files == 512 and st.f_blocks * st.f_frsize > 56 << 20
+            assert Path(v.image_path).stat().st_blocks * 512 < 8 << 20
+        (tmp_path / "a" / "only-in-a").write_text("a\n")
+        assert not (tmp_path / "b" / "only-in-a").exists()
+    finally:
+        for v in vols:
+            destroy_volume(mounter, v)
+    assert not any(mounter.mounted(str(tmp_path / n)) for n in ("a", "b"))
+    # a changed format is a different template
+    assert templates.path(64 << 20, 512) != templates.path(64 << 20, 1024)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tidal import proc
+from tidal.blockdev import ext4
 from tidal.engine.mounter import HostMounter
 from tidal.engine.state import QuotaVolume, overlay_mount
 from tidal.errors import EngineError, QuotaError
@@ -114,3 +115,35 @@ def test_a_volume_that_is_not_ext4_is_one_line_and_leaves_no_loop_device(tmp_pat
     assert _loops_left(image) == []
     with pytest.raises(QuotaError, match="No such file"):
         HostMounter().apply([QuotaVolume(str(tmp_path / "none"), str(target), 1, 1).mount])
+
+
+@pytest.mark.root
+def test_the_sweep_finds_what_the_table_finds_without_entering_mounts(tmp_path: Path) -> None:
+    """``mounts_under`` looks SWEEP_DEPTH levels deep by statx, not through the table: it
+    must name every mount the engine can leave under a container's directory (rootfs, disk,
+    volumes/N), deepest first, and not enter a mount's own tree."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    cdir = tmp_path / "c"
+    targets = [cdir / "rootfs", cdir / "disk", cdir / "volumes" / "0"]
+    for t in targets:
+        t.mkdir(parents=True)
+    (cdir / "layer" / "upper" / "deep").mkdir(parents=True)  # plain directories: not mounts
+    made: list[Path] = []
+    try:
+        for t in targets:
+            proc.run(["mount", "-t", "tmpfs", "tidal-test", str(t)], what="mount tmpfs")
+            made.append(t)
+        (cdir / "disk" / "inside").mkdir()
+        proc.run(["mount", "-t", "tmpfs", "tidal-test", str(cdir / "disk" / "inside")], what="m")
+        made.append(cdir / "disk" / "inside")
+        found = HostMounter().mounts_under(cdir)
+        table = sorted(ext4.mount_points_under(cdir), key=len, reverse=True)
+        # the tree inside a mount is the mount's business: the sweep unmounts the mount
+        assert set(found) == {str(t) for t in targets}, found
+        assert set(table) - set(found) == {str(cdir / "disk" / "inside")}
+        assert found == sorted(found, key=len, reverse=True)
+    finally:
+        for t in reversed(made):
+            proc.run(["umount", str(t)], what="umount", check=False)
+    assert HostMounter().mounts_under(cdir) == []

@@ -28,6 +28,11 @@ from tidal.errors import EngineError, QuotaError, TidalError
 
 log = logging.getLogger(__name__)
 
+SWEEP_DEPTH = 2
+"""How deep below a container's directory the engine mounts (``rootfs``, ``disk``,
+``volumes/N``): the sweep looks that deep, a statx per directory, instead of reading the
+whole mount table on every remove."""
+
 
 class Mounter(ABC):
     """Executes mount plans; the only code that mounts, unmounts or formats for the engine."""
@@ -134,7 +139,10 @@ class HostMounter(Mounter):
         return ext4.mounted_among(targets) if targets else set()
 
     def mounts_under(self, directory: Path) -> list[str]:
-        return sorted(ext4.mount_points_under(directory), key=len, reverse=True)
+        found = ext4.mount_roots_below(directory, SWEEP_DEPTH)
+        if found is None:
+            found = ext4.mount_points_under(directory)
+        return sorted(found, key=len, reverse=True)
 
     def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
         proc.run(

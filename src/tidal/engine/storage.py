@@ -128,6 +128,7 @@ class Storage:
                         path,
                         q.size_bytes,
                         q.inodes or q.size_bytes // self.bytes_per_inode,
+                        self.pool.templates,
                     )
                 else:
                     path.mkdir(parents=True, exist_ok=True)
