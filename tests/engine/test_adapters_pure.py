@@ -166,3 +166,18 @@ def test_volumes_from_a_template_are_separate_sparse_filesystems(tmp_path: Path)
     assert not any(mounter.mounted(str(tmp_path / n)) for n in ("a", "b"))
     # a changed format is a different template
     assert templates.path(64 << 20, 512) != templates.path(64 << 20, 1024)
+
+
+def test_records_before_read_only_roots_read_as_overlays() -> None:
+    """A record written before ``readonly`` existed is an overlay root (the default)."""
+    from tidal.engine.state import RootfsState
+
+    old = {
+        "kind": "dir", "image": "/img", "generation": 0, "lower_mountpoint": "/mp",
+        "lower": "/img", "upper": "/c/layer/upper.0", "work": "/c/layer/work.0",
+        "merged": "/c/rootfs", "volume": None, "volumes": [],
+    }  # fmt: skip
+    state = RootfsState.from_json(old)
+    assert state.layer is not None and not state.layer.readonly
+    assert state.layer.overlay.target == "/c/rootfs"
+    assert RootfsState.from_json(state.to_json()) == state

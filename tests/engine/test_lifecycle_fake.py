@@ -476,3 +476,25 @@ def test_a_refused_sigkill_to_a_container_that_ended_meanwhile_is_no_warning(
     assert rec.status == "exited" and rec.exit_code == 0
     said = [r for r in caplog.records if "SIGKILL" in r.getMessage()]
     assert said and all(r.levelno == logging.DEBUG for r in said)
+
+
+def test_a_read_only_root_has_no_overlay_no_volume_and_survives_its_json(
+    eng: Engine, node: dict[str, Any]
+) -> None:
+    """A sandbox's root: the image's tree itself, read-only in the runtime's config, with no
+    overlay and no quota volume on the host; its record reads back the same."""
+    mkfs_before = node["mounter"].made.get("mkfs", 0)
+    rec = eng.run(spec(node, "sh", "-c", "exit 0", read_only_rootfs=True))
+    layer = rec.rootfs.layer
+    assert layer is not None and layer.readonly and rec.rootfs.volume is None
+    assert layer.merged == layer.lower == str(node["image"])
+    assert node["mounter"].table() == {}  # nothing mounted for it
+    assert node["mounter"].made.get("mkfs", 0) == mkfs_before
+    config = json.loads((eng.cdir(rec.id) / "bundle" / "config.json").read_text())
+    assert config["root"] == {"path": str(node["image"]), "readonly": True}
+    assert eng.get(rec.id).rootfs == rec.rootfs  # the store's JSON keeps the flag
+    eng.wait(rec.id, 10)
+    eng.remove(rec.id)
+    assert (node["image"] / "etc" / "version").read_text() == "1\n"  # the image is untouched
+    with pytest.raises(ConfigError, match="read-only root has no writable layer"):
+        spec(node, "true", read_only_rootfs=True, disk_quotas=(QuotaSpec("/", 1 << 20),))

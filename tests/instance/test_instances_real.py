@@ -4,6 +4,7 @@ kernel, spec fallback, bad input leaving nothing behind, the CLI."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tidal.blockdev import ext4
 from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
 from tidal.engine.network import gateway
@@ -99,6 +101,12 @@ def test_pod_shares_network_ipc_uts_and_hosts_each_with_its_own_rootfs(
     for i, kind in ((1, "ipc"), (2, "uts")):
         assert _ns_inode(main_ns[i]) == (nsdir / kind).stat().st_ino, kind
         assert os.readlink(f"/proc/{sandbox['pid']}/ns/{kind}") == main_ns[i], kind
+    # the sandbox's root is the pause directory itself, read-only: no overlay on the host
+    sandbox_dir = nsdir.parent
+    assert not ext4.is_mountpoint(sandbox_dir / "rootfs") and not (sandbox_dir / "disk").exists()
+    root_cfg = json.loads((sandbox_dir / "bundle" / "config.json").read_text())["root"]
+    assert root_cfg["readonly"] is True and Path(root_cfg["path"], "pause").is_file()
+    assert root_cfg["path"] not in ext4.mount_points()
     # every container sits below the pod's cgroup
     pod = _pod_dir(engine_settings, rec, "memory")
     kids = {p.name for p in pod.iterdir() if p.is_dir()}

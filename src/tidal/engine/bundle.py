@@ -313,7 +313,7 @@ def build_config(spec: ContainerSpec, inputs: BundleInputs) -> dict[str, Any]:
             "noNewPrivileges": not spec.rich,
             "oomScoreAdj": 0,
         },
-        "root": {"path": inputs.rootfs, "readonly": False},
+        "root": {"path": inputs.rootfs, "readonly": spec.read_only_rootfs},
         "hostname": hostname(spec, inputs.container_id),
         "mounts": [m.to_oci() for m in mounts],
         "linux": linux,

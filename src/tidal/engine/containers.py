@@ -405,6 +405,8 @@ class Engine:
         self.store.update(cid, rootfs=state)
 
     def _root_quota(self, spec: ContainerSpec) -> QuotaSpec | None:
+        if spec.read_only_rootfs:
+            return None  # nothing is written to the root: no writable layer to bound
         for q in spec.disk_quotas:
             if q.target == "/":
                 return q if q.size_bytes > 0 else None  # 0: no quota volume (a pod's sandbox)

@@ -154,7 +154,9 @@ def lower_mounts(layer: LayerState) -> tuple[Mount, ...]:
 
 
 def layer_plan(layer: LayerState) -> tuple[Mount, ...]:
-    """Everything to mount, in order, for this root to exist."""
+    """Everything to mount, in order, for this root to exist (a read-only root: the lower)."""
+    if layer.readonly:
+        return lower_mounts(layer)
     return (*lower_mounts(layer), layer.overlay)
 
 
@@ -169,13 +171,31 @@ def overlay_options(lower: Path, upper: Path, work: Path) -> str:
 
 
 def plan_layer(
-    cdir: Path, image: str, volume: QuotaVolume | None, lower_mp: Path, generation: int = 0
+    cdir: Path,
+    image: str,
+    volume: QuotaVolume | None,
+    lower_mp: Path,
+    generation: int = 0,
+    readonly: bool = False,
 ) -> LayerState:
     """Generation ``generation`` of the container's root: an overlay at ``cdir/rootfs`` over
-    the image's lower at ``lower_mp`` (shared), upper and work on the quota volume if any."""
+    the image's lower at ``lower_mp`` (shared), upper and work on the quota volume if any;
+    ``readonly``: the lower itself, no overlay (a pod's sandbox, which writes nothing)."""
     provider = provider_for(image)
     base = Path(volume.mountpoint) if volume else cdir / "layer"
     lower = provider.lower_dir(image, lower_mp)
+    if readonly:
+        return LayerState(
+            kind=provider.kind,
+            image=str(Path(image).resolve()),
+            generation=generation,
+            lower_mountpoint=str(lower_mp),
+            lower=str(lower),
+            upper="",
+            work="",
+            merged=str(lower),
+            readonly=True,
+        )
     return LayerState(
         kind=provider.kind,
         image=str(Path(image).resolve()),
@@ -190,6 +210,8 @@ def plan_layer(
 
 def make_layer_dirs(layer: LayerState) -> None:
     """The overlay's upper and work directories (the rootfs side's part, as a snapshotter's)."""
+    if layer.readonly:
+        return
     for d in (layer.upper, layer.work):
         Path(d).mkdir(parents=True, exist_ok=True)
 
@@ -198,5 +220,7 @@ def drop_layer_dirs(layer: LayerState) -> None:
     """Delete one generation's writable layer (after an upgrade, or a rolled-back one)."""
     import shutil
 
+    if layer.readonly:
+        return  # nothing of its own: the tree is the image's
     for d in (layer.upper, layer.work):
         shutil.rmtree(d, ignore_errors=True)

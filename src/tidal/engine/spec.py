@@ -124,6 +124,10 @@ class ContainerSpec:
     be created alongside its sandbox (by name). None: a container of its own."""
     pod_sandbox: bool = False
     """This container is a pod's sandbox (infra) container, the one members join."""
+    read_only_rootfs: bool = False
+    """``--read-only``: the root is the image's tree itself, mounted read-only by the runtime:
+    no writable layer, no overlay and no quota volume (a pod's sandbox, which writes nothing;
+    one mount fewer per container in every mount table the node's processes read)."""
     cgroup_parent: str | None = None
     """Place the container's cgroup below this path (a pod's cgroup, which holds the pod-level
     limits) instead of ``[engine] cgroup_parent``."""
@@ -192,6 +196,13 @@ def validate_spec(spec: ContainerSpec) -> None:
             )
         if spec.pod_sandbox:
             raise ConfigError("a pod's sandbox container cannot itself join another sandbox")
+    if spec.read_only_rootfs and any(
+        q.target == "/" and q.size_bytes > 0 for q in spec.disk_quotas
+    ):
+        raise ConfigError(
+            "a read-only root has no writable layer to bound: drop the disk quota on / or "
+            "the read-only root"
+        )
     if spec.cgroup_parent is not None and not _CGROUP_PARENT_RE.fullmatch(spec.cgroup_parent):
         raise ConfigError(
             f"cgroup parent {spec.cgroup_parent!r}: a relative path such as 'tidal/pod-web'"

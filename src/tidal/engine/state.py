@@ -70,9 +70,14 @@ class LayerState:
     upper: str
     work: str
     merged: str
+    readonly: bool = False
+    """No writable layer and no overlay: the root is the image's lower itself, mounted
+    read-only by the runtime (``merged == lower``; ``upper`` and ``work`` are empty)."""
 
     @property
     def overlay(self) -> Mount:
+        if self.readonly:
+            raise ValueError(f"read-only root {self.merged} has no overlay")
         return overlay_mount(self.lower, self.upper, self.work, self.merged)
 
 
@@ -144,6 +149,7 @@ class RootfsState:
                 upper=str(d["upper"]),
                 work=str(d["work"]),
                 merged=str(d["merged"]),
+                readonly=bool(d.get("readonly", False)),
             )
         return cls(
             volume=QuotaVolume.from_json(d.get("volume")),

@@ -106,7 +106,10 @@ class Storage:
             )
             state = RootfsState(volume=vol)
             record(state)
-        state = state.with_layer(self.mount_layer(cid, cdir, spec.image, state.volume, 0))
+        layer = self.mount_layer(
+            cid, cdir, spec.image, state.volume, 0, readonly=spec.read_only_rootfs
+        )
+        state = state.with_layer(layer)
         record(state)
         quotas = {q.target: q for q in spec.disk_quotas}
         volumes: list[VolumeState] = []
@@ -139,11 +142,19 @@ class Storage:
         return state
 
     def mount_layer(
-        self, cid: str, cdir: Path, image: str, volume: QuotaVolume | None, generation: int
+        self,
+        cid: str,
+        cdir: Path,
+        image: str,
+        volume: QuotaVolume | None,
+        generation: int,
+        *,
+        readonly: bool = False,
     ) -> LayerState:
-        """Mount generation ``generation`` of the root over the image's shared lower."""
+        """Mount generation ``generation`` of the root over the image's shared lower
+        (``readonly``: the lower only, see :func:`~tidal.engine.rootfs.plan_layer`)."""
         mp = lower_mountpoint(self.images_dir, image)
-        layer = plan_layer(cdir, image, volume, mp, generation)
+        layer = plan_layer(cdir, image, volume, mp, generation, readonly=readonly)
         make_layer_dirs(layer)
         hide_mkfs_lost_found(layer)
         with self._image_lock(layer.lower_mountpoint):
@@ -169,6 +180,8 @@ class Storage:
 
     def unmount_layer(self, layer: LayerState, *, drop: bool = False) -> None:
         """Unmount the overlay (the image stays for others); ``drop`` also deletes its layer."""
+        if layer.readonly:
+            return  # no overlay: the lower is the image's, released with it
         self.mounter.unmount(layer.overlay)
         if drop:
             drop_layer_dirs(layer)
@@ -318,7 +331,7 @@ def hide_mkfs_lost_found(layer: LayerState) -> None:
     builder removed mkfs's ``/lost+found`` (no :data:`EXACT_ROOT_ANNOTATION`) still has one,
     so the writable layer gets a whiteout for it. Decided from the manifest, because the
     upper must be ready before the lower is mounted (one mount plan)."""
-    if layer.kind != TidalImageRootfsProvider.kind:
+    if layer.kind != TidalImageRootfsProvider.kind or layer.readonly:
         return
     if Image.open(Path(layer.image)).manifest.annotations.get(EXACT_ROOT_ANNOTATION) == "true":
         return

@@ -53,7 +53,12 @@ def upgrade(
         new_layer: LayerState | None = None
         try:
             new_layer = engine.storage.mount_layer(
-                rec.id, engine.cdir(rec.id), image, old_state.volume, old_layer.generation + 1
+                rec.id,
+                engine.cdir(rec.id),
+                image,
+                old_state.volume,
+                old_layer.generation + 1,
+                readonly=old_layer.readonly,
             )
             rec = engine.store.update(rec.id, rootfs=old_state.with_layer(new_layer), spec=new_spec)
             engine.start(rec.id)

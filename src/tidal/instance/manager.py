@@ -49,7 +49,7 @@ from tidal import proc
 from tidal.engine.containers import Engine, LogChunk
 from tidal.engine.network import host_link, netns_name
 from tidal.engine.runtime import ExecResult, OciCliRuntime
-from tidal.engine.spec import ContainerSpec, QuotaSpec, VolumeSpec
+from tidal.engine.spec import ContainerSpec, VolumeSpec
 from tidal.engine.store import ContainerRecord
 from tidal.errors import (
     ConfigError,
@@ -306,7 +306,7 @@ class InstanceManager:
             ports=rec.spec.ports,
             runtime=rec.runtime,
             lxcfs=False,
-            disk_quotas=(QuotaSpec("/", 0),),
+            read_only_rootfs=True,  # no overlay, no quota volume: pause writes nothing
             labels=self._labels(rec, SANDBOX),
             pod_sandbox=True,
             cgroup_parent=rec.cgroup,
@@ -665,7 +665,7 @@ class InstanceManager:
             network="bridge",
             runtime=member.key.runtime,
             lxcfs=False,
-            disk_quotas=(QuotaSpec("/", 0),),
+            read_only_rootfs=True,  # no overlay, no quota volume: pause writes nothing
             labels=self._pool_labels(member),
             pod_sandbox=True,
             cgroup_parent=member.cgroup,

@@ -3,7 +3,10 @@
 The sandbox (infra) container only holds the pod's network, IPC and UTS namespaces, so its
 rootfs is as small as a rootfs gets: ``pause.c`` next to this module, compiled once with the
 host's gcc (cached by source hash, like the rich-mode init) into ``<dir>/rootfs-<hash>/pause``.
-It needs no image, no quota volume and no mount beyond the engine's overlay.
+It needs no image, no quota volume and no mount: the sandbox's root is this directory itself,
+read-only (``ContainerSpec.read_only_rootfs``), so a sandbox adds no overlay to the node's
+mount table (which every new mount namespace copies and the runtime reads several times per
+start). The directories the runtime mounts over are made here, so it never writes into it.
 """
 
 from __future__ import annotations
