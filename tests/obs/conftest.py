@@ -22,6 +22,9 @@ busybox_rootfs = _instance_conftest.busybox_rootfs
 engine_settings = _instance_conftest.engine_settings
 instance_daemon = _instance_conftest.instance_daemon
 assert_nothing_left: Callable[[EngineSettings], None] = _instance_conftest.assert_nothing_left
+cleanup_engine = _instance_conftest.cleanup_engine
+"""The engine tests' leak-checking cleanup (containers, bridge, cgroup parent), for a test
+that runs its own daemon."""
 
 
 @pytest.fixture

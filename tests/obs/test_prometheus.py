@@ -22,6 +22,7 @@ import pytest
 from tidal.blobs.p2p import RootServer
 from tidal.blobs.peer import PeerServer
 from tidal.blockdev.fdstore import FdStore
+from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
 from tidal.engine.settings import EngineSettings
 from tidal.ids import Digest
@@ -34,7 +35,7 @@ from tidal.qos.api import ApiServer
 from tidal.qos.metrics import QosMetrics
 from tidal.sched.extender import ExtenderServer, ViewStore
 
-from .conftest import assert_nothing_left
+from .conftest import assert_nothing_left, cleanup_engine
 from .fakes import FakeAgent, Layer
 
 pytestmark = [pytest.mark.root, pytest.mark.runtime, pytest.mark.cgroups, pytest.mark.netns]
@@ -135,6 +136,8 @@ def services(
         node.close()
         daemon.close()
         os.kill(fd_holder, signal.SIGTERM)  # the fd store holder this test's node started
+        # the bridge and cgroup parent the instance's containers made (the daemon keeps both)
+        cleanup_engine(Engine(settings))
 
 
 def test_prometheus_scrapes_every_service_and_an_instance(
