@@ -184,27 +184,16 @@ def plan_layer(
     provider = provider_for(image)
     base = Path(volume.mountpoint) if volume else cdir / "layer"
     lower = provider.lower_dir(image, lower_mp)
-    if readonly:
-        return LayerState(
-            kind=provider.kind,
-            image=str(Path(image).resolve()),
-            generation=generation,
-            lower_mountpoint=str(lower_mp),
-            lower=str(lower),
-            upper="",
-            work="",
-            merged=str(lower),
-            readonly=True,
-        )
     return LayerState(
         kind=provider.kind,
         image=str(Path(image).resolve()),
         generation=generation,
         lower_mountpoint=str(lower_mp),
         lower=str(lower),
-        upper=str(base / f"upper.{generation}"),
-        work=str(base / f"work.{generation}"),
-        merged=str(cdir / "rootfs"),
+        upper="" if readonly else str(base / f"upper.{generation}"),
+        work="" if readonly else str(base / f"work.{generation}"),
+        merged=str(lower) if readonly else str(cdir / "rootfs"),
+        readonly=readonly,
     )
 
 
