@@ -18,6 +18,7 @@ from tidal.errors import TidalError
 from tidal.instance.catalog import InstanceSettings
 from tidal.instance.client import InstanceClient
 from tidal.instance.service import instance_part
+from tidal.testing.leaks import pod_namespace_leaks
 
 # The engine tests' fixtures (rootfs trees, settings on a private bridge/subnet/cgroup parent)
 # and their leak-checking cleanup, shared rather than copied.
@@ -54,7 +55,7 @@ def namespace_mounts(state: Path) -> list[str]:
             if ln.split()[4].startswith(str(state)) and ln.split(" - ")[1].startswith("nsfs ")
         ]
     found += [str(p) for p in (state / "containers").glob("*/ns/*")]
-    return found
+    return found + pod_namespace_leaks(state)
 
 
 def assert_nothing_left(settings: EngineSettings) -> None:

@@ -23,6 +23,7 @@ from tidal.blockdev import ext4
 from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
 from tidal.engine.network import gateway
+from tidal.engine.podns import HostPodNamespaces
 from tidal.engine.settings import EngineSettings
 from tidal.engine.spec import ContainerSpec, PortMapping, QuotaSpec
 from tidal.errors import ConfigError, NoCapacityError, OciRuntimeError
@@ -98,9 +99,10 @@ def test_pod_shares_network_ipc_uts_and_hosts_each_with_its_own_rootfs(
     # ... and the sandbox's: all of them joined the pod's namespace files, made before any ran
     sandbox = rec["containers"][0]
     nsdir = engine_settings.resolved_state_dir() / "containers" / sandbox["id"] / "ns"
-    for i, kind in ((1, "ipc"), (2, "uts")):
-        assert _ns_inode(main_ns[i]) == (nsdir / kind).stat().st_ino, kind
-        assert os.readlink(f"/proc/{sandbox['pid']}/ns/{kind}") == main_ns[i], kind
+    held = HostPodNamespaces().paths(nsdir)  # in the holder's mount namespace
+    for i, kind in ((1, held.ipc), (2, held.uts)):
+        assert _ns_inode(main_ns[i]) == kind.stat().st_ino, kind
+        assert os.readlink(f"/proc/{sandbox['pid']}/ns/{kind.name}") == main_ns[i], kind
     # the sandbox's root is the pause directory itself, read-only: no overlay on the host
     sandbox_dir = nsdir.parent
     assert not ext4.is_mountpoint(sandbox_dir / "rootfs") and not (sandbox_dir / "disk").exists()
@@ -434,7 +436,11 @@ def test_members_start_before_their_sandbox_runs(
             )
         )  # fmt: skip
         nsdir = engine.pod_ns_dir(sandbox.id)
-        assert len(namespace_mounts(engine_settings.resolved_state_dir())) == 4  # 2 files, mounted
+        paths = engine.pod_namespaces.paths(nsdir)
+        with open("/proc/self/mountinfo") as fh:  # kept by the holder, not the host's table
+            assert not [ln for ln in fh if " - nsfs " in ln and "/pods/" in ln]
+        assert len(namespace_mounts(engine_settings.resolved_state_dir())) == 1  # the holder's
+        assert str(paths.ipc).startswith("/proc/") and "/root/pods/" in str(paths.ipc)
         member = engine.create(
             ContainerSpec(image=img, command=("sleep", "300"), name="early.main",
                           hostname="early", sandbox="early.sandbox", runtime=runtime)
@@ -444,8 +450,8 @@ def test_members_start_before_their_sandbox_runs(
         script = "hostname; for n in ipc uts net; do readlink /proc/self/ns/$n; done"
         seen = engine.exec(member.id, ["sh", "-c", script]).stdout.decode().split()
         assert seen[0] == "early"
-        assert _ns_inode(seen[1]) == (nsdir / "ipc").stat().st_ino
-        assert _ns_inode(seen[2]) == (nsdir / "uts").stat().st_ino
+        assert _ns_inode(seen[1]) == paths.ipc.stat().st_ino
+        assert _ns_inode(seen[2]) == paths.uts.stat().st_ino
         engine.start(sandbox.id)
         assert engine.exec(sandbox.id, ["sh", "-c", script]).stdout.decode().split() == seen
         engine.remove(member.id, force=True)

@@ -51,7 +51,7 @@ from tidal.engine.monitor import (
 )
 from tidal.engine.mounter import HostMounter, Mounter
 from tidal.engine.network import BridgeNetwork, Network
-from tidal.engine.podns import POD_NS_DIR, HostPodNamespaces, PodNamespacePaths, PodNamespaces
+from tidal.engine.podns import POD_NS_DIR, HostPodNamespaces, PodNamespaces
 from tidal.engine.ports import check_ports
 from tidal.engine.richinit import read_service_states
 from tidal.engine.rootfs import provider_for
@@ -461,7 +461,7 @@ class Engine:
             notes = rt.pod_annotations(rec.id, is_sandbox=True)
             host = dataclasses.replace(host, annotations=tuple(notes.items()))
             if self._holds_pod_namespaces(rec.spec, rec.runtime):
-                paths = PodNamespacePaths.under(self.pod_ns_dir(rec.id))
+                paths = self.pod_namespaces.paths(self.pod_ns_dir(rec.id))
                 host = dataclasses.replace(
                     host, ipc_ns_path=str(paths.ipc), uts_ns_path=str(paths.uts)
                 )
@@ -474,7 +474,7 @@ class Engine:
             return dataclasses.replace(host, annotations=tuple(notes.items()))
         nsdir = self.pod_ns_dir(sandbox.id)
         if sandbox.spec.network == "bridge" and self.pod_namespaces.exists(nsdir):
-            paths = PodNamespacePaths.under(nsdir)
+            paths = self.pod_namespaces.paths(nsdir)
             return dataclasses.replace(
                 host,
                 netns_path=self.network.netns_path(sandbox.id),

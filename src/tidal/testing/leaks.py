@@ -1,5 +1,6 @@
 """What a benchmark or test run left on the host: mounts, loop devices, cgroups, network
-namespaces, veths, runtime containers, podman containers, instance and container records.
+namespaces, veths, runtime containers, podman containers, instance and container records,
+pod namespace files in the host's namespace holder (:mod:`tidal.engine.podns`).
 
 :func:`find_leaks` looks only inside a :class:`LeakScope` (the run's own directory, cgroup
 parents, bridge, netns names, runtime roots, podman name prefix), so other engineers' runs on
@@ -15,6 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tidal.engine.podns import NamespaceHolder
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/var/run/netns")
 
@@ -24,7 +27,8 @@ class LeakScope:
     """Where one run's resources live (each field optional: ``None``/empty is not looked at)."""
 
     root: Path | None = None
-    """Mounts below it, and loop devices whose backing file is below it."""
+    """Mounts below it, loop devices whose backing file is below it, and pod namespace files
+    in the holder whose owner directory is below it."""
     engine_state: Path | None = None
     """An engine state directory: container records (``state.db``) and instance records."""
     cgroup_parents: tuple[str, ...] = ()
@@ -100,6 +104,15 @@ def _podman_left(prefix: str) -> list[str]:
     return [f"podman container {(c.get('Names') or ['?'])[0]}" for c in items]
 
 
+def pod_namespace_leaks(root: Path) -> list[str]:
+    """Pods whose namespace files the holder still keeps, of a directory below ``root``."""
+    return [
+        f"pod namespace files /pods/{key} in the holder, of {owner}"
+        for key, owner in sorted(NamespaceHolder().pods().items())
+        if _under(str(owner), root)
+    ]
+
+
 def find_leaks(
     scope: LeakScope, *, cgroup_root: Path = CGROUP_ROOT, netns_dir: Path = NETNS_DIR
 ) -> list[str]:
@@ -112,6 +125,7 @@ def find_leaks(
             for dev, backing in _loop_backings()
             if _under(backing, scope.root)
         ]
+        leaks += pod_namespace_leaks(scope.root)
     if scope.engine_state is not None:
         leaks += _engine_records(scope.engine_state)
     for parent in scope.cgroup_parents:

@@ -1,0 +1,131 @@
+"""The pod namespace holder against the real kernel: a pod's IPC and UTS namespace files are
+bind mounts in the holder's mount namespace, never in the host's table; the holder pins no host
+filesystem; a later daemon finds it again; a killed one is replaced and the files made anew.
+
+Each test runs its own holder (its own run directory), so the one the engine tests share is
+never touched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tidal import proc
+from tidal.engine.podns import HostPodNamespaces, NamespaceHolder
+from tidal.errors import EngineError
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[NamespaceHolder]:
+    if os.geteuid() != 0:
+        pytest.skip("the holder's mount namespace needs root")
+    h = NamespaceHolder(tmp_path / "run")
+    try:
+        yield h
+    finally:
+        pid = h.running()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _mounts(pid: int | str) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of each line of ``/proc/<pid>/mountinfo``."""
+    out = []
+    for ln in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields, _, tail = ln.partition(" - ")
+        out.append((fields.split()[4], tail.split()[0]))
+    return out
+
+
+def _hostname(uts: Path) -> str:
+    return proc.run(["nsenter", f"--uts={uts}", "hostname"], what="reading the hostname").stdout.strip()
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(200):
+        if not Path(f"/proc/{pid}").exists() or "Z" in _state(pid):
+            return
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_files_are_mounted_in_the_holder_not_on_the_host(
+    holder: NamespaceHolder, tmp_path: Path
+) -> None:
+    pns = HostPodNamespaces(holder)
+    nsdir = tmp_path / "containers" / "c1" / "ns"
+    paths = pns.create(nsdir, "pod-a")
+    pid = holder.running()
+    assert pid is not None and pns.exists(nsdir)
+    assert str(paths.ipc).startswith(f"/proc/{pid}/root/pods/")
+    # the holder: its tmpfs root, /usr, its own /proc and the pod's two files, nothing else
+    inside = _mounts(pid)
+    host = dict(_mounts("self"))
+    assert {(m, t) for m, t in inside if not m.startswith("/pods/")} == {
+        ("/", "tmpfs"),
+        ("/usr", host.get("/usr") or host["/"]),  # a bind of the host's /usr, read-only
+        ("/proc", "proc"),
+    }, inside
+    assert [t for m, t in inside if m.startswith("/pods/")] == ["nsfs", "nsfs"]
+    assert len(inside) == 5, inside
+    assert not [m for m, t in _mounts("self") if t == "nsfs" and "/pods/" in m]
+    # the namespaces are real and named; a reused sandbox renames and renews them
+    assert _hostname(paths.uts) == "pod-a"
+    pns.set_hostname(nsdir, "pod-b")
+    assert _hostname(paths.uts) == "pod-b"
+    ipc_before = paths.ipc.stat().st_ino
+    pns.renew_ipc(nsdir)
+    assert paths.ipc.stat().st_ino != ipc_before
+    assert holder.pods() == {paths.ipc.parent.name: nsdir}  # the leak checks' view
+    pns.destroy(nsdir)
+    assert not pns.exists(nsdir) and not nsdir.exists() and holder.pods() == {}
+    assert len(_mounts(pid)) == 3
+
+
+def test_a_later_daemon_finds_the_holder_and_a_killed_one_is_replaced(
+    holder: NamespaceHolder, tmp_path: Path
+) -> None:
+    pns = HostPodNamespaces(holder)
+    nsdir = tmp_path / "c2" / "ns"
+    pns.create(nsdir, "pod-c")
+    pid = holder.running()
+    assert pid is not None
+    later = NamespaceHolder(holder.run_dir)  # another daemon, same host
+    assert later.running() == pid and HostPodNamespaces(later).exists(nsdir)
+    # a pid file naming a live process that is not the holder (no marker in its root)
+    stale = NamespaceHolder(tmp_path / "stale")
+    stale.run_dir.mkdir()
+    stale.pid_file.write_text(f"{os.getpid()}\n")
+    assert stale.running() is None
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
+    assert not pns.exists(nsdir)  # the files went with the holder
+    pns.destroy(nsdir)  # nothing there is no error
+    paths = pns.create(nsdir, "pod-c")  # as a sandbox's start does after a reboot
+    new = holder.running()
+    assert new is not None and new != pid and pns.exists(nsdir)
+    assert _hostname(paths.uts) == "pod-c"
+    pns.destroy(nsdir)
+
+
+def test_a_holder_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "podns-root").write_text("not a directory\n")  # where its tmpfs would go
+    with pytest.raises(EngineError, match="pod namespace holder"):
+        NamespaceHolder(run).pid()
