@@ -1,7 +1,7 @@
 """The instance store parses a record file again only when it changed: what another writer
 (a second store on the same directory, as a restarted daemon) puts there is seen, a rewrite
-of the same size within the clock's granularity is seen, and unchanged files are not
-re-parsed."""
+of the same size within the clock's granularity is seen (a rewrite is a new inode), and
+unchanged files and the store's own writes are not re-parsed."""
 
 from __future__ import annotations
 
@@ -32,14 +32,16 @@ def test_unchanged_records_are_not_parsed_again_and_changes_are_seen(tmp_path: P
     store, other = InstanceStore(tmp_path), InstanceStore(tmp_path)
     for i in range(20):
         store.put(_rec(i))
-    assert [r.name for r in store.list()] == [f"w{i}" for i in range(20)]
     with mock.patch.object(InstanceRecord, "from_json", wraps=InstanceRecord.from_json) as parse:
+        assert [r.name for r in store.list()] == [f"w{i}" for i in range(20)]
+        assert parse.call_count == 0  # its own writes: known without reading them back
+        assert len(other.list()) == 20 and parse.call_count == 20  # a new reader reads them
         assert len(store.list()) == 20
-        assert parse.call_count == 0  # nothing changed: nothing parsed
+        assert parse.call_count == 20  # nothing changed: nothing parsed
         other.put(_rec(3, phase="running"))  # another size
         other.put(_rec(4, phase="removing"))  # the same size as "creating", at once
         got = {r.name: r.phase for r in store.list()}
-        assert parse.call_count == 2
+        assert parse.call_count == 22
     assert got["w3"] == "running" and got["w4"] == "removing"
     other.delete(_rec(5).id)
     assert "w5" not in {r.name for r in store.list()}

@@ -10,8 +10,10 @@ instance made: a ``creating`` instance is rolled back, a ``removing`` one finish
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +119,10 @@ class InstanceStore:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._parsed: dict[Path, tuple[tuple[int, int, int], InstanceRecord]] = {}
-        """Records already parsed, by file, with the file's (inode, mtime_ns, size) then (each
-        write renames a new file into place, so a rewrite also changes the inode)."""
+        self._parsed: dict[str, tuple[int, InstanceRecord]] = {}
+        """Records already parsed (or written here), by file name, with the file's inode then:
+        each write renames a new file into place, so a rewrite by anyone changes the inode,
+        and the directory listing alone (``d_ino``, no ``stat``) tells what changed."""
 
     def _path(self, iid: str) -> Path:
         return self.dir / f"{iid}.json"
@@ -129,7 +132,10 @@ class InstanceStore:
             # rename, no fsync: the record must survive a SIGKILLed daemon (the page cache
             # does), as the engine's SQLite state does with synchronous=NORMAL; a host crash
             # takes the containers with it anyway
-            write_text_atomic(self._path(rec.id), json.dumps(rec.to_json(), indent=1))
+            path = self._path(rec.id)
+            write_text_atomic(path, json.dumps(rec.to_json(), indent=1))
+            with contextlib.suppress(OSError):
+                self._parsed[path.name] = (os.stat(path).st_ino, rec)
         return rec
 
     def delete(self, iid: str) -> None:
@@ -137,26 +143,30 @@ class InstanceStore:
             self._path(iid).unlink(missing_ok=True)
 
     def list(self) -> list[InstanceRecord]:
-        """Every record, from the files; a file unchanged since it was last read (same
-        inode, mtime and size) is not parsed again: with hundreds of live instances, parsing them
-        all cost ~1.6 ms each on every create and removal."""
+        """Every record, from the files; a file whose inode is the one last read or written
+        here is not read again. With hundreds of live instances, parsing them all cost ~1.6 ms
+        each on every create and removal, and a ``stat`` of each still a fifth of the daemon's
+        Python time in a 400-instance burst: one ``scandir`` now."""
         with self._lock:
             recs = []
             seen = set()
-            for p in self.dir.glob("*.json"):
-                try:
-                    st = p.stat()
-                    key = (st.st_ino, st.st_mtime_ns, st.st_size)
-                    cached = self._parsed.get(p)
-                    if cached is not None and cached[0] == key:
-                        rec = cached[1]
-                    else:
-                        rec = InstanceRecord.from_json(json.loads(p.read_text()))
-                        self._parsed[p] = (key, rec)
-                except (OSError, ValueError):
-                    continue  # removed meanwhile
-                seen.add(p)
-                recs.append(rec)
+            with os.scandir(self.dir) as entries:
+                for e in entries:
+                    if not e.name.endswith(".json"):
+                        continue
+                    try:
+                        cached = self._parsed.get(e.name)
+                        if cached is not None and cached[0] == e.inode():
+                            rec = cached[1]
+                        else:
+                            with open(e.path) as fh:
+                                ino = os.fstat(fh.fileno()).st_ino
+                                rec = InstanceRecord.from_json(json.load(fh))
+                            self._parsed[e.name] = (ino, rec)
+                    except (OSError, ValueError):
+                        continue  # removed meanwhile
+                    seen.add(e.name)
+                    recs.append(rec)
             for gone in set(self._parsed) - seen:
                 del self._parsed[gone]
         return sorted(recs, key=lambda r: r.created_at)
