@@ -45,7 +45,9 @@ def _mounts(pid: int | str) -> list[tuple[str, str]]:
 
 
 def _hostname(uts: Path) -> str:
-    return proc.run(["nsenter", f"--uts={uts}", "hostname"], what="reading the hostname").stdout.strip()
+    return proc.run(
+        ["nsenter", f"--uts={uts}", "hostname"], what="reading the hostname"
+    ).stdout.strip()
 
 
 def _wait_gone(pid: int) -> None:
