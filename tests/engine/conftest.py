@@ -130,8 +130,12 @@ def _cgroups_under(parent: str) -> list[str]:
 
 
 def _netns_with(prefix: str) -> list[str]:
+    """Network namespaces named ``prefix...``: ``ip netns``'s and the holder's."""
+    from tidal.engine.podns import NamespaceHolder
+
     d = Path("/var/run/netns")
-    return [p.name for p in d.iterdir() if p.name.startswith(prefix)] if d.is_dir() else []
+    names = {p.name for p in d.iterdir()} if d.is_dir() else set()
+    return sorted(n for n in names | NamespaceHolder().netns_names() if n.startswith(prefix))
 
 
 @pytest.fixture

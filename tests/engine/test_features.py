@@ -439,10 +439,8 @@ def test_restart_after_lost_mounts_and_network_keeps_address(
     engine: Engine, busybox_rootfs: Path
 ) -> None:
     """What a host reboot does to a stopped container: its mounts and network are gone."""
-    import subprocess
-
     from tidal.engine.mounter import unmount_path
-    from tidal.engine.network import netns_name, remove_bridge
+    from tidal.engine.network import destroy_netns, remove_bridge
 
     rec = engine.run(
         ContainerSpec(
@@ -458,7 +456,7 @@ def test_restart_after_lost_mounts_and_network_keeps_address(
     rec = engine.wait(rec.id, 20)
     unmount_path(Path(rec.rootfs.layer.merged))
     unmount_path(Path(rec.rootfs.volume.mountpoint))
-    subprocess.run(["ip", "netns", "del", netns_name(rec.id)], check=True)
+    destroy_netns(rec.id)  # as a reboot leaves it: no netns, no veth
     remove_bridge(engine.settings.bridge)
     engine.start(rec.id)
     rec = engine.wait(rec.id, 20)

@@ -438,7 +438,10 @@ def test_members_start_before_their_sandbox_runs(
         nsdir = engine.pod_ns_dir(sandbox.id)
         paths = engine.pod_namespaces.paths(nsdir)
         with open("/proc/self/mountinfo") as fh:  # kept by the holder, not the host's table
-            assert not [ln for ln in fh if " - nsfs " in ln and "/pods/" in ln]
+            nsfs = [ln for ln in fh if " - nsfs " in ln]
+        assert not [ln for ln in nsfs if "/pods/" in ln or sandbox.id[:12] in ln], nsfs
+        netns = engine.network.netns_path(sandbox.id)
+        assert netns.startswith("/proc/") and netns.endswith(f"/root/netns/tidal-{sandbox.id[:12]}")
         assert len(namespace_mounts(engine_settings.resolved_state_dir())) == 1  # the holder's
         assert str(paths.ipc).startswith("/proc/") and "/root/pods/" in str(paths.ipc)
         member = engine.create(

@@ -17,7 +17,7 @@ import pytest
 
 from tidal.engine.containers import Engine
 from tidal.engine.daemon import Daemon
-from tidal.engine.network import host_link
+from tidal.engine.network import host_link, in_netns, netns_path
 from tidal.engine.settings import EngineSettings
 from tidal.engine.spec import PortMapping
 from tidal.errors import TidalError
@@ -47,7 +47,8 @@ def _sh(mgr: InstanceManager, ref: str, script: str, container: str | None = Non
 
 
 def _tc(dev: str, netns: str | None = None) -> str:
-    argv = ["tc", *(["-n", netns] if netns else []), "qdisc", "show", "dev", dev]
+    """``netns``: a container id, whose network namespace the holder keeps."""
+    argv = [*(in_netns(netns_path(netns)) if netns else []), "tc", "qdisc", "show", "dev", dev]
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
 
@@ -102,7 +103,7 @@ def test_a_hit_hands_out_the_warm_sandbox_and_starts_only_the_members(
     for member in ("main", "side"):
         out = _sh(mgr, "hit", "hostname; cat /etc/hosts", member).splitlines()
         assert out[0] == "hit" and f"{rec.ip}\thit" in out
-    assert "rate 20Mbit" in _tc("eth0", f"tidal-{warm.sandbox_id[:12]}")
+    assert "rate 20Mbit" in _tc("eth0", warm.sandbox_id)
     memory = Path("/sys/fs/cgroup/memory") / rec.cgroup
     if memory.is_dir():
         assert int((memory / "memory.limit_in_bytes").read_text()) == 64 * MiB

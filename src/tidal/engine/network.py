@@ -1,10 +1,16 @@
 """Container networking: none, host, or a bridge with one veth per container and IPAM.
 
 Bridge mode: the daemon keeps a Linux bridge (``tidal0``) holding the subnet's first address
-as gateway. Each container gets a named network namespace (``ip netns add tidal-<id12>``) that
-lives from ``run`` to ``rm``, so the address and namespace survive stops and in-place upgrades
-(the container joins it by path in config.json). Addresses come from the state database
-(:meth:`Store.allocate_ip`), so two containers never share one even across daemon restarts.
+as gateway. Each container gets a named network namespace (``tidal-<id12>``) that lives from
+``run`` to ``rm``, so the address and namespace survive stops and in-place upgrades (the
+container joins it by path in config.json). It is bind-mounted like ``ip netns add`` does, but
+in the pod namespace holder's mount namespace (``/proc/<holder>/root/netns/tidal-<id12>``,
+:class:`tidal.engine.podns.NamespaceHolder`), not in the host's mount table, which every
+runtime start reads in full; ``ip`` and ``tc`` reach it by ``nsenter --net=PATH`` and the veth
+is made straight into it (``peer ... netns PATH``). A namespace an older Tidal made with
+``ip netns add`` (``/var/run/netns``) is still found, joined and deleted. Addresses come from
+the state database (:meth:`Store.allocate_ip`), so two containers never share one even across
+daemon restarts.
 Published ports are forwarded in user space by the container's monitor, which binds the host
 port itself: a port already in use fails the start with a clear error.
 
@@ -23,11 +29,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tidal import proc
+from tidal.engine.podns import NamespaceHolder, is_mounted
 from tidal.errors import ConfigError, EngineError
 
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/var/run/netns")
+"""Where ``ip netns`` (and an older Tidal) keeps named namespaces."""
+HOLDER_NETNS = "/netns"
+"""Where the holder keeps the containers' network namespaces, inside its mount namespace."""
+_holder = NamespaceHolder()
 
 
 def parse_subnet(subnet: str) -> ipaddress.IPv4Network:
@@ -58,8 +69,31 @@ def netns_name(cid: str) -> str:
     return f"tidal-{cid[:12]}"
 
 
+def _legacy_path(cid: str) -> Path:
+    return NETNS_DIR / netns_name(cid)
+
+
 def netns_path(cid: str) -> str:
-    return str(NETNS_DIR / netns_name(cid))
+    """The file a runtime, ``nsenter`` or ``ip ... netns`` opens to join the netns."""
+    legacy = _legacy_path(cid)
+    if legacy.exists():
+        return str(legacy)
+    return str(_holder.root(_holder.pid()) / HOLDER_NETNS[1:] / netns_name(cid))
+
+
+def netns_exists(cid: str) -> bool:
+    if _legacy_path(cid).exists():
+        return True
+    pid = _holder.running()
+    if pid is None:
+        return False
+    return is_mounted(_holder.root(pid) / HOLDER_NETNS[1:] / netns_name(cid))
+
+
+def in_netns(path: str) -> list[str]:
+    """The argv prefix that runs a tool in the network namespace at ``path`` (the host's
+    mount namespace, so ``ip`` and ``tc`` need no ``-n`` and its ``/sys`` remount)."""
+    return ["nsenter", f"--net={path}"]
 
 
 def host_link(cid: str) -> str:
@@ -68,8 +102,9 @@ def host_link(cid: str) -> str:
     return f"tv{cid[:11]}"
 
 
-def _ip(args: list[str], what: str, *, batch: str | None = None) -> str:
-    done = proc.run(["ip", *args], what=what, error=EngineError, timeout_s=30, input=batch)
+def _ip(args: list[str], what: str, *, batch: str | None = None, netns: str | None = None) -> str:
+    argv = [*(in_netns(netns) if netns else []), "ip", *args]
+    done = proc.run(argv, what=what, error=EngineError, timeout_s=30, input=batch)
     return str(done.stdout)
 
 
@@ -99,18 +134,22 @@ def create_netns(cid: str, ip: str, subnet: str, bridge: str) -> str:
     ns = netns_name(cid)
     host = host_link(cid)
     prefix = parse_subnet(subnet).prefixlen
-    made = "" if (NETNS_DIR / ns).exists() else f"netns add {ns}\n"
     try:
+        if not netns_exists(cid):
+            _make_holder_netns(ns)
+        path = netns_path(cid)
         if not _link_exists(host):
-            made += (
-                f"link add {host} type veth peer name eth0 netns {ns}\n"
-                f"link set {host} master {bridge}\n"
-                f"link set {host} up\n"
+            _ip(
+                ["-batch", "-"],
+                f"creating veth {host} into network namespace {ns}",
+                batch=(
+                    f"link add {host} type veth peer name eth0 netns {path}\n"
+                    f"link set {host} master {bridge}\n"
+                    f"link set {host} up\n"
+                ),
             )
-        if made:
-            _ip(["-batch", "-"], f"creating network namespace {ns} and veth {host}", batch=made)
         _ip(
-            ["-n", ns, "-batch", "-"],
+            ["-batch", "-"],
             f"configuring eth0 ({ip}) in {ns}",
             batch=(
                 f"addr add {ip}/{prefix} dev eth0\n"
@@ -118,11 +157,28 @@ def create_netns(cid: str, ip: str, subnet: str, bridge: str) -> str:
                 "link set lo up\n"
                 f"route add default via {gateway(subnet)}\n"
             ),
+            netns=path,
         )
     except BaseException:
         destroy_netns(cid)
         raise
-    return str(NETNS_DIR / ns)
+    return path
+
+
+def _make_holder_netns(ns: str) -> None:
+    """A new network namespace bind-mounted on ``/netns/<ns>`` in the holder (what ``ip
+    netns add`` does on ``/var/run/netns``, minus the host's mount table)."""
+    pid = _holder.pid()
+    outer = _holder.root(pid) / HOLDER_NETNS[1:]
+    outer.mkdir(exist_ok=True)
+    (outer / ns).touch()
+    proc.run(
+        ["nsenter", "-t", str(pid), "-m", "unshare", f"--net={HOLDER_NETNS}/{ns}", "true"],
+        what=f"creating network namespace {ns}",
+        error=EngineError,
+        timeout_s=30,
+        install_hint="apt-get install util-linux",
+    )
 
 
 def destroy_netns(cid: str) -> None:
@@ -132,14 +188,27 @@ def destroy_netns(cid: str) -> None:
     there afterwards is an error (``rm`` reports it and can be retried)."""
     ns = netns_name(cid)
     host = host_link(cid)
-    if (NETNS_DIR / ns).exists():
+    if _legacy_path(cid).exists():
         proc.run_logged(["ip", "netns", "del", ns], what=f"deleting network namespace {ns}")
+    pid = _holder.running()
+    if pid is not None:
+        f = _holder.root(pid) / HOLDER_NETNS[1:] / ns
+        for _ in range(4):  # a retried create may have bound it twice over
+            if not is_mounted(f):
+                break
+            try:
+                _holder.umount(pid, f"{HOLDER_NETNS}/{ns}")
+            except EngineError as exc:
+                log.warning("%s", exc)
+                break
+        if not is_mounted(f):
+            f.unlink(missing_ok=True)
     if _link_exists(host):
         done = proc.run(["ip", "link", "del", host], what=f"deleting veth {host}", check=False)
         # the namespace's delete takes the pair along a moment later: gone is not a failure
         if done.returncode != 0 and _link_exists(host):
             log.warning("deleting veth %s: %s", host, done.stderr.strip())
-    if (NETNS_DIR / ns).exists():
+    if netns_exists(cid):
         raise EngineError(f"network namespace {ns} could not be deleted; see the daemon log")
 
 
@@ -147,7 +216,7 @@ def flush_neighbours(cid: str) -> None:
     """Forget the neighbour (ARP) entries of a container's netns: a reused pod sandbox must
     not answer for the last pod's peers from cache. The address, routes and veth stay."""
     ns = netns_name(cid)
-    _ip(["-n", ns, "neigh", "flush", "all"], f"flushing the neighbour table of {ns}")
+    _ip(["neigh", "flush", "all"], f"flushing the neighbour table of {ns}", netns=netns_path(cid))
 
 
 def host_port_free(host_ip: str, port: int) -> bool:
@@ -216,7 +285,7 @@ class BridgeNetwork(Network):
         return netns_path(cid)
 
     def netns_exists(self, cid: str) -> bool:
-        return Path(netns_path(cid)).exists()
+        return netns_exists(cid)
 
     def host_port_free(self, host_ip: str, port: int) -> bool:
         return host_port_free(host_ip, port)

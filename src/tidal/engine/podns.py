@@ -24,7 +24,8 @@ node filled (bare ``runc`` create+start: 2,881 a minute beside 21 mounts, 1,113 
 2,500). They are mounted instead in the mount namespace of one small process per host, the
 *holder* (:class:`NamespaceHolder`: ``sleep infinity`` on a private tmpfs root holding only
 ``/usr`` read-only and ``/proc``, so it pins no host filesystem), at
-``/pods/<key>/{ipc,uts}``. The runtime opens them through the holder's root,
+``/pods/<key>/{ipc,uts}`` (and the containers' network namespaces at ``/netns``:
+:mod:`tidal.engine.network`). The runtime opens them through the holder's root,
 ``/proc/<holder pid>/root/pods/<key>/ipc``, which the kernel resolves in the holder's
 namespace. The key is a hash of the sandbox's directory; ``/pods/<key>/owner`` names that
 directory (for leak checks). The holder outlives daemons (own session, pid in
@@ -65,7 +66,7 @@ root="$1"; pidfile="$2"
 exec </dev/null >/dev/null 2>"$pidfile.err"
 set -e
 mount -t tmpfs -o mode=0700,size=16m tidal-podns "$root"
-mkdir "$root/usr" "$root/proc" "$root/pods" "$root/old"
+mkdir "$root/usr" "$root/proc" "$root/pods" "$root/netns" "$root/old"
 for l in bin sbin lib lib32 lib64; do if [ -e "/$l" ]; then ln -s "usr/$l" "$root/$l"; fi; done
 mount --bind /usr "$root/usr"
 mount -o remount,bind,ro "$root/usr"
@@ -132,7 +133,7 @@ class PodNamespaces(ABC):
         old one, which it never uses; members join the file)."""
 
 
-def _is_mounted(path: Path) -> bool:
+def is_mounted(path: Path) -> bool:
     """A namespace bind mount is on another device (nsfs) than the directory holding it."""
     try:
         return os.stat(path).st_dev != os.stat(path.parent).st_dev
@@ -234,6 +235,16 @@ class NamespaceHolder:
                     out[d.name] = Path((d / "owner").read_text().strip())
         return out
 
+    def netns_names(self) -> set[str]:
+        """The network namespaces the holder keeps (:mod:`tidal.engine.network`)."""
+        pid = self.running()
+        if pid is None:
+            return set()
+        try:
+            return {p.name for p in (self.root(pid) / "netns").iterdir() if is_mounted(p)}
+        except FileNotFoundError:
+            return set()
+
     def umount(self, pid: int, inner: str) -> None:
         proc.run(
             ["nsenter", "-t", str(pid), "-m", "umount", inner],
@@ -258,7 +269,7 @@ class HostPodNamespaces(PodNamespaces):
     @staticmethod
     def _legacy(directory: Path) -> bool:
         """Files an older Tidal mounted in the host's table, in the directory itself."""
-        return any(_is_mounted(f) for f in PodNamespacePaths.under(directory).files())
+        return any(is_mounted(f) for f in PodNamespacePaths.under(directory).files())
 
     def _inner(self, directory: Path) -> str:
         return f"/pods/{pod_key(directory)}"
@@ -300,12 +311,12 @@ class HostPodNamespaces(PodNamespaces):
 
     def exists(self, directory: Path) -> bool:
         if self._legacy(directory):
-            return all(_is_mounted(f) for f in PodNamespacePaths.under(directory).files())
+            return all(is_mounted(f) for f in PodNamespacePaths.under(directory).files())
         pid = self.holder.running()
         if pid is None:
             return False
         outer = self.holder.root(pid) / self._inner(directory)[1:]
-        return all(_is_mounted(f) for f in PodNamespacePaths.under(outer).files())
+        return all(is_mounted(f) for f in PodNamespacePaths.under(outer).files())
 
     def destroy(self, directory: Path) -> None:
         self._destroy_legacy(directory)
@@ -316,10 +327,10 @@ class HostPodNamespaces(PodNamespaces):
             for name in ("ipc", "uts"):
                 f = outer / name
                 for _ in range(UMOUNT_TRIES):  # a retried create may have bound it twice over
-                    if not _is_mounted(f):
+                    if not is_mounted(f):
                         break
                     self.holder.umount(pid, f"{inner}/{name}")
-                if _is_mounted(f):
+                if is_mounted(f):
                     raise EngineError(f"pod namespace {f} is still mounted after umount; retry rm")
                 f.unlink(missing_ok=True)
             (outer / "owner").unlink(missing_ok=True)
@@ -333,7 +344,7 @@ class HostPodNamespaces(PodNamespaces):
         paths = PodNamespacePaths.under(directory)
         for f in paths.files():
             for _ in range(UMOUNT_TRIES):
-                if not _is_mounted(f):
+                if not is_mounted(f):
                     break
                 proc.run(
                     ["umount", f],
@@ -341,7 +352,7 @@ class HostPodNamespaces(PodNamespaces):
                     error=EngineError,
                     timeout_s=30,
                 )
-            if _is_mounted(f):
+            if is_mounted(f):
                 raise EngineError(f"pod namespace {f} is still mounted after umount; retry rm")
             f.unlink(missing_ok=True)
 
@@ -359,7 +370,7 @@ class HostPodNamespaces(PodNamespaces):
         if self._legacy(directory):
             ipc = PodNamespacePaths.under(directory).ipc
             for _ in range(UMOUNT_TRIES):
-                if not _is_mounted(ipc):
+                if not is_mounted(ipc):
                     break
                 proc.run(
                     ["umount", ipc],
@@ -374,7 +385,7 @@ class HostPodNamespaces(PodNamespaces):
             inner = f"{self._inner(directory)}/ipc"
             ipc = self.holder.root(pid) / inner[1:]
             for _ in range(UMOUNT_TRIES):
-                if not _is_mounted(ipc):
+                if not is_mounted(ipc):
                     break
                 self.holder.umount(pid, inner)
             ipc.touch()

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tidal import proc
 from tidal.cgroups import CGROUP_ROOT
+from tidal.engine.network import in_netns
 from tidal.errors import LimitError
 from tidal.instance.spec import Limits
 
@@ -163,12 +164,13 @@ def _tc_batch(lines: Iterable[str], what: str, netns: str | None = None) -> None
     text = "".join(line + "\n" for line in lines)
     if not text:
         return
-    argv = ["tc", *(["-n", netns] if netns else []), "-batch", "-"]
+    argv = [*(in_netns(netns) if netns else []), "tc", "-batch", "-"]
     proc.run(argv, what=what, error=LimitError, timeout_s=30, input=text)
 
 
 def apply_net(limits: Limits, host_dev: str, netns: str) -> list[str]:
-    """Shape the pod's veth; returns the limits the kernel could not enforce, with why."""
+    """Shape the pod's veth (``netns``: the path of the pod's network namespace); returns the
+    limits the kernel could not enforce, with why."""
     plan = net_plan(limits, host_dev)
     _tc_batch(plan.host, f"shaping traffic into the instance on {host_dev}")
     _tc_batch(plan.pod, f"shaping traffic out of the instance (eth0 in {netns})", netns)

@@ -47,7 +47,7 @@ from typing import Any
 
 from tidal import proc
 from tidal.engine.containers import Engine, LogChunk
-from tidal.engine.network import host_link, netns_name
+from tidal.engine.network import host_link
 from tidal.engine.runtime import ExecResult, OciCliRuntime
 from tidal.engine.spec import ContainerSpec, VolumeSpec
 from tidal.engine.store import ContainerRecord
@@ -407,7 +407,9 @@ class InstanceManager:
             unenforced: list[str] = list(member.unenforced) if member else []
             if sandbox.ip is not None and member is None:
                 host_dev = host_link(sandbox.id)
-                unenforced = apply_net(rec.limits, host_dev, netns_name(sandbox.id))
+                unenforced = apply_net(
+                    rec.limits, host_dev, self.engine.network.netns_path(sandbox.id)
+                )
             rec = rec.replace(ip=sandbox.ip, unenforced=tuple(unenforced))  # recorded at the end
             write_text_atomic(pod / "hosts", hosts_file(rec.name, sandbox.ip))  # before binds
             lim = rec.limits
@@ -651,7 +653,9 @@ class InstanceManager:
                 "members were removed"
             )
         self.engine.network.flush_neighbours(sandbox.id)
-        apply_net(member.key.limits, host_link(sandbox.id), netns_name(sandbox.id))
+        apply_net(
+            member.key.limits, host_link(sandbox.id), self.engine.network.netns_path(sandbox.id)
+        )
 
     # --- the pools' side (tidal.instance.pool.SandboxFactory) --------------------------------
 
@@ -683,7 +687,9 @@ class InstanceManager:
         unenforced: list[str] = []
         if sandbox.ip is not None:
             host_dev = host_link(sandbox.id)
-            unenforced = apply_net(member.key.limits, host_dev, netns_name(sandbox.id))
+            unenforced = apply_net(
+                member.key.limits, host_dev, self.engine.network.netns_path(sandbox.id)
+            )
         return member.replace(phase="ready", ip=sandbox.ip, unenforced=tuple(unenforced))
 
     def destroy_member(self, member: PoolMember) -> None:

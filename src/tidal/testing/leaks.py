@@ -130,7 +130,10 @@ def find_leaks(
         leaks += _engine_records(scope.engine_state)
     for parent in scope.cgroup_parents:
         leaks += [f"cgroup {c}" for c in _cgroups_below(parent, cgroup_root)]
-    leaks += [f"network namespace {n}" for n in scope.netns if (netns_dir / n).exists()]
+    held = NamespaceHolder().netns_names() if scope.netns else set()
+    leaks += [
+        f"network namespace {n}" for n in scope.netns if (netns_dir / n).exists() or n in held
+    ]
     if scope.bridge is not None:
         brif = Path("/sys/class/net") / scope.bridge / "brif"
         if brif.is_dir():
