@@ -78,7 +78,7 @@ def netns_path(cid: str) -> str:
     legacy = _legacy_path(cid)
     if legacy.exists():
         return str(legacy)
-    return str(_holder.root(_holder.pid()) / HOLDER_NETNS[1:] / netns_name(cid))
+    return str(_holder.outer(_holder.pid(), f"{HOLDER_NETNS}/{netns_name(cid)}"))
 
 
 def netns_exists(cid: str) -> bool:
@@ -87,7 +87,7 @@ def netns_exists(cid: str) -> bool:
     pid = _holder.running()
     if pid is None:
         return False
-    return is_mounted(_holder.root(pid) / HOLDER_NETNS[1:] / netns_name(cid))
+    return is_mounted(_holder.outer(pid, f"{HOLDER_NETNS}/{netns_name(cid)}"))
 
 
 def in_netns(path: str) -> list[str]:
@@ -169,7 +169,7 @@ def _make_holder_netns(ns: str) -> None:
     """A new network namespace bind-mounted on ``/netns/<ns>`` in the holder (what ``ip
     netns add`` does on ``/var/run/netns``, minus the host's mount table)."""
     pid = _holder.pid()
-    outer = _holder.root(pid) / HOLDER_NETNS[1:]
+    outer = _holder.outer(pid, HOLDER_NETNS)
     outer.mkdir(exist_ok=True)
     (outer / ns).touch()
     proc.run(
@@ -192,15 +192,11 @@ def destroy_netns(cid: str) -> None:
         proc.run_logged(["ip", "netns", "del", ns], what=f"deleting network namespace {ns}")
     pid = _holder.running()
     if pid is not None:
-        f = _holder.root(pid) / HOLDER_NETNS[1:] / ns
-        for _ in range(4):  # a retried create may have bound it twice over
-            if not is_mounted(f):
-                break
-            try:
-                _holder.umount(pid, f"{HOLDER_NETNS}/{ns}")
-            except EngineError as exc:
-                log.warning("%s", exc)
-                break
+        f = _holder.outer(pid, f"{HOLDER_NETNS}/{ns}")
+        try:
+            _holder.unbind(pid, f"{HOLDER_NETNS}/{ns}")
+        except EngineError as exc:
+            log.warning("%s", exc)
         if not is_mounted(f):
             f.unlink(missing_ok=True)
     if _link_exists(host):

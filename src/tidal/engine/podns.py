@@ -44,6 +44,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def is_mounted(path: Path) -> bool:
         return os.stat(path).st_dev != os.stat(path.parent).st_dev
     except (FileNotFoundError, NotADirectoryError):
         return False
+
+
+def unbind(path: Path, umount: Callable[[], object]) -> None:
+    """Unmount the namespace bind mount on ``path`` by ``umount()`` until none is left (a
+    retried create may have bound it twice over), at most :data:`UMOUNT_TRIES` times."""
+    for _ in range(UMOUNT_TRIES):
+        if not is_mounted(path):
+            return
+        umount()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -245,13 +255,33 @@ class NamespaceHolder:
         except FileNotFoundError:
             return set()
 
-    def umount(self, pid: int, inner: str) -> None:
-        proc.run(
-            ["nsenter", "-t", str(pid), "-m", "umount", inner],
-            what=f"unmounting the pod namespace {inner} in the holder's mount namespace",
-            error=EngineError,
-            timeout_s=30,
+    def outer(self, pid: int, inner: str) -> Path:
+        """The host's path to ``inner`` (absolute in the holder's namespace)."""
+        return self.root(pid) / inner.lstrip("/")
+
+    def unbind(self, pid: int, inner: str) -> Path:
+        """:func:`unbind` of ``inner`` in the holder's namespace; returns its host path."""
+        f = self.outer(pid, inner)
+        unbind(
+            f,
+            lambda: proc.run(
+                ["nsenter", "-t", str(pid), "-m", "umount", inner],
+                what=f"unmounting the pod namespace {inner} in the holder's mount namespace",
+                error=EngineError,
+                timeout_s=30,
+            ),
         )
+        return f
+
+
+def _unbind_host(f: Path) -> None:
+    """:func:`unbind` of a file an older Tidal bound in the host's own mount namespace."""
+    unbind(
+        f,
+        lambda: proc.run(
+            ["umount", f], what=f"unmounting the pod namespace {f}", error=EngineError, timeout_s=30
+        ),
+    )
 
 
 def pod_key(directory: Path) -> str:
@@ -277,15 +307,12 @@ class HostPodNamespaces(PodNamespaces):
     def paths(self, directory: Path) -> PodNamespacePaths:
         if self._legacy(directory):
             return PodNamespacePaths.under(directory)
-        pid = self.holder.running()
-        if pid is None:
-            pid = self.holder.pid()
-        return PodNamespacePaths.under(self.holder.root(pid) / self._inner(directory)[1:])
+        return PodNamespacePaths.under(self.holder.outer(self.holder.pid(), self._inner(directory)))
 
     def create(self, directory: Path, hostname: str) -> PodNamespacePaths:
         pid = self.holder.pid()
         inner = self._inner(directory)
-        outer = self.holder.root(pid) / inner[1:]
+        outer = self.holder.outer(pid, inner)
         directory.mkdir(parents=True, exist_ok=True)
         try:
             outer.mkdir(parents=True, exist_ok=True)
@@ -315,7 +342,7 @@ class HostPodNamespaces(PodNamespaces):
         pid = self.holder.running()
         if pid is None:
             return False
-        outer = self.holder.root(pid) / self._inner(directory)[1:]
+        outer = self.holder.outer(pid, self._inner(directory))
         return all(is_mounted(f) for f in PodNamespacePaths.under(outer).files())
 
     def destroy(self, directory: Path) -> None:
@@ -323,13 +350,9 @@ class HostPodNamespaces(PodNamespaces):
         pid = self.holder.running()
         if pid is not None:
             inner = self._inner(directory)
-            outer = self.holder.root(pid) / inner[1:]
+            outer = self.holder.outer(pid, inner)
             for name in ("ipc", "uts"):
-                f = outer / name
-                for _ in range(UMOUNT_TRIES):  # a retried create may have bound it twice over
-                    if not is_mounted(f):
-                        break
-                    self.holder.umount(pid, f"{inner}/{name}")
+                f = self.holder.unbind(pid, f"{inner}/{name}")
                 if is_mounted(f):
                     raise EngineError(f"pod namespace {f} is still mounted after umount; retry rm")
                 f.unlink(missing_ok=True)
@@ -343,15 +366,7 @@ class HostPodNamespaces(PodNamespaces):
     def _destroy_legacy(directory: Path) -> None:
         paths = PodNamespacePaths.under(directory)
         for f in paths.files():
-            for _ in range(UMOUNT_TRIES):
-                if not is_mounted(f):
-                    break
-                proc.run(
-                    ["umount", f],
-                    what=f"unmounting the pod namespace {f}",
-                    error=EngineError,
-                    timeout_s=30,
-                )
+            _unbind_host(f)
             if is_mounted(f):
                 raise EngineError(f"pod namespace {f} is still mounted after umount; retry rm")
             f.unlink(missing_ok=True)
@@ -369,25 +384,13 @@ class HostPodNamespaces(PodNamespaces):
     def renew_ipc(self, directory: Path) -> None:
         if self._legacy(directory):
             ipc = PodNamespacePaths.under(directory).ipc
-            for _ in range(UMOUNT_TRIES):
-                if not is_mounted(ipc):
-                    break
-                proc.run(
-                    ["umount", ipc],
-                    what=f"unmounting the pod IPC namespace {ipc}",
-                    error=EngineError,
-                    timeout_s=30,
-                )
+            _unbind_host(ipc)
             ipc.touch()
             argv: list[str | Path] = ["unshare", f"--ipc={ipc}", "true"]
         else:
             pid = self.holder.pid()
             inner = f"{self._inner(directory)}/ipc"
-            ipc = self.holder.root(pid) / inner[1:]
-            for _ in range(UMOUNT_TRIES):
-                if not is_mounted(ipc):
-                    break
-                self.holder.umount(pid, inner)
+            ipc = self.holder.unbind(pid, inner)
             ipc.touch()
             argv = ["nsenter", "-t", str(pid), "-m", "unshare", f"--ipc={inner}", "true"]
         proc.run(
