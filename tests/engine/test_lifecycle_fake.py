@@ -211,6 +211,44 @@ def test_pod_members_join_namespace_files_and_start_before_their_sandbox(
     assert not nsdir.exists() and eng.pod_namespaces.destroyed == 1
 
 
+def test_a_sandbox_never_started_is_only_its_namespaces(
+    eng: Engine, node: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runc pod's sandbox without ports is never started
+    (``InstanceManager.sandbox_runs``): a member restarted after a host reboot took its netns
+    and namespace files finds them made again (same address, same hostname), and removing the
+    sandbox asks the runtime nothing, as the runtime never heard of it."""
+    sandbox = eng.create(
+        spec(node, "sleep", "30", network="bridge", hostname="pod1", pod_sandbox=True)
+    )
+    member = eng.create(spec(node, "sleep", "30", hostname="pod1", sandbox=sandbox.id))
+    assert eng.start(member.id).status == "running"
+    eng.stop(member.id, timeout_s=0)
+    nsdir = eng.pod_ns_dir(sandbox.id)
+    node["network"].destroy_netns(sandbox.id)  # what a reboot takes
+    eng.pod_namespaces.destroy(nsdir)
+    assert eng.start(member.id).status == "running"
+    assert eng.pod_namespaces.exists(nsdir) and (nsdir / "uts").read_text() == "pod1\n"
+    assert node["network"].namespaces() == {sandbox.id: sandbox.ip}
+    bundle = json.loads((eng.cdir(member.id) / "bundle" / "config.json").read_text())
+    ns = {n["type"]: n.get("path") for n in bundle["linux"]["namespaces"]}
+    assert ns["network"] == node["network"].netns_path(sandbox.id)
+    assert eng.get(sandbox.id).status == "created"
+    rt = eng.runtime("runc")
+    real_delete = rt.delete
+    deleted: list[str] = []
+
+    def delete(cid: str, **kw: Any) -> None:
+        deleted.append(cid)
+        real_delete(cid, **kw)
+
+    monkeypatch.setattr(rt, "delete", delete)
+    eng.remove(member.id, force=True)
+    eng.remove(sandbox.id, force=True)
+    assert deleted == [member.id]
+    assert not nsdir.exists() and node["network"].namespaces() == {}
+
+
 def test_a_container_of_its_own_makes_no_pod_namespaces(eng: Engine, node: dict[str, Any]) -> None:
     rec = eng.create(spec(node, "true", network="bridge"))
     assert not eng.pod_ns_dir(rec.id).exists() and eng.pod_namespaces.created == 0

@@ -42,9 +42,12 @@ def _whole_or_gone(client: InstanceClient, settings: EngineSettings) -> list[str
     ids = {d["id"] for d in items}
     for d in items:
         states = {c["member"]: c["status"] for c in d["containers"]}
-        if d["status"] != "running" or states != dict.fromkeys(
-            ("sandbox", "main", "side"), "running"
-        ):
+        # runc: the sandbox is only created (no pause process), the others run
+        if d["status"] != "running" or states != {
+            "sandbox": "created",
+            "main": "running",
+            "side": "running",
+        }:
             bad.append(f"instance {d['name']}: {d['status']} {states}")
     for rec in client.list_all():
         owner = dict(rec.spec.labels).get(LABEL_ID)

@@ -86,7 +86,8 @@ def _consistent(client: InstanceClient, settings: EngineSettings, acked: set[str
     bad += [f"acknowledged instance {n} was lost" for n in acked - set(names)]
     for d in items:
         states = {c["member"]: c["status"] for c in d["containers"]}
-        if d["status"] != "running" or states != {"sandbox": "running", "main": "running"}:
+        # runc: the sandbox is only created (no pause process)
+        if d["status"] != "running" or states != {"sandbox": "created", "main": "running"}:
             bad.append(f"instance {d['name']}: {d['status']} {states}")
     members = _member_records(settings)
     ready = [m for m in members if m["phase"] == "ready"]
@@ -102,7 +103,7 @@ def _consistent(client: InstanceClient, settings: EngineSettings, acked: set[str
         labels = dict(rec.spec.labels)
         if labels.get(LABEL_ID) not in ids and labels.get(LABEL_POOL_MEMBER) not in member_ids:
             bad.append(f"container {rec.name} belongs to no instance and no pool member")
-        elif LABEL_POOL_MEMBER in labels and rec.status != "running":
+        elif LABEL_POOL_MEMBER in labels and rec.status != "created":  # runc: no pause process
             bad.append(f"warm sandbox {rec.name} is {rec.status}")
     pods = {Path(p).name for p in pod_cgroups(settings)}
     known = {Path(str(d["cgroup"])).name for d in items} | {

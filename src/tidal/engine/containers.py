@@ -473,7 +473,17 @@ class Engine:
         if rt.capabilities.pod_sandbox:
             return dataclasses.replace(host, annotations=tuple(notes.items()))
         nsdir = self.pod_ns_dir(sandbox.id)
-        if sandbox.spec.network == "bridge" and self.pod_namespaces.exists(nsdir):
+        held = self.pod_namespaces.exists(nsdir)
+        if (
+            not held
+            and self._holds_pod_namespaces(sandbox.spec, sandbox.runtime)
+            and self._never_started(sandbox)
+        ):
+            # a sandbox that is only its namespaces (a pod without a pause process) after a
+            # host reboot: made again, the same address, as its own start would have
+            self._ensure_host(sandbox)
+            held = self.pod_namespaces.exists(nsdir)
+        if sandbox.spec.network == "bridge" and held:
             paths = self.pod_namespaces.paths(nsdir)
             return dataclasses.replace(
                 host,
@@ -796,16 +806,26 @@ class Engine:
         with self._locks_guard:
             self._locks.pop(rec.id, None)
 
+    def _never_started(self, rec: ContainerRecord) -> bool:
+        """No start was ever handed to a monitor: the runtime has never heard of it."""
+        return (
+            rec.status == "created"
+            and rec.starts == 0
+            and rec.id not in self._starting
+            and read_start_report(self.cdir(rec.id)) is None
+        )
+
     def _destroy(self, rec: ContainerRecord) -> None:
-        self._fresh.discard(rec.id)
         errors: list[str] = []
         self._await_monitor_exit(rec)
-        try:
-            self.runtime(rec.runtime).delete(rec.id, force=True)
-        except ConfigError as exc:  # the runtime is gone from this host: nothing of it to undo
-            log.warning("removing container %s: %s", rec.name, exc)
-        except TidalError as exc:
-            errors.append(f"runtime: {exc}")
+        if not self._never_started(rec):  # else no runtime state: spare the runtime's process
+            try:
+                self.runtime(rec.runtime).delete(rec.id, force=True)
+            except ConfigError as exc:  # the runtime is gone from this host: nothing to undo
+                log.warning("removing container %s: %s", rec.name, exc)
+            except TidalError as exc:
+                errors.append(f"runtime: {exc}")
+        self._fresh.discard(rec.id)
         if rec.spec.pod_sandbox:  # before the storage sweep, which would find them mounted
             try:
                 self.pod_namespaces.destroy(self.pod_ns_dir(rec.id))

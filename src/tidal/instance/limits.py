@@ -255,6 +255,17 @@ class PodCgroup:
         except OSError as exc:
             raise LimitError(f"creating cgroup {d} failed: {exc.strerror or exc}") from exc
 
+    def make_empty_child(self, child: str) -> None:
+        """A child cgroup in every hierarchy the pod has, for a container that will hold no
+        process (a runc pod's sandbox): what a runtime would have made for it, empty."""
+        for d in self.dirs():
+            try:
+                (d / child).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise LimitError(
+                    f"creating cgroup {d / child} failed: {exc.strerror or exc}"
+                ) from exc
+
     def adopt_blkio(self, child: str, passes: int = 5) -> int:
         """cgroup v1 only: move a member's processes into the pod's own blkio cgroup.
 

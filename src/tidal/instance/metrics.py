@@ -6,8 +6,9 @@ alerts and the HPA's queries work on Tidal's instances unchanged:
 
 - labels ``container``, ``id`` (the cgroup path), ``image``, ``name`` (the container's id, as
   cAdvisor names containerd's), ``namespace``, ``pod``; the pod-level series (the pod's own
-  cgroup) have ``container=""``, ``image=""``, ``name=""``, the sandbox is ``container="POD"``;
-  pod identity from :mod:`tidal.instance.identity`;
+  cgroup) have ``container=""``, ``image=""``, ``name=""``, the sandbox is ``container="POD"``
+  (a runc pod's sandbox runs no process: its series are its empty cgroup's, ~0 as a pause
+  container's are); pod identity from :mod:`tidal.instance.identity`;
 - ``machine_cpu_cores``, ``machine_memory_bytes`` (what dashboards divide by);
 - ``container_cpu_usage_seconds_total``, ``container_cpu_cfs_{periods,throttled_periods,
   throttled_seconds}_total`` (where a quota applies), ``container_memory_usage_bytes``,
@@ -134,16 +135,26 @@ class CadvisorCollector:
                 if crec is None:
                     continue
                 seen.add(crec.id)
-                if crec.status == "running":
+                # a runc pod's sandbox is only created (no process: InstanceManager.sandbox_runs);
+                # its POD series are its empty cgroup's and the pod's netns counters all the same
+                if crec.status == "running" or (member == SANDBOX and crec.status == "created"):
                     members.append(
                         (
                             SANDBOX_CONTAINER if member == SANDBOX else container_name(rec, member),
                             crec,
                         )
                     )
-            if not members:
+            if not any(c.status == "running" for _, c in members):
                 continue
-            net_pid = next((c.pid for m, c in members if m == SANDBOX_CONTAINER), 0)
+            # any process in the pod's netns reads its counters: the sandbox's, else a member's
+            net_pid = next(
+                (
+                    c.pid
+                    for m, c in sorted(members, key=lambda x: x[0] != SANDBOX_CONTAINER)
+                    if c.pid
+                ),
+                0,
+            )
             yield Target(
                 ("", "/" + rec.cgroup, "", "", who.namespace, who.pod),
                 rec.cgroup,
@@ -155,7 +166,7 @@ class CadvisorCollector:
                 yield Target(
                     (member, cgroup, crec.spec.image, crec.id, who.namespace, who.pod),
                     cgroup,
-                    crec.started_at,
+                    crec.started_at or crec.created_at,
                     net_pid if member == SANDBOX_CONTAINER else 0,
                 )
         for crec in by_name.values():

@@ -1,9 +1,11 @@
 """Warm sandbox pools: per shape, pods made ahead of the instances that will take them.
 
 A pool member is everything of a pod that does not depend on what will run in it: the pod's
-cgroup with the shape's CPU, memory and pids limits, the sandbox (pause) container created
-and started with its named netns, veth, address and ``tc`` shaping, and, under runc/crun,
-the pod's IPC and UTS namespace files; under runsc its gVisor sandbox kernel runs. An
+cgroup with the shape's CPU, memory and pids limits, the sandbox container created with its
+named netns, veth, address and ``tc`` shaping, and, under runc/crun, the pod's IPC and UTS
+namespace files (and no process: :meth:`InstanceManager.sandbox_runs
+<tidal.instance.manager.InstanceManager.sandbox_runs>`); under runsc it is started, its gVisor
+sandbox kernel running. An
 instance whose shape has a ready member takes it (:meth:`Pools.take`): the manager renames
 the sandbox to the instance's, sets the hostname and writes ``/etc/hosts``, then creates and
 starts only the members (:mod:`tidal.instance.manager`).
@@ -28,7 +30,7 @@ every pool member's (made or being made) leave room for it in the node's capacit
 before it would overbook the node.
 
 **Crash safety**: a member's record (:class:`PoolStore`, one JSON file each) is written before
-anything of it is made (phase ``making``), turns ``ready`` once the sandbox runs and shaping
+anything of it is made (phase ``making``), turns ``ready`` once the sandbox is made (and runs, under runsc) and shaping
 is on, and is deleted only after the instance that took it has written its own record naming
 the member (``InstanceRecord.pool_member``). On daemon start the manager keeps every ready
 member whose sandbox still runs whole, tears down everything else a record names, and the
@@ -37,8 +39,8 @@ refill thread rebuilds the pools to their targets.
 Targets come from :class:`~tidal.instance.reuse.ReuseModel` (learned per shape from the
 create/release history), bounded by ``[instance] pool_min``/``pool_max`` and raised by
 :meth:`Pools.prewarm`. One refill thread serves every pool, one member at a time (a member
-costs about one container create and start; more at once would compete with the creates the
-pool is meant to speed up).
+costs a container create, a netns and a cgroup, and under runsc a start; more at once would
+compete with the creates the pool is meant to speed up).
 """
 
 from __future__ import annotations
