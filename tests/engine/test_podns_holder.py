@@ -97,6 +97,27 @@ def test_files_are_mounted_in_the_holder_not_on_the_host(
     assert len(_mounts(pid)) == 3
 
 
+def test_a_sandbox_netns_is_made_in_the_same_step(holder: NamespaceHolder, tmp_path: Path) -> None:
+    """``netns=``: the pod's network namespace is bound in the holder by the same process as
+    its IPC and UTS ones (one process fewer per sandbox), a namespace of its own."""
+    pns = HostPodNamespaces(holder)
+    nsdir = tmp_path / "c3" / "ns"
+    paths = pns.create(nsdir, "pod-n", netns="/netns/tidal-test")
+    pid = holder.running()
+    assert pid is not None
+    net = holder.outer(pid, "/netns/tidal-test")
+    assert [t for m, t in _mounts(pid) if m == "/netns/tidal-test"] == ["nsfs"]
+    assert net.stat().st_ino != os.stat("/proc/self/ns/net").st_ino
+    assert net.stat().st_ino != paths.ipc.stat().st_ino != paths.uts.stat().st_ino
+    links = proc.run(
+        ["nsenter", f"--net={net}", "ip", "-o", "link"], what="listing the new netns's links"
+    ).stdout
+    assert [ln.split(":")[1].strip() for ln in links.splitlines()] == ["lo"], links
+    pns.destroy(nsdir)
+    holder.unbind(pid, "/netns/tidal-test")  # the network's destroy_netns does this
+    assert len(_mounts(pid)) == 3
+
+
 def test_a_later_daemon_finds_the_holder_and_a_killed_one_is_replaced(
     holder: NamespaceHolder, tmp_path: Path
 ) -> None:

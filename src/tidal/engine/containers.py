@@ -373,13 +373,15 @@ class Engine:
                 self._root_quota(spec),
                 lambda state: self._record_rootfs(cid, state),
             )
-            if spec.network == "bridge":
+            bridged = spec.network == "bridge"
+            if self._holds_pod_namespaces(spec, runtime_name):  # the netns too, where it can
+                netns = self.network.holder_netns(cid) if bridged else None
+                self.pod_namespaces.create(self.pod_ns_dir(cid), hostname(spec, cid), netns=netns)
+            if bridged:
                 self._ensure_bridge()
                 ip = self.store.allocate_ip(cid, self.network.ip_candidates())
                 self.network.create_netns(cid, ip)
-                self.store.update(cid, ip=ip)
-            if self._holds_pod_namespaces(spec, runtime_name):
-                self.pod_namespaces.create(self.pod_ns_dir(cid), hostname(spec, cid))
+                self.store.set_fields(cid, ip=ip)
         except BaseException:
             self._try(
                 f"undoing the creation of container {rec.name}",
@@ -402,7 +404,7 @@ class Engine:
             self._bridge_ready = True
 
     def _record_rootfs(self, cid: str, state: RootfsState) -> None:
-        self.store.update(cid, rootfs=state)
+        self.store.set_fields(cid, rootfs=state)
 
     def _root_quota(self, spec: ContainerSpec) -> QuotaSpec | None:
         if spec.read_only_rootfs:

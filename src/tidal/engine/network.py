@@ -246,7 +246,14 @@ class Network(ABC):
 
     @abstractmethod
     def create_netns(self, cid: str, ip: str) -> str:
-        """Make the container's namespace with ``ip``; returns its path."""
+        """Make the container's namespace with ``ip``; returns its path. A namespace made
+        already at :meth:`holder_netns` (by the pod's namespace step) is kept and wired."""
+
+    def holder_netns(self, cid: str) -> str | None:
+        """Where in the namespace holder's mount namespace (:mod:`tidal.engine.podns`) this
+        network binds ``cid``'s namespace, if it keeps them there: a pod sandbox's is then made
+        in the same process as its IPC and UTS ones. None: made by :meth:`create_netns`."""
+        return None
 
     @abstractmethod
     def destroy_netns(self, cid: str) -> None: ...
@@ -273,6 +280,9 @@ class BridgeNetwork(Network):
 
     def create_netns(self, cid: str, ip: str) -> str:
         return create_netns(cid, ip, self.subnet, self.bridge)
+
+    def holder_netns(self, cid: str) -> str | None:
+        return f"{HOLDER_NETNS}/{netns_name(cid)}"
 
     def destroy_netns(self, cid: str) -> None:
         destroy_netns(cid)

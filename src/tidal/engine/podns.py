@@ -112,8 +112,14 @@ class PodNamespaces(ABC):
         return PodNamespacePaths.under(directory)
 
     @abstractmethod
-    def create(self, directory: Path, hostname: str) -> PodNamespacePaths:
-        """Make both namespaces, the UTS one with ``hostname``; on failure nothing is left."""
+    def create(
+        self, directory: Path, hostname: str, *, netns: str | None = None
+    ) -> PodNamespacePaths:
+        """Make both namespaces, the UTS one with ``hostname``; on failure nothing is left.
+        ``netns``: also make the pod's network namespace, bound on that path inside the
+        namespace holder (:meth:`Network.holder_netns
+        <tidal.engine.network.Network.holder_netns>`), in the same step; the network's
+        ``destroy_netns`` removes it."""
 
     @abstractmethod
     def exists(self, directory: Path) -> bool:
@@ -130,8 +136,8 @@ class PodNamespaces(ABC):
     @abstractmethod
     def renew_ipc(self, directory: Path) -> None:
         """Replace the IPC namespace by a fresh one, so a reused sandbox's next pod sees none
-        of the last one's SysV objects or POSIX message queues (the pause process keeps the
-        old one, which it never uses; members join the file)."""
+        of the last one's SysV objects or POSIX message queues (members join the file; a
+        pause process, where the sandbox runs one, keeps the old one and never uses it)."""
 
 
 def is_mounted(path: Path) -> bool:
@@ -309,7 +315,9 @@ class HostPodNamespaces(PodNamespaces):
             return PodNamespacePaths.under(directory)
         return PodNamespacePaths.under(self.holder.outer(self.holder.pid(), self._inner(directory)))
 
-    def create(self, directory: Path, hostname: str) -> PodNamespacePaths:
+    def create(
+        self, directory: Path, hostname: str, *, netns: str | None = None
+    ) -> PodNamespacePaths:
         pid = self.holder.pid()
         inner = self._inner(directory)
         outer = self.holder.outer(pid, inner)
@@ -319,13 +327,20 @@ class HostPodNamespaces(PodNamespaces):
             (outer / "owner").write_text(f"{directory}\n")
             for name in ("ipc", "uts"):
                 (outer / name).touch()  # unshare binds onto an existing file
+            net: list[str] = []
+            if netns is not None:  # one process for all three (a sandbox's create is hot)
+                net_file = self.holder.outer(pid, netns)
+                net_file.parent.mkdir(parents=True, exist_ok=True)
+                net_file.touch()
+                net = [f"--net={netns}"]
             proc.run(
                 [
                     "nsenter", "-t", str(pid), "-m",
-                    "unshare", f"--ipc={inner}/ipc", f"--uts={inner}/uts",
+                    "unshare", *net, f"--ipc={inner}/ipc", f"--uts={inner}/uts",
                     "hostname", hostname,
                 ],
-                what=f"making the pod namespaces (IPC, UTS {hostname!r}) for {directory}",
+                what=f"making the pod namespaces ({'network, ' if net else ''}IPC, "
+                f"UTS {hostname!r}) for {directory}",
                 error=EngineError,
                 timeout_s=30,
                 install_hint="apt-get install util-linux hostname",

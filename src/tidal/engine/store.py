@@ -164,8 +164,13 @@ class Store:
 
     def update(self, cid: str, **fields: Any) -> ContainerRecord:
         """Set columns of one container and return the new record."""
+        self.set_fields(cid, **fields)
+        return self.get(cid)
+
+    def set_fields(self, cid: str, **fields: Any) -> None:
+        """Set columns of one container (:meth:`update` without reading the record back)."""
         if not fields:
-            return self.get(cid)
+            return
         cols = []
         values: list[Any] = []
         for key, value in fields.items():
@@ -181,7 +186,6 @@ class Store:
             )
             if cur.rowcount == 0:
                 raise ContainerNotFoundError(f"no container {cid}")
-        return self.get(cid)
 
     def get(self, ref: str) -> ContainerRecord:
         """By full id, unique id prefix (at least 4 characters) or name."""

@@ -386,7 +386,9 @@ class FakePodNamespaces(PodNamespaces):
         self.created = 0
         self.destroyed = 0
 
-    def create(self, directory: Path, hostname: str) -> PodNamespacePaths:
+    def create(
+        self, directory: Path, hostname: str, *, netns: str | None = None
+    ) -> PodNamespacePaths:
         paths = PodNamespacePaths.under(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths.ipc.write_text("ipc\n")
