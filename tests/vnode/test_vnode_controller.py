@@ -206,7 +206,7 @@ def test_pods_that_cannot_run_fail_with_reason_and_the_node_goes_on(
         "web",
         "img",
         command=["x"],
-        env=[{"name": "K", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        env=[{"name": "K", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
     )
     fake_kube.create("pods", pod(name="bad", node=NODE, uid="u-bad", containers=[bad]))
     instances.refuse["shop-full"] = NoCapacityError(
@@ -226,7 +226,7 @@ def test_pods_that_cannot_run_fail_with_reason_and_the_node_goes_on(
     assert bad_st["reason"] == "UnsupportedPodSpec"
     assert bad_st["message"] == (
         "pod shop/bad cannot run on this virtual node: env 'K' of container 'web' uses "
-        "valueFrom; only literal values are supported"
+        "valueFrom.secretKeyRef; literal values, fieldRef and resourceFieldRef are supported"
     )
 
     def bad_events(k: FakeKube) -> list[dict[str, Any]]:

@@ -81,7 +81,19 @@ def test_a_pod_without_resources_has_no_adhoc_limits() -> None:
     [
         (
             {"env": [{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
-            "env 'DB' of container 'web' uses valueFrom",
+            "env 'DB' of container 'web' uses valueFrom.secretKeyRef",
+        ),
+        (
+            {"env": [{"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]},
+            "fieldRef 'status.podIP': the pod's and host's addresses are chosen",
+        ),
+        (
+            {"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.nope"}}}]},
+            "fieldRef 'spec.nope' is unknown",
+        ),
+        (
+            {"env": [{"name": "C", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}]},
+            "sets no limits.cpu (the kubelet would give the node's allocatable)",
         ),
         ({"envFrom": [{"configMapRef": {"name": "cm"}}]}, "uses envFrom"),
         ({"command": None, "args": ["-p", "80"]}, "gives args without command"),
@@ -348,3 +360,68 @@ def test_lease_is_a_coordination_v1_lease_with_a_micro_time() -> None:
         and lease["spec"]["leaseDurationSeconds"] == 40
     )
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", lease["spec"]["renewTime"])
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("$(A)", "a"),
+        ("x$(A)y$(B)z", "xaybz"),
+        ("$(MISSING)", "$(MISSING)"),  # unknown: kept as written
+        ("$$(A)", "$(A)"),  # escaped
+        ("$$$(A)", "$a"),
+        ("$$", "$"),
+        ("$A", "$A"),  # only $(...) is a reference
+        ("$(A", "$(A"),  # incomplete
+        ("$(A$(B)", "$(A$(B)"),  # the name runs to the first ")": "A$(B", unknown, kept
+        ("end$", "end$"),
+        ("$()", "$()"),
+    ],
+)
+def test_expand_follows_the_kubelets_rules(text: str, want: str) -> None:
+    assert mapping.expand(text, {"A": "a", "B": "b"}) == want
+
+
+def test_env_refers_to_earlier_variables_and_the_downward_api() -> None:
+    c = container(
+        "web",
+        "img",
+        command=["sh", "-c", "echo $(GREETING) $$(HOME) $(NOPE)"],
+        args=["$(POD)"],
+        env=[
+            {"name": "NAME", "value": "world"},
+            {"name": "GREETING", "value": "hello $(NAME) $(LATER)"},
+            {"name": "LATER", "value": "x"},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "SA", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+            {
+                "name": "APP",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}},
+            },
+            {
+                "name": "MEM_MI",
+                "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+            },
+            {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu"}}},
+            {
+                "name": "MCPU",
+                "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}},
+            },
+        ],
+        resources={"limits": {"memory": "100Mi", "cpu": "250m"}, "requests": {"cpu": "250m"}},
+    )
+    p = pod(containers=[c], node="vn-1")
+    spec = mapping.pod_to_spec(p, "vn-1")
+    env = dict(spec.env)
+    meta = p["metadata"]
+    assert env["GREETING"] == "hello world $(LATER)"  # LATER comes after: not yet defined
+    assert env["POD"] == meta["name"] and env["NS"] == meta["namespace"]
+    assert env["UID"] == meta["uid"] and env["NODE"] == "vn-1" and env["SA"] == "default"
+    assert env["APP"] == "web"
+    assert env["MEM_MI"] == "100" and env["CPU"] == "1" and env["MCPU"] == "250"  # rounded up
+    assert spec.command == (
+        "sh", "-c", "echo hello world $(LATER) $(HOME) $(NOPE)", meta["name"]
+    )  # fmt: skip

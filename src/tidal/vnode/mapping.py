@@ -10,8 +10,15 @@ status message:
 - the pod's first container is the instance's main container (its Kubernetes name kept in the
   label :data:`LABEL_MAIN_CONTAINER`); the others are members under their own names;
 - ``command`` + ``args`` are the argv (the instance API replaces the image's entrypoint and cmd
-  together, so ``args`` alone, which needs the image's entrypoint, is refused);
-- ``env`` takes ``value`` only (``valueFrom`` is refused); a ``hostPort`` publishes the port;
+  together, so ``args`` alone, which needs the image's entrypoint, is refused), with
+  ``$(VAR)`` references to the container's env expanded as the kubelet expands them
+  (:func:`expand`);
+- ``env`` takes ``value`` (``$(VAR)`` of the variables before it expanded), and ``valueFrom``
+  with a ``fieldRef`` to the pod's metadata, node and service account or a
+  ``resourceFieldRef`` to the container's own CPU or memory (:func:`_field_value`,
+  :func:`_resource_value`); ``secretKeyRef``/``configMapKeyRef``, ``envFrom`` and the pod's
+  IP (chosen only as its sandbox is made, after the env is fixed) are refused; a
+  ``hostPort`` publishes the port;
 - limits (else requests) summed over the containers are the instance's ad-hoc CPUs and memory,
   unless the annotation :data:`SPEC_ANNOTATION` names instance types in fallback order;
   :data:`BANDWIDTH_ANNOTATION` (``5M``) shapes both directions;
@@ -103,24 +110,129 @@ def _refuse(key: PodKey, why: str) -> PodRefusedError:
     return PodRefusedError(f"pod {key} cannot run on this virtual node: {why}")
 
 
-def _env(key: PodKey, c: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    out = []
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """The kubelet's ``$(VAR)`` expansion (``third_party/forked/golang/expansion``): a
+    reference to a variable of ``env`` is its value, an unknown one stays as written, ``$$``
+    is one ``$`` (so ``$$(VAR)`` is the text ``$(VAR)``), and any other ``$`` is kept.
+    Written out because it is Kubernetes' own rule, not a shell's or ``string.Template``'s."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch != "$" or i + 1 == n:
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt == "$":
+            out.append("$")
+            i += 2
+        elif nxt == "(":
+            close = text.find(")", i + 2)
+            if close < 0:  # incomplete: kept, and the rest read as text
+                out.append("$(")
+                i += 2
+                continue
+            name = text[i + 2 : close]
+            out.append(env.get(name, f"$({name})"))
+            i = close + 1
+        else:
+            out.append("$" + nxt)
+            i += 2
+    return "".join(out)
+
+
+_FIELD_KEYED = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]")
+
+
+def _field_value(key: PodKey, c: Mapping[str, Any], pod: Mapping[str, Any], path: str) -> str:
+    """A ``fieldRef`` (the downward API's fields an env var may name) from the pod object."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    simple = {
+        "metadata.name": meta.get("name"),
+        "metadata.namespace": meta.get("namespace"),
+        "metadata.uid": meta.get("uid"),
+        "spec.nodeName": spec.get("nodeName"),
+        "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
+    }
+    if path in simple:
+        return str(simple[path] or "")
+    keyed = _FIELD_KEYED.fullmatch(path)
+    if keyed:
+        return str((meta.get(keyed.group(1)) or {}).get(keyed.group(2), ""))
+    if path.startswith("status."):
+        raise _refuse(
+            key,
+            f"container {c.get('name')!r} env fieldRef {path!r}: the pod's and host's "
+            "addresses are chosen as the pod's sandbox is made, after its env is fixed",
+        )
+    raise _refuse(key, f"container {c.get('name')!r} env fieldRef {path!r} is unknown")
+
+
+def _resource_value(key: PodKey, c: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+    """A ``resourceFieldRef``: the container's own limit (or request) in ``divisor`` units,
+    rounded up as the kubelet rounds it. Without that figure in the container the kubelet
+    gives the node's allocatable, which a virtual node does not have: refused."""
+    if ref.get("containerName") not in (None, "", c.get("name")):
+        raise _refuse(
+            key,
+            f"container {c.get('name')!r} env resourceFieldRef names container "
+            f"{ref.get('containerName')!r}; only its own resources are known here",
+        )
+    resource = str(ref.get("resource", ""))
+    table, _, what = resource.partition(".")
+    if table not in ("limits", "requests") or what not in ("cpu", "memory"):
+        raise _refuse(
+            key, f"container {c.get('name')!r} env resourceFieldRef {resource!r} is unknown"
+        )
+    res = c.get("resources") or {}
+    raw = (res.get(table) or {}).get(what)
+    if raw is None and table == "requests":  # the API server defaults requests to limits
+        raw = (res.get("limits") or {}).get(what)
+    if raw is None:
+        raise _refuse(
+            key,
+            f"container {c.get('name')!r} env resourceFieldRef {resource!r}: the container "
+            f"sets no {resource} (the kubelet would give the node's allocatable)",
+        )
+    try:
+        value = parse_quantity(raw)
+        divisor = parse_quantity(ref.get("divisor") or "1")
+    except ConfigError as exc:
+        raise _refuse(key, f"container {c.get('name')!r} env {resource}: {exc}") from None
+    if divisor <= 0:
+        raise _refuse(key, f"container {c.get('name')!r} env {resource}: divisor must be > 0")
+    return str(math.ceil(value / divisor - 1e-9))
+
+
+def _env(key: PodKey, c: Mapping[str, Any], pod: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """In order, as the kubelet builds it: a ``value`` may refer to the variables before it."""
+    out: dict[str, str] = {}
     for e in c.get("env") or []:
-        if "valueFrom" in e:
+        name = str(e["name"])
+        source = e.get("valueFrom")
+        if source is None:
+            out[name] = expand(str(e.get("value", "")), out)
+        elif "fieldRef" in source:
+            out[name] = _field_value(key, c, pod, str(source["fieldRef"].get("fieldPath", "")))
+        elif "resourceFieldRef" in source:
+            out[name] = _resource_value(key, c, source["resourceFieldRef"])
+        else:
+            kind = next(iter(source), "?")
             raise _refuse(
                 key,
-                f"env {e.get('name')!r} of container {c.get('name')!r} uses valueFrom; "
-                "only literal values are supported",
+                f"env {name!r} of container {c.get('name')!r} uses valueFrom.{kind}; "
+                "literal values, fieldRef and resourceFieldRef are supported",
             )
-        out.append((str(e["name"]), str(e.get("value", ""))))
     if c.get("envFrom"):
         raise _refuse(key, f"container {c.get('name')!r} uses envFrom; give env values")
-    return tuple(out)
+    return tuple(out.items())
 
 
-def _argv(key: PodKey, c: Mapping[str, Any]) -> tuple[str, ...]:
-    command = [str(a) for a in c.get("command") or []]
-    args = [str(a) for a in c.get("args") or []]
+def _argv(key: PodKey, c: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, ...]:
+    command = [expand(str(a), env) for a in c.get("command") or []]
+    args = [expand(str(a), env) for a in c.get("args") or []]
     if args and not command:
         raise _refuse(
             key,
@@ -237,20 +349,21 @@ def pod_to_spec(pod: Mapping[str, Any], node_name: str) -> InstanceSpec:
     except ConfigError as exc:
         raise _refuse(key, f"annotation {SPEC_ANNOTATION}: {exc}") from None
     runtime = annotations.get(RUNTIME_ANNOTATION) or (spec.get("runtimeClassName") or None)
+    envs = [_env(key, c, pod) for c in containers]
     try:
         members = tuple(
             MemberSpec(
                 name=str(c.get("name")),
                 image=str(c["image"]),
-                command=_argv(key, c),
-                env=_env(key, c),
+                command=_argv(key, c, dict(env)),
+                env=env,
                 restart=restart,
             )
-            for c in containers[1:]
+            for c, env in zip(containers[1:], envs[1:], strict=True)
         )
         return InstanceSpec(
             image=str(first["image"]),
-            command=_argv(key, first),
+            command=_argv(key, first, dict(envs[0])),
             name=instance_name(key),
             members=members,
             specs=specs,
@@ -259,7 +372,7 @@ def pod_to_spec(pod: Mapping[str, Any], node_name: str) -> InstanceSpec:
             ports=_ports(key, containers),
             # the instance API has no env of the main container alone: it is every container's,
             # each member's own values are laid over it (a member's same name wins)
-            env=_env(key, first),
+            env=envs[0],
             labels=(
                 (LABEL_POD_NAME, key.name),
                 (LABEL_POD_NAMESPACE, key.namespace),
