@@ -420,6 +420,42 @@ def test_creation_cut_short_is_rolled_back_by_the_next_daemon(
         cleanup_engine(engine)
 
 
+def test_a_runc_pod_without_a_pause_process_survives_a_reboot(
+    engine_settings: EngineSettings, busybox_rootfs: Path
+) -> None:
+    """A runc pod's sandbox is only created (no pause process). After a host reboot took its
+    network namespace and namespace files, main's next start makes them again: the same
+    address on eth0, the pod's hostname, and the host reaches it."""
+    engine = Engine(engine_settings)
+    mgr = InstanceManager(engine, InstanceSettings())
+    try:
+        rec = mgr.run(
+            InstanceSpec(
+                image=str(busybox_rootfs),
+                command=("sh", "-c", "mkdir -p /w && echo up > /w/i && exec httpd -f -p 80 -h /w"),
+                name="reboot",
+            )
+        )
+        sandbox = engine.get(rec.container_name("sandbox"))
+        assert sandbox.status == "created" and not sandbox.pid and rec.ip == sandbox.ip
+        main = rec.container_name("main")
+        engine.stop(main, timeout_s=1)
+        nsdir = engine.pod_ns_dir(sandbox.id)
+        engine.pod_namespaces.destroy(nsdir)  # what a reboot takes
+        engine.network.destroy_netns(sandbox.id)
+        assert not engine.network.netns_exists(sandbox.id)
+        assert engine.start(main).status == "running"
+        assert engine.network.netns_exists(sandbox.id) and engine.pod_namespaces.exists(nsdir)
+        seen = engine.exec(main, ["sh", "-c", "hostname; ip -o -4 addr show eth0"]).stdout
+        name, addr = seen.decode().splitlines()
+        assert name == "reboot" and f" {rec.ip}/" in addr, seen
+        assert httpx.get(f"http://{rec.ip}:80/i", timeout=10).text == "up\n"
+        mgr.remove(rec.id, force=True)
+    finally:
+        cleanup_engine(engine)
+    assert_nothing_left(engine_settings)
+
+
 @pytest.mark.parametrize("runtime", ["runc", "crun"])
 def test_members_start_before_their_sandbox_runs(
     engine_settings: EngineSettings, busybox_rootfs: Path, runtime: str
