@@ -168,16 +168,11 @@ def create_netns(cid: str, ip: str, subnet: str, bridge: str) -> str:
 def _make_holder_netns(ns: str) -> None:
     """A new network namespace bind-mounted on ``/netns/<ns>`` in the holder (what ``ip
     netns add`` does on ``/var/run/netns``, minus the host's mount table)."""
-    pid = _holder.pid()
-    outer = _holder.outer(pid, HOLDER_NETNS)
-    outer.mkdir(exist_ok=True)
-    (outer / ns).touch()
-    proc.run(
-        ["nsenter", "-t", str(pid), "-m", "unshare", f"--net={HOLDER_NETNS}/{ns}", "true"],
+    _holder.unshare(
+        _holder.pid(),
+        {"net": f"{HOLDER_NETNS}/{ns}"},
+        ("true",),
         what=f"creating network namespace {ns}",
-        error=EngineError,
-        timeout_s=30,
-        install_hint="apt-get install util-linux",
     )
 
 

@@ -265,6 +265,33 @@ class NamespaceHolder:
         """The host's path to ``inner`` (absolute in the holder's namespace)."""
         return self.root(pid) / inner.lstrip("/")
 
+    def unshare(
+        self,
+        pid: int,
+        files: dict[str, str],
+        argv: tuple[str, ...],
+        *,
+        what: str,
+        install_hint: str = "apt-get install util-linux",
+    ) -> None:
+        """New namespaces of the kinds in ``files`` (``{"net": "/netns/x", ...}``, paths in the
+        holder's namespace, made if missing), each bound on its file, then ``argv`` run in
+        them: one ``nsenter -t HOLDER -m unshare`` process for all of them."""
+        for inner in files.values():
+            f = self.outer(pid, inner)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.touch()  # unshare binds onto an existing file
+        proc.run(
+            [
+                "nsenter", "-t", str(pid), "-m",
+                "unshare", *(f"--{kind}={inner}" for kind, inner in files.items()), *argv,
+            ],
+            what=what,
+            error=EngineError,
+            timeout_s=30,
+            install_hint=install_hint,
+        )  # fmt: skip
+
     def unbind(self, pid: int, inner: str) -> Path:
         """:func:`unbind` of ``inner`` in the holder's namespace; returns its host path."""
         f = self.outer(pid, inner)
@@ -325,26 +352,17 @@ class HostPodNamespaces(PodNamespaces):
         try:
             outer.mkdir(parents=True, exist_ok=True)
             (outer / "owner").write_text(f"{directory}\n")
-            for name in ("ipc", "uts"):
-                (outer / name).touch()  # unshare binds onto an existing file
-            net: list[str] = []
+            files = {"ipc": f"{inner}/ipc", "uts": f"{inner}/uts"}
             if netns is not None:  # one process for all three (a sandbox's create is hot)
-                net_file = self.holder.outer(pid, netns)
-                net_file.parent.mkdir(parents=True, exist_ok=True)
-                net_file.touch()
-                net = [f"--net={netns}"]
-            proc.run(
-                [
-                    "nsenter", "-t", str(pid), "-m",
-                    "unshare", *net, f"--ipc={inner}/ipc", f"--uts={inner}/uts",
-                    "hostname", hostname,
-                ],
-                what=f"making the pod namespaces ({'network, ' if net else ''}IPC, "
+                files = {"net": netns, **files}
+            self.holder.unshare(
+                pid,
+                files,
+                ("hostname", hostname),
+                what=f"making the pod namespaces ({'network, ' if netns else ''}IPC, "
                 f"UTS {hostname!r}) for {directory}",
-                error=EngineError,
-                timeout_s=30,
                 install_hint="apt-get install util-linux hostname",
-            )  # fmt: skip
+            )
         except BaseException:
             with contextlib.suppress(EngineError, OSError):
                 self.destroy(directory)

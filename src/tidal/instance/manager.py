@@ -52,7 +52,7 @@ from tidal import proc
 from tidal.engine.containers import Engine, LogChunk
 from tidal.engine.network import host_link
 from tidal.engine.runtime import ExecResult, OciCliRuntime
-from tidal.engine.spec import ContainerSpec, VolumeSpec
+from tidal.engine.spec import ContainerSpec, PortMapping, VolumeSpec
 from tidal.engine.store import ContainerRecord
 from tidal.errors import (
     ConfigError,
@@ -270,7 +270,7 @@ class InstanceManager:
         )
         return rec
 
-    def sandbox_runs(self, runtime: str, spec: InstanceSpec | None = None) -> bool:
+    def sandbox_runs(self, runtime: str, ports: tuple[PortMapping, ...] = ()) -> bool:
         """Whether a pod's sandbox is started (a process) or only created (namespaces).
 
         Under runsc the sandbox is the pod's gVisor kernel, and a published port is bound by
@@ -283,7 +283,7 @@ class InstanceManager:
         went half to ``runc`` (measured: bench_instance_rate, README)."""
         if self.engine.runtime(runtime).capabilities.pod_sandbox:
             return True
-        return bool(spec is not None and spec.ports)
+        return bool(ports)
 
     def _poolable(self, spec: InstanceSpec) -> bool:
         """Published ports are bound by the sandbox's monitor when it starts, so such
@@ -406,7 +406,7 @@ class InstanceManager:
 
             def make_sandbox() -> ContainerRecord:
                 sandbox = self.engine.create(self._sandbox_spec(rec))
-                if self.sandbox_runs(rec.runtime, rec.spec):
+                if self.sandbox_runs(rec.runtime, rec.spec.ports):
                     started.append(pool.submit(self.engine.start, sandbox.id))
                 else:  # its cgroup all the same: the POD series read it (tidal.instance.metrics)
                     cg.make_empty_child(sandbox.id)
@@ -704,7 +704,7 @@ class InstanceManager:
         (:meth:`sandbox_runs`), created and never started."""
         if sandbox.status == "running":
             return True
-        runs = self.sandbox_runs(sandbox.runtime) or bool(sandbox.spec.ports)
+        runs = self.sandbox_runs(sandbox.runtime, sandbox.spec.ports)
         return not runs and sandbox.status == "created" and sandbox.starts == 0
 
     def make_member(self, member: PoolMember) -> PoolMember:
