@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 from tidal.blockdev.ext4 import (
     _escape,
-    _unescape,
     is_mountpoint,
     mount_points,
     mount_points_under,
     mount_root,
     mounted_among,
+    unescape,
 )
 from tidal.proc import run
 
@@ -43,7 +43,7 @@ def test_lookup_answers_as_the_full_parse(tmp_path: Path) -> None:
 
 @given(st.text(alphabet=st.sampled_from("ab \\\t\n/0"), min_size=1, max_size=12))
 def test_escape_is_the_inverse_of_unescape(name: str) -> None:
-    assert _unescape(_escape(name)) == name
+    assert unescape(_escape(name)) == name
     assert not any(c in _escape(name) for c in " \t\n")
 
 

@@ -204,7 +204,10 @@ def cleanup_engine(eng: Engine) -> None:
         eng.storage.trim_hot_images(keep=0)
     remove_bridge(eng.settings.bridge)
     state = eng.state_dir
-    mounts, loops = _mounts_under(state), _loops_under(state)
+    # the state directory's own mount is the engine's anchor (tidal.engine.mountview): its
+    # close releases it once nothing is mounted below, checked after the close
+    mounts = [mp for mp in _mounts_under(state) if mp != str(state)]
+    loops = _loops_under(state)
     deadline = time.monotonic() + 5
     while loops and not mounts and time.monotonic() < deadline:
         # a busy quota volume is unmounted lazily; its autoclear loop device detaches when the
@@ -235,6 +238,7 @@ def cleanup_engine(eng: Engine) -> None:
         eng.close()
     assert not leftovers_errors, leftovers_errors
     assert not mounts, f"mounts left behind: {mounts}"
+    assert str(state) not in _mounts_under(state), "the engine's anchor outlived its close"
     assert not loops, f"loop devices left behind: {loops}"
     assert not cgroups, f"cgroups left behind: {cgroups}"
     assert not netns, f"network namespaces left behind: {netns}"

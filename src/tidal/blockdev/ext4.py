@@ -145,7 +145,7 @@ def umount(
     )
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     """Mount table fields escape space, tab, newline and backslash as octal."""
     out, i = [], 0
     while i < len(field):
@@ -166,7 +166,7 @@ def mount_points(mountinfo: Path = SELF_MOUNTINFO) -> dict[str, tuple[str, str]]
         left, _, right = line.partition(" - ")
         fields, rfields = left.split(), right.split()
         if len(fields) >= 5 and len(rfields) >= 2:
-            table[_unescape(fields[4])] = (rfields[0], _unescape(rfields[1]))
+            table[unescape(fields[4])] = (rfields[0], unescape(rfields[1]))
     return table
 
 
@@ -183,14 +183,14 @@ def mount_points_under(directory: Path, mountinfo: Path = SELF_MOUNTINFO) -> lis
         left, _, right = line.partition(" - ")
         fields, rfields = left.split(), right.split()
         if len(fields) >= 5 and len(rfields) >= 2:
-            mp = _unescape(fields[4])
+            mp = unescape(fields[4])
             if mp == base or mp.startswith(prefix):
                 found.append(mp)
     return found
 
 
 def _escape(path: str) -> str:
-    """A path as the mount table writes it (the inverse of :func:`_unescape`)."""
+    """A path as the mount table writes it (the inverse of :func:`unescape`)."""
     for ch, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
         path = path.replace(ch, code)
     return path
@@ -294,6 +294,6 @@ def _in_table(target: str, text: str) -> bool:
         at = text.find(needle, at + 1)
         left, _, right = line.partition(" - ")
         fields, rfields = left.split(), right.split()
-        if len(fields) >= 5 and len(rfields) >= 2 and _unescape(fields[4]) == target:
+        if len(fields) >= 5 and len(rfields) >= 2 and unescape(fields[4]) == target:
             return True
     return False

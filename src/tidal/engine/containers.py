@@ -42,6 +42,7 @@ from tidal.engine.launcher import MonitorLaunch, MonitorPool, ZygoteLaunch, hand
 from tidal.engine.lxcfs import LxcfsSupervisor
 from tidal.engine.lxcfs import available as lxcfs_available
 from tidal.engine.monitor import (
+    CONTAINERS_DIR,
     START_FILE,
     MonitorConfig,
     PortForward,
@@ -149,7 +150,7 @@ class Engine:
     ) -> None:
         self.settings = settings or load_settings()
         self.state_dir = self.settings.resolved_state_dir()
-        self.containers_dir = self.state_dir / "containers"
+        self.containers_dir = self.state_dir / CONTAINERS_DIR
         self.containers_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "state.db")
         self.lxcfs = LxcfsSupervisor(self.state_dir / "lxcfs" / "mnt")
@@ -163,6 +164,9 @@ class Engine:
         self._runtimes: dict[str, Runtime] = {}
         self.images_dir = self.state_dir / "images"
         self.mounter = mounter or HostMounter()
+        self.anchored = self.mounter.anchor(self.state_dir)
+        """The state directory is a mount of its own, so runc and crun create in a view
+        without the other containers' mounts (:mod:`tidal.engine.mountview`)."""
         default = self._root_quota_default()
         self.volume_pool = VolumePool(
             self.state_dir / "pool",
@@ -205,6 +209,8 @@ class Engine:
             self._refiller.join()
             self._refiller = None
         self.store.close()
+        if self.anchored:
+            self.mounter.release_anchor(self.state_dir)
 
     def _want_refill(self) -> None:
         if self.volume_pool.target <= 0 or self._closing.is_set():
@@ -533,6 +539,9 @@ class Engine:
             interactive=rec.spec.interactive,
             tty=rec.spec.tty,
             cri_log=rec.spec.cri_log,
+            mount_view=(
+                str(self.state_dir) if self.anchored and rt.capabilities.trimmed_mount_view else ""
+            ),
         )
 
     def start(

@@ -34,17 +34,21 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tidal.engine import attach, crilog
+from tidal.engine import attach, crilog, mountview
 from tidal.engine.runtime import Runtime, RuntimeRef, open_runtime
 from tidal.errors import CgroupError, TidalError
 from tidal.fsutil import write_json_atomic
 
 PR_SET_CHILD_SUBREAPER = 36
+CONTAINERS_DIR = "containers"
+"""Below the engine's state directory: a directory per container (kept one by one in the
+runtime's view)."""
 RELAY_DRAIN_S = 2.0
 """How long an exited container's output relays may take to reach EOF."""
 PARTIAL_FLUSH_S = 0.05
@@ -84,6 +88,9 @@ class MonitorConfig:
     """Also write the output in the kubelet's layout (:mod:`tidal.engine.crilog`); the
     container's stdout and stderr are then two pipes the monitor relays, told apart there
     (without it both are the log file itself). Not with ``tty`` (a terminal has one stream)."""
+    mount_view: str = ""
+    """The engine's anchor (:mod:`tidal.engine.mountview`): the runtime's create runs in a
+    view without the other containers' mounts below it; empty: in the host's."""
 
     @property
     def attach_path(self) -> str:
@@ -502,6 +509,27 @@ def _force_delete(rt: Runtime, cid: str) -> None:
         print(f"cleanup after a failed start: {exc}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def _runtime_view(conf: MonitorConfig) -> Iterator[None]:
+    """The mount namespace of the runtime's create: without the other containers' mounts
+    when the engine has an anchor (a monitor is single-threaded until after create)."""
+    if not conf.mount_view:
+        yield
+        return
+    try:
+        with open(os.path.join(conf.bundle, "config.json"), "rb") as fh:
+            keep = mountview.kept_dirs(json.load(fh), conf.mount_view, (CONTAINERS_DIR,))
+    except (OSError, ValueError):  # the runtime reports the bundle's problem, in the host's
+        yield
+        return
+    if conf.cdir not in keep:
+        keep.append(conf.cdir)
+    with mountview.trimmed_view(conf.mount_view, keep) as why:
+        if why is not None:
+            print(f"runtime runs beside all mounts: {why}", file=sys.stderr, flush=True)
+        yield
+
+
 def run(conf: MonitorConfig, ready_fd: int) -> int:
     _set_subreaper()
     # Caught, not ignored: an ignored disposition would be inherited by the container across
@@ -535,15 +563,16 @@ def run(conf: MonitorConfig, ready_fd: int) -> int:
                 rt.create, console_socket=Path(stdio.console[0]) if stdio.console else None
             )
         )
-        first_step(
-            conf.id,
-            Path(conf.bundle),
-            pid_file=Path(conf.pid_file),
-            log_path=Path(conf.runtime_log),
-            stdout=stdio.stdout,
-            stderr=stdio.stderr,
-            stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
-        )
+        with _runtime_view(conf):
+            first_step(
+                conf.id,
+                Path(conf.bundle),
+                pid_file=Path(conf.pid_file),
+                log_path=Path(conf.runtime_log),
+                stdout=stdio.stdout,
+                stderr=stdio.stderr,
+                stdin=stdio.stdin_r if stdio.stdin_r >= 0 else None,
+            )
         stdio.created()
     except (TidalError, OSError) as exc:
         stdio.close()

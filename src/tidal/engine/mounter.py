@@ -19,7 +19,9 @@ import os
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tidal import proc
 from tidal.blockdev import ext4
@@ -58,6 +60,15 @@ class Mounter(ABC):
     @abstractmethod
     def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
         """Format ``image_path`` (a sized regular file) with the given mkfs.ext4 argv."""
+
+    def anchor(self, directory: Path) -> bool:
+        """Make ``directory`` a mount of its own (see :mod:`tidal.engine.mountview`) unless
+        it is one; whether it is one now. Here: never (a mounter without mount namespaces)."""
+        return False
+
+    def release_anchor(self, directory: Path) -> None:
+        """Undo :meth:`anchor` if nothing is mounted below ``directory`` any more."""
+        return None
 
     def apply(self, plan: Sequence[Mount]) -> list[Mount]:
         """Make every mount of ``plan`` in order; returns the ones this call made.
@@ -144,6 +155,38 @@ class HostMounter(Mounter):
             found = ext4.mount_points_under(directory)
         return sorted(found, key=len, reverse=True)
 
+    def anchor(self, directory: Path) -> bool:
+        status = anchor_status(Path("/proc/self/mountinfo").read_text(), str(directory))
+        if status == "free":
+            try:
+                _sys_mount(str(directory), str(directory), "", _MS_BIND, "")
+            except OSError as exc:
+                log.warning("cannot anchor %s (bind onto itself): %s", directory, exc.strerror)
+                return False
+            return True
+        return status == "anchored"
+
+    def release_anchor(self, directory: Path) -> None:
+        table = Path("/proc/self/mountinfo").read_text()
+        if anchor_status(table, str(directory)) != "anchored" or _below(table, str(directory)):
+            return
+        try:
+            _sys_umount(str(directory), 0)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                log.warning("cannot release the anchor %s: %s", directory, exc.strerror)
+                return
+        # busy with a file still open through it (a daemon's log, a lock): with nothing
+        # mounted below, the anchor is the very directory beneath it, so detaching it lazily
+        # loses nothing; looked at again first, as a mount may have come meanwhile
+        if _below(Path("/proc/self/mountinfo").read_text(), str(directory)):
+            return
+        try:
+            _sys_umount(str(directory), _MNT_DETACH)
+        except OSError as exc:
+            log.warning("cannot release the anchor %s: %s", directory, exc.strerror)
+
     def mkfs_ext4(self, image_path: Path, argv: list[str]) -> None:
         proc.run(
             argv,
@@ -225,15 +268,80 @@ def _mount_loop_ext4(source: str, target: str, options: tuple[str, ...]) -> None
     raise QuotaError(f"{what}: no free loop device after 16 tries")
 
 
-def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+def _c() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return _libc
+
+
+def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
-    if _libc.mount(*args) != 0:
+    if _c().mount(*args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _sys_umount(target: str, flags: int) -> None:
+    if _c().umount2(os.fsencode(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_MS_BIND = 4096
+_MNT_DETACH = 2
+
+
+@dataclass(frozen=True)
+class _TableEntry:
+    id: int
+    parent: int
+    dev: str
+    root: str
+    mountpoint: str
+
+
+def _table(text: str) -> list[_TableEntry]:
+    out = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 5:
+            out.append(
+                _TableEntry(int(f[0]), int(f[1]), f[2], ext4.unescape(f[3]), ext4.unescape(f[4]))
+            )
+    return out
+
+
+def _below(text: str, directory: str) -> bool:
+    prefix = directory.rstrip("/") + "/"
+    return any(e.mountpoint.startswith(prefix) for e in _table(text))
+
+
+def anchor_status(text: str, directory: str) -> Literal["anchored", "free", "busy"]:
+    """Whether ``directory`` is anchored in the mount table ``text``: its top mount a bind
+    of the very directory beneath it (same device, same root); else ``free`` when nothing
+    is mounted below it (an anchor can be made), ``busy`` when something is (a bind now
+    would hide those mounts from their own paths). Pure."""
+    entries = _table(text)
+    by_id = {e.id: e for e in entries}
+    here = [e for e in entries if e.mountpoint == directory]
+    stacked = {e.parent for e in here}
+    tops = [e for e in here if e.id not in stacked]
+    if tops:
+        top = tops[-1]
+        under = by_id.get(top.parent)
+        if under is not None:
+            rel = (
+                ""
+                if under.mountpoint == directory
+                else os.path.relpath(directory, under.mountpoint)
+            )
+            beneath = os.path.normpath(os.path.join(under.root, rel))
+            if under.dev == top.dev and os.path.normpath(top.root) == beneath:
+                return "anchored"
+    return "busy" if _below(text, directory) else "free"
 
 
 def sweep(mounter: Mounter, directory: Path) -> list[str]:

@@ -78,6 +78,10 @@ class RuntimeCapabilities:
     pod_sandbox: bool = False
     """Containers of one pod share one sandbox kernel (runsc); runc/crun pod members share
     namespaces joined by path instead."""
+    trimmed_mount_view: bool = False
+    """``create`` may run in a mount namespace without the other containers' mounts
+    (:mod:`tidal.engine.mountview`): no process of the runtime outlives it with that view
+    (runc, crun; runsc's gofer serves later pod members from the one it started in)."""
 
 
 @dataclass(frozen=True)
@@ -520,12 +524,16 @@ class OciCliRuntime(Runtime):
 
 class RuncRuntime(OciCliRuntime):
     name = "runc"
-    capabilities = RuntimeCapabilities(update_pids=True, hybrid_cgroups_need_empty_v2=False)
+    capabilities = RuntimeCapabilities(
+        update_pids=True, hybrid_cgroups_need_empty_v2=False, trimmed_mount_view=True
+    )
 
 
 class CrunRuntime(OciCliRuntime):
     name = "crun"
-    capabilities = RuntimeCapabilities(update_pids=True, hybrid_cgroups_need_empty_v2=True)
+    capabilities = RuntimeCapabilities(
+        update_pids=True, hybrid_cgroups_need_empty_v2=True, trimmed_mount_view=True
+    )
 
 
 RUNSC_DEFAULT_OPTIONS = ("--platform=ptrace", "--overlay2=none", "--cpu-num-from-quota")
