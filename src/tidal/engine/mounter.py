@@ -37,7 +37,8 @@ whole mount table on every remove."""
 
 
 class Mounter(ABC):
-    """Executes mount plans; the only code that mounts, unmounts or formats for the engine."""
+    """Executes mount plans; the only code that mounts, unmounts or formats for the engine in
+    the host's namespace (the monitor's short-lived runtime view is :mod:`tidal.engine.mountview`)."""
 
     @abstractmethod
     def _mount(self, m: Mount) -> None: ...
