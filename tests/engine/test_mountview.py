@@ -182,3 +182,27 @@ def test_host_mounter_anchors_only_a_directory_with_nothing_mounted_below(tmp_pa
 
 def _table_mountpoints() -> list[str]:
     return [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+
+
+@pytest.mark.root
+def test_an_anchor_below_a_shared_mount_does_not_double_the_mounts_below_it(
+    tmp_path: Path,
+) -> None:
+    from tidal.engine.mounter import HostMounter
+
+    host, state = tmp_path / "host", tmp_path / "host" / "state"
+    (state / "containers" / "a").mkdir(parents=True)
+    sub = state / "containers" / "a"
+    # a shared parent, as a systemd host's root is
+    subprocess.run(["mount", "--bind", str(host), str(host)], check=True)
+    subprocess.run(["mount", "--make-shared", str(host)], check=True)
+    m = HostMounter()
+    try:
+        assert m.anchor(state)
+        subprocess.run(["mount", "-t", "tmpfs", "tidal-test", str(sub)], check=True)
+        assert _table_mountpoints().count(str(sub)) == 1, _table_mountpoints()
+    finally:
+        subprocess.run(["umount", "-l", str(sub)], check=False)
+        m.release_anchor(state)
+        subprocess.run(["umount", "-l", str(host)], check=False)
+    assert not [p for p in _table_mountpoints() if p.startswith(str(host))]

@@ -161,6 +161,9 @@ class HostMounter(Mounter):
         if status == "free":
             try:
                 _sys_mount(str(directory), str(directory), "", _MS_BIND, "")
+                # private: on a host whose root is shared (systemd's default) the bind would
+                # be a peer of it, and every mount below would appear twice in the table
+                _sys_mount("", str(directory), "", _MS_PRIVATE, "")
             except OSError as exc:
                 log.warning("cannot anchor %s (bind onto itself): %s", directory, exc.strerror)
                 return False
@@ -292,6 +295,7 @@ def _sys_umount(target: str, flags: int) -> None:
 
 
 _MS_BIND = 4096
+_MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 
 

@@ -10,7 +10,7 @@ last fifth of a 500-instance burst, and bare ``runc`` beside 700 extra mounts to
 against 41.
 
 The engine therefore keeps its state directory as a mount of its own, the *anchor* (a bind
-of the directory onto itself, made when nothing is mounted below it yet; the whole state
+of the directory onto itself, private, made when nothing is mounted below it yet; the whole state
 directory, not only ``containers/``, as files are renamed between its parts and rename(2)
 does not cross mounts), and the monitor runs the runtime's create in a namespace of its own
 (:func:`trimmed_view`): a copy of the host's, made a slave of it (nothing done there reaches
