@@ -269,10 +269,11 @@ class _DemoNode:
             for item in self.client.instances():
                 self.client.remove_instance(str(item["id"]), force=True)
         self.client.close()
-        lxcfs = self.daemon.engine.lxcfs
-        self.daemon.close()
         with contextlib.suppress(Exception):
-            lxcfs.stop()  # a daemon leaves lxcfs to its containers; the demo's node is gone
+            # a daemon leaves lxcfs to its containers; the demo's are gone, and with its mount
+            # stopped first the engine's close releases its anchor (tidal.engine.mountview)
+            self.daemon.engine.lxcfs.stop()
+        self.daemon.close()
         remove_bridge(DEMO_BRIDGE)
 
 
