@@ -25,6 +25,7 @@ from typing import Literal
 
 from tidal import proc
 from tidal.blockdev import ext4
+from tidal.engine import mountview
 from tidal.engine.state import EXT4_LOOP, OVERLAY, TIDAL_IMAGE, Mount
 from tidal.errors import EngineError, QuotaError, TidalError
 
@@ -172,7 +173,7 @@ class HostMounter(Mounter):
 
     def release_anchor(self, directory: Path) -> None:
         table = Path("/proc/self/mountinfo").read_text()
-        if anchor_status(table, str(directory)) != "anchored" or _below(table, str(directory)):
+        if anchor_status(table, str(directory)) != "anchored" or _below(directory):
             return
         try:
             _sys_umount(str(directory), 0)
@@ -184,10 +185,10 @@ class HostMounter(Mounter):
         # busy with a file still open through it (a daemon's log, a lock): with nothing
         # mounted below, the anchor is the very directory beneath it, so detaching it lazily
         # loses nothing; looked at again first, as a mount may have come meanwhile
-        if _below(Path("/proc/self/mountinfo").read_text(), str(directory)):
+        if _below(directory):
             return
         try:
-            _sys_umount(str(directory), _MNT_DETACH)
+            _sys_umount(str(directory), mountview.MNT_DETACH)
         except OSError as exc:
             log.warning("cannot release the anchor %s: %s", directory, exc.strerror)
 
@@ -198,9 +199,6 @@ class HostMounter(Mounter):
             error=QuotaError,
             install_hint="apt-get install e2fsprogs",
         )
-
-
-_libc: ctypes.CDLL | None = None
 
 
 def _mount_overlay(options: str, target: str) -> None:
@@ -272,31 +270,21 @@ def _mount_loop_ext4(source: str, target: str, options: tuple[str, ...]) -> None
     raise QuotaError(f"{what}: no free loop device after 16 tries")
 
 
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return _libc
-
-
 def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
-    if _c().mount(*args) != 0:
+    if mountview.libc().mount(*args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
 def _sys_umount(target: str, flags: int) -> None:
-    if _c().umount2(os.fsencode(target), flags) != 0:
+    if mountview.libc().umount2(os.fsencode(target), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
 _MS_BIND = 4096
 _MS_PRIVATE = 1 << 18
-_MNT_DETACH = 2
 
 
 @dataclass(frozen=True)
@@ -319,9 +307,9 @@ def _table(text: str) -> list[_TableEntry]:
     return out
 
 
-def _below(text: str, directory: str) -> bool:
-    prefix = directory.rstrip("/") + "/"
-    return any(e.mountpoint.startswith(prefix) for e in _table(text))
+def _below(directory: Path) -> bool:
+    """Whether anything is mounted below ``directory`` (not at it)."""
+    return any(p != str(directory) for p in ext4.mount_points_under(directory))
 
 
 def anchor_status(text: str, directory: str) -> Literal["anchored", "free", "busy"]:
@@ -346,7 +334,8 @@ def anchor_status(text: str, directory: str) -> Literal["anchored", "free", "bus
             beneath = os.path.normpath(os.path.join(under.root, rel))
             if under.dev == top.dev and os.path.normpath(top.root) == beneath:
                 return "anchored"
-    return "busy" if _below(text, directory) else "free"
+    prefix = directory.rstrip("/") + "/"
+    return "busy" if any(e.mountpoint.startswith(prefix) for e in entries) else "free"
 
 
 def sweep(mounter: Mounter, directory: Path) -> list[str]:

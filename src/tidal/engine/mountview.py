@@ -52,7 +52,9 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
 _libc: Any = None
 
 
-def _c() -> Any:
+def libc() -> Any:
+    """The C library with the argument types of the mount calls (the engine's one handle:
+    :mod:`tidal.engine.mounter` calls mount(2) through it too)."""
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
@@ -109,7 +111,7 @@ def trimmed_view(anchor: str, keep: Iterable[str]) -> Iterator[str | None]:
 
     def back() -> None:
         if os.stat("/proc/self/ns/mnt").st_ino != os.fstat(home).st_ino:
-            _check(_c().setns(home, CLONE_NEWNS), "setns back to the host's namespace")
+            _check(libc().setns(home, CLONE_NEWNS), "setns back to the host's namespace")
             os.fchdir(cwd)
 
     try:
@@ -129,7 +131,7 @@ def trimmed_view(anchor: str, keep: Iterable[str]) -> Iterator[str | None]:
 
 
 def _enter(anchor: str, keep: list[str]) -> None:
-    c = _c()
+    c = libc()
     _check(c.unshare(CLONE_NEWNS), "unshare")
     # a slave first: on a host whose mounts are shared, the detach would otherwise reach it
     _check(c.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "making the copy a slave")
