@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tidal.blockdev.layer_tar import TreeWriter, extract, normalize, scan_layer
-from tidal.errors import UnsafeArchiveError
+from tidal.blockdev.layer_tar import GRAVEYARD, TreeWriter, extract, normalize, scan_layer
+from tidal.errors import ArchiveFormatError, UnsafeArchiveError
 from tidal.testing.oci_builder import LayerTar
 
 
 def apply(root: Path, data: bytes) -> TreeWriter:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
         scan = scan_layer(tf)
-    writer = TreeWriter(root)
+    writer = TreeWriter(root, reserved=scan.top_level)
     try:
         writer.apply_whiteouts(scan)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
@@ -144,3 +144,53 @@ def test_owners_xattrs_and_device_nodes(tmp_path: Path) -> None:
     assert stat.S_ISCHR(nst.st_mode) and nst.st_rdev == os.makedev(1, 3)
     assert stat.S_IMODE(nst.st_mode) == 0o666
     assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode)
+
+
+def test_removed_entries_wait_in_a_graveyard_that_finish_deletes(tmp_path: Path) -> None:
+    """Removals are renames until the layer's end (so ext4 reuses no inode within a layer):
+    after it nothing of the graveyard is left, and a hard link keeps a whited-out file."""
+    (tmp_path / "a").write_text("shared")
+    os.link(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "f").write_text("f")
+    (tmp_path / "old").write_text("replaced by a directory")
+    t = LayerTar()
+    t.whiteout("a")
+    t.opaque("d")
+    t.add_raw("old/", kind=tarfile.DIRTYPE, mode=0o755)
+    t.add_raw("new", data=b"n")
+    writer = apply(tmp_path, t.bytes())
+    assert sorted(os.listdir(tmp_path)) == ["b", "d", "new", "old"]
+    assert os.listdir(tmp_path / "d") == [] and (tmp_path / "old").is_dir()
+    assert (tmp_path / "b").read_text() == "shared" and os.stat(tmp_path / "b").st_nlink == 1
+    assert writer.stats.removed == 2  # a, d/sub (the replaced "old" is not a deletion)
+
+
+def test_the_graveyard_takes_a_name_neither_the_root_nor_the_layer_has(tmp_path: Path) -> None:
+    (tmp_path / GRAVEYARD).mkdir()
+    (tmp_path / GRAVEYARD / "lower").write_text("l")
+    (tmp_path / "gone").write_text("g")
+    t = LayerTar()
+    t.whiteout("gone")
+    t.add_raw(f"{GRAVEYARD}-1/mine", data=b"m")
+    apply(tmp_path, t.bytes())
+    assert sorted(os.listdir(tmp_path)) == [GRAVEYARD, f"{GRAVEYARD}-1"]
+    assert os.listdir(tmp_path / GRAVEYARD) == ["lower"]
+    assert (tmp_path / f"{GRAVEYARD}-1" / "mine").read_text() == "m"
+
+
+def test_an_entry_in_the_graveyard_of_a_writer_not_told_the_layers_names(tmp_path: Path) -> None:
+    (tmp_path / "gone").write_text("g")
+    t = LayerTar()
+    t.whiteout("gone")
+    t.add_raw(f"{GRAVEYARD}/x", data=b"x")
+    data = t.bytes()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+        scan = scan_layer(tf)
+    with TreeWriter(tmp_path) as writer:
+        writer.apply_whiteouts(scan)
+        with (
+            tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf,
+            pytest.raises(ArchiveFormatError, match="keeps removed entries under"),
+        ):
+            extract(tf, writer)

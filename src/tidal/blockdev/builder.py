@@ -220,11 +220,13 @@ class _LayerBuilder:
         )
         try:
             if first:
-                _clear_root(self.mnt)
+                _time_root(self.mnt)
             if self.progress:
                 self.progress.step(f"{name}: writing files", total_bytes)
             with _one_cpu():
                 fill(self.mnt)
+            if first:
+                _remove_lost_and_found(self.mnt)
         except BaseException:
             mounts.unmount(self.mnt, force=True)
             raise
@@ -255,12 +257,19 @@ class _LayerBuilder:
         self.writer.write_manifest()
 
 
-def _clear_root(root: Path) -> None:
-    """The image's root is exactly its tree: no ``/lost+found`` (mkfs makes one; e2fsck
-    recreates it if it ever needs it), and the root's times are the build clock's until a
-    tar entry for ``/`` sets them."""
-    (root / LOST_AND_FOUND).rmdir()
+def _time_root(root: Path) -> None:
+    """The root's times are the build clock's until a tar entry for ``/`` sets them."""
     os.utime(root, ns=(BUILD_TIME_S * 10**9, BUILD_TIME_S * 10**9))
+
+
+def _remove_lost_and_found(root: Path) -> None:
+    """The image's root is exactly its tree: no ``/lost+found`` (mkfs makes one; e2fsck
+    recreates it if it ever needs it). Removed after the first layer's last create, so no
+    create can reuse its inode (the clock decided whether one did: see ``layer_tar``), and
+    the root keeps the times its tree gave it."""
+    st = os.stat(root)
+    (root / LOST_AND_FOUND).rmdir()
+    os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def convert_oci(
@@ -354,7 +363,9 @@ def _apply(
     progress: BuildProgress | None,
 ) -> None:
     on_bytes = progress.advance if progress else None
-    with TreeWriter(root, layer=_layer_name(layer, index), on_bytes=on_bytes) as writer:
+    with TreeWriter(
+        root, layer=_layer_name(layer, index), on_bytes=on_bytes, reserved=scan.top_level
+    ) as writer:
         writer.apply_whiteouts(scan)
         with layer.open_tar() as tf:
             extract(tf, writer)

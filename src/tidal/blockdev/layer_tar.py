@@ -5,6 +5,15 @@ layers; ``D/.wh..wh..opq`` hides every lower entry of ``D``. Both refer to the l
 only, so a layer is applied in two passes: :func:`scan_layer` collects the whiteouts, which
 are applied first, then :class:`TreeWriter` extracts the entries.
 
+Removals (whiteouts, an opaque directory's entries, an entry a later one replaces) are renames
+into a graveyard directory that :meth:`TreeWriter.finish` deletes after the layer's last
+create. Why: ext4 without a journal reuses a freed inode at once but skips one freed in an
+earlier second of the wall clock (``recently_deleted`` in the kernel's ``fs/ext4/ialloc.c``),
+so whether a create reused a removed entry's inode depended on whether the clock ticked
+between the two, and the same layer converted twice gave two digests. Freed after the last
+create, no inode is reused within the layer, and the builder zeroes freed inodes when it
+commits, so the next layer's creates see them as never used.
+
 Safety: every path is resolved one component at a time with ``O_NOFOLLOW`` directory file
 descriptors from the root, so no entry can be written through a symlink or outside the root;
 members with ``..`` components, hard links to outside the root, or a symlink as a parent
@@ -22,7 +31,7 @@ import shutil
 import stat
 import tarfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -37,6 +46,10 @@ _DIR_CACHE_SIZE = 256
 """Open directory fds kept between entries: tars list siblings together, so a small cache
 saves nearly every path walk."""
 _XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
+GRAVEYARD = ".tidal-removed"
+"""The root-level directory removed entries wait in until the layer's end (a suffix is added
+if the root or the layer has an entry of that name)."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def normalize(name: str, *, layer: str = "layer") -> str:
@@ -64,6 +77,8 @@ class LayerScan:
     file_bytes: int = 0
     """Exact sum of regular file sizes (for progress, and the content bound)."""
     largest_file_bytes: int = 0
+    top_level: frozenset[str] = frozenset()
+    """First path components of the layer's entries (the graveyard's name avoids them)."""
 
 
 def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> LayerScan:
@@ -74,8 +89,10 @@ def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> L
     content = 0
     exact = 0
     largest = 0
+    top: set[str] = set()
     for m in members:
         path = normalize(m.name, layer=layer)
+        top.add(path.partition("/")[0])
         if m.islnk():
             normalize(m.linkname, layer=layer)
         parent, _, base = path.rpartition("/")
@@ -89,7 +106,9 @@ def scan_layer(members: Iterable[tarfile.TarInfo], *, layer: str = "layer") -> L
                 content += -(-m.size // 4096) * 4096
                 exact += m.size
                 largest = max(largest, m.size)
-    return LayerScan(tuple(whiteouts), tuple(opaque), entries, content, exact, largest)
+    return LayerScan(
+        tuple(whiteouts), tuple(opaque), entries, content, exact, largest, frozenset(top)
+    )
 
 
 @dataclass
@@ -113,10 +132,17 @@ class TreeWriter:
         *,
         layer: str = "layer",
         on_bytes: Callable[[int], None] | None = None,
+        reserved: Collection[str] = (),
     ) -> None:
+        """``reserved``: root-level names the layer will create (:attr:`LayerScan.top_level`),
+        which the graveyard must not take."""
         self.root = root
         self.layer = layer
         self._on_bytes = on_bytes
+        self._reserved = reserved
+        self._grave: tuple[str, int] | None = None
+        """(name, fd) of the graveyard once a removal made it (see the module's docstring)."""
+        self._buried = 0
         self.stats = ApplyStats()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs: OrderedDict[str, int] = OrderedDict()
@@ -134,6 +160,9 @@ class TreeWriter:
 
     def close(self) -> None:
         self._forget_all()
+        if self._grave is not None:
+            os.close(self._grave[1])
+            self._grave = None
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
@@ -165,7 +194,7 @@ class TreeWriter:
             self._dirs.move_to_end(key)
             return fd
         parent = self._dir_fd(parts[:-1], path, create=create)
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = _DIR_FLAGS
         try:
             try:
                 fd = os.open(parts[-1], flags, dir_fd=parent)
@@ -209,13 +238,34 @@ class TreeWriter:
             return None
 
     def _remove_entry(self, fd: int, name: str, st: os.stat_result, path: str) -> None:
+        """Move ``path`` into the graveyard (a rename frees nothing: see the module's
+        docstring); :meth:`finish` deletes it."""
         self._note_dir(path.rpartition("/")[0], fd)
         if stat.S_ISDIR(st.st_mode):
             self._forget(path)
-            shutil.rmtree(name, dir_fd=fd)
-        else:
-            os.unlink(name, dir_fd=fd)
+        os.rename(name, str(self._buried), src_dir_fd=fd, dst_dir_fd=self._graveyard())
+        self._buried += 1
         self.stats.removed += 1
+
+    def _graveyard(self) -> int:
+        if self._grave is None:
+            taken = set(os.listdir(self._root_fd)) | set(self._reserved)
+            name, n = GRAVEYARD, 0
+            while name in taken:
+                n += 1
+                name = f"{GRAVEYARD}-{n}"
+            self._note_dir("", self._root_fd)
+            os.mkdir(name, 0o700, dir_fd=self._root_fd)
+            self._grave = (name, os.open(name, _DIR_FLAGS, dir_fd=self._root_fd))
+        return self._grave[1]
+
+    def _bury_graveyard(self) -> None:
+        """Delete the removed entries: after the layer's last create, so none is reused."""
+        if self._grave is not None:
+            name, fd = self._grave
+            os.close(fd)
+            self._grave = None
+            shutil.rmtree(name, dir_fd=self._root_fd)
 
     # --- whiteouts --------------------------------------------------------------------------
 
@@ -237,11 +287,7 @@ class TreeWriter:
         else:
             try:
                 with self._parent(path, create=False) as (pfd, name):
-                    fd = os.open(
-                        name,
-                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=pfd,
-                    )
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
             except (FileNotFoundError, NotADirectoryError, UnsafeArchiveError):
                 return  # absent, or below a non-directory: no lower entries to hide
             except OSError as exc:
@@ -252,6 +298,8 @@ class TreeWriter:
             for entry in os.listdir(fd):
                 if path == "" and entry == "lost+found":
                     continue  # belongs to the filesystem, not to any layer
+                if path == "" and self._grave is not None and entry == self._grave[0]:
+                    continue
                 st = self._lstat(fd, entry)
                 if st is not None:
                     self._remove_entry(fd, entry, st, f"{path}/{entry}".lstrip("/"))
@@ -268,6 +316,12 @@ class TreeWriter:
             self._set_meta_fd(self._root_fd, member)
             self._dir_times[""] = int(member.mtime * 1e9)
             return
+        if self._grave is not None and path.partition("/")[0] == self._grave[0]:
+            raise ArchiveFormatError(
+                f"{self.layer}: entry {member.name!r} lies in {self._grave[0]!r}, the name the "
+                "converter keeps removed entries under; pass the layer's top-level names as "
+                "reserved="
+            )
         with self._parent(path, create=True) as (fd, name):
             self._note_dir(path.rpartition("/")[0], fd)
             existing = self._lstat(fd, name)
@@ -279,9 +333,7 @@ class TreeWriter:
             if member.isdir():
                 if existing is None or not stat.S_ISDIR(existing.st_mode):
                     os.mkdir(name, 0o700, dir_fd=fd)
-                dfd = os.open(
-                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
+                dfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 try:
                     self._set_meta_fd(dfd, member)
                 finally:
@@ -385,8 +437,10 @@ class TreeWriter:
                         self.stats.skipped.append(f"{member.name} xattr {attr}: {exc.strerror}")
 
     def finish(self) -> None:
-        """Directory mtimes last: creating their children changed them. A directory the tar
-        does not time gets back the time it had before the layer (see ``_prior_times``)."""
+        """The graveyard goes, then directory mtimes last: creating their children changed
+        them. A directory the tar does not time gets back the time it had before the layer
+        (see ``_prior_times``)."""
+        self._bury_graveyard()
         times = {**self._prior_times, **self._dir_times}
         for path, ns in sorted(times.items(), key=lambda kv: -kv[0].count("/")):
             if not path:
