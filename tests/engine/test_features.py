@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tidal.engine.containers import Engine
+from tidal.engine.network import host_link
 from tidal.engine.spec import (
     ContainerSpec,
     HookSpec,
@@ -313,6 +314,15 @@ def test_bridge_network_ports_and_conflicts(
     client = engine.wait(client.id, 20)
     assert client.ip != web.ip
     assert logs_of(engine, client.id) == "hello from tidal\n"
+    # IPv4 only: no IPv6 link-local on either end (its multicast is flooded to every port)
+    v6 = engine.run(
+        ContainerSpec(
+            image=str(busybox_rootfs), command=("cat", "/proc/net/if_inet6"), network="bridge"
+        )
+    )
+    v6 = engine.wait(v6.id, 20)
+    assert {line.split()[-1] for line in logs_of(engine, v6.id).splitlines()} == {"lo"}
+    assert host_link(web.id) not in Path("/proc/net/if_inet6").read_text()
     with pytest.raises(ConfigError, match="already published by container web"):
         engine.run(
             ContainerSpec(

@@ -82,6 +82,25 @@ def test_store_survives_reopen(tmp_path: Path) -> None:
     s2.close()
 
 
+def test_names_by_status_come_from_an_index_that_an_older_database_gets(tmp_path: Path) -> None:
+    """Creates ask which containers run several times each; the rows hold whole specs."""
+    old = sqlite3.connect(tmp_path / "s.db")
+    s = Store(tmp_path / "s.db")
+    s.insert(rec("a" * 64, "one"))
+    s.insert(rec("b" * 64, "two"))
+    s.set_fields("b" * 64, status="running")
+    s.close()
+    old.execute("DROP INDEX containers_by_status")  # as a database made before the index
+    old.close()
+    s = Store(tmp_path / "s.db")
+    assert s.names_in("running") == {"two"} and s.names_in("created") == {"one"}
+    plan = s._db.execute(
+        "EXPLAIN QUERY PLAN SELECT name FROM containers WHERE status = ?", ("running",)
+    ).fetchall()
+    assert any("COVERING INDEX containers_by_status" in str(row[-1]) for row in plan)
+    s.close()
+
+
 def test_ip_allocation_unique_under_threads(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     try:

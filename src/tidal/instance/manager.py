@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -89,14 +90,18 @@ def node_capacity(settings: InstanceSettings) -> Capacity:
     """The node's CPUs and memory, or what ``[instance]`` configures."""
     cpus = settings.capacity_cpus or float(os.cpu_count() or 1)
     mem = settings.capacity_memory_bytes
-    if mem is None:
-        mem = 0
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    mem = int(line.split()[1]) * 1024
-                    break
-    return Capacity(cpus, mem)
+    return Capacity(cpus, _mem_total_bytes() if mem is None else mem)
+
+
+@functools.cache
+def _mem_total_bytes() -> int:
+    """``MemTotal`` of ``/proc/meminfo``, read once: it is fixed while the host runs, and
+    capacity is asked several times per create."""
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class PhaseClock:
@@ -218,17 +223,17 @@ class InstanceManager:
             clash = [c for c in clash if c in taken]
             if clash:
                 raise ConfigError(f"containers named {clash} already exist; pick another --name")
+            held, fresh = self.reserved(records, recorded=True), False
             try:  # the records' word first; refreshed only when that leaves no room
-                choice = choose(
-                    candidates, spec.limits, self.capacity(), self.reserved(records, recorded=True)
-                )
+                choice = choose(candidates, spec.limits, self.capacity(), held)
             except NoCapacityError:
-                choice = choose(candidates, spec.limits, self.capacity(), self.reserved(records))
+                held, fresh = self.reserved(records), True
+                choice = choose(candidates, spec.limits, self.capacity(), held)
             key = PoolKey(runtime, choice.limits)
             if self._poolable(spec):
                 member = self.pools.take(key)
                 if member is None:
-                    self._make_room(choice.limits)
+                    self._make_room(choice.limits, records, held, fresh=fresh)
             rec = self.store.put(
                 InstanceRecord(
                     id=iid,
@@ -290,13 +295,15 @@ class InstanceManager:
         instances make their own sandbox (see :mod:`tidal.instance.pool`)."""
         return self.pools.enabled and not spec.ports
 
-    def _make_room(self, limits: Any) -> None:
+    def _make_room(
+        self, limits: Any, records: list[InstanceRecord], held: Capacity, *, fresh: bool
+    ) -> None:
         """Evict idle warm sandboxes until live instances, this one and the pools fit the
-        node (the pools never overbook it; a create comes before a warm sandbox)."""
+        node (the pools never overbook it; a create comes before a warm sandbox). ``held``:
+        what the caller found the instances (``records``) hold, ``fresh`` if refreshed."""
         need = Capacity.of(limits)
-        held = self.reserved(recorded=True)  # one query; refreshed only when short
-        if shortfall(need, self.capacity().minus(held).minus(self.pools.pooled())):
-            held = self.reserved()
+        if not fresh and shortfall(need, self.capacity().minus(held).minus(self.pools.pooled())):
+            held = self.reserved(records)
         while True:
             free = self.capacity().minus(held).minus(self.pools.pooled())
             if not shortfall(need, free):
