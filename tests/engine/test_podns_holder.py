@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from tidal import proc
-from tidal.engine.podns import HostPodNamespaces, NamespaceHolder
+from tidal.engine.podns import (
+    CLONE_NEWNET,
+    HostPodNamespaces,
+    NamespaceHolder,
+    call_in_namespace,
+    set_uts_hostname,
+)
 from tidal.errors import EngineError
 
 pytestmark = pytest.mark.root
@@ -86,8 +93,11 @@ def test_files_are_mounted_in_the_holder_not_on_the_host(
     assert not [m for m, t in _mounts("self") if t == "nsfs" and "/pods/" in m]
     # the namespaces are real and named; a reused sandbox renames and renews them
     assert _hostname(paths.uts) == "pod-a"
-    pns.set_hostname(nsdir, "pod-b")
-    assert _hostname(paths.uts) == "pod-b"
+    here = socket.gethostname()
+    pns.set_hostname(nsdir, "pod-b")  # from a thread that joins the pod's UTS namespace
+    assert _hostname(paths.uts) == "pod-b" and socket.gethostname() == here
+    with pytest.raises(EngineError, match=r"UTS namespace .*missing: No such file"):
+        set_uts_hostname(tmp_path / "missing", "x")
     ipc_before = paths.ipc.stat().st_ino
     pns.renew_ipc(nsdir)
     assert paths.ipc.stat().st_ino != ipc_before
@@ -113,6 +123,19 @@ def test_a_sandbox_netns_is_made_in_the_same_step(holder: NamespaceHolder, tmp_p
         ["nsenter", f"--net={net}", "ip", "-o", "link"], what="listing the new netns's links"
     ).stdout
     assert [ln.split(":")[1].strip() for ln in links.splitlines()] == ["lo"], links
+    # a process started from a thread that joined it is born there; this thread stays home
+    inside = call_in_namespace(
+        net,
+        CLONE_NEWNET,
+        lambda: proc.run(["readlink", "/proc/self/ns/net"], what="netns of a child").stdout,
+        "test",
+    )
+    assert inside.strip() == f"net:[{net.stat().st_ino}]"
+    assert os.stat("/proc/thread-self/ns/net").st_ino != net.stat().st_ino
+    with pytest.raises(ZeroDivisionError):
+        call_in_namespace(net, CLONE_NEWNET, lambda: 1 // 0, "test")
+    with pytest.raises(EngineError, match=r"test: joining .*missing"):
+        call_in_namespace(tmp_path / "missing", CLONE_NEWNET, lambda: None, "test")
     pns.destroy(nsdir)
     holder.unbind(pid, "/netns/tidal-test")  # the network's destroy_netns does this
     assert len(_mounts(pid)) == 3

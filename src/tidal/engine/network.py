@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tidal import proc
-from tidal.engine.podns import NamespaceHolder, is_mounted
+from tidal.engine.podns import CLONE_NEWNET, NamespaceHolder, call_in_namespace, is_mounted
 from tidal.errors import ConfigError, EngineError
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,14 @@ def host_link(cid: str) -> str:
 
 
 def _ip(args: list[str], what: str, *, batch: str | None = None, netns: str | None = None) -> str:
-    argv = [*(in_netns(netns) if netns else []), "ip", *args]
-    done = proc.run(argv, what=what, error=EngineError, timeout_s=30, input=batch)
-    return str(done.stdout)
+    """``ip ARGS``; with ``netns``, started from a thread in that namespace (one ``nsenter``
+    fewer per pod)."""
+
+    def run() -> str:
+        done = proc.run(["ip", *args], what=what, error=EngineError, timeout_s=30, input=batch)
+        return str(done.stdout)
+
+    return run() if netns is None else call_in_namespace(netns, CLONE_NEWNET, run, what)
 
 
 def _link_exists(name: str) -> bool:

@@ -37,18 +37,22 @@ an older Tidal in the sandbox's directory are still found, joined and removed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tidal import proc
+from tidal.engine import mountview
 from tidal.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -321,6 +325,54 @@ def pod_key(directory: Path) -> str:
     return hashlib.sha256(str(directory).encode()).hexdigest()[:32]
 
 
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWNET = 0x40000000
+_T = TypeVar("_T")
+
+
+def call_in_namespace(path: str | Path, nstype: int, fn: Callable[[], _T], what: str) -> _T:
+    """``fn()`` in a thread of this process that joins the namespace at ``path`` and then
+    ends: UTS and network namespaces are per thread (and a child a thread starts is born in
+    that thread's), so nothing else of the daemon moves, and no ``nsenter`` is started. Its
+    exception is raised here; failing to join is an :class:`EngineError` naming ``what``."""
+    result: list[_T] = []
+    failed: list[BaseException] = []
+
+    def joined() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if mountview.libc().setns(fd, nstype) < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            failed.append(EngineError(f"{what}: joining {path}: {exc.strerror or exc}"))
+            return
+        try:
+            result.append(fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=joined, name="in-namespace")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
+def set_uts_hostname(uts: Path, hostname: str) -> None:
+    """Set the hostname of the UTS namespace at ``uts`` (a warm sandbox's hand-out, on the
+    create's path, starts no ``nsenter``/``hostname`` pair)."""
+    what = f"setting hostname {hostname!r} in the pod's UTS namespace {uts}"
+    try:
+        call_in_namespace(uts, CLONE_NEWUTS, lambda: socket.sethostname(hostname), what)
+    except OSError as exc:
+        raise EngineError(f"{what}: {exc.strerror or exc}") from None
+
+
 class HostPodNamespaces(PodNamespaces):
     """``nsenter -t HOLDER -m unshare --ipc=FILE --uts=FILE hostname NAME``: the namespaces
     are made, bound on the files in the holder's mount namespace and named in one short-lived
@@ -405,14 +457,7 @@ class HostPodNamespaces(PodNamespaces):
             f.unlink(missing_ok=True)
 
     def set_hostname(self, directory: Path, hostname: str) -> None:
-        uts = self.paths(directory).uts
-        proc.run(
-            ["nsenter", f"--uts={uts}", "hostname", hostname],
-            what=f"setting hostname {hostname!r} in the pod's UTS namespace {uts}",
-            error=EngineError,
-            timeout_s=30,
-            install_hint="apt-get install util-linux hostname",
-        )
+        set_uts_hostname(self.paths(directory).uts, hostname)
 
     def renew_ipc(self, directory: Path) -> None:
         if self._legacy(directory):
