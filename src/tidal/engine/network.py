@@ -6,11 +6,11 @@ as gateway. Each container gets a named network namespace (``tidal-<id12>``) tha
 container joins it by path in config.json). It is bind-mounted like ``ip netns add`` does, but
 in the pod namespace holder's mount namespace (``/proc/<holder>/root/netns/tidal-<id12>``,
 :class:`tidal.engine.podns.NamespaceHolder`), not in the host's mount table, which every
-runtime start reads in full; ``ip`` and ``tc`` reach it by ``nsenter --net=PATH`` and the veth
-is made straight into it (``peer ... netns PATH``). A namespace an older Tidal made with
-``ip netns add`` (``/var/run/netns``) is still found, joined and deleted. Addresses come from
-the state database (:meth:`Store.allocate_ip`), so two containers never share one even across
-daemon restarts.
+runtime start reads in full; ``ip`` is started in it from a thread that joined it, ``tc`` by
+``nsenter --net=PATH``, and the veth is made straight into it (``peer ... netns PATH``). A
+namespace an older Tidal made with ``ip netns add`` (``/var/run/netns``) is still found,
+joined and deleted. Addresses come from the state database (:meth:`Store.allocate_ip`), so
+two containers never share one even across daemon restarts.
 Published ports are forwarded in user space by the container's monitor, which binds the host
 port itself: a port already in use fails the start with a clear error.
 
@@ -92,7 +92,7 @@ def netns_exists(cid: str) -> bool:
 
 def in_netns(path: str) -> list[str]:
     """The argv prefix that runs a tool in the network namespace at ``path`` (the host's
-    mount namespace, so ``ip`` and ``tc`` need no ``-n`` and its ``/sys`` remount)."""
+    mount namespace, so ``tc`` needs no ``-n`` and its ``/sys`` remount)."""
     return ["nsenter", f"--net={path}"]
 
 
