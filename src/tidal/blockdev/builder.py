@@ -17,7 +17,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -205,7 +205,10 @@ class _LayerBuilder:
         total_bytes: int | None = None,
         source_digest: str | None = None,
         source_diff_id: str | None = None,
+        top_level: Collection[str] = (),
     ) -> None:
+        """``top_level``: the root-level names ``fill`` may create (for the first layer, mkfs's
+        ``/lost+found`` waits under a name none of them has)."""
         first = not self.writer.records
         if self.progress:
             self.progress.step(f"{name}: mounting writable layer")
@@ -219,14 +222,15 @@ class _LayerBuilder:
             owner_pid=os.getpid(),
         )
         try:
+            aside = _set_aside_lost_and_found(self.mnt, top_level) if first else None
             if first:
                 _time_root(self.mnt)
             if self.progress:
                 self.progress.step(f"{name}: writing files", total_bytes)
             with _one_cpu():
                 fill(self.mnt)
-            if first:
-                _remove_lost_and_found(self.mnt)
+            if aside is not None:
+                _remove_set_aside(self.mnt, aside)
         except BaseException:
             mounts.unmount(self.mnt, force=True)
             raise
@@ -262,13 +266,26 @@ def _time_root(root: Path) -> None:
     os.utime(root, ns=(BUILD_TIME_S * 10**9, BUILD_TIME_S * 10**9))
 
 
-def _remove_lost_and_found(root: Path) -> None:
+def _set_aside_lost_and_found(root: Path, top_level: Collection[str]) -> str:
     """The image's root is exactly its tree: no ``/lost+found`` (mkfs makes one; e2fsck
-    recreates it if it ever needs it). Removed after the first layer's last create, so no
-    create can reuse its inode (the clock decided whether one did: see ``layer_tar``), and
-    the root keeps the times its tree gave it."""
+    recreates it if it ever needs it), but a tree's own ``/lost+found`` is kept. mkfs's is
+    renamed out of the tree's way (a name neither the root nor ``top_level`` has) and
+    removed after the first layer's last create (:func:`_remove_set_aside`): removed before,
+    the clock decided whether a create reused its inode (see ``layer_tar``)."""
+    taken = set(os.listdir(root)) | set(top_level)
+    name, n = f".tidal-mkfs-{LOST_AND_FOUND}", 0
+    while name in taken:
+        n += 1
+        name = f".tidal-mkfs-{LOST_AND_FOUND}-{n}"
+    os.rename(root / LOST_AND_FOUND, root / name)
+    return name
+
+
+def _remove_set_aside(root: Path, name: str) -> None:
+    """Remove mkfs's ``/lost+found``; the root keeps the times its tree gave it."""
     st = os.stat(root)
-    (root / LOST_AND_FOUND).rmdir()
+    with contextlib.suppress(FileNotFoundError):  # an opaque root cleared it already
+        (root / name).rmdir()
     os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
@@ -335,6 +352,7 @@ def convert_source_image(
                 total_bytes=scan.file_bytes,
                 source_digest=layer.digest,
                 source_diff_id=layer.diff_id,
+                top_level=scan.top_level,
             )
         manifest = builder.writer.write_manifest(
             config=dict(source.config.get("config") or {}),
@@ -429,7 +447,7 @@ def build_from_dir(
 
     with _staging(Path(out_image)) as work:
         builder = _LayerBuilder(work, size, fmt, codec, settings, progress)
-        builder.layer(f"{src}", copy)
+        builder.layer(f"{src}", copy, top_level=os.listdir(src))
         manifest = builder.writer.write_manifest(
             config=dict(config or {}),
             annotations={"io.tidal.source": str(src.resolve()), EXACT_ROOT_ANNOTATION: "true"},
