@@ -26,7 +26,7 @@ from tidal import proc
 from tidal.blockdev import mounts
 from tidal.blockdev.ext4 import READWRITE_OPTIONS, Ext4Format
 from tidal.blockdev.ext4_pins import BUILD_TIME_S, pin_layer
-from tidal.blockdev.layer_tar import LayerScan, TreeWriter, extract, scan_layer
+from tidal.blockdev.layer_tar import LayerScan, TreeWriter, extract, free_name, scan_layer
 from tidal.blockdev.oci_archive import SourceImage, SourceLayer, open_source_image
 from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.errors import BuildError, ImageNotFoundError, NotFoundError, TidalError
@@ -272,11 +272,7 @@ def _set_aside_lost_and_found(root: Path, top_level: Collection[str]) -> str:
     renamed out of the tree's way (a name neither the root nor ``top_level`` has) and
     removed after the first layer's last create (:func:`_remove_set_aside`): removed before,
     the clock decided whether a create reused its inode (see ``layer_tar``)."""
-    taken = set(os.listdir(root)) | set(top_level)
-    name, n = f".tidal-mkfs-{LOST_AND_FOUND}", 0
-    while name in taken:
-        n += 1
-        name = f".tidal-mkfs-{LOST_AND_FOUND}-{n}"
+    name = free_name(f".tidal-mkfs-{LOST_AND_FOUND}", set(os.listdir(root)) | set(top_level))
     os.rename(root / LOST_AND_FOUND, root / name)
     return name
 

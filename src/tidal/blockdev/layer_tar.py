@@ -52,6 +52,16 @@ if the root or the layer has an entry of that name)."""
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def free_name(base: str, taken: Collection[str]) -> str:
+    """``base``, or ``base-1``, ``base-2``, ... : the first that is not in ``taken`` (a
+    root-level name the converter uses for a while must not be one a tree has)."""
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
 def normalize(name: str, *, layer: str = "layer") -> str:
     """A member name relative to the root (``""`` is the root); ``..`` is refused."""
     parts = [p for p in name.split("/") if p not in ("", ".")]
@@ -249,11 +259,7 @@ class TreeWriter:
 
     def _graveyard(self) -> int:
         if self._grave is None:
-            taken = set(os.listdir(self._root_fd)) | set(self._reserved)
-            name, n = GRAVEYARD, 0
-            while name in taken:
-                n += 1
-                name = f"{GRAVEYARD}-{n}"
+            name = free_name(GRAVEYARD, set(os.listdir(self._root_fd)) | set(self._reserved))
             self._note_dir("", self._root_fd)
             os.mkdir(name, 0o700, dir_fd=self._root_fd)
             self._grave = (name, os.open(name, _DIR_FLAGS, dir_fd=self._root_fd))
