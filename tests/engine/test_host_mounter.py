@@ -73,9 +73,8 @@ def _loops_left(path: Path, timeout_s: float = 5.0) -> list[str]:
     return _loops_of(path)
 
 
-@pytest.mark.root
-@pytest.mark.loop
-def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_path: Path) -> None:
+def _mounted_volume(tmp_path: Path) -> tuple[Path, Path, QuotaVolume, HostMounter]:
+    """A 16 MiB ext4 quota volume, loop-mounted by a HostMounter (skips without root)."""
     if os.geteuid() != 0:
         pytest.skip("mounting needs root")
     image, target = tmp_path / "disk.img", tmp_path / "disk"
@@ -85,6 +84,13 @@ def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_pat
     vol = QuotaVolume(str(image), str(target), 16 << 20, 1024)
     mounter = HostMounter()
     mounter.apply([vol.mount])
+    return image, target, vol, mounter
+
+
+@pytest.mark.root
+@pytest.mark.loop
+def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_path: Path) -> None:
+    image, target, vol, mounter = _mounted_volume(tmp_path)
     try:
         assert mounter.mounted(str(target))
         (loop,) = _loops_of(image)
@@ -96,6 +102,33 @@ def test_a_quota_volume_loop_mounts_and_its_device_goes_with_the_unmount(tmp_pat
     finally:
         mounter.release([vol.mount])
     assert not mounter.mounted(str(target))
+    assert _loops_left(image) == []
+
+
+@pytest.mark.root
+@pytest.mark.loop
+def test_a_busy_volume_is_detached_and_its_device_goes_with_the_last_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unmount is umount2(2), no ``umount`` process (which reads the whole mount table
+    first); a volume still in use is detached lazily, and its loop device is freed when the
+    last open file on it closes."""
+    image, target, vol, mounter = _mounted_volume(tmp_path)
+    held = open(target / "open-file", "w")  # noqa: SIM115 - kept open across the unmount
+    try:
+        started: list[object] = []
+        monkeypatch.setattr(proc, "run", lambda argv, **kw: started.append(argv))
+        mounter.release([vol.mount])
+        monkeypatch.undo()
+        assert started == []
+        assert not mounter.mounted(str(target))
+        assert len(_loops_of(image)) == 1  # the open file still holds the device
+        held.write("still writable\n")
+    finally:
+        held.close()
+        monkeypatch.undo()
+        if mounter.mounted(str(target)):  # a failed release leaves nothing behind
+            proc.run(["umount", "-l", str(target)], what="cleaning up", check=False)
     assert _loops_left(image) == []
 
 

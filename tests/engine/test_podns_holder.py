@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from tidal.engine.podns import (
     HostPodNamespaces,
     NamespaceHolder,
     call_in_namespace,
+    is_mounted,
     set_uts_hostname,
 )
 from tidal.errors import EngineError
@@ -175,3 +177,41 @@ def test_a_holder_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
     (run / "podns-root").write_text("not a directory\n")  # where its tmpfs would go
     with pytest.raises(EngineError, match="pod namespace holder"):
         NamespaceHolder(run).pid()
+
+
+def test_namespaces_are_made_and_unmounted_by_a_thread_not_a_process(
+    holder: NamespaceHolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod's namespaces are made, named, renewed and unmounted from a short-lived thread in
+    the holder's mount namespace: no process is started (it was ``nsenter`` + ``unshare`` +
+    ``hostname`` per create and an ``nsenter`` + ``umount`` per file at removal), and the
+    calling thread's own namespaces, root and working directory stay as they were."""
+    pns = HostPodNamespaces(holder)
+    pid = holder.pid()  # the holder itself is a process, started before counting
+    started: list[object] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: object, **kwargs: object) -> object:
+        started.append(args[0] if args else kwargs.get("args"))
+        return real_popen(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    mine = {k: os.readlink(f"/proc/thread-self/ns/{k}") for k in ("mnt", "net", "ipc", "uts")}
+    cwd, root = os.getcwd(), os.stat("/proc/thread-self/root").st_ino
+    nsdir = tmp_path / "c4" / "ns"
+    paths = pns.create(nsdir, "pod-t", netns="/netns/tidal-thread")
+    net = holder.outer(pid, "/netns/tidal-thread")
+    made = {f.stat().st_ino for f in (paths.ipc, paths.uts, net)}
+    assert len(made) == 3 and not made & {os.stat(f"/proc/self/ns/{k}").st_ino for k in mine}
+    pns.renew_ipc(nsdir)
+    pns.destroy(nsdir)
+    holder.unbind(pid, "/netns/tidal-thread")
+    assert started == []
+    assert len(_mounts(pid)) == 3 and not is_mounted(net)
+    assert {k: os.readlink(f"/proc/thread-self/ns/{k}") for k in mine} == mine
+    assert (os.getcwd(), os.stat("/proc/thread-self/root").st_ino) == (cwd, root)
+    monkeypatch.undo()
+    # a failure names the step and leaves nothing mounted
+    with pytest.raises(EngineError, match=r"^making it: .*Invalid argument"):
+        holder.unshare(pid, {"uts": "/pods/bad/uts"}, "x" * 100, what="making it")
+    assert len(_mounts(pid)) == 3

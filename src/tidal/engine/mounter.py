@@ -3,15 +3,15 @@
 As containerd's snapshotters return ``[]mount.Mount`` and one place mounts them, Tidal's
 rootfs and volume code (:mod:`tidal.engine.rootfs`, :mod:`tidal.engine.volume`) only computes
 :class:`Mount` values; a :class:`Mounter` carries them out. :class:`HostMounter` is the real
-one (overlays and loop-mounted quota volumes by mount(2), ``umount``/``mkfs.ext4`` through :func:`tidal.proc.run`, Tidal block images
-through the node service when it runs, else :mod:`tidal.blockdev.mounts`); :class:`tidal.testing.engine.FakeMounter` records the
+one (overlays and loop-mounted quota volumes by mount(2) and umount2(2), ``mkfs.ext4``
+through :func:`tidal.proc.run`, Tidal block images through the node service when it runs,
+else :mod:`tidal.blockdev.mounts`); :class:`tidal.testing.engine.FakeMounter` records the
 same plans under a temp directory so that the engine's lifecycle is testable without root.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -137,13 +137,22 @@ class HostMounter(Mounter):
             return
         if not ext4.is_mountpoint(target):
             return
-        done = proc.run(["umount", target], what=f"unmounting {target}", check=False)
-        if done.returncode != 0 and ext4.is_mountpoint(target):
-            proc.run(
-                ["umount", "-l", target],
-                what=f"unmounting {target} lazily (busy: {done.stderr.strip()})",
-                error=QuotaError,
-            )
+        # umount2(2), not umount(8) (see mountview.sys_umount); an autoclear loop device
+        # (mount() here, or mount -o loop) lets go of its file when its mount goes
+        try:
+            _sys_umount(str(target), 0)
+            return
+        except OSError as exc:
+            if not ext4.is_mountpoint(target):
+                return
+            why = exc.strerror
+        try:
+            _sys_umount(str(target), mountview.MNT_DETACH)
+        except OSError as exc:
+            if ext4.is_mountpoint(target):
+                raise QuotaError(
+                    f"unmounting {target} lazily (busy: {why}): {exc.strerror}"
+                ) from None
 
     def mounted(self, target: str) -> bool:
         return ext4.is_mountpoint(Path(target))
@@ -270,17 +279,8 @@ def _mount_loop_ext4(source: str, target: str, options: tuple[str, ...]) -> None
     raise QuotaError(f"{what}: no free loop device after 16 tries")
 
 
-def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
-    if mountview.libc().mount(*args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _sys_umount(target: str, flags: int) -> None:
-    if mountview.libc().umount2(os.fsencode(target), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+_sys_mount = mountview.sys_mount
+_sys_umount = mountview.sys_umount
 
 
 _MS_BIND = 4096

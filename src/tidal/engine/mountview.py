@@ -67,6 +67,26 @@ def libc() -> Any:
     return _libc
 
 
+MS_BIND = 4096
+
+
+def sys_mount(source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
+    """mount(2); OSError with the errno on failure."""
+    args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
+    if libc().mount(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def sys_umount(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2): what umount(8) does for the engine's mounts without reading the whole mount
+    table first (libmount parses ``/proc/self/mountinfo``, which grows with every live
+    container: in a teardown of 500 instances ``umount`` processes took a fifth of the CPU)."""
+    if libc().umount2(os.fsencode(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _check(rc: int, what: str) -> int:
     if rc < 0:
         err = ctypes.get_errno()

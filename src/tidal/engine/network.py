@@ -184,7 +184,7 @@ def _make_holder_netns(ns: str) -> None:
     _holder.unshare(
         _holder.pid(),
         {"net": f"{HOLDER_NETNS}/{ns}"},
-        ("true",),
+        None,
         what=f"creating network namespace {ns}",
     )
 

@@ -13,9 +13,9 @@ containers that join it carry none).
 Runtimes whose pods share one sandbox kernel (runsc: ``RuntimeCapabilities.pod_sandbox``)
 need none of this; their members are put into the sandbox by annotations.
 
-One adapter, :class:`PodNamespaces`: :class:`HostPodNamespaces` runs util-linux ``unshare``
-and ``umount`` through :func:`tidal.proc.run`; :class:`tidal.testing.engine.FakePodNamespaces`
-keeps plain files.
+One adapter, :class:`PodNamespaces`: :class:`HostPodNamespaces` makes, binds and unmounts
+them from a short-lived thread of the daemon in the holder's mount namespace (below);
+:class:`tidal.testing.engine.FakePodNamespaces` keeps plain files.
 
 **Where the files are mounted.** Not in the host's mount table: every mount there is read,
 in full, by each ``runc create`` (and its ``runc init``, and ``mkfs``) through
@@ -86,8 +86,8 @@ rmdir /old
 exec sleep infinity 2>&1
 """
 """Run by ``setsid --fork unshare --mount --propagation private sh -c``: a tmpfs root with
-nothing of the host's mounts but ``/usr`` (read-only, for ``unshare``, ``hostname`` and
-``umount`` entered with ``nsenter``) and a proc of its own, then ``sleep`` for ever. Its
+nothing of the host's mounts but ``/usr`` (read-only, for its ``sleep``) and a proc of its
+own (``/proc/thread-self`` for the binds made in it), then ``sleep`` for ever. Its
 pid file is written before ``pivot_root`` (the host's ``/run`` is gone after it); its
 standard streams are ``/dev/null`` (``setsid --fork`` returns at once, and a pipe held open
 would keep :func:`tidal.proc.run` waiting), errors go to ``podns.pid.err``."""
@@ -269,72 +269,85 @@ class NamespaceHolder:
         """The host's path to ``inner`` (absolute in the holder's namespace)."""
         return self.root(pid) / inner.lstrip("/")
 
-    def unshare(
-        self,
-        pid: int,
-        files: dict[str, str],
-        argv: tuple[str, ...],
-        *,
-        what: str,
-        install_hint: str = "apt-get install util-linux",
-    ) -> None:
+    def in_mount_namespace(self, pid: int, fn: Callable[[], _T], what: str) -> _T:
+        """``fn()`` in a thread that joins the holder's mount namespace (paths in it are
+        absolute there) and ends: no ``nsenter`` process per namespace made or removed."""
+        return call_in_namespace(f"/proc/{pid}/ns/mnt", mountview.CLONE_NEWNS, fn, what)
+
+    def unshare(self, pid: int, files: dict[str, str], hostname: str | None, *, what: str) -> None:
         """New namespaces of the kinds in ``files`` (``{"net": "/netns/x", ...}``, paths in the
-        holder's namespace, made if missing), each bound on its file, then ``argv`` run in
-        them: one ``nsenter -t HOLDER -m unshare`` process for all of them."""
+        holder's namespace, made if missing), each bound on its file, the UTS one named
+        ``hostname``: what ``nsenter -t HOLDER -m unshare --net=F ... hostname NAME`` did
+        (three processes, ~10 ms of CPU) from one short-lived thread of this process, which
+        makes the namespaces its own, binds them and ends (they live on in their files)."""
         for inner in files.values():
             f = self.outer(pid, inner)
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.touch()  # unshare binds onto an existing file
-        proc.run(
-            [
-                "nsenter", "-t", str(pid), "-m",
-                "unshare", *(f"--{kind}={inner}" for kind, inner in files.items()), *argv,
-            ],
-            what=what,
-            error=EngineError,
-            timeout_s=30,
-            install_hint=install_hint,
-        )  # fmt: skip
+            f.touch()  # a bind mount goes onto an existing file
+        flags = 0
+        for kind in files:
+            flags |= _NS_FLAGS[kind]
+
+        def make() -> None:
+            if mountview.libc().unshare(flags) < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            if hostname is not None:
+                socket.sethostname(hostname)
+            for kind, inner in files.items():
+                mountview.sys_mount(f"/proc/thread-self/ns/{kind}", inner, "", mountview.MS_BIND)
+
+        try:
+            self.in_mount_namespace(pid, make, what)
+        except OSError as exc:
+            raise EngineError(f"{what}: {exc.strerror or exc}") from None
 
     def unbind(self, pid: int, inner: str) -> Path:
-        """:func:`unbind` of ``inner`` in the holder's namespace; returns its host path."""
+        """:func:`unbind` of ``inner`` in the holder's namespace (umount2(2) from a thread in
+        it); returns its host path."""
         f = self.outer(pid, inner)
-        unbind(
-            f,
-            lambda: proc.run(
-                ["nsenter", "-t", str(pid), "-m", "umount", inner],
-                what=f"unmounting the pod namespace {inner} in the holder's mount namespace",
-                error=EngineError,
-                timeout_s=30,
-            ),
-        )
+        what = f"unmounting the pod namespace {inner} in the holder's mount namespace"
+
+        def umount() -> None:
+            try:
+                self.in_mount_namespace(pid, lambda: mountview.sys_umount(inner), what)
+            except OSError as exc:
+                raise EngineError(f"{what}: {exc.strerror or exc}") from None
+
+        unbind(f, umount)
         return f
 
 
 def _unbind_host(f: Path) -> None:
     """:func:`unbind` of a file an older Tidal bound in the host's own mount namespace."""
-    unbind(
-        f,
-        lambda: proc.run(
-            ["umount", f], what=f"unmounting the pod namespace {f}", error=EngineError, timeout_s=30
-        ),
-    )
+
+    def umount() -> None:
+        try:
+            mountview.sys_umount(f)
+        except OSError as exc:
+            raise EngineError(f"unmounting the pod namespace {f}: {exc.strerror}") from None
+
+    unbind(f, umount)
 
 
 def pod_key(directory: Path) -> str:
     return hashlib.sha256(str(directory).encode()).hexdigest()[:32]
 
 
+CLONE_FS = 0x00000200
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
+_NS_FLAGS = {"ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS, "net": CLONE_NEWNET}
 _T = TypeVar("_T")
 
 
 def call_in_namespace(path: str | Path, nstype: int, fn: Callable[[], _T], what: str) -> _T:
     """``fn()`` in a thread of this process that joins the namespace at ``path`` and then
-    ends: UTS and network namespaces are per thread (and a child a thread starts is born in
-    that thread's), so nothing else of the daemon moves, and no ``nsenter`` is started. Its
-    exception is raised here; failing to join is an :class:`EngineError` naming ``what``."""
+    ends: UTS, network and (with its own root and cwd) mount namespaces are per thread (and
+    a child a thread starts is born in that thread's), so nothing else of the daemon moves,
+    and no ``nsenter`` is started. Its exception is raised here; failing to join is an
+    :class:`EngineError` naming ``what``."""
     result: list[_T] = []
     failed: list[BaseException] = []
 
@@ -342,6 +355,11 @@ def call_in_namespace(path: str | Path, nstype: int, fn: Callable[[], _T], what:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                # a mount namespace is joined only by a task whose root and cwd are its own
+                # (threads share them): this thread leaves the others' first
+                if nstype == mountview.CLONE_NEWNS and mountview.libc().unshare(CLONE_FS) < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
                 if mountview.libc().setns(fd, nstype) < 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err))
@@ -374,9 +392,9 @@ def set_uts_hostname(uts: Path, hostname: str) -> None:
 
 
 class HostPodNamespaces(PodNamespaces):
-    """``nsenter -t HOLDER -m unshare --ipc=FILE --uts=FILE hostname NAME``: the namespaces
-    are made, bound on the files in the holder's mount namespace and named in one short-lived
-    process (~10 ms)."""
+    """The namespaces are made, named and bound on the files in the holder's mount namespace
+    by one short-lived thread of this process (:meth:`NamespaceHolder.unshare`), and
+    unmounted the same way; no process is started for either."""
 
     def __init__(self, holder: NamespaceHolder | None = None) -> None:
         self.holder = holder or NamespaceHolder()
@@ -410,10 +428,9 @@ class HostPodNamespaces(PodNamespaces):
             self.holder.unshare(
                 pid,
                 files,
-                ("hostname", hostname),
+                hostname,
                 what=f"making the pod namespaces ({'network, ' if netns else ''}IPC, "
                 f"UTS {hostname!r}) for {directory}",
-                install_hint="apt-get install util-linux hostname",
             )
         except BaseException:
             with contextlib.suppress(EngineError, OSError):
@@ -469,8 +486,10 @@ class HostPodNamespaces(PodNamespaces):
             pid = self.holder.pid()
             inner = f"{self._inner(directory)}/ipc"
             ipc = self.holder.unbind(pid, inner)
-            ipc.touch()
-            argv = ["nsenter", "-t", str(pid), "-m", "unshare", f"--ipc={inner}", "true"]
+            self.holder.unshare(
+                pid, {"ipc": inner}, None, what=f"making a fresh pod IPC namespace on {ipc}"
+            )
+            return
         proc.run(
             argv,
             what=f"making a fresh pod IPC namespace on {ipc}",
