@@ -1,7 +1,8 @@
 """Instance throughput: N instances of one spec started by concurrent clients, per case.
 
 Cases, all in the same run, on the same busybox tree, each instance ``sleep 3600`` kept
-alive until the case's burst is over (so N instances are live at once), removed untimed:
+alive until the case's burst is over (so N instances are live at once), then removed by as many
+clients (timed apart: ``removed_per_min``):
   * Tidal with pools, burst from a full pool (``POST /v1/instances/pools`` for N, then
     ``wait_ready``), and sustained with refill (a pool of ``--pool-max``, refilled while the
     burst runs);
@@ -303,13 +304,26 @@ def tidal_burst(
         prefix = f"r{uuid.uuid4().hex[:4]}"
         out = burst(name, count, clients, case.runner(spec, prefix))
         out.extra.update(monitor_memory(settings.resolved_state_dir() / "state.db"))
+        out.extra.update(pool_counts(case.client().pools()))
         out.extra["burst_memory_mib"] = round((mem0 - memory_available()) / 2**20, 1)
     finally:
         netns += [netns_name(cid) for cid in case.container_ids]
+        t0 = time.monotonic()
         left = case.remove_all(clients)  # also after an interrupted burst
+        removal_s = time.monotonic() - t0
         case.close()
     out.errors += left
+    # the removals, by as many clients (untimed in the burst; a node that keeps creating
+    # also keeps removing, so their cost is reported beside it)
+    out.extra["removed_per_min"] = round(len(out.samples) / removal_s * 60, 1)
     return out
+
+
+def pool_counts(pools: list[dict[str, Any]]) -> dict[str, int]:
+    """Hits, misses and the members still ready after a burst, over every pool (none: {})."""
+    if not pools:
+        return {}
+    return {f"pool_{k}": sum(int(p[k]) for p in pools) for k in ("hits", "misses", "ready")}
 
 
 def podman_burst(rootfs: Path, count: int, clients: int, prefix: str) -> Burst:
