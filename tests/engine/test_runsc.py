@@ -106,6 +106,19 @@ def test_ref_carries_the_flags_to_the_monitor(runsc: str, tmp_path: Path) -> Non
     assert isinstance(plain, RunscRuntime) and plain.options == RUNSC_DEFAULT_OPTIONS
 
 
+def test_state_files_are_found_by_gvisors_naming(runsc: str, tmp_path: Path) -> None:
+    """``<container id>_sandbox:<sandbox id>.state`` (gVisor's ``state_file.go``): a pod
+    member's file is found by its own id, not by its sandbox's."""
+    rt = get_runtime("runsc", tmp_path)
+    assert isinstance(rt, RunscRuntime)
+    (rt.root / "pod_sandbox:pod.state").write_text('{"id": "pod", "goferPid": 11}')
+    (rt.root / "app_sandbox:pod.state").write_text('{"id": "app", "goferPid": 12}')
+    (rt.root / "app_sandbox:pod.lock").write_text("")
+    assert rt._saved_state("pod")["goferPid"] == 11
+    assert rt._saved_state("app")["goferPid"] == 12
+    assert rt.knows("app") and not rt.knows("ap") and not rt.knows("a*") and not rt.knows("")
+
+
 def test_missing_runsc_binary_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'/no/runsc' is not an executable.*runsc_binary"):
         get_runtime("runsc", tmp_path, binary="/no/runsc")
@@ -535,6 +548,15 @@ def test_pod_members_share_one_gvisor_sandbox(
     st = rt.state("infra")
     assert st is not None and st.status == "running", "the member's exit ended the pod"
     assert (infra_dir / "container.log").read_text() == "infra-up\n"
+    # the driver finds a running member's own state file (its gofer is reaped by its
+    # monitor from there, else the member's delete waits out runsc's 5 s for the zombie)
+    _pod_member(
+        pod, busybox_rootfs, work, "idle", ("sleep", "60"),
+        rt.pod_annotations("infra", is_sandbox=False),
+    )  # fmt: skip
+    assert rt.knows("idle") and isinstance(rt._saved_state("idle").get("goferPid"), int)
+    rt.kill("idle", "KILL")
+    assert _exit_record(work / "idle").exit_code == 137
     rt.kill("infra", "KILL")
     assert _exit_record(infra_dir).exit_code == 137
 

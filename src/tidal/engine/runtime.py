@@ -603,10 +603,13 @@ class RunscRuntime(OciCliRuntime):
         self._member_stdio: dict[str, tuple[int, int, Path]] = {}
 
     def _state_file(self, cid: str) -> Path | None:
-        """runsc keeps ``<root>/<sandbox id>_sandbox:<container id>.state`` per container."""
-        if not cid or "/" in cid or "*" in cid:
+        """runsc keeps ``<root>/<container id>_sandbox:<sandbox id>.state`` per container
+        (gVisor's ``state_file.go``; the two ids are the same for a sandbox, so a pattern
+        with them the other way round found sandboxes only, and a pod member's monitor then
+        reaped no gofer: its ``runsc delete`` waited out runsc's 5 s for the zombie)."""
+        if not cid or "/" in cid or "*" in cid or "?" in cid or "[" in cid:
             return None
-        for path in self.root.glob(f"*_sandbox:{cid}.state"):
+        for path in self.root.glob(f"{cid}_sandbox:*.state"):
             return path
         return None
 
