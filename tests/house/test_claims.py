@@ -4,10 +4,10 @@ A tool "runs" where its name is the first item of a list or tuple display (an ar
 first argument of a call (``proc.run("losetup", ...)``). The README and the docstrings of
 ``blockdev/loop.py`` say losetup runs nowhere else; this keeps that true.
 
-mkfs.ext4 runs only in ``blockdev/ext4.py``; mount and umount in ``blockdev/ext4.py`` (ext4
-files), the engine's mount-plan executor ``engine/mounter.py``, host preparation's cgroup v1
-mounts (``engine/hostprep.py``) and lxcfs' lazy unmount of a dead daemon (``engine/lxcfs.py``),
-as the README says. Child processes start only in ``tidal.proc`` (and the test harnesses).
+mkfs.ext4 runs only in ``blockdev/ext4.py``; mount in ``blockdev/ext4.py`` (ext4 files), the
+engine's mount-plan executor ``engine/mounter.py`` and host preparation's cgroup v1 mounts
+(``engine/hostprep.py``); umount in ``blockdev/ext4.py`` and lxcfs' lazy unmount of a dead
+daemon (``engine/lxcfs.py``), as the README says. Child processes start only in ``tidal.proc`` (and the test harnesses).
 """
 
 from __future__ import annotations
@@ -21,12 +21,8 @@ RUN_ONLY_IN = {
     "losetup": {"tidal/blockdev/loop.py"},
     "mkfs.ext4": {"tidal/blockdev/ext4.py"},
     "mount": {"tidal/blockdev/ext4.py", "tidal/engine/mounter.py", "tidal/engine/hostprep.py"},
-    "umount": {
-        "tidal/blockdev/ext4.py",
-        "tidal/engine/mounter.py",
-        "tidal/engine/lxcfs.py",
-        "tidal/engine/podns.py",  # a pod's namespace files (bind mounts made by unshare)
-    },
+    # the engine's mount plans and a pod's namespace files are unmounted by umount2(2)
+    "umount": {"tidal/blockdev/ext4.py", "tidal/engine/lxcfs.py"},
 }
 
 SPAWNERS = {"run", "Popen", "call", "check_call", "check_output", "getoutput", "getstatusoutput"}
