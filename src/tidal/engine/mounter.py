@@ -140,14 +140,14 @@ class HostMounter(Mounter):
         # umount2(2), not umount(8) (see mountview.sys_umount); an autoclear loop device
         # (mount() here, or mount -o loop) lets go of its file when its mount goes
         try:
-            _sys_umount(str(target), 0)
+            mountview.sys_umount(str(target), 0)
             return
         except OSError as exc:
             if not ext4.is_mountpoint(target):
                 return
             why = exc.strerror
         try:
-            _sys_umount(str(target), mountview.MNT_DETACH)
+            mountview.sys_umount(str(target), mountview.MNT_DETACH)
         except OSError as exc:
             if ext4.is_mountpoint(target):
                 raise QuotaError(
@@ -170,10 +170,10 @@ class HostMounter(Mounter):
         status = anchor_status(Path("/proc/self/mountinfo").read_text(), str(directory))
         if status == "free":
             try:
-                _sys_mount(str(directory), str(directory), "", _MS_BIND, "")
+                mountview.sys_mount(str(directory), str(directory), "", mountview.MS_BIND, "")
                 # private: on a host whose root is shared (systemd's default) the bind would
                 # be a peer of it, and every mount below would appear twice in the table
-                _sys_mount("", str(directory), "", _MS_PRIVATE, "")
+                mountview.sys_mount("", str(directory), "", _MS_PRIVATE, "")
             except OSError as exc:
                 log.warning("cannot anchor %s (bind onto itself): %s", directory, exc.strerror)
                 return False
@@ -185,7 +185,7 @@ class HostMounter(Mounter):
         if anchor_status(table, str(directory)) != "anchored" or _below(directory):
             return
         try:
-            _sys_umount(str(directory), 0)
+            mountview.sys_umount(str(directory), 0)
             return
         except OSError as exc:
             if exc.errno != errno.EBUSY:
@@ -197,7 +197,7 @@ class HostMounter(Mounter):
         if _below(directory):
             return
         try:
-            _sys_umount(str(directory), mountview.MNT_DETACH)
+            mountview.sys_umount(str(directory), mountview.MNT_DETACH)
         except OSError as exc:
             log.warning("cannot release the anchor %s: %s", directory, exc.strerror)
 
@@ -215,7 +215,7 @@ def _mount_overlay(options: str, target: str) -> None:
     0.4 ms measured here) to every container create, and does nothing an overlay needs
     (no helper, no utab entry: the engine keeps its own records)."""
     try:
-        _sys_mount("overlay", target, "overlay", 0, options)
+        mountview.sys_mount("overlay", target, "overlay", 0, options)
     except OSError as exc:
         raise EngineError(f"overlay mount at {target} failed: {exc.strerror} ({options})") from None
 
@@ -266,7 +266,7 @@ def _mount_loop_ext4(source: str, target: str, options: tuple[str, ...]) -> None
                         continue
                     raise QuotaError(f"{what}: loop device: {exc.strerror}") from None
                 try:
-                    _sys_mount(f"/dev/loop{n}", target, "ext4", flags, ",".join(data))
+                    mountview.sys_mount(f"/dev/loop{n}", target, "ext4", flags, ",".join(data))
                 except OSError as exc:
                     raise QuotaError(f"{what}: {exc.strerror}") from None
                 finally:
@@ -279,11 +279,6 @@ def _mount_loop_ext4(source: str, target: str, options: tuple[str, ...]) -> None
     raise QuotaError(f"{what}: no free loop device after 16 tries")
 
 
-_sys_mount = mountview.sys_mount
-_sys_umount = mountview.sys_umount
-
-
-_MS_BIND = 4096
 _MS_PRIVATE = 1 << 18
 
 

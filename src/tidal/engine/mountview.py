@@ -70,21 +70,33 @@ def libc() -> Any:
 MS_BIND = 4096
 
 
+def _errno_unless_zero(rc: int) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def sys_mount(source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
     """mount(2); OSError with the errno on failure."""
     args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
-    if libc().mount(*args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _errno_unless_zero(libc().mount(*args))
 
 
 def sys_umount(target: str | os.PathLike[str], flags: int = 0) -> None:
     """umount2(2): what umount(8) does for the engine's mounts without reading the whole mount
     table first (libmount parses ``/proc/self/mountinfo``, which grows with every live
     container: in a teardown of 500 instances ``umount`` processes took a fifth of the CPU)."""
-    if libc().umount2(os.fsencode(target), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _errno_unless_zero(libc().umount2(os.fsencode(target), flags))
+
+
+def sys_unshare(flags: int) -> None:
+    """unshare(2) of the calling thread; OSError with the errno on failure."""
+    _errno_unless_zero(libc().unshare(flags))
+
+
+def sys_setns(fd: int, nstype: int) -> None:
+    """setns(2) of the calling thread; OSError with the errno on failure."""
+    _errno_unless_zero(libc().setns(fd, nstype))
 
 
 def _check(rc: int, what: str) -> int:

@@ -37,7 +37,6 @@ an older Tidal in the sandbox's directory are still found, joined and removed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import logging
@@ -289,9 +288,7 @@ class NamespaceHolder:
             flags |= _NS_FLAGS[kind]
 
         def make() -> None:
-            if mountview.libc().unshare(flags) < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            mountview.sys_unshare(flags)
             if hostname is not None:
                 socket.sethostname(hostname)
             for kind, inner in files.items():
@@ -357,12 +354,9 @@ def call_in_namespace(path: str | Path, nstype: int, fn: Callable[[], _T], what:
             try:
                 # a mount namespace is joined only by a task whose root and cwd are its own
                 # (threads share them): this thread leaves the others' first
-                if nstype == mountview.CLONE_NEWNS and mountview.libc().unshare(CLONE_FS) < 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-                if mountview.libc().setns(fd, nstype) < 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
+                if nstype == mountview.CLONE_NEWNS:
+                    mountview.sys_unshare(CLONE_FS)
+                mountview.sys_setns(fd, nstype)
             finally:
                 os.close(fd)
         except OSError as exc:
