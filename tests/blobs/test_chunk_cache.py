@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tidal.blobs.chunk_cache import HEADER_BYTES, STALE_TMP_S, ChunkCache, ChunkKey
+from tidal.blobs.settings import DEFAULT_CACHE_MEMORY_BYTES, BlobSettings
 from tidal.errors import CacheError
 from tidal.ids import Digest, sha256_digest
 
@@ -238,3 +239,86 @@ class CacheModel(RuleBasedStateMachine):
 
 TestCacheModel = CacheModel.TestCase
 TestCacheModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+# --- the memory tier ---------------------------------------------------------------------
+
+
+def _entry_files(root: Path) -> list[Path]:
+    return [p for p in (root / "entries").rglob("*") if p.is_file()]
+
+
+def test_memory_tier_serves_a_put_without_the_file(tmp_path: Path) -> None:
+    """What a prefetch just stored is served from memory: no file open, read or utime."""
+    cache = ChunkCache(tmp_path / "c", 1 << 20, memory_bytes=1 << 16)
+    k = key(0, 1000)
+    assert cache.put(k, content(k))
+    (entry,) = _entry_files(tmp_path / "c")  # still published for other processes
+    entry.unlink()
+    assert cache.contains(k)
+    assert cache.get(k) == content(k)
+    assert cache.stats.hits == 1
+    assert ChunkCache(tmp_path / "c", 1 << 20).get(k) is None  # no tier: the directory only
+
+
+def test_memory_tier_is_bounded_and_falls_back_to_the_directory(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c", 1 << 20, memory_bytes=2500)
+    keys = [key(i * 1000, 1000) for i in range(3)]
+    for k in keys:
+        cache.put(k, content(k))
+    for f in _entry_files(tmp_path / "c"):
+        f.unlink()
+    # 2,500 bytes hold the last two entries; the first was pushed out and its file is gone
+    assert [cache.get(k) is not None for k in keys] == [False, True, True]
+
+
+def test_memory_tier_hit_refreshes_and_disk_hit_fills_it(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    ChunkCache(root, 1 << 20).put(key(0, 1000), content(key(0, 1000)))  # another process's
+    cache = ChunkCache(root, 1 << 20, memory_bytes=2500)
+    a, b, c = key(0, 1000), key(1000, 1000), key(2000, 1000)
+    assert cache.get(a) == content(a)  # from the directory, now also in memory
+    cache.put(b, content(b))
+    assert cache.get(a) is not None  # a is now the most recently used of the two
+    cache.put(c, content(c))  # pushes b out of memory, not a
+    for f in _entry_files(root):
+        f.unlink()
+    assert (cache.get(a), cache.get(b), cache.get(c)) == (content(a), None, content(c))
+
+
+def test_drops_reach_the_memory_tier(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c", 1 << 20, memory_bytes=1 << 16)
+    other = sha256_digest(b"other layer")
+    a, b, c = key(0, 100), key(100, 100), key(0, 100, other)
+    for k in (a, b, c):
+        cache.put(k, content(k))
+    assert cache.drop(a)  # e.g. it failed the caller's checksum
+    assert cache.get(a) is None
+    cache.drop_blobs([BLOB])  # tidal rmi / gc
+    assert cache.get(b) is None and cache.get(c) == content(c)
+    cache.clear()
+    assert cache.get(c) is None
+
+
+def test_caches_of_one_root_share_one_memory_tier(tmp_path: Path) -> None:
+    """Every mount of the node service opens its own ChunkCache of the node's root."""
+    one = ChunkCache(tmp_path / "c", 1 << 20, memory_bytes=1 << 16)
+    two = ChunkCache(tmp_path / "c", 1 << 20, memory_bytes=1 << 16)
+    k = key(0, 100)
+    one.put(k, content(k))
+    for f in _entry_files(tmp_path / "c"):
+        f.unlink()
+    assert two.get(k) == content(k)
+    assert ChunkCache(tmp_path / "elsewhere", 1 << 20, memory_bytes=1 << 16).get(k) is None
+
+
+def test_settings_size_the_memory_tier(tmp_path: Path) -> None:
+    assert BlobSettings().cache_memory_bytes == DEFAULT_CACHE_MEMORY_BYTES > 0
+    k = key(0, 100)
+    for memory, served in ((0, False), (1 << 16, True)):
+        root = tmp_path / f"m{memory}"
+        cache = BlobSettings(cache_dir=root, cache_memory_bytes=memory).chunk_cache()
+        cache.put(k, content(k))
+        for f in _entry_files(root):
+            f.unlink()
+        assert (cache.get(k) is not None) is served

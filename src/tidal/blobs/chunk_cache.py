@@ -20,6 +20,13 @@ Safety without a daemon:
   mtime, which every hit refreshes) down to a low-water mark, so eviction work is amortised.
   The data itself is written outside the lock; the critical section is a rename and a counter.
 
+In front of the directory, a process may keep recent entries in memory (``memory_bytes``,
+``[blobs] cache_memory_bytes``; one LRU per cache root, shared by every ChunkCache of that
+root in the process). A chunk a prefetch just stored is then served to the FUSE disk without
+a file open, read and ``utime`` per hit, which on the node's journalled root file system cost
+0.4 ms a hit while 16 prefetch threads were publishing (measured in the node service during
+bench_peers' imports run). Memory hits leave the entry's on-disk LRU position as it is.
+
 Counters (hits, misses, bytes, evictions, corrupt entries) let tests and ``tidal image stats``
 assert read amplification and cache effectiveness.
 """
@@ -35,6 +42,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +97,79 @@ class _Entry:
     mtime_ns: int
 
 
+class MemoryTier:
+    """Recent entries' bytes, bounded, least recently used out first. Thread-safe."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[ChunkKey, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        with self._lock:
+            data = self._entries.get(key)
+            if data is not None:
+                self._entries.move_to_end(key)
+            return data
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def put(self, key: ChunkKey, data: bytes) -> None:
+        if len(data) > self.capacity_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._entries[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.capacity_bytes:
+                _, gone = self._entries.popitem(last=False)
+                self._bytes -= len(gone)
+
+    def drop(self, key: ChunkKey) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+
+    def drop_digests(self, digests: Iterable[Digest]) -> None:
+        wanted = set(digests)
+        with self._lock:
+            for key in [k for k in self._entries if k.digest in wanted]:
+                self._bytes -= len(self._entries.pop(key))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    @property
+    def size_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+
+_TIERS: dict[str, MemoryTier] = {}
+_TIERS_LOCK = threading.Lock()
+
+
+def memory_tier(root: Path, capacity_bytes: int) -> MemoryTier:
+    """The process's memory tier of the cache at ``root`` (made on first use; a later, larger
+    ``capacity_bytes`` raises its bound)."""
+    key = str(root.resolve())
+    with _TIERS_LOCK:
+        tier = _TIERS.get(key)
+        if tier is None:
+            tier = _TIERS[key] = MemoryTier(capacity_bytes)
+        elif capacity_bytes > tier.capacity_bytes:
+            tier.capacity_bytes = capacity_bytes
+        return tier
+
+
 class ChunkCache:
     """A bounded, LRU, crash-safe, multi-process chunk cache in a directory."""
 
@@ -99,7 +180,10 @@ class ChunkCache:
         *,
         low_water_ratio: float = DEFAULT_LOW_WATER_RATIO,
         fsync: bool = False,
+        memory_bytes: int = 0,
     ) -> None:
+        """``memory_bytes``: also keep up to this many bytes of recent entries in this
+        process's memory (0: none)."""
         if capacity_bytes <= 0:
             raise CacheError(f"chunk cache capacity must be positive, got {capacity_bytes}")
         if not 0.0 < low_water_ratio <= 1.0:
@@ -124,6 +208,7 @@ class ChunkCache:
         self._hits = self._misses = self._bytes_hit = 0
         self._puts = self._bytes_stored = 0
         self._evictions = self._bytes_evicted = self._corrupt = 0
+        self._memory = memory_tier(self.root, memory_bytes) if memory_bytes > 0 else None
         self._remove_stale_tmp()
         with self._exclusive():
             if self._read_size() is None:
@@ -150,6 +235,13 @@ class ChunkCache:
 
     def get(self, key: ChunkKey) -> bytes | None:
         """The cached bytes of ``key``, or ``None``; a damaged entry is dropped and missed."""
+        if self._memory is not None:
+            data = self._memory.get(key)
+            if data is not None:
+                with self._lock:
+                    self._hits += 1
+                    self._bytes_hit += len(data)
+                return data
         path = self._path(key)
         try:
             with path.open("rb") as fh:
@@ -165,6 +257,8 @@ class ChunkCache:
                 self._misses += 1
             return None
         self._touch(path)
+        if self._memory is not None:
+            self._memory.put(key, data)
         with self._lock:
             self._hits += 1
             self._bytes_hit += len(data)
@@ -188,7 +282,7 @@ class ChunkCache:
 
     def contains(self, key: ChunkKey) -> bool:
         """Whether an entry exists (not checked, not counted, LRU position unchanged)."""
-        return self._path(key).exists()
+        return (self._memory is not None and key in self._memory) or self._path(key).exists()
 
     def put(self, key: ChunkKey, data: bytes) -> bool:
         """Store ``data`` under ``key``; returns False if it can never fit."""
@@ -200,6 +294,8 @@ class ChunkCache:
         size = HEADER_BYTES + len(data)
         if size > self.capacity_bytes:
             return False
+        if self._memory is not None:
+            self._memory.put(key, data)
         path = self._path(key)
         try:
             path.parent.mkdir(exist_ok=True)
@@ -243,7 +339,10 @@ class ChunkCache:
 
     def drop(self, key: ChunkKey) -> bool:
         """Remove one entry (e.g. it failed the caller's checksum); returns whether it existed."""
-        return self._unlink(self._path(key))
+        in_memory = self._memory is not None and key in self._memory
+        if self._memory is not None:
+            self._memory.drop(key)
+        return self._unlink(self._path(key)) or in_memory
 
     def _unlink(self, path: Path) -> bool:
         with self._exclusive():
@@ -329,6 +428,8 @@ class ChunkCache:
         return removed
 
     def clear(self) -> None:
+        if self._memory is not None:
+            self._memory.clear()
         self.evict_to(0)
 
     def _blob_entries(self, digest: Digest) -> list[_Entry]:
@@ -349,6 +450,9 @@ class ChunkCache:
     def drop_blobs(self, digests: Iterable[Digest]) -> tuple[int, int]:
         """Remove every entry of these blobs (no image needs them any more): (entries, bytes)."""
         removed = freed = 0
+        digests = list(digests)
+        if self._memory is not None:
+            self._memory.drop_digests(digests)
         with self._exclusive():
             for digest in digests:
                 for e in self._blob_entries(digest):

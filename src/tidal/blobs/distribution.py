@@ -238,11 +238,7 @@ def open_pulled_image(
     client = connect(origin.registry, settings)
     try:
         local = origin.registry.startswith(LOCAL_SCHEME)
-        cache = (
-            None
-            if local
-            else ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
-        )
+        cache = None if local else settings.chunk_cache()
         p2p = _p2p_node(settings) if cache is not None else None
         try:
             lazy = LazyImage(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tidal.blobs.chunk_cache import ChunkCache
 from tidal.config import data_root, load_section
 from tidal.validation import (
     NonNegativeFloat,
@@ -17,6 +18,9 @@ from tidal.validation import (
 
 DEFAULT_CACHE_CAPACITY_BYTES = 10 * 1024**3
 """10 GiB: holds the working set of many images (a container reads ~6 % of its image)."""
+DEFAULT_CACHE_MEMORY_BYTES = 256 * 1024**2
+"""Recent chunks kept in each process's memory as well (one tier per cache root): what a trace
+replay just fetched is served to the mount without a file read per chunk."""
 DEFAULT_FETCH_CONCURRENCY = 8
 """Requests in flight per blob: enough to fill a 1 Gbit/s link at ~1 ms RTT with 64 KiB chunks
 coalesced into ~1 MiB requests, few enough not to overload a registry."""
@@ -43,6 +47,9 @@ class BlobSettings:
     cache_dir: Path | None = None
     """Chunk cache directory; ``None`` means ``$TIDAL_DATA_ROOT/cache/chunks``."""
     cache_capacity_bytes: NonNegativeInt = DEFAULT_CACHE_CAPACITY_BYTES
+    cache_memory_bytes: NonNegativeInt = DEFAULT_CACHE_MEMORY_BYTES
+    """Of the chunk cache, how many bytes of recent entries a process also keeps in memory
+    (0: none; the node service serves every mount from its one tier)."""
     fetch_concurrency: PositiveInt = DEFAULT_FETCH_CONCURRENCY
     prefetch_concurrency: PositiveInt = DEFAULT_PREFETCH_CONCURRENCY
     prefetch_order: Literal["need", "trace"] = DEFAULT_PREFETCH_ORDER
@@ -92,6 +99,14 @@ class BlobSettings:
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else data_root() / "cache" / "chunks"
+
+    def chunk_cache(self) -> ChunkCache:
+        """The node's chunk cache as these settings describe it."""
+        return ChunkCache(
+            self.resolved_cache_dir(),
+            self.cache_capacity_bytes,
+            memory_bytes=self.cache_memory_bytes,
+        )
 
     def resolved_store_dir(self) -> Path:
         return self.store_dir if self.store_dir is not None else data_root() / "store"

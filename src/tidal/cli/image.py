@@ -403,7 +403,6 @@ def pull(
     Mount the result with `tidal image mount DEST DIR`: it starts at once and fetches only
     the chunks that are read, through the node's chunk cache.
     """
-    from tidal.blobs.chunk_cache import ChunkCache
     from tidal.blobs.distribution import pull_image
     from tidal.blobs.registries import LocalRegistry, connect, resolve_reference
     from tidal.blobs.settings import load_blob_settings
@@ -413,11 +412,7 @@ def pull(
     reference = resolve_reference(ref, settings)
     with contextlib.closing(connect(reference.registry, settings)) as client:
         remote = not isinstance(client, LocalRegistry)
-        cache = (
-            ChunkCache(settings.resolved_cache_dir(), settings.cache_capacity_bytes)
-            if remote and not with_blobs
-            else None
-        )
+        cache = settings.chunk_cache() if remote and not with_blobs else None
         with err.status(f"pulling {reference}"):
             m = pull_image(reference, dest, client, cache=cache, settings=settings,
                            with_blobs=with_blobs)  # fmt: skip

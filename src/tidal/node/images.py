@@ -143,7 +143,7 @@ class ImageStore:
     def _cache(self, registry: str) -> ChunkCache | None:
         if registry == LOCAL_REGISTRY_NAME or registry.startswith(LOCAL_SCHEME):
             return None  # the embedded store's blobs are local already
-        return ChunkCache(self.settings.resolved_cache_dir(), self.settings.cache_capacity_bytes)
+        return self.settings.chunk_cache()
 
     # --- verbs --------------------------------------------------------------------------------
 
