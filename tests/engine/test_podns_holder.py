@@ -215,3 +215,20 @@ def test_namespaces_are_made_and_unmounted_by_a_thread_not_a_process(
     with pytest.raises(EngineError, match=r"^making it: .*Invalid argument"):
         holder.unshare(pid, {"uts": "/pods/bad/uts"}, "x" * 100, what="making it")
     assert len(_mounts(pid)) == 3
+
+
+def test_a_holder_is_found_only_once_it_has_let_go_of_the_host(tmp_path: Path) -> None:
+    """``running()`` answers once the holder's setup is done: a first caller must never see
+    the host's mounts still attached under its old root (seen in CI when the marker that
+    ``running()`` checks was made before ``pivot_root``)."""
+    if os.geteuid() != 0:
+        pytest.skip("the holder's mount namespace needs root")
+    for i in range(10):
+        h = NamespaceHolder(tmp_path / f"run{i}")
+        pid = h.pid()
+        try:
+            mounts = _mounts(pid)
+            assert not [m for m, _ in mounts if m == "/old" or m.startswith("/old/")], mounts
+            assert len(mounts) == 3, mounts
+        finally:
+            os.kill(pid, signal.SIGKILL)

@@ -75,19 +75,21 @@ for l in bin sbin lib lib32 lib64; do if [ -e "/$l" ]; then ln -s "usr/$l" "$roo
 mount --bind /usr "$root/usr"
 mount -o remount,bind,ro "$root/usr"
 mount -t proc proc "$root/proc"
-touch "$root/.tidal-podns"
 echo $$ > "$pidfile.tmp"
 mv "$pidfile.tmp" "$pidfile"
 cd "$root"
 pivot_root . old
 umount -l /old
 rmdir /old
+: > /.tidal-podns
 exec sleep infinity 2>&1
 """
 """Run by ``setsid --fork unshare --mount --propagation private sh -c``: a tmpfs root with
 nothing of the host's mounts but ``/usr`` (read-only, for its ``sleep``) and a proc of its
 own (``/proc/thread-self`` for the binds made in it), then ``sleep`` for ever. Its
-pid file is written before ``pivot_root`` (the host's ``/run`` is gone after it); its
+pid file is written before ``pivot_root`` (the host's ``/run`` is gone after it), the marker
+that says it is the holder and ready (:func:`_pid_alive`) last, once the host's mounts are
+detached: a caller never sees it with the old root still attached; its
 standard streams are ``/dev/null`` (``setsid --fork`` returns at once, and a pipe held open
 would keep :func:`tidal.proc.run` waiting), errors go to ``podns.pid.err``."""
 
