@@ -42,10 +42,11 @@ import tempfile
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import cachetools
 
 from tidal.errors import CacheError
 from tidal.ids import Digest, parse_digest
@@ -98,59 +99,41 @@ class _Entry:
 
 
 class MemoryTier:
-    """Recent entries' bytes, bounded, least recently used out first. Thread-safe."""
+    """Recent entries' bytes, at most ``capacity_bytes`` of them, least recently used out
+    first (``cachetools.LRUCache`` sized by ``len``, under a lock: it is not thread-safe)."""
 
     def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[ChunkKey, bytes] = OrderedDict()
-        self._bytes = 0
+        self._lru: cachetools.LRUCache[ChunkKey, bytes] = cachetools.LRUCache(
+            capacity_bytes, getsizeof=len
+        )
         self._lock = threading.Lock()
 
     def get(self, key: ChunkKey) -> bytes | None:
         with self._lock:
-            data = self._entries.get(key)
-            if data is not None:
-                self._entries.move_to_end(key)
-            return data
+            return self._lru.get(key)
 
     def __contains__(self, key: ChunkKey) -> bool:
         with self._lock:
-            return key in self._entries
+            return key in self._lru
 
     def put(self, key: ChunkKey, data: bytes) -> None:
-        if len(data) > self.capacity_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old)
-            self._entries[key] = data
-            self._bytes += len(data)
-            while self._bytes > self.capacity_bytes:
-                _, gone = self._entries.popitem(last=False)
-                self._bytes -= len(gone)
+        with self._lock, contextlib.suppress(ValueError):  # larger than the tier: not kept
+            self._lru[key] = data
 
-    def drop(self, key: ChunkKey) -> None:
+    def drop(self, key: ChunkKey) -> bool:
+        """Forget ``key``; returns whether it was here."""
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old)
+            return self._lru.pop(key, None) is not None
 
     def drop_digests(self, digests: Iterable[Digest]) -> None:
         wanted = set(digests)
         with self._lock:
-            for key in [k for k in self._entries if k.digest in wanted]:
-                self._bytes -= len(self._entries.pop(key))
+            for key in [k for k in self._lru if k.digest in wanted]:
+                del self._lru[key]
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-    @property
-    def size_bytes(self) -> int:
-        with self._lock:
-            return self._bytes
+            self._lru.clear()
 
 
 _TIERS: dict[str, MemoryTier] = {}
@@ -158,15 +141,13 @@ _TIERS_LOCK = threading.Lock()
 
 
 def memory_tier(root: Path, capacity_bytes: int) -> MemoryTier:
-    """The process's memory tier of the cache at ``root`` (made on first use; a later, larger
-    ``capacity_bytes`` raises its bound)."""
+    """The process's memory tier of the cache at ``root``, made on first use with
+    ``capacity_bytes`` (every cache of a process comes from the same settings)."""
     key = str(root.resolve())
     with _TIERS_LOCK:
         tier = _TIERS.get(key)
         if tier is None:
             tier = _TIERS[key] = MemoryTier(capacity_bytes)
-        elif capacity_bytes > tier.capacity_bytes:
-            tier.capacity_bytes = capacity_bytes
         return tier
 
 
@@ -339,9 +320,7 @@ class ChunkCache:
 
     def drop(self, key: ChunkKey) -> bool:
         """Remove one entry (e.g. it failed the caller's checksum); returns whether it existed."""
-        in_memory = self._memory is not None and key in self._memory
-        if self._memory is not None:
-            self._memory.drop(key)
+        in_memory = self._memory is not None and self._memory.drop(key)
         return self._unlink(self._path(key)) or in_memory
 
     def _unlink(self, path: Path) -> bool:
