@@ -317,8 +317,91 @@ def test_settings_size_the_memory_tier(tmp_path: Path) -> None:
     k = key(0, 100)
     for memory, served in ((0, False), (1 << 16, True)):
         root = tmp_path / f"m{memory}"
-        cache = BlobSettings(cache_dir=root, cache_memory_bytes=memory).chunk_cache()
+        settings = BlobSettings(cache_dir=root, cache_memory_bytes=memory)
+        cache = settings.chunk_cache()
         cache.put(k, content(k))
+        assert cache.flush(5.0)
         for f in _entry_files(root):
             f.unlink()
         assert (cache.get(k) is not None) is served
+
+
+def behind(root: Path, *, quiet_s: float = 60.0, max_bytes: int = 1 << 20) -> ChunkCache:
+    """A cache publishing behind its puts; with the default quiet period nothing is written
+    until a flush (or ``max_bytes`` pending)."""
+    return ChunkCache(root, 1 << 22, write_behind_bytes=max_bytes, write_behind_quiet_s=quiet_s)
+
+
+def test_write_behind_serves_pending_entries_and_writes_them_on_flush(tmp_path: Path) -> None:
+    cache = behind(tmp_path / "c")
+    ks = [key(i * 1000, 1000) for i in range(5)]
+    for k in ks:
+        assert cache.put(k, content(k))
+    assert _entry_files(tmp_path / "c") == []  # puts are still going on: nothing written
+    assert all(cache.contains(k) and cache.get(k) == content(k) for k in ks)
+    # every cache of the root in this process serves it (other processes read the directory)
+    assert ChunkCache(tmp_path / "c", 1 << 22).get(ks[0]) == content(ks[0])
+    assert cache.flush(10.0)
+    assert len(_entry_files(tmp_path / "c")) == 5
+    other = ChunkCache(tmp_path / "c", 1 << 22)
+    assert all(other.get(k) == content(k) for k in ks)
+    assert other.size_bytes == 5 * (HEADER_BYTES + 1000)
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []
+
+
+def test_write_behind_writes_once_puts_pause(tmp_path: Path) -> None:
+    cache = behind(tmp_path / "c", quiet_s=0.2)
+    k = key(0, 100)
+    cache.put(k, content(k))
+    deadline = time.monotonic() + 10
+    while not _entry_files(tmp_path / "c"):
+        assert time.monotonic() < deadline, "the writer never published the entry"
+        time.sleep(0.05)
+    assert ChunkCache(tmp_path / "c", 1 << 22).get(k) == content(k)
+
+
+def test_write_behind_writes_without_a_pause_once_its_bound_is_pending(tmp_path: Path) -> None:
+    cache = behind(tmp_path / "c", max_bytes=4000)
+    for i in range(5):  # 5,000 bytes pending > 4,000: the writer goes, quiet period or not
+        k = key(i * 1000, 1000)
+        cache.put(k, content(k))
+    deadline = time.monotonic() + 10
+    while len(_entry_files(tmp_path / "c")) < 5:
+        assert time.monotonic() < deadline, _entry_files(tmp_path / "c")
+        time.sleep(0.05)
+
+
+def test_drops_reach_pending_entries(tmp_path: Path) -> None:
+    cache = behind(tmp_path / "c")
+    other_blob = sha256_digest(b"another blob")
+    a, b, c = key(0, 100), key(100, 100), key(0, 100, other_blob)
+    for k in (a, b, c):
+        cache.put(k, content(k))
+    assert cache.drop(a) and cache.get(a) is None
+    cache.drop_blobs([other_blob])
+    assert cache.get(c) is None and cache.get(b) == content(b)
+    assert cache.flush(10.0)
+    assert [p.name for p in _entry_files(tmp_path / "c")] == [b.filename()]
+    cache.put(a, content(a))
+    cache.clear()
+    assert cache.flush(10.0) and _entry_files(tmp_path / "c") == [] and cache.get(a) is None
+
+
+def test_pending_entries_are_written_at_exit_and_lost_only_to_a_kill(tmp_path: Path) -> None:
+    """A process that exits writes what is pending; one killed loses it, and leaves nothing
+    half-written."""
+    for how, kept in (("raise SystemExit(0)", True), ("os._exit(9)", False)):
+        root = tmp_path / how.split("(")[0]
+        script = textwrap.dedent(
+            f"""
+            import os
+            from tidal.blobs.chunk_cache import ChunkCache, ChunkKey
+            cache = ChunkCache({str(root)!r}, 1 << 20, write_behind_bytes=1 << 20,
+                               write_behind_quiet_s=60.0)
+            cache.put(ChunkKey({BLOB!r}, 0, 5), b"hello")
+            {how}
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+        assert (ChunkCache(root, 1 << 20).get(key(0, 5)) == b"hello") is kept, how
+        assert list((root / "tmp").iterdir()) == []

@@ -161,6 +161,7 @@ def test_open_pulled_image_builds_the_whole_read_path_from_settings(
         assert lazy.stats.prefetched_chunks > 0  # the image's trace was replayed
         view = lazy.image.merged_view()
         assert view.read(8 * 512, 4096) == local.merged_view().read(8 * 512, 4096)
+    assert cfg.chunk_cache().flush(10.0)  # the process's writer of that root publishes them
     assert any((tmp_path / "node-cache" / "entries").iterdir())
 
 

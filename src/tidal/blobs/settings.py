@@ -19,6 +19,7 @@ from tidal.validation import (
 DEFAULT_CACHE_CAPACITY_BYTES = 10 * 1024**3
 """10 GiB: holds the working set of many images (a container reads ~6 % of its image)."""
 DEFAULT_CACHE_MEMORY_BYTES = 256 * 1024**2
+DEFAULT_CACHE_WRITE_BEHIND_BYTES = 128 * 1024**2
 """Recent chunks kept in each process's memory as well (one tier per cache root): what a trace
 replay just fetched is served to the mount without a file read per chunk."""
 DEFAULT_FETCH_CONCURRENCY = 8
@@ -50,6 +51,11 @@ class BlobSettings:
     cache_memory_bytes: NonNegativeInt = DEFAULT_CACHE_MEMORY_BYTES
     """Of the chunk cache, how many bytes of recent entries a process also keeps in memory
     (0: none; the node service serves every mount from its one tier)."""
+    cache_write_behind_bytes: NonNegativeInt = DEFAULT_CACHE_WRITE_BEHIND_BYTES
+    """How many bytes of new entries may wait in memory for the process's cache writer, which
+    writes them once puts pause (a trace replay ended) or this many wait (0: every put writes
+    its entry before it returns). Entries still waiting when a process is SIGKILLed are lost
+    (fetched again when next needed), never torn."""
     fetch_concurrency: PositiveInt = DEFAULT_FETCH_CONCURRENCY
     prefetch_concurrency: PositiveInt = DEFAULT_PREFETCH_CONCURRENCY
     prefetch_order: Literal["need", "trace"] = DEFAULT_PREFETCH_ORDER
@@ -106,6 +112,7 @@ class BlobSettings:
             self.resolved_cache_dir(),
             self.cache_capacity_bytes,
             memory_bytes=self.cache_memory_bytes,
+            write_behind_bytes=self.cache_write_behind_bytes,
         )
 
     def resolved_store_dir(self) -> Path:
