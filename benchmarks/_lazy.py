@@ -596,6 +596,7 @@ def case_tidal(
             "total_after_prefetch": lazy.get("total", {}),
             "prefetch": lazy.get("prefetch", {}),
             "fuse": stats.get("fuse", {}),
+            "warm": stats.get("warm") or {},
         }
         return row
     finally:

@@ -27,7 +27,7 @@ from tidal.blobs.distribution import pull_image, push_image
 from tidal.blobs.reference import ImageReference
 from tidal.blobs.registries import LocalRegistry, connect
 from tidal.blobs.registry_client import RegistryClient
-from tidal.blockdev import mounts
+from tidal.blockdev import loop, mounts
 from tidal.blockdev.record import record_trace
 from tidal.image.manifest import LAYER_KIND_TRACE, Image, attach_trace
 from tidal.testing.registry_server import RegistryServer
@@ -164,7 +164,11 @@ def test_second_mount_reads_from_the_cache_without_a_request(
 
 
 def test_recorded_trace_is_pushed_and_prefetched_on_a_cold_mount(
-    image: Path, registry: RegistryServer, cache_dir: Path, tmp_path: Path
+    image: Path,
+    registry: RegistryServer,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     local = tmp_path / "traced"
     subprocess.run(["cp", "-a", str(image), str(local)], check=True)
@@ -177,27 +181,60 @@ def test_recorded_trace_is_pushed_and_prefetched_on_a_cold_mount(
 
     pulled = _push_pull(local, registry, "traced", tmp_path / "pulled")
     target = tmp_path / "mnt"
-    with mounted(pulled, target):
+    with mounted(pulled, target) as info:
         deadline = time.monotonic() + 30
         while True:
-            doc = _stats(target)["lazy"]
-            if doc["prefetch"]["groups"] and not doc["prefetch"]["running"]:
+            stats = _stats(target)
+            doc = stats["lazy"]
+            if (
+                doc["prefetch"]["groups"]
+                and not doc["prefetch"]["running"]
+                and stats["warm"]["done"]
+            ):
                 break
-            assert time.monotonic() < deadline, doc
+            assert time.monotonic() < deadline, stats
+        # the trace went into the disk's page cache, and the loop device reads through it:
+        # the traced file is read with (almost) no FUSE read
+        warm = stats["warm"]
+        assert warm["pushed_runs"] == warm["runs"] > 0 and warm["errors"] == 0, warm
+        assert warm["pushed_bytes"] >= len(FILES["/big/c.bin"])
+        dev = loop.get(info.loop_device or "")
+        assert dev is not None and not dev.direct_io
+        requests = doc["total"]["requests"]
+        fuse_bytes = stats["fuse"]["bytes_read"]
+        assert (target / "big" / "c.bin").read_bytes() == FILES["/big/c.bin"]
+        after = _stats(target)
+        assert after["fuse"]["bytes_read"] - fuse_bytes < len(FILES["/big/c.bin"]) // 4
+        # the file the trace read was prefetched: reading it needs no request
+        assert after["lazy"]["total"]["requests"] == requests
         total = doc["total"]
         assert total["prefetched_bytes"] >= len(FILES["/big/c.bin"]) * 0.9, total
         assert doc["prefetch"]["errors"] == 0
-        requests = total["requests"]
+        # with the page cache dropped it is read through FUSE, from the chunk cache: what is
+        # fetched now is the FUSE file's read-ahead past the traced blocks, not the file
+        fetched = after["lazy"]["total"]["bytes_fetched"]
         _drop_caches()
         assert (target / "big" / "c.bin").read_bytes() == FILES["/big/c.bin"]
-        # the file the trace read was prefetched: reading it needs no request
-        assert _stats(target)["lazy"]["total"]["requests"] == requests
+        refetched = _stats(target)["lazy"]["total"]["bytes_fetched"] - fetched
+        assert refetched < len(FILES["/big/c.bin"]) // 10, refetched
+        requests = _stats(target)["lazy"]["total"]["requests"]
         # ...while a file the trace did not read still does
         assert (target / "big" / "d.bin").read_bytes() == FILES["/big/d.bin"]
         assert _stats(target)["lazy"]["total"]["requests"] > requests
     # the trace was kept with the pulled image: a warm mount does not ask the registry for it
     trace_rec = Image.open(pulled).manifest.layers[-1]
     assert (pulled / "blobs" / "sha256" / trace_rec.digest.split(":")[1]).is_file()
+
+    # without the setting, no push, loop direct I/O as configured, the file costs FUSE reads
+    monkeypatch.setenv("TIDAL_BLOCKDEV__WARM_PAGE_CACHE", "false")
+    with mounted(pulled, target) as info:
+        stats = _stats(target)
+        assert stats["warm"] is None
+        dev = loop.get(info.loop_device or "")
+        assert dev is not None and dev.direct_io
+        fuse_bytes = stats["fuse"]["bytes_read"]
+        assert (target / "big" / "c.bin").read_bytes() == FILES["/big/c.bin"]
+        assert _stats(target)["fuse"]["bytes_read"] - fuse_bytes >= len(FILES["/big/c.bin"])
 
 
 def test_registry_gone_reads_fail_with_eio_and_a_log_line_and_the_server_lives(

@@ -99,7 +99,7 @@ LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
 OPEN, READ, WRITE, STATFS, RELEASE, FSYNC = 14, 15, 16, 17, 18, 20
 FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR = 25, 26, 27, 28, 29, 30
 ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE = 34, 36, 38, 42, 43
-NOTIFY_RESEND = 7
+NOTIFY_STORE, NOTIFY_RESEND = 4, 7
 UNIQUE_RESEND = 1 << 63
 
 # INIT flags (flags | flags2 << 32)
@@ -138,6 +138,7 @@ OPEN_IN = struct.Struct("<II")
 FALLOCATE_IN = struct.Struct("<QQQII")
 STATFS_OUT = struct.Struct("<QQQQQIII28x")
 DIRENT = struct.Struct("<QQII")
+NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid offset size pad
 U32 = struct.Struct("<I")
 H = IN_HEADER.size
 
@@ -340,10 +341,13 @@ class FuseDisk:
         """Requests the kernel resent after a takeover (a dead server had taken them)."""
         self._fds = fds
         self._lock = threading.Lock()
+        self._push_lock = threading.Lock()  # a push never writes to an fd close() has closed
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._size = device.size_bytes
+        self.opened = threading.Event()
+        """Set at the disk's first OPEN: the kernel has its inode (what :meth:`push` needs)."""
         self._disk_ino = disk_inode(name)
         self._bufsize = negotiated.max_write + 4096
         now = time.time_ns()
@@ -533,7 +537,8 @@ class FuseDisk:
             return
         if unmount:
             self._unmount(busy_timeout_s)
-        self._closed = True
+        with self._push_lock:
+            self._closed = True
         os.eventfd_write(self._stop_fd, 1)
         for t in self._threads:
             t.join()
@@ -552,6 +557,32 @@ class FuseDisk:
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
+
+    def push(self, offset: int, data: bytes) -> None:
+        """Put ``data``, the disk's bytes at ``offset``, into the kernel's page cache of the
+        disk (FUSE_NOTIFY_STORE), so buffered reads of them need no request. Read-only disks
+        only (see :mod:`tidal.blockdev.warm`). FuseServerError once closed or if the kernel
+        refuses (ENOENT: it holds no inode of the disk, nothing has opened it yet)."""
+        if not self.device.readonly:
+            raise FuseServerError(f"{self.name}: a writable disk's page cache is not pushed to")
+        if offset < 0 or offset + len(data) > self._size:
+            raise FuseServerError(
+                f"{self.name}: push of [{offset}, {offset + len(data)}) is outside the disk"
+            )
+        head = OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + len(data), NOTIFY_STORE, 0)
+        with self._push_lock:
+            if self._closed:
+                raise FuseServerError(f"{self.name}: the disk is closed")
+            try:
+                os.writev(
+                    self._fds[0], [head, NOTIFY_STORE_OUT.pack(DISK_ID, offset, len(data), 0), data]
+                )
+            except OSError as exc:
+                what = "nothing has it open" if exc.errno == errno.ENOENT else exc.strerror
+                raise FuseServerError(
+                    f"{self.name}: the kernel refused a page-cache push of [{offset}, "
+                    f"{offset + len(data)}): {what}"
+                ) from exc
 
     def _unmount(self, busy_timeout_s: float) -> None:
         """Unmount, retried for a while on EBUSY (see ``UNMOUNT_BUSY_S``)."""
@@ -664,6 +695,7 @@ class FuseDisk:
             raise _Errno(errno.ENOENT)
         if self.device.readonly and (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise _Errno(errno.EROFS)
+        self.opened.set()
         return OPEN_OUT.pack(0, FOPEN_KEEP_CACHE, 0)  # contents never change: keep the cache
 
     def _opendir(self, req: memoryview, nodeid: int) -> bytes:

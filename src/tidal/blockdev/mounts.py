@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tidal.blobs.pulled import is_pulled_image
 from tidal.blockdev import ext4, loop
 from tidal.blockdev.ext4 import Ext4Format
 from tidal.blockdev.fuse_ll import DISK_NAME
@@ -33,7 +34,7 @@ from tidal.blockdev.settings import BlockdevSettings, load_settings
 from tidal.config import data_root
 from tidal.errors import FuseServerError, MountError, MountNotFoundError, TidalError
 from tidal.fsutil import read_line, write_text_atomic
-from tidal.image.manifest import Image
+from tidal.image.manifest import LAYER_KIND_TRACE, Image
 from tidal.proc import run, spawn
 
 if TYPE_CHECKING:
@@ -227,6 +228,24 @@ class ServeRequest:
     settings: BlockdevSettings
     trace_out: Path | None = None
     owner: str | None = None
+    warm_page_cache: bool = False
+    """Push the image's trace into the disk's page cache (:func:`warms_page_cache`)."""
+
+
+def warms_page_cache(
+    image: Image, readonly: bool, settings: BlockdevSettings, *, recording: bool = False
+) -> bool:
+    """Whether a mount's server pushes the trace into the FUSE disk's page cache (and so its
+    loop device reads without direct I/O): ``[blockdev] warm_page_cache``, a read-only mount
+    of a pulled image that carries a trace, not recording one. Decided here once per mount,
+    for the server and the loop device alike (``tidal.blockdev.warm``)."""
+    return (
+        settings.warm_page_cache
+        and readonly
+        and not recording
+        and is_pulled_image(image.path)
+        and any(rec.kind == LAYER_KIND_TRACE for rec in image.manifest.layers)
+    )
 
 
 class FuseServing(Protocol):
@@ -256,6 +275,7 @@ class ProcessServing:
             stats_file=req.run_dir / STATS_FILE,
             trace_out=req.trace_out,
             owner=req.owner,
+            warm_page_cache=req.warm_page_cache,
         )
         return ServerRef(proc.pid)
 
@@ -336,6 +356,7 @@ def mount_image(
     fuse_dir.mkdir(parents=True, exist_ok=True)
     owner = process_identity(owner_pid) if owner_pid is not None else None
     serving = serving or ProcessServing()
+    warm = warms_page_cache(image, readonly, settings, recording=trace_out is not None)
     try:
         server = serving.start(
             ServeRequest(
@@ -346,6 +367,7 @@ def mount_image(
                 settings,
                 trace_out=Path(trace_out).resolve() if trace_out is not None else None,
                 owner=owner,
+                warm_page_cache=warm,
             )
         )
     except BaseException:
@@ -369,7 +391,9 @@ def mount_image(
     save_record(info)
     try:
         dev = loop.attach(
-            fuse_dir / DISK_NAME, readonly=readonly, direct_io=settings.loop_direct_io
+            fuse_dir / DISK_NAME,
+            readonly=readonly,
+            direct_io=settings.loop_direct_io and not warm,  # a push needs the page cache
         )
         info = replace(info, loop_device=dev.device, loop_backing_id=dev.backing_id or None)
         save_record(info)
@@ -398,6 +422,7 @@ def _start_server(
     stats_file: Path | None = None,
     trace_out: Path | None = None,
     owner: str | None = None,
+    warm_page_cache: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``tidal.blockdev.serve`` in its own session and wait for its ready line."""
     r, w = os.pipe()
@@ -411,6 +436,8 @@ def _start_server(
         cmd += ["--writable", str(writable_dir)]
     if owner is not None:
         cmd += ["--owner", owner]
+    if warm_page_cache:
+        cmd.append("--warm-page-cache")
     try:
         with log_file.open("ab") as log_fh:
             # A long-lived child that must outlive this call: spawned, not run.

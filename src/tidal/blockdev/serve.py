@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tidal.blobs.pulled import is_pulled_image
 from tidal.blockdev.fuse_ll import FuseDisk, IoCounters, ReadLatency
+from tidal.blockdev.warm import TraceWarmer
 from tidal.errors import TidalError
 from tidal.fsutil import write_bytes_atomic, write_json_atomic
 from tidal.image.device import BlockDevice
@@ -88,8 +89,18 @@ class Served:
     def __init__(self, device: BlockDevice, lazy: LazyImage | None = None) -> None:
         self.device = device
         self.lazy = lazy
+        self.warmer: TraceWarmer | None = None
+
+    def warm(self, disk: FuseDisk) -> None:
+        """Start pushing the image's trace into ``disk``'s page cache (a lazy image's only:
+        the mount asked for it, see :func:`~tidal.blockdev.mounts.warms_page_cache`)."""
+        trace = self.lazy.trace() if self.lazy is not None else None
+        if trace is not None and self.device.readonly:
+            self.warmer = TraceWarmer(disk, trace).start()
 
     def close(self) -> None:
+        if self.warmer is not None:
+            self.warmer.cancel()
         try:
             if isinstance(self.device, WritableLayer):
                 self.device.flush()
@@ -128,6 +139,7 @@ def stats_doc(fs: Counted, served: Served) -> dict[str, object]:
     return {
         "fuse": asdict(fs.counters),
         "lazy": served.lazy.stats_doc() if served.lazy is not None else None,
+        "warm": asdict(served.warmer.stats) if served.warmer is not None else None,
     }
 
 
@@ -257,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats-file", type=Path, help="write I/O and fetch statistics here")
     parser.add_argument("--trace-out", type=Path, help="record the ranges read into this trace")
     parser.add_argument(
+        "--warm-page-cache",
+        action="store_true",
+        help="push the image's trace into the disk's page cache (its loop device reads buffered)",
+    )
+    parser.add_argument(
         "--owner", help="PID:START of the process this mount serves: exit when it is gone"
     )
     args = parser.parse_args(argv)
@@ -313,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         stats.start()
     if args.owner:
         _watch_owner(args.owner)
+    if args.warm_page_cache and recorder is None:
+        served.warm(disk)
     ready.send("ready")
     try:
         while not stop.is_set() and not disk.wait(0.2):

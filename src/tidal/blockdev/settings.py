@@ -49,6 +49,11 @@ class BlockdevSettings:
     loop_direct_io: bool = True
     """Loop device reads the FUSE file with O_DIRECT: the data is cached once (above ext4),
     not twice (FUSE file and filesystem page caches)."""
+    warm_page_cache: bool = True
+    """A read-only mount of a pulled image with a trace: its server pushes the trace's ranges
+    into the kernel's page cache of the FUSE disk as the replay brings them in, and its loop
+    device reads through that cache (direct I/O off whatever ``loop_direct_io`` says), so the
+    application's start-up reads need no FUSE request (``tidal.blockdev.warm``)."""
     loop_read_ahead_kb: NonNegativeInt | None = None
     """Read-ahead of an image's loop device (what ext4 reads ahead in its files); None keeps
     the kernel's (2560 KiB for loop devices on this 6.x kernel). On a lazy image read-ahead is

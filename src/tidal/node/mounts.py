@@ -75,7 +75,10 @@ class NodeServing:
                 "build's mount runs its own server (mount without the node service)"
             )
         name = fd_name(req.run_dir)
-        self._serve(req.image_dir, req.fuse_dir, req.writable_dir, req.run_dir, name, fd=None)
+        self._serve(
+            req.image_dir, req.fuse_dir, req.writable_dir, req.run_dir, name, fd=None,
+            warm=req.warm_page_cache,
+        )  # fmt: skip
         return ServerRef(os.getpid(), self._identity, name if self.fdstore is not None else None)
 
     def stop(self, info: MountInfo, *, timeout_s: float) -> None:
@@ -151,7 +154,10 @@ class NodeServing:
         name: str,
         *,
         fd: int | None,
+        warm: bool = False,
     ) -> None:
+        """``warm``: push the image's trace into the disk's page cache (a new mount only: a
+        resumed one had its pages pushed, or its reads served, by the service before)."""
         served = open_device(image_dir, writable_dir)
         try:
             if fd is None:
@@ -166,6 +172,8 @@ class NodeServing:
         except BaseException:
             served.close()
             raise
+        if warm:
+            served.warm(disk)
         metrics = MountMetrics(disk, served, str(image_dir))
         stats = StatsWriter(
             run_dir / STATS_FILE,
