@@ -200,6 +200,13 @@ def test_recorded_trace_is_pushed_and_prefetched_on_a_cold_mount(
         assert warm["pushed_bytes"] >= len(FILES["/big/c.bin"])
         dev = loop.get(info.loop_device or "")
         assert dev is not None and not dev.direct_io
+        shown = subprocess.run(
+            [sys.executable, "-m", "tidal.cli.main", "image", "stats", str(target)],
+            capture_output=True, text=True, timeout=120, check=True,
+            env={**os.environ, "COLUMNS": "200"},
+        ).stdout  # fmt: skip
+        assert "trace pushed to the page cache" in shown
+        assert f"{warm['runs']} of {warm['runs']} runs" in shown, shown
         requests = doc["total"]["requests"]
         fuse_bytes = stats["fuse"]["bytes_read"]
         assert (target / "big" / "c.bin").read_bytes() == FILES["/big/c.bin"]

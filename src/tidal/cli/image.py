@@ -465,6 +465,14 @@ def stats(
         table.add_row("source", str(lazy["source"]))
     else:
         table.add_row("source", "local blobs (nothing fetched)")
+    warm = doc.get("warm")
+    if warm:
+        state = "done" if warm["done"] else "running"
+        table.add_row(
+            "trace pushed to the page cache",
+            f"{warm['pushed_runs']} of {warm['runs']} runs ({format_size(warm['pushed_bytes'])}), "
+            f"{state} in {warm['seconds']:.2f} s, {warm['errors']} error(s)",
+        )
     out.print(table)
 
 
