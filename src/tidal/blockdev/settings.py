@@ -48,7 +48,8 @@ class BlockdevSettings:
     max_io_bytes: PositiveInt = DEFAULT_MAX_IO_BYTES
     loop_direct_io: bool = True
     """Loop device reads the FUSE file with O_DIRECT: the data is cached once (above ext4),
-    not twice (FUSE file and filesystem page caches)."""
+    not twice (FUSE file and filesystem page caches). Mounts that warm their page cache
+    (``warm_page_cache``) read buffered whatever this says: the push needs that cache."""
     warm_page_cache: bool = True
     """A read-only mount of a pulled image with a trace: its server pushes the trace's ranges
     into the kernel's page cache of the FUSE disk as the replay brings them in, and its loop
