@@ -218,11 +218,6 @@ class WriteBehind:
         with self._cond:
             return [k for k in self._pending if k.digest == digest]
 
-    @property
-    def pending_bytes(self) -> int:
-        with self._cond:
-            return self._bytes
-
     def discard(self, wanted: Callable[[ChunkKey], bool]) -> list[ChunkKey]:
         """Forget the pending entries ``wanted`` picks (returned); those being written now
         are removed again once written."""

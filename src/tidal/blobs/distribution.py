@@ -321,6 +321,8 @@ class LazyImage:
         """Closed with this image (set when the image made its own client)."""
         self.prefetches: list[Prefetch] = []
         """Background replays started by :meth:`prefetch_trace`."""
+        self._trace: Trace | None = None
+        self._trace_read = False
 
         def factory(digest: Digest, size_bytes: int) -> CachedRangeSource:
             if isinstance(source, RegistryBlobStore):
@@ -437,7 +439,14 @@ class LazyImage:
         write_text_atomic(Path(path), json.dumps(self.stats_doc(), indent=2) + "\n")
 
     def trace(self) -> Trace | None:
-        """The image's access trace, if a trace layer was pushed with it."""
+        """The image's access trace, if a trace layer was pushed with it (read once: the
+        replay and the page-cache warmer both ask)."""
+        if not self._trace_read:
+            self._trace = self._read_trace()
+            self._trace_read = True
+        return self._trace
+
+    def _read_trace(self) -> Trace | None:
         for rec in self.image.manifest.layers:
             if rec.kind == LAYER_KIND_TRACE:
                 # kept in the pulled image after the first mount: a warm start asks no registry

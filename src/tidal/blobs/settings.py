@@ -19,9 +19,11 @@ from tidal.validation import (
 DEFAULT_CACHE_CAPACITY_BYTES = 10 * 1024**3
 """10 GiB: holds the working set of many images (a container reads ~6 % of its image)."""
 DEFAULT_CACHE_MEMORY_BYTES = 256 * 1024**2
-DEFAULT_CACHE_WRITE_BEHIND_BYTES = 128 * 1024**2
 """Recent chunks kept in each process's memory as well (one tier per cache root): what a trace
 replay just fetched is served to the mount without a file read per chunk."""
+DEFAULT_CACHE_WRITE_BEHIND_BYTES = 128 * 1024**2
+"""New entries that may wait for the cache writer: more than a start-up trace's replay (the
+imports app's is 44 MB), so nothing is written while one runs."""
 DEFAULT_FETCH_CONCURRENCY = 8
 """Requests in flight per blob: enough to fill a 1 Gbit/s link at ~1 ms RTT with 64 KiB chunks
 coalesced into ~1 MiB requests, few enough not to overload a registry."""
